@@ -1,0 +1,112 @@
+"""Stage configs: frozen dataclasses whose fields are the CLI flags and the config-file keys.
+
+Precedence is defaults < config file (YAML or JSON) < CLI flags. Unknown keys are an error, and
+``__post_init__`` checks collect every problem before raising once (:func:`check`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import DistillError
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by ``--help`` and in the docs)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for sequence defaults so configs stay immutable")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def check(problems: list[str], name: str) -> None:
+    """Raise one :class:`DistillError` naming every problem found by a ``__post_init__``."""
+    if problems:
+        raise DistillError(f"invalid {name} config: " + "; ".join(problems))
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Turn a config-file value into the field's type (YAML gives lists where fields hold tuples)."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        return _coerce(name, value, args[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise DistillError(f"config key '{name}' must be a list, got {value!r}")
+        return tuple(_coerce(name, v, args[0]) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise DistillError(f"config key '{name}' must be true or false, got {value!r}")
+    if hint in (int, float, str):
+        try:
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return hint(value)
+        except (TypeError, ValueError):
+            raise DistillError(f"config key '{name}' must be {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"config file {path} does not exist; check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise DistillError(f"config file {path} does not parse: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DistillError(f"config file {path} must hold a mapping of option names to values")
+    return data
+
+
+def load_config(cls: type, config_file: str | os.PathLike | None = None, **overrides: Any):
+    """Build ``cls`` from defaults, then ``config_file``, then ``overrides`` (``None`` means unset)."""
+    types = field_types(cls)
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        raw = read_config_file(config_file)
+        unknown = sorted(set(raw) - set(types))
+        if unknown:
+            raise DistillError(
+                f"config file {config_file} has unknown keys {', '.join(unknown)}; known keys: {', '.join(types)}"
+            )
+        values.update({k: _coerce(k, v, types[k]) for k, v in raw.items()})
+    unknown = sorted(set(overrides) - set(types))
+    if unknown:
+        raise DistillError(f"unknown options {', '.join(unknown)} for {cls.__name__}")
+    values.update({k: _coerce(k, v, types[k]) for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def save_resolved(config: Any, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """Write the resolved config (and any facts found at run time) beside a stage's output, atomically."""
+    from pipeline.io import atomic_write_text
+
+    body = {"stage": type(config).__name__, "config": to_dict(config)}
+    if extra:
+        body.update(extra)
+    atomic_write_text(Path(path), json.dumps(body, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,77 @@
+"""Build or load causal LMs: from a config file (scratch) or any local Hugging Face directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import DistillError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_model_config(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    except Exception as e:
+        raise DistillError(f"model config {path} does not parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise DistillError(f"model config {path} must be a mapping with a 'model_type' (e.g. llama, gpt2)")
+    return data
+
+
+def hf_config(spec: str | Path, trust_remote_code: bool = False):
+    """The transformers config of a model spec (config file or local directory)."""
+    from transformers import AutoConfig
+
+    path = Path(spec)
+    if path.is_file():
+        data = dict(read_model_config(path))
+        model_type = data.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **data)
+        except (ValueError, KeyError) as e:
+            raise DistillError(f"model config {path}: {e}") from None
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    raise DistillError(f"model {path} is neither a model config file nor a local Hugging Face directory "
+                       "with config.json; check the path")
+
+
+def has_weights(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in WEIGHT_FILES)
+
+
+def load_model(spec: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """A causal LM: pretrained weights when ``spec`` is a directory holding them, else freshly
+    initialised from the config (seed torch first for reproducible initialisation)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(spec)
+    torch_dtype = DTYPES[dtype]
+    if has_weights(path):
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise DistillError(f"cannot load model weights from {path}: {str(e).splitlines()[0]}") from None
+    config = hf_config(path, trust_remote_code)
+    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+
+
+def max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,63 @@
+"""Tokenizers: train the project's byte-level BPE, load any local Hugging Face tokenizer, hash one."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.errors import DistillError
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(path: str | Path):
+    """A local Hugging Face tokenizer (never downloaded); it must have an EOS token for packing."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DistillError(f"tokenizer path {path} does not exist; pass a local Hugging Face tokenizer directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DistillError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise DistillError(f"tokenizer at {path} has no EOS token; documents cannot be separated")
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialised definition (vocab, merges, normaliser, specials)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = backend.to_str()
+    else:  # slow tokenizers: the vocabulary is the part that decides the ids
+        body = repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def vocab_size(tokenizer) -> int:
+    """Number of ids the tokenizer can emit (base vocabulary plus added tokens)."""
+    return len(tokenizer)
+
+
+def train_bpe(documents: Iterable[str], vocab_size: int, out: Path, min_frequency: int = 2) -> None:
+    """Train a byte-level BPE (GPT-2 style, EOS as its one special token) and save it in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=None)
+    wrapped.model_max_length = 1 << 30
+    wrapped.save_pretrained(str(out))

@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each holds one readable recipe from inputs to outputs."""

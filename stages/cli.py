@@ -1,0 +1,89 @@
+"""The ``distill`` command line: one typer command per stage, generated from the stage's config.
+
+A stage's frozen config dataclass is the single definition of its options: each field becomes a
+``--flag`` (help text from the field), ``--config FILE`` supplies a YAML/JSON file, and flags
+override the file. Errors a user can fix print as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from pipeline.config import field_types, load_config
+from pipeline.errors import DistillError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline knowledge distillation for causal language models.")
+
+FLAG_ALIASES = {"inputs": "--input"}
+
+
+def _option_type(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return Optional[list[args[0]]]
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return Optional[args[0]]
+    return Optional[hint]
+
+
+def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: str) -> None:
+    """Register ``distill NAME``: flags from ``config_cls`` fields, then ``run(config)``."""
+    params = [inspect.Parameter(
+        "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+        default=typer.Option(None, "--config", help="YAML or JSON file of options; flags override it."),
+    )]
+    types = field_types(config_cls)
+    for field in dataclasses.fields(config_cls):
+        flag = FLAG_ALIASES.get(field.name, "--" + field.name.replace("_", "-"))
+        decls = [f"{flag}/--no-{flag[2:]}"] if types[field.name] is bool else [flag]
+        default = field.default if not isinstance(field.default, tuple) else list(field.default)
+        help_text = field.metadata.get("help", "")
+        if default not in ("", None, []):
+            help_text += f"  [default: {default}]"
+        params.append(inspect.Parameter(
+            field.name, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(types[field.name]),
+            default=typer.Option(None, *decls, help=help_text, show_default=False),
+        ))
+
+    def command(config_file: Optional[Path] = None, **flags: Any) -> None:
+        overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()
+                     if v is not None and v != []}
+        try:
+            run(load_config(config_cls, config_file, **overrides))
+        except DistillError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = help
+    app.command(name, help=help)(command)
+
+
+def _register() -> None:
+    from stages import prepare, student, tokenizer
+
+    stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
+                  "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
+    stage_command("prepare", prepare.PrepareConfig, prepare.prepare,
+                  "Stage 0: tokenize a corpus and pack it into a sharded 'tokens' store.")
+    stage_command("student", student.TrainConfig, student.train,
+                  "Train a causal LM from a store (cross-entropy; stage two adds distillation).")
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="distill")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

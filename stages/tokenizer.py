@@ -1,0 +1,48 @@
+"""Train the project's byte-level BPE tokenizer on a corpus and save it in Hugging Face format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import check, option, save_resolved
+from pipeline.corpus import DocumentReader, expand_inputs
+from pipeline.errors import DistillError
+from pipeline.io import replace_dir
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    inputs: tuple[str, ...] = option((), "Corpus files or directories (txt, txt.gz, jsonl, jsonl.gz).")
+    out: str = option("", "Directory to write the tokenizer to (Hugging Face format).")
+    vocab_size: int = option(8192, "Vocabulary size, EOS included.")
+    min_frequency: int = option(2, "Minimum pair count for a merge.")
+    text_field: str = option("text", "JSONL field holding the document text.")
+    overwrite: bool = option(False, "Replace an existing tokenizer directory.")
+
+    def __post_init__(self):
+        problems = []
+        if not self.inputs:
+            problems.append("no --input given")
+        if not self.out:
+            problems.append("no --out given")
+        if self.vocab_size < 257:
+            problems.append(f"vocab_size must be at least 257 (256 bytes + EOS), got {self.vocab_size}")
+        check(problems, "tokenizer")
+
+
+def train_tokenizer(config: TokenizerConfig) -> Path:
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise DistillError(f"{out} already exists; pass --overwrite to replace it")
+    reader = DocumentReader(expand_inputs(config.inputs), text_field=config.text_field)
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from pipeline.tokenizer import train_bpe
+
+    train_bpe(iter(reader), config.vocab_size, tmp, config.min_frequency)
+    if reader.stats.documents == 0:
+        raise DistillError("the corpus holds no documents; check --input and --text-field")
+    save_resolved(config, tmp / "distill_config.json", {"documents": reader.stats.documents})
+    replace_dir(tmp, out)
+    return out

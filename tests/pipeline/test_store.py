@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+import pyarrow as pa
+import zarr
+
+from pipeline import store
+from pipeline.errors import DistillError
+
+
+def arrays(rows=37, seq=9, k=3):
+    rng = np.random.default_rng(0)
+    return {
+        "input_ids": rng.integers(0, 8192, (rows, seq)).astype(np.uint16),
+        "topk_logprobs": rng.standard_normal((rows, seq, k)).astype(np.float16),
+    }
+
+
+def write_store(root, backend, data):
+    root.mkdir()
+    entry = store.write_shard(root, store.shard_name(0, backend), data, backend, chunk_rows=8)
+    index = store.new_index("tokens", backend, {"seq_len": 9}, [entry],
+                            arrays={k: {"dtype": v.dtype.name, "shape": list(v.shape[1:])} for k, v in data.items()})
+    store.write_index(root, index)
+    return store.open_store(root)
+
+
+@pytest.mark.parametrize("backend", store.BACKENDS)
+def test_round_trip(tmp_path, backend):
+    data = arrays()
+    s = write_store(tmp_path / "s", backend, data)
+    back = s.read_shard(0, verify=True)
+    for name, array in data.items():
+        assert back[name].dtype == array.dtype
+        np.testing.assert_array_equal(back[name], array)
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    for key in ("format_version", "kind", "backend", "codec", "params", "arrays", "rows", "bytes", "shards"):
+        assert key in index
+    assert index["rows"] == 37
+    entry = index["shards"][0]
+    assert entry["rows"] == 37 and entry["bytes"] > 0 and entry["sha256"] == store.content_hash(data)
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".")]  # no temp names left
+
+
+def test_backends_hash_the_same_content(tmp_path):
+    data = arrays()
+    hashes = {b: write_store(tmp_path / b, b, data).shards[0]["sha256"] for b in store.BACKENDS}
+    assert hashes["zarr"] == hashes["arrow"]
+
+
+def test_plain_readers(tmp_path):
+    data = arrays()
+    write_store(tmp_path / "zarr", "zarr", data)
+    write_store(tmp_path / "arrow", "arrow", data)
+    group = zarr.open_group(str(tmp_path / "zarr" / "shard-00000.zarr"), mode="r")
+    np.testing.assert_array_equal(group["input_ids"][:], data["input_ids"])
+    with pa.memory_map(str(tmp_path / "arrow" / "shard-00000.arrow")) as f:
+        table = pa.ipc.open_file(f).read_all()
+    shape = json.loads(table.schema.field("topk_logprobs").metadata[b"shape"])
+    flat = table.column("topk_logprobs").combine_chunks().flatten().to_numpy()
+    np.testing.assert_array_equal(flat.reshape(len(table), *shape), data["topk_logprobs"])
+
+
+@pytest.mark.parametrize("backend", store.BACKENDS)
+def test_corruption_is_caught(tmp_path, backend):
+    data = arrays()
+    s = write_store(tmp_path / "s", backend, data)
+    entry = dict(s.shards[0])
+    # Same bytes on disk, but the index records another content hash: --verify must notice.
+    s.index["shards"][0] = {**entry, "sha256": "0" * 64}
+    with pytest.raises(DistillError, match="content hash"):
+        s.read_shard(0, verify=True)
+    s.index["shards"][0] = entry
+    path = s.shard_path(0)
+    target = path if path.is_file() else next(p for p in sorted(path.rglob("*")) if p.is_file() and p.name == "0")
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 16] = b"\xff" * 16
+    target.write_bytes(bytes(raw))
+    with pytest.raises(DistillError, match="shard-00000"):
+        s.read_shard(0, verify=True)
+
+
+def test_missing_shard_and_missing_index(tmp_path):
+    s = write_store(tmp_path / "s", "arrow", arrays())
+    s.shard_path(0).unlink()
+    with pytest.raises(DistillError, match="shard-00000.arrow is missing"):
+        s.read_shard(0)
+    (tmp_path / "t").mkdir()
+    with pytest.raises(DistillError, match="no index.json"):
+        store.open_store(tmp_path / "t")
+
+
+@pytest.mark.parametrize("name", ["../evil.arrow", "/etc/passwd", "..", "a/b.arrow"])
+def test_index_cannot_point_outside_the_store(tmp_path, name):
+    write_store(tmp_path / "s", "arrow", arrays())
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    index["shards"][0]["name"] = name
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DistillError, match="not a plain file name"):
+        store.open_store(tmp_path / "s")
+
+
+def test_token_dtype_is_narrowest():
+    assert store.token_dtype(256) == np.uint8
+    assert store.token_dtype(8192) == np.uint16
+    assert store.token_dtype(65536) == np.uint16
+    assert store.token_dtype(65537) == np.uint32
+    assert store.token_dtype(151936) == np.uint32

@@ -1,0 +1,127 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import ROOT, TOKENIZER, run_cli
+
+
+@pytest.fixture
+def stores(tmp_path, small_corpus):
+    for name, seq in (("train", "64"), ("heldout", "64"), ("long", "256")):
+        result = run_cli("prepare", "--input", small_corpus, "--out", tmp_path / name, "--tokenizer", TOKENIZER,
+                         "--seq-len", seq, "--rows-per-shard", "100")
+        assert result.exit_code == 0, result.output
+    return tmp_path
+
+
+def train_args(stores, model, out, steps, *extra):
+    return ["student", "--train-store", stores / "train", "--eval-store", stores / "heldout", "--model", model,
+            "--out", out, "--max-steps", str(steps), "--micro-batch-size", "8", "--lr", "3e-3",
+            "--warmup-steps", "2", "--eval-rows", "32", "--log-every", "1", *map(str, extra)]
+
+
+def test_loss_goes_down_and_model_loads_with_plain_transformers(stores, tiny_model_config):
+    out = stores / "run"
+    result = run_cli(*train_args(stores, tiny_model_config, out, 30, "--eval-every", "10", "--grad-accum", "2"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    heldout = [r["heldout_loss"] for r in records if "heldout_loss" in r]
+    assert len(train_losses) == 30 and len(heldout) == 3
+    assert sum(train_losses[-5:]) / 5 < train_losses[0] - 0.5
+    assert heldout[-1] < heldout[0]
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["heldout_loss"] == pytest.approx(heldout[-1]) and final["tokens"] == 30 * 2 * 8 * 63
+    assert json.loads((out / "config.json").read_text())["config"]["max_steps"] == 30
+
+    model_dir = out / "model"
+    assert (model_dir / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))  # plain transformers, no project code
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    assert len(tokenizer) == 8192
+    ids = torch.tensor([tokenizer.encode("In the beginning God created")])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < 9.0  # below the uniform 9.01 nats: the weights are the trained ones
+
+
+def spawn(args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "stages.cli", *map(str, args)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_and_resume_auto_equals_uninterrupted(stores, tiny_model_config):
+    steps = 60
+    reference = spawn(train_args(stores, tiny_model_config, stores / "ref", steps, "--eval-every", "20"))
+    output, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, output
+
+    args = train_args(stores, tiny_model_config, stores / "killed", steps, "--eval-every", "20",
+                      "--checkpoint-every", "5", "--resume", "auto")
+    victim = spawn(args)
+    first = stores / "killed" / "checkpoints" / "step-00000005"
+    deadline = time.time() + 120
+    while not first.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (stores / "killed" / "model").exists()
+
+    resumed = spawn(args)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    step = int(output.split("at step ")[1].split()[0])
+    assert 5 <= step < steps
+
+    want = load_file(stores / "ref" / "model" / "model.safetensors")
+    got = load_file(stores / "killed" / "model" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+    def curve(run):
+        lines = (stores / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r.get("loss"), r.get("heldout_loss")) for r in map(json.loads, lines)]
+
+    assert curve("killed") == curve("ref")  # the log too: no duplicated or missing steps
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_bad_input(stores, tiny_model_config, tmp_path):
+    # Sequence length above the model's maximum positions (tiny model: 128).
+    msg = one_line_error(run_cli("student", "--train-store", stores / "long", "--model", tiny_model_config,
+                                 "--out", tmp_path / "o1", "--max-steps", "1"))
+    assert "sequence length 256" in msg and "maximum of 128" in msg
+    # A store without index.
+    (tmp_path / "half").mkdir()
+    msg = one_line_error(run_cli("student", "--train-store", tmp_path / "half", "--out", tmp_path / "o2"))
+    assert "no index.json" in msg
+    # A model whose vocabulary is smaller than the tokenizer's.
+    small = json.loads(tiny_model_config.read_text()) | {"vocab_size": 1000}
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    msg = one_line_error(run_cli("student", "--train-store", stores / "train", "--model", tmp_path / "small.json",
+                                 "--out", tmp_path / "o3"))
+    assert "fewer than the tokenizer's 8192" in msg
+    # Several config problems are reported together.
+    msg = one_line_error(run_cli("student", "--train-store", stores / "train", "--out", tmp_path / "o4",
+                                 "--lr", "-1", "--max-steps", "0"))
+    assert "lr must be positive" in msg and "max_steps must be at least 1" in msg
+    # An output directory that already holds a run.
+    assert run_cli(*train_args(stores, tiny_model_config, tmp_path / "o5", 2)).exit_code == 0
+    msg = one_line_error(run_cli(*train_args(stores, tiny_model_config, tmp_path / "o5", 2)))
+    assert "--resume auto" in msg
