@@ -75,3 +75,11 @@ def max_positions(config) -> int | None:
 def count_parameters(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DistillError(f"--device {name} asked for, but no CUDA device is visible; use --device cpu")
+    return torch.device(name)

@@ -221,6 +221,17 @@ class Store:
             raise DistillError(f"store {self.root}: shard {entry['name']} fails its content hash; rebuild the store")
         return arrays
 
+    def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Global rows ``[start, stop)`` across shard boundaries."""
+        parts, offset = [], 0
+        for i, entry in enumerate(self.shards):
+            lo, hi = max(start, offset), min(stop, offset + entry["rows"])
+            if lo < hi:
+                data = self.read_shard(i)
+                parts.append({k: v[lo - offset:hi - offset] for k, v in data.items()})
+            offset += entry["rows"]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
     def verify(self) -> None:
         for i in range(len(self.shards)):
             self.read_shard(i, verify=True)

@@ -34,8 +34,10 @@ def _option_type(hint: Any) -> Any:
     return Optional[hint]
 
 
-def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: str) -> None:
-    """Register ``distill NAME``: flags from ``config_cls`` fields, then ``run(config)``."""
+def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: str,
+                  positional: tuple[str, ...] = ()) -> None:
+    """Register ``distill NAME``: flags from ``config_cls`` fields (``positional`` ones as
+    arguments), then ``run(config)``."""
     params = [inspect.Parameter(
         "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
         default=typer.Option(None, "--config", help="YAML or JSON file of options; flags override it."),
@@ -48,10 +50,12 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
         help_text = field.metadata.get("help", "")
         if default not in ("", None, []):
             help_text += f"  [default: {default}]"
-        params.append(inspect.Parameter(
-            field.name, inspect.Parameter.KEYWORD_ONLY, annotation=_option_type(types[field.name]),
-            default=typer.Option(None, *decls, help=help_text, show_default=False),
-        ))
+        if field.name in positional:
+            default = typer.Argument(None, help=help_text, show_default=False)
+        else:
+            default = typer.Option(None, *decls, help=help_text, show_default=False)
+        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=_option_type(types[field.name]), default=default))
 
     def command(config_file: Optional[Path] = None, **flags: Any) -> None:
         overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()
@@ -68,12 +72,21 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
 
 
 def _register() -> None:
-    from stages import prepare, student, tokenizer
+    from stages import inspect as inspect_stage
+    from stages import prepare, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
     stage_command("prepare", prepare.PrepareConfig, prepare.prepare,
                   "Stage 0: tokenize a corpus and pack it into a sharded 'tokens' store.")
+    stage_command("teacher", teacher.TeacherConfig, teacher.run_teacher,
+                  "Stage one: run the teacher once over a tokens store and write a top-k store.")
+    stage_command("merge", teacher.MergeConfig, teacher.merge,
+                  "Check that parallel stage-one jobs cover every shard and write index.json.",
+                  positional=("store",))
+    stage_command("inspect", inspect_stage.InspectConfig, inspect_stage.inspect_store,
+                  "Describe a store: rows, bytes per token, kept mass, entropy; --verify checks hashes.",
+                  positional=("store",))
     stage_command("student", student.TrainConfig, student.train,
                   "Train a causal LM from a store (cross-entropy; stage two adds distillation).")
 

@@ -27,7 +27,7 @@ from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
 from pipeline.losses import next_token_ce
 from pipeline.metrics import MetricsLog
-from pipeline.models import DTYPES, count_parameters, load_model, max_positions
+from pipeline.models import DTYPES, count_parameters, load_model, max_positions, resolve_device
 from pipeline.store import open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
@@ -93,14 +93,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DistillError(f"--device {name} asked for, but no CUDA device is visible; use --device cpu")
-    return torch.device(name)
 
 
 @torch.no_grad()

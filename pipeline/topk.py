@@ -1,0 +1,64 @@
+"""Teacher distributions in sparse form: top-k, log-sum-exp per temperature, exact tail mass.
+
+What stage one stores per position, from the teacher's logits ``z`` over the tokenizer's ``V`` ids,
+at cache temperature ``T`` and grid temperatures ``T_1..T_G``:
+
+- ``topk_ids [.., k]``: the k largest logits (the set and order are the same at every temperature);
+- ``topk_logprobs [.., k]``: ``z_i/T − logsumexp(z/T)``, float16;
+- ``logsumexp [.., G]``: ``logsumexp(z/T_g)``, float32;
+- ``tail_logmass [.., G]``: ``log(1 − Σ_kept p_i)`` at ``T_g``, computed as the log-sum-exp of the
+  logits *not* kept (no cancellation, exact even when the tail is 1e-12), float32;
+- ``target_logprob [..]``: ``z_y/T − logsumexp(z/T)`` of the true next token ``y``, float32.
+
+Re-tempering is exact up to storage precision: ``z_i = T·(topk_logprobs_i + logsumexp_T)``, so
+``log p_i(T_g) = (T/T_g)·(topk_logprobs_i + logsumexp_T) − logsumexp_{T_g}`` (:func:`retemper`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple[float, ...],
+                   targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Sparse summary of one chunk of positions.
+
+    logits: ``[P, V]`` (any float dtype; computed in float32), targets: ``[P]`` int64 or None,
+    ``grid`` must contain ``temperature``. Returns float32/int64 tensors on ``logits.device``:
+    ``topk_ids [P, k]``, ``topk_logprobs [P, k]``, ``logsumexp [P, G]``, ``tail_logmass [P, G]`` and
+    ``target_logprob [P]`` (when targets are given). Memory: a few ``[P, V]`` float32 buffers.
+    """
+    z = logits.float()
+    top_values, top_ids = torch.topk(z, k, dim=-1)  # sorted, largest first
+    rest = z.scatter(-1, top_ids, float("-inf"))  # the logits outside the kept set
+    lse, tail = [], []
+    for t in grid:
+        lse_t = torch.logsumexp(z / t, dim=-1)
+        lse.append(lse_t)
+        # log of the mass outside top-k; -inf when k == V
+        tail.append(torch.logsumexp(rest / t, dim=-1) - lse_t)
+    lse_all = torch.stack(lse, dim=-1)
+    lse_cache = lse_all[:, grid.index(temperature)]
+    out = {
+        "topk_ids": top_ids,
+        "topk_logprobs": top_values / temperature - lse_cache[:, None],
+        "logsumexp": lse_all,
+        "tail_logmass": torch.stack(tail, dim=-1),
+    }
+    if targets is not None:
+        out["target_logprob"] = z.gather(-1, targets[:, None]).squeeze(-1) / temperature - lse_cache
+    return out
+
+
+def retemper(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, cache_temperature: float,
+             cache_index: int, target_index: int, target_temperature: float) -> torch.Tensor:
+    """Kept log-probs at another grid temperature.
+
+    topk_logprobs: ``[..., k]`` at the cache temperature; logsumexp: ``[..., G]``. Returns
+    ``[..., k]`` float32: ``(T/T_g)·(lp + lse_T) − lse_{T_g}``.
+    """
+    lp = topk_logprobs.float()
+    if target_index == cache_index:
+        return lp
+    logits_over_t = lp + logsumexp[..., cache_index, None]
+    return logits_over_t * (cache_temperature / target_temperature) - logsumexp[..., target_index, None]

@@ -1,0 +1,92 @@
+"""``distill inspect STORE``: what a store holds and what it costs, and (``--verify``) whether every
+shard still matches the content hash in its index."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import check, option
+from pipeline.store import open_store
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    store: str = option("", "Store directory.")
+    verify: bool = option(False, "Check every shard against its content hash (reads the whole store).")
+    max_rows: int = option(2048, "Rows sampled (the first ones) for the distribution statistics; 0 = all.")
+    json: bool = option(False, "Print the report as JSON.")
+
+    def __post_init__(self):
+        check([] if self.store else ["no store given"], "inspect")
+
+
+def percentiles(values: np.ndarray) -> dict[str, float]:
+    qs = (1, 5, 25, 50, 75, 95, 99)
+    return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(values, qs))} | {"mean": float(values.mean())}
+
+
+def inspect_store(config: InspectConfig) -> dict:
+    store = open_store(config.store)
+    params, index = store.params, store.index
+    seq_len = params["seq_len"]
+    tokens = store.rows * seq_len
+    report = {
+        "store": str(store.root),
+        "kind": store.kind,
+        "backend": index["backend"],
+        "format_version": index["format_version"],
+        "rows": store.rows,
+        "seq_len": seq_len,
+        "tokens": tokens,
+        "shards": len(store.shards),
+        "bytes": index["bytes"],
+        "bytes_per_token": index["bytes"] / tokens,
+    }
+    if store.kind == "topk":
+        report |= {"teacher": params["teacher"], "top_k": params["top_k"], "temperature": params["temperature"],
+                   "temperature_grid": params["temperature_grid"]}
+        report |= distribution_report(store, config.max_rows)
+    if config.verify:
+        store.verify()  # raises DistillError naming the first bad shard
+        report["verified_shards"] = len(store.shards)
+    if config.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            if isinstance(value, dict):
+                value = "  ".join(f"{k} {v:.4f}" for k, v in value.items())
+            elif isinstance(value, float):
+                value = f"{value:.4f}"
+            print(f"{key:>22}  {value}")
+    return report
+
+
+def distribution_report(store, max_rows: int) -> dict:
+    """Kept-mass percentiles per grid temperature and teacher entropy, from the first rows."""
+    params = store.params
+    grid, t_cache = params["temperature_grid"], params["temperature"]
+    rows = store.rows if max_rows == 0 else min(max_rows, store.rows)
+    arrays = store.read_rows(0, rows)
+    tail = arrays["tail_logmass"][:, :-1].astype(np.float64)  # the last position of a row has no target
+    out = {}
+    for g, t in enumerate(grid):
+        out[f"kept_mass_T{t:g}"] = percentiles(1.0 - np.exp(tail[..., g]).reshape(-1))
+    # Entropy at the cache temperature, in nats. The tail's own spread is not stored, so it is
+    # bounded: as one bucket (lower bound) or spread evenly over the V − k other ids (upper bound).
+    lp = arrays["topk_logprobs"][:, :-1].astype(np.float64)
+    tail_t = tail[..., grid.index(t_cache)]
+    tail_mass = np.exp(tail_t)
+    kept_entropy = -(np.exp(lp) * lp).sum(-1)
+    bucket = np.where(tail_mass > 0, -tail_mass * tail_t, 0.0)
+    spread = bucket + tail_mass * np.log(max(params["vocab_size"] - params["top_k"], 1))
+    out[f"entropy_lower_bound_T{t_cache:g}"] = percentiles((kept_entropy + bucket).reshape(-1))
+    out[f"entropy_upper_bound_T{t_cache:g}"] = percentiles((kept_entropy + spread).reshape(-1))
+    if 1.0 in grid:  # the teacher's own next-token loss at T=1, re-tempered exactly from the target's logit
+        lse = arrays["logsumexp"][:, :-1].astype(np.float64)
+        logit = t_cache * (arrays["target_logprob"][:, :-1].astype(np.float64) + lse[..., grid.index(t_cache)])
+        out["teacher_loss_nats_T1"] = float(-(logit - lse[..., grid.index(1.0)]).mean())
+    out["top1_is_target"] = float((arrays["topk_ids"][:, :-1, 0] == arrays["input_ids"][:, 1:]).mean())
+    return out

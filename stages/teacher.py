@@ -1,0 +1,387 @@
+"""Stage one: run the teacher once over a ``tokens`` store and write a ``topk`` store.
+
+setup → loop → finish. The teacher's body runs on a batch of rows; its output head then runs on
+chunks of ``position_chunk`` positions, and each chunk is reduced on the device to top-k ids and
+log-probs, log-sum-exp at every grid temperature, the exact tail mass and the true token's log-prob
+(:func:`pipeline.topk.sparse_teacher`). A ``[B, L, V]`` float32 logit tensor never exists, so a
+150k vocabulary and long rows fit. A writer thread compresses and renames each finished shard while
+the next one is computed.
+
+Parallel and idempotent: the store's shards are fixed row ranges; job ``i`` of ``n`` writes shards
+``i, i+n, i+2n, …`` and records each finished one in its own partial index
+(``index.part-IIIII-of-NNNNN.json``). A rerun skips shards recorded there and redoes any other
+(a shard renamed into place but not yet recorded, after a kill). When the partial indexes cover
+every shard, ``index.json`` is written (here, or by ``distill merge``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import queue
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import store as store_lib
+from pipeline.config import check, option, save_resolved
+from pipeline.errors import DistillError
+from pipeline.io import atomic_write_text, file_sha256
+from pipeline.models import WEIGHT_FILES, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.topk import sparse_teacher
+
+PART = "index.part-{:05d}-of-{:05d}.json"
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    tokens_store: str = option("", "The 'tokens' store to run the teacher over.")
+    out: str = option("", "Directory of the 'topk' store to write (or to continue).")
+    teacher: str = option("data/models/teacher", "Local Hugging Face causal LM directory (with weights).")
+    tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the tokens store).")
+    top_k: int = option(64, "Teacher predictions kept per position.")
+    temperature: float = option(1.0, "Cache temperature T of the stored log-probs.")
+    temperature_grid: tuple[float, ...] = option((1.0, 2.0), "Temperatures at which kept log-probs and tail "
+                                                 "mass stay exactly recoverable (T is always added).")
+    backend: str = option("zarr", "Store backend: 'zarr' (v3, sharded, zstd) or 'arrow' (IPC, zstd).")
+    batch_size: int = option(8, "Rows per teacher forward pass.")
+    position_chunk: int = option(2048, "Positions per output-head/top-k chunk (bounds memory at chunk × vocab).")
+    rows_per_shard: int = option(256, "Rows per store shard (the unit of parallel work and of resume).")
+    chunk_rows: int = option(16, "Rows per compressed chunk inside a shard.")
+    shard_index: int = option(0, "This job's index among --num-shards jobs (a SLURM array task id).")
+    num_shards: int = option(1, "Number of independent jobs filling the store.")
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16 (reductions are float32).")
+    trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
+    overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
+
+    def __post_init__(self):
+        problems = []
+        if not self.tokens_store:
+            problems.append("no --tokens-store given")
+        if not self.out:
+            problems.append("no --out given")
+        if self.top_k < 1:
+            problems.append(f"top_k must be at least 1, got {self.top_k}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not self.temperature_grid or any(not t > 0 for t in self.temperature_grid):
+            problems.append(f"temperature_grid must be temperatures > 0, got {list(self.temperature_grid)}")
+        if self.backend not in store_lib.BACKENDS:
+            problems.append(f"backend must be one of {', '.join(store_lib.BACKENDS)}, got {self.backend!r}")
+        for name in ("batch_size", "position_chunk", "rows_per_shard", "chunk_rows", "num_shards"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if not 0 <= self.shard_index < max(self.num_shards, 1):
+            problems.append(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.overwrite and self.num_shards > 1:
+            problems.append("--overwrite with --num-shards > 1 would let jobs delete each other's work; "
+                            "delete the store once before launching the array")
+        check(problems, "teacher")
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        return tuple(sorted(set(self.temperature_grid) | {self.temperature}))
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 over the teacher's weight files (names and bytes): which weights made a store."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.name in WEIGHT_FILES or p.suffix in (".safetensors", ".bin"))
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+class OutputHead:
+    """Logits for chunks of positions without materialising ``[B, L, V]``.
+
+    Runs the model's decoder body once, then its output embedding per chunk. Checked once against
+    the model's own forward (some architectures scale or soft-cap logits after the head); where the
+    two differ, the full forward is used instead.
+    """
+
+    def __init__(self, model, probe: torch.Tensor):
+        self.model = model
+        self.body = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.head = model.get_output_embeddings()
+        self.split = False
+        if self.body is not None and self.head is not None:
+            with torch.no_grad():
+                full = model(input_ids=probe).logits.float()
+                mine = self.head(self.body(input_ids=probe).last_hidden_state).float()
+            self.split = torch.allclose(full, mine, rtol=1e-4, atol=1e-4)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.split:
+            return self.body(input_ids=input_ids).last_hidden_state
+        return self.model(input_ids=input_ids).logits  # fallback: the full logits are the "hidden" state
+
+    def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden_chunk) if self.split else hidden_chunk
+
+
+def read_partial(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_teacher(config: TeacherConfig) -> Path:
+    # ------------------------------------------------------------------ setup
+    tokens = store_lib.open_store(config.tokens_store, kind="tokens")
+    tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"])
+    tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
+    if tokens.params["tokenizer_hash"] != tok_hash:
+        raise DistillError(f"tokens store {tokens.root} was made with another tokenizer than {config.tokenizer}; "
+                           "pass the tokenizer it was prepared with")
+    if config.top_k > vocab:
+        raise DistillError(f"--top-k {config.top_k} is larger than the vocabulary ({vocab} ids); lower it")
+    teacher_dir = Path(config.teacher)
+    if not has_weights(teacher_dir):
+        raise DistillError(f"teacher {teacher_dir} is not a local Hugging Face model directory with weights")
+    teacher_config = hf_config(teacher_dir, config.trust_remote_code)
+    teacher_rows = teacher_config.vocab_size
+    if teacher_rows < vocab:
+        raise DistillError(f"teacher {teacher_dir} predicts {teacher_rows} ids but the tokenizer has {vocab}; "
+                           "they do not belong together")
+    if teacher_rows > vocab and teacher_rows - vocab > max(1024, vocab // 10):
+        raise DistillError(f"teacher {teacher_dir} predicts {teacher_rows} ids, far more than the tokenizer's "
+                           f"{vocab}; they do not belong together (padding is at most a few hundred rows)")
+    seq_len = tokens.params["seq_len"]
+    positions = max_positions(teacher_config)
+    if positions is not None and seq_len > positions:
+        raise DistillError(f"tokens store has sequence length {seq_len}, above the teacher's {positions} positions")
+
+    grid = config.grid
+    params = {
+        "teacher": str(teacher_dir),
+        "teacher_weights_sha256": weights_sha256(teacher_dir),
+        "teacher_vocab_size": teacher_rows,
+        "tokenizer": tokens.params["tokenizer"],
+        "tokenizer_hash": tok_hash,
+        "vocab_size": vocab,
+        "seq_len": seq_len,
+        "top_k": config.top_k,
+        "temperature": config.temperature,
+        "temperature_grid": list(grid),
+        "dtype": config.dtype,
+        "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
+        "corpus_fingerprint": tokens.params["corpus_fingerprint"],
+        "rows": tokens.rows,
+        "rows_per_shard": config.rows_per_shard,
+        "chunk_rows": config.chunk_rows,
+    }
+    out = Path(config.out)
+    existing = _existing_params(out, config.backend)
+    if existing is not None and existing != params:
+        if not config.overwrite:
+            what = "; ".join(store_lib.param_differences(existing, params)) or "backend differs"
+            raise DistillError(f"{out} already holds a store built differently ({what}); "
+                               "pass --overwrite to replace it or choose another --out")
+        shutil.rmtree(out)
+    if (out / store_lib.INDEX).exists() and existing == params:
+        print(f"{out}: complete store with the same parameters already exists; nothing to do")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    n_total = math.ceil(tokens.rows / config.rows_per_shard)
+    part_path = out / PART.format(config.shard_index, config.num_shards)
+    done = {e["name"]: e for e in read_partial(part_path).get("shards", []) if (out / e["name"]).exists()}
+    todo = [j for j in range(config.shard_index, n_total, config.num_shards)
+            if store_lib.shard_name(j, config.backend) not in done]
+    id_dtype = store_lib.token_dtype(vocab)
+    arrays_meta = {
+        "input_ids": {"dtype": tokens.index["arrays"]["input_ids"]["dtype"], "shape": [seq_len]},
+        "topk_ids": {"dtype": id_dtype.name, "shape": [seq_len, config.top_k]},
+        "topk_logprobs": {"dtype": "float16", "shape": [seq_len, config.top_k]},
+        "logsumexp": {"dtype": "float32", "shape": [seq_len, len(grid)]},
+        "tail_logmass": {"dtype": "float32", "shape": [seq_len, len(grid)]},
+        "target_logprob": {"dtype": "float32", "shape": [seq_len]},
+    }
+
+    def record(entry: dict) -> None:
+        done[entry["name"]] = entry
+        body = {"params": params, "backend": config.backend, "arrays": arrays_meta,
+                "shards": sorted(done.values(), key=lambda e: e["name"])}
+        atomic_write_text(part_path, json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+    save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
+                  {"params": params, "shards_planned": n_total})
+
+    device = resolve_device(config.device)
+    model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
+    probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
+    head = OutputHead(model, probe)
+
+    # ------------------------------------------------------------------ loop
+    # The writer compresses and renames shard j while the teacher computes shard j+1. The queue
+    # holds at most one finished shard, so memory stays at two shards of outputs.
+    jobs: queue.Queue = queue.Queue(maxsize=1)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        while (item := jobs.get()) is not None:
+            name, arrays = item
+            try:
+                entry = store_lib.write_shard(out, name, arrays, config.backend, config.chunk_rows)
+                record(entry)  # only this thread records, after the shard is renamed into place
+            except BaseException as e:  # surfaced by the main thread
+                failure.append(e)
+
+    thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
+    thread.start()
+    total_tokens = sum(min(config.rows_per_shard, tokens.rows - j * config.rows_per_shard) for j in todo) * seq_len
+    try:
+        with tqdm(total=total_tokens, desc=f"teacher {config.shard_index}/{config.num_shards}", unit="tok",
+                  unit_scale=True, dynamic_ncols=True) as progress:
+            for j in todo:
+                lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, tokens.rows)
+                input_ids = tokens.read_rows(lo, hi)["input_ids"]
+                arrays = teacher_shard(head, input_ids, config, grid, vocab, id_dtype, device, progress)
+                if failure:
+                    raise failure[0]
+                jobs.put((store_lib.shard_name(j, config.backend), arrays))
+    finally:
+        jobs.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+
+    # ------------------------------------------------------------------ finish
+    print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(done)} shards "
+          f"({len(todo)} written now)")
+    try:
+        merge_store(out)
+    except DistillError as e:
+        if config.num_shards == 1:
+            raise
+        print(f"{out}: not merged yet ({e})")
+    return out
+
+
+def _existing_params(out: Path, backend: str) -> dict | None:
+    """Parameters of what already lies in ``out`` (complete store or partial indexes), if anything."""
+    if (out / store_lib.INDEX).exists():
+        store = store_lib.open_store(out)
+        return store.params if store.index["backend"] == backend else {"backend": store.index["backend"]}
+    if out.is_dir():
+        for part in sorted(out.glob("index.part-*.json")):
+            body = read_partial(part)
+            if body:
+                return body["params"] if body.get("backend") == backend else {"backend": body.get("backend")}
+        if any(p for p in out.iterdir() if not p.name.startswith((".", "config.part-"))):
+            return {"unknown": "a directory that is not a topk store"}
+    return None
+
+
+@torch.no_grad()
+def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig, grid: tuple[float, ...],
+                  vocab: int, id_dtype: np.dtype, device: torch.device, progress) -> dict[str, np.ndarray]:
+    """All stored arrays for one shard of rows ``input_ids [R, L]``."""
+    rows, seq_len = input_ids.shape
+    k, n_grid = config.top_k, len(grid)
+    out = {
+        "input_ids": input_ids,
+        "topk_ids": np.empty((rows, seq_len, k), dtype=id_dtype),
+        "topk_logprobs": np.empty((rows, seq_len, k), dtype=np.float16),
+        "logsumexp": np.empty((rows, seq_len, n_grid), dtype=np.float32),
+        "tail_logmass": np.empty((rows, seq_len, n_grid), dtype=np.float32),
+        "target_logprob": np.empty((rows, seq_len), dtype=np.float32),
+    }
+    for start in range(0, rows, config.batch_size):
+        batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64)).to(device)
+        b = batch.shape[0]
+        hidden = head.hidden(batch).reshape(b * seq_len, -1)
+        # Position t's target is token t+1; the last position has none in its row (it is the next
+        # row's first token), so its target log-prob is stored as NaN.
+        targets = torch.cat([batch[:, 1:], batch[:, :1]], dim=1).reshape(-1)
+        results: dict[str, list[torch.Tensor]] = {name: [] for name in out if name != "input_ids"}
+        for p0 in range(0, b * seq_len, config.position_chunk):
+            logits = head.logits(hidden[p0:p0 + config.position_chunk])
+            if logits.shape[-1] > vocab:  # padded output rows: drop them, but never silently
+                if (logits.argmax(dim=-1) >= vocab).any():
+                    raise DistillError(f"the teacher's argmax fell on a padded output row (id >= {vocab}); "
+                                       "its output rows do not match the tokenizer")
+                logits = logits[:, :vocab]
+            chunk = sparse_teacher(logits, k, config.temperature, grid, targets[p0:p0 + config.position_chunk])
+            for name, value in chunk.items():
+                results[name].append(value)
+        view = slice(start, start + b)
+        out["topk_ids"][view] = _np(results["topk_ids"]).reshape(b, seq_len, k).astype(id_dtype)
+        out["topk_logprobs"][view] = _np(results["topk_logprobs"]).reshape(b, seq_len, k).astype(np.float16)
+        out["logsumexp"][view] = _np(results["logsumexp"]).reshape(b, seq_len, n_grid)
+        out["tail_logmass"][view] = _np(results["tail_logmass"]).reshape(b, seq_len, n_grid)
+        target = _np(results["target_logprob"]).reshape(b, seq_len)
+        target[:, -1] = np.nan
+        out["target_logprob"][view] = target
+        progress.update(b * seq_len)
+    return out
+
+
+def _np(parts: list[torch.Tensor]) -> np.ndarray:
+    return torch.cat(parts).cpu().numpy()
+
+
+# ---------------------------------------------------------------------- merge
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    store: str = option("", "The topk store directory whose partial indexes to merge.")
+
+    def __post_init__(self):
+        check([] if self.store else ["no --store given"], "merge")
+
+
+def merge(config: MergeConfig) -> Path:
+    return merge_store(Path(config.store))
+
+
+def merge_store(root: Path) -> Path:
+    """Check that the partial indexes cover every shard exactly, then write ``index.json``."""
+    if not root.is_dir():
+        raise DistillError(f"{root} does not exist; run distill teacher first")
+    parts = [read_partial(p) for p in sorted(root.glob("index.part-*.json"))]
+    parts = [p for p in parts if p]
+    if not parts:
+        if (root / store_lib.INDEX).exists():
+            return root
+        raise DistillError(f"{root} holds no partial indexes; run distill teacher first")
+    params, backend, arrays = parts[0]["params"], parts[0]["backend"], parts[0]["arrays"]
+    for part in parts[1:]:
+        if part["params"] != params or part["backend"] != backend:
+            what = "; ".join(store_lib.param_differences(params, part["params"])) or "backend"
+            raise DistillError(f"{root}: partial indexes were written with different parameters ({what}); "
+                               "rerun the odd jobs with the same options")
+    entries: dict[str, dict] = {}
+    for part in parts:
+        for entry in part["shards"]:
+            store_lib.safe_child(root, entry["name"])
+            if entry["name"] in entries and entries[entry["name"]]["sha256"] != entry["sha256"]:
+                raise DistillError(f"{root}: shard {entry['name']} recorded twice with different content")
+            entries[entry["name"]] = entry
+    n_total = math.ceil(params["rows"] / params["rows_per_shard"])
+    names = [store_lib.shard_name(j, backend) for j in range(n_total)]
+    missing = [n for n in names if n not in entries or not (root / n).exists()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DistillError(f"{root}: {len(missing)} of {n_total} shards are not finished ({shown}); "
+                           "rerun the jobs that own them")
+    shards = [entries[n] for n in names]
+    rows = sum(s["rows"] for s in shards)
+    index = store_lib.new_index("topk", backend, params, shards, arrays=arrays,
+                                tokens=rows * params["seq_len"], target_tokens=rows * (params["seq_len"] - 1))
+    store_lib.write_index(root, index)
+    print(f"{root}: merged {n_total} shards into {store_lib.INDEX}")
+    return root

@@ -1,0 +1,250 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import pyarrow as pa
+import torch
+import zarr
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipeline.store import open_store
+from pipeline.topk import retemper
+from tests.conftest import ROOT, TOKENIZER, run_cli
+
+
+def make_teacher(path, vocab=8192, padded_argmax=False):
+    """A small random Llama whose output head is scaled up so its distributions are peaked (like a
+    trained teacher's): tail masses then span many orders of magnitude."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  max_position_embeddings=128, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+        if vocab > 8192:
+            model.lm_head.weight[8192:] = 0.0 if not padded_argmax else model.lm_head.weight[:vocab - 8192] * 10
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import gzip
+
+    root = tmp_path_factory.mktemp("stage1")
+    with gzip.open(ROOT / "data" / "corpus" / "heldout.jsonl.gz", "rt") as f:
+        docs = [json.loads(line)["text"] for _, line in zip(range(12), f)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    result = run_cli("prepare", "--input", corpus, "--out", root / "tokens", "--tokenizer", TOKENIZER,
+                     "--seq-len", "32", "--rows-per-shard", "40")
+    assert result.exit_code == 0, result.output
+    make_teacher(root / "teacher")
+    return root
+
+
+def teacher_args(setup, out, *extra):
+    return ["teacher", "--tokens-store", setup / "tokens", "--teacher", setup / "teacher", "--out", out,
+            "--top-k", "16", "--rows-per-shard", "12", "--batch-size", "5", "--position-chunk", "37", *map(str, extra)]
+
+
+def reference(setup, rows):
+    model = AutoModelForCausalLM.from_pretrained(str(setup / "teacher"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(rows.astype(np.int64))).logits.double()
+
+
+def all_rows(store):
+    return store.read_rows(0, store.rows)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_store_equals_fresh_forward(setup, tmp_path, temperature):
+    result = run_cli(*teacher_args(setup, tmp_path / "s", "--temperature", temperature,
+                                   "--temperature-grid", "1", "--temperature-grid", "2"))
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "s", kind="topk")
+    assert store.params["temperature_grid"] == [1.0, 2.0] and store.params["top_k"] == 16
+    data = all_rows(store)
+    assert data["topk_ids"].dtype == np.uint16 and data["topk_logprobs"].dtype == np.float16
+    logits = reference(setup, data["input_ids"])  # [N, L, V] float64 reference
+    grid = [1.0, 2.0]
+    cache = grid.index(temperature)
+
+    ref_lp_cache = torch.log_softmax(logits / temperature, dim=-1)
+    ref_ids = torch.topk(logits, 16, dim=-1).indices
+    np.testing.assert_array_equal(data["topk_ids"].astype(np.int64), ref_ids.numpy())
+    kept = ref_lp_cache.gather(-1, ref_ids).numpy()
+    np.testing.assert_allclose(data["topk_logprobs"].astype(np.float64), kept, rtol=1e-3, atol=2e-3)
+
+    for g, t in enumerate(grid):
+        ref_lp = torch.log_softmax(logits / t, dim=-1)
+        kept_t = ref_lp.gather(-1, ref_ids)
+        ref_tail = 1.0 - kept_t.exp().sum(-1)  # float64: fine at these magnitudes
+        got_tail = np.exp(data["tail_logmass"][..., g].astype(np.float64))
+        np.testing.assert_allclose(got_tail, ref_tail.numpy(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(data["logsumexp"][..., g], torch.logsumexp(logits / t, -1).numpy(), rtol=1e-5)
+        # Re-tempering from the stored cache-temperature values gives the reference at t.
+        again = retemper(torch.from_numpy(data["topk_logprobs"]), torch.from_numpy(data["logsumexp"]),
+                         temperature, cache, g, t).double()
+        np.testing.assert_allclose(again.numpy(), kept_t.numpy(), rtol=2e-3, atol=4e-3)
+
+    assert data["tail_logmass"].dtype == np.float32
+    assert (data["tail_logmass"][..., 0] < np.log(0.5)).mean() > 0.5  # peaked: tails mostly small
+    targets = ref_lp_cache[:, :-1].gather(-1, torch.from_numpy(data["input_ids"][:, 1:].astype(np.int64))[..., None])
+    np.testing.assert_allclose(data["target_logprob"][:, :-1], targets[..., 0].numpy(), rtol=1e-5, atol=1e-5)
+    assert np.isnan(data["target_logprob"][:, -1]).all()
+
+
+def test_backends_hold_the_same_content_and_read_plainly(setup, tmp_path):
+    for backend in ("zarr", "arrow"):
+        assert run_cli(*teacher_args(setup, tmp_path / backend, "--backend", backend)).exit_code == 0
+    zs, ar = open_store(tmp_path / "zarr"), open_store(tmp_path / "arrow")
+    assert [s["sha256"] for s in zs.shards] == [s["sha256"] for s in ar.shards]
+    shard = zs.shards[0]["name"]
+    ids = zarr.open_group(str(tmp_path / "zarr" / shard), mode="r")["topk_ids"][:]
+    with pa.memory_map(str(tmp_path / "arrow" / ar.shards[0]["name"])) as f:
+        table = pa.ipc.open_file(f).read_all()
+    shape = json.loads(table.schema.field("topk_ids").metadata[b"shape"])
+    flat = table.column("topk_ids").combine_chunks().flatten().to_numpy()
+    np.testing.assert_array_equal(flat.reshape(len(table), *shape), ids)
+
+
+def spawn(args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "stages.cli", *map(str, args)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def hashes(path):
+    return [s["sha256"] for s in open_store(path).shards]
+
+
+def test_sigkill_rerun_and_parallel_jobs_match_one_run(setup, tmp_path):
+    args = teacher_args(setup, tmp_path / "one", "--rows-per-shard", "2")
+    one = spawn(args)
+    output, _ = one.communicate(timeout=300)
+    assert one.returncode == 0, output
+    want = hashes(tmp_path / "one")
+    assert len(want) > 4
+
+    # Killed mid-way: every shard visible under its name is complete; the rerun finishes the rest.
+    killed_args = teacher_args(setup, tmp_path / "killed", "--rows-per-shard", "2")
+    victim = spawn(killed_args)
+    part = tmp_path / "killed" / "index.part-00000-of-00001.json"
+    deadline = time.time() + 120
+    while victim.poll() is None and time.time() < deadline:
+        if part.exists() and len(json.loads(part.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "index.json").exists()
+    from pipeline.store import READERS, content_hash
+
+    recorded = {e["name"]: e["sha256"] for e in json.loads(part.read_text())["shards"]}
+    for shard in sorted((tmp_path / "killed").glob("shard-*")):
+        assert content_hash(READERS["zarr"](shard)) in want  # complete, never half-written
+    assert all(h in want for h in recorded.values())
+    rerun = spawn(killed_args)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    assert hashes(tmp_path / "killed") == want
+
+    # Two concurrent jobs of an array, then merge.
+    jobs = [spawn(teacher_args(setup, tmp_path / "two", "--rows-per-shard", "2", "--num-shards", "2",
+                               "--shard-index", str(i))) for i in (0, 1)]
+    for job in jobs:
+        output, _ = job.communicate(timeout=300)
+        assert job.returncode == 0, output
+    merged = run_cli("merge", tmp_path / "two")
+    assert merged.exit_code == 0, merged.output
+    assert hashes(tmp_path / "two") == want
+
+
+def test_merge_names_missing_shards(setup, tmp_path):
+    result = run_cli(*teacher_args(setup, tmp_path / "half", "--num-shards", "2", "--shard-index", "1"))
+    assert result.exit_code == 0 and "not merged yet" in result.output
+    merged = run_cli("merge", tmp_path / "half")
+    assert merged.exit_code == 2 and "shard-00000.zarr" in merged.output and "not finished" in merged.output
+
+
+def test_padded_output_rows_are_dropped_or_refused(setup, tmp_path):
+    make_teacher(tmp_path / "padded", vocab=8192 + 64)
+    result = run_cli(*teacher_args(setup, tmp_path / "p", "--teacher", tmp_path / "padded"))
+    assert result.exit_code == 0, result.output
+    data = all_rows(open_store(tmp_path / "p"))
+    assert int(data["topk_ids"].max()) < 8192
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "padded")).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(data["input_ids"].astype(np.int64))).logits[..., :8192].double()
+    kept = torch.log_softmax(logits, -1).gather(-1, torch.topk(logits, 16, -1).indices).numpy()
+    np.testing.assert_allclose(data["topk_logprobs"].astype(np.float64), kept, rtol=1e-3, atol=2e-3)
+
+    make_teacher(tmp_path / "bad-pad", vocab=8192 + 64, padded_argmax=True)
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "q", "--teacher", tmp_path / "bad-pad")))
+    assert "padded output row" in msg
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def tree_digest(root):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_bad_input(setup, tmp_path):
+    make_teacher(tmp_path / "small-vocab", vocab=1000)
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--teacher", tmp_path / "small-vocab")))
+    assert "predicts 1000 ids but the tokenizer has 8192" in msg
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--top-k", "9000")))
+    assert "larger than the vocabulary" in msg
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--temperature", "0")))
+    assert "temperature must be > 0" in msg
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--temperature-grid", "-1")))
+    assert "temperature_grid" in msg
+    (tmp_path / "no-index").mkdir()
+    msg = one_line_error(run_cli("teacher", "--tokens-store", tmp_path / "no-index", "--teacher",
+                                 setup / "teacher", "--out", tmp_path / "a"))
+    assert "no index.json" in msg
+    assert not (tmp_path / "a").exists()
+
+    assert run_cli(*teacher_args(setup, tmp_path / "done")).exit_code == 0
+    before = tree_digest(tmp_path / "done")
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "done", "--top-k", "8")))
+    assert "top_k: 16 vs 8" in msg and "--overwrite" in msg
+    assert tree_digest(tmp_path / "done") == before
+    again = run_cli(*teacher_args(setup, tmp_path / "done"))
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    assert tree_digest(tmp_path / "done") == before
+
+
+def test_inspect_reports_and_verifies(setup, tmp_path):
+    assert run_cli(*teacher_args(setup, tmp_path / "s")).exit_code == 0
+    result = run_cli("inspect", tmp_path / "s", "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["kind"] == "topk" and report["verified_shards"] == len(open_store(tmp_path / "s").shards)
+    assert 0 < report["kept_mass_T1"]["p50"] <= 1 and report["bytes_per_token"] > 0
+    assert report["entropy_lower_bound_T1"]["mean"] <= report["entropy_upper_bound_T1"]["mean"]
+    victim = sorted(p for p in (tmp_path / "s" / "shard-00001.zarr").rglob("*") if p.is_file() and p.name == "0")[0]
+    raw = bytearray(victim.read_bytes())
+    raw[-40:-20] = bytes(20)
+    victim.write_bytes(bytes(raw))
+    bad = run_cli("inspect", tmp_path / "s", "--verify")
+    assert bad.exit_code == 2 and "shard-00001.zarr" in bad.output
