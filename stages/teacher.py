@@ -22,6 +22,7 @@ import math
 import queue
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,13 @@ class TeacherConfig:
         return tuple(sorted(set(self.temperature_grid) | {self.temperature}))
 
 
+@dataclass(frozen=True)
+class TeacherRun:
+    out: Path
+    tokens: int  # tokens computed by this call (0 when everything was already there)
+    seconds: float  # wall time of the compute-and-write loop, setup excluded
+
+
 def weights_sha256(path: Path) -> str:
     """sha256 over the teacher's weight files (names and bytes): which weights made a store."""
     digest = hashlib.sha256()
@@ -137,7 +145,7 @@ def read_partial(path: Path) -> dict:
         return {}
 
 
-def run_teacher(config: TeacherConfig) -> Path:
+def run_teacher(config: TeacherConfig) -> TeacherRun:
     # ------------------------------------------------------------------ setup
     tokens = store_lib.open_store(config.tokens_store, kind="tokens")
     tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"])
@@ -192,7 +200,7 @@ def run_teacher(config: TeacherConfig) -> Path:
         shutil.rmtree(out)
     if (out / store_lib.INDEX).exists() and existing == params:
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
-        return out
+        return TeacherRun(out, 0, 0.0)
     out.mkdir(parents=True, exist_ok=True)
 
     n_total = math.ceil(tokens.rows / config.rows_per_shard)
@@ -241,6 +249,7 @@ def run_teacher(config: TeacherConfig) -> Path:
 
     thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
     thread.start()
+    loop_started = time.perf_counter()
     total_tokens = sum(min(config.rows_per_shard, tokens.rows - j * config.rows_per_shard) for j in todo) * seq_len
     try:
         with tqdm(total=total_tokens, desc=f"teacher {config.shard_index}/{config.num_shards}", unit="tok",
@@ -257,17 +266,19 @@ def run_teacher(config: TeacherConfig) -> Path:
         thread.join()
     if failure:
         raise failure[0]
+    loop_seconds = time.perf_counter() - loop_started  # forward, reductions and the last write
 
     # ------------------------------------------------------------------ finish
+    rate = f", {total_tokens / loop_seconds:.0f} tokens/s" if todo else ""
     print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(done)} shards "
-          f"({len(todo)} written now)")
+          f"({len(todo)} written now{rate})")
     try:
         merge_store(out)
     except DistillError as e:
         if config.num_shards == 1:
             raise
         print(f"{out}: not merged yet ({e})")
-    return out
+    return TeacherRun(out, total_tokens, loop_seconds)
 
 
 def _existing_params(out: Path, backend: str) -> dict | None:

@@ -1,0 +1,115 @@
+"""Stage-one benchmark: time per token against a bare teacher forward, and bytes on disk per token.
+
+Side by side in one process, alternating, medians over repeats (the machine is shared and noisy):
+
+- ``bare``: ``model(input_ids).logits`` over the same rows and batch size, nothing else;
+- ``stage one``: ``distill teacher`` end to end (chunked head, top-k, log-sum-exp at each grid
+  temperature, exact tail, writer thread, compression, renames), loop time without model loading.
+
+Bytes per token are measured at k = 8, 32, 64 for both backends on the same rows.
+
+    python bench/stage_one.py --teacher data/models/teacher --rows 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import load_config
+from pipeline.models import load_model, resolve_device
+from pipeline.store import open_store
+from stages.prepare import PrepareConfig, prepare
+from stages.teacher import TeacherConfig, run_teacher
+
+
+def bare_forward(model, rows: np.ndarray, batch_size: int, device) -> float:
+    """Seconds per token of the teacher's plain forward pass (full logits)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = torch.from_numpy(rows[start:start + batch_size].astype(np.int64)).to(device)
+            model(input_ids=batch).logits
+    sync()
+    return (time.perf_counter() - started) / rows.size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="data/models/teacher")
+    parser.add_argument("--corpus", default="data/corpus/heldout.jsonl.gz")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", default="bench/results/stage_one.json")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
+    prepare(load_config(PrepareConfig, inputs=(args.corpus,), out=str(work / "tokens-all"), seq_len=256))
+    tokens = open_store(work / "tokens-all")
+    rows = tokens.read_rows(0, min(args.rows, tokens.rows))["input_ids"]
+    # A tokens store of exactly the benchmark rows, so stage one and the bare pass see the same input.
+    sub = work / "tokens"
+    from pipeline import store as store_lib
+
+    sub.mkdir()
+    entry = store_lib.write_shard(sub, store_lib.shard_name(0, "zarr"), {"input_ids": rows}, "zarr", 64)
+    store_lib.write_index(sub, store_lib.new_index("tokens", "zarr", tokens.params, [entry], tokens.index["arrays"]))
+
+    model = load_model(args.teacher, args.dtype).to(device).eval()
+
+    def stage_one(k: int, backend: str, name: str) -> tuple[float, float]:
+        config = load_config(TeacherConfig, tokens_store=str(sub), teacher=args.teacher, out=str(work / name),
+                             top_k=k, backend=backend, batch_size=args.batch_size, device=str(device),
+                             dtype=args.dtype, rows_per_shard=max(1, len(rows) // 4), overwrite=True)
+        run = run_teacher(config)
+        store = open_store(work / name)
+        return run.seconds / run.tokens, store.index["bytes"] / (store.rows * store.params["seq_len"])
+
+    bare_forward(model, rows[: args.batch_size], args.batch_size, device)  # warm-up
+    bare, stage, ratio = [], [], []
+    for repeat in range(args.repeats):
+        b = bare_forward(model, rows, args.batch_size, device)
+        s, _ = stage_one(64, "zarr", f"timing-{repeat}")
+        bare.append(b)
+        stage.append(s)
+        ratio.append(s / b)
+    sizes = {}
+    for backend in ("zarr", "arrow"):
+        for k in (8, 32, 64):
+            sizes[f"{backend}_k{k}"] = stage_one(k, backend, f"size-{backend}-{k}")[1]
+
+    result = {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "teacher": args.teacher,
+        "tokens_per_run": int(rows.size),
+        "batch_size": args.batch_size,
+        "bare_forward_us_per_token_median": statistics.median(bare) * 1e6,
+        "stage_one_us_per_token_median": statistics.median(stage) * 1e6,
+        "stage_one_over_bare_median": statistics.median(ratio),
+        "stage_one_over_bare_each": ratio,
+        "bytes_per_token": sizes,
+        "naive_int32_fp16_bytes_per_token_k64": 64 * 6,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
