@@ -83,3 +83,31 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DistillError(f"--device {name} asked for, but no CUDA device is visible; use --device cpu")
     return torch.device(name)
+
+
+class OutputHead:
+    """Logits for chunks of positions without materialising ``[B, L, V]``.
+
+    Runs the model's decoder body once, then its output embedding per chunk. Checked once against
+    the model's own forward (some architectures scale or soft-cap logits after the head); where the
+    two differ, the full forward is used instead.
+    """
+
+    def __init__(self, model, probe: torch.Tensor):
+        self.model = model
+        self.body = model.get_decoder() if hasattr(model, "get_decoder") else None
+        self.head = model.get_output_embeddings()
+        self.split = False
+        if self.body is not None and self.head is not None:
+            with torch.no_grad():
+                full = model(input_ids=probe).logits.float()
+                mine = self.head(self.body(input_ids=probe).last_hidden_state).float()
+            self.split = torch.allclose(full, mine, rtol=1e-4, atol=1e-4)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.split:
+            return self.body(input_ids=input_ids).last_hidden_state
+        return self.model(input_ids=input_ids).logits  # fallback: the full logits are the "hidden" state
+
+    def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden_chunk) if self.split else hidden_chunk

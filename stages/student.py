@@ -1,49 +1,80 @@
-"""Train a causal LM from a store: the one training loop of distill.
+"""Stage two: train a student — the one training loop of distill.
 
-setup → loop → finish, top to bottom. From a ``tokens`` store the loss is next-token cross-entropy
-(this is how the shipped teacher and the CE-only baseline student are trained); stage two extends
-this same loop with the distillation term from a ``topk`` store.
+setup → loop → finish, top to bottom. The loss is
 
-Checkpoints hold model, optimizer, scheduler, step, RNG state and data position, so ``--resume auto``
-continues exactly where the newest complete checkpoint left off: on CPU with the same seed a
-resumed run ends with the same weights as an uninterrupted one.
+    L = α·CE(y, student) + (1 − α)·T²·D(teacher_T, student_T)
+
+where the teacher comes from
+
+- a ``topk`` store (offline, the default use): the teacher's stored sparse predictions, re-tempered
+  exactly to T; the teacher's weights are never loaded;
+- ``--teacher DIR`` (online): the teacher in memory, full vocabulary — the baseline offline mode is
+  measured against;
+- nothing: a ``tokens`` store trains with cross-entropy alone (α = 1). This is how the shipped
+  teacher and the same-size-from-scratch baseline are trained.
+
+The student's body runs once per micro-batch; its output head and the losses run on chunks of
+positions (recomputed in backward when there is more than one chunk), so memory holds one chunk's
+``[chunk, V]`` tensors rather than several ``[B, L, V]``. Runs under ``torchrun`` (DDP; ``--fsdp``
+shards the student), each rank reading its own rows. Checkpoints hold model, optimizer, scheduler,
+step, RNG state and data position: ``--resume auto`` continues exactly, and on CPU with the same
+seed a resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.config import check, option, save_resolved, to_dict
-from pipeline.data import Batches, sequential
 from pipeline.errors import DistillError
+from pipeline.init import init_from_teacher_layers
 from pipeline.io import atomic_write_text
-from pipeline.losses import next_token_ce
+from pipeline.loader import Loader, sequential
+from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum, dense_kd, sparse_kd
 from pipeline.metrics import MetricsLog
-from pipeline.models import DTYPES, count_parameters, load_model, max_positions, resolve_device
+from pipeline.models import DTYPES, count_parameters, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.store import open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.topk import retemper
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
-RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum")
+RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
+                "tail", "direction", "teacher")
+TOPK_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "logsumexp", "tail_logmass")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train_store: str = option("", "Store to train from ('tokens' store: cross-entropy).")
-    eval_store: str = option("", "Held-out 'tokens' store for periodic evaluation (optional).")
-    model: str = option("data/models/student.json", "Model config file (train from scratch) or local HF directory.")
+    train_store: str = option("", "Store to train from: 'topk' (offline distillation) or 'tokens' (CE, or online).")
+    eval_store: str = option("", "Held-out store for periodic evaluation of next-token loss (optional).")
+    model: str = option("data/models/student.json", "Student: a model config file (scratch) or a local HF directory.")
+    init: str = option("auto", "'auto' (weights when MODEL is a directory holding them, else scratch), 'scratch', "
+                       "or 'teacher-layers' (every other layer of the teacher; architectures must match).")
+    init_teacher: str = option("", "Teacher directory for --init teacher-layers (default: the store's teacher).")
+    teacher: str = option("", "Online distillation: a local HF teacher kept in memory (full vocabulary).")
+    alpha: Optional[float] = option(None, "Weight of CE against the true tokens (default 0.5 when distilling, "
+                                    "1 for a tokens store without --teacher).")
+    temperature: float = option(1.0, "Distillation temperature T (offline: any temperature of the store's grid).")
+    tail: str = option("tail", "Sparse teacher support: 'renorm', 'tail' (exact residual bucket) or 'residual-label'.")
+    direction: str = option("forward", "'forward' KL(teacher‖student) or 'reverse' KL(student‖teacher) (paper Eq. 1).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the store).")
-    out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, config.json.")
+    out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
-    micro_batch_size: int = option(16, "Rows per forward/backward pass.")
+    micro_batch_size: int = option(16, "Rows per forward/backward pass, per process.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.")
     max_steps: int = option(1000, "Optimizer steps.")
     lr: float = option(1e-3, "Peak learning rate (AdamW).")
@@ -53,15 +84,20 @@ class TrainConfig:
     beta1: float = option(0.9, "AdamW beta1.")
     beta2: float = option(0.95, "AdamW beta2.")
     grad_clip: float = option(1.0, "Clip the global gradient norm to this (0 = off).")
+    loss_chunk: int = option(0, "Positions per output-head/loss chunk (0 = as many as keep chunk × vocab ≤ 64M).")
     eval_every: int = option(100, "Evaluate on the held-out store every N steps (0 = only at the end).")
-    eval_rows: int = option(256, "Held-out rows per evaluation (0 = all).")
+    eval_rows: int = option(256, "Held-out rows per periodic evaluation (the final one uses all).")
     checkpoint_every: int = option(100, "Write a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = option(2, "Complete checkpoints to keep.")
     resume: str = option("never", "'auto' (newest complete checkpoint in OUT, or start fresh), 'never', or a path.")
     log_every: int = option(10, "Write a metrics line every N steps.")
-    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    workers: int = option(0, "Loader worker processes decoding store chunks ahead (0 = read in the main process).")
+    prefetch: int = option(4, "Batches the loader reads ahead.")
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' (under torchrun: cuda:LOCAL_RANK).")
     dtype: str = option("float32", "Autocast dtype on CUDA: float32 or bfloat16 (weights stay float32).")
+    fsdp: bool = option(False, "Shard the student with FSDP (under torchrun) instead of replicating it (DDP).")
     save_dtype: str = option("float32", "dtype of the saved final model: float32, bfloat16 or float16.")
+    trust_remote_code: bool = option(False, "Allow model directories' own code to run.")
     overwrite: bool = option(False, "Start over in an OUT that already holds a run.")
 
     def __post_init__(self):
@@ -70,10 +106,21 @@ class TrainConfig:
             problems.append("no --train-store given")
         if not self.out:
             problems.append("no --out given")
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every"):
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"alpha must be in [0, 1], got {self.alpha}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.tail not in TAIL_MODES:
+            problems.append(f"tail must be one of {', '.join(TAIL_MODES)}, got {self.tail!r}")
+        if self.direction not in DIRECTIONS:
+            problems.append(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+        if self.init not in ("auto", "scratch", "teacher-layers"):
+            problems.append(f"init must be auto, scratch or teacher-layers, got {self.init!r}")
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "prefetch"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_rows", "checkpoint_every", "keep_checkpoints"):
+        for name in ("warmup_steps", "eval_every", "eval_rows", "checkpoint_every", "keep_checkpoints",
+                     "loss_chunk", "workers"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if not self.lr > 0:
@@ -95,18 +142,72 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class DistillStep(torch.nn.Module):
+    """One micro-batch's loss sums. A module so that DDP/FSDP see the forward they wrap.
+
+    forward(input_ids ``[B, L]``, teacher arrays ``[B, L, ...]``) → (CE sum, divergence sum, targets),
+    over the ``B·(L−1)`` positions that have a next token.
+    """
+
+    def __init__(self, model, vocab: int, alpha: float, temperature: float, tail: str, direction: str,
+                 chunk: int, cache: tuple[float, int, int] | None = None, teacher=None):
+        super().__init__()
+        self.model = model
+        self.vocab, self.alpha, self.temperature = vocab, alpha, temperature
+        self.tail, self.direction, self.chunk = tail, direction, chunk
+        self.cache = cache  # (cache temperature, its grid index, index of T in the grid)
+        self._teacher = (teacher,)  # a tuple keeps the teacher out of this module's parameters
+
+    def forward(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]):
+        model, b, length = self.model, input_ids.shape[0], input_ids.shape[1]
+        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1].reshape(b * (length - 1), -1)
+        targets = input_ids[:, 1:].reshape(-1)
+        head, t = model.get_output_embeddings(), self.temperature
+        distill = self.alpha < 1.0
+        extra: list[torch.Tensor] = []
+        teacher = self._teacher[0]
+        if distill and teacher is not None:
+            with torch.no_grad():
+                extra = [teacher.hidden(input_ids)[:, :-1].reshape(b * (length - 1), -1)]
+        elif distill:
+            cache_t, cache_i, t_i = self.cache
+            lp = retemper(batch["topk_logprobs"], batch["logsumexp"], cache_t, cache_i, t_i, t)
+            extra = [batch["topk_ids"][:, :-1].reshape(-1, lp.shape[-1]), lp[:, :-1].reshape(-1, lp.shape[-1]),
+                     batch["tail_logmass"][:, :-1, t_i].reshape(-1).float()]
+
+        def sums(h, y, *teacher_parts):
+            logits = head(h).float()[:, :self.vocab]  # padded output rows are not tokens
+            ce = F.cross_entropy(logits, y, reduction="sum")
+            if not distill:
+                return ce, torch.zeros((), device=ce.device)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher.logits(teacher_parts[0]).float()[:, :self.vocab]
+                return ce, dense_kd(logits, teacher_logits, t, self.direction).sum()
+            ids, lp, tail_lm = teacher_parts
+            return ce, sparse_kd(logits, ids, lp, tail_lm, y, t, self.tail, self.direction).sum()
+
+        ce_sum, kd_sum = chunked_sum(sums, hidden.shape[0], self.chunk, hidden, targets, *extra)
+        return ce_sum, kd_sum, targets.numel()
+
+
 @torch.no_grad()
-def evaluate(model, store, batch_rows: int, max_rows: int, device, autocast) -> dict[str, float]:
-    """Mean next-token loss (nats) and perplexity over the held-out rows."""
+def evaluate(step_module: DistillStep, store, batch_rows: int, max_rows: int, device, autocast) -> dict[str, float]:
+    """Mean next-token loss (nats) and perplexity over the held-out rows (cross-entropy only)."""
+    model = step_module.model
     was_training = model.training
     model.eval()
+    head, vocab = model.get_output_embeddings(), step_module.vocab
     total, count = 0.0, 0
     for batch in sequential(store, batch_rows, max_rows or None):
         input_ids = batch["input_ids"].to(device)
         with autocast():
-            logits = model(input_ids=input_ids).logits
-        total += next_token_ce(logits, input_ids, reduction="sum").item()
-        count += input_ids[:, 1:].numel()
+            hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets = input_ids[:, 1:].reshape(-1)
+        total += chunked_sum(lambda h, y: (F.cross_entropy(head(h).float()[:, :vocab], y, reduction="sum"),),
+                             hidden.shape[0], step_module.chunk, hidden, targets)[0].item()
+        count += targets.numel()
     model.train(was_training)
     loss = total / count
     return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
@@ -115,8 +216,8 @@ def evaluate(model, store, batch_rows: int, max_rows: int, device, autocast) -> 
 def check_store(store, name: str, tok_hash: str, vocab: int, positions: int | None) -> None:
     params = store.params
     if params.get("tokenizer_hash") != tok_hash:
-        raise DistillError(f"{name} {store.root} was tokenized with another tokenizer "
-                           f"(hash {params.get('tokenizer_hash', '?')[:12]} vs {tok_hash[:12]}); re-run prepare with this tokenizer")
+        raise DistillError(f"{name} {store.root} was made with another tokenizer (hash "
+                           f"{str(params.get('tokenizer_hash'))[:12]} vs {tok_hash[:12]}); use the student's tokenizer")
     if params.get("vocab_size") != vocab:
         raise DistillError(f"{name} {store.root} has vocab size {params.get('vocab_size')}, the tokenizer {vocab}")
     if positions is not None and params["seq_len"] > positions:
@@ -124,33 +225,99 @@ def check_store(store, name: str, tok_hash: str, vocab: int, positions: int | No
                            f"maximum of {positions} positions; re-run prepare with --seq-len {positions} or less")
 
 
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def train(config: TrainConfig) -> Path:
     # ------------------------------------------------------------------ setup
+    rank, world, local_rank = distributed()
+    main = rank == 0
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
-    if config.overwrite and out.exists():
+    if config.overwrite and out.exists() and main:
         shutil.rmtree(out)
+    if world > 1:
+        dist.barrier()
     resume_from = checkpoint.resolve(ckpt_dir, config.resume)
     if resume_from is None and (ckpt_dir.exists() or (out / "metrics.jsonl").exists()) and config.resume != "auto":
         raise DistillError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start over")
 
     train_store = open_store(config.train_store)
-    if train_store.kind != "tokens":
-        raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; this loop trains from 'tokens' stores")
+    online = bool(config.teacher)
+    if train_store.kind not in ("tokens", "topk"):
+        raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; stage two trains from 'topk' or 'tokens'")
+    teacher_source = "online" if online else ("store" if train_store.kind == "topk" else "none")
+    alpha = config.alpha if config.alpha is not None else (1.0 if teacher_source == "none" else 0.5)
+    if alpha < 1.0 and teacher_source == "none":
+        raise DistillError(f"{config.train_store} is a tokens store: it holds no teacher predictions; run "
+                           "distill teacher to make a topk store, pass --teacher DIR (online), or use --alpha 1")
     tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
+    cache = None
+    if teacher_source == "store":
+        grid = train_store.params["temperature_grid"]
+        if config.temperature not in grid:
+            raise DistillError(f"temperature {config.temperature:g} is not in the store's grid "
+                               f"({', '.join(f'{t:g}' for t in grid)}); pick one of those or rerun stage one "
+                               "with it in --temperature-grid")
+        cache_t = train_store.params["temperature"]
+        cache = (cache_t, grid.index(cache_t), grid.index(config.temperature))
 
-    device = resolve_device(config.device)
+    device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
-    model = load_model(config.model).to(device)
+    model_path = Path(config.model)
+    if config.init == "teacher-layers":
+        source = Path(config.init_teacher or config.teacher or train_store.params.get("teacher", ""))
+        model = init_from_teacher_layers(hf_config(model_path), source)
+    elif config.init == "scratch" and has_weights(model_path):
+        model = load_model(model_path / "config.json", trust_remote_code=config.trust_remote_code)
+    else:
+        model = load_model(model_path, trust_remote_code=config.trust_remote_code)
+    model = model.to(device)
     if model.config.vocab_size < vocab:
         raise DistillError(f"model {config.model} has {model.config.vocab_size} output rows, fewer than the "
                            f"tokenizer's {vocab} ids; set vocab_size in the model config to {vocab}")
     positions = max_positions(model.config)
     check_store(train_store, "train store", tok_hash, vocab, positions)
-    eval_store = open_store(config.eval_store, kind="tokens") if config.eval_store else None
+    eval_store = open_store(config.eval_store) if config.eval_store else None
     if eval_store is not None:
         check_store(eval_store, "eval store", tok_hash, vocab, positions)
+
+    teacher = None
+    if online:
+        from pipeline.models import OutputHead
+
+        teacher_model = load_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device).eval()
+        teacher_model.requires_grad_(False)
+        if teacher_model.config.vocab_size < vocab:
+            raise DistillError(f"teacher {config.teacher} predicts {teacher_model.config.vocab_size} ids, "
+                               f"fewer than the tokenizer's {vocab}")
+        probe = train_store.read_rows(0, 1)["input_ids"].astype("int64")
+        teacher = OutputHead(teacher_model, torch.from_numpy(probe).to(device))
+
+    chunk = config.loss_chunk or max(1, (1 << 26) // model.config.vocab_size)
+    step_module = DistillStep(model, vocab, alpha, config.temperature, config.tail, config.direction, chunk,
+                              cache, teacher)
+    wrapped = step_module
+    if world > 1:
+        if config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.get_decoder().layers:
+                fully_shard(layer)
+            fully_shard(step_module)
+        else:
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -159,60 +326,75 @@ def train(config: TrainConfig) -> Path:
         lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio))
-    batches = Batches(train_store, config.micro_batch_size, config.seed)
-    start_step, tokens_seen = 0, 0
+    fields = TOPK_FIELDS if teacher_source == "store" and alpha < 1.0 else ("input_ids",)
+    epoch, offset, start_step, tokens_seen = 0, 0, 0, 0
     if resume_from is not None:
         state, saved_config = checkpoint.load(resume_from)
-        changed = [k for k in RESUME_FIXED if saved_config["config"].get(k) != getattr(config, k)]
+        resolved = to_dict(config) | {"alpha": alpha}
+        changed = [k for k in RESUME_FIXED if saved_config["config"].get(k) != resolved.get(k)]
         if changed:
             raise DistillError(f"checkpoint {resume_from} was made with other {', '.join(changed)}; "
                                "resume with the same options or pass --overwrite")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_state(model, optimizer, state, config.fsdp and world > 1)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        batches = Batches(train_store, config.micro_batch_size, config.seed,
-                          state["data"]["epoch"], state["data"]["offset"])
+        epoch, offset = state["data"]["epoch"], state["data"]["offset"]
         start_step, tokens_seen = state["step"], state["tokens_seen"]
-        print(f"resumed from {resume_from} at step {start_step}")
+        if main:
+            print(f"resumed from {resume_from} at step {start_step}")
+    loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
+                    config.workers, config.prefetch, fields)
 
     def autocast():
         enabled = device.type == "cuda" and config.dtype == "bfloat16"  # bf16 autocast is slow on CPU
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    facts = {"parameters": count_parameters(model), "device": str(device), "tokenizer_hash": tok_hash,
-             "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"]}
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(config, out / "config.json", facts)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None)
+    facts = {"parameters": count_parameters(model), "device": str(device), "world_size": world,
+             "tokenizer_hash": tok_hash, "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"],
+             "teacher_source": teacher_source, "alpha": alpha, "loss_chunk": chunk,
+             "train_store_params": train_store.params}
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(config, out / "config.json", facts)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None) if main else None
 
     def save_checkpoint(step: int) -> None:
+        model_state, optim_state = gather_state(model, optimizer, config.fsdp and world > 1)
+        if not main:
+            return
         state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "tokens_seen": tokens_seen, "data": batches.state(),
+            "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+            "step": step, "tokens_seen": tokens_seen, "data": loader.state(),
             "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
                                                         if device.type == "cuda" else {})},
         }
-        checkpoint.save(ckpt_dir, step, state, {"config": to_dict(config), **facts}, config.keep_checkpoints)
+        checkpoint.save(ckpt_dir, step, state, {"config": to_dict(config) | {"alpha": alpha}, **facts},
+                        config.keep_checkpoints)
 
     # ------------------------------------------------------------------ loop
-    tokens_per_step = config.micro_batch_size * config.grad_accum * (train_store.params["seq_len"] - 1)
-    progress = tqdm(total=config.max_steps * tokens_per_step, initial=start_step * tokens_per_step,
-                    desc="train", unit="tok", unit_scale=True, dynamic_ncols=True)
+    tokens_per_step = config.micro_batch_size * world * config.grad_accum * (train_store.params["seq_len"] - 1)
+    progress = tqdm(total=config.max_steps * tokens_per_step, initial=start_step * tokens_per_step, desc="train",
+                    unit="tok", unit_scale=True, dynamic_ncols=True, disable=not main)
     model.train()
-    last_eval: dict[str, float] = {}
+    t2 = config.temperature ** 2
     for step in range(start_step, config.max_steps):
         started = time.perf_counter()
-        loss_sum = 0.0
-        for _ in range(config.grad_accum):
-            input_ids = next(batches)["input_ids"].to(device, non_blocking=True)
-            with autocast():
-                logits = model(input_ids=input_ids).logits
-            loss = next_token_ce(logits, input_ids) / config.grad_accum
-            loss.backward()
-            loss_sum += loss.item()  # sync point, once per micro-batch: cheap next to the backward
+        sums = torch.zeros(3, dtype=torch.float64)  # CE sum, divergence sum, targets (this rank)
+        for micro in range(config.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+            sync_now = micro == config.grad_accum - 1
+            # DDP all-reduces gradients on the last micro-batch of a step only.
+            context = wrapped.no_sync() if (world > 1 and not config.fsdp and not sync_now) else contextlib.nullcontext()
+            with context:
+                with autocast():
+                    ce_sum, kd_sum, count = wrapped(batch["input_ids"], batch)
+                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / (count * config.grad_accum)
+                loss.backward()
+            sums += torch.tensor([ce_sum.item(), kd_sum.item(), count], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -220,39 +402,84 @@ def train(config: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
         elapsed = time.perf_counter() - started
+        ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        total = alpha * ce + (1 - alpha) * t2 * kd
         progress.update(tokens_per_step)
-        progress.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
+        progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
         done = step + 1
-        if done % config.log_every == 0 or done == config.max_steps:
-            metrics.log(step=done, loss=loss_sum, ce=loss_sum, lr=lr, grad_norm=float(grad_norm),
-                        tokens=tokens_seen, tokens_per_s=tokens_per_step / elapsed)
+        if main and (done % config.log_every == 0 or done == config.max_steps):
+            record = {"step": done, "loss": total, "ce": ce, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
+            if alpha < 1.0:
+                record["kd"] = kd
+            metrics.log(**record)
         if eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
-            last_eval = evaluate(model, eval_store, config.micro_batch_size, config.eval_rows, device, autocast)
-            metrics.log(step=done, tokens=tokens_seen, **last_eval)
-            progress.write(f"step {done}: held-out loss {last_eval['heldout_loss']:.4f} "
-                           f"(ppl {last_eval['heldout_ppl']:.2f})")
+            result = evaluate(step_module, eval_store, config.micro_batch_size, config.eval_rows, device, autocast)
+            if main:
+                metrics.log(step=done, tokens=tokens_seen, **result)
+                progress.write(f"step {done}: held-out loss {result['heldout_loss']:.4f} "
+                               f"(ppl {result['heldout_ppl']:.2f})")
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps:
             save_checkpoint(done)
     progress.close()
+    loader.close()
 
     # ------------------------------------------------------------------ finish
     save_checkpoint(config.max_steps)
-    final = {"step": config.max_steps, "tokens": tokens_seen, "parameters": facts["parameters"]}
+    final = {"step": config.max_steps, "tokens": tokens_seen, "parameters": facts["parameters"],
+             "teacher_source": teacher_source, "alpha": alpha, "temperature": config.temperature,
+             "tail": config.tail, "direction": config.direction}
     if eval_store is not None:
-        final.update(evaluate(model, eval_store, config.micro_batch_size, 0, device, autocast))
-        metrics.log(step=config.max_steps, tokens=tokens_seen, **{k: v for k, v in final.items() if k.startswith("heldout")})
-    metrics.close()
-    model_dir = out / "model"
-    tmp = out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(DTYPES[config.save_dtype]).save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    tmp.rename(model_dir)
-    import json
+        final.update(evaluate(step_module, eval_store, config.micro_batch_size, 0, device, autocast))
+    model_state, _ = gather_state(model, None, config.fsdp and world > 1)
+    if main:
+        if eval_store is not None:
+            metrics.log(step=config.max_steps, tokens=tokens_seen,
+                        **{k: v for k, v in final.items() if k.startswith("heldout")})
+        metrics.close()
+        save_model(model, model_state, tokenizer, out / "model", config.save_dtype)
+        atomic_write_text(out / "metrics.json", json.dumps(final, indent=2, sort_keys=True) + "\n")
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k in ("heldout_loss", "heldout_ppl"))
+        print(f"{out / 'model'}: saved after {config.max_steps} steps ({tokens_seen} tokens)"
+              f"{'; ' + summary if summary else ''}")
+    if world > 1:
+        dist.barrier()
+    return out / "model"
 
-    atomic_write_text(out / "metrics.json", json.dumps(final, indent=2, sort_keys=True) + "\n")
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k in ("heldout_loss", "heldout_ppl"))
-    print(f"{model_dir}: saved after {config.max_steps} steps ({tokens_seen} tokens){'; ' + summary if summary else ''}")
-    return model_dir
+
+def gather_state(model, optimizer, sharded: bool):
+    """Full (unsharded) model and optimizer state dicts, on CPU under FSDP."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return model_state, optim_state
+
+
+def load_state(model, optimizer, state: dict, sharded: bool) -> None:
+    if not sharded:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+
+
+def save_model(model, state: dict, tokenizer, path: Path, dtype: str) -> None:
+    """``save_pretrained`` (safetensors) plus the tokenizer, written to a temp name and renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in state.items()}
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)

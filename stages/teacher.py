@@ -34,7 +34,7 @@ from pipeline import store as store_lib
 from pipeline.config import check, option, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, file_sha256
-from pipeline.models import WEIGHT_FILES, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.models import WEIGHT_FILES, OutputHead, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.topk import sparse_teacher
 
@@ -60,6 +60,8 @@ class TeacherConfig:
     num_shards: int = option(1, "Number of independent jobs filling the store.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
     dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16 (reductions are float32).")
+    logprob_dtype: str = option("float16", "dtype of the stored top-k log-probs: float16 (compact) or float32 "
+                                "(exact, for checking losses against an online teacher).")
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
 
@@ -82,6 +84,8 @@ class TeacherConfig:
                 problems.append(f"{name} must be at least 1")
         if not 0 <= self.shard_index < max(self.num_shards, 1):
             problems.append(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if self.logprob_dtype not in ("float16", "float32"):
+            problems.append(f"logprob_dtype must be float16 or float32, got {self.logprob_dtype!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.overwrite and self.num_shards > 1:
@@ -108,34 +112,6 @@ def weights_sha256(path: Path) -> str:
     for file in files:
         digest.update(file.name.encode() + b"\0" + file_sha256(file).encode())
     return digest.hexdigest()
-
-
-class OutputHead:
-    """Logits for chunks of positions without materialising ``[B, L, V]``.
-
-    Runs the model's decoder body once, then its output embedding per chunk. Checked once against
-    the model's own forward (some architectures scale or soft-cap logits after the head); where the
-    two differ, the full forward is used instead.
-    """
-
-    def __init__(self, model, probe: torch.Tensor):
-        self.model = model
-        self.body = model.get_decoder() if hasattr(model, "get_decoder") else None
-        self.head = model.get_output_embeddings()
-        self.split = False
-        if self.body is not None and self.head is not None:
-            with torch.no_grad():
-                full = model(input_ids=probe).logits.float()
-                mine = self.head(self.body(input_ids=probe).last_hidden_state).float()
-            self.split = torch.allclose(full, mine, rtol=1e-4, atol=1e-4)
-
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.split:
-            return self.body(input_ids=input_ids).last_hidden_state
-        return self.model(input_ids=input_ids).logits  # fallback: the full logits are the "hidden" state
-
-    def logits(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden_chunk) if self.split else hidden_chunk
 
 
 def read_partial(path: Path) -> dict:
@@ -184,6 +160,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         "temperature": config.temperature,
         "temperature_grid": list(grid),
         "dtype": config.dtype,
+        "logprob_dtype": config.logprob_dtype,
         "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
         "corpus_fingerprint": tokens.params["corpus_fingerprint"],
         "rows": tokens.rows,
@@ -212,7 +189,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
     arrays_meta = {
         "input_ids": {"dtype": tokens.index["arrays"]["input_ids"]["dtype"], "shape": [seq_len]},
         "topk_ids": {"dtype": id_dtype.name, "shape": [seq_len, config.top_k]},
-        "topk_logprobs": {"dtype": "float16", "shape": [seq_len, config.top_k]},
+        "topk_logprobs": {"dtype": config.logprob_dtype, "shape": [seq_len, config.top_k]},
         "logsumexp": {"dtype": "float32", "shape": [seq_len, len(grid)]},
         "tail_logmass": {"dtype": "float32", "shape": [seq_len, len(grid)]},
         "target_logprob": {"dtype": "float32", "shape": [seq_len]},
@@ -305,7 +282,7 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig
     out = {
         "input_ids": input_ids,
         "topk_ids": np.empty((rows, seq_len, k), dtype=id_dtype),
-        "topk_logprobs": np.empty((rows, seq_len, k), dtype=np.float16),
+        "topk_logprobs": np.empty((rows, seq_len, k), dtype=np.dtype(config.logprob_dtype)),
         "logsumexp": np.empty((rows, seq_len, n_grid), dtype=np.float32),
         "tail_logmass": np.empty((rows, seq_len, n_grid), dtype=np.float32),
         "target_logprob": np.empty((rows, seq_len), dtype=np.float32),
@@ -330,7 +307,7 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig
                 results[name].append(value)
         view = slice(start, start + b)
         out["topk_ids"][view] = _np(results["topk_ids"]).reshape(b, seq_len, k).astype(id_dtype)
-        out["topk_logprobs"][view] = _np(results["topk_logprobs"]).reshape(b, seq_len, k).astype(np.float16)
+        out["topk_logprobs"][view] = _np(results["topk_logprobs"]).reshape(b, seq_len, k)
         out["logsumexp"][view] = _np(results["logsumexp"]).reshape(b, seq_len, n_grid)
         out["tail_logmass"][view] = _np(results["tail_logmass"]).reshape(b, seq_len, n_grid)
         target = _np(results["target_logprob"]).reshape(b, seq_len)

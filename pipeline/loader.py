@@ -1,0 +1,224 @@
+"""Deterministic, resumable, rank-partitioned batches from a store, read chunk by chunk.
+
+The unit of reading is a store chunk (``chunk_rows`` rows of one shard: one compressed zarr chunk
+or one Arrow record batch), so every read decodes exactly what it uses. Each epoch visits every
+row once: the chunks in an order drawn from an RNG seeded by ``(seed, epoch)``, the rows of each
+chunk shuffled too. A global batch is the next ``batch_rows × world`` rows of that order; rank ``r``
+takes the ``r``-th slice, so ranks read disjoint rows and ``world`` processes see exactly the
+batches one process with the same global batch would. The position — ``(epoch, offset)``, the next
+global row of the epoch — is all a checkpoint needs.
+
+With ``workers > 0`` chunks are read and decoded in worker processes, ``prefetch`` batches ahead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.errors import DistillError
+from pipeline.store import Store, safe_child
+
+
+class ChunkReader:
+    """Reads one chunk of one shard; opens shards lazily (in whichever process it lives)."""
+
+    def __init__(self, root: str, index: dict, fields: tuple[str, ...] | None = None):
+        self.root = Path(root)
+        self.index = index
+        self.fields = tuple(fields or index["arrays"])
+        self.chunk_rows = index["params"]["chunk_rows"]
+        self._open: dict[int, object] = {}
+
+    def read(self, shard: int, chunk: int) -> dict[str, np.ndarray]:
+        entry = self.index["shards"][shard]
+        try:
+            if self.index["backend"] == "zarr":
+                return self._read_zarr(shard, chunk)
+            return self._read_arrow(shard, chunk)
+        except DistillError:
+            raise
+        except Exception as e:  # a decoder error means the bytes are not what was written
+            raise DistillError(f"store {self.root}: shard {entry['name']} is missing or corrupt "
+                               f"({type(e).__name__}); rebuild the store") from None
+
+    def _read_zarr(self, shard: int, chunk: int) -> dict[str, np.ndarray]:
+        import zarr
+
+        if shard not in self._open:
+            path = safe_child(self.root, self.index["shards"][shard]["name"])
+            group = zarr.open_group(str(path), mode="r")
+            self._open[shard] = {name: group[name] for name in self.fields}
+        lo = chunk * self.chunk_rows
+        return {name: np.asarray(a[lo:lo + self.chunk_rows]) for name, a in self._open[shard].items()}
+
+    def _read_arrow(self, shard: int, chunk: int) -> dict[str, np.ndarray]:
+        import pyarrow as pa
+
+        if shard not in self._open:
+            path = safe_child(self.root, self.index["shards"][shard]["name"])
+            self._open[shard] = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        batch = self._open[shard].get_batch(chunk).select(list(self.fields))
+        out = {}
+        for field in batch.schema:
+            inner = tuple(json.loads(field.metadata[b"shape"])) if field.metadata else ()
+            column = batch.column(field.name)
+            values = column.flatten() if inner else column
+            out[field.name] = values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, *inner)
+        return out
+
+
+_worker_reader: ChunkReader | None = None
+
+
+def _worker_init(root: str, index: dict, fields: tuple[str, ...]) -> None:
+    global _worker_reader
+    torch.set_num_threads(1)
+    _worker_reader = ChunkReader(root, index, fields)
+
+
+def _worker_read(shard: int, chunk: int) -> dict[str, np.ndarray]:
+    return _worker_reader.read(shard, chunk)
+
+
+class Loader:
+    """Yields this rank's ``[batch_rows, ...]`` tensors of the store's arrays (all, or ``fields``);
+    token ids as int64."""
+
+    def __init__(self, store: Store, batch_rows: int, seed: int, rank: int = 0, world: int = 1,
+                 epoch: int = 0, offset: int = 0, workers: int = 0, prefetch: int = 4,
+                 fields: tuple[str, ...] | None = None):
+        self.store, self.batch_rows, self.seed = store, batch_rows, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.offset = epoch, offset
+        self.chunk_rows = store.params["chunk_rows"]
+        # (shard, chunk, rows) for every chunk of the store
+        self.units = [(s, c, min(self.chunk_rows, entry["rows"] - c * self.chunk_rows))
+                      for s, entry in enumerate(store.shards)
+                      for c in range(-(-entry["rows"] // self.chunk_rows))]
+        self.rows_per_epoch = sum(u[2] for u in self.units)
+        if self.rows_per_epoch < batch_rows * world:
+            raise DistillError(f"store {store.root} has {self.rows_per_epoch} rows, fewer than one global batch "
+                               f"of {batch_rows * world}; lower the batch size")
+        self._plan_epoch = -1
+        fields = tuple(fields or store.index["arrays"])
+        self.reader = ChunkReader(str(store.root), store.index, fields)
+        self.pool = None
+        if workers > 0:
+            self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                               initargs=(str(store.root), store.index, fields))
+        self.prefetch = max(1, prefetch)
+        self._pending: dict[tuple[int, int], object] = {}  # (epoch, unit) -> future or arrays
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+    # -- the order ------------------------------------------------------------------------------
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(unit order, start of each ordered unit in the epoch, row permutation per ordered unit)."""
+        if self._plan_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.units))
+            sizes = np.array([self.units[u][2] for u in order])
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            perms = [rng.permutation(int(n)) for n in sizes]
+            self._plan_cache = (order, starts, perms)
+            self._plan_epoch = epoch
+        return self._plan_cache
+
+    def _pieces(self, epoch: int, offset: int, count: int):
+        """[(epoch, ordered unit index, local row indices)] covering ``count`` rows from ``offset``."""
+        pieces = []
+        while count:
+            order, starts, perms = self._plan(epoch)
+            i = int(np.searchsorted(starts, offset, side="right") - 1)
+            within = offset - starts[i]
+            take = min(count, len(perms[i]) - within)
+            pieces.append((epoch, i, perms[i][within:within + take]))
+            count -= take
+            offset += take
+            if offset == self.rows_per_epoch:
+                epoch, offset = epoch + 1, 0
+        return pieces
+
+    def _advance(self, epoch: int, offset: int, count: int) -> tuple[int, int]:
+        offset += count
+        while offset >= self.rows_per_epoch:
+            epoch, offset = epoch + 1, offset - self.rows_per_epoch
+        return epoch, offset
+
+    # -- reading --------------------------------------------------------------------------------
+    def _request(self, epoch: int, i: int) -> None:
+        key = (epoch, i)
+        if key in self._pending:
+            return
+        shard, chunk, _ = self.units[self._plan(epoch)[0][i]]
+        if self.pool is None:
+            self._pending[key] = self.reader.read(shard, chunk)
+        else:
+            self._pending[key] = self.pool.submit(_worker_read, shard, chunk)
+
+    def _get(self, epoch: int, i: int) -> dict[str, np.ndarray]:
+        self._request(epoch, i)
+        value = self._pending[(epoch, i)]
+        if isinstance(value, cf.Future):
+            value = value.result()
+            self._pending[(epoch, i)] = value
+        return value
+
+    def _my_span(self, epoch: int, offset: int) -> tuple[int, int, int]:
+        """Where this rank's rows of the global batch starting at (epoch, offset) begin."""
+        e, o = self._advance(epoch, offset, self.rank * self.batch_rows)
+        return e, o, self.batch_rows
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        global_rows = self.batch_rows * self.world
+        # Ask for the chunks of the next few batches first, so workers decode ahead.
+        e, o = self.epoch, self.offset
+        for _ in range(self.prefetch):
+            for pe, i, _ in self._pieces(*self._my_span(e, o)):
+                self._request(pe, i)
+            e, o = self._advance(e, o, global_rows)
+        parts = [{k: v[rows] for k, v in self._get(pe, i).items()} for pe, i, rows in self._pieces(*self._my_span(self.epoch, self.offset))]
+        self.epoch, self.offset = self._advance(self.epoch, self.offset, global_rows)
+        # Drop chunks that lie wholly behind the position.
+        for key in [k for k in self._pending if k < self._current_unit()]:
+            del self._pending[key]
+        return {k: torch.from_numpy(_as_torch(np.concatenate([p[k] for p in parts]))) for k in parts[0]}
+
+    def _current_unit(self) -> tuple[int, int]:
+        order, starts, perms = self._plan(self.epoch)
+        return (self.epoch, int(np.searchsorted(starts, self.offset, side="right") - 1))
+
+
+def _as_torch(array: np.ndarray) -> np.ndarray:
+    """Token ids become int64 (what embeddings and gathers take); floats keep their type."""
+    return array.astype(np.int64) if array.dtype.kind in "ui" else array
+
+
+def sequential(store: Store, batch_rows: int, max_rows: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The store's rows in order (evaluation), at most ``max_rows`` of them."""
+    left = store.rows if max_rows is None else min(max_rows, store.rows)
+    for i in range(len(store.shards)):
+        data = store.read_shard(i)
+        rows = next(iter(data.values())).shape[0]
+        for start in range(0, rows, batch_rows):
+            if left <= 0:
+                return
+            stop = min(start + batch_rows, rows, start + left)
+            left -= stop - start
+            yield {k: torch.from_numpy(_as_torch(v[start:stop])) for k, v in data.items()}
