@@ -77,8 +77,22 @@ class ChunkReader:
 _worker_reader: ChunkReader | None = None
 
 
+def _die_with_parent() -> None:
+    """A killed trainer (SIGKILL, a preempted job) must not leave its readers running (Linux only)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _worker_init(root: str, index: dict, fields: tuple[str, ...]) -> None:
     global _worker_reader
+    _die_with_parent()
     torch.set_num_threads(1)
     _worker_reader = ChunkReader(root, index, fields)
 

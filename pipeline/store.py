@@ -232,6 +232,13 @@ class Store:
             offset += entry["rows"]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    def check_files(self) -> None:
+        """Every shard the index names is present (cheap; contents are checked as they are read)."""
+        for i, entry in enumerate(self.shards):
+            if not self.shard_path(i).exists():
+                raise DistillError(f"store {self.root}: shard {entry['name']} is missing; rebuild the store "
+                                   "(or rerun the stage-one job that owns it)")
+
     def verify(self) -> None:
         for i in range(len(self.shards)):
             self.read_shard(i, verify=True)

@@ -57,8 +57,9 @@ def retemper(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, cache_tempera
     topk_logprobs: ``[..., k]`` at the cache temperature; logsumexp: ``[..., G]``. Returns
     ``[..., k]`` float32: ``(T/T_g)·(lp + lse_T) − lse_{T_g}``.
     """
-    lp = topk_logprobs.float()
     if target_index == cache_index:
-        return lp
-    logits_over_t = lp + logsumexp[..., cache_index, None]
-    return logits_over_t * (cache_temperature / target_temperature) - logsumexp[..., target_index, None]
+        return topk_logprobs.float()
+    # float64 for the round trip through the logits (|z/T| can be ~30, where float32 keeps ~1e-6)
+    lp, lse = topk_logprobs.double(), logsumexp.double()
+    logits_over_t = lp + lse[..., cache_index, None]
+    return (logits_over_t * (cache_temperature / target_temperature) - lse[..., target_index, None]).float()

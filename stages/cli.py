@@ -63,12 +63,21 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
         try:
             run(load_config(config_cls, config_file, **overrides))
         except DistillError as e:
+            _close_progress_bars()
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
     app.command(name, help=help)(command)
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar's line so that an error prints on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _register() -> None:

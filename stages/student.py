@@ -344,6 +344,7 @@ def train(config: TrainConfig) -> Path:
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         if main:
             print(f"resumed from {resume_from} at step {start_step}")
+    train_store.check_files()
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
                     config.workers, config.prefetch, fields)
 

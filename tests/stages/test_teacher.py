@@ -18,7 +18,7 @@ from pipeline.topk import retemper
 from tests.conftest import ROOT, TOKENIZER, run_cli
 
 
-def make_teacher(path, vocab=8192, padded_argmax=False):
+def make_teacher(path, vocab=8192, padded_argmax=False, scale=40.0):
     """A small random Llama whose output head is scaled up so its distributions are peaked (like a
     trained teacher's): tail masses then span many orders of magnitude."""
     torch.manual_seed(0)
@@ -27,7 +27,7 @@ def make_teacher(path, vocab=8192, padded_argmax=False):
                                   max_position_embeddings=128, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
+        model.lm_head.weight.mul_(scale)
         if vocab > 8192:
             model.lm_head.weight[8192:] = 0.0 if not padded_argmax else model.lm_head.weight[:vocab - 8192] * 10
     model.save_pretrained(str(path))

@@ -1,0 +1,254 @@
+"""Stage two: offline distillation from a topk store, against online distillation and dense references."""
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.losses import sparse_kd
+from pipeline.models import OutputHead, load_model
+from pipeline.store import open_store
+from pipeline.topk import retemper
+from stages.student import DistillStep
+from tests.conftest import ROOT, TOKENIZER, run_cli
+from tests.stages.test_teacher import make_teacher
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    with gzip.open(ROOT / "data" / "corpus" / "heldout.jsonl.gz", "rt") as f:
+        docs = [json.loads(line)["text"] for _, line in zip(range(30), f)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for name, seq in (("tokens", "32"), ("long", "256")):
+        result = run_cli("prepare", "--input", root / "corpus.jsonl", "--out", root / name, "--tokenizer", TOKENIZER,
+                         "--seq-len", seq, "--rows-per-shard", "64", "--chunk-rows", "8")
+        assert result.exit_code == 0, result.output
+    make_teacher(root / "teacher")
+    result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
+                     root / "topk", "--top-k", "16", "--rows-per-shard", "40", "--chunk-rows", "8")
+    assert result.exit_code == 0, result.output
+    student = json.loads((root / "teacher" / "config.json").read_text())
+    student = {k: v for k, v in student.items() if k not in ("architectures", "dtype", "transformers_version")}
+    student |= {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    (root / "student.json").write_text(json.dumps(student))
+    return root
+
+
+def kd_args(root, out, steps, *extra):
+    return ["student", "--train-store", root / "topk", "--eval-store", root / "tokens", "--model",
+            root / "student.json", "--out", out, "--max-steps", str(steps), "--micro-batch-size", "4",
+            "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1", "--eval-rows", "16", *map(str, extra)]
+
+
+def test_k_equal_vocab_offline_equals_online(stage1, tmp_path):
+    """With every id kept (k = V), float32 log-probs and the tail mode, the offline loss is the
+    online full-vocabulary loss."""
+    make_teacher(tmp_path / "teacher", scale=8.0)  # logits of a trained LM's spread
+    result = run_cli("teacher", "--tokens-store", stage1 / "tokens", "--teacher", tmp_path / "teacher", "--out",
+                     tmp_path / "full", "--top-k", "8192", "--logprob-dtype", "float32", "--rows-per-shard", "8",
+                     "--temperature-grid", "1", "--temperature-grid", "2")
+    assert result.exit_code == 0, result.output
+    batch = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind == "u" else v)
+             for k, v in open_store(tmp_path / "full").read_rows(0, 4).items()}
+    torch.manual_seed(0)
+    student = load_model(stage1 / "student.json")
+    teacher_model = load_model(tmp_path / "teacher").eval()
+    teacher = OutputHead(teacher_model, batch["input_ids"][:1])
+    for t, cache in ((1.0, (1.0, 0, 0)), (2.0, (1.0, 0, 1))):
+        for direction in ("forward", "reverse"):
+            offline = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, cache)(batch["input_ids"], batch)
+            online = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, None, teacher)(batch["input_ids"], batch)
+            count = offline[2]
+            torch.testing.assert_close(offline[0] / count, online[0] / count, rtol=0, atol=1e-6)
+            torch.testing.assert_close(offline[1] / count, online[1] / count, rtol=0, atol=1e-5)
+            assert (offline[1] / count).item() > 0.01  # a real divergence, not two zeros
+
+
+def test_retempered_store_values_equal_fresh_teacher_at_t2(stage1):
+    """Stage two at T=2 from a store cached at T=1 uses what a fresh T=2 forward gives."""
+    store = open_store(stage1 / "topk")
+    assert store.params["temperature"] == 1.0 and 2.0 in store.params["temperature_grid"]
+    data = store.read_rows(0, 6)
+    model = load_model(stage1 / "teacher").eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(data["input_ids"].astype(np.int64))).logits.double()
+    ids = torch.from_numpy(data["topk_ids"].astype(np.int64))
+    fresh = torch.log_softmax(logits / 2.0, -1).gather(-1, ids)
+    used = retemper(torch.from_numpy(data["topk_logprobs"]), torch.from_numpy(data["logsumexp"]), 1.0, 0, 1, 2.0)
+    torch.testing.assert_close(used.double(), fresh, rtol=2e-3, atol=4e-3)
+    fresh_tail = torch.log1p(-fresh.exp().sum(-1).clamp(max=1 - 1e-12))
+    torch.testing.assert_close(torch.from_numpy(data["tail_logmass"][..., 1]).double(), fresh_tail, rtol=1e-3, atol=1e-4)
+    # and the loss computed from them matches the loss from the fresh teacher
+    student_logits = torch.randn(ids.shape[0] * ids.shape[1], 8192, generator=torch.Generator().manual_seed(0))
+    targets = torch.zeros(student_logits.shape[0], dtype=torch.long)
+    a = sparse_kd(student_logits, ids.reshape(-1, 16), used.reshape(-1, 16).float(),
+                  torch.from_numpy(data["tail_logmass"][..., 1]).reshape(-1), targets, 2.0)
+    b = sparse_kd(student_logits, ids.reshape(-1, 16), fresh.reshape(-1, 16).float(), fresh_tail.reshape(-1).float(),
+                  targets, 2.0)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_offline_training_never_builds_the_teacher(stage1, tmp_path, monkeypatch):
+    """The store remembers its teacher's path; offline training must work with that path gone."""
+    shutil.copytree(stage1 / "topk", tmp_path / "topk")
+    index = json.loads((tmp_path / "topk" / "index.json").read_text())
+    index["params"]["teacher"] = str(tmp_path / "deleted-teacher")
+    (tmp_path / "topk" / "index.json").write_text(json.dumps(index))
+    import transformers
+
+    built = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        built.append(str(path))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    args = kd_args(stage1, tmp_path / "run", 3)
+    args[args.index(stage1 / "topk")] = tmp_path / "topk"
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert built == []
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert final["teacher_source"] == "store" and final["alpha"] == 0.5
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kd" in r and "ce" in r for r in records if "loss" in r)
+
+
+@pytest.mark.parametrize("tail", ["renorm", "tail", "residual-label"])
+def test_each_mode_trains(stage1, tmp_path, tail):
+    result = run_cli(*kd_args(stage1, tmp_path / tail, 12, "--tail", tail, "--temperature", "2", "--alpha", "0.2"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / tail / "metrics.jsonl").read_text().splitlines()]
+    kd = [r["kd"] for r in records if "kd" in r]
+    assert kd[-1] < kd[0]
+    loss = [r for r in records if "loss" in r]
+    r = loss[-1]
+    assert r["loss"] == pytest.approx(0.2 * r["ce"] + 0.8 * 4 * r["kd"], rel=1e-5)
+
+
+def spawn(args, env_extra=None, torchrun=False):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(29500 + os.getpid() % 1000), "-m", "stages.cli"] if torchrun else [sys.executable, "-m", "stages.cli"]
+    return subprocess.Popen(launcher + list(map(str, args)), env=env, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def curve(path):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def test_sigkill_resume_equals_uninterrupted(stage1, tmp_path):
+    steps = 40
+    ref = spawn(kd_args(stage1, tmp_path / "ref", steps, "--eval-every", "0", "--workers", "1"))
+    output, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, output
+    args = kd_args(stage1, tmp_path / "killed", steps, "--eval-every", "0", "--checkpoint-every", "4",
+                   "--resume", "auto", "--workers", "1")
+    victim = spawn(args)
+    first = tmp_path / "killed" / "checkpoints" / "step-00000004"
+    deadline = time.time() + 120
+    while not first.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)  # the trainer alone: its loader worker must follow it down
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = spawn(args)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert 4 <= int(output.split("at step ")[1].split()[0]) < steps
+    want, got = (load_file(tmp_path / r / "model" / "model.safetensors") for r in ("ref", "killed"))
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert curve(tmp_path / "killed") == curve(tmp_path / "ref")
+
+
+def test_torchrun_two_processes_match_one(stage1, tmp_path):
+    steps = 6
+    one = spawn(kd_args(stage1, tmp_path / "one", steps, "--micro-batch-size", "8", "--eval-every", "0"))
+    output, _ = one.communicate(timeout=300)
+    assert one.returncode == 0, output
+    two = spawn(kd_args(stage1, tmp_path / "two", steps, "--micro-batch-size", "4", "--eval-every", "0"),
+                torchrun=True)
+    output, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, output
+    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
+    np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-4)
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["world_size"] == 2
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_bad_input(stage1, tmp_path):
+    msg = one_line_error(run_cli(*kd_args(stage1, tmp_path / "a", 2, "--alpha", "1.5")))
+    assert "alpha must be in [0, 1]" in msg
+    msg = one_line_error(run_cli(*kd_args(stage1, tmp_path / "a", 2, "--temperature", "0")))
+    assert "temperature must be > 0" in msg
+    msg = one_line_error(run_cli(*kd_args(stage1, tmp_path / "a", 2, "--temperature", "3")))
+    assert "not in the store's grid (1, 2)" in msg
+    # A store of another tokenizer: its recorded hash differs.
+    shutil.copytree(stage1 / "topk", tmp_path / "other")
+    index = json.loads((tmp_path / "other" / "index.json").read_text())
+    index["params"]["tokenizer_hash"] = "0" * 64
+    (tmp_path / "other" / "index.json").write_text(json.dumps(index))
+    args = kd_args(stage1, tmp_path / "b", 2, "--tokenizer", TOKENIZER)
+    args[args.index(stage1 / "topk")] = tmp_path / "other"
+    assert "another tokenizer" in one_line_error(run_cli(*args))
+    # Another vocabulary size.
+    index["params"] |= {"tokenizer_hash": json.loads((stage1 / "topk" / "index.json").read_text())["params"]["tokenizer_hash"],
+                        "vocab_size": 9000}
+    (tmp_path / "other" / "index.json").write_text(json.dumps(index))
+    assert "vocab size 9000" in one_line_error(run_cli(*args))
+    # Sequence length above the student's positions (128).
+    msg = one_line_error(run_cli("student", "--train-store", stage1 / "long", "--model", stage1 / "student.json",
+                                 "--out", tmp_path / "c", "--alpha", "1"))
+    assert "sequence length 256" in msg
+    # A missing shard and a corrupt one, named.
+    shutil.copytree(stage1 / "topk", tmp_path / "broken")
+    shutil.rmtree(tmp_path / "broken" / "shard-00001.zarr")
+    args = kd_args(stage1, tmp_path / "d", 30)
+    args[args.index(stage1 / "topk")] = tmp_path / "broken"
+    assert "shard-00001.zarr" in one_line_error(run_cli(*args))
+    # A tokens store cannot distil without a teacher.
+    msg = one_line_error(run_cli("student", "--train-store", stage1 / "tokens", "--model", stage1 / "student.json",
+                                 "--out", tmp_path / "e", "--alpha", "0.5"))
+    assert "holds no teacher predictions" in msg
+
+
+def test_online_and_teacher_layer_init(stage1, tmp_path):
+    result = run_cli("student", "--train-store", stage1 / "tokens", "--teacher", stage1 / "teacher", "--model",
+                     stage1 / "student.json", "--out", tmp_path / "online", "--max-steps", "3",
+                     "--micro-batch-size", "4", "--eval-every", "0")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "online" / "metrics.json").read_text())["teacher_source"] == "online"
+    # every other layer of the 2-layer teacher: a 1-layer student with the teacher's width
+    config = json.loads((stage1 / "teacher" / "config.json").read_text()) | {"num_hidden_layers": 1}
+    (tmp_path / "half.json").write_text(json.dumps(config))
+    result = run_cli(*kd_args(stage1, tmp_path / "init", 1, "--model", tmp_path / "half.json", "--init",
+                              "teacher-layers", "--lr", "1e-9", "--warmup-steps", "0"))
+    assert result.exit_code == 0, result.output
+    student = load_file(tmp_path / "init" / "model" / "model.safetensors")
+    teacher = load_file(stage1 / "teacher" / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        torch.testing.assert_close(student[name], teacher[name], rtol=1e-5, atol=1e-6)
+    msg = one_line_error(run_cli(*kd_args(stage1, tmp_path / "bad", 1, "--init", "teacher-layers")))
+    assert "differ in" in msg and "hidden_size" in msg
