@@ -57,33 +57,42 @@ def _xlogy_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (a * diff).sum(-1)
 
 
-def _log1mexp_from_rest(student_logits_t: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """log of the student's mass outside ``ids``: logsumexp over the other logits minus the total."""
-    rest = student_logits_t.scatter(-1, ids, NEG_INF)
-    return torch.logsumexp(rest, dim=-1, keepdim=True) - lse
+def _student_tail(student_logprobs: torch.Tensor, ids: torch.Tensor, q_kept: torch.Tensor) -> torch.Tensor:
+    """log of the student's mass outside ``ids``, ``[P, 1]``.
+
+    ``log(1 − Σ kept)`` where that is well conditioned (kept mass below 0.999: float32 error stays
+    under 1e-4 relative); where the kept mass is closer to 1 the subtraction would cancel, so those
+    rows take the log-sum-exp of the other log-probs instead — exact, and only for the rows that need it.
+    """
+    kept = q_kept.double().exp().sum(-1, keepdim=True)
+    tail = torch.log1p(-kept.clamp(max=1 - 1e-3)).to(q_kept.dtype)
+    close = (kept > 1 - 1e-3).squeeze(-1).nonzero().squeeze(-1)
+    if close.numel():
+        rest = student_logprobs[close].scatter(-1, ids[close], NEG_INF)
+        tail = tail.index_put((close,), torch.logsumexp(rest, dim=-1, keepdim=True))
+    return tail
 
 
-def sparse_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-              tail_logmass: torch.Tensor, targets: torch.Tensor, temperature: float,
-              tail: str = "tail", direction: str = "forward") -> torch.Tensor:
-    """Per-position divergence between a sparse teacher and the student, at temperature T.
+def sparse_kd(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+              tail_logmass: torch.Tensor, targets: torch.Tensor, tail: str = "tail",
+              direction: str = "forward") -> torch.Tensor:
+    """Per-position divergence between a sparse teacher and the student, at one temperature T.
 
-    student_logits: ``[P, V]`` (float32), topk_ids: ``[P, k]`` int64, topk_logprobs: ``[P, k]`` teacher
-    log-probs at T, tail_logmass: ``[P]`` log teacher mass outside top-k at T (−inf when none),
-    targets: ``[P]`` int64 true next tokens (used by ``residual-label``). Returns ``[P]`` nats.
+    student_logprobs: ``[P, V]`` float32, ``log_softmax(student_logits / T)`` (shared with the CE term
+    when T = 1); topk_ids: ``[P, k]`` int64; topk_logprobs: ``[P, k]`` teacher log-probs at T;
+    tail_logmass: ``[P]`` log teacher mass outside top-k at T (−inf when none); targets: ``[P]``
+    int64 true next tokens (used by ``residual-label``). Returns ``[P]`` nats.
     """
     if tail not in TAIL_MODES or direction not in DIRECTIONS:
         raise ValueError(f"tail must be one of {TAIL_MODES} and direction one of {DIRECTIONS}")
-    s = student_logits.float() / temperature
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    q_kept = s.gather(-1, topk_ids) - lse  # student log-probs on the kept ids, full softmax
+    q_kept = student_logprobs.gather(-1, topk_ids)  # student log-probs on the kept ids, full softmax
     p_kept = topk_logprobs.float()
 
     if tail == "tail":
-        if topk_ids.shape[-1] == s.shape[-1]:  # k = V: no tail bucket (its log-sum-exp would be of nothing)
+        if topk_ids.shape[-1] == student_logprobs.shape[-1]:  # k = V: no tail bucket
             return _xlogy_diff(p_kept, q_kept) if direction == "forward" else _xlogy_diff(q_kept, p_kept)
         p = torch.cat([p_kept, tail_logmass.float()[:, None]], dim=-1)
-        q = torch.cat([q_kept, _log1mexp_from_rest(s, topk_ids, lse)], dim=-1)  # lse: [P, 1]
+        q = torch.cat([q_kept, _student_tail(student_logprobs, topk_ids, q_kept)], dim=-1)
         return _xlogy_diff(p, q) if direction == "forward" else _xlogy_diff(q, p)
 
     if tail == "renorm":
@@ -100,7 +109,7 @@ def sparse_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprob
     p_kept = torch.where(in_kept, torch.logaddexp(p_kept, residual[:, None]), p_kept)
     p_label = torch.where(label_in_kept, torch.full_like(residual, NEG_INF), residual)  # merged above
     p = torch.cat([p_kept, p_label[:, None]], dim=-1)
-    q_label = s.gather(-1, targets[:, None]) - lse
+    q_label = student_logprobs.gather(-1, targets[:, None])
     # When the label is already kept its extra slot carries no mass for either side.
     q = torch.cat([q_kept, torch.where(label_in_kept[:, None], torch.full_like(q_label, NEG_INF), q_label)], dim=-1)
     if direction == "forward":
@@ -109,11 +118,9 @@ def sparse_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprob
     return _xlogy_diff(q, p)
 
 
-def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-             direction: str = "forward") -> torch.Tensor:
-    """Full-vocabulary divergence (online distillation). Both ``[P, V]``; returns ``[P]`` nats."""
-    q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+def dense_kd(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, direction: str = "forward") -> torch.Tensor:
+    """Full-vocabulary divergence (online distillation) between ``[P, V]`` log-probs at T; ``[P]`` nats."""
+    q, p = student_logprobs, teacher_logprobs.float()
     return _xlogy_diff(p, q) if direction == "forward" else _xlogy_diff(q, p)
 
 

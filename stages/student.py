@@ -177,15 +177,17 @@ class DistillStep(torch.nn.Module):
 
         def sums(h, y, *teacher_parts):
             logits = head(h).float()[:, :self.vocab]  # padded output rows are not tokens
-            ce = F.cross_entropy(logits, y, reduction="sum")
+            logprobs = F.log_softmax(logits, dim=-1)  # one softmax pass shared by CE and, at T = 1, the KD term
+            ce = -logprobs.gather(-1, y[:, None]).sum()
             if not distill:
                 return ce, torch.zeros((), device=ce.device)
+            student_t = logprobs if t == 1.0 else F.log_softmax(logits / t, dim=-1)
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher.logits(teacher_parts[0]).float()[:, :self.vocab]
-                return ce, dense_kd(logits, teacher_logits, t, self.direction).sum()
+                    teacher_t = F.log_softmax(teacher.logits(teacher_parts[0]).float()[:, :self.vocab] / t, dim=-1)
+                return ce, dense_kd(student_t, teacher_t, self.direction).sum()
             ids, lp, tail_lm = teacher_parts
-            return ce, sparse_kd(logits, ids, lp, tail_lm, y, t, self.tail, self.direction).sum()
+            return ce, sparse_kd(student_t, ids, lp, tail_lm, y, self.tail, self.direction).sum()
 
         ce_sum, kd_sum = chunked_sum(sums, hidden.shape[0], self.chunk, hidden, targets, *extra)
         return ce_sum, kd_sum, targets.numel()
@@ -432,6 +434,8 @@ def train(config: TrainConfig) -> Path:
              "tail": config.tail, "direction": config.direction}
     if eval_store is not None:
         final.update(evaluate(step_module, eval_store, config.micro_batch_size, 0, device, autocast))
+    if device.type == "cuda":
+        final["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     model_state, _ = gather_state(model, None, config.fsdp and world > 1)
     if main:
         if eval_store is not None:
@@ -478,7 +482,8 @@ def save_model(model, state: dict, tokenizer, path: Path, dtype: str) -> None:
     """``save_pretrained`` (safetensors) plus the tokenizer, written to a temp name and renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    state = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in state.items()}
+    converted: dict[int, torch.Tensor] = {}  # by storage, so tied weights stay one tensor (saved once)
+    state = {k: converted.setdefault(v.data_ptr(), v.detach().to("cpu", DTYPES[dtype])) for k, v in state.items()}
     model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     if path.exists():

@@ -92,10 +92,11 @@ def test_retempered_store_values_equal_fresh_teacher_at_t2(stage1):
     # and the loss computed from them matches the loss from the fresh teacher
     student_logits = torch.randn(ids.shape[0] * ids.shape[1], 8192, generator=torch.Generator().manual_seed(0))
     targets = torch.zeros(student_logits.shape[0], dtype=torch.long)
-    a = sparse_kd(student_logits, ids.reshape(-1, 16), used.reshape(-1, 16).float(),
-                  torch.from_numpy(data["tail_logmass"][..., 1]).reshape(-1), targets, 2.0)
-    b = sparse_kd(student_logits, ids.reshape(-1, 16), fresh.reshape(-1, 16).float(), fresh_tail.reshape(-1).float(),
-                  targets, 2.0)
+    student_logprobs = torch.log_softmax(student_logits / 2.0, -1)
+    a = sparse_kd(student_logprobs, ids.reshape(-1, 16), used.reshape(-1, 16).float(),
+                  torch.from_numpy(data["tail_logmass"][..., 1]).reshape(-1), targets)
+    b = sparse_kd(student_logprobs, ids.reshape(-1, 16), fresh.reshape(-1, 16).float(),
+                  fresh_tail.reshape(-1).float(), targets)
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
