@@ -20,12 +20,20 @@ BACKEND     ?= zarr
 TOKENS      ?= $(RUN)/tokens/train
 EVAL_TOKENS ?= $(RUN)/tokens/heldout
 TEACHER     ?= data/models/teacher
+TOPK        ?= $(RUN)/topk
+TOP_K       ?= 64
+TEMPERATURE ?= 1
+GRID        ?= --temperature-grid 1 --temperature-grid 2
+MAX_ROWS    ?= 0
 STUDENT_MODEL ?= data/models/student.json
-STUDENT_OUT ?= $(RUN)/student-ce
+STUDENT_OUT ?= $(RUN)/student-kd
+CE_OUT      ?= $(RUN)/student-ce
+ALPHA       ?= 0.5
+TAIL        ?= tail
 STEPS       ?= 200
 ARGS        ?=
 
-.PHONY: setup test test-slow demo tokenizer corpus prepare prepare-heldout student teacher eval report \
+.PHONY: setup test test-slow demo tokenizer corpus prepare prepare-heldout teacher student student-ce eval report \
         pretrain-teacher pretrain-student bench clean
 
 $(VENV)/.installed: pyproject.toml
@@ -58,12 +66,24 @@ prepare: setup
 prepare-heldout: setup
 	$(DISTILL) prepare --input $(HELDOUT) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) --backend $(BACKEND) --out $(EVAL_TOKENS) $(ARGS)
 
-# ---- training a model with cross-entropy from a tokens store (the loop stage two extends) ----
-student: setup
-	$(DISTILL) student --train-store $(TOKENS) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
-		--out $(STUDENT_OUT) --max-steps $(STEPS) --resume auto $(ARGS)
+# ---- stage one: teacher once over the tokens -> topk store ----
+teacher: setup
+	$(DISTILL) teacher --tokens-store $(TOKENS) --teacher $(TEACHER) --out $(TOPK) --top-k $(TOP_K) \
+		--temperature $(TEMPERATURE) $(GRID) --backend $(BACKEND) --max-rows $(MAX_ROWS) $(ARGS)
 
-# The shipped teacher and the CE-only student reference: hours on a 2-core CPU; rerun to resume.
+# ---- stage two: student from the topk store (no teacher in memory) ----
+student: setup
+	$(DISTILL) student --train-store $(TOPK) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
+		--alpha $(ALPHA) --temperature $(TEMPERATURE) --tail $(TAIL) --out $(STUDENT_OUT) --max-steps $(STEPS) \
+		--resume auto $(ARGS)
+
+# the same-size student without a teacher (alpha = 1), on the same rows
+student-ce: setup
+	$(DISTILL) student --train-store $(TOPK) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
+		--alpha 1 --out $(CE_OUT) --max-steps $(STEPS) --resume auto $(ARGS)
+
+# The shipped teacher and the CE-only student reference (a lent H100 took ~1.5 min each; a 2-core
+# CPU takes hours: rerun to resume from the newest checkpoint).
 pretrain-teacher: setup
 	$(MAKE) prepare prepare-heldout RUN=runs
 	$(DISTILL) student --config data/configs/teacher-train.yaml --resume auto $(ARGS)
@@ -72,16 +92,30 @@ pretrain-student: setup
 	$(MAKE) prepare prepare-heldout RUN=runs
 	$(DISTILL) student --config data/configs/student-train.yaml --resume auto $(ARGS)
 
-teacher eval report:
-	@echo "make $@: this stage is not built yet (see the open issues); the pipeline today is prepare -> student" >&2
+eval report:
+	@echo "make $@: evaluation and the report are not built yet (the next issue); the pipeline today is prepare -> teacher -> student" >&2
 	@exit 2
 
+# Speed and size: results in bench/results/*.json, summarised in docs/BENCHMARKS.md.
+bench: setup
+	$(BIN)/python bench/stage_one.py --teacher $(TEACHER) --rows 64 --repeats 3 --out bench/results/stage_one_cpu.json
+	$(BIN)/python bench/stage_two.py --teacher $(TEACHER) --steps 30 --out bench/results/stage_two_cpu.json
+
+# The whole pipeline on the embedded default, on CPU in a few minutes: stage one over the first
+# DEMO_ROWS rows of the train split, then a distilled student and a CE-only one on those rows.
+DEMO_ROWS ?= 1024
+DEMO_STEPS ?= 60
 demo: setup
 	$(MAKE) prepare prepare-heldout RUN=$(RUN)
-	$(MAKE) student RUN=$(RUN) STEPS=$(STEPS) ARGS="--eval-every 50 --checkpoint-every 50 $(ARGS)"
+	$(MAKE) teacher RUN=$(RUN) MAX_ROWS=$(DEMO_ROWS)
+	$(MAKE) student RUN=$(RUN) STEPS=$(DEMO_STEPS) ARGS="--eval-every 20 --checkpoint-every 20 --warmup-steps 6 $(ARGS)"
+	$(MAKE) student-ce RUN=$(RUN) STEPS=$(DEMO_STEPS) ARGS="--eval-every 20 --checkpoint-every 20 --warmup-steps 6 $(ARGS)"
 	@echo
-	@echo "demo done: tokens store $(TOKENS), CE-only student $(STUDENT_OUT)/model"
-	@echo "           metrics $(STUDENT_OUT)/metrics.jsonl, held-out summary $(STUDENT_OUT)/metrics.json"
+	@echo "demo done, everything under $(RUN)/:"
+	@echo "  tokens stores      $(TOKENS), $(EVAL_TOKENS)"
+	@echo "  teacher top-k      $(TOPK)        (.venv/bin/distill inspect $(TOPK))"
+	@echo "  distilled student  $(STUDENT_OUT)/model   held-out: $$(cat $(STUDENT_OUT)/metrics.json | tr -d '\n ' | grep -o '"heldout_loss":[0-9.]*')"
+	@echo "  CE-only student    $(CE_OUT)/model   held-out: $$(cat $(CE_OUT)/metrics.json | tr -d '\n ' | grep -o '"heldout_loss":[0-9.]*')"
 
 clean:
 	rm -rf runs/demo

@@ -30,13 +30,17 @@ def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple
     """
     z = logits.float()
     top_values, top_ids = torch.topk(z, k, dim=-1)  # sorted, largest first
-    rest = z.scatter(-1, top_ids, float("-inf"))  # the logits outside the kept set
+    shifted = z - top_values[:, :1]  # ≤ 0 everywhere: exp never overflows
+    buffer = torch.empty_like(shifted)
     lse, tail = [], []
     for t in grid:
-        lse_t = torch.logsumexp(z / t, dim=-1)
-        lse.append(lse_t)
-        # log of the mass outside top-k; -inf when k == V
-        tail.append(torch.logsumexp(rest / t, dim=-1) - lse_t)
+        # One exp pass per temperature, in place; the rest mass is summed after zeroing the kept
+        # entries (k writes), not as total − kept, so tiny tails keep their precision.
+        torch.div(shifted, t, out=buffer).exp_()
+        total = buffer.sum(dim=-1)
+        rest = buffer.scatter_(-1, top_ids, 0.0).sum(dim=-1)
+        lse.append(top_values[:, 0] / t + total.log())
+        tail.append(rest.log() - total.log())  # −inf when k == V
     lse_all = torch.stack(lse, dim=-1)
     lse_cache = lse_all[:, grid.index(temperature)]
     out = {

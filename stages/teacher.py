@@ -53,9 +53,10 @@ class TeacherConfig:
                                                  "mass stay exactly recoverable (T is always added).")
     backend: str = option("zarr", "Store backend: 'zarr' (v3, sharded, zstd) or 'arrow' (IPC, zstd).")
     batch_size: int = option(8, "Rows per teacher forward pass.")
-    position_chunk: int = option(2048, "Positions per output-head/top-k chunk (bounds memory at chunk × vocab).")
+    position_chunk: int = option(1024, "Positions per output-head/top-k chunk (bounds memory at chunk × vocab).")
     rows_per_shard: int = option(256, "Rows per store shard (the unit of parallel work and of resume).")
     chunk_rows: int = option(16, "Rows per compressed chunk inside a shard.")
+    max_rows: int = option(0, "Use only the first N rows of the tokens store (0 = all).")
     shard_index: int = option(0, "This job's index among --num-shards jobs (a SLURM array task id).")
     num_shards: int = option(1, "Number of independent jobs filling the store.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
@@ -79,6 +80,8 @@ class TeacherConfig:
             problems.append(f"temperature_grid must be temperatures > 0, got {list(self.temperature_grid)}")
         if self.backend not in store_lib.BACKENDS:
             problems.append(f"backend must be one of {', '.join(store_lib.BACKENDS)}, got {self.backend!r}")
+        if self.max_rows < 0:
+            problems.append("max_rows must not be negative")
         for name in ("batch_size", "position_chunk", "rows_per_shard", "chunk_rows", "num_shards"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -148,6 +151,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         raise DistillError(f"tokens store has sequence length {seq_len}, above the teacher's {positions} positions")
 
     grid = config.grid
+    n_rows = min(tokens.rows, config.max_rows) if config.max_rows else tokens.rows
     params = {
         "teacher": str(teacher_dir),
         "teacher_weights_sha256": weights_sha256(teacher_dir),
@@ -163,7 +167,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         "logprob_dtype": config.logprob_dtype,
         "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
         "corpus_fingerprint": tokens.params["corpus_fingerprint"],
-        "rows": tokens.rows,
+        "rows": n_rows,
         "rows_per_shard": config.rows_per_shard,
         "chunk_rows": config.chunk_rows,
     }
@@ -180,7 +184,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         return TeacherRun(out, 0, 0.0)
     out.mkdir(parents=True, exist_ok=True)
 
-    n_total = math.ceil(tokens.rows / config.rows_per_shard)
+    n_total = math.ceil(n_rows / config.rows_per_shard)
     part_path = out / PART.format(config.shard_index, config.num_shards)
     done = {e["name"]: e for e in read_partial(part_path).get("shards", []) if (out / e["name"]).exists()}
     todo = [j for j in range(config.shard_index, n_total, config.num_shards)
@@ -227,12 +231,12 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
     thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
     thread.start()
     loop_started = time.perf_counter()
-    total_tokens = sum(min(config.rows_per_shard, tokens.rows - j * config.rows_per_shard) for j in todo) * seq_len
+    total_tokens = sum(min(config.rows_per_shard, n_rows - j * config.rows_per_shard) for j in todo) * seq_len
     try:
         with tqdm(total=total_tokens, desc=f"teacher {config.shard_index}/{config.num_shards}", unit="tok",
                   unit_scale=True, dynamic_ncols=True) as progress:
             for j in todo:
-                lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, tokens.rows)
+                lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, n_rows)
                 input_ids = tokens.read_rows(lo, hi)["input_ids"]
                 arrays = teacher_shard(head, input_ids, config, grid, vocab, id_dtype, device, progress)
                 if failure:
