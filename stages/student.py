@@ -158,12 +158,12 @@ class DistillStep(torch.nn.Module):
         self.cache = cache  # (cache temperature, its grid index, index of T in the grid)
         self._teacher = (teacher,)  # a tuple keeps the teacher out of this module's parameters
 
-    def forward(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]):
+    def forward(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor], ce_only: bool = False):
         model, b, length = self.model, input_ids.shape[0], input_ids.shape[1]
         hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1].reshape(b * (length - 1), -1)
         targets = input_ids[:, 1:].reshape(-1)
         head, t = model.get_output_embeddings(), self.temperature
-        distill = self.alpha < 1.0
+        distill = self.alpha < 1.0 and not ce_only
         extra: list[torch.Tensor] = []
         teacher = self._teacher[0]
         if distill and teacher is not None:
@@ -194,23 +194,21 @@ class DistillStep(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(step_module: DistillStep, store, batch_rows: int, max_rows: int, device, autocast) -> dict[str, float]:
-    """Mean next-token loss (nats) and perplexity over the held-out rows (cross-entropy only)."""
-    model = step_module.model
-    was_training = model.training
-    model.eval()
-    head, vocab = model.get_output_embeddings(), step_module.vocab
+def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast) -> dict[str, float]:
+    """Mean next-token loss (nats) and perplexity over the held-out rows (cross-entropy only).
+
+    Goes through the wrapped step module, so FSDP gathers the parameters it needs."""
+    module = getattr(wrapped, "module", wrapped)
+    was_training = module.training
+    module.eval()
     total, count = 0.0, 0
     for batch in sequential(store, batch_rows, max_rows or None):
         input_ids = batch["input_ids"].to(device)
         with autocast():
-            hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-        targets = input_ids[:, 1:].reshape(-1)
-        total += chunked_sum(lambda h, y: (F.cross_entropy(head(h).float()[:, :vocab], y, reduction="sum"),),
-                             hidden.shape[0], step_module.chunk, hidden, targets)[0].item()
-        count += targets.numel()
-    model.train(was_training)
+            ce_sum, _, n = wrapped(input_ids, {}, ce_only=True)
+        total += ce_sum.item()
+        count += n
+    module.train(was_training)
     loss = total / count
     return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
 
@@ -417,7 +415,7 @@ def train(config: TrainConfig) -> Path:
                 record["kd"] = kd
             metrics.log(**record)
         if eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
-            result = evaluate(step_module, eval_store, config.micro_batch_size, config.eval_rows, device, autocast)
+            result = evaluate(wrapped, eval_store, config.micro_batch_size, config.eval_rows, device, autocast)
             if main:
                 metrics.log(step=done, tokens=tokens_seen, **result)
                 progress.write(f"step {done}: held-out loss {result['heldout_loss']:.4f} "
@@ -433,7 +431,7 @@ def train(config: TrainConfig) -> Path:
              "teacher_source": teacher_source, "alpha": alpha, "temperature": config.temperature,
              "tail": config.tail, "direction": config.direction}
     if eval_store is not None:
-        final.update(evaluate(step_module, eval_store, config.micro_batch_size, 0, device, autocast))
+        final.update(evaluate(wrapped, eval_store, config.micro_batch_size, 0, device, autocast))
     if device.type == "cuda":
         final["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     model_state, _ = gather_state(model, None, config.fsdp and world > 1)

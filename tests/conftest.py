@@ -1,6 +1,9 @@
 import gzip
+import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,31 @@ def run_cli(*args: str):
     from stages.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The CLI's error: exit status 2, exactly one ``error: …`` line (progress bars may precede it),
+    no traceback. Returns that line."""
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 of every file's relative path and bytes: equal digests mean byte-identical trees."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def spawn(args, torchrun: bool = False) -> subprocess.Popen:
+    """``distill ARGS`` in a subprocess of its own session (one thread), output captured; with
+    ``torchrun`` two processes under torch.distributed.run."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "stages.cli"]
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(29500 + os.getpid() % 1000), "-m", "stages.cli"]
+    return subprocess.Popen(launcher + [str(a) for a in args], env=env, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

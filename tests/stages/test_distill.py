@@ -2,11 +2,8 @@
 
 import gzip
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,13 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import load_config
 from pipeline.losses import sparse_kd
 from pipeline.models import OutputHead, load_model
 from pipeline.store import open_store
 from pipeline.topk import retemper
 from stages.student import DistillStep
-from tests.conftest import ROOT, TOKENIZER, run_cli
+from tests.conftest import ROOT, TOKENIZER, one_line_error, run_cli, spawn
 from tests.stages.test_teacher import make_teacher
 
 
@@ -139,14 +135,6 @@ def test_each_mode_trains(stage1, tmp_path, tail):
     assert r["loss"] == pytest.approx(0.2 * r["ce"] + 0.8 * 4 * r["kd"], rel=1e-5)
 
 
-def spawn(args, env_extra=None, torchrun=False):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(29500 + os.getpid() % 1000), "-m", "stages.cli"] if torchrun else [sys.executable, "-m", "stages.cli"]
-    return subprocess.Popen(launcher + list(map(str, args)), env=env, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def curve(path):
     return [(r["step"], r["loss"]) for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
             if "loss" in r]
@@ -177,7 +165,7 @@ def test_sigkill_resume_equals_uninterrupted(stage1, tmp_path):
     assert curve(tmp_path / "killed") == curve(tmp_path / "ref")
 
 
-def test_torchrun_two_processes_match_one(stage1, tmp_path):
+def test_torchrun_ddp_and_fsdp_match_one_process(stage1, tmp_path):
     steps = 6
     one = spawn(kd_args(stage1, tmp_path / "one", steps, "--micro-batch-size", "8", "--eval-every", "0"))
     output, _ = one.communicate(timeout=300)
@@ -186,17 +174,20 @@ def test_torchrun_two_processes_match_one(stage1, tmp_path):
                 torchrun=True)
     output, _ = two.communicate(timeout=300)
     assert two.returncode == 0, output
-    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
-    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
+    fsdp = spawn(kd_args(stage1, tmp_path / "fsdp", steps, "--micro-batch-size", "4", "--eval-every", "0", "--fsdp"),
+                 torchrun=True)
+    output, _ = fsdp.communicate(timeout=300)
+    assert fsdp.returncode == 0, output
+    a, b, c = curve(tmp_path / "one"), curve(tmp_path / "two"), curve(tmp_path / "fsdp")
+    assert [s for s, _ in a] == [s for s, _ in b] == [s for s, _ in c] == list(range(1, steps + 1))
     np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-4)
+    np.testing.assert_allclose([l for _, l in a], [l for _, l in c], rtol=1e-4)
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["world_size"] == 2
+    # the sharded run's saved model is whole and loads with plain transformers
+    from transformers import AutoModelForCausalLM
 
-
-def one_line_error(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "fsdp" / "model"))
 
 
 def test_bad_input(stage1, tmp_path):

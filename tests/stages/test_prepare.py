@@ -1,4 +1,3 @@
-import hashlib
 import json
 
 import numpy as np
@@ -6,15 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.store import open_store
-from tests.conftest import TOKENIZER, run_cli
-
-
-def tree_digest(root):
-    """sha256 of every file's relative path and bytes: equal digests mean byte-identical stores."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+from tests.conftest import TOKENIZER, one_line_error, run_cli, tree_digest
 
 
 def prepare(corpus, out, *extra):
@@ -69,14 +60,6 @@ def test_rerun_same_params_is_a_noop_and_different_params_refused(tmp_path, smal
     assert replaced.exit_code == 0
     assert open_store(tmp_path / "s").params["seq_len"] == 32
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    # Progress bars may precede it; the error itself is exactly one line, and no traceback.
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_bad_input_errors(tmp_path, small_corpus):

@@ -1,8 +1,5 @@
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -10,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import ROOT, TOKENIZER, run_cli
+from tests.conftest import TOKENIZER, one_line_error, run_cli, spawn
 
 
 @pytest.fixture
@@ -53,12 +50,6 @@ def test_loss_goes_down_and_model_loads_with_plain_transformers(stores, tiny_mod
     assert loss < 9.0  # below the uniform 9.01 nats: the weights are the trained ones
 
 
-def spawn(args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "stages.cli", *map(str, args)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_sigkill_and_resume_auto_equals_uninterrupted(stores, tiny_model_config):
     steps = 60
     reference = spawn(train_args(stores, tiny_model_config, stores / "ref", steps, "--eval-every", "20"))
@@ -94,12 +85,6 @@ def test_sigkill_and_resume_auto_equals_uninterrupted(stores, tiny_model_config)
         return [(r["step"], r.get("loss"), r.get("heldout_loss")) for r in map(json.loads, lines)]
 
     assert curve("killed") == curve("ref")  # the log too: no duplicated or missing steps
-
-
-def one_line_error(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_bad_input(stores, tiny_model_config, tmp_path):

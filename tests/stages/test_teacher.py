@@ -1,9 +1,5 @@
-import hashlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.store import open_store
 from pipeline.topk import retemper
-from tests.conftest import ROOT, TOKENIZER, run_cli
+from tests.conftest import ROOT, TOKENIZER, one_line_error, run_cli, spawn, tree_digest
 
 
 def make_teacher(path, vocab=8192, padded_argmax=False, scale=40.0):
@@ -117,13 +113,6 @@ def test_backends_hold_the_same_content_and_read_plainly(setup, tmp_path):
     np.testing.assert_array_equal(flat.reshape(len(table), *shape), ids)
 
 
-def spawn(args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "stages.cli", *map(str, args)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def hashes(path):
     return [s["sha256"] for s in open_store(path).shards]
 
@@ -193,19 +182,6 @@ def test_padded_output_rows_are_dropped_or_refused(setup, tmp_path):
     make_teacher(tmp_path / "bad-pad", vocab=8192 + 64, padded_argmax=True)
     msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "q", "--teacher", tmp_path / "bad-pad")))
     assert "padded output row" in msg
-
-
-def one_line_error(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
-
-
-def tree_digest(root):
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def test_bad_input(setup, tmp_path):
