@@ -224,3 +224,11 @@ def test_inspect_reports_and_verifies(setup, tmp_path):
     victim.write_bytes(bytes(raw))
     bad = run_cli("inspect", tmp_path / "s", "--verify")
     assert bad.exit_code == 2 and "shard-00001.zarr" in bad.output
+
+
+def test_max_rows_takes_the_first_rows(setup, tmp_path):
+    result = run_cli(*teacher_args(setup, tmp_path / "part", "--max-rows", "7"))
+    assert result.exit_code == 0, result.output
+    part, tokens = open_store(tmp_path / "part"), open_store(setup / "tokens")
+    assert part.rows == 7 and part.params["rows"] == 7
+    np.testing.assert_array_equal(all_rows(part)["input_ids"], tokens.read_rows(0, 7)["input_ids"])
