@@ -1,6 +1,6 @@
 """Training checkpoints that resume rather than restart.
 
-A checkpoint is a directory ``step-XXXXXXXX`` holding ``state.pt`` (model, optimizer, scheduler,
+A checkpoint is a directory ``step-NNNNNNNN`` holding ``state.pt`` (model, optimizer, scheduler,
 step, RNG state, data position) and ``config.json``. It is written under a temp name and renamed,
 so a directory with the final name is complete; ``latest`` ignores anything else. States are
 loaded with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
@@ -56,7 +56,7 @@ def resolve(root: Path, resume: str) -> Path | None:
     path = Path(resume)
     if not (path / "state.pt").is_file():
         raise DistillError(f"--resume {resume}: no checkpoint there (expected {path}/state.pt); "
-                           "pass --resume auto or a step-XXXXXXXX directory")
+                           "pass --resume auto or a step-NNNNNNNN directory")
     return path
 
 

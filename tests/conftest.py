@@ -2,8 +2,10 @@ import gzip
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,14 @@ def spawn(args, torchrun: bool = False) -> subprocess.Popen:
                     str(29500 + os.getpid() % 1000), "-m", "stages.cli"]
     return subprocess.Popen(launcher + [str(a) for a in args], env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_when(process: subprocess.Popen, ready) -> None:
+    """SIGKILL ``process`` (the trainer alone, as a preempting scheduler would) as soon as
+    ``ready()`` is true; fails if the run ended first, since then nothing was interrupted."""
+    deadline = time.time() + 120
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"

@@ -3,8 +3,6 @@
 import gzip
 import json
 import shutil
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from pipeline.models import OutputHead, load_model
 from pipeline.store import open_store
 from pipeline.topk import retemper
 from stages.student import DistillStep
-from tests.conftest import ROOT, TOKENIZER, one_line_error, run_cli, spawn
+from tests.conftest import ROOT, TOKENIZER, kill_when, one_line_error, run_cli, spawn
 from tests.stages.test_teacher import make_teacher
 
 
@@ -147,14 +145,8 @@ def test_sigkill_resume_equals_uninterrupted(stage1, tmp_path):
     assert ref.returncode == 0, output
     args = kd_args(stage1, tmp_path / "killed", steps, "--eval-every", "0", "--checkpoint-every", "4",
                    "--resume", "auto", "--workers", "1")
-    victim = spawn(args)
-    first = tmp_path / "killed" / "checkpoints" / "step-00000004"
-    deadline = time.time() + 120
-    while not first.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)  # the trainer alone: its loader worker must follow it down
-    victim.communicate(timeout=60)
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    # the trainer alone is killed: its loader worker must follow it down, or communicate() hangs
+    kill_when(spawn(args), (tmp_path / "killed" / "checkpoints" / "step-00000004").exists)
     resumed = spawn(args)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output

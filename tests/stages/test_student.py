@@ -1,13 +1,11 @@
 import json
-import signal
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import TOKENIZER, one_line_error, run_cli, spawn
+from tests.conftest import TOKENIZER, kill_when, one_line_error, run_cli, spawn
 
 
 @pytest.fixture
@@ -58,14 +56,7 @@ def test_sigkill_and_resume_auto_equals_uninterrupted(stores, tiny_model_config)
 
     args = train_args(stores, tiny_model_config, stores / "killed", steps, "--eval-every", "20",
                       "--checkpoint-every", "5", "--resume", "auto")
-    victim = spawn(args)
-    first = stores / "killed" / "checkpoints" / "step-00000005"
-    deadline = time.time() + 120
-    while not first.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_when(spawn(args), (stores / "killed" / "checkpoints" / "step-00000005").exists)
     assert not (stores / "killed" / "model").exists()
 
     resumed = spawn(args)

@@ -1,6 +1,4 @@
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.store import open_store
 from pipeline.topk import retemper
-from tests.conftest import ROOT, TOKENIZER, one_line_error, run_cli, spawn, tree_digest
+from tests.conftest import ROOT, TOKENIZER, kill_when, one_line_error, run_cli, spawn, tree_digest
 
 
 def make_teacher(path, vocab=8192, padded_argmax=False, scale=40.0):
@@ -127,16 +125,8 @@ def test_sigkill_rerun_and_parallel_jobs_match_one_run(setup, tmp_path):
 
     # Killed mid-way: every shard visible under its name is complete; the rerun finishes the rest.
     killed_args = teacher_args(setup, tmp_path / "killed", "--rows-per-shard", "2")
-    victim = spawn(killed_args)
     part = tmp_path / "killed" / "index.part-00000-of-00001.json"
-    deadline = time.time() + 120
-    while victim.poll() is None and time.time() < deadline:
-        if part.exists() and len(json.loads(part.read_text())["shards"]) >= 2:
-            break
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_when(spawn(killed_args), lambda: part.exists() and len(json.loads(part.read_text())["shards"]) >= 2)
     assert not (tmp_path / "killed" / "index.json").exists()
     from pipeline.store import READERS, content_hash
 
