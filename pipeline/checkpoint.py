@@ -28,7 +28,10 @@ def save(root: Path, step: int, state: dict[str, Any], config: dict[str, Any], k
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the directory gets its final name
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if final.exists():
         shutil.rmtree(final)

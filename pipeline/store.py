@@ -134,10 +134,17 @@ def write_shard(root: Path, name: str, arrays: dict[str, np.ndarray], backend: s
     tmp = root / f".{name}.tmp-{os.getpid()}"
     _remove(tmp)
     WRITERS[backend](tmp, arrays, chunk_rows)
+    _fsync_tree(tmp)  # bytes on disk before the shard gets its final name (a crash never shows a torn one)
     if final.exists():  # a half-finished earlier run of the same job: the new shard replaces it
         _remove(final)
     os.replace(tmp, final)
     return {"name": name, "rows": rows.pop(), "bytes": dir_bytes(final), "sha256": content_hash(arrays)}
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def _remove(path: Path) -> None:

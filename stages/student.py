@@ -42,7 +42,7 @@ from pipeline import checkpoint
 from pipeline.config import check, option, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.init import init_from_teacher_layers
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, replace_dir
 from pipeline.loader import Loader, sequential
 from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum, dense_kd, sparse_kd
 from pipeline.metrics import MetricsLog
@@ -231,7 +231,8 @@ def distributed() -> tuple[int, int, int]:
     if world == 1:
         return 0, 1, 0
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo beside NCCL: the step's loss sums are all-reduced as small CPU tensors
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -332,6 +333,8 @@ def train(config: TrainConfig) -> Path:
         state, saved_config = checkpoint.load(resume_from)
         resolved = to_dict(config) | {"alpha": alpha}
         changed = [k for k in RESUME_FIXED if saved_config["config"].get(k) != resolved.get(k)]
+        if saved_config.get("world_size", 1) != world:  # the global batch is micro × world rows
+            changed.append(f"world size ({saved_config.get('world_size', 1)} processes, now {world})")
         if changed:
             raise DistillError(f"checkpoint {resume_from} was made with other {', '.join(changed)}; "
                                "resume with the same options or pass --overwrite")
@@ -484,6 +487,4 @@ def save_model(model, state: dict, tokenizer, path: Path, dtype: str) -> None:
     state = {k: converted.setdefault(v.data_ptr(), v.detach().to("cpu", DTYPES[dtype])) for k, v in state.items()}
     model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    replace_dir(tmp, path)
