@@ -60,19 +60,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
     prepare(load_config(PrepareConfig, inputs=(args.corpus,), out=str(work / "tokens-all"), seq_len=256))
     tokens = open_store(work / "tokens-all")
-    rows = tokens.read_rows(0, min(args.rows, tokens.rows))["input_ids"]
-    # A tokens store of exactly the benchmark rows, so stage one and the bare pass see the same input.
-    sub = work / "tokens"
-    from pipeline import store as store_lib
-
-    sub.mkdir()
-    entry = store_lib.write_shard(sub, store_lib.shard_name(0, "zarr"), {"input_ids": rows}, "zarr", 64)
-    store_lib.write_index(sub, store_lib.new_index("tokens", "zarr", tokens.params, [entry], tokens.index["arrays"]))
+    rows = tokens.read_rows(0, min(args.rows, tokens.rows))["input_ids"]  # stage one reads the same rows (--max-rows)
 
     model = load_model(args.teacher, args.dtype).to(device).eval()
 
     def stage_one(k: int, backend: str, name: str) -> tuple[float, float]:
-        config = load_config(TeacherConfig, tokens_store=str(sub), teacher=args.teacher, out=str(work / name),
+        config = load_config(TeacherConfig, tokens_store=str(work / "tokens-all"), max_rows=len(rows), teacher=args.teacher, out=str(work / name),
                              top_k=k, backend=backend, batch_size=args.batch_size, device=str(device),
                              dtype=args.dtype, rows_per_shard=max(1, len(rows) // 4), overwrite=True)
         run = run_teacher(config)

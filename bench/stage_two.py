@@ -72,19 +72,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     for split, corpus in (("train", args.train_corpus), ("heldout", args.heldout_corpus)):
         prepare(load_config(PrepareConfig, inputs=(corpus,), out=str(work / f"tokens-{split}"), seq_len=256))
-    # Stage one over just the rows the runs will read (a sub-store of the first rows).
+    # Stage one over just the rows the runs will read.
     rows = args.steps * args.micro_batch_size
-    from pipeline import store as store_lib
-
-    full = store_lib.open_store(work / "tokens-train")
-    sub = work / "tokens-sub"
-    if not (sub / store_lib.INDEX).exists():
-        sub.mkdir(exist_ok=True)
-        data = full.read_rows(0, min(rows, full.rows))
-        entry = store_lib.write_shard(sub, store_lib.shard_name(0, "zarr"), data, "zarr", 64)
-        store_lib.write_index(sub, store_lib.new_index("tokens", "zarr", full.params, [entry], full.index["arrays"]))
-    run_teacher(load_config(TeacherConfig, tokens_store=str(sub), teacher=args.teacher, out=str(work / "topk"),
-                            top_k=args.top_k, device=args.device, batch_size=16))
+    run_teacher(load_config(TeacherConfig, tokens_store=str(work / "tokens-train"), max_rows=rows,
+                            teacher=args.teacher, out=str(work / "topk"), top_k=args.top_k, device=args.device,
+                            batch_size=16))
 
     common = ["--train-store", str(work / "topk"), "--eval-store", str(work / "tokens-heldout"),
               "--model", args.student, "--max-steps", str(args.steps), "--micro-batch-size", str(args.micro_batch_size),

@@ -6,8 +6,10 @@ at cache temperature ``T`` and grid temperatures ``T_1..T_G``:
 - ``topk_ids [.., k]``: the k largest logits (the set and order are the same at every temperature);
 - ``topk_logprobs [.., k]``: ``z_i/T − logsumexp(z/T)``, float16;
 - ``logsumexp [.., G]``: ``logsumexp(z/T_g)``, float32;
-- ``tail_logmass [.., G]``: ``log(1 − Σ_kept p_i)`` at ``T_g``, computed as the log-sum-exp of the
-  logits *not* kept (no cancellation, exact even when the tail is 1e-12), float32;
+- ``tail_logmass [.., G]``: ``log(1 − Σ_kept p_i)`` at ``T_g``, float32, computed by summing the
+  probabilities *not* kept (not as 1 − Σ kept, which cancels): exact even for a tail of 1e-12.
+  Only a tail below float32's range — every non-kept logit more than ~87·T_g under the top-1 —
+  underflows to −inf (as it is when k = V);
 - ``target_logprob [..]``: ``z_y/T − logsumexp(z/T)`` of the true next token ``y``, float32.
 
 Re-tempering is exact up to storage precision: ``z_i = T·(topk_logprobs_i + logsumexp_T)``, so

@@ -484,7 +484,10 @@ def save_model(model, state: dict, tokenizer, path: Path, dtype: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     converted: dict[int, torch.Tensor] = {}  # by storage, so tied weights stay one tensor (saved once)
-    state = {k: converted.setdefault(v.data_ptr(), v.detach().to("cpu", DTYPES[dtype])) for k, v in state.items()}
+    for v in state.values():
+        if v.data_ptr() not in converted:
+            converted[v.data_ptr()] = v.detach().to("cpu", DTYPES[dtype])
+    state = {k: converted[v.data_ptr()] for k, v in state.items()}
     model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     replace_dir(tmp, path)
