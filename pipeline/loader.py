@@ -2,8 +2,8 @@
 
 The unit of reading is a store chunk (``chunk_rows`` rows of one shard: one compressed zarr chunk
 or one Arrow record batch), so every read decodes exactly what it uses. Each epoch visits every
-row once: the chunks in an order drawn from an RNG seeded by ``(seed, epoch)``, the rows of each
-chunk shuffled too. A global batch is the next ``batch_rows × world`` rows of that order; rank ``r``
+row once: the chunks in an order drawn from an RNG seeded by ``(seed, epoch)``, cut into blocks of
+``shuffle_chunks`` chunks whose rows are shuffled together. A global batch is the next ``batch_rows × world`` rows of that order; rank ``r``
 takes the ``r``-th slice, so ranks read disjoint rows and ``world`` processes see exactly the
 batches one process with the same global batch would. The position — ``(epoch, offset)``, the next
 global row of the epoch — is all a checkpoint needs.
@@ -107,11 +107,12 @@ class Loader:
 
     def __init__(self, store: Store, batch_rows: int, seed: int, rank: int = 0, world: int = 1,
                  epoch: int = 0, offset: int = 0, workers: int = 0, prefetch: int = 4,
-                 fields: tuple[str, ...] | None = None):
+                 fields: tuple[str, ...] | None = None, shuffle_chunks: int = 16):
         self.store, self.batch_rows, self.seed = store, batch_rows, seed
         self.rank, self.world = rank, world
         self.epoch, self.offset = epoch, offset
         self.chunk_rows = store.params["chunk_rows"]
+        self.block = max(1, shuffle_chunks)
         # (shard, chunk, rows) for every chunk of the store
         self.units = [(s, c, min(self.chunk_rows, entry["rows"] - c * self.chunk_rows))
                       for s, entry in enumerate(store.shards)
@@ -121,6 +122,7 @@ class Loader:
             raise DistillError(f"store {store.root} has {self.rows_per_epoch} rows, fewer than one global batch "
                                f"of {batch_rows * world}; lower the batch size")
         self._plan_epoch = -1
+        self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         fields = tuple(fields or store.index["arrays"])
         self.reader = ChunkReader(str(store.root), store.index, fields)
         self.pool = None
@@ -128,10 +130,10 @@ class Loader:
             self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                                initargs=(str(store.root), store.index, fields))
         self.prefetch = max(1, prefetch)
-        self._pending: dict[tuple[int, int], object] = {}  # (epoch, unit) -> future or arrays
+        self._pending: dict[tuple[int, int], object] = {}  # (epoch, ordered unit) -> future or arrays
 
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "shuffle_chunks": self.block}
 
     def close(self) -> None:
         if self.pool is not None:
@@ -139,27 +141,43 @@ class Loader:
             self.pool = None
 
     # -- the order ------------------------------------------------------------------------------
-    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """(unit order, start of each ordered unit in the epoch, row permutation per ordered unit)."""
+    # An epoch orders the chunks by a permutation drawn from (seed, epoch) and cuts that order
+    # into blocks of ``shuffle_chunks`` chunks; the rows of each block are permuted together, so
+    # a batch mixes rows from up to that many places in the corpus (a corpus stored in source
+    # order would otherwise give batches of one document). Memory: about two blocks of chunks.
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(unit order, first epoch row of each block)."""
         if self._plan_epoch != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(len(self.units))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
             sizes = np.array([self.units[u][2] for u in order])
-            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            perms = [rng.permutation(int(n)) for n in sizes]
-            self._plan_cache = (order, starts, perms)
+            block_sizes = np.add.reduceat(sizes, np.arange(0, len(sizes), self.block))
+            self._plan_cache = (order, np.concatenate([[0], np.cumsum(block_sizes)[:-1]]))
             self._plan_epoch = epoch
         return self._plan_cache
 
+    def _block_rows(self, epoch: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ordered unit index, row within that chunk) of every row of block ``b``, in epoch order."""
+        key = (epoch, b)
+        if key not in self._blocks:
+            order, _ = self._plan(epoch)
+            first = b * self.block
+            members = range(first, min(first + self.block, len(order)))
+            unit = np.concatenate([np.full(self.units[order[i]][2], i) for i in members])
+            local = np.concatenate([np.arange(self.units[order[i]][2]) for i in members])
+            perm = np.random.default_rng([self.seed, epoch, b]).permutation(len(unit))
+            self._blocks[key] = (unit[perm], local[perm])
+        return self._blocks[key]
+
     def _pieces(self, epoch: int, offset: int, count: int):
-        """[(epoch, ordered unit index, local row indices)] covering ``count`` rows from ``offset``."""
+        """[(epoch, ordered unit indices, rows within their chunks)] covering ``count`` rows from ``offset``."""
         pieces = []
         while count:
-            order, starts, perms = self._plan(epoch)
-            i = int(np.searchsorted(starts, offset, side="right") - 1)
-            within = offset - starts[i]
-            take = min(count, len(perms[i]) - within)
-            pieces.append((epoch, i, perms[i][within:within + take]))
+            _, block_starts = self._plan(epoch)
+            b = int(np.searchsorted(block_starts, offset, side="right") - 1)
+            unit, local = self._block_rows(epoch, b)
+            within = offset - block_starts[b]
+            take = min(count, len(unit) - within)
+            pieces.append((epoch, unit[within:within + take], local[within:within + take]))
             count -= take
             offset += take
             if offset == self.rows_per_epoch:
@@ -204,19 +222,33 @@ class Loader:
         # Ask for the chunks of the next few batches first, so workers decode ahead.
         e, o = self.epoch, self.offset
         for _ in range(self.prefetch):
-            for pe, i, _ in self._pieces(*self._my_span(e, o)):
-                self._request(pe, i)
+            for pe, units, _ in self._pieces(*self._my_span(e, o)):
+                for i in np.unique(units):
+                    self._request(pe, int(i))
             e, o = self._advance(e, o, global_rows)
-        parts = [{k: v[rows] for k, v in self._get(pe, i).items()} for pe, i, rows in self._pieces(*self._my_span(self.epoch, self.offset))]
+        pieces = self._pieces(*self._my_span(self.epoch, self.offset))
+        out: dict[str, np.ndarray] = {}
+        at = 0
+        for pe, units, local in pieces:
+            for i in np.unique(units):
+                where = np.nonzero(units == i)[0]
+                for k, v in self._get(pe, int(i)).items():
+                    if k not in out:
+                        out[k] = np.empty((self.batch_rows, *v.shape[1:]), v.dtype)
+                    out[k][at + where] = v[local[where]]
+            at += len(units)
         self.epoch, self.offset = self._advance(self.epoch, self.offset, global_rows)
-        # Drop chunks that lie wholly behind the position.
-        for key in [k for k in self._pending if k < self._current_unit()]:
+        # Drop chunks and block plans that lie wholly behind the position.
+        current = self._current_block()
+        for key in [k for k in self._pending if (k[0], k[1] // self.block) < current]:
             del self._pending[key]
-        return {k: torch.from_numpy(_as_torch(np.concatenate([p[k] for p in parts]))) for k in parts[0]}
+        for key in [k for k in self._blocks if k < current]:
+            del self._blocks[key]
+        return {k: torch.from_numpy(_as_torch(v)) for k, v in out.items()}
 
-    def _current_unit(self) -> tuple[int, int]:
-        order, starts, perms = self._plan(self.epoch)
-        return (self.epoch, int(np.searchsorted(starts, self.offset, side="right") - 1))
+    def _current_block(self) -> tuple[int, int]:
+        _, block_starts = self._plan(self.epoch)
+        return (self.epoch, int(np.searchsorted(block_starts, self.offset, side="right") - 1))
 
 
 def _as_torch(array: np.ndarray) -> np.ndarray:

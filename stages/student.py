@@ -53,7 +53,7 @@ from pipeline.topk import retemper
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
-                "tail", "direction", "teacher")
+                "tail", "direction", "teacher", "shuffle_chunks")
 TOPK_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "logsumexp", "tail_logmass")
 
 
@@ -93,6 +93,8 @@ class TrainConfig:
     log_every: int = option(10, "Write a metrics line every N steps.")
     workers: int = option(0, "Loader worker processes decoding store chunks ahead (0 = read in the main process).")
     prefetch: int = option(4, "Batches the loader reads ahead.")
+    shuffle_chunks: int = option(16, "Store chunks whose rows are shuffled together: each batch mixes rows from up "
+                                 "to this many places in the corpus (memory: about two such blocks).")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' (under torchrun: cuda:LOCAL_RANK).")
     dtype: str = option("float32", "Autocast dtype on CUDA: float32 or bfloat16 (weights stay float32).")
     fsdp: bool = option(False, "Shard the student with FSDP (under torchrun) instead of replicating it (DDP).")
@@ -116,7 +118,7 @@ class TrainConfig:
             problems.append(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if self.init not in ("auto", "scratch", "teacher-layers"):
             problems.append(f"init must be auto, scratch or teacher-layers, got {self.init!r}")
-        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "prefetch"):
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "prefetch", "shuffle_chunks"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_rows", "checkpoint_every", "keep_checkpoints",
@@ -349,7 +351,7 @@ def train(config: TrainConfig) -> Path:
             print(f"resumed from {resume_from} at step {start_step}")
     train_store.check_files()
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
-                    config.workers, config.prefetch, fields)
+                    config.workers, config.prefetch, fields, config.shuffle_chunks)
 
     def autocast():
         enabled = device.type == "cuda" and config.dtype == "bfloat16"  # bf16 autocast is slow on CPU
