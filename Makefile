@@ -32,9 +32,16 @@ ALPHA       ?= 0.5
 TAIL        ?= tail
 STEPS       ?= 200
 ARGS        ?=
+# ---- evaluation and report ----
+MODEL       ?= $(STUDENT_OUT)/model
+EVAL_OUT    ?= $(RUN)/eval/$(notdir $(patsubst %/model,%,$(MODEL))).json
+TASKS       ?= heldout,lambada,hellaswag,storycloze
+EVAL_ARGS   ?=
+RUNS        ?= $(wildcard $(RUN)/eval/*.json)
+REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-slow demo tokenizer corpus prepare prepare-heldout teacher student student-ce eval report \
-        pretrain-teacher pretrain-student bench clean
+.PHONY: setup test test-slow demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
+        eval report pretrain-teacher pretrain-student bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,12 +56,18 @@ setup: $(VENV)/.installed
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# slow tests, including the lm-evaluation-harness comparison (installs the optional [lmeval] extra)
 test-slow: setup
+	$(BIN)/python -c "import lm_eval" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[lmeval]"
 	$(BIN)/python -m pytest -q -m slow
 
 # ---- the embedded default data (already in git; these rebuild it) ----
 corpus:
 	$(PYTHON) scripts/build_corpus.py --src ../shared/corpora --out data/corpus
+
+# the demo evaluation sets, from the held-out documents only
+eval-sets:
+	$(PYTHON) scripts/build_eval_sets.py --heldout $(HELDOUT) --out data/eval
 
 tokenizer: setup
 	$(DISTILL) tokenizer --input $(CORPUS) --vocab-size 8192 --out $(TOKENIZER) $(ARGS)
@@ -92,9 +105,12 @@ pretrain-student: setup
 	$(MAKE) prepare prepare-heldout RUN=runs
 	$(DISTILL) student --config data/configs/student-train.yaml --resume auto $(ARGS)
 
-eval report:
-	@echo "make $@: evaluation and the report are not built yet (the next issue); the pipeline today is prepare -> teacher -> student" >&2
-	@exit 2
+# ---- evaluation: any local HF model -> one JSON of metrics; the report compares several ----
+eval: setup
+	$(DISTILL) eval --model $(MODEL) --tasks $(TASKS) --out $(EVAL_OUT) $(EVAL_ARGS)
+
+report: setup
+	$(DISTILL) report $(RUNS) --out $(REPORT) $(ARGS)
 
 # Speed and size: results in bench/results/*.json, summarised in docs/BENCHMARKS.md.
 bench: setup
@@ -102,20 +118,33 @@ bench: setup
 	$(BIN)/python bench/stage_two.py --teacher $(TEACHER) --steps 30 --out bench/results/stage_two_cpu.json
 
 # The whole pipeline on the embedded default, on CPU in a few minutes: stage one over the first
-# DEMO_ROWS rows of the train split, then a distilled student and a CE-only one on those rows.
+# DEMO_ROWS rows of the train split, distilled students at T = 1 and T = 2 and a CE-only one on
+# those rows, then all four models evaluated and compared in a report.
 DEMO_ROWS ?= 1024
 DEMO_STEPS ?= 60
+DEMO_LIMIT ?= 200
+DEMO_TRAIN = STEPS=$(DEMO_STEPS) ARGS="--eval-every 20 --checkpoint-every 20 --warmup-steps 6 $(ARGS)"
+DEMO_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
+	EVAL_ARGS="--limit $(DEMO_LIMIT) --agreement $(RUN)/topk-heldout $(EVAL_ARGS)"
 demo: setup
 	$(MAKE) prepare prepare-heldout RUN=$(RUN)
 	$(MAKE) teacher RUN=$(RUN) MAX_ROWS=$(DEMO_ROWS)
-	$(MAKE) student RUN=$(RUN) STEPS=$(DEMO_STEPS) ARGS="--eval-every 20 --checkpoint-every 20 --warmup-steps 6 $(ARGS)"
-	$(MAKE) student-ce RUN=$(RUN) STEPS=$(DEMO_STEPS) ARGS="--eval-every 20 --checkpoint-every 20 --warmup-steps 6 $(ARGS)"
+	$(MAKE) teacher RUN=$(RUN) TOKENS=$(EVAL_TOKENS) TOPK=$(RUN)/topk-heldout MAX_ROWS=128
+	$(MAKE) student RUN=$(RUN) TEMPERATURE=1 STUDENT_OUT=$(RUN)/student-kd-t1 $(DEMO_TRAIN)
+	$(MAKE) student RUN=$(RUN) TEMPERATURE=2 STUDENT_OUT=$(RUN)/student-kd-t2 $(DEMO_TRAIN)
+	$(MAKE) student-ce RUN=$(RUN) $(DEMO_TRAIN)
+	$(MAKE) eval RUN=$(RUN) MODEL=$(TEACHER) EVAL_OUT=$(RUN)/eval/1-teacher.json $(DEMO_EVAL)
+	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/student-kd-t1/model EVAL_OUT=$(RUN)/eval/2-student-kd-t1.json $(DEMO_EVAL)
+	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/student-kd-t2/model EVAL_OUT=$(RUN)/eval/3-student-kd-t2.json $(DEMO_EVAL)
+	$(MAKE) eval RUN=$(RUN) MODEL=$(CE_OUT)/model EVAL_OUT=$(RUN)/eval/4-student-ce.json $(DEMO_EVAL)
+	$(MAKE) report RUN=$(RUN) RUNS="$(addprefix $(RUN)/eval/,1-teacher.json 2-student-kd-t1.json 3-student-kd-t2.json 4-student-ce.json)"
 	@echo
 	@echo "demo done, everything under $(RUN)/:"
 	@echo "  tokens stores      $(TOKENS), $(EVAL_TOKENS)"
 	@echo "  teacher top-k      $(TOPK)        (.venv/bin/distill inspect $(TOPK))"
-	@echo "  distilled student  $(STUDENT_OUT)/model   held-out: $$(cat $(STUDENT_OUT)/metrics.json | tr -d '\n ' | grep -o '"heldout_loss":[0-9.]*')"
-	@echo "  CE-only student    $(CE_OUT)/model   held-out: $$(cat $(CE_OUT)/metrics.json | tr -d '\n ' | grep -o '"heldout_loss":[0-9.]*')"
+	@echo "  students           $(RUN)/student-kd-t1/model, $(RUN)/student-kd-t2/model, $(CE_OUT)/model"
+	@echo "  evaluations        $(RUN)/eval/*.json"
+	@echo "  report             $(REPORT)/report.md (table) and $(REPORT)/*.png (figures)"
 
 clean:
-	rm -rf runs/demo
+	rm -rf $(RUN)

@@ -27,8 +27,8 @@ FLAG_ALIASES = {"inputs": "--input"}
 
 def _option_type(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is tuple:
-        return Optional[list[args[0]]]
+    if typing.get_origin(hint) is tuple:  # repeatable, and comma-separated: --shots 0,1,8
+        return Optional[list[str]]
     if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return Optional[args[0]]
     return Optional[hint]
@@ -58,8 +58,8 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
                                         annotation=_option_type(types[field.name]), default=default))
 
     def command(config_file: Optional[Path] = None, **flags: Any) -> None:
-        overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()
-                     if v is not None and v != []}
+        overrides = {k: (tuple(x.strip() for item in v for x in item.split(",") if x.strip())
+                         if isinstance(v, list) else v) for k, v in flags.items() if v is not None and v != []}
         try:
             run(load_config(config_cls, config_file, **overrides))
         except DistillError as e:
@@ -82,7 +82,8 @@ def _close_progress_bars() -> None:
 
 def _register() -> None:
     from stages import inspect as inspect_stage
-    from stages import prepare, student, teacher, tokenizer
+    from stages import eval as eval_stage
+    from stages import prepare, report, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
@@ -98,6 +99,11 @@ def _register() -> None:
                   positional=("store",))
     stage_command("student", student.TrainConfig, student.train,
                   "Train a causal LM from a store (cross-entropy; stage two adds distillation).")
+    stage_command("eval", eval_stage.EvalConfig, eval_stage.run_eval,
+                  "Evaluate a model: held-out perplexity, LAMBADA, HellaSwag, StoryCloze, QA, teacher agreement.")
+    stage_command("report", report.ReportConfig, report.make_report,
+                  "Tables and figures comparing evaluated models (teacher, students, CE-only).",
+                  positional=("runs",))
 
 
 _register()

@@ -123,11 +123,12 @@ def test_offline_training_never_builds_the_teacher(stage1, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("tail", ["renorm", "tail", "residual-label"])
 def test_each_mode_trains(stage1, tmp_path, tail):
-    result = run_cli(*kd_args(stage1, tmp_path / tail, 12, "--tail", tail, "--temperature", "2", "--alpha", "0.2"))
+    result = run_cli(*kd_args(stage1, tmp_path / tail, 24, "--tail", tail, "--temperature", "2", "--alpha", "0.2",
+                              "--lr", "1e-2"))
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / tail / "metrics.jsonl").read_text().splitlines()]
     kd = [r["kd"] for r in records if "kd" in r]
-    assert kd[-1] < kd[0]
+    assert sum(kd[-6:]) < 0.97 * sum(kd[:6])  # batches differ step to step: compare the first and last six
     loss = [r for r in records if "loss" in r]
     r = loss[-1]
     assert r["loss"] == pytest.approx(0.2 * r["ce"] + 0.8 * 4 * r["kd"], rel=1e-5)

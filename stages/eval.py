@@ -1,0 +1,419 @@
+"""``distill eval``: the paper's evidence for any local causal LM.
+
+Held-out perplexity (per token and bits per byte), LAMBADA (last-word accuracy and perplexity),
+HellaSwag and StoryCloze (log-likelihood multiple choice, ``acc`` and ``acc_norm``), NQ-open,
+WebQuestions and TriviaQA (greedy answers, normalised exact match, zero/one/few-shot), and
+agreement with a stored teacher (top-1 agreement and KL from a ``topk`` store). Prompt and scoring
+rules are lm-evaluation-harness's (see :mod:`pipeline.tasks`), so its numbers and these agree.
+
+One JSON file comes out: the model, its parameters, how it was trained (when it was trained by
+``distill student``), every task's metrics and the resolved config. ``distill report`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import tasks as T
+from pipeline.config import check, option, to_dict
+from pipeline.corpus import DocumentReader
+from pipeline.errors import DistillError
+from pipeline.io import atomic_write_text
+from pipeline.models import DTYPES, OutputHead, count_parameters, has_weights, load_model, max_positions, resolve_device
+from pipeline.tokenizer import load_tokenizer
+
+COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
+QA_TASKS = ("nq", "webq", "triviaqa")
+TASKS = COMPLETION + QA_TASKS + ("agreement",)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = option("", "Model to evaluate: a local Hugging Face causal-LM directory.")
+    out: str = option("", "JSON file to write: metrics, model facts and this resolved config.")
+    tasks: tuple[str, ...] = option(("heldout", "lambada", "hellaswag", "storycloze"),
+                                    f"Tasks, comma-separated: {', '.join(TASKS)}.")
+    name: str = option("", "Name of the model in reports (default: its directory, or its run's directory).")
+    heldout: tuple[str, ...] = option(("data/corpus/heldout.jsonl.gz",),
+                                      "Held-out text files (.txt, .txt.gz, .jsonl, .jsonl.gz), one document per "
+                                      "file or JSON line.")
+    text_field: str = option("text", "JSON field holding the text of a held-out JSONL document.")
+    lambada: str = option("data/eval/lambada.jsonl", "LAMBADA JSONL ({\"text\": ...}).")
+    hellaswag: str = option("data/eval/hellaswag.jsonl", "HellaSwag JSONL (ctx or ctx_a/ctx_b, endings, label).")
+    storycloze: str = option("data/eval/storycloze.jsonl", "StoryCloze JSONL (InputSentence1..4, "
+                             "RandomFifthSentenceQuiz1/2, AnswerRightEnding).")
+    nq: str = option("", "NQ-open JSONL to evaluate (question, answer list).")
+    nq_shots: str = option("", "NQ-open JSONL the few-shot examples are drawn from (its train split).")
+    webq: str = option("", "WebQuestions JSONL to evaluate (question, answers list).")
+    webq_shots: str = option("", "WebQuestions JSONL the few-shot examples are drawn from.")
+    triviaqa: str = option("", "TriviaQA JSONL to evaluate (question, answer {value, aliases}).")
+    triviaqa_shots: str = option("", "TriviaQA JSONL the few-shot examples are drawn from.")
+    shots: tuple[int, ...] = option((0,), "QA prompt sizes, comma-separated: 0, 1, k (GPT-3's zero-, one-, few-shot).")
+    agreement: str = option("", "A topk store (stage one over held-out sequences) for teacher agreement.")
+    agreement_temperature: float = option(1.0, "Temperature of the agreement KL (one of the store's grid).")
+    limit: int = option(0, "At most this many items per task, the first ones (0 = all).")
+    max_length: int = option(0, "Context window in tokens (0 = the model's maximum positions).")
+    max_new_tokens: int = option(24, "Most tokens generated per QA answer (generation stops at a newline).")
+    batch_size: int = option(16, "Sequences per forward pass.")
+    seed: int = option(1234, "Seed for drawing few-shot examples.")
+    log_samples: bool = option(False, "Also write every item's prediction and score to OUT's .samples.jsonl.")
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: str = option("float32", "Weights and activations: float32, bfloat16 or float16.")
+    trust_remote_code: bool = option(False, "Allow the model directory's own code to run.")
+
+    def __post_init__(self):
+        split = tuple(t.strip() for item in self.tasks for t in item.split(",") if t.strip())  # config files too
+        object.__setattr__(self, "tasks", split)
+        problems = []
+        if not self.model:
+            problems.append("no --model given")
+        if not self.out:
+            problems.append("no --out given")
+        unknown = [t for t in split if t not in TASKS]
+        if unknown:
+            problems.append(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        if not split:
+            problems.append("no --tasks given")
+        for name in QA_TASKS:
+            if name in split and not getattr(self, name):
+                problems.append(f"task {name} needs --{name} FILE (a local JSONL file; nothing is downloaded)")
+            if name in split and any(s > 0 for s in self.shots) and not getattr(self, f"{name}_shots"):
+                problems.append(f"--shots {max(self.shots)} for {name} needs --{name}-shots FILE "
+                                "(examples from a split other than the one evaluated)")
+        if "agreement" in split and not self.agreement:
+            problems.append("task agreement needs --agreement STORE (a topk store of held-out sequences)")
+        if any(s < 0 for s in self.shots):
+            problems.append("shots must not be negative")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("limit", "max_length"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check(problems, "eval")
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring
+
+
+class Scorer:
+    """Batched log-likelihoods and greedy generations of one model."""
+
+    def __init__(self, model, tokenizer, device: torch.device, batch_size: int, max_length: int):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.batch_size, self.max_length = batch_size, max_length
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.vocab = len(tokenizer)
+        probe = torch.tensor([[self.eos, self.eos]], device=device)
+        self.head = OutputHead(model, probe)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids, split where the text splits (trailing context spaces move
+        into the continuation; the continuation is what the whole string adds to the context)."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return [self.eos], self.encode(continuation)
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    @torch.no_grad()
+    def score(self, requests: list[tuple[list[int], list[int]]], desc: str) -> list[tuple[float, bool]]:
+        """For each ``(input ids, targets)``, where the targets are what the last ``len(targets)``
+        positions of the input predict: (sum of target log-probs, every target is the argmax)."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        total = sum(len(r[0]) for r in requests)
+        with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False) as bar:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                inputs = [requests[i][0][-self.max_length:] for i in idx]
+                width = max(len(x) for x in inputs)
+                batch = torch.full((len(idx), width), self.eos, dtype=torch.long)
+                for row, x in enumerate(inputs):
+                    batch[row, :len(x)] = torch.tensor(x)  # right padding: causal rows never see it
+                hidden = self.head.hidden(batch.to(self.device))
+                rows, cols, targets, owner = [], [], [], []
+                for row, (i, x) in enumerate(zip(idx, inputs)):
+                    n = len(requests[i][1])
+                    rows += [row] * n
+                    cols += range(len(x) - n, len(x))
+                    targets += requests[i][1]
+                    owner += [row] * n
+                logits = self.head.logits(hidden[torch.tensor(rows), torch.tensor(cols)]).float()[:, :self.vocab]
+                logprobs = F.log_softmax(logits, dim=-1)
+                y = torch.tensor(targets, device=logprobs.device)
+                picked = logprobs.gather(-1, y[:, None])[:, 0].double().cpu()
+                hit = (logprobs.argmax(-1) == y).cpu()
+                owner_t = torch.tensor(owner)
+                sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, owner_t, picked)
+                misses = torch.zeros(len(idx), dtype=torch.long).index_add_(0, owner_t, (~hit).long())
+                for row, i in enumerate(idx):
+                    results[i] = (float(sums[row]), bool(misses[row] == 0))
+                bar.update(sum(len(x) for x in inputs))
+        return results
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], desc: str) -> list[tuple[float, bool, int]]:
+        """(log p(continuation | context), continuation is greedy, continuation tokens) per pair."""
+        encoded = [self.encode_pair(c, x) for c, x in pairs]
+        for (c, x), (_, cont) in zip(pairs, encoded):
+            if not cont:
+                raise DistillError(f"continuation {x!r} encodes to no tokens")
+            if len(cont) > self.max_length:
+                raise DistillError(f"continuation {x[:40]!r}… is {len(cont)} tokens, longer than the context "
+                                   f"window ({self.max_length}); raise --max-length or shorten the task's answers")
+        scored = self.score([((ctx + cont)[:-1], cont) for ctx, cont in encoded], desc)
+        return [(ll, greedy, len(cont)) for (ll, greedy), (_, cont) in zip(scored, encoded)]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
+        """Greedy continuations, each cut at its first newline."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tokenizer, eos = self.tokenizer, self.eos
+
+        class Newline(StoppingCriteria):
+            def __init__(self, start: int):
+                self.start = start
+
+            def __call__(self, input_ids, scores, **kwargs):
+                texts = tokenizer.batch_decode(input_ids[:, self.start:])
+                return torch.tensor(["\n" in t for t in texts], device=input_ids.device)
+
+        outputs: list[str] = [""] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        keep = max(1, self.max_length - max_new_tokens)
+        with tqdm(total=len(prompts), desc=desc, unit="q", leave=False) as bar:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                encoded = [self.encode(prompts[i])[-keep:] for i in idx]
+                width = max(len(x) for x in encoded)
+                ids = torch.full((len(idx), width), eos, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, x in enumerate(encoded):  # left padding: every prompt ends at the same column
+                    ids[row, width - len(x):] = torch.tensor(x)
+                    mask[row, width - len(x):] = 1
+                out = self.model.generate(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
+                    max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos,
+                    stopping_criteria=StoppingCriteriaList([Newline(width)]))
+                for row, i in enumerate(idx):
+                    new = out[row, width:].tolist()
+                    if eos in new:
+                        new = new[:new.index(eos)]
+                    outputs[i] = T.first_line(tokenizer.decode(new))
+                bar.update(len(idx))
+        return outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# tasks
+
+
+def _limit(items: list, limit: int) -> list:
+    return items[:limit] if limit else items
+
+
+def eval_heldout(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str, float]:
+    """Per-token loss and perplexity, bits per byte and word perplexity over whole documents."""
+    reader = DocumentReader([Path(p) for p in config.heldout], text_field=config.text_field)
+    docs = _limit([d for d in reader if d.strip()], config.limit)
+    if not docs:
+        raise DistillError(f"no held-out text in {', '.join(config.heldout)}")
+    requests, owner = [], []
+    for d, text in enumerate(docs):
+        for window in T.rolling_windows(scorer.encode(text), scorer.eos, scorer.max_length):
+            requests.append(window)
+            owner.append(d)
+    scored = scorer.score(requests, "held-out")
+    per_doc = np.zeros(len(docs))
+    for d, (ll, _) in zip(owner, scored):
+        per_doc[d] += ll
+    nats = -per_doc.sum()
+    tokens = sum(len(targets) for _, targets in requests)
+    n_bytes = sum(len(t.encode("utf-8")) for t in docs)
+    words = sum(len(re.split(r"\s+", t)) for t in docs)  # lm-evaluation-harness's word count
+    for d, text in enumerate(docs):
+        samples.append({"task": "heldout", "doc": d, "loglikelihood": per_doc[d], "bytes": len(text.encode())})
+    return {"loss": nats / tokens, "ppl": math.exp(nats / tokens), "bits_per_byte": nats / n_bytes / math.log(2),
+            "word_ppl": math.exp(nats / words), "tokens": tokens, "bytes": n_bytes, "documents": len(docs)}
+
+
+def eval_lambada(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str, float]:
+    items = _limit(T.lambada(config.lambada), config.limit)
+    scored = scorer.loglikelihood([(it.context, it.target) for it in items], "lambada")
+    for i, (it, (ll, greedy, n)) in enumerate(zip(items, scored)):
+        samples.append({"task": "lambada", "doc": i, "target": it.target, "loglikelihood": ll, "greedy": greedy,
+                        "target_tokens": n})
+    lls = np.array([s[0] for s in scored])
+    return {"acc": float(np.mean([s[1] for s in scored])), "ppl": float(np.exp(-lls.mean())), "n": len(items)}
+
+
+def choice_metrics(loglikelihoods: list[float], endings: tuple[str, ...], label: int) -> tuple[bool, bool]:
+    """(acc, acc_norm) of one multiple-choice item: the most likely ending, in total and per character."""
+    lls = np.array(loglikelihoods)
+    per_char = lls / np.array([len(e) for e in endings])
+    return bool(np.argmax(lls) == label), bool(np.argmax(per_char) == label)
+
+
+def eval_choice(scorer: Scorer, task: str, items: list[T.Choice], samples: list) -> dict[str, float]:
+    pairs = [(it.context, " " + ending) for it in items for ending in it.endings]
+    scored = iter(scorer.loglikelihood(pairs, task))
+    acc, acc_norm = [], []
+    for i, it in enumerate(items):
+        lls = [next(scored)[0] for _ in it.endings]
+        a, an = choice_metrics(lls, it.endings, it.label)
+        acc.append(a)
+        acc_norm.append(an)
+        samples.append({"task": task, "doc": i, "loglikelihoods": lls, "label": it.label, "acc": a, "acc_norm": an})
+    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(items)}
+
+
+def draw_shots(pool: list[T.QA], k: int, seed: int, index: int, question: str) -> list[T.QA]:
+    """``k`` examples for item ``index``: a fixed draw per (seed, item), never the item's own question."""
+    if k == 0:
+        return []
+    candidates = [q for q in pool if q.question != question]
+    if len(candidates) < k:
+        raise DistillError(f"{k}-shot prompts need {k} examples besides the question; the shots file has "
+                           f"{len(candidates)}")
+    rng = np.random.default_rng([seed, index])
+    return [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]
+
+
+def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list) -> dict[str, float]:
+    items = _limit(T.qa(getattr(config, task)), config.limit)
+    pool = T.qa(getattr(config, f"{task}_shots")) if any(config.shots) else []
+    result: dict[str, float] = {"n": len(items)}
+    for k in config.shots:
+        prompts = [T.qa_prompt(it, draw_shots(pool, k, config.seed, i, it.question)) for i, it in enumerate(items)]
+        answers = scorer.generate(prompts, config.max_new_tokens, f"{task} {k}-shot")
+        hits = [T.exact_match(a, it.answers) for a, it in zip(answers, items)]
+        result[f"em_{k}shot"] = float(np.mean(hits))
+        for i, (it, p, a, h) in enumerate(zip(items, prompts, answers, hits)):
+            samples.append({"task": task, "shots": k, "doc": i, "prompt": p, "prediction": a,
+                            "answers": list(it.answers), "em": h})
+    return result
+
+
+@torch.no_grad()
+def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str, float]:
+    """Top-1 agreement with the stored teacher and KL(teacher ‖ model) over the kept top-k plus one
+    tail bucket (exact for the store's distribution; a lower bound on the full-vocabulary KL)."""
+    from pipeline.loader import sequential
+    from pipeline.losses import sparse_kd
+    from pipeline.store import open_store
+    from pipeline.topk import retemper
+
+    store = open_store(config.agreement, kind="topk")
+    params = store.params
+    grid = [float(t) for t in params["temperature_grid"]]
+    t = config.agreement_temperature
+    if t not in grid:
+        raise DistillError(f"--agreement-temperature {t} is not in the store's grid {grid}; pick one of them")
+    if params["vocab_size"] != scorer.vocab:
+        raise DistillError(f"store {store.root} was written for a vocabulary of {params['vocab_size']} tokens, "
+                           f"the model's tokenizer has {scorer.vocab}")
+    if params["seq_len"] > scorer.max_length:
+        raise DistillError(f"store {store.root} holds rows of {params['seq_len']} tokens, more than the model's "
+                           f"context window ({scorer.max_length})")
+    cache_t = float(params["temperature"])
+    cache_i, t_i = grid.index(cache_t), grid.index(t)
+    rows = config.limit or store.rows
+    agree = kl = positions = 0.0
+    with tqdm(total=min(rows, store.rows) * params["seq_len"], desc="agreement", unit="tok", unit_scale=True,
+              leave=False) as bar:
+        for batch in sequential(store, config.batch_size, rows):
+            ids = batch["input_ids"].to(scorer.device)
+            hidden = scorer.head.hidden(ids)[:, :-1]
+            logits = scorer.head.logits(hidden).float()[..., :scorer.vocab]
+            n = logits.shape[0] * logits.shape[1]
+            logits = logits.reshape(n, -1)
+            teacher_ids = batch["topk_ids"][:, :-1].reshape(n, -1).to(scorer.device)
+            lp = retemper(batch["topk_logprobs"], batch["logsumexp"], cache_t, cache_i, t_i, t)
+            lp = lp[:, :-1].reshape(n, -1).to(scorer.device)
+            tail = batch["tail_logmass"][:, :-1, t_i].reshape(n).float().to(scorer.device)
+            student = F.log_softmax(logits / t, dim=-1)
+            agree += float((logits.argmax(-1) == teacher_ids[:, 0]).sum())
+            kl += float(sparse_kd(student, teacher_ids, lp, tail, ids[:, 1:].reshape(n), "tail", "forward").sum())
+            positions += n
+            bar.update(ids.numel())
+    return {"top1": agree / positions, "kl": kl / positions, "temperature": t, "tokens": int(positions)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+
+
+def training_facts(model_dir: Path) -> dict[str, Any]:
+    """How a model was trained, when ``distill student`` trained it (its run's metrics.json)."""
+    for path in (model_dir / "training.json", model_dir / "metrics.json", model_dir.parent / "metrics.json"):
+        if path.is_file() and (path.parent == model_dir or model_dir.name == "model"):
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                continue
+            keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "tokens", "step",
+                    "heldout_loss", "heldout_ppl")
+            return {k: data[k] for k in keep if k in data}
+    return {}
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    model_dir = Path(config.model)
+    if not has_weights(model_dir):
+        raise DistillError(f"model {model_dir} is not a local Hugging Face directory with weights; check the path")
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(model_dir, config.dtype, config.trust_remote_code).to(device).eval()
+    limit = max_positions(model.config) or 2048
+    if config.max_length > limit:
+        raise DistillError(f"--max-length {config.max_length} exceeds the model's {limit} positions")
+    scorer = Scorer(model, tokenizer, device, config.batch_size, config.max_length or limit)
+    started = time.time()
+    samples: list[dict] = []
+    results: dict[str, Any] = {}
+    for task in config.tasks:
+        if task == "heldout":
+            results[task] = eval_heldout(scorer, config, samples)
+        elif task == "lambada":
+            results[task] = eval_lambada(scorer, config, samples)
+        elif task in ("hellaswag", "storycloze"):
+            items = _limit(getattr(T, task)(getattr(config, task)), config.limit)
+            results[task] = eval_choice(scorer, task, items, samples)
+        elif task in QA_TASKS:
+            results[task] = eval_qa(scorer, config, task, samples)
+        else:
+            results[task] = eval_agreement(scorer, config, samples)
+        print(f"{task}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in results[task].items()))
+    name = config.name or (model_dir.resolve().parent.name if model_dir.name == "model" else model_dir.resolve().name)
+    report = {"name": name, "model": str(model_dir), "parameters": count_parameters(model),
+              "training": training_facts(model_dir), "tasks": results, "seconds": time.time() - started,
+              "config": to_dict(config)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if config.log_samples:
+        lines = "".join(json.dumps(s, default=float) + "\n" for s in samples)
+        atomic_write_text(out.with_suffix(".samples.jsonl"), lines)
+    print(f"{out}: {name}, {len(results)} task(s) in {report['seconds']:.0f} s")
+    return report

@@ -1,0 +1,213 @@
+"""`distill eval` against plain forward passes, QA generation and scoring, teacher agreement,
+malformed input, and `distill report`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import tasks
+from stages.eval import EvalConfig, eval_qa
+from tests.conftest import ROOT, TOKENIZER, one_line_error, run_cli
+from tests.stages.test_teacher import make_teacher
+
+FIXTURES = ROOT / "tests" / "fixtures" / "eval"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = make_teacher(tmp_path_factory.mktemp("eval") / "model", scale=8.0)
+    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(str(path))
+    return path
+
+
+def run_eval(model_dir, out, *args):
+    result = run_cli("eval", "--model", model_dir, "--out", out, "--log-samples", *map(str, args))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    return report, samples
+
+
+class Reference:
+    """Unbatched float64 forward passes of the plain transformers model."""
+
+    def __init__(self, model_dir):
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def encode(self, text):
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def loglikelihood(self, context, continuation):
+        ctx = self.encode(context)
+        cont = self.encode(context + continuation)[len(ctx):]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1], -1)
+        picked = logprobs[len(ctx) - 1:].gather(-1, torch.tensor(cont)[:, None])[:, 0]
+        greedy = bool((logprobs[len(ctx) - 1:].argmax(-1) == torch.tensor(cont)).all())
+        return float(picked.sum()), greedy, len(cont)
+
+
+def test_completion_tasks_match_plain_forward_passes(model_dir, tmp_path):
+    report, samples = run_eval(model_dir, tmp_path / "m.json", "--tasks", "lambada,hellaswag,storycloze",
+                               "--lambada", FIXTURES / "lambada.jsonl", "--hellaswag", FIXTURES / "hellaswag.jsonl",
+                               "--storycloze", FIXTURES / "storycloze.jsonl", "--batch-size", "3")
+    ref = Reference(model_dir)
+    lambada = [s for s in samples if s["task"] == "lambada"]
+    items = tasks.lambada(FIXTURES / "lambada.jsonl")
+    for item, sample in zip(items, lambada, strict=True):
+        ll, greedy, n = ref.loglikelihood(item.context, item.target)
+        assert sample["loglikelihood"] == pytest.approx(ll, abs=1e-4) and sample["greedy"] == greedy
+        assert sample["target_tokens"] == n
+    assert lambada[2]["target_tokens"] >= 3  # " Serendipitous" is several tokens: all must be greedy
+    lls = [s["loglikelihood"] for s in lambada]
+    assert report["tasks"]["lambada"]["ppl"] == pytest.approx(math.exp(-np.mean(lls)), rel=1e-9)
+    assert report["tasks"]["lambada"]["acc"] == np.mean([s["greedy"] for s in lambada])
+    for task in ("hellaswag", "storycloze"):
+        items = getattr(tasks, task)(FIXTURES / f"{task}.jsonl")
+        acc, acc_norm = [], []
+        for item, sample in zip(items, [s for s in samples if s["task"] == task], strict=True):
+            lls = [ref.loglikelihood(item.context, " " + e)[0] for e in item.endings]
+            assert sample["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
+            acc.append(int(np.argmax(lls)) == item.label)
+            acc_norm.append(int(np.argmax(np.array(lls) / [len(e) for e in item.endings])) == item.label)
+        assert report["tasks"][task]["acc"] == np.mean(acc)
+        assert report["tasks"][task]["acc_norm"] == np.mean(acc_norm)
+
+
+def test_heldout_perplexity_and_bits_per_byte(model_dir, tmp_path):
+    docs = ["The cat sat on the mat. It was warm.", "Héllo wörld, a second document with more words in it."]
+    text = tmp_path / "heldout.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    report, _ = run_eval(model_dir, tmp_path / "h.json", "--tasks", "heldout", "--heldout", text)
+    ref = Reference(model_dir)
+    nats = tokens = 0
+    for d in docs:
+        ids = [0] + ref.encode(d)  # every token predicted, the first one from the EOS boundary
+        with torch.no_grad():
+            logprobs = torch.log_softmax(ref.model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+        nats -= float(logprobs.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+        tokens += len(ids) - 1
+    got = report["tasks"]["heldout"]
+    assert got["tokens"] == tokens and got["bytes"] == sum(len(d.encode()) for d in docs)
+    assert got["loss"] == pytest.approx(nats / tokens, abs=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(nats / got["bytes"] / math.log(2), abs=1e-5)
+    # a window shorter than the documents scores the same tokens, each with less context
+    short, _ = run_eval(model_dir, tmp_path / "w.json", "--tasks", "heldout", "--heldout", text, "--max-length", "4")
+    assert short["tasks"]["heldout"]["tokens"] == tokens
+    assert short["tasks"]["heldout"]["loss"] != pytest.approx(got["loss"], abs=1e-6)
+
+
+def test_qa_batched_generation_equals_one_at_a_time(model_dir, tmp_path):
+    args = ("--tasks", "nq,triviaqa", "--nq", FIXTURES / "nq_open.jsonl", "--nq-shots", FIXTURES / "nq_open_train.jsonl",
+            "--triviaqa", FIXTURES / "triviaqa.jsonl", "--triviaqa-shots", FIXTURES / "triviaqa.jsonl",
+            "--shots", "0,1", "--max-new-tokens", "6")
+    one, one_samples = run_eval(model_dir, tmp_path / "a.json", *args, "--batch-size", "1")
+    many, many_samples = run_eval(model_dir, tmp_path / "b.json", *args, "--batch-size", "3")
+    assert [s["prediction"] for s in one_samples] == [s["prediction"] for s in many_samples]
+    assert one["tasks"] == many["tasks"]
+    for s in many_samples:
+        assert "\n" not in s["prediction"] and s["em"] == tasks.exact_match(s["prediction"], s["answers"])
+        assert s["prompt"].endswith("\nA:") and s["prompt"].count("Q: ") == 1 + s["shots"]
+    shot = next(s for s in many_samples if s["task"] == "nq" and s["shots"] == 1)
+    train_questions = [q.question for q in tasks.qa(FIXTURES / "nq_open_train.jsonl")]
+    assert any(shot["prompt"].startswith(f"Q: {q}\nA: ") for q in train_questions)
+
+
+def test_exact_match_scoring_by_hand():
+    class Canned:  # answers fixed in advance stand in for the model
+        def generate(self, prompts, max_new_tokens, desc):
+            return ["December 1972", "Bob Russell.", "twelve"]
+
+    config = EvalConfig(model="m", out="o", tasks=("nq",), nq=str(FIXTURES / "nq_open.jsonl"))
+    samples = []
+    result = eval_qa(Canned(), config, "nq", samples)
+    assert result == {"n": 3, "em_0shot": pytest.approx(2 / 3)}
+    assert [s["em"] for s in samples] == [True, True, False]
+
+
+def test_teacher_agreement_with_its_own_store(model_dir, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                              ["A short document about the sea and the ships on it.", "Another one, about hills."] * 3))
+    assert run_cli("prepare", "--input", corpus, "--out", tmp_path / "tokens", "--tokenizer", TOKENIZER,
+                   "--seq-len", "16").exit_code == 0
+    result = run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", model_dir, "--out", tmp_path / "topk",
+                     "--top-k", "8", "--logprob-dtype", "float32")
+    assert result.exit_code == 0, result.output
+    same, _ = run_eval(model_dir, tmp_path / "same.json", "--tasks", "agreement", "--agreement", tmp_path / "topk")
+    assert same["tasks"]["agreement"]["top1"] == 1.0
+    assert abs(same["tasks"]["agreement"]["kl"]) < 1e-5
+    other = make_teacher(tmp_path / "other", scale=3.0)  # same seed, flatter head: other distributions
+    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(str(other))
+    different, _ = run_eval(other, tmp_path / "other.json", "--tasks", "agreement", "--agreement", tmp_path / "topk",
+                            "--agreement-temperature", "2")
+    assert different["tasks"]["agreement"]["kl"] > 1e-3
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "a b c"}\nnot json\n', "lambada.jsonl:2: not valid JSON"),
+    ('{"words": "a b c"}\n', "lambada.jsonl:1: missing field 'text'"),
+    ("", "lambada.jsonl: empty task file"),
+])
+def test_malformed_task_file_is_one_line_error(model_dir, tmp_path, content, message):
+    path = tmp_path / "lambada.jsonl"
+    path.write_text(content)
+    msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", tmp_path / "m.json", "--tasks", "lambada",
+                                 "--lambada", path))
+    assert message in msg
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_bad_options_are_one_line_errors(model_dir, tmp_path):
+    out = tmp_path / "m.json"
+    assert "unknown task(s) squad" in one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "squad"))
+    assert "needs --nq FILE" in one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "nq"))
+    msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "nq", "--nq",
+                                 FIXTURES / "nq_open.jsonl", "--shots", "1"))
+    assert "needs --nq-shots FILE" in msg
+    assert "not a local Hugging Face directory" in one_line_error(
+        run_cli("eval", "--model", tmp_path / "nothing", "--out", out))
+    msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "hellaswag", "--hellaswag",
+                                 tmp_path / "missing.jsonl"))
+    assert "no such task file" in msg
+
+
+def fake_run(name, params, training, tasks_):
+    return {"name": name, "model": f"/m/{name}", "parameters": params, "training": training, "tasks": tasks_}
+
+
+def test_report_table_and_figures(tmp_path):
+    runs = [
+        fake_run("teacher", 6_843_648, {"alpha": 1.0, "teacher_source": "none"},
+                 {"heldout": {"ppl": 110.34, "bits_per_byte": 1.51}, "lambada": {"acc": 0.2345, "ppl": 351.2},
+                  "hellaswag": {"acc": 0.5, "acc_norm": 0.55}, "nq": {"em_0shot": 0.0, "em_1shot": 0.125}}),
+        fake_run("student-t2", 1_840_256, {"alpha": 0.5, "teacher_source": "store", "temperature": 2.0, "tail": "tail"},
+                 {"heldout": {"ppl": 150.0, "bits_per_byte": 1.6}, "lambada": {"acc": 0.1, "ppl": 900.0},
+                  "agreement": {"top1": 0.41, "kl": 0.9}}),
+    ]
+    paths = []
+    for r in runs:
+        paths.append(tmp_path / f"{r['name']}.json")
+        paths[-1].write_text(json.dumps(r))
+    result = run_cli("report", *paths, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[0].split(" | ")[4:7] == ["held-out ppl ↓", "bits/byte ↓", "LAMBADA acc ↑"]
+    assert rows[1].startswith("| teacher | 6.84M | cross-entropy | – | 110.34 | 1.510 | 23.4 | 351.20 |")
+    assert "| student-t2 | 1.84M | distilled (α=0.5, tail, top-k store) | 2 | 150.00 |" in rows[2]
+    assert rows[1].endswith("| 0.0 | 12.5 |") and rows[2].endswith("| – | – |")  # NQ 0-shot, 1-shot
+    for figure in ("completion.png", "perplexity.png", "qa.png", "agreement.png"):
+        assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({figure})" in md
+    combined = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["name"] for r in combined["runs"]] == ["teacher", "student-t2"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert "not a `distill eval` result" in one_line_error(run_cli("report", bad, "--out", tmp_path / "r2"))
