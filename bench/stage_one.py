@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--position-chunk", type=int, default=0, help="stage one's --position-chunk (0 = its default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="bench/results/stage_one.json")
@@ -67,7 +68,8 @@ def main() -> None:
     def stage_one(k: int, backend: str, name: str) -> tuple[float, float]:
         config = load_config(TeacherConfig, tokens_store=str(work / "tokens-all"), max_rows=len(rows), teacher=args.teacher, out=str(work / name),
                              top_k=k, backend=backend, batch_size=args.batch_size, device=str(device),
-                             dtype=args.dtype, rows_per_shard=max(1, len(rows) // 4), overwrite=True)
+                             dtype=args.dtype, rows_per_shard=max(1, len(rows) // 4), overwrite=True,
+                             **({"position_chunk": args.position_chunk} if args.position_chunk else {}))
         run = run_teacher(config)
         store = open_store(work / name)
         return run.seconds / run.tokens, store.index["bytes"] / (store.rows * store.params["seq_len"])
@@ -92,6 +94,7 @@ def main() -> None:
         "teacher": args.teacher,
         "tokens_per_run": int(rows.size),
         "batch_size": args.batch_size,
+        "position_chunk": args.position_chunk or TeacherConfig.__dataclass_fields__["position_chunk"].default,
         "bare_forward_us_per_token_median": statistics.median(bare) * 1e6,
         "stage_one_us_per_token_median": statistics.median(stage) * 1e6,
         "stage_one_over_bare_median": statistics.median(ratio),

@@ -32,13 +32,13 @@ def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple
     """
     z = logits.float()
     top_values, top_ids = torch.topk(z, k, dim=-1)  # sorted, largest first
-    shifted = z - top_values[:, :1]  # ≤ 0 everywhere: exp never overflows
-    buffer = torch.empty_like(shifted)
+    buffer = torch.empty_like(z)
     lse, tail = [], []
     for t in grid:
-        # One exp pass per temperature, in place; the rest mass is summed after zeroing the kept
-        # entries (k writes), not as total − kept, so tiny tails keep their precision.
-        torch.div(shifted, t, out=buffer).exp_()
+        # One fused pass per temperature, (z − max)/T = z/T − max/T, then exp in place (≤ 1: never
+        # overflows); the rest mass is summed after zeroing the kept entries (k writes), not as
+        # total − kept, so tiny tails keep their precision.
+        torch.add(top_values[:, :1] / -t, z, alpha=1.0 / t, out=buffer).exp_()
         total = buffer.sum(dim=-1)
         rest = buffer.scatter_(-1, top_ids, 0.0).sum(dim=-1)
         lse.append(top_values[:, 0] / t + total.log())
