@@ -120,10 +120,10 @@ bench: setup
 # The whole pipeline on the embedded default, on CPU in a few minutes: stage one over the first
 # DEMO_ROWS rows of the train split, distilled students at T = 1 and T = 2 and a CE-only one on
 # those rows, then all four models evaluated and compared in a report.
-DEMO_ROWS ?= 1024
+DEMO_ROWS ?= 512
 DEMO_STEPS ?= 60
-DEMO_LIMIT ?= 200
-DEMO_TRAIN = STEPS=$(DEMO_STEPS) ARGS="--eval-every 20 --checkpoint-every 20 --warmup-steps 6 $(ARGS)"
+DEMO_LIMIT ?= 100
+DEMO_TRAIN = STEPS=$(DEMO_STEPS) ARGS="--eval-every 30 --checkpoint-every 30 --warmup-steps 6 $(ARGS)"
 DEMO_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
 	EVAL_ARGS="--limit $(DEMO_LIMIT) --agreement $(RUN)/topk-heldout $(EVAL_ARGS)"
 demo: setup
