@@ -61,6 +61,27 @@ def _open(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def read_lines(path: Path, skipped: "ReadStats | None" = None,
+               hint: str = "convert the file or pass --skip-bad-utf8 to skip such lines") -> Iterator[tuple[int, int, str]]:
+    """(line number, byte offset, text) of each line of a plain or gzipped file. A line that is not
+    UTF-8 is an error naming the byte offset, or, given ``skipped``, counted there and skipped."""
+    offset = 0
+    try:
+        with _open(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if skipped is None:
+                        raise DistillError(f"{path}: not UTF-8 at byte {offset + e.start} (line {lineno}); {hint}") from None
+                    skipped.skipped_lines += 1
+                else:
+                    yield lineno, offset, text
+                offset += len(raw)
+    except (OSError, EOFError) as e:
+        raise DistillError(f"{path}: cannot read ({e}); check the file is complete") from None
+
+
 @dataclass
 class ReadStats:
     documents: int = 0
@@ -86,25 +107,7 @@ class DocumentReader:
                 yield from self._txt(path)
 
     def _lines(self, path: Path) -> Iterator[tuple[int, int, str]]:
-        """(line number, byte offset, text) for each line that decodes; bad ones raise or are counted."""
-        offset = 0
-        try:
-            with _open(path) as f:
-                for lineno, raw in enumerate(f, start=1):
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        if not self.skip_bad_utf8:
-                            raise DistillError(
-                                f"{path}: not UTF-8 at byte {offset + e.start} (line {lineno}); "
-                                "convert the file or pass --skip-bad-utf8 to skip such lines"
-                            ) from None
-                        self.stats.skipped_lines += 1
-                    else:
-                        yield lineno, offset, text
-                    offset += len(raw)
-        except (OSError, EOFError) as e:
-            raise DistillError(f"{path}: cannot read ({e}); check the file is complete") from None
+        return read_lines(path, self.stats if self.skip_bad_utf8 else None)
 
     def _jsonl(self, path: Path) -> Iterator[str]:
         for lineno, _, line in self._lines(path):

@@ -15,7 +15,6 @@ them, so a model scored here and there gets the same numbers:
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import string
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.corpus import read_lines
 from pipeline.errors import DistillError
 
 
@@ -54,24 +54,18 @@ def jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise TaskFileError(f"{path}: no such task file; pass the path of a local JSONL file")
-    opener = gzip.open if path.suffix == ".gz" else open
     count = 0
-    with opener(path, "rt", encoding="utf-8") as f:
-        line_no = 0
+    for line_no, _, line in read_lines(path, hint="convert the file to UTF-8"):
+        if not line.strip():
+            continue
         try:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskFileError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise TaskFileError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-                count += 1
-                yield line_no, obj
-        except UnicodeDecodeError as e:
-            raise TaskFileError(f"{path}:{line_no + 1}: not UTF-8 (byte offset {e.start} in the line)") from None
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskFileError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise TaskFileError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+        count += 1
+        yield line_no, obj
     if count == 0:
         raise TaskFileError(f"{path}: empty task file (no JSON lines)")
 

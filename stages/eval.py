@@ -16,9 +16,9 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,21 +151,20 @@ class Scorer:
                 for row, x in enumerate(inputs):
                     batch[row, :len(x)] = torch.tensor(x)  # right padding: causal rows never see it
                 hidden = self.head.hidden(batch.to(self.device))
-                rows, cols, targets, owner = [], [], [], []
+                rows, cols, targets = [], [], []  # every scored position: its batch row, column, target
                 for row, (i, x) in enumerate(zip(idx, inputs)):
                     n = len(requests[i][1])
                     rows += [row] * n
                     cols += range(len(x) - n, len(x))
                     targets += requests[i][1]
-                    owner += [row] * n
                 logits = self.head.logits(hidden[torch.tensor(rows), torch.tensor(cols)]).float()[:, :self.vocab]
                 logprobs = F.log_softmax(logits, dim=-1)
                 y = torch.tensor(targets, device=logprobs.device)
                 picked = logprobs.gather(-1, y[:, None])[:, 0].double().cpu()
                 hit = (logprobs.argmax(-1) == y).cpu()
-                owner_t = torch.tensor(owner)
-                sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, owner_t, picked)
-                misses = torch.zeros(len(idx), dtype=torch.long).index_add_(0, owner_t, (~hit).long())
+                owner = torch.tensor(rows)
+                sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, owner, picked)
+                misses = torch.zeros(len(idx), dtype=torch.long).index_add_(0, owner, (~hit).long())
                 for row, i in enumerate(idx):
                     results[i] = (float(sums[row]), bool(misses[row] == 0))
                 bar.update(sum(len(x) for x in inputs))

@@ -111,3 +111,10 @@ def test_malformed_files_name_file_and_line(tmp_path, content, reader, message):
     with pytest.raises(DistillError, match=message) as info:
         reader(path)
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_task_file_that_is_not_utf8_names_the_byte(tmp_path):
+    path = tmp_path / "lambada.jsonl"
+    path.write_bytes(b'{"text": "a b"}\n{"text": "c \xff d"}\n')
+    with pytest.raises(DistillError, match=r"not UTF-8 at byte 28 \(line 2\); convert the file to UTF-8"):
+        tasks.lambada(path)
