@@ -18,19 +18,86 @@ Re-tempering is exact up to storage precision: ``z_i = T·(topk_logprobs_i + log
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
+
+from pipeline.errors import DistillError
+
+
+KERNELS = ("auto", "native", "torch")
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``native`` or ``torch`` for logits on ``device``; a one-line error where ``native`` cannot run."""
+    from pipeline import native
+
+    if kernel not in KERNELS:
+        raise DistillError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel == "torch" or (kernel == "auto" and device.type != "cpu"):
+        return "torch"
+    if device.type != "cpu":
+        raise DistillError(f"the fused kernel runs on the CPU, but the teacher is on {device}; "
+                           "use --kernel torch or auto")
+    if not native.available():
+        if kernel == "native":
+            raise DistillError(f"the fused CPU kernel is unavailable ({native.unavailable_reason()}); "
+                               "use --kernel torch")
+        _warn_once(f"distill: the fused CPU kernel is unavailable ({native.unavailable_reason()}); "
+                   "stage one uses torch operations, about 3× slower reductions")
+        return "torch"
+    return "native"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple[float, ...],
-                   targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   targets: torch.Tensor | None = None, kernel: str = "auto") -> dict[str, torch.Tensor]:
     """Sparse summary of one chunk of positions.
 
     logits: ``[P, V]`` (any float dtype; computed in float32), targets: ``[P]`` int64 or None,
     ``grid`` must contain ``temperature``. Returns float32/int64 tensors on ``logits.device``:
     ``topk_ids [P, k]``, ``topk_logprobs [P, k]``, ``logsumexp [P, G]``, ``tail_logmass [P, G]`` and
-    ``target_logprob [P]`` (when targets are given). Memory: a few ``[P, V]`` float32 buffers.
+    ``target_logprob [P]`` (when targets are given).
+
+    ``kernel``: ``native`` is the fused CPU kernel (:mod:`pipeline.native`), ``torch`` is torch
+    operations (any device; memory: a few ``[P, V]`` float32 buffers), ``auto`` is the kernel for
+    CPU logits where it builds, else torch. Both give the same top-k (ties to the lower id in the
+    kernel; in an unspecified order in torch) and agree to float32 rounding elsewhere. A position
+    whose logits hold NaN or +inf is an error.
     """
+    from pipeline import native
+
     z = logits.float()
+    if resolve_kernel(kernel, z.device) == "native":
+        top_ids, top_values, lse_all, tail, bad_rows = native.sparse_rows(z, k, grid)
+    else:
+        summary = torch_sparse_teacher(z, k, grid)
+        top_ids, top_values = summary["topk_ids"], summary["top_values"]
+        lse_all, tail = summary["logsumexp"], summary["tail_logmass"]
+        bad_rows = int((~torch.isfinite(top_values[:, 0])).sum())  # NaN and +inf sort first; -inf rows too
+    if bad_rows:
+        raise DistillError(f"the teacher's logits hold NaN or infinity at {bad_rows} of {z.shape[0]} positions; "
+                           "check its weights, or run it in float32 (--dtype float32)")
+    lse_cache = lse_all[:, grid.index(temperature)]
+    out = {
+        "topk_ids": top_ids,
+        "topk_logprobs": top_values / temperature - lse_cache[:, None],
+        "logsumexp": lse_all,
+        "tail_logmass": tail,
+    }
+    if targets is not None:
+        out["target_logprob"] = z.gather(-1, targets[:, None]).squeeze(-1) / temperature - lse_cache
+    return out
+
+
+def torch_sparse_teacher(z: torch.Tensor, k: int, grid: tuple[float, ...]) -> dict[str, torch.Tensor]:
+    """The reductions with torch operations: ``z [P, V]`` float32 → ``topk_ids``, ``top_values``
+    (raw logits, largest first) ``[P, k]``, ``logsumexp`` and ``tail_logmass`` ``[P, G]``."""
     top_values, top_ids = torch.topk(z, k, dim=-1)  # sorted, largest first
     buffer = torch.empty_like(z)
     lse, tail = [], []
@@ -43,17 +110,8 @@ def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple
         rest = buffer.scatter_(-1, top_ids, 0.0).sum(dim=-1)
         lse.append(top_values[:, 0] / t + total.log())
         tail.append(rest.log() - total.log())  # −inf when k == V
-    lse_all = torch.stack(lse, dim=-1)
-    lse_cache = lse_all[:, grid.index(temperature)]
-    out = {
-        "topk_ids": top_ids,
-        "topk_logprobs": top_values / temperature - lse_cache[:, None],
-        "logsumexp": lse_all,
-        "tail_logmass": torch.stack(tail, dim=-1),
-    }
-    if targets is not None:
-        out["target_logprob"] = z.gather(-1, targets[:, None]).squeeze(-1) / temperature - lse_cache
-    return out
+    return {"topk_ids": top_ids, "top_values": top_values,
+            "logsumexp": torch.stack(lse, dim=-1), "tail_logmass": torch.stack(tail, dim=-1)}
 
 
 def retemper(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, cache_temperature: float,

@@ -36,7 +36,7 @@ from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, file_sha256
 from pipeline.models import WEIGHT_FILES, OutputHead, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
-from pipeline.topk import sparse_teacher
+from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
 
 PART = "index.part-{:05d}-of-{:05d}.json"
 
@@ -61,6 +61,9 @@ class TeacherConfig:
     num_shards: int = option(1, "Number of independent jobs filling the store.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
     dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16 (reductions are float32).")
+    kernel: str = option("auto", "Top-k/log-sum-exp reductions: 'native' (fused CPU kernel, built with the system C "
+                         "compiler on first use), 'torch' (any device), or 'auto' (native for a CPU teacher where "
+                         "it builds, else torch). Both write the same store to float32 rounding.")
     logprob_dtype: str = option("float16", "dtype of the stored top-k log-probs: float16 (compact) or float32 "
                                 "(exact, for checking losses against an online teacher).")
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
@@ -89,6 +92,8 @@ class TeacherConfig:
             problems.append(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.logprob_dtype not in ("float16", "float32"):
             problems.append(f"logprob_dtype must be float16 or float32, got {self.logprob_dtype!r}")
+        if self.kernel not in KERNELS:
+            problems.append(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.overwrite and self.num_shards > 1:
@@ -209,6 +214,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
                   {"params": params, "shards_planned": n_total})
 
     device = resolve_device(config.device)
+    kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
     model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
     probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
     head = OutputHead(model, probe)
@@ -283,6 +289,7 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig
     """All stored arrays for one shard of rows ``input_ids [R, L]``."""
     rows, seq_len = input_ids.shape
     k, n_grid = config.top_k, len(grid)
+    kernel = resolve_kernel(config.kernel, device)
     out = {
         "input_ids": input_ids,
         "topk_ids": np.empty((rows, seq_len, k), dtype=id_dtype),
@@ -306,7 +313,8 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig
                     raise DistillError(f"the teacher's argmax fell on a padded output row (id >= {vocab}); "
                                        "its output rows do not match the tokenizer")
                 logits = logits[:, :vocab]
-            chunk = sparse_teacher(logits, k, config.temperature, grid, targets[p0:p0 + config.position_chunk])
+            chunk = sparse_teacher(logits, k, config.temperature, grid, targets[p0:p0 + config.position_chunk],
+                                   kernel)
             for name, value in chunk.items():
                 results[name].append(value)
         view = slice(start, start + b)

@@ -59,9 +59,9 @@ def all_rows(store):
     return store.read_rows(0, store.rows)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_store_equals_fresh_forward(setup, tmp_path, temperature):
-    result = run_cli(*teacher_args(setup, tmp_path / "s", "--temperature", temperature,
+@pytest.mark.parametrize("temperature,kernel", [(1.0, "native"), (2.0, "native"), (1.0, "torch"), (2.0, "torch")])
+def test_store_equals_fresh_forward(setup, tmp_path, temperature, kernel):
+    result = run_cli(*teacher_args(setup, tmp_path / "s", "--temperature", temperature, "--kernel", kernel,
                                    "--temperature-grid", "1", "--temperature-grid", "2"))
     assert result.exit_code == 0, result.output
     store = open_store(tmp_path / "s", kind="topk")
