@@ -4,11 +4,16 @@ Side by side in one process, alternating, medians over repeats (the machine is s
 
 - ``bare``: ``model(input_ids).logits`` over the same rows and batch size, nothing else;
 - ``stage one``: ``distill teacher`` end to end (chunked head, top-k, log-sum-exp at each grid
-  temperature, exact tail, writer thread, compression, renames), loop time without model loading.
+  temperature, exact tail, writer thread, compression, renames), loop time without model loading,
+  once per reduction kernel (``--kernels``: the fused CPU kernel and torch operations).
 
-Bytes per token are measured at k = 8, 32, 64 for both backends on the same rows.
+Each repeat runs bare, every kernel, then bare again; a ratio divides by the mean of that repeat's
+two bare runs, so drift in the machine's speed between repeats cancels. Shards hold
+``--rows-per-shard`` rows (64 rows = 16k tokens: writes overlap the next shard's compute, as in a
+real run; tiny shards would mostly measure zarr's per-array overhead). Bytes per token are
+measured at k = 8, 32, 64 for both backends on the first ``--size-rows`` rows.
 
-    python bench/stage_one.py --teacher data/models/teacher --rows 64 --repeats 3
+    python bench/stage_one.py --teacher data/models/teacher --rows 256 --repeats 5
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -48,7 +54,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="data/models/teacher")
     parser.add_argument("--corpus", default="data/corpus/heldout.jsonl.gz")
-    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--rows-per-shard", type=int, default=64)
+    parser.add_argument("--size-rows", type=int, default=64)
+    parser.add_argument("--kernels", default="native,torch", help="stage one's --kernel values to time, comma-separated")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--position-chunk", type=int, default=0, help="stage one's --position-chunk (0 = its default)")
@@ -65,27 +74,37 @@ def main() -> None:
 
     model = load_model(args.teacher, args.dtype).to(device).eval()
 
-    def stage_one(k: int, backend: str, name: str) -> tuple[float, float]:
-        config = load_config(TeacherConfig, tokens_store=str(work / "tokens-all"), max_rows=len(rows), teacher=args.teacher, out=str(work / name),
-                             top_k=k, backend=backend, batch_size=args.batch_size, device=str(device),
-                             dtype=args.dtype, rows_per_shard=max(1, len(rows) // 4), overwrite=True,
+    def stage_one(k: int, backend: str, name: str, kernel: str, n_rows: int) -> tuple[float, float]:
+        config = load_config(TeacherConfig, tokens_store=str(work / "tokens-all"), max_rows=n_rows, teacher=args.teacher,
+                             out=str(work / name), top_k=k, backend=backend, batch_size=args.batch_size,
+                             device=str(device), dtype=args.dtype, rows_per_shard=min(args.rows_per_shard, n_rows),
+                             overwrite=True, kernel=kernel,
                              **({"position_chunk": args.position_chunk} if args.position_chunk else {}))
         run = run_teacher(config)
         store = open_store(work / name)
+        shutil.rmtree(work / name)
         return run.seconds / run.tokens, store.index["bytes"] / (store.rows * store.params["seq_len"])
 
-    bare_forward(model, rows[: args.batch_size], args.batch_size, device)  # warm-up
-    bare, stage, ratio = [], [], []
+    kernels = [name for name in args.kernels.split(",") if name]
+    bare_forward(model, rows[: args.batch_size], args.batch_size, device)  # warm-up: allocator, threads
+    for kernel in kernels:  # warm-up: kernel build, zarr imports
+        stage_one(64, "zarr", "warm-up", kernel, args.batch_size)
+    bare, stage, ratio = [], {kernel: [] for kernel in kernels}, {kernel: [] for kernel in kernels}
     for repeat in range(args.repeats):
-        b = bare_forward(model, rows, args.batch_size, device)
-        s, _ = stage_one(64, "zarr", f"timing-{repeat}")
-        bare.append(b)
-        stage.append(s)
-        ratio.append(s / b)
+        before = bare_forward(model, rows, args.batch_size, device)
+        seconds = {kernel: stage_one(64, "zarr", f"timing-{repeat}-{kernel}", kernel, len(rows))[0] for kernel in kernels}
+        after = bare_forward(model, rows, args.batch_size, device)
+        base = (before + after) / 2
+        bare.append(base)
+        for kernel in kernels:
+            stage[kernel].append(seconds[kernel])
+            ratio[kernel].append(seconds[kernel] / base)
+        print(f"repeat {repeat}: bare {base * 1e6:.1f} us/token, " + ", ".join(
+            f"{kernel} {seconds[kernel] * 1e6:.1f} ({seconds[kernel] / base:.3f})" for kernel in kernels), flush=True)
     sizes = {}
     for backend in ("zarr", "arrow"):
         for k in (8, 32, 64):
-            sizes[f"{backend}_k{k}"] = stage_one(k, backend, f"size-{backend}-{k}")[1]
+            sizes[f"{backend}_k{k}"] = stage_one(k, backend, f"size-{backend}-{k}", kernels[0], args.size_rows)[1]
 
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -93,11 +112,13 @@ def main() -> None:
         "torch": torch.__version__,
         "teacher": args.teacher,
         "tokens_per_run": int(rows.size),
+        "rows_per_shard": args.rows_per_shard,
         "batch_size": args.batch_size,
         "position_chunk": args.position_chunk or TeacherConfig.__dataclass_fields__["position_chunk"].default,
+        "repeats": args.repeats,
         "bare_forward_us_per_token_median": statistics.median(bare) * 1e6,
-        "stage_one_us_per_token_median": statistics.median(stage) * 1e6,
-        "stage_one_over_bare_median": statistics.median(ratio),
+        "stage_one_us_per_token_median": {kernel: statistics.median(stage[kernel]) * 1e6 for kernel in kernels},
+        "stage_one_over_bare_median": {kernel: statistics.median(ratio[kernel]) for kernel in kernels},
         "stage_one_over_bare_each": ratio,
         "bytes_per_token": sizes,
         "naive_int32_fp16_bytes_per_token_k64": 64 * 6,

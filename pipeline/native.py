@@ -27,13 +27,15 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("sparse_teacher.c")
-FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-math-errno")
-CPU_FLAGS = ("-march=native",)  # tried first; dropped if the compiler refuses it
+FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno")  # c11 alone turns FMA off
+# Tried in order: the first that compiles, loads and passes the check is used.
+VARIANTS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,16 +44,23 @@ def _library() -> tuple[object | None, str]:
     if os.environ.get("DISTILL_NATIVE", "1") == "0":
         return None, "DISTILL_NATIVE=0"
     errors = []
-    for flags in (FLAGS + CPU_FLAGS, FLAGS):
-        function, error = build(flags)
-        if function is not None:
-            return function, ""
+    for extra in VARIANTS:
+        kernel, error = build(FLAGS + extra)
+        if kernel is not None:
+            return kernel, ""
         errors.append(error)
-    return None, "; ".join(errors)
+    return None, "; ".join(dict.fromkeys(errors))
 
 
-def build(flags: tuple[str, ...]) -> tuple[object | None, str]:
-    """The kernel compiled with ``flags`` (cached), loaded and checked: (function, "") or (None, why)."""
+@dataclass(frozen=True)
+class Kernel:
+    function: object  # the ctypes function sparse_teacher_rows
+    openmp: bool  # splits rows itself; else the caller splits them across Python threads
+    path: Path
+
+
+def build(flags: tuple[str, ...]) -> tuple[Kernel | None, str]:
+    """The kernel compiled with ``flags`` (cached), loaded and checked: (kernel, "") or (None, why)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return None, "no C compiler found (set CC or install gcc)"
@@ -67,17 +76,19 @@ def build(flags: tuple[str, ...]) -> tuple[object | None, str]:
         if error:
             return None, error
     try:
-        function = ctypes.CDLL(str(path)).sparse_teacher_rows
+        library = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"cannot load {path}: {e}"
+    function = library.sparse_teacher_rows
     function.restype = ctypes.c_int64
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                         ctypes.c_void_p, ctypes.c_void_p]
-    mismatch = _self_check(function)
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    kernel = Kernel(function, bool(library.sparse_teacher_openmp()), path)
+    mismatch = _self_check(kernel)
     if mismatch:
         return None, f"{path} disagrees with torch ({mismatch})"
-    return function, ""
+    return kernel, ""
 
 
 def _cache_dir() -> Path:
@@ -120,13 +131,13 @@ def _compile(compiler: str, flags: tuple[str, ...], path: Path) -> str:
     return ""
 
 
-def _call(function, logits: torch.Tensor, k: int, inverse_temperatures: torch.Tensor,
-          out: tuple[torch.Tensor, ...], rows: slice) -> int:
+def _call(kernel: Kernel, logits: torch.Tensor, k: int, inverse_temperatures: torch.Tensor,
+          out: tuple[torch.Tensor, ...], rows: slice, threads: int) -> int:
     ids, values, lse, tail = (t[rows] for t in out)
     block = logits[rows]
-    return function(block.data_ptr(), block.shape[0], block.shape[1], block.stride(0), k,
-                    inverse_temperatures.data_ptr(), inverse_temperatures.numel(),
-                    ids.data_ptr(), values.data_ptr(), lse.data_ptr(), tail.data_ptr())
+    return kernel.function(block.data_ptr(), block.shape[0], block.shape[1], block.stride(0), k,
+                           inverse_temperatures.data_ptr(), inverse_temperatures.numel(),
+                           ids.data_ptr(), values.data_ptr(), lse.data_ptr(), tail.data_ptr(), threads)
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,24 +145,24 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="sparse-teacher")
 
 
-def _run(function, logits: torch.Tensor, k: int, grid: tuple[float, ...], threads: int):
+def _run(kernel: Kernel, logits: torch.Tensor, k: int, grid: tuple[float, ...], threads: int):
     rows = logits.shape[0]
     inverse_temperatures = torch.tensor([1.0 / t for t in grid], dtype=torch.float64)
     out = (torch.empty(rows, k, dtype=torch.int64), torch.empty(rows, k, dtype=torch.float32),
            torch.empty(rows, len(grid), dtype=torch.float32), torch.empty(rows, len(grid), dtype=torch.float32))
-    parts = max(1, min(threads, rows // 16))
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    slices = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-    if parts == 1:
-        bad = [_call(function, logits, k, inverse_temperatures, out, slices[0])]
+    if kernel.openmp:
+        bad = [_call(kernel, logits, k, inverse_temperatures, out, slice(0, rows), threads)]
     else:
-        bad = list(_pool().map(lambda s: _call(function, logits, k, inverse_temperatures, out, s), slices))
+        parts = max(1, min(threads, rows // 16))
+        bounds = [rows * i // parts for i in range(parts + 1)]
+        slices = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        bad = list(_pool().map(lambda s: _call(kernel, logits, k, inverse_temperatures, out, s, 1), slices))
     if any(b < 0 for b in bad):
         raise MemoryError("sparse_teacher kernel could not allocate its row buffers")
     return (*out, sum(bad))
 
 
-def _self_check(function) -> str:
+def _self_check(kernel: Kernel) -> str:
     from pipeline.topk import torch_sparse_teacher
 
     generator = torch.Generator().manual_seed(0)
@@ -159,7 +170,7 @@ def _self_check(function) -> str:
     logits[3, :] = 1.5  # all tied
     logits[5, 100:] = float("-inf")
     grid = (1.0, 2.0, 0.5)
-    ids, values, lse, tail, bad = _run(function, logits, 64, grid, threads=1)
+    ids, values, lse, tail, bad = _run(kernel, logits, 64, grid, threads=2)
     reference = torch_sparse_teacher(logits, 64, grid)
     if bad:
         return f"{bad} finite rows reported as non-finite"
@@ -176,6 +187,12 @@ def _self_check(function) -> str:
     return ""
 
 
+def describe() -> str:
+    """Which build is in use, for logs: its file and whether it threads with OpenMP."""
+    kernel, why = _library()
+    return f"unavailable ({why})" if kernel is None else f"{kernel.path} ({'OpenMP' if kernel.openmp else 'Python threads'})"
+
+
 def available() -> bool:
     return _library()[0] is not None
 
@@ -189,14 +206,14 @@ def sparse_rows(logits: torch.Tensor, k: int, grid: tuple[float, ...], threads: 
     at each grid temperature. Returns ``topk_ids [P, k]`` int64, ``top_values [P, k]`` (raw logits,
     largest first), ``logsumexp [P, G]``, ``tail_logmass [P, G]`` float32 and the number of rows
     holding NaN or +inf (or only −inf). Rows are split across ``threads`` (default: torch's)."""
-    function, why = _library()
-    if function is None:
+    kernel, why = _library()
+    if kernel is None:
         raise RuntimeError(f"the fused sparse_teacher kernel is unavailable: {why}")
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:
         logits = logits.float().cpu().contiguous()
-    return _run(function, logits, k, grid, threads or torch.get_num_threads())
+    return _run(kernel, logits, k, grid, threads or torch.get_num_threads())
 
 
 if __name__ == "__main__":  # python -m pipeline.native: build now and say which path stage one takes
-    print("fused kernel:", "available" if available() else f"unavailable ({unavailable_reason()})")
+    print("fused kernel:", describe())
     sys.exit(0 if available() else 1)

@@ -4,7 +4,10 @@
  * Built on first use by pipeline/native.py with the system C compiler and loaded with ctypes;
  * pipeline/topk.py falls back to torch operations where no compiler is found. Portable C11 plus
  * GCC/Clang vector extensions (8 x float32): AVX2 on x86-64 with -march=native, NEON or SSE
- * elsewhere. No OpenMP: the caller splits rows across Python threads (ctypes releases the GIL).
+ * elsewhere. Rows run on OpenMP threads where built with -fopenmp: linked by soname, the
+ * library shares the libgomp that torch has loaded, so its threads are torch's own pool (no
+ * oversubscription, no handoff to threads spinning in another pool). Without OpenMP the caller
+ * splits rows across Python threads (ctypes releases the GIL).
  *
  * Per row z[0..V) (row stride ld), with k <= V and inverse temperatures inv_t[0..G):
  *   top_ids[k], top_values[k]: the k largest logits, largest first, ties to the lower id;
@@ -18,6 +21,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -234,23 +240,33 @@ static inline __attribute__((always_inline)) int tail_pass(const float *z, int64
                                                            const int n, double *rest) {
     const v8f top8 = splat(top), kth8 = splat(kth);
     v8i nan8 = splati(0);
+    v8f exps[MAX_GRID];
+#define TAIL_STEP(i)                                                                                  \
+    do {                                                                                              \
+        v8f x = load8(z + (i));                                                                       \
+        v8f below_top = x - top8; /* <= 0 */                                                          \
+        v8i in_tail = x < kth8;                                                                       \
+        nan8 |= x != x;                                                                               \
+        for (int j = 0; j < n; j++) {                                                                 \
+            exps[j] = j > 0 && squares_previous[j] ? exps[j - 1] * exps[j - 1]                        \
+                                                   : exp8_nonpositive(below_top * scale[j]);          \
+            rest8[j] += (v8f)((v8i)exps[j] & in_tail);                                                \
+        }                                                                                             \
+    } while (0)
     int64_t i = 0;
-    while (i + 8 <= V) {
-        v8f rest8[MAX_GRID], exps[MAX_GRID];
+    for (; i + 64 <= V; i += 64) { /* 64 logits per flush to double: fixed trip counts unroll */
+        v8f rest8[MAX_GRID];
         for (int j = 0; j < n; j++) rest8[j] = splat(0.0f);
-        for (int u = 0; u < 8 && i + 8 <= V; u++, i += 8) {
-            v8f x = load8(z + i);
-            v8f below_top = x - top8; /* <= 0 */
-            v8i in_tail = x < kth8;
-            nan8 |= x != x;
-            for (int j = 0; j < n; j++) {
-                exps[j] = j > 0 && squares_previous[j] ? exps[j - 1] * exps[j - 1]
-                                                       : exp8_nonpositive(below_top * scale[j]);
-                rest8[j] += (v8f)((v8i)exps[j] & in_tail);
-            }
-        }
+        for (int u = 0; u < 64; u += 8) TAIL_STEP(i + u);
         for (int j = 0; j < n; j++) rest[j] += hsum8(rest8[j]);
     }
+    for (; i + 8 <= V; i += 8) {
+        v8f rest8[MAX_GRID];
+        for (int j = 0; j < n; j++) rest8[j] = splat(0.0f);
+        TAIL_STEP(i);
+        for (int j = 0; j < n; j++) rest[j] += hsum8(rest8[j]);
+    }
+#undef TAIL_STEP
     int any = 0;
     for (int j = 0; j < 8; j++) any |= nan8[j] != 0;
     return any;
@@ -258,21 +274,76 @@ static inline __attribute__((always_inline)) int tail_pass(const float *z, int64
 
 /* ----------------------------------------------------------------- the kernel */
 
+/* One row: outputs at row r; returns whether it is bad (NaN, +inf, or nothing but -inf). */
+static int one_row(const float *logits, int64_t r, int64_t V, int64_t ld, int64_t k, const double *inv_t,
+                   int64_t G, const int64_t *order, const int64_t *squares_previous, key *e, float *block_max,
+                   int64_t *top_ids, float *top_values, float *lse, float *tail) {
+    const float *z = logits + r * ld;
+    int64_t n_candidates = top_k_row(z, V, k, e, block_max);
+    float top = key_value(e[0]), kth = key_value(e[k - 1]);
+    /* logits equal to the k-th that were not kept belong to the tail; all of them are
+     * candidates (the k-th is at or above the bound) */
+    int64_t tied_outside = 0;
+    for (int64_t j = 0; j < k; j++) {
+        top_ids[r * k + j] = key_id(e[j]);
+        top_values[r * k + j] = key_value(e[j]);
+    }
+    for (int64_t j = k; j < n_candidates; j++) tied_outside += key_value(e[j]) == kth;
+    int bad = !(top > -INFINITY && top < INFINITY); /* +inf, or nothing but -inf */
+    for (int64_t p0 = 0; p0 < G; p0 += MAX_GRID) {
+        /* One pass over the row (in cache) for up to MAX_GRID temperatures: e = exp((z - top)/T)
+         * <= 1 of the logits below the k-th (the tail), summed in float vectors flushed to
+         * double every 64 logits, so that a 150k vocabulary keeps float64 accuracy. The kept
+         * mass is added separately (k terms): the tail is never a difference of two sums. */
+        int64_t p1 = p0 + MAX_GRID < G ? p0 + MAX_GRID : G;
+        double rest[MAX_GRID] = {0};
+        v8f scale[MAX_GRID];
+        for (int64_t p = p0; p < p1; p++) scale[p - p0] = splat((float)inv_t[order[p]]);
+        int64_t i = V - V % 8;
+        switch (p1 - p0) { /* a constant count, so that the loop over temperatures unrolls into registers */
+#define CASE(n) case n: bad |= tail_pass(z, V, top, kth, scale, squares_previous + p0, n, rest); break;
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+        }
+        for (; i < V; i++) {
+            bad |= z[i] != z[i];
+            if (z[i] < kth)
+                for (int64_t p = p0; p < p1; p++) rest[p - p0] += exp1_nonpositive((z[i] - top) * (float)inv_t[order[p]]);
+        }
+        for (int64_t p = p0; p < p1; p++) {
+            int64_t g = order[p];
+            float scale1 = (float)inv_t[g];
+            double kept = 0.0;
+            for (int64_t j = 0; j < k; j++) kept += exp1_nonpositive((key_value(e[j]) - top) * scale1);
+            double tail_mass = rest[p - p0] + (double)tied_outside * exp1_nonpositive((kth - top) * scale1);
+            double total = tail_mass + kept;
+            lse[r * G + g] = (float)((double)top * inv_t[g] + log(total));
+            tail[r * G + g] = tail_mass > 0.0 ? (float)(log(tail_mass) - log(total)) : -INFINITY;
+        }
+    }
+    return bad;
+}
+
+int sparse_teacher_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Rows [0, rows) of logits (row stride ld), on `threads` OpenMP threads (0: the runtime's default,
+ * which is torch's setting when the runtime is torch's libgomp: one pool, no oversubscription).
+ * Returns the number of bad rows, or -1 when memory ran out. */
 int64_t sparse_teacher_rows(const float *logits, int64_t rows, int64_t V, int64_t ld, int64_t k,
                             const double *inv_t, int64_t G, int64_t *top_ids, float *top_values,
-                            float *lse, float *tail) {
-    key *e = malloc((size_t)V * sizeof(key));
-    float *block_max = malloc((size_t)(V / SEGMENT + 1) * 8 * sizeof(float));
-    if (!e || !block_max) {
-        free(e); free(block_max);
-        return -1;
-    }
+                            float *lse, float *tail, int64_t threads) {
     /* Temperatures in order of 1/T; one whose 1/T is twice the previous one's (T = 1 after T = 2)
      * reuses its exp squared: exp(2d) = exp(d)^2, one multiply instead of a polynomial. The first
      * of each group of MAX_GRID computes its own. */
     int64_t *order = malloc((size_t)G * sizeof(int64_t)), *squares_previous = malloc((size_t)G * sizeof(int64_t));
     if (!order || !squares_previous) {
-        free(e); free(block_max); free(order); free(squares_previous);
+        free(order); free(squares_previous);
         return -1;
     }
     for (int64_t p = 0; p < G; p++) {
@@ -282,53 +353,28 @@ int64_t sparse_teacher_rows(const float *logits, int64_t rows, int64_t V, int64_
     }
     for (int64_t p = 0; p < G; p++)
         squares_previous[p] = p % MAX_GRID > 0 && inv_t[order[p]] == 2.0 * inv_t[order[p - 1]];
-    int64_t bad_rows = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *z = logits + r * ld;
-        int64_t n_candidates = top_k_row(z, V, k, e, block_max);
-        float top = key_value(e[0]), kth = key_value(e[k - 1]);
-        /* logits equal to the k-th that were not kept belong to the tail; all of them are
-         * candidates (the k-th is at or above the bound) */
-        int64_t tied_outside = 0;
-        for (int64_t j = 0; j < k; j++) {
-            top_ids[r * k + j] = key_id(e[j]);
-            top_values[r * k + j] = key_value(e[j]);
+    int64_t bad_rows = 0, failed = 0;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? (int)threads : omp_get_max_threads()) if (rows >= 16) \
+    reduction(+ : bad_rows, failed)
+#endif
+    {
+        key *e = malloc((size_t)V * sizeof(key)); /* per thread: V keys, the block maxima */
+        float *block_max = malloc((size_t)(V / SEGMENT + 1) * 8 * sizeof(float));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            if (!e || !block_max) {
+                failed = 1;
+                continue;
+            }
+            bad_rows += one_row(logits, r, V, ld, k, inv_t, G, order, squares_previous, e, block_max,
+                                top_ids, top_values, lse, tail);
         }
-        for (int64_t j = k; j < n_candidates; j++) tied_outside += key_value(e[j]) == kth;
-        int bad = !(top > -INFINITY && top < INFINITY); /* +inf, or nothing but -inf */
-        for (int64_t p0 = 0; p0 < G; p0 += MAX_GRID) {
-            /* One pass over the row (in cache) for up to MAX_GRID temperatures: e = exp((z - top)/T)
-             * <= 1 of the logits below the k-th (the tail), summed in float vectors flushed to
-             * double every 64 logits, so that a 150k vocabulary keeps float64 accuracy. The kept
-             * mass is added separately (k terms): the tail is never a difference of two sums. */
-            int64_t p1 = p0 + MAX_GRID < G ? p0 + MAX_GRID : G;
-            double rest[MAX_GRID] = {0};
-            v8f scale[MAX_GRID];
-            for (int64_t p = p0; p < p1; p++) scale[p - p0] = splat((float)inv_t[order[p]]);
-            int64_t i = V - V % 8;
-            switch (p1 - p0) { /* a constant count, so that the loop over temperatures unrolls into registers */
-#define CASE(n) case n: bad |= tail_pass(z, V, top, kth, scale, squares_previous + p0, n, rest); break;
-                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
-            }
-            for (; i < V; i++) {
-                bad |= z[i] != z[i];
-                if (z[i] < kth)
-                    for (int64_t p = p0; p < p1; p++) rest[p - p0] += exp1_nonpositive((z[i] - top) * (float)inv_t[order[p]]);
-            }
-            for (int64_t p = p0; p < p1; p++) {
-                int64_t g = order[p];
-                float scale1 = (float)inv_t[g];
-                double kept = 0.0;
-                for (int64_t j = 0; j < k; j++) kept += exp1_nonpositive((key_value(e[j]) - top) * scale1);
-                double tail_mass = rest[p - p0] + (double)tied_outside * exp1_nonpositive((kth - top) * scale1);
-                double total = tail_mass + kept;
-                lse[r * G + g] = (float)((double)top * inv_t[g] + log(total));
-                tail[r * G + g] = tail_mass > 0.0 ? (float)(log(tail_mass) - log(total)) : -INFINITY;
-            }
-        }
-        bad_rows += bad;
+        free(e); free(block_max);
     }
-    free(e); free(block_max); free(order); free(squares_previous);
-    return bad_rows;
+    free(order); free(squares_previous);
+    return failed ? -1 : bad_rows;
 }

@@ -244,7 +244,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
             for j in todo:
                 lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, n_rows)
                 input_ids = tokens.read_rows(lo, hi)["input_ids"]
-                arrays = teacher_shard(head, input_ids, config, grid, vocab, id_dtype, device, progress)
+                arrays = teacher_shard(head, input_ids, config, grid, vocab, id_dtype, device, kernel, progress)
                 if failure:
                     raise failure[0]
                 jobs.put((store_lib.shard_name(j, config.backend), arrays))
@@ -285,11 +285,11 @@ def _existing_params(out: Path, backend: str) -> dict | None:
 
 @torch.no_grad()
 def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig, grid: tuple[float, ...],
-                  vocab: int, id_dtype: np.dtype, device: torch.device, progress) -> dict[str, np.ndarray]:
+                  vocab: int, id_dtype: np.dtype, device: torch.device, kernel: str,
+                  progress) -> dict[str, np.ndarray]:
     """All stored arrays for one shard of rows ``input_ids [R, L]``."""
     rows, seq_len = input_ids.shape
     k, n_grid = config.top_k, len(grid)
-    kernel = resolve_kernel(config.kernel, device)
     out = {
         "input_ids": input_ids,
         "topk_ids": np.empty((rows, seq_len, k), dtype=id_dtype),

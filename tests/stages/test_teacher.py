@@ -184,6 +184,17 @@ def test_bad_input(setup, tmp_path):
     assert "temperature must be > 0" in msg
     msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--temperature-grid", "-1")))
     assert "temperature_grid" in msg
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--kernel", "fast")))
+    assert "kernel must be one of auto, native, torch" in msg
+    broken = AutoModelForCausalLM.from_pretrained(str(setup / "teacher"))
+    with torch.no_grad():
+        broken.lm_head.weight[5] = float("nan")
+    broken.save_pretrained(str(tmp_path / "nan-teacher"))
+    for kernel in ("native", "torch"):
+        msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / f"nan-{kernel}", "--teacher", tmp_path / "nan-teacher",
+                                                   "--kernel", kernel)))
+        assert "logits hold NaN or infinity" in msg
+        assert not list((tmp_path / f"nan-{kernel}").glob("shard-*"))
     (tmp_path / "no-index").mkdir()
     msg = one_line_error(run_cli("teacher", "--tokens-store", tmp_path / "no-index", "--teacher",
                                  setup / "teacher", "--out", tmp_path / "a"))
