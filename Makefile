@@ -114,7 +114,7 @@ report: setup
 
 # Speed and size: results in bench/results/*.json, summarised in docs/BENCHMARKS.md.
 bench: setup
-	$(BIN)/python bench/stage_one.py --teacher $(TEACHER) --rows 256 --rows-per-shard 64 --repeats 7 --out bench/results/stage_one_cpu.json
+	$(BIN)/python bench/stage_one.py --teacher $(TEACHER) --rows 256 --rows-per-shard 64 --repeats 9 --out bench/results/stage_one_cpu.json
 	$(BIN)/python bench/stage_two.py --teacher $(TEACHER) --steps 30 --out bench/results/stage_two_cpu.json
 
 # The whole pipeline on the embedded default, on CPU in a few minutes: stage one over the first

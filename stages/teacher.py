@@ -298,16 +298,19 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig
         "tail_logmass": np.empty((rows, seq_len, n_grid), dtype=np.float32),
         "target_logprob": np.empty((rows, seq_len), dtype=np.float32),
     }
+    buffer = None
     for start in range(0, rows, config.batch_size):
         batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64)).to(device)
         b = batch.shape[0]
         hidden = head.hidden(batch).reshape(b * seq_len, -1)
+        if buffer is None:
+            buffer = head.logits_buffer(min(config.position_chunk, b * seq_len), hidden)
         # Position t's target is token t+1; the last position has none in its row (it is the next
         # row's first token), so its target log-prob is stored as NaN.
         targets = torch.cat([batch[:, 1:], batch[:, :1]], dim=1).reshape(-1)
         results: dict[str, list[torch.Tensor]] = {name: [] for name in out if name != "input_ids"}
         for p0 in range(0, b * seq_len, config.position_chunk):
-            logits = head.logits(hidden[p0:p0 + config.position_chunk])
+            logits = head.logits(hidden[p0:p0 + config.position_chunk], buffer)
             if logits.shape[-1] > vocab:  # padded output rows: drop them, but never silently
                 if (logits.argmax(dim=-1) >= vocab).any():
                     raise DistillError(f"the teacher's argmax fell on a padded output row (id >= {vocab}); "
