@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--size-rows", type=int, default=64)
-    parser.add_argument("--kernels", default="native,torch", help="stage one's --kernel values to time, comma-separated")
+    parser.add_argument("--kernels", default="", help="stage one's --kernel values to time, comma-separated "
+                        "(default: native,torch on a CPU, torch on a GPU)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--position-chunk", type=int, default=0, help="stage one's --position-chunk (0 = its default)")
@@ -85,7 +86,7 @@ def main() -> None:
         shutil.rmtree(work / name)
         return run.seconds / run.tokens, store.index["bytes"] / (store.rows * store.params["seq_len"])
 
-    kernels = [name for name in args.kernels.split(",") if name]
+    kernels = [name for name in (args.kernels or ("native,torch" if device.type == "cpu" else "torch")).split(",") if name]
     bare_forward(model, rows[: args.batch_size], args.batch_size, device)  # warm-up: allocator, threads
     for kernel in kernels:  # warm-up: kernel build, zarr imports
         stage_one(64, "zarr", "warm-up", kernel, args.batch_size)
