@@ -3,9 +3,10 @@
 On a CPU, stage one's reductions with torch operations cost a third of a small teacher's forward
 pass: ``torch.topk`` copies every row into (value, index) pairs, and each temperature's exp and
 sums stream a ``[positions, V]`` buffer through memory. The kernel does top-k (with a
-block-maximum prefilter) and, per temperature, exp and both sums in two passes over each row while
-it is in cache; rows are split across ``torch.get_num_threads()`` Python threads (ctypes releases
-the GIL).
+block-maximum prefilter), then exp and the tail sum of every grid temperature, in two passes over
+each row while it is in cache. Rows run on torch's own OpenMP pool where the build has OpenMP
+(linked by soname, it shares the libgomp torch loaded); otherwise they are split across
+``torch.get_num_threads()`` Python threads (ctypes releases the GIL).
 
 The shared library is compiled with the system C compiler (``$CC``, else ``cc``) into
 ``$DISTILL_CACHE`` (default ``~/.cache/distill``) under a name hashed from the source, compiler,

@@ -313,8 +313,12 @@ static int one_row(const float *logits, int64_t r, int64_t V, int64_t ld, int64_
         for (int64_t p = p0; p < p1; p++) {
             int64_t g = order[p];
             float scale1 = (float)inv_t[g];
-            double kept = 0.0;
-            for (int64_t j = 0; j < k; j++) kept += exp1_nonpositive((key_value(e[j]) - top) * scale1);
+            double kept = 0.0; /* the kept logits, already written out as floats: 8 at a time */
+            const float *kept_values = top_values + r * k;
+            int64_t j = 0;
+            for (; j + 8 <= k; j += 8)
+                kept += hsum8(exp8_nonpositive((load8(kept_values + j) - splat(top)) * splat(scale1)));
+            for (; j < k; j++) kept += exp1_nonpositive((kept_values[j] - top) * scale1);
             double tail_mass = rest[p - p0] + (double)tied_outside * exp1_nonpositive((kth - top) * scale1);
             double total = tail_mass + kept;
             lse[r * G + g] = (float)((double)top * inv_t[g] + log(total));

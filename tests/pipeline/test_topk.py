@@ -173,6 +173,10 @@ def test_portable_build_matches_the_native_one():
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     torch.testing.assert_close(got[2], expected[2], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[3], expected[3], rtol=1e-5, atol=1e-5)
+    assert not portable.openmp  # no -fopenmp: rows are split across Python threads instead
+    split = native._run(portable, logits, 64, (1.0, 2.0, 3.0), threads=2)
+    for a, b in zip(got[:4], split[:4]):
+        assert torch.equal(a, b)
 
 
 def test_kernel_choice(monkeypatch, capsys):
