@@ -19,6 +19,13 @@ Each ``tail`` mode turns that into a teacher distribution ``p`` and says which s
 
 ``direction="forward"`` is KL(teacher ‖ student) (Hinton); ``"reverse"`` is KL(student ‖ teacher),
 Eq. 1 of the paper as printed.
+
+A teacher bucket of zero mass (a stored ``−inf``: k = V, every non-kept logit ``−inf``, or a label
+slot whose residual is zero) costs nothing in the forward direction (0·log 0 = 0). In the reverse
+direction KL(q ‖ p) would be infinite wherever the student puts mass there, so the student is first
+renormalised over the teacher's support, as ``renorm`` does: KL(q̃ ‖ p), finite, with a gradient
+that matches the student's shape on the support and leaves the zero bucket's mass to the CE term.
+Every mode is finite on any finite store.
 """
 
 from __future__ import annotations
@@ -57,6 +64,19 @@ def _xlogy_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (a * diff).sum(-1)
 
 
+def _reverse_kl(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(q ‖ p) over the last dim, ``[P, n]`` → ``[P]``; in rows where the teacher ``p`` has zero-mass
+    buckets (log −inf) that the student does not, KL(q̃ ‖ p) with ``q`` renormalised over p's support.
+
+    No data-dependent branch (no host sync): rows without such buckets take ``log_q`` unchanged.
+    """
+    outside = torch.isneginf(log_p)
+    renormalise = (outside & ~torch.isneginf(log_q)).any(-1, keepdim=True)
+    on_support = log_q.masked_fill(outside, NEG_INF)
+    on_support = on_support - torch.logsumexp(on_support, dim=-1, keepdim=True)
+    return _xlogy_diff(torch.where(renormalise, on_support, log_q), log_p)
+
+
 def _student_tail(student_logprobs: torch.Tensor, ids: torch.Tensor, q_kept: torch.Tensor) -> torch.Tensor:
     """log of the student's mass outside ``ids``, ``[P, 1]``.
 
@@ -90,17 +110,17 @@ def sparse_kd(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_logpr
 
     if tail == "tail":
         if topk_ids.shape[-1] == student_logprobs.shape[-1]:  # k = V: no tail bucket
-            return _xlogy_diff(p_kept, q_kept) if direction == "forward" else _xlogy_diff(q_kept, p_kept)
+            return _xlogy_diff(p_kept, q_kept) if direction == "forward" else _reverse_kl(q_kept, p_kept)
         p = torch.cat([p_kept, tail_logmass.float()[:, None]], dim=-1)
         q = torch.cat([q_kept, _student_tail(student_logprobs, topk_ids, q_kept)], dim=-1)
-        return _xlogy_diff(p, q) if direction == "forward" else _xlogy_diff(q, p)
+        return _xlogy_diff(p, q) if direction == "forward" else _reverse_kl(q, p)
 
     if tail == "renorm":
         p = p_kept - torch.logsumexp(p_kept, dim=-1, keepdim=True)
         if direction == "forward":
             return _xlogy_diff(p, q_kept)
         q = q_kept - torch.logsumexp(q_kept, dim=-1, keepdim=True)
-        return _xlogy_diff(q, p)
+        return _reverse_kl(q, p)
 
     # residual-label: support = kept ids + the label; the label's teacher mass gains the residual.
     in_kept = topk_ids == targets[:, None]  # [P, k]
@@ -115,13 +135,13 @@ def sparse_kd(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, topk_logpr
     if direction == "forward":
         return _xlogy_diff(p, q)
     q = q - torch.logsumexp(q, dim=-1, keepdim=True)
-    return _xlogy_diff(q, p)
+    return _reverse_kl(q, p)
 
 
 def dense_kd(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, direction: str = "forward") -> torch.Tensor:
     """Full-vocabulary divergence (online distillation) between ``[P, V]`` log-probs at T; ``[P]`` nats."""
     q, p = student_logprobs, teacher_logprobs.float()
-    return _xlogy_diff(p, q) if direction == "forward" else _xlogy_diff(q, p)
+    return _xlogy_diff(p, q) if direction == "forward" else _reverse_kl(q, p)
 
 
 def chunked_sum(fn: Callable[..., tuple[torch.Tensor, ...]], positions: int, chunk: int,

@@ -13,7 +13,8 @@
  *   top_ids[k], top_values[k]: the k largest logits, largest first, ties to the lower id;
  *   lse[g]  = log sum_i exp(z_i * inv_t[g])                       (float64 sums)
  *   tail[g] = log sum_{i not kept} exp(z_i * inv_t[g]) - lse[g]   (summed directly, not 1 - kept)
- * exp underflows to 0 below max - 87.33 T (float32's normal range), as torch's does near there.
+ * exp underflows to 0 below max - 87.33 T (float32's normal range), as torch's does near there;
+ * pipeline/topk.py recomputes in float64 the rows whose tail is that small.
  * Returns the number of rows holding NaN or +inf (their outputs are unspecified).
  */
 

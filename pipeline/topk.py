@@ -8,8 +8,10 @@ at cache temperature ``T`` and grid temperatures ``T_1..T_G``:
 - ``logsumexp [.., G]``: ``logsumexp(z/T_g)``, float32;
 - ``tail_logmass [.., G]``: ``log(1 − Σ_kept p_i)`` at ``T_g``, float32, computed by summing the
   probabilities *not* kept (not as 1 − Σ kept, which cancels): exact even for a tail of 1e-12.
-  Only a tail below float32's range — every non-kept logit more than ~87·T_g under the top-1 —
-  underflows to −inf (as it is when k = V);
+  The fast passes sum ``exp((z − top)/T_g)``, which loses the tail once every non-kept logit is
+  ~87·T_g under the top-1; rows whose tail is below ``e^−45`` are therefore recomputed in float64,
+  shifted by the largest non-kept logit (:func:`_exact_small_tails`), so any tail float32 can hold
+  is stored exactly. ``−inf`` means a true zero: k = V, or every non-kept logit is ``−inf``;
 - ``target_logprob [..]``: ``z_y/T − logsumexp(z/T)`` of the true next token ``y``, float32.
 
 Re-tempering is exact up to storage precision: ``z_i = T·(topk_logprobs_i + logsumexp_T)``, so
@@ -83,6 +85,8 @@ def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple
     if bad_rows:
         raise DistillError(f"the teacher's logits hold NaN or infinity at {bad_rows} of {z.shape[0]} positions; "
                            "check its weights, or run it in float32 (--dtype float32)")
+    if k < z.shape[-1]:
+        tail = _exact_small_tails(z, top_ids, tail, grid)
     lse_cache = lse_all[:, grid.index(temperature)]
     out = {
         "topk_ids": top_ids,
@@ -93,6 +97,31 @@ def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple
     if targets is not None:
         out["target_logprob"] = z.gather(-1, targets[:, None]).squeeze(-1) / temperature - lse_cache
     return out
+
+
+# Below this log tail the fast passes' sums may have lost terms: each dropped term is under 2^-126
+# relative to the top-1 logit's, so V of them are under V·1.2e-38 ≤ 3e-33 for V ≤ 2^18, against a
+# tail of at least e^-45 ≈ 2.9e-20 otherwise: 1e-13 relative at most, far below float32's 6e-8.
+SMALL_TAIL = -45.0
+
+
+def _exact_small_tails(z: torch.Tensor, top_ids: torch.Tensor, tail: torch.Tensor,
+                       grid: tuple[float, ...], rows_per_pass: int = 64) -> torch.Tensor:
+    """``tail`` with every row whose tail is below ``e^SMALL_TAIL`` at some grid temperature
+    recomputed exactly: float64 log-sum-exp of the non-kept logits (shifted by their own maximum,
+    so nothing underflows) minus that of all logits. Such rows are rare at T ≥ 1 and common only
+    for confident teachers at small T; they cost one float64 pass each."""
+    small = (tail < SMALL_TAIL).any(-1).nonzero().squeeze(-1)
+    if small.numel() == 0:
+        return tail
+    tail = tail.clone()
+    for start in range(0, small.numel(), rows_per_pass):
+        rows = small[start:start + rows_per_pass]
+        z64 = z[rows].double()
+        rest = z64.scatter(-1, top_ids[rows], float("-inf"))
+        exact = [torch.logsumexp(rest / t, -1) - torch.logsumexp(z64 / t, -1) for t in grid]
+        tail[rows] = torch.stack(exact, -1).to(tail.dtype)
+    return tail
 
 
 def torch_sparse_teacher(z: torch.Tensor, k: int, grid: tuple[float, ...]) -> dict[str, torch.Tensor]:

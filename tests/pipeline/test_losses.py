@@ -140,3 +140,55 @@ def test_student_tail_is_exact_when_the_kept_mass_is_nearly_one(direction):
     (g1,) = torch.autograd.grad(got.sum(), student)
     (g2,) = torch.autograd.grad(want.sum(), student)
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("tail", ["renorm", "tail", "residual-label"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_confident_teacher_at_small_temperature_matches_float64(tail, direction):
+    """T = 0.1 with a teacher whose non-kept logits lie far below the top: log tails near −110 (what
+    stage one now stores exactly, no longer −inf) give the dense reference's value and gradient."""
+    g = torch.Generator().manual_seed(6)
+    t = 0.1
+    teacher = torch.randn(P, V, generator=g, dtype=torch.float64) * 3
+    teacher[:, :K] += 14.0  # the kept ids ~11 logits (110 nats at T = 0.1) above the rest
+    student = (torch.randn(P, V, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    ids, lp, tail_logmass = sparse_inputs(teacher, t, K)
+    assert (tail_logmass < -87).any() and torch.isfinite(tail_logmass).all()
+    targets = torch.randint(K, V, (P,), generator=g)  # labels outside the kept ids
+    got = sparse_kd(torch.log_softmax(student.float() / t, -1), ids, lp.float(), tail_logmass.float(), targets,
+                    tail, direction)
+    want = dense_reference(student, teacher, ids, targets, t, tail, direction)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    (g1,) = torch.autograd.grad(got.sum(), student)
+    (g2,) = torch.autograd.grad(want.sum(), student)
+    # float32 student log-probs at 1/T = 10 carry ~1e-5 absolute error, so gradients of size ~10
+    # agree to 1e-5 of their largest entry
+    torch.testing.assert_close(g1, g2, rtol=0, atol=1e-5 * g2.abs().max().item())
+
+
+@pytest.mark.parametrize("tail", ["renorm", "tail", "residual-label"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_a_true_zero_teacher_bucket_keeps_every_mode_finite(tail, direction):
+    """A stored −inf tail (every non-kept logit −inf) with a student that puts mass there: forward
+    ignores the zero bucket (0·log 0); reverse renormalises the student over the teacher's support,
+    KL(q̃ ‖ p) — finite, and equal to the dense reference restricted to that support."""
+    g = torch.Generator().manual_seed(7)
+    teacher = torch.randn(P, V, generator=g, dtype=torch.float64) * 2
+    teacher[:, K:] = float("-inf")  # the teacher's support is its top K
+    student = (torch.randn(P, V, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    ids, lp, tail_logmass = sparse_inputs(teacher, 1.0, K)
+    assert torch.isneginf(tail_logmass).all()
+    targets = torch.randint(K, V, (P,), generator=g)  # labels where the teacher has no mass
+    got = sparse_kd(torch.log_softmax(student.float(), -1), ids, lp.float(), tail_logmass.float(), targets,
+                    tail, direction)
+    (grad,) = torch.autograd.grad(got.sum(), student)
+    assert torch.isfinite(got).all() and torch.isfinite(grad).all()
+    q = torch.softmax(student, -1)
+    p = torch.softmax(teacher, -1)
+    if direction == "forward":  # KL(p ‖ q) over the kept ids: the zero bucket contributes nothing
+        want = kl(p, q)
+    else:  # KL(q̃ ‖ p) with q̃ the student renormalised over the top K
+        q_support = q[:, :K] / q[:, :K].sum(-1, keepdim=True)
+        want = kl(q_support, p[:, :K])
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

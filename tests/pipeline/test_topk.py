@@ -86,21 +86,36 @@ def test_matches_dense_reference(kernel, vocab, k, temperature, grid):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_tiny_tails_keep_their_precision(kernel):
     """Kept logits far above the rest: the tail is 1e-12 of the mass and is still exact (it is
-    summed, not taken as 1 − kept), down to where it leaves float32's range."""
+    summed, not taken as 1 − kept), and stays exact far below where exp(z − top) underflows."""
     vocab, k = 2048, 16
-    logits = torch.full((3, vocab), 20.0)
+    logits = torch.full((4, vocab), 20.0)
     logits[0, k:] = -10.0   # gap 30: tail ≈ 127·e^−30 ≈ 1e-11 at T = 1
     logits[1, k:] = -60.0   # gap 80: tail ≈ 1e-33, still in float32's normal range
-    logits[2, k:] = -80.0   # gap 100: below it at T = 1 (an underflow: −inf or about that), not at T = 4
+    logits[2, k:] = -80.0   # gap 100: exp(z − top) underflows at T = 1, not at T = 4
+    logits[3, k:] = -980.0  # gap 1000: log tail ≈ −994, far outside exp's range, inside float32's
     got = sparse_teacher(logits, k, 1.0, (1.0, 4.0), kernel=kernel)
-    for row, gap in enumerate((30.0, 80.0, 100.0)):
+    for row, gap in enumerate((30.0, 80.0, 100.0, 1000.0)):
         for g, t in enumerate((1.0, 4.0)):
-            tail = (vocab - k) * math.exp(-gap / t)
-            expected = math.log(tail) - math.log(k + tail)
-            if gap / t > 87:
-                assert got["tail_logmass"][row, g].item() < -87
-            else:
-                assert got["tail_logmass"][row, g].item() == pytest.approx(expected, rel=1e-6)
+            log_tail = math.log(vocab - k) - gap / t  # log((V − k)·e^(−gap/T))
+            expected = log_tail - math.log(k + math.exp(log_tail))
+            assert got["tail_logmass"][row, g].item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("temperature", [1.0, 0.25, 0.1])
+def test_confident_teacher_tails_match_float64(kernel, temperature):
+    """A confident teacher at small T: every non-kept logit ~87·T or more below the top (where the
+    fast passes' exp underflows) still gets its exact, finite log tail."""
+    logits = lm_like_logits(64, 4096, seed=3)
+    logits[:, :8] += 120.0 - logits[:, :8].max(-1, keepdim=True).values  # top logit 120 …
+    logits[:, 8:] = logits[:, 8:].clamp(max=110.0) - 30.0 * torch.rand(64, 1)  # … the rest ≤ 110
+    grid = (1.0, 0.25, 0.1)
+    got = sparse_teacher(logits, 4, temperature, grid, kernel=kernel)
+    ref = dense_reference(logits, 4, temperature, grid)
+    assert torch.isfinite(got["tail_logmass"]).all()
+    assert (ref["tail_logmass"] < -87).any()  # the case the fast passes cannot sum
+    assert torch.equal(logits.gather(-1, got["topk_ids"]), logits.gather(-1, ref["topk_ids"]))
+    torch.testing.assert_close(got["tail_logmass"].double(), ref["tail_logmass"], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
