@@ -160,3 +160,4 @@ def chunked_sum(fn: Callable[..., tuple[torch.Tensor, ...]], positions: int, chu
         out = checkpoint(fn, *parts, use_reentrant=False)
         totals = out if totals is None else tuple(a + b for a, b in zip(totals, out))
     return totals
+

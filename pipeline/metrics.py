@@ -17,9 +17,11 @@ class MetricsLog:
         if resume_step is None:
             atomic_write_text(self.path, "")
         elif self.path.exists():
-            # Lines past the checkpoint were logged by the run that died; the resumed run redoes them.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            # Lines past the checkpoint were logged by the run that died; the resumed run redoes them,
+            # and so does it the final evaluation (logged after the last checkpoint, marked final).
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines
+                    if (r := json.loads(line)).get("step", 0) <= resume_step and not r.get("final")]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
 

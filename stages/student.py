@@ -46,7 +46,7 @@ from pipeline.io import atomic_write_text, replace_dir
 from pipeline.loader import Loader, sequential
 from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum, dense_kd, sparse_kd
 from pipeline.metrics import MetricsLog
-from pipeline.models import DTYPES, count_parameters, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.models import DTYPES, OutputHead, count_parameters, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.store import open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.topk import retemper
@@ -152,9 +152,10 @@ class DistillStep(torch.nn.Module):
     """
 
     def __init__(self, model, vocab: int, alpha: float, temperature: float, tail: str, direction: str,
-                 chunk: int, cache: tuple[float, int, int] | None = None, teacher=None):
+                 chunk: int, cache: tuple[float, int, int] | None = None, teacher=None, *, output: OutputHead):
         super().__init__()
         self.model = model
+        self.output = output  # the student's logits as its own forward computes them (post-head transforms)
         self.vocab, self.alpha, self.temperature = vocab, alpha, temperature
         self.tail, self.direction, self.chunk = tail, direction, chunk
         self.cache = cache  # (cache temperature, its grid index, index of T in the grid)
@@ -162,9 +163,9 @@ class DistillStep(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor], ce_only: bool = False):
         model, b, length = self.model, input_ids.shape[0], input_ids.shape[1]
-        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1].reshape(b * (length - 1), -1)
+        hidden = self.output.hidden(input_ids)[:, :-1].reshape(b * (length - 1), -1)
         targets = input_ids[:, 1:].reshape(-1)
-        head, t = model.get_output_embeddings(), self.temperature
+        head, t = self.output.logits, self.temperature
         distill = self.alpha < 1.0 and not ce_only
         extra: list[torch.Tensor] = []
         teacher = self._teacher[0]
@@ -213,6 +214,22 @@ def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast) -
     module.train(was_training)
     loss = total / count
     return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
+
+
+def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, alpha: float, ckpt_dir: Path) -> str:
+    """One line: which quantity went non-finite at ``step``, the likely cause, what is intact."""
+    ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    if not math.isfinite(ce):
+        cause = "the student's logits overflowed (lower --lr, raise --warmup-steps, or train in float32)"
+    elif alpha < 1.0 and not math.isfinite(kd):
+        cause = "a non-finite teacher signal (check the store with distill inspect STORE --verify)"
+    else:
+        cause = "an exploding gradient (lower --lr or set --grad-clip)"
+    saved = checkpoint.complete(ckpt_dir)
+    last = f"the last checkpoint {saved[-1]} is intact" if saved else "no checkpoint was written yet"
+    return (f"step {step}: non-finite loss or gradient (CE {ce:.4g}, KD {kd:.4g}, gradient norm "
+            f"{float(grad_norm):.4g}), likely {cause}; weights not updated, no model saved, {last} "
+            "(fix the cause, then rerun with --resume auto)")
 
 
 def check_store(store, name: str, tok_hash: str, vocab: int, positions: int | None) -> None:
@@ -295,21 +312,20 @@ def train(config: TrainConfig) -> Path:
     if eval_store is not None:
         check_store(eval_store, "eval store", tok_hash, vocab, positions)
 
+    probe = torch.from_numpy(train_store.read_rows(0, 1)["input_ids"].astype("int64")).to(device)
+    student_output = OutputHead(model, probe)
     teacher = None
     if online:
-        from pipeline.models import OutputHead
-
         teacher_model = load_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device).eval()
         teacher_model.requires_grad_(False)
         if teacher_model.config.vocab_size < vocab:
             raise DistillError(f"teacher {config.teacher} predicts {teacher_model.config.vocab_size} ids, "
                                f"fewer than the tokenizer's {vocab}")
-        probe = train_store.read_rows(0, 1)["input_ids"].astype("int64")
-        teacher = OutputHead(teacher_model, torch.from_numpy(probe).to(device))
+        teacher = OutputHead(teacher_model, probe)
 
     chunk = config.loss_chunk or max(1, (1 << 26) // model.config.vocab_size)
     step_module = DistillStep(model, vocab, alpha, config.temperature, config.tail, config.direction, chunk,
-                              cache, teacher)
+                              cache, teacher, output=student_output)
     wrapped = step_module
     if world > 1:
         if config.fsdp:
@@ -347,6 +363,10 @@ def train(config: TrainConfig) -> Path:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         epoch, offset = state["data"]["epoch"], state["data"]["offset"]
         start_step, tokens_seen = state["step"], state["tokens_seen"]
+        if start_step >= config.max_steps and (out / "metrics.json").is_file() and (out / "model").is_dir():
+            if main:  # a rerun of a finished run (make student twice) changes nothing
+                print(f"{out / 'model'}: already trained for {config.max_steps} steps; nothing to do")
+            return out / "model"
         if main:
             print(f"resumed from {resume_from} at step {start_step}")
     train_store.check_files()
@@ -402,6 +422,12 @@ def train(config: TrainConfig) -> Path:
         if world > 1:
             dist.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        # The sums are all-reduced and the norm is of all-reduced gradients: every rank stops alike,
+        # before the optimizer touches the weights.
+        if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
+            progress.close()
+            loader.close()
+            raise DistillError(non_finite_message(step + 1, sums, grad_norm, alpha, ckpt_dir))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -442,7 +468,7 @@ def train(config: TrainConfig) -> Path:
     model_state, _ = gather_state(model, None, config.fsdp and world > 1)
     if main:
         if eval_store is not None:
-            metrics.log(step=config.max_steps, tokens=tokens_seen,
+            metrics.log(step=config.max_steps, tokens=tokens_seen, final=True,
                         **{k: v for k, v in final.items() if k.startswith("heldout")})
         metrics.close()
         save_model(model, model_state, tokenizer, out / "model", config.save_dtype)

@@ -59,10 +59,13 @@ def test_k_equal_vocab_offline_equals_online(stage1, tmp_path):
     student = load_model(stage1 / "student.json")
     teacher_model = load_model(tmp_path / "teacher").eval()
     teacher = OutputHead(teacher_model, batch["input_ids"][:1])
+    output = OutputHead(student, batch["input_ids"][:1])
     for t, cache in ((1.0, (1.0, 0, 0)), (2.0, (1.0, 0, 1))):
         for direction in ("forward", "reverse"):
-            offline = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, cache)(batch["input_ids"], batch)
-            online = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, None, teacher)(batch["input_ids"], batch)
+            offline = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, cache,
+                                  output=output)(batch["input_ids"], batch)
+            online = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, None, teacher,
+                                 output=output)(batch["input_ids"], batch)
             count = offline[2]
             torch.testing.assert_close(offline[0] / count, online[0] / count, rtol=0, atol=1e-6)
             torch.testing.assert_close(offline[1] / count, online[1] / count, rtol=0, atol=1e-5)
@@ -237,3 +240,43 @@ def test_online_and_teacher_layer_init(stage1, tmp_path):
         torch.testing.assert_close(student[name], teacher[name], rtol=1e-5, atol=1e-6)
     msg = one_line_error(run_cli(*kd_args(stage1, tmp_path / "bad", 1, "--init", "teacher-layers")))
     assert "differ in" in msg and "hidden_size" in msg
+
+
+def test_reverse_kd_at_small_temperature_trains_a_finite_model(stage1, tmp_path):
+    """Top-4 at T = 0.1 from a peaked teacher: tails far below exp's range are stored exactly, and
+    one step of reverse KD logs the loss a float64 reference gives, and saves a finite model."""
+    make_teacher(tmp_path / "peaked", scale=150.0)
+    result = run_cli("teacher", "--tokens-store", stage1 / "tokens", "--teacher", tmp_path / "peaked", "--out",
+                     tmp_path / "top4", "--top-k", "4", "--logprob-dtype", "float32", "--max-rows", "16",
+                     "--temperature-grid", "1", "--temperature-grid", "0.25", "--temperature-grid", "0.1")
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "top4")
+    arrays = store.read_rows(0, store.rows)
+    assert np.isfinite(arrays["tail_logmass"]).all()
+    args = kd_args(stage1, tmp_path / "run", 1, "--temperature", "0.1", "--tail", "tail", "--direction", "reverse",
+                   "--micro-batch-size", "16")
+    args[args.index(stage1 / "topk")] = tmp_path / "top4"
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][0]
+
+    # float64 reference: the same rows (one batch holds all 16), the same initial student
+    input_ids = torch.from_numpy(arrays["input_ids"].astype(np.int64))
+    torch.manual_seed(0)
+    student = load_model(stage1 / "student.json").double()
+    teacher = load_model(tmp_path / "peaked").double()
+    with torch.no_grad():
+        z = teacher(input_ids=input_ids).logits[:, :-1].reshape(-1, 8192)
+        s = student(input_ids=input_ids).logits[:, :-1].reshape(-1, 8192)
+    targets = input_ids[:, 1:].reshape(-1)
+    ids = torch.topk(z, 4, -1).indices
+    p, q = torch.log_softmax(z / 0.1, -1), torch.log_softmax(s / 0.1, -1)
+    p_buckets = torch.cat([p.gather(-1, ids), torch.logsumexp(p.scatter(-1, ids, float("-inf")), -1, keepdim=True)], -1)
+    q_buckets = torch.cat([q.gather(-1, ids), torch.logsumexp(q.scatter(-1, ids, float("-inf")), -1, keepdim=True)], -1)
+    assert (p_buckets[:, -1] < -87).any()  # the tails that used to underflow to −inf
+    kd = (q_buckets.exp() * (q_buckets - p_buckets)).sum(-1).mean().item()
+    ce = -torch.log_softmax(s, -1).gather(-1, targets[:, None]).mean().item()
+    assert logged["kd"] == pytest.approx(kd, rel=1e-4)
+    assert logged["loss"] == pytest.approx(0.5 * ce + 0.5 * 0.01 * kd, rel=1e-4)
+    weights = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -101,3 +101,100 @@ def test_bad_input(stores, tiny_model_config, tmp_path):
     assert run_cli(*train_args(stores, tiny_model_config, tmp_path / "o5", 2)).exit_code == 0
     msg = one_line_error(run_cli(*train_args(stores, tiny_model_config, tmp_path / "o5", 2)))
     assert "--resume auto" in msg
+
+
+
+def _poison_step(monkeypatch, at_call: int, where: str) -> list:
+    """Make the ``at_call``-th training micro-batch non-finite: its loss (``where='loss'``) or, with
+    a finite loss, its gradient (``where='grad'``). Returns a list that receives the model."""
+    from stages import student
+
+    original = student.DistillStep.forward
+    calls, seen = [], []
+
+    def forward(self, input_ids, batch, ce_only=False):
+        ce_sum, kd_sum, count = original(self, input_ids, batch, ce_only)
+        if not ce_only:
+            calls.append(1)
+            seen[:] = [self.model]
+            if len(calls) == at_call and where == "loss":
+                ce_sum = ce_sum * float("inf")
+            elif len(calls) == at_call:
+                self.model.get_output_embeddings().weight.register_hook(lambda g: g * float("nan"))
+        return ce_sum, kd_sum, count
+
+    monkeypatch.setattr(student.DistillStep, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_non_finite_step_stops_before_the_weights_change(stores, tiny_model_config, monkeypatch, where):
+    """A non-finite loss or gradient norm at step 5: one line naming the step and the likely cause,
+    exit 2; the weights are those of the step-4 checkpoint (the optimizer never ran), which equals
+    an unpoisoned run's; no model and no metrics.json are written."""
+    from pipeline import checkpoint
+
+    reference = stores / "reference"
+    assert run_cli(*train_args(stores, tiny_model_config, reference, 8, "--checkpoint-every", "2",
+                               "--keep-checkpoints", "4")).exit_code == 0
+    out = stores / f"nan-{where}"
+    model = _poison_step(monkeypatch, 5, where)
+    msg = one_line_error(run_cli(*train_args(stores, tiny_model_config, out, 8, "--checkpoint-every", "2")))
+    assert msg.startswith("error: step 5: non-finite loss or gradient")
+    assert ("student's logits overflowed" if where == "loss" else "exploding gradient") in msg
+    assert "step-00000004 is intact" in msg
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+    saved, _ = checkpoint.load(out / "checkpoints" / "step-00000004")
+    want, _ = checkpoint.load(reference / "checkpoints" / "step-00000004")
+    live = model[0].state_dict()
+    for name, value in want["model"].items():
+        assert torch.equal(saved["model"][name], value), name  # the checkpoint is intact …
+        assert torch.equal(live[name], value), name  # … and step 5 did not move the weights
+
+
+def test_rerunning_a_finished_run_changes_nothing(stores, tiny_model_config):
+    """``make student`` twice: the second run (--resume auto) finds the run finished and writes nothing."""
+    from tests.conftest import tree_digest
+
+    out = stores / "done"
+    args = train_args(stores, tiny_model_config, out, 4, "--eval-every", "2", "--resume", "auto")
+    assert run_cli(*args).exit_code == 0
+    digest = tree_digest(out)
+    result = run_cli(*args)
+    assert result.exit_code == 0 and "nothing to do" in result.output
+    assert tree_digest(out) == digest
+    heldout = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "heldout_loss" in r]
+    assert [r["step"] for r in heldout] == [2, 4]
+
+
+def test_a_crash_after_the_last_checkpoint_redoes_the_final_evaluation_once(stores, tiny_model_config):
+    """The model was never saved (a crash in the finish): the rerun finishes, with one final line."""
+    import shutil
+
+    out = stores / "finish"
+    args = train_args(stores, tiny_model_config, out, 4, "--eval-every", "2", "--resume", "auto")
+    assert run_cli(*args).exit_code == 0
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+    assert run_cli(*args).exit_code == 0
+    heldout = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "heldout_loss" in r]
+    assert [r["step"] for r in heldout] == [2, 4] and (out / "model" / "model.safetensors").is_file()
+
+
+def test_a_granite_student_reports_the_loss_plain_transformers_gives(stores, tiny_model_config, tmp_path):
+    """Granite divides its logits by ``logits_scaling``: the held-out loss stage two reports is the
+    loss plain transformers computes for the saved model."""
+    from pipeline.store import open_store
+
+    config = json.loads(tiny_model_config.read_text()) | {"model_type": "granite", "logits_scaling": 8.0}
+    (tmp_path / "granite.json").write_text(json.dumps(config))
+    out = tmp_path / "granite"
+    assert run_cli(*train_args(stores, tmp_path / "granite.json", out, 10, "--lr", "1e-2")).exit_code == 0
+    reported = json.loads((out / "metrics.json").read_text())["heldout_loss"]
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+    assert type(model).__name__ == "GraniteForCausalLM"
+    store = open_store(stores / "heldout")
+    ids = torch.from_numpy(store.read_rows(0, store.rows)["input_ids"].astype("int64"))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()  # mean over every next-token target
+    assert reported == pytest.approx(loss, rel=1e-4)
