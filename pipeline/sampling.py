@@ -25,25 +25,27 @@ import torch
 from pipeline.errors import DistillError
 
 MASK32 = 0xFFFFFFFF
-# torch path: rows per pass, so that its two float64 [rows, V] buffers stay near 128 MiB each
-ELEMENTS_PER_PASS = 1 << 24
+# torch path: logits per pass, bounding its two float64 [rows, V] buffers: on a CPU, 2 MiB each, so
+# they stay in cache (a fresh 128 MiB buffer costs more in page faults than its exp); on a GPU,
+# 128 MiB each, few enough launches per chunk
+ELEMENTS_PER_PASS = {"cpu": 1 << 18}
+ELEMENTS_PER_PASS_DEVICE = 1 << 24
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """``(x · constant) mod 2³²`` for int64 ``x`` in [0, 2³²): the constant is split in 16-bit
-    halves so that no product leaves int64's range (exact on any device, no reliance on overflow)."""
-    low = x * (constant & 0xFFFF)
-    high = ((x * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & MASK32
+    """``(x · constant) mod 2³²`` for int64 ``x`` in [0, 2³²), in place: the constant is split in
+    16-bit halves so that no product leaves int64's range (exact on any device, no reliance on overflow)."""
+    high = (x * (constant >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(constant & 0xFFFF).add_(high).bitwise_and_(MASK32)
 
 
 def lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """Chris Wellons' lowbias32 integer mixer, a bijection of [0, 2³²), on int64 tensors."""
+    """Chris Wellons' lowbias32 integer mixer, a bijection of [0, 2³²), on int64 tensors (a new tensor)."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    _mul32(x, 0x7FEB352D)
+    x.bitwise_xor_(x >> 15)
+    _mul32(x, 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
 
 
 def _splitmix64(value: int) -> int:
@@ -84,8 +86,8 @@ def uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
     draw = torch.arange(n, dtype=torch.int64, device=keys.device)
     h1 = lowbias32(digest_a[:, None] ^ lowbias32(draw ^ 0x27D4EB2F)[None, :])
     h2 = lowbias32(digest_b[:, None] ^ lowbias32(draw ^ 0x165667B1)[None, :])
-    mantissa = (h1 << 20) | (h2 >> 12)
-    return (mantissa.double() + 0.5) * 2.0**-52
+    mantissa = h1.bitwise_left_shift_(20).bitwise_or_(h2.bitwise_right_shift_(12))
+    return mantissa.double().add_(0.5).mul_(2.0**-52)
 
 
 def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys: torch.Tensor,
@@ -106,7 +108,7 @@ def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys:
     count 0); the counts of a row sum to ``samples`` (or 0 as above).
 
     ``kernel``: ``native`` is the fused CPU kernel, ``torch`` is torch operations (any device;
-    memory: two float64 ``[rows, V]`` buffers, rows chunked to ~128 MiB each), ``auto`` the kernel
+    memory: two float64 ``[rows, V]`` buffers of at most 128 MiB each, 2 MiB on a CPU), ``auto`` the kernel
     for CPU logits where it builds, else torch (:func:`pipeline.topk.resolve_kernel`). Both draw the
     same ids but where a uniform is within ~1e-16 of a CDF boundary. A position whose sampled
     logits hold NaN or +inf is an error.
@@ -145,7 +147,7 @@ def torch_sample_teacher(z: torch.Tensor, inverse_temperature: float, draws: tor
     drawn = torch.empty(rows, n, dtype=torch.int64, device=z.device)
     live = torch.empty(rows, dtype=torch.bool, device=z.device)
     bad = torch.zeros((), dtype=torch.int64, device=z.device)
-    step = max(1, ELEMENTS_PER_PASS // max(vocab, 1))
+    step = max(1, ELEMENTS_PER_PASS.get(z.device.type, ELEMENTS_PER_PASS_DEVICE) // max(vocab, 1))
     for start in range(0, rows, step):
         block = slice(start, start + step)
         # The same float64 operations, in the same order, as the kernel's: (z − max) · (1/T) from the

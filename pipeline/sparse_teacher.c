@@ -436,32 +436,48 @@ static int sample_one_row(const float *z, int64_t V, double inv_t, const double 
     for (int64_t i = 0; i < V; i++) w[i] = (double)z[i];
     for (int64_t j = 0; j < k; j++)
         if (exclude[j] >= 0 && exclude[j] < V) w[exclude[j]] = -INFINITY;
+    v4d top4 = splat4(-INFINITY);
+    v4l nan4 = {0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 4 <= V; i += 4) {
+        v4d x;
+        memcpy(&x, w + i, sizeof x);
+        nan4 |= x != x;
+        v4l above = x > top4;
+        top4 = (v4d)((above & (v4l)x) | (~above & (v4l)top4));
+    }
     double top = -INFINITY;
     int nan = 0;
-    for (int64_t i = 0; i < V; i++) {
+    for (int l = 0; l < 4; l++) {
+        nan |= nan4[l] != 0;
+        top = top4[l] > top ? top4[l] : top;
+    }
+    for (; i < V; i++) {
         nan |= w[i] != w[i];
         top = w[i] > top ? w[i] : top;
     }
     for (int64_t j = 0; j < n; j++) { ids[j] = 0; counts[j] = 0; }
     if (nan || top == INFINITY) return 1;
     if (top == -INFINITY) return 0; /* no residual mass: no draws */
-    /* weights and their total, summed in id order: the same additions as torch.cumsum, so that
-     * the running sum below reproduces its CDF bit for bit */
-    const v4d top4 = splat4(top), inv_t4 = splat4(inv_t);
-    int64_t i = 0;
+    /* the CDF in place: w[i] = sum of the weights of ids 0..i, added in id order, the same
+     * additions as torch.cumsum's, so that it is torch's CDF bit for bit (up to exp's last bit) */
+    top4 = splat4(top);
+    const v4d inv_t4 = splat4(inv_t);
+    double cumulative = 0.0;
+    i = 0;
     for (; i + 4 <= V; i += 4) {
         v4d x;
         memcpy(&x, w + i, sizeof x);
         x = exp4d_nonpositive((x - top4) * inv_t4);
-        memcpy(w + i, &x, sizeof x);
+        for (int l = 0; l < 4; l++) w[i + l] = cumulative += x[l];
     }
-    for (; i < V; i++) w[i] = exp1d_nonpositive((w[i] - top) * inv_t);
-    double total = 0.0;
-    for (i = 0; i < V; i++) total += w[i];
+    for (; i < V; i++) w[i] = cumulative += exp1d_nonpositive((w[i] - top) * inv_t);
+    const double total = w[V - 1];
     /* inverse CDF on the sorted uniforms in one walk: the draw is the smallest id whose cumulative
-     * weight reaches u * total (torch.searchsorted's left side). An id of weight 0 leaves the sum
-     * unchanged, so it is never the first to reach a target above the previous sum: zero-probability
-     * ids are never drawn. u < 1 keeps every target at or below the total, so the walk ends in the row. */
+     * weight reaches u * total (torch.searchsorted's left side). An id of weight 0 repeats the
+     * previous cumulative value, so it is never the first to reach a target above that value:
+     * zero-probability ids are never drawn. u < 1 keeps every target at or below the total, so the
+     * walk ends in the row. */
     memcpy(u, uniforms, (size_t)n * sizeof(double));
     if (n <= 32) {
         for (int64_t a = 1; a < n; a++) {
@@ -474,10 +490,9 @@ static int sample_one_row(const float *z, int64_t V, double inv_t, const double 
         qsort(u, (size_t)n, sizeof(double), compare_doubles);
     }
     int64_t id = 0, unique = -1;
-    double cumulative = w[0];
     for (int64_t j = 0; j < n; j++) {
         double target = u[j] * total;
-        while (cumulative < target && id < V - 1) cumulative += w[++id];
+        while (w[id] < target && id < V - 1) id++;
         if (unique < 0 || ids[unique] != id) ids[++unique] = id;
         counts[unique]++;
     }
