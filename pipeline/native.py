@@ -1,4 +1,4 @@
-"""The fused CPU kernel of stage one (``sparse_teacher.c``): built on first use, cached, loaded with ctypes.
+"""The fused CPU kernels of stage one (``sparse_teacher.c``): built on first use, cached, loaded with ctypes.
 
 On a CPU, stage one's reductions with torch operations cost a third of a small teacher's forward
 pass: ``torch.topk`` copies every row into (value, index) pairs, and each temperature's exp and
@@ -14,6 +14,11 @@ flags and CPU, written to a temporary name and renamed, so concurrent jobs never
 After loading, the kernel is checked once against the torch path on random logits. Where there is
 no compiler, the build fails or the check disagrees, stage one says why once and uses torch
 operations. ``DISTILL_NATIVE=0`` turns the kernel off.
+
+The same library holds the sampled-token kernel (:func:`sample_rows`, used by
+:mod:`pipeline.sampling`): per row, inverse-CDF draws in float64 in one walk over the row, on
+uniforms computed by Python, so that it and the torch path draw the same ids. The load-time check
+covers both functions.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def _library() -> tuple[object | None, str]:
 @dataclass(frozen=True)
 class Kernel:
     function: object  # the ctypes function sparse_teacher_rows
+    sample: object  # the ctypes function sample_rows
     openmp: bool  # splits rows itself; else the caller splits them across Python threads
     path: Path
 
@@ -85,8 +91,13 @@ def build(flags: tuple[str, ...]) -> tuple[Kernel | None, str]:
     function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                          ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    kernel = Kernel(function, bool(library.sparse_teacher_openmp()), path)
-    mismatch = _self_check(kernel)
+    sample = library.sample_rows
+    sample.restype = ctypes.c_int64
+    sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_void_p, ctypes.c_int64]
+    kernel = Kernel(function, sample, bool(library.sparse_teacher_openmp()), path)
+    mismatch = _self_check(kernel) or _self_check_sampling(kernel)
     if mismatch:
         return None, f"{path} disagrees with torch ({mismatch})"
     return kernel, ""
@@ -188,6 +199,27 @@ def _self_check(kernel: Kernel) -> str:
     return ""
 
 
+def _self_check_sampling(kernel: Kernel) -> str:
+    from pipeline.sampling import torch_sample_teacher, uniforms
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(37, 1000, generator=generator) * 4
+    logits[5, 100:] = float("-inf")
+    logits[6, :] = 1.5  # all tied
+    exclude = torch.topk(logits, 8, dim=-1).indices
+    exclude[7] = torch.arange(992, 1000)
+    logits[7, :992] = float("-inf")  # nothing outside the excluded ids
+    draws = uniforms(torch.arange(37, dtype=torch.int64) * 7919, 50)
+    for temperature, excluded in ((1.0, None), (0.7, exclude), (2.0, exclude)):
+        ids, counts, bad = _run_sample(kernel, logits, 1.0 / temperature, draws, excluded, threads=2)
+        reference = torch_sample_teacher(logits, 1.0 / temperature, draws, excluded)
+        if bad:
+            return f"sampling: {bad} finite rows reported as non-finite"
+        if not (torch.equal(ids, reference["sample_ids"]) and torch.equal(counts, reference["sample_counts"])):
+            return f"sampled ids or counts differ at T = {temperature}"
+    return ""
+
+
 def describe() -> str:
     """Which build is in use, for logs: its file and whether it threads with OpenMP."""
     kernel, why = _library()
@@ -213,6 +245,49 @@ def sparse_rows(logits: torch.Tensor, k: int, grid: tuple[float, ...], threads: 
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:
         logits = logits.float().cpu().contiguous()
     return _run(kernel, logits, k, grid, threads or torch.get_num_threads())
+
+
+def _run_sample(kernel: Kernel, logits: torch.Tensor, inverse_temperature: float, draws: torch.Tensor,
+                exclude: torch.Tensor | None, threads: int):
+    rows, n = draws.shape
+    ids = torch.empty(rows, n, dtype=torch.int64)
+    counts = torch.empty(rows, n, dtype=torch.int32)
+    k = 0 if exclude is None else exclude.shape[1]
+
+    def call(part: slice, part_threads: int) -> int:
+        block = logits[part]
+        return kernel.sample(block.data_ptr(), block.shape[0], block.shape[1], block.stride(0), inverse_temperature,
+                             draws[part].data_ptr(), n, None if exclude is None else exclude[part].data_ptr(), k,
+                             ids[part].data_ptr(), counts[part].data_ptr(), part_threads)
+
+    if kernel.openmp:
+        bad = [call(slice(0, rows), threads)]
+    else:
+        parts = max(1, min(threads, rows // 16))
+        bounds = [rows * i // parts for i in range(parts + 1)]
+        bad = list(_pool().map(lambda s: call(s, 1), [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]))
+    if any(b < 0 for b in bad):
+        raise MemoryError("sample_rows kernel could not allocate its row buffers")
+    return ids, counts, sum(bad)
+
+
+def sample_rows(logits: torch.Tensor, inverse_temperature: float, draws: torch.Tensor,
+                exclude: torch.Tensor | None = None, threads: int = 0):
+    """Sampled-token draws from ``logits [P, V]`` (read as float32, CPU) at ``1/T =
+    inverse_temperature``, on the uniforms ``draws [P, n]`` float64 in (0, 1), restricted to the ids
+    not in ``exclude [P, k]`` int64 where given. Returns ``sample_ids [P, n]`` int64 and
+    ``sample_counts [P, n]`` int32 (distinct ids ascending, then id 0 count 0; a row with no residual
+    mass has all counts 0), and the number of rows holding NaN or +inf. Rows are split across
+    ``threads`` (default: torch's)."""
+    kernel, why = _library()
+    if kernel is None:
+        raise RuntimeError(f"the fused sparse_teacher kernel is unavailable: {why}")
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:
+        logits = logits.float().cpu().contiguous()
+    draws = draws.to(dtype=torch.float64, device="cpu").contiguous()
+    if exclude is not None:
+        exclude = exclude.to(dtype=torch.int64, device="cpu").contiguous()
+    return _run_sample(kernel, logits, inverse_temperature, draws, exclude, threads or torch.get_num_threads())
 
 
 if __name__ == "__main__":  # python -m pipeline.native: build now and say which path stage one takes

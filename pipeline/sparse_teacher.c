@@ -16,6 +16,10 @@
  * exp underflows to 0 below max - 87.33 T (float32's normal range), as torch's does near there;
  * pipeline/topk.py recomputes in float64 the rows whose tail is that small.
  * Returns the number of rows holding NaN or +inf (their outputs are unspecified).
+ *
+ * sample_rows (at the end) draws sampled-token targets (pipeline/sampling.py): per row, n ids with
+ * replacement from softmax(z / T), optionally restricted to the ids outside a row's top-k, by
+ * inverse CDF in float64 on uniforms passed in from Python, written as unique ids with counts.
  */
 
 #include <math.h>
@@ -381,5 +385,148 @@ int64_t sparse_teacher_rows(const float *logits, int64_t rows, int64_t V, int64_
         free(e); free(block_max);
     }
     free(order); free(squares_previous);
+    return failed ? -1 : bad_rows;
+}
+
+/* ----------------------------------------------------------------- sampled tokens (RS-KD) */
+
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+
+static inline v4d splat4(double x) { return (v4d){x, x, x, x}; }
+
+/* exp(x) for x <= 0 in float64 (Cephes exp: x = n ln2 + r, |r| <= ln2/2, a rational Padé form in
+ * r; within 2 ulp of the correctly rounded value); 0 below -708.39 (no subnormals), which also
+ * covers -inf. torch's float64 exp differs from it by an ulp or so: the draws of the two paths
+ * then differ only where a uniform lands within ~1e-16 of a CDF boundary (never seen in tests). */
+static inline v4d exp4d_nonpositive(v4d x) {
+    const v4d lowest = splat4(-708.39), magic = splat4(6755399441055744.0); /* 1.5 * 2^52 */
+    v4l under = x < lowest;
+    x = (v4d)((under & (v4l)lowest) | (~under & (v4l)x));
+    v4d shifted = x * splat4(1.4426950408889634073599) + magic;
+    v4d fn = shifted - magic;
+    v4l n = (v4l)shifted - (v4l)magic;
+    x = x - fn * splat4(6.93145751953125E-1) - fn * splat4(1.42860682030941723212E-6);
+    v4d xx = x * x;
+    v4d px = x * ((splat4(1.26177193074810590878E-4) * xx + splat4(3.02994407707441961300E-2)) * xx +
+                  splat4(9.99999999999999999910E-1));
+    v4d qx = ((splat4(3.00198505138664455042E-6) * xx + splat4(2.52448340349684104192E-3)) * xx +
+              splat4(2.27265548208155028766E-1)) * xx + splat4(2.00000000000000000009E0);
+    v4d y = splat4(1.0) + splat4(2.0) * (px / (qx - px));
+    y = y * (v4d)((n + 1023) << 52);
+    return (v4d)((v4l)y & ~under);
+}
+
+static inline double exp1d_nonpositive(double x) {
+    v4d v = exp4d_nonpositive(splat4(x));
+    return v[0];
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* One row of sample_rows; w holds V doubles, u n doubles (per thread). Returns whether the row is bad. */
+static int sample_one_row(const float *z, int64_t V, double inv_t, const double *uniforms, int64_t n,
+                          const int64_t *exclude, int64_t k, int64_t *ids, int32_t *counts, double *w, double *u) {
+    /* the logits in float64 with the excluded ids at -inf, and their maximum: weights are
+     * exp((z - max) / T) of the residual, so the largest is 1 and a residual far below the top-k
+     * still has mass */
+    for (int64_t i = 0; i < V; i++) w[i] = (double)z[i];
+    for (int64_t j = 0; j < k; j++)
+        if (exclude[j] >= 0 && exclude[j] < V) w[exclude[j]] = -INFINITY;
+    v4d top4 = splat4(-INFINITY);
+    v4l nan4 = {0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 4 <= V; i += 4) {
+        v4d x;
+        memcpy(&x, w + i, sizeof x);
+        nan4 |= x != x;
+        v4l above = x > top4;
+        top4 = (v4d)((above & (v4l)x) | (~above & (v4l)top4));
+    }
+    double top = -INFINITY;
+    int nan = 0;
+    for (int l = 0; l < 4; l++) {
+        nan |= nan4[l] != 0;
+        top = top4[l] > top ? top4[l] : top;
+    }
+    for (; i < V; i++) {
+        nan |= w[i] != w[i];
+        top = w[i] > top ? w[i] : top;
+    }
+    for (int64_t j = 0; j < n; j++) { ids[j] = 0; counts[j] = 0; }
+    if (nan || top == INFINITY) return 1;
+    if (top == -INFINITY) return 0; /* no residual mass: no draws */
+    /* the CDF in place: w[i] = sum of the weights of ids 0..i, added in id order, the same
+     * additions as torch.cumsum's, so that it is torch's CDF bit for bit (up to exp's last bit) */
+    top4 = splat4(top);
+    const v4d inv_t4 = splat4(inv_t);
+    double cumulative = 0.0;
+    i = 0;
+    for (; i + 4 <= V; i += 4) {
+        v4d x;
+        memcpy(&x, w + i, sizeof x);
+        x = exp4d_nonpositive((x - top4) * inv_t4);
+        for (int l = 0; l < 4; l++) w[i + l] = cumulative += x[l];
+    }
+    for (; i < V; i++) w[i] = cumulative += exp1d_nonpositive((w[i] - top) * inv_t);
+    const double total = w[V - 1];
+    /* inverse CDF on the sorted uniforms in one walk: the draw is the smallest id whose cumulative
+     * weight reaches u * total (torch.searchsorted's left side). An id of weight 0 repeats the
+     * previous cumulative value, so it is never the first to reach a target above that value:
+     * zero-probability ids are never drawn. u < 1 keeps every target at or below the total, so the
+     * walk ends in the row. */
+    memcpy(u, uniforms, (size_t)n * sizeof(double));
+    if (n <= 32) {
+        for (int64_t a = 1; a < n; a++) {
+            double x = u[a];
+            int64_t b = a - 1;
+            while (b >= 0 && u[b] > x) { u[b + 1] = u[b]; b--; }
+            u[b + 1] = x;
+        }
+    } else {
+        qsort(u, (size_t)n, sizeof(double), compare_doubles);
+    }
+    int64_t id = 0, unique = -1;
+    for (int64_t j = 0; j < n; j++) {
+        double target = u[j] * total;
+        while (w[id] < target && id < V - 1) id++;
+        if (unique < 0 || ids[unique] != id) ids[++unique] = id;
+        counts[unique]++;
+    }
+    return 0;
+}
+
+/* Rows [0, rows) of logits (row stride ld): per row, n draws with replacement from
+ * softmax(z * inv_t) restricted to the ids not in exclude[r * k .. r * k + k) (k may be 0), by
+ * inverse CDF on uniforms[r * n .. r * n + n) in (0, 1). Writes the distinct drawn ids in ascending
+ * order with their counts to ids[r * n ..] and counts[r * n ..], then id 0 count 0. A row whose
+ * residual holds only -inf gets no draws (all counts 0). Returns the number of rows holding NaN or
+ * +inf (outputs zero), or -1 when memory ran out. */
+int64_t sample_rows(const float *logits, int64_t rows, int64_t V, int64_t ld, double inv_t, const double *uniforms,
+                    int64_t n, const int64_t *exclude, int64_t k, int64_t *ids, int32_t *counts, int64_t threads) {
+    int64_t bad_rows = 0, failed = 0;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads > 0 ? (int)threads : omp_get_max_threads()) if (rows >= 16) \
+    reduction(+ : bad_rows, failed)
+#endif
+    {
+        double *w = malloc((size_t)V * sizeof(double)), *u = malloc((size_t)(n > 0 ? n : 1) * sizeof(double));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            if (!w || !u) {
+                failed = 1;
+                continue;
+            }
+            bad_rows += sample_one_row(logits + r * ld, V, inv_t, uniforms + r * n, n, exclude ? exclude + r * k : NULL,
+                                       exclude ? k : 0, ids + r * n, counts + r * n, w, u);
+        }
+        free(w); free(u);
+    }
     return failed ? -1 : bad_rows;
 }

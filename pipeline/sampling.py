@@ -1,0 +1,209 @@
+"""Sampled-token teacher targets (RS-KD, Anshumann et al. 2025): N draws per position, as unique ids with counts.
+
+Per position, ``N`` token ids are drawn with replacement from the teacher's ``softmax(z/T)`` at the
+cache temperature; the store keeps the distinct ids with their counts, and ``count_i/N`` is an
+unbiased estimate of ``p_i`` (so the forward-KL gradient ``(q − p)/T`` is unbiased too). In the
+hybrid store (exact top-k plus sampled tail) the draws come from the distribution restricted to
+the ids outside the top-k, renormalised.
+
+Draws are reproducible anywhere: the randomness of a position is a pure function of
+``(store seed, global row, position)`` (:func:`position_keys`) and the draw index
+(:func:`uniforms`), a counter-based hash in exact int64 arithmetic, with no ``torch.Generator``
+and no global RNG state. Any shard therefore recomputes the same uniforms on rerun, in another
+array job or on another device. Given the uniforms, the draw is the inverse CDF in float64
+(:func:`sample_teacher`); the fused CPU kernel and the torch path compute that CDF with the same
+float64 operations in the same order, so they draw the same ids except where a uniform falls
+within an ulp or so (~1e-16 relative) of a CDF boundary, since their float64 ``exp`` may differ in
+the last bit. A GPU's parallel cumulative sum rounds differently again: the same kind of rare
+boundary disagreement, not a different distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import DistillError
+
+MASK32 = 0xFFFFFFFF
+# torch path: logits per pass, bounding its two float64 [rows, V] buffers: on a CPU, 2 MiB each, so
+# they stay in cache (a fresh 128 MiB buffer costs more in page faults than its exp); on a GPU,
+# 128 MiB each, few enough launches per chunk
+ELEMENTS_PER_PASS = {"cpu": 1 << 18}
+ELEMENTS_PER_PASS_DEVICE = 1 << 24
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``(x · constant) mod 2³²`` for int64 ``x`` in [0, 2³²), in place: the constant is split in
+    16-bit halves so that no product leaves int64's range (exact on any device, no reliance on overflow)."""
+    high = (x * (constant >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return x.mul_(constant & 0xFFFF).add_(high).bitwise_and_(MASK32)
+
+
+def lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' lowbias32 integer mixer, a bijection of [0, 2³²), on int64 tensors (a new tensor)."""
+    x = x ^ (x >> 16)
+    _mul32(x, 0x7FEB352D)
+    x.bitwise_xor_(x >> 15)
+    _mul32(x, 0x846CA68B)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _splitmix64(value: int) -> int:
+    """One splitmix64 output as a Python int in [0, 2⁶⁴): the store seed's 64-bit mask."""
+    z = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def position_keys(seed: int, rows: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """int64 ``[R, seq_len]`` counter keys of (store seed, global row index, position).
+
+    rows: int64 ``[R]`` global row indices. The key is the global position ``row · seq_len + pos``
+    XOR a 64-bit mask hashed from the seed: distinct positions of one store never share a key, and
+    another seed's keys are unrelated. Same inputs → same keys on any device or process.
+    """
+    mask = _splitmix64(seed & 0xFFFFFFFFFFFFFFFF)
+    mask = mask - (1 << 64) if mask >= 1 << 63 else mask  # as a signed int64
+    positions = torch.arange(seq_len, dtype=torch.int64, device=rows.device)
+    return (rows.to(torch.int64)[:, None] * seq_len + positions) ^ mask
+
+
+def uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """float64 ``[P, n]`` in (0, 1) from int64 ``keys [P]``: draw ``j`` of key ``x`` is a pure
+    function of ``(x, j)``.
+
+    Two 32-bit digests of the key, ``a`` and ``b`` (lowbias32 chains over its halves, in opposite
+    orders), are each mixed with a hash of ``j``: ``h1 = lowbias32(a ^ lowbias32(j ^ c1))``, ``h2``
+    likewise from ``b``; the 52 bits ``h1 · 2²⁰ + h2 >> 12`` give ``u = (m + 0.5) / 2⁵²``, so
+    ``2⁻⁵³ ≤ u ≤ 1 − 2⁻⁵³``. All arithmetic is int64 masked to 32 bits (:func:`lowbias32`), exact
+    on CPU and CUDA alike.
+    """
+    keys = keys.to(torch.int64)
+    low, high = keys & MASK32, (keys >> 32) & MASK32
+    digest_a = lowbias32(low ^ lowbias32(high ^ 0x9E3779B9))
+    digest_b = lowbias32(high ^ lowbias32(low ^ 0x85EBCA6B))
+    draw = torch.arange(n, dtype=torch.int64, device=keys.device)
+    h1 = lowbias32(digest_a[:, None] ^ lowbias32(draw ^ 0x27D4EB2F)[None, :])
+    h2 = lowbias32(digest_b[:, None] ^ lowbias32(draw ^ 0x165667B1)[None, :])
+    mantissa = h1.bitwise_left_shift_(20).bitwise_or_(h2.bitwise_right_shift_(12))
+    return mantissa.double().add_(0.5).mul_(2.0**-52)
+
+
+def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys: torch.Tensor,
+                   exclude: torch.Tensor | None = None, kernel: str = "auto") -> dict[str, torch.Tensor]:
+    """Sampled-token targets of one chunk of positions.
+
+    logits: ``[P, V]`` (any float dtype; read as float32, CDF in float64), keys: int64 ``[P]``
+    (:func:`position_keys`, flattened). Draws ``samples`` ids per position with replacement from
+    ``softmax(z / temperature)`` by inverse CDF on ``uniforms(keys, samples)``: draw ``u`` is the
+    smallest id whose cumulative weight reaches ``u · total``, so an id of probability exactly 0
+    (a ``−inf`` logit, an excluded id) is never drawn. With ``exclude`` int64 ``[P, k]`` (the
+    top-k ids of the hybrid store) the draws come from the distribution restricted to the other
+    ids (the renormalised residual); a row whose residual holds only ``−inf`` logits gets no draws
+    (all counts 0).
+
+    Returns on ``logits.device``: ``sample_ids`` int64 ``[P, S]`` and ``sample_counts`` int32
+    ``[P, S]`` with ``S = samples``: the distinct drawn ids in ascending order, then padding (id 0,
+    count 0); the counts of a row sum to ``samples`` (or 0 as above).
+
+    ``kernel``: ``native`` is the fused CPU kernel, ``torch`` is torch operations (any device;
+    memory: two float64 ``[rows, V]`` buffers of at most 128 MiB each, 2 MiB on a CPU), ``auto`` the kernel
+    for CPU logits where it builds, else torch (:func:`pipeline.topk.resolve_kernel`). Both draw the
+    same ids but where a uniform is within ~1e-16 of a CDF boundary. A position whose sampled
+    logits hold NaN or +inf is an error.
+    """
+    from pipeline import native
+    from pipeline.topk import resolve_kernel
+
+    if samples < 1:
+        raise DistillError(f"--samples must be at least 1, got {samples}")
+    if not temperature > 0:
+        raise DistillError(f"the sampling temperature must be positive, got {temperature}")
+    z = logits.float()
+    vocab = z.shape[-1]
+    if exclude is not None and exclude.numel() and (int(exclude.min()) < 0 or int(exclude.max()) >= vocab):
+        raise ValueError(f"exclude holds ids outside [0, {vocab})")
+    draws = uniforms(keys.to(z.device), samples)
+    if resolve_kernel(kernel, z.device) == "native":
+        ids, counts, bad_rows = native.sample_rows(z, 1.0 / temperature, draws, exclude)
+    else:
+        out = torch_sample_teacher(z, 1.0 / temperature, draws, None if exclude is None else exclude.to(z.device))
+        ids, counts, bad_rows = out["sample_ids"], out["sample_counts"], int(out["bad_rows"])
+    if bad_rows:
+        raise DistillError(f"the teacher's logits hold NaN or infinity at {bad_rows} of {z.shape[0]} positions; "
+                           "check its weights, or run it in float32 (--dtype float32)")
+    return {"sample_ids": ids.to(logits.device), "sample_counts": counts.to(logits.device)}
+
+
+def torch_sample_teacher(z: torch.Tensor, inverse_temperature: float, draws: torch.Tensor,
+                         exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The draws with torch operations: ``z [P, V]`` float32, ``draws [P, n]`` float64 uniforms,
+    ``exclude [P, k]`` int64 or None → ``sample_ids [P, n]`` int64, ``sample_counts [P, n]`` int32
+    and ``bad_rows`` (a 0-d tensor: rows whose sampled logits hold NaN or +inf; their outputs are 0).
+    Row blocks of ``ELEMENTS_PER_PASS`` logits bound the two float64 buffers."""
+    rows, vocab = z.shape
+    n = draws.shape[1]
+    drawn = torch.empty(rows, n, dtype=torch.int64, device=z.device)
+    live = torch.empty(rows, dtype=torch.bool, device=z.device)
+    bad = torch.zeros((), dtype=torch.int64, device=z.device)
+    step = max(1, ELEMENTS_PER_PASS.get(z.device.type, ELEMENTS_PER_PASS_DEVICE) // max(vocab, 1))
+    for start in range(0, rows, step):
+        block = slice(start, start + step)
+        # The same float64 operations, in the same order, as the kernel's: (z − max) · (1/T) from the
+        # logits widened exactly, exp, then a sequential cumulative sum (torch.cumsum on the CPU).
+        weights = z[block].double()
+        if exclude is not None:
+            weights.scatter_(-1, exclude[block], float("-inf"))
+        top = weights.max(dim=-1, keepdim=True).values
+        row_bad = torch.isnan(top[:, 0]) | torch.isposinf(top[:, 0])
+        row_live = torch.isfinite(top[:, 0])
+        bad += row_bad.sum()
+        live[block] = row_live
+        top = torch.where(row_live[:, None], top, torch.zeros_like(top))  # no (−inf) − (−inf) = NaN
+        weights.sub_(top).mul_(inverse_temperature).exp_()
+        cdf = torch.cumsum(weights, dim=-1)
+        del weights
+        targets = draws[block] * cdf[:, -1:]
+        # left side: the first id whose cumulative weight reaches the target. A zero-weight id
+        # repeats the previous cumulative value, so it is never the first to reach a target above
+        # that value; the target is at least 2^-53 · total > 0, so neither is a leading zero-weight
+        # id; and u < 1 keeps the target at or below the total, inside the row.
+        drawn[block] = torch.searchsorted(cdf, targets).clamp_(max=vocab - 1)
+        del cdf
+    return {**unique_counts(drawn, live), "bad_rows": bad}
+
+
+def unique_counts(drawn: torch.Tensor, live: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per row of ``drawn [P, n]`` ids: the distinct ids ascending with their counts, then id 0
+    count 0 — ``sample_ids [P, n]`` int64, ``sample_counts [P, n]`` int32 — without a loop over
+    rows: sort, mark where a run starts, number the runs and scatter-add. Rows where ``live [P]``
+    is False come back all padding."""
+    ordered = drawn.sort(dim=-1).values
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    slot = starts.cumsum(dim=-1) - 1  # the run each draw belongs to: [P, n] in [0, n)
+    ids = torch.zeros_like(ordered).scatter_(-1, slot, ordered)  # every draw of a run writes the same id
+    counts = torch.zeros(ordered.shape, dtype=torch.int32, device=ordered.device)
+    counts.scatter_add_(-1, slot, torch.ones_like(counts))
+    if live is not None:
+        ids.masked_fill_(~live[:, None], 0)
+        counts.masked_fill_(~live[:, None], 0)
+    return {"sample_ids": ids, "sample_counts": counts}
+
+
+def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 ``[P, S]``: ``log softmax(z / temperature)`` of ``logits [P, V]`` at ``ids [P, S]``
+    (the store's ``sample_ids``), for ``--sample-logprobs``.
+
+    Padding gets **0.0** (finite, so ``count · f(logprob)`` stays 0 where the count is 0, never
+    ``0 · inf``). Padding is recognised from the ids alone: within a row the ids are ascending and
+    distinct, so an id 0 after the first slot is padding. Slot 0 of a row with no draws (counts all
+    0) holds id 0 and gets the log-prob of id 0. The log-sum-exp is taken in float64.
+    """
+    z = logits.float()
+    lse = torch.logsumexp(z.double() / temperature, dim=-1, keepdim=True)
+    logprobs = (z.gather(-1, ids).double() / temperature - lse).float()
+    padding = ids == 0
+    padding[:, 0] = False
+    return logprobs.masked_fill_(padding, 0.0)
