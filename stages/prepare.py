@@ -82,19 +82,9 @@ def prepare(config: PrepareConfig) -> Path:
         "chunk_rows": config.chunk_rows,
     }
     out = Path(config.out)
-    if (out / store_lib.INDEX).exists():
-        existing = store_lib.open_store(out)
-        differences = store_lib.param_differences(existing.params, params)
-        if existing.kind == "tokens" and existing.index["backend"] == config.backend and not differences:
-            print(f"{out}: complete store with the same parameters already exists; nothing to do")
-            return out
-        if not config.overwrite:
-            what = "; ".join(differences) or f"backend {existing.index['backend']} vs {config.backend}"
-            raise DistillError(f"{out} already holds a store built differently ({what}); "
-                               "pass --overwrite to replace it or choose another --out")
-    elif out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise DistillError(f"{out} exists and is not an empty directory or a store; "
-                           "choose another --out or pass --overwrite")
+    if store_lib.existing_store(out, "tokens", config.backend, params, config.overwrite) == "done":
+        print(f"{out}: complete store with the same parameters already exists; nothing to do")
+        return out
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,6 @@ every shard, ``index.json`` is written (here, or by ``distill merge``).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import queue
 import shutil
@@ -33,13 +32,10 @@ from tqdm import tqdm
 from pipeline import store as store_lib
 from pipeline.config import check, option, save_resolved
 from pipeline.errors import DistillError
-from pipeline.io import atomic_write_text, file_sha256
+from pipeline.io import file_sha256
 from pipeline.models import WEIGHT_FILES, OutputHead, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
-
-PART = "index.part-{:05d}-of-{:05d}.json"
-
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -122,13 +118,6 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_partial(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def run_teacher(config: TeacherConfig) -> TeacherRun:
     # ------------------------------------------------------------------ setup
     tokens = store_lib.open_store(config.tokens_store, kind="tokens")
@@ -177,21 +166,18 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         "chunk_rows": config.chunk_rows,
     }
     out = Path(config.out)
-    existing = _existing_params(out, config.backend)
-    if existing is not None and existing != params:
-        if not config.overwrite:
-            what = "; ".join(store_lib.param_differences(existing, params)) or "backend differs"
-            raise DistillError(f"{out} already holds a store built differently ({what}); "
-                               "pass --overwrite to replace it or choose another --out")
-        shutil.rmtree(out)
-    if (out / store_lib.INDEX).exists() and existing == params:
+    decision = store_lib.existing_store(out, "topk", config.backend, params, config.overwrite)
+    if decision == "done":
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
         return TeacherRun(out, 0, 0.0)
+    if decision == "replace":
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
     n_total = math.ceil(n_rows / config.rows_per_shard)
-    part_path = out / PART.format(config.shard_index, config.num_shards)
-    done = {e["name"]: e for e in read_partial(part_path).get("shards", []) if (out / e["name"]).exists()}
+    part_path = store_lib.partial_index_path(out, config.shard_index, config.num_shards)
+    done = {e["name"]: e for e in store_lib.read_partial_index(part_path).get("shards", [])
+            if (out / e["name"]).exists()}
     todo = [j for j in range(config.shard_index, n_total, config.num_shards)
             if store_lib.shard_name(j, config.backend) not in done]
     id_dtype = store_lib.token_dtype(vocab)
@@ -206,9 +192,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
 
     def record(entry: dict) -> None:
         done[entry["name"]] = entry
-        body = {"params": params, "backend": config.backend, "arrays": arrays_meta,
-                "shards": sorted(done.values(), key=lambda e: e["name"])}
-        atomic_write_text(part_path, json.dumps(body, indent=2, sort_keys=True) + "\n")
+        store_lib.write_partial_index(part_path, params, config.backend, arrays_meta, list(done.values()))
 
     save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
                   {"params": params, "shards_planned": n_total})
@@ -260,27 +244,12 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
     print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(done)} shards "
           f"({len(todo)} written now{rate})")
     try:
-        merge_store(out)
+        store_lib.merge_partial_indexes(out)
     except DistillError as e:
         if config.num_shards == 1:
             raise
         print(f"{out}: not merged yet ({e})")
     return TeacherRun(out, total_tokens, loop_seconds)
-
-
-def _existing_params(out: Path, backend: str) -> dict | None:
-    """Parameters of what already lies in ``out`` (complete store or partial indexes), if anything."""
-    if (out / store_lib.INDEX).exists():
-        store = store_lib.open_store(out)
-        return store.params if store.index["backend"] == backend else {"backend": store.index["backend"]}
-    if out.is_dir():
-        for part in sorted(out.glob("index.part-*.json")):
-            body = read_partial(part)
-            if body:
-                return body["params"] if body.get("backend") == backend else {"backend": body.get("backend")}
-        if any(p for p in out.iterdir() if not p.name.startswith((".", "config.part-"))):
-            return {"unknown": "a directory that is not a topk store"}
-    return None
 
 
 @torch.no_grad()
@@ -348,43 +317,4 @@ class MergeConfig:
 
 
 def merge(config: MergeConfig) -> Path:
-    return merge_store(Path(config.store))
-
-
-def merge_store(root: Path) -> Path:
-    """Check that the partial indexes cover every shard exactly, then write ``index.json``."""
-    if not root.is_dir():
-        raise DistillError(f"{root} does not exist; run distill teacher first")
-    parts = [read_partial(p) for p in sorted(root.glob("index.part-*.json"))]
-    parts = [p for p in parts if p]
-    if not parts:
-        if (root / store_lib.INDEX).exists():
-            return root
-        raise DistillError(f"{root} holds no partial indexes; run distill teacher first")
-    params, backend, arrays = parts[0]["params"], parts[0]["backend"], parts[0]["arrays"]
-    for part in parts[1:]:
-        if part["params"] != params or part["backend"] != backend:
-            what = "; ".join(store_lib.param_differences(params, part["params"])) or "backend"
-            raise DistillError(f"{root}: partial indexes were written with different parameters ({what}); "
-                               "rerun the odd jobs with the same options")
-    entries: dict[str, dict] = {}
-    for part in parts:
-        for entry in part["shards"]:
-            store_lib.safe_child(root, entry["name"])
-            if entry["name"] in entries and entries[entry["name"]]["sha256"] != entry["sha256"]:
-                raise DistillError(f"{root}: shard {entry['name']} recorded twice with different content")
-            entries[entry["name"]] = entry
-    n_total = math.ceil(params["rows"] / params["rows_per_shard"])
-    names = [store_lib.shard_name(j, backend) for j in range(n_total)]
-    missing = [n for n in names if n not in entries or not (root / n).exists()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DistillError(f"{root}: {len(missing)} of {n_total} shards are not finished ({shown}); "
-                           "rerun the jobs that own them")
-    shards = [entries[n] for n in names]
-    rows = sum(s["rows"] for s in shards)
-    index = store_lib.new_index("topk", backend, params, shards, arrays=arrays,
-                                tokens=rows * params["seq_len"], target_tokens=rows * (params["seq_len"] - 1))
-    store_lib.write_index(root, index)
-    print(f"{root}: merged {n_total} shards into {store_lib.INDEX}")
-    return root
+    return store_lib.merge_partial_indexes(Path(config.store))
