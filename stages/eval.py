@@ -318,41 +318,34 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list) -> dict[st
     """Top-1 agreement with the stored teacher and KL(teacher ‖ model) over the kept top-k plus one
     tail bucket (exact for the store's distribution; a lower bound on the full-vocabulary KL)."""
     from pipeline.loader import sequential
-    from pipeline.losses import sparse_kd
     from pipeline.store import open_store
-    from pipeline.topk import retemper
+    from pipeline.teacher_signal import StoredTopK
 
     store = open_store(config.agreement, kind="topk")
     params = store.params
-    grid = [float(t) for t in params["temperature_grid"]]
     t = config.agreement_temperature
-    if t not in grid:
-        raise DistillError(f"--agreement-temperature {t} is not in the store's grid {grid}; pick one of them")
+    teacher = StoredTopK(params, t, "tail", "forward", option="--agreement-temperature")
     if params["vocab_size"] != scorer.vocab:
         raise DistillError(f"store {store.root} was written for a vocabulary of {params['vocab_size']} tokens, "
                            f"the model's tokenizer has {scorer.vocab}")
     if params["seq_len"] > scorer.max_length:
         raise DistillError(f"store {store.root} holds rows of {params['seq_len']} tokens, more than the model's "
                            f"context window ({scorer.max_length})")
-    cache_t = float(params["temperature"])
-    cache_i, t_i = grid.index(cache_t), grid.index(t)
     rows = config.limit or store.rows
     agree = kl = positions = 0.0
     with tqdm(total=min(rows, store.rows) * params["seq_len"], desc="agreement", unit="tok", unit_scale=True,
               leave=False) as bar:
         for batch in sequential(store, config.batch_size, rows):
-            ids = batch["input_ids"].to(scorer.device)
+            batch = {k: v.to(scorer.device) for k, v in batch.items()}
+            ids = batch["input_ids"]
             hidden = scorer.head.hidden(ids)[:, :-1]
             logits = scorer.head.logits(hidden).float()[..., :scorer.vocab]
             n = logits.shape[0] * logits.shape[1]
             logits = logits.reshape(n, -1)
-            teacher_ids = batch["topk_ids"][:, :-1].reshape(n, -1).to(scorer.device)
-            lp = retemper(batch["topk_logprobs"], batch["logsumexp"], cache_t, cache_i, t_i, t)
-            lp = lp[:, :-1].reshape(n, -1).to(scorer.device)
-            tail = batch["tail_logmass"][:, :-1, t_i].reshape(n).float().to(scorer.device)
+            teacher_ids, teacher_logprobs, tail = teacher.positions(ids, batch)
             student = F.log_softmax(logits / t, dim=-1)
             agree += float((logits.argmax(-1) == teacher_ids[:, 0]).sum())
-            kl += float(sparse_kd(student, teacher_ids, lp, tail, ids[:, 1:].reshape(n), "tail", "forward").sum())
+            kl += float(teacher.divergence(student, ids[:, 1:].reshape(n), teacher_ids, teacher_logprobs, tail).sum())
             positions += n
             bar.update(ids.numel())
     return {"top1": agree / positions, "kl": kl / positions, "temperature": t, "tokens": int(positions)}

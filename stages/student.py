@@ -44,17 +44,16 @@ from pipeline.errors import DistillError
 from pipeline.init import init_from_teacher_layers
 from pipeline.io import atomic_write_text, replace_dir
 from pipeline.loader import Loader, sequential
-from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum, dense_kd, sparse_kd
+from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum
 from pipeline.metrics import MetricsLog
 from pipeline.models import DTYPES, count_parameters, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.store import open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
-from pipeline.topk import retemper
+from pipeline.teacher_signal import OnlineTeacher, StoredTopK, TeacherSignal
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
                 "tail", "direction", "teacher", "shuffle_chunks")
-TOPK_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "logsumexp", "tail_logmass")
 
 
 @dataclass(frozen=True)
@@ -147,35 +146,25 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 class DistillStep(torch.nn.Module):
     """One micro-batch's loss sums. A module so that DDP/FSDP see the forward they wrap.
 
-    forward(input_ids ``[B, L]``, teacher arrays ``[B, L, ...]``) → (CE sum, divergence sum, targets),
-    over the ``B·(L−1)`` positions that have a next token.
+    forward(input_ids ``[B, L]``, store arrays ``[B, L, ...]``) → (CE sum, divergence sum, targets),
+    over the ``B·(L−1)`` positions that have a next token. ``teacher`` (a
+    :class:`pipeline.teacher_signal.TeacherSignal`) gives the divergence term; None trains with CE alone.
     """
 
-    def __init__(self, model, vocab: int, alpha: float, temperature: float, tail: str, direction: str,
-                 chunk: int, cache: tuple[float, int, int] | None = None, teacher=None):
+    def __init__(self, model, vocab: int, alpha: float, loss_chunk: int, teacher: TeacherSignal | None = None):
         super().__init__()
         self.model = model
-        self.vocab, self.alpha, self.temperature = vocab, alpha, temperature
-        self.tail, self.direction, self.chunk = tail, direction, chunk
-        self.cache = cache  # (cache temperature, its grid index, index of T in the grid)
-        self._teacher = (teacher,)  # a tuple keeps the teacher out of this module's parameters
+        self.vocab, self.alpha, self.loss_chunk = vocab, alpha, loss_chunk
+        self.teacher = teacher  # a plain object: an online teacher's weights stay out of this module's parameters
 
     def forward(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor], ce_only: bool = False):
         model, b, length = self.model, input_ids.shape[0], input_ids.shape[1]
         hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state[:, :-1].reshape(b * (length - 1), -1)
         targets = input_ids[:, 1:].reshape(-1)
-        head, t = model.get_output_embeddings(), self.temperature
-        distill = self.alpha < 1.0 and not ce_only
-        extra: list[torch.Tensor] = []
-        teacher = self._teacher[0]
-        if distill and teacher is not None:
-            with torch.no_grad():
-                extra = [teacher.hidden(input_ids)[:, :-1].reshape(b * (length - 1), -1)]
-        elif distill:
-            cache_t, cache_i, t_i = self.cache
-            lp = retemper(batch["topk_logprobs"], batch["logsumexp"], cache_t, cache_i, t_i, t)
-            extra = [batch["topk_ids"][:, :-1].reshape(-1, lp.shape[-1]), lp[:, :-1].reshape(-1, lp.shape[-1]),
-                     batch["tail_logmass"][:, :-1, t_i].reshape(-1).float()]
+        head, teacher = model.get_output_embeddings(), self.teacher
+        distill = self.alpha < 1.0 and not ce_only and teacher is not None
+        t = teacher.temperature if distill else 1.0
+        teacher_positions = teacher.positions(input_ids, batch) if distill else ()
 
         def sums(h, y, *teacher_parts):
             logits = head(h).float()[:, :self.vocab]  # padded output rows are not tokens
@@ -184,14 +173,9 @@ class DistillStep(torch.nn.Module):
             if not distill:
                 return ce, torch.zeros((), device=ce.device)
             student_t = logprobs if t == 1.0 else F.log_softmax(logits / t, dim=-1)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_t = F.log_softmax(teacher.logits(teacher_parts[0]).float()[:, :self.vocab] / t, dim=-1)
-                return ce, dense_kd(student_t, teacher_t, self.direction).sum()
-            ids, lp, tail_lm = teacher_parts
-            return ce, sparse_kd(student_t, ids, lp, tail_lm, y, self.tail, self.direction).sum()
+            return ce, teacher.divergence(student_t, y, *teacher_parts).sum()
 
-        ce_sum, kd_sum = chunked_sum(sums, hidden.shape[0], self.chunk, hidden, targets, *extra)
+        ce_sum, kd_sum = chunked_sum(sums, hidden.shape[0], self.loss_chunk, hidden, targets, *teacher_positions)
         return ce_sum, kd_sum, targets.numel()
 
 
@@ -263,15 +247,9 @@ def train(config: TrainConfig) -> Path:
                            "distill teacher to make a topk store, pass --teacher DIR (online), or use --alpha 1")
     tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
-    cache = None
+    teacher = None
     if teacher_source == "store":
-        grid = train_store.params["temperature_grid"]
-        if config.temperature not in grid:
-            raise DistillError(f"temperature {config.temperature:g} is not in the store's grid "
-                               f"({', '.join(f'{t:g}' for t in grid)}); pick one of those or rerun stage one "
-                               "with it in --temperature-grid")
-        cache_t = train_store.params["temperature"]
-        cache = (cache_t, grid.index(cache_t), grid.index(config.temperature))
+        teacher = StoredTopK(train_store.params, config.temperature, config.tail, config.direction)
 
     device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
     if device.type == "cuda":
@@ -295,7 +273,6 @@ def train(config: TrainConfig) -> Path:
     if eval_store is not None:
         check_store(eval_store, "eval store", tok_hash, vocab, positions)
 
-    teacher = None
     if online:
         from pipeline.models import OutputHead
 
@@ -305,11 +282,11 @@ def train(config: TrainConfig) -> Path:
             raise DistillError(f"teacher {config.teacher} predicts {teacher_model.config.vocab_size} ids, "
                                f"fewer than the tokenizer's {vocab}")
         probe = train_store.read_rows(0, 1)["input_ids"].astype("int64")
-        teacher = OutputHead(teacher_model, torch.from_numpy(probe).to(device))
+        teacher = OnlineTeacher(OutputHead(teacher_model, torch.from_numpy(probe).to(device)), vocab,
+                                config.temperature, config.direction)
 
     chunk = config.loss_chunk or max(1, (1 << 26) // model.config.vocab_size)
-    step_module = DistillStep(model, vocab, alpha, config.temperature, config.tail, config.direction, chunk,
-                              cache, teacher)
+    step_module = DistillStep(model, vocab, alpha, chunk, teacher)
     wrapped = step_module
     if world > 1:
         if config.fsdp:
@@ -329,7 +306,7 @@ def train(config: TrainConfig) -> Path:
         lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio))
-    fields = TOPK_FIELDS if teacher_source == "store" and alpha < 1.0 else ("input_ids",)
+    fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
     epoch, offset, start_step, tokens_seen = 0, 0, 0, 0
     if resume_from is not None:
         state, saved_config = checkpoint.load(resume_from)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from pipeline.losses import sparse_kd
 from pipeline.models import OutputHead, load_model
 from pipeline.store import open_store
+from pipeline.teacher_signal import OnlineTeacher, StoredTopK
 from pipeline.topk import retemper
 from stages.student import DistillStep
 from tests.conftest import ROOT, TOKENIZER, kill_when, one_line_error, run_cli, spawn
@@ -59,10 +60,13 @@ def test_k_equal_vocab_offline_equals_online(stage1, tmp_path):
     student = load_model(stage1 / "student.json")
     teacher_model = load_model(tmp_path / "teacher").eval()
     teacher = OutputHead(teacher_model, batch["input_ids"][:1])
-    for t, cache in ((1.0, (1.0, 0, 0)), (2.0, (1.0, 0, 1))):
+    params = open_store(tmp_path / "full").params
+    assert params["temperature"] == 1.0 and params["temperature_grid"] == [1.0, 2.0]
+    for t in (1.0, 2.0):
         for direction in ("forward", "reverse"):
-            offline = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, cache)(batch["input_ids"], batch)
-            online = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, None, teacher)(batch["input_ids"], batch)
+            stored = StoredTopK(params, t, "tail", direction)
+            offline = DistillStep(student, 8192, 0.5, 0, stored)(batch["input_ids"], batch)
+            online = DistillStep(student, 8192, 0.5, 0, OnlineTeacher(teacher, 8192, t, direction))(batch["input_ids"], batch)
             count = offline[2]
             torch.testing.assert_close(offline[0] / count, online[0] / count, rtol=0, atol=1e-6)
             torch.testing.assert_close(offline[1] / count, online[1] / count, rtol=0, atol=1e-5)
