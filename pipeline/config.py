@@ -31,6 +31,14 @@ def check(problems: list[str], name: str) -> None:
         raise DistillError(f"invalid {name} config: " + "; ".join(problems))
 
 
+def split_list(items: str | typing.Iterable[str]) -> tuple[str, ...]:
+    """A comma-separated list, from a flag given once or repeated, or from a config file:
+    ``"a, b"`` or ``["a,b", "c"]`` → ``("a", "b", "c")``."""
+    if isinstance(items, str):
+        items = [items]
+    return tuple(x.strip() for item in items for x in item.split(",") if x.strip())
+
+
 def field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -46,7 +54,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return _coerce(name, value, args[0])
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            value = split_list(value)
         if not isinstance(value, (list, tuple)):
             raise DistillError(f"config key '{name}' must be a list, got {value!r}")
         return tuple(_coerce(name, v, args[0]) for v in value)

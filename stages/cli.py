@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from pipeline.config import field_types, load_config
+from pipeline.config import field_types, load_config, split_list
 from pipeline.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -58,8 +58,8 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
                                         annotation=_option_type(types[field.name]), default=default))
 
     def command(config_file: Optional[Path] = None, **flags: Any) -> None:
-        overrides = {k: (tuple(x.strip() for item in v for x in item.split(",") if x.strip())
-                         if isinstance(v, list) else v) for k, v in flags.items() if v is not None and v != []}
+        overrides = {k: split_list(v) if isinstance(v, list) else v
+                     for k, v in flags.items() if v is not None and v != []}
         try:
             run(load_config(config_cls, config_file, **overrides))
         except DistillError as e:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import tasks as T
-from pipeline.config import check, option, to_dict
+from pipeline.checks import check_store_fits
+from pipeline.config import check, option, split_list, to_dict
 from pipeline.corpus import DocumentReader
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
@@ -73,7 +74,7 @@ class EvalConfig:
     trust_remote_code: bool = option(False, "Allow the model directory's own code to run.")
 
     def __post_init__(self):
-        split = tuple(t.strip() for item in self.tasks for t in item.split(",") if t.strip())  # config files too
+        split = split_list(self.tasks)  # a config file's "a,b" too
         object.__setattr__(self, "tasks", split)
         problems = []
         if not self.model:
@@ -325,12 +326,7 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list) -> dict[st
     params = store.params
     t = config.agreement_temperature
     teacher = StoredTopK(params, t, "tail", "forward", option="--agreement-temperature")
-    if params["vocab_size"] != scorer.vocab:
-        raise DistillError(f"store {store.root} was written for a vocabulary of {params['vocab_size']} tokens, "
-                           f"the model's tokenizer has {scorer.vocab}")
-    if params["seq_len"] > scorer.max_length:
-        raise DistillError(f"store {store.root} holds rows of {params['seq_len']} tokens, more than the model's "
-                           f"context window ({scorer.max_length})")
+    check_store_fits(store, "agreement store", vocab=scorer.vocab, positions=scorer.max_length)
     rows = config.limit or store.rows
     agree = kl = positions = 0.0
     with tqdm(total=min(rows, store.rows) * params["seq_len"], desc="agreement", unit="tok", unit_scale=True,

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import checkpoint
+from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.init import init_from_teacher_layers
@@ -199,18 +200,6 @@ def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast) -
     return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
 
 
-def check_store(store, name: str, tok_hash: str, vocab: int, positions: int | None) -> None:
-    params = store.params
-    if params.get("tokenizer_hash") != tok_hash:
-        raise DistillError(f"{name} {store.root} was made with another tokenizer (hash "
-                           f"{str(params.get('tokenizer_hash'))[:12]} vs {tok_hash[:12]}); use the student's tokenizer")
-    if params.get("vocab_size") != vocab:
-        raise DistillError(f"{name} {store.root} has vocab size {params.get('vocab_size')}, the tokenizer {vocab}")
-    if positions is not None and params["seq_len"] > positions:
-        raise DistillError(f"{name} {store.root} has sequence length {params['seq_len']}, above the model's "
-                           f"maximum of {positions} positions; re-run prepare with --seq-len {positions} or less")
-
-
 def distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank), initialising the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -264,23 +253,21 @@ def train(config: TrainConfig) -> Path:
     else:
         model = load_model(model_path, trust_remote_code=config.trust_remote_code)
     model = model.to(device)
-    if model.config.vocab_size < vocab:
-        raise DistillError(f"model {config.model} has {model.config.vocab_size} output rows, fewer than the "
-                           f"tokenizer's {vocab} ids; set vocab_size in the model config to {vocab}")
+    check_output_rows("model", config.model, model.config.vocab_size, vocab,
+                      f"set vocab_size in the model config to {vocab}")
     positions = max_positions(model.config)
-    check_store(train_store, "train store", tok_hash, vocab, positions)
+    check_store_fits(train_store, "train store", tok_hash, vocab, positions)
     eval_store = open_store(config.eval_store) if config.eval_store else None
     if eval_store is not None:
-        check_store(eval_store, "eval store", tok_hash, vocab, positions)
+        check_store_fits(eval_store, "eval store", tok_hash, vocab, positions)
 
     if online:
         from pipeline.models import OutputHead
 
         teacher_model = load_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device).eval()
         teacher_model.requires_grad_(False)
-        if teacher_model.config.vocab_size < vocab:
-            raise DistillError(f"teacher {config.teacher} predicts {teacher_model.config.vocab_size} ids, "
-                               f"fewer than the tokenizer's {vocab}")
+        check_output_rows("teacher", config.teacher, teacher_model.config.vocab_size, vocab,
+                          "use a teacher of the student's tokenizer")
         probe = train_store.read_rows(0, 1)["input_ids"].astype("int64")
         teacher = OnlineTeacher(OutputHead(teacher_model, torch.from_numpy(probe).to(device)), vocab,
                                 config.temperature, config.direction)

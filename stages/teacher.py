@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import store as store_lib
+from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256
@@ -123,9 +124,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
     tokens = store_lib.open_store(config.tokens_store, kind="tokens")
     tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"])
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
-    if tokens.params["tokenizer_hash"] != tok_hash:
-        raise DistillError(f"tokens store {tokens.root} was made with another tokenizer than {config.tokenizer}; "
-                           "pass the tokenizer it was prepared with")
+    check_store_fits(tokens, "tokens store", tokenizer_hash=tok_hash)
     if config.top_k > vocab:
         raise DistillError(f"--top-k {config.top_k} is larger than the vocabulary ({vocab} ids); lower it")
     teacher_dir = Path(config.teacher)
@@ -133,16 +132,10 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         raise DistillError(f"teacher {teacher_dir} is not a local Hugging Face model directory with weights")
     teacher_config = hf_config(teacher_dir, config.trust_remote_code)
     teacher_rows = teacher_config.vocab_size
-    if teacher_rows < vocab:
-        raise DistillError(f"teacher {teacher_dir} predicts {teacher_rows} ids but the tokenizer has {vocab}; "
-                           "they do not belong together")
-    if teacher_rows > vocab and teacher_rows - vocab > max(1024, vocab // 10):
-        raise DistillError(f"teacher {teacher_dir} predicts {teacher_rows} ids, far more than the tokenizer's "
-                           f"{vocab}; they do not belong together (padding is at most a few hundred rows)")
+    check_output_rows("teacher", teacher_dir, teacher_rows, vocab, "they do not belong together",
+                      max_padding=max(1024, vocab // 10))
     seq_len = tokens.params["seq_len"]
-    positions = max_positions(teacher_config)
-    if positions is not None and seq_len > positions:
-        raise DistillError(f"tokens store has sequence length {seq_len}, above the teacher's {positions} positions")
+    check_store_fits(tokens, "tokens store", positions=max_positions(teacher_config), model="teacher")
 
     grid = config.grid
     n_rows = min(tokens.rows, config.max_rows) if config.max_rows else tokens.rows
