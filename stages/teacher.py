@@ -119,8 +119,51 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class TeacherJob:
+    """What setup gives the loop: this job's part of the store and the teacher that computes it."""
+
+    config: TeacherConfig
+    out: Path
+    tokens: store_lib.Store
+    params: dict  # what decides the store's content (index.json's params)
+    arrays: dict  # each stored array's dtype and per-row shape
+    vocab: int
+    n_rows: int
+    todo: list[int]  # shard numbers this job still has to write
+    done: dict[str, dict]  # index entries of the shards this job has finished, by name
+    head: OutputHead
+    device: torch.device
+    kernel: str
+
+    def record(self, entry: dict) -> None:
+        """Called by the writer thread alone, after the shard is renamed into place."""
+        self.done[entry["name"]] = entry
+        path = store_lib.partial_index_path(self.out, self.config.shard_index, self.config.num_shards)
+        store_lib.write_partial_index(path, self.params, self.config.backend, self.arrays, list(self.done.values()))
+
+
 def run_teacher(config: TeacherConfig) -> TeacherRun:
-    # ------------------------------------------------------------------ setup
+    job = setup(config)
+    if job is None:
+        return TeacherRun(Path(config.out), 0, 0.0)
+    total_tokens, loop_seconds = write_shards(job)
+    # ------------------------------------------------------------------ finish
+    out = job.out
+    rate = f", {total_tokens / loop_seconds:.0f} tokens/s" if job.todo else ""
+    print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(job.done)} shards "
+          f"({len(job.todo)} written now{rate})")
+    try:
+        store_lib.merge_partial_indexes(out)
+    except DistillError as e:
+        if config.num_shards == 1:
+            raise
+        print(f"{out}: not merged yet ({e})")
+    return TeacherRun(out, total_tokens, loop_seconds)
+
+
+def setup(config: TeacherConfig) -> TeacherJob | None:
+    """Check the inputs, settle what lies in OUT already, load the teacher; None when nothing is left to do."""
     tokens = store_lib.open_store(config.tokens_store, kind="tokens")
     tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"])
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
@@ -131,38 +174,17 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
     if not has_weights(teacher_dir):
         raise DistillError(f"teacher {teacher_dir} is not a local Hugging Face model directory with weights")
     teacher_config = hf_config(teacher_dir, config.trust_remote_code)
-    teacher_rows = teacher_config.vocab_size
-    check_output_rows("teacher", teacher_dir, teacher_rows, vocab, "they do not belong together",
+    check_output_rows("teacher", teacher_dir, teacher_config.vocab_size, vocab, "they do not belong together",
                       max_padding=max(1024, vocab // 10))
-    seq_len = tokens.params["seq_len"]
     check_store_fits(tokens, "tokens store", positions=max_positions(teacher_config), model="teacher")
 
-    grid = config.grid
     n_rows = min(tokens.rows, config.max_rows) if config.max_rows else tokens.rows
-    params = {
-        "teacher": str(teacher_dir),
-        "teacher_weights_sha256": weights_sha256(teacher_dir),
-        "teacher_vocab_size": teacher_rows,
-        "tokenizer": tokens.params["tokenizer"],
-        "tokenizer_hash": tok_hash,
-        "vocab_size": vocab,
-        "seq_len": seq_len,
-        "top_k": config.top_k,
-        "temperature": config.temperature,
-        "temperature_grid": list(grid),
-        "dtype": config.dtype,
-        "logprob_dtype": config.logprob_dtype,
-        "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
-        "corpus_fingerprint": tokens.params["corpus_fingerprint"],
-        "rows": n_rows,
-        "rows_per_shard": config.rows_per_shard,
-        "chunk_rows": config.chunk_rows,
-    }
+    params = store_params(config, tokens, teacher_config.vocab_size, tok_hash, vocab, n_rows)
     out = Path(config.out)
     decision = store_lib.existing_store(out, "topk", config.backend, params, config.overwrite)
     if decision == "done":
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
-        return TeacherRun(out, 0, 0.0)
+        return None
     if decision == "replace":
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,20 +195,15 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
             if (out / e["name"]).exists()}
     todo = [j for j in range(config.shard_index, n_total, config.num_shards)
             if store_lib.shard_name(j, config.backend) not in done]
-    id_dtype = store_lib.token_dtype(vocab)
-    arrays_meta = {
+    seq_len, k, n_grid = params["seq_len"], config.top_k, len(config.grid)
+    arrays = {
         "input_ids": {"dtype": tokens.index["arrays"]["input_ids"]["dtype"], "shape": [seq_len]},
-        "topk_ids": {"dtype": id_dtype.name, "shape": [seq_len, config.top_k]},
-        "topk_logprobs": {"dtype": config.logprob_dtype, "shape": [seq_len, config.top_k]},
-        "logsumexp": {"dtype": "float32", "shape": [seq_len, len(grid)]},
-        "tail_logmass": {"dtype": "float32", "shape": [seq_len, len(grid)]},
+        "topk_ids": {"dtype": store_lib.token_dtype(vocab).name, "shape": [seq_len, k]},
+        "topk_logprobs": {"dtype": config.logprob_dtype, "shape": [seq_len, k]},
+        "logsumexp": {"dtype": "float32", "shape": [seq_len, n_grid]},
+        "tail_logmass": {"dtype": "float32", "shape": [seq_len, n_grid]},
         "target_logprob": {"dtype": "float32", "shape": [seq_len]},
     }
-
-    def record(entry: dict) -> None:
-        done[entry["name"]] = entry
-        store_lib.write_partial_index(part_path, params, config.backend, arrays_meta, list(done.values()))
-
     save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
                   {"params": params, "shards_planned": n_total})
 
@@ -194,11 +211,40 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
     kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
     model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
     probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
-    head = OutputHead(model, probe)
+    return TeacherJob(config, out, tokens, params, arrays, vocab, n_rows, todo, done, OutputHead(model, probe),
+                      device, kernel)
 
-    # ------------------------------------------------------------------ loop
-    # The writer compresses and renames shard j while the teacher computes shard j+1. The queue
-    # holds at most one finished shard, so memory stays at two shards of outputs.
+
+def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: int, tok_hash: str, vocab: int,
+                 n_rows: int) -> dict:
+    """What decides a topk store's content: a rerun with other params is refused, the same ones resume."""
+    return {
+        "teacher": str(Path(config.teacher)),
+        "teacher_weights_sha256": weights_sha256(Path(config.teacher)),
+        "teacher_vocab_size": teacher_rows,
+        "tokenizer": tokens.params["tokenizer"],
+        "tokenizer_hash": tok_hash,
+        "vocab_size": vocab,
+        "seq_len": tokens.params["seq_len"],
+        "top_k": config.top_k,
+        "temperature": config.temperature,
+        "temperature_grid": list(config.grid),
+        "dtype": config.dtype,
+        "logprob_dtype": config.logprob_dtype,
+        "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
+        "corpus_fingerprint": tokens.params["corpus_fingerprint"],
+        "rows": n_rows,
+        "rows_per_shard": config.rows_per_shard,
+        "chunk_rows": config.chunk_rows,
+    }
+
+
+def write_shards(job: TeacherJob) -> tuple[int, float]:
+    """The loop: compute each shard this job owns and hand it to a writer thread, which compresses
+    and renames shard j while the teacher computes shard j+1. The queue holds at most one finished
+    shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds)."""
+    config, out = job.config, job.out
+    seq_len, id_dtype = job.params["seq_len"], store_lib.token_dtype(job.vocab)
     jobs: queue.Queue = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
 
@@ -206,22 +252,22 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         while (item := jobs.get()) is not None:
             name, arrays = item
             try:
-                entry = store_lib.write_shard(out, name, arrays, config.backend, config.chunk_rows)
-                record(entry)  # only this thread records, after the shard is renamed into place
+                job.record(store_lib.write_shard(out, name, arrays, config.backend, config.chunk_rows))
             except BaseException as e:  # surfaced by the main thread
                 failure.append(e)
 
     thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
     thread.start()
     loop_started = time.perf_counter()
-    total_tokens = sum(min(config.rows_per_shard, n_rows - j * config.rows_per_shard) for j in todo) * seq_len
+    total_tokens = sum(min(config.rows_per_shard, job.n_rows - j * config.rows_per_shard) for j in job.todo) * seq_len
     try:
         with tqdm(total=total_tokens, desc=f"teacher {config.shard_index}/{config.num_shards}", unit="tok",
                   unit_scale=True, dynamic_ncols=True) as progress:
-            for j in todo:
-                lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, n_rows)
-                input_ids = tokens.read_rows(lo, hi)["input_ids"]
-                arrays = teacher_shard(head, input_ids, config, grid, vocab, id_dtype, device, kernel, progress)
+            for j in job.todo:
+                lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
+                input_ids = job.tokens.read_rows(lo, hi)["input_ids"]
+                arrays = teacher_shard(job.head, input_ids, config, config.grid, job.vocab, id_dtype, job.device,
+                                       job.kernel, progress)
                 if failure:
                     raise failure[0]
                 jobs.put((store_lib.shard_name(j, config.backend), arrays))
@@ -230,19 +276,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         thread.join()
     if failure:
         raise failure[0]
-    loop_seconds = time.perf_counter() - loop_started  # forward, reductions and the last write
-
-    # ------------------------------------------------------------------ finish
-    rate = f", {total_tokens / loop_seconds:.0f} tokens/s" if todo else ""
-    print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(done)} shards "
-          f"({len(todo)} written now{rate})")
-    try:
-        store_lib.merge_partial_indexes(out)
-    except DistillError as e:
-        if config.num_shards == 1:
-            raise
-        print(f"{out}: not merged yet ({e})")
-    return TeacherRun(out, total_tokens, loop_seconds)
+    return total_tokens, time.perf_counter() - loop_started  # forward, reductions and the last write
 
 
 @torch.no_grad()
@@ -278,9 +312,9 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig
                     raise DistillError(f"the teacher's argmax fell on a padded output row (id >= {vocab}); "
                                        "its output rows do not match the tokenizer")
                 logits = logits[:, :vocab]
-            chunk = sparse_teacher(logits, k, config.temperature, grid, targets[p0:p0 + config.position_chunk],
-                                   kernel)
-            for name, value in chunk.items():
+            summary = sparse_teacher(logits, k, config.temperature, grid, targets[p0:p0 + config.position_chunk],
+                                     kernel)
+            for name, value in summary.items():
                 results[name].append(value)
         view = slice(start, start + b)
         out["topk_ids"][view] = _np(results["topk_ids"]).reshape(b, seq_len, k).astype(id_dtype)
