@@ -81,9 +81,8 @@ def _close_progress_bars() -> None:
 
 
 def _register() -> None:
-    from stages import inspect as inspect_stage
     from stages import eval as eval_stage
-    from stages import prepare, report, student, teacher, tokenizer
+    from stages import inspect_store, prepare, report, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
@@ -94,11 +93,17 @@ def _register() -> None:
     stage_command("merge", teacher.MergeConfig, teacher.merge,
                   "Check that parallel stage-one jobs cover every shard and write index.json.",
                   positional=("store",))
-    stage_command("inspect", inspect_stage.InspectConfig, inspect_stage.inspect_store,
+    stage_command("inspect", inspect_store.InspectConfig, inspect_store.inspect_store,
                   "Describe a store: rows, bytes per token, kept mass, entropy; --verify checks hashes.",
                   positional=("store",))
+    # One command, two names: `student` is stage two of the pipeline; `train` says what it does when it
+    # trains without a teacher (the shipped teacher, the CE-only baseline).
     stage_command("student", student.TrainConfig, student.train,
-                  "Train a causal LM from a store (cross-entropy; stage two adds distillation).")
+                  "Stage two: train a student from a topk store (offline distillation), a tokens store with "
+                  "--teacher (online) or a tokens store alone (cross-entropy). Same as `distill train`.")
+    stage_command("train", student.TrainConfig, student.train,
+                  "Train a causal LM from a store: cross-entropy, or distillation from a topk store or --teacher. "
+                  "Same as `distill student`.")
     stage_command("eval", eval_stage.EvalConfig, eval_stage.run_eval,
                   "Evaluate a model: held-out perplexity, LAMBADA, HellaSwag, StoryCloze, QA, teacher agreement.")
     stage_command("report", report.ReportConfig, report.make_report,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import tasks as T
+from pipeline import tasks
 from pipeline.checks import check_store_fits
 from pipeline.config import check, option, split_list, to_dict
 from pipeline.corpus import DocumentReader
@@ -219,7 +219,7 @@ class Scorer:
                     new = out[row, width:].tolist()
                     if eos in new:
                         new = new[:new.index(eos)]
-                    outputs[i] = T.first_line(tokenizer.decode(new))
+                    outputs[i] = tasks.first_line(tokenizer.decode(new))
                 bar.update(len(idx))
         return outputs
 
@@ -240,7 +240,7 @@ def eval_heldout(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str,
         raise DistillError(f"no held-out text in {', '.join(config.heldout)}")
     requests, owner = [], []
     for d, text in enumerate(docs):
-        for window in T.rolling_windows(scorer.encode(text), scorer.eos, scorer.max_length):
+        for window in tasks.rolling_windows(scorer.encode(text), scorer.eos, scorer.max_length):
             requests.append(window)
             owner.append(d)
     scored = scorer.score(requests, "held-out")
@@ -258,7 +258,7 @@ def eval_heldout(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str,
 
 
 def eval_lambada(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str, float]:
-    items = _limit(T.lambada(config.lambada), config.limit)
+    items = _limit(tasks.lambada(config.lambada), config.limit)
     scored = scorer.loglikelihood([(it.context, it.target) for it in items], "lambada")
     for i, (it, (ll, greedy, n)) in enumerate(zip(items, scored)):
         samples.append({"task": "lambada", "doc": i, "target": it.target, "loglikelihood": ll, "greedy": greedy,
@@ -274,7 +274,7 @@ def choice_metrics(loglikelihoods: list[float], endings: tuple[str, ...], label:
     return bool(np.argmax(lls) == label), bool(np.argmax(per_char) == label)
 
 
-def eval_choice(scorer: Scorer, task: str, items: list[T.Choice], samples: list) -> dict[str, float]:
+def eval_choice(scorer: Scorer, task: str, items: list[tasks.Choice], samples: list) -> dict[str, float]:
     pairs = [(it.context, " " + ending) for it in items for ending in it.endings]
     scored = iter(scorer.loglikelihood(pairs, task))
     acc, acc_norm = [], []
@@ -287,7 +287,7 @@ def eval_choice(scorer: Scorer, task: str, items: list[T.Choice], samples: list)
     return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(items)}
 
 
-def draw_shots(pool: list[T.QA], k: int, seed: int, index: int, question: str) -> list[T.QA]:
+def draw_shots(pool: list[tasks.QA], k: int, seed: int, index: int, question: str) -> list[tasks.QA]:
     """``k`` examples for item ``index``: a fixed draw per (seed, item), never the item's own question."""
     if k == 0:
         return []
@@ -300,13 +300,13 @@ def draw_shots(pool: list[T.QA], k: int, seed: int, index: int, question: str) -
 
 
 def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list) -> dict[str, float]:
-    items = _limit(T.qa(getattr(config, task)), config.limit)
-    pool = T.qa(getattr(config, f"{task}_shots")) if any(config.shots) else []
+    items = _limit(tasks.qa(getattr(config, task)), config.limit)
+    pool = tasks.qa(getattr(config, f"{task}_shots")) if any(config.shots) else []
     result: dict[str, float] = {"n": len(items)}
     for k in config.shots:
-        prompts = [T.qa_prompt(it, draw_shots(pool, k, config.seed, i, it.question)) for i, it in enumerate(items)]
+        prompts = [tasks.qa_prompt(it, draw_shots(pool, k, config.seed, i, it.question)) for i, it in enumerate(items)]
         answers = scorer.generate(prompts, config.max_new_tokens, f"{task} {k}-shot")
-        hits = [T.exact_match(a, it.answers) for a, it in zip(answers, items)]
+        hits = [tasks.exact_match(a, it.answers) for a, it in zip(answers, items)]
         result[f"em_{k}shot"] = float(np.mean(hits))
         for i, (it, p, a, h) in enumerate(zip(items, prompts, answers, hits)):
             samples.append({"task": task, "shots": k, "doc": i, "prompt": p, "prediction": a,
@@ -386,7 +386,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         elif task == "lambada":
             results[task] = eval_lambada(scorer, config, samples)
         elif task in ("hellaswag", "storycloze"):
-            items = _limit(getattr(T, task)(getattr(config, task)), config.limit)
+            items = _limit(getattr(tasks, task)(getattr(config, task)), config.limit)
             results[task] = eval_choice(scorer, task, items, samples)
         elif task in QA_TASKS:
             results[task] = eval_qa(scorer, config, task, samples)
