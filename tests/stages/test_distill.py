@@ -15,8 +15,7 @@ from pipeline.store import open_store
 from pipeline.teacher_signal import OnlineTeacher, StoredTopK
 from pipeline.topk import retemper
 from stages.student import DistillStep
-from tests.conftest import ROOT, TOKENIZER, kill_when, one_line_error, run_cli, spawn
-from tests.stages.test_teacher import make_teacher
+from tests.conftest import ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, run_cli, spawn
 
 
 @pytest.fixture(scope="module")
