@@ -25,6 +25,19 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+FLAG_ALIASES = {"inputs": "--input"}  # fields whose flag is not --field-name
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a config field."""
+    return FLAG_ALIASES.get(field, "--" + field.replace("_", "-"))
+
+
+def required(config: Any, *fields: str) -> list[str]:
+    """The ``__post_init__`` problem ``no --flag given`` for each of ``fields`` left empty."""
+    return [f"no {flag(name)} given" for name in fields if not getattr(config, name)]
+
+
 def check(problems: list[str], name: str) -> None:
     """Raise one :class:`DistillError` naming every problem found by a ``__post_init__``."""
     if problems:

@@ -16,14 +16,11 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from pipeline.config import field_types, load_config, split_list
+from pipeline.config import field_types, flag, load_config, split_list
 from pipeline.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline knowledge distillation for causal language models.")
-
-FLAG_ALIASES = {"inputs": "--input"}
-
 
 def _option_type(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -44,8 +41,8 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
     )]
     types = field_types(config_cls)
     for field in dataclasses.fields(config_cls):
-        flag = FLAG_ALIASES.get(field.name, "--" + field.name.replace("_", "-"))
-        decls = [f"{flag}/--no-{flag[2:]}"] if types[field.name] is bool else [flag]
+        option_flag = flag(field.name)
+        decls = [f"{option_flag}/--no-{option_flag[2:]}"] if types[field.name] is bool else [option_flag]
         default = field.default if not isinstance(field.default, tuple) else list(field.default)
         help_text = field.metadata.get("help", "")
         if default not in ("", None, []):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline import tasks
 from pipeline.checks import check_store_fits
-from pipeline.config import check, option, split_list, to_dict
+from pipeline.config import check, option, required, split_list, to_dict
 from pipeline.corpus import DocumentReader
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
@@ -76,11 +76,7 @@ class EvalConfig:
     def __post_init__(self):
         split = split_list(self.tasks)  # a config file's "a,b" too
         object.__setattr__(self, "tasks", split)
-        problems = []
-        if not self.model:
-            problems.append("no --model given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "model", "out")
         unknown = [t for t in split if t not in TASKS]
         if unknown:
             problems.append(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import store as store_lib
-from pipeline.config import check, option, save_resolved
+from pipeline.config import check, option, required, save_resolved
 from pipeline.corpus import DocumentReader, corpus_fingerprint, expand_inputs
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
@@ -45,11 +45,7 @@ class PrepareConfig:
     overwrite: bool = option(False, "Replace an existing store built with different parameters.")
 
     def __post_init__(self):
-        problems = []
-        if not self.inputs:
-            problems.append("no --input given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "inputs", "out")
         if self.seq_len < 2:
             problems.append(f"seq_len must be at least 2, got {self.seq_len}")
         if self.txt_documents not in ("file", "paragraph"):

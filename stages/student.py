@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.checks import check_output_rows, check_store_fits
-from pipeline.config import check, option, save_resolved, to_dict
+from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.init import init_from_teacher_layers
 from pipeline.io import atomic_write_text, replace_dir
@@ -103,11 +103,7 @@ class TrainConfig:
     overwrite: bool = option(False, "Start over in an OUT that already holds a run.")
 
     def __post_init__(self):
-        problems = []
-        if not self.train_store:
-            problems.append("no --train-store given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "train_store", "out")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             problems.append(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:

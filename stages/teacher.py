@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from pipeline import store as store_lib
 from pipeline.checks import check_output_rows, check_store_fits
-from pipeline.config import check, option, save_resolved
+from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256
 from pipeline.models import WEIGHT_FILES, OutputHead, has_weights, hf_config, load_model, max_positions, resolve_device
@@ -67,11 +67,7 @@ class TeacherConfig:
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
 
     def __post_init__(self):
-        problems = []
-        if not self.tokens_store:
-            problems.append("no --tokens-store given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "tokens_store", "out")
         if self.top_k < 1:
             problems.append(f"top_k must be at least 1, got {self.top_k}")
         if not self.temperature > 0:
