@@ -9,7 +9,13 @@ its compression).
 
 Backends: ``zarr`` (a zarr v3 group per shard, one sharding-codec shard per array, zstd) and
 ``arrow`` (an Arrow IPC file per shard, zstd; an array of shape ``[N, *S]`` is a column of
-fixed-size lists of ``prod(S)`` values with ``S`` in the field metadata under ``shape``).
+fixed-size lists of ``prod(S)`` values with ``S`` in the field metadata under ``shape``). Each
+backend has one reader (:class:`ShardReader`), for whole shards and for the chunks the loader reads.
+
+A store built in place by parallel jobs (stage one) has one partial index per job
+(``index.part-JJJJJ-of-NNNNN.json``: params, backend, arrays and the job's finished shards);
+:func:`merge_partial_indexes` writes ``index.json`` once they cover every shard.
+:func:`existing_store` is the one policy for an output directory that already holds something.
 """
 
 from __future__ import annotations
