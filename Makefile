@@ -1,5 +1,8 @@
 # distill — one target per stage; inputs and outputs are make variables, so any stage runs on your data:
 #   make prepare CORPUS=my.jsonl.gz TOKENS=runs/my/tokens
+# Extra flags go to one kind of stage each, so `make demo TRAIN_ARGS=…` changes training alone:
+#   PREPARE_ARGS (tokenizer, prepare), TEACHER_ARGS, TRAIN_ARGS (student, student-ce, pretrain-*),
+#   EVAL_ARGS, REPORT_ARGS.
 # `make demo` runs the whole pipeline on the embedded default; `make test` runs the test suite.
 
 PYTHON      ?= python3
@@ -31,12 +34,15 @@ CE_OUT      ?= $(RUN)/student-ce
 ALPHA       ?= 0.5
 TAIL        ?= tail
 STEPS       ?= 200
-ARGS        ?=
+PREPARE_ARGS ?=
+TEACHER_ARGS ?=
+TRAIN_ARGS  ?=
 # ---- evaluation and report ----
 MODEL       ?= $(STUDENT_OUT)/model
 EVAL_OUT    ?= $(RUN)/eval/$(notdir $(patsubst %/model,%,$(MODEL))).json
 TASKS       ?= heldout,lambada,hellaswag,storycloze
 EVAL_ARGS   ?=
+REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
@@ -70,47 +76,47 @@ eval-sets:
 	$(PYTHON) scripts/build_eval_sets.py --heldout $(HELDOUT) --out data/eval
 
 tokenizer: setup
-	$(DISTILL) tokenizer --input $(CORPUS) --vocab-size 8192 --out $(TOKENIZER) $(ARGS)
+	$(DISTILL) tokenizer --input $(CORPUS) --vocab-size 8192 --out $(TOKENIZER) $(PREPARE_ARGS)
 
 # ---- stage 0: corpus -> tokens store ----
 prepare: setup
-	$(DISTILL) prepare --input $(CORPUS) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) --backend $(BACKEND) --out $(TOKENS) $(ARGS)
+	$(DISTILL) prepare --input $(CORPUS) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) --backend $(BACKEND) --out $(TOKENS) $(PREPARE_ARGS)
 
 prepare-heldout: setup
-	$(DISTILL) prepare --input $(HELDOUT) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) --backend $(BACKEND) --out $(EVAL_TOKENS) $(ARGS)
+	$(DISTILL) prepare --input $(HELDOUT) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) --backend $(BACKEND) --out $(EVAL_TOKENS) $(PREPARE_ARGS)
 
 # ---- stage one: teacher once over the tokens -> topk store ----
 teacher: setup
 	$(DISTILL) teacher --tokens-store $(TOKENS) --teacher $(TEACHER) --out $(TOPK) --top-k $(TOP_K) \
-		--temperature $(TEMPERATURE) $(GRID) --backend $(BACKEND) --max-rows $(MAX_ROWS) $(ARGS)
+		--temperature $(TEMPERATURE) $(GRID) --backend $(BACKEND) --max-rows $(MAX_ROWS) $(TEACHER_ARGS)
 
 # ---- stage two: student from the topk store (no teacher in memory) ----
 student: setup
 	$(DISTILL) student --train-store $(TOPK) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
 		--alpha $(ALPHA) --temperature $(TEMPERATURE) --tail $(TAIL) --out $(STUDENT_OUT) --max-steps $(STEPS) \
-		--resume auto $(ARGS)
+		--resume auto $(TRAIN_ARGS)
 
 # the same-size student without a teacher (alpha = 1), on the same rows
 student-ce: setup
 	$(DISTILL) student --train-store $(TOPK) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
-		--alpha 1 --out $(CE_OUT) --max-steps $(STEPS) --resume auto $(ARGS)
+		--alpha 1 --out $(CE_OUT) --max-steps $(STEPS) --resume auto $(TRAIN_ARGS)
 
 # The shipped teacher and the CE-only student reference (a lent H100 took ~1.5 min each; a 2-core
 # CPU takes hours: rerun to resume from the newest checkpoint).
 pretrain-teacher: setup
 	$(MAKE) prepare prepare-heldout RUN=runs
-	$(DISTILL) student --config data/configs/teacher-train.yaml --resume auto $(ARGS)
+	$(DISTILL) train --config data/configs/teacher-train.yaml --resume auto $(TRAIN_ARGS)
 
 pretrain-student: setup
 	$(MAKE) prepare prepare-heldout RUN=runs
-	$(DISTILL) student --config data/configs/student-train.yaml --resume auto $(ARGS)
+	$(DISTILL) train --config data/configs/student-train.yaml --resume auto $(TRAIN_ARGS)
 
 # ---- evaluation: any local HF model -> one JSON of metrics; the report compares several ----
 eval: setup
 	$(DISTILL) eval --model $(MODEL) --tasks $(TASKS) --out $(EVAL_OUT) $(EVAL_ARGS)
 
 report: setup
-	$(DISTILL) report $(RUNS) --out $(REPORT) $(ARGS)
+	$(DISTILL) report $(RUNS) --out $(REPORT) $(REPORT_ARGS)
 
 # Speed and size: results in bench/results/*.json, summarised in docs/BENCHMARKS.md.
 bench: setup
@@ -123,7 +129,7 @@ bench: setup
 DEMO_ROWS ?= 512
 DEMO_STEPS ?= 60
 DEMO_LIMIT ?= 100
-DEMO_TRAIN = STEPS=$(DEMO_STEPS) ARGS="--eval-every 30 --checkpoint-every 30 --warmup-steps 6 $(ARGS)"
+DEMO_TRAIN = STEPS=$(DEMO_STEPS) TRAIN_ARGS="--eval-every 30 --checkpoint-every 30 --warmup-steps 6 $(TRAIN_ARGS)"
 DEMO_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
 	EVAL_ARGS="--limit $(DEMO_LIMIT) --agreement $(RUN)/topk-heldout $(EVAL_ARGS)"
 demo: setup

@@ -25,10 +25,31 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+FLAG_ALIASES = {"inputs": "--input"}  # fields whose flag is not --field-name
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a config field."""
+    return FLAG_ALIASES.get(field, "--" + field.replace("_", "-"))
+
+
+def required(config: Any, *fields: str) -> list[str]:
+    """The ``__post_init__`` problem ``no --flag given`` for each of ``fields`` left empty."""
+    return [f"no {flag(name)} given" for name in fields if not getattr(config, name)]
+
+
 def check(problems: list[str], name: str) -> None:
     """Raise one :class:`DistillError` naming every problem found by a ``__post_init__``."""
     if problems:
         raise DistillError(f"invalid {name} config: " + "; ".join(problems))
+
+
+def split_list(items: str | typing.Iterable[str]) -> tuple[str, ...]:
+    """A comma-separated list, from a flag given once or repeated, or from a config file:
+    ``"a, b"`` or ``["a,b", "c"]`` → ``("a", "b", "c")``."""
+    if isinstance(items, str):
+        items = [items]
+    return tuple(x.strip() for item in items for x in item.split(",") if x.strip())
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -46,7 +67,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return _coerce(name, value, args[0])
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
+            value = split_list(value)
         if not isinstance(value, (list, tuple)):
             raise DistillError(f"config key '{name}' must be a list, got {value!r}")
         return tuple(_coerce(name, v, args[0]) for v in value)

@@ -61,6 +61,19 @@ def _open(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+def jsonl_values(lines: Iterator[tuple[int, int, str]], path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of :func:`read_lines`' output; a line that
+    is not JSON is a one-line error naming the file and line."""
+    for lineno, _, line in lines:
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DistillError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the line") from None
+        yield lineno, value
+
+
 def read_lines(path: Path, skipped: "ReadStats | None" = None,
                hint: str = "convert the file or pass --skip-bad-utf8 to skip such lines") -> Iterator[tuple[int, int, str]]:
     """(line number, byte offset, text) of each line of a plain or gzipped file. A line that is not
@@ -110,13 +123,7 @@ class DocumentReader:
         return read_lines(path, self.stats if self.skip_bad_utf8 else None)
 
     def _jsonl(self, path: Path) -> Iterator[str]:
-        for lineno, _, line in self._lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistillError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix the line") from None
+        for lineno, record in jsonl_values(self._lines(path), path):
             if not isinstance(record, dict) or self.text_field not in record:
                 raise DistillError(
                     f"{path}:{lineno}: no '{self.text_field}' field; pass --text-field with the field holding the text"

@@ -14,7 +14,6 @@ With ``workers > 0`` chunks are read and decoded in worker processes, ``prefetch
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import multiprocessing as mp
 from pathlib import Path
 from typing import Iterator
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DistillError
-from pipeline.store import Store, safe_child
+from pipeline.store import ShardReader, Store
 
 
 class ChunkReader:
@@ -34,44 +33,13 @@ class ChunkReader:
         self.index = index
         self.fields = tuple(fields or index["arrays"])
         self.chunk_rows = index["params"]["chunk_rows"]
-        self._open: dict[int, object] = {}
+        self._open: dict[int, ShardReader] = {}
 
     def read(self, shard: int, chunk: int) -> dict[str, np.ndarray]:
-        entry = self.index["shards"][shard]
-        try:
-            if self.index["backend"] == "zarr":
-                return self._read_zarr(shard, chunk)
-            return self._read_arrow(shard, chunk)
-        except DistillError:
-            raise
-        except Exception as e:  # a decoder error means the bytes are not what was written
-            raise DistillError(f"store {self.root}: shard {entry['name']} is missing or corrupt "
-                               f"({type(e).__name__}); rebuild the store") from None
-
-    def _read_zarr(self, shard: int, chunk: int) -> dict[str, np.ndarray]:
-        import zarr
-
         if shard not in self._open:
-            path = safe_child(self.root, self.index["shards"][shard]["name"])
-            group = zarr.open_group(str(path), mode="r")
-            self._open[shard] = {name: group[name] for name in self.fields}
-        lo = chunk * self.chunk_rows
-        return {name: np.asarray(a[lo:lo + self.chunk_rows]) for name, a in self._open[shard].items()}
-
-    def _read_arrow(self, shard: int, chunk: int) -> dict[str, np.ndarray]:
-        import pyarrow as pa
-
-        if shard not in self._open:
-            path = safe_child(self.root, self.index["shards"][shard]["name"])
-            self._open[shard] = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-        batch = self._open[shard].get_batch(chunk).select(list(self.fields))
-        out = {}
-        for field in batch.schema:
-            inner = tuple(json.loads(field.metadata[b"shape"])) if field.metadata else ()
-            column = batch.column(field.name)
-            values = column.flatten() if inner else column
-            out[field.name] = values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, *inner)
-        return out
+            self._open[shard] = ShardReader(self.root, self.index["shards"][shard], self.index["backend"],
+                                            self.fields)
+        return self._open[shard].read_chunk(chunk, self.chunk_rows)
 
 
 _worker_reader: ChunkReader | None = None

@@ -9,11 +9,18 @@ its compression).
 
 Backends: ``zarr`` (a zarr v3 group per shard, one sharding-codec shard per array, zstd) and
 ``arrow`` (an Arrow IPC file per shard, zstd; an array of shape ``[N, *S]`` is a column of
-fixed-size lists of ``prod(S)`` values with ``S`` in the field metadata under ``shape``).
+fixed-size lists of ``prod(S)`` values with ``S`` in the field metadata under ``shape``). Each
+backend has one reader (:class:`ShardReader`), for whole shards and for the chunks the loader reads.
+
+A store built in place by parallel jobs (stage one) has one partial index per job
+(``index.part-JJJJJ-of-NNNNN.json``: params, backend, arrays and the job's finished shards);
+:func:`merge_partial_indexes` writes ``index.json`` once they cover every shard.
+:func:`existing_store` is the one policy for an output directory that already holds something.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -82,13 +89,6 @@ def _write_zarr(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int) -> N
         target[...] = array
 
 
-def _read_zarr(path: Path) -> dict[str, np.ndarray]:
-    import zarr
-
-    group = zarr.open_group(str(path), mode="r")
-    return {name: np.asarray(array[...]) for name, array in group.arrays()}
-
-
 def _write_arrow(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int) -> None:
     import pyarrow as pa
 
@@ -106,22 +106,109 @@ def _write_arrow(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int) -> 
         writer.write_table(table, max_chunksize=chunk_rows)
 
 
-def _read_arrow(path: Path) -> dict[str, np.ndarray]:
-    import pyarrow as pa
+WRITERS = {"zarr": _write_zarr, "arrow": _write_arrow}
 
-    with pa.memory_map(str(path), "r") as source:
-        table = pa.ipc.open_file(source).read_all()
+
+class _ZarrShard:
+    """A zarr shard opened for reading; chunk ``c`` is rows ``[c·chunk_rows, (c+1)·chunk_rows)``."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...] | None):
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        names = fields or [name for name, _ in group.arrays()]
+        self.arrays = {name: group[name] for name in names}
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        return {name: np.asarray(array[...]) for name, array in self.arrays.items()}
+
+    def read_chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray]:
+        lo = chunk * chunk_rows
+        return {name: np.asarray(array[lo:lo + chunk_rows]) for name, array in self.arrays.items()}
+
+    def close(self) -> None:
+        pass
+
+
+class _ArrowShard:
+    """An Arrow IPC shard opened for reading; chunk ``c`` is record batch ``c``."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...] | None):
+        import pyarrow as pa
+
+        self.source = pa.memory_map(str(path), "r")
+        self.file = pa.ipc.open_file(self.source)
+        self.fields = list(fields) if fields else None
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        table = self.file.read_all()
+        return _arrow_arrays(table.select(self.fields) if self.fields else table)
+
+    def read_chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray]:
+        batch = self.file.get_batch(chunk)
+        return _arrow_arrays(batch.select(self.fields) if self.fields else batch)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _arrow_arrays(data) -> dict[str, np.ndarray]:
+    """A table or record batch → arrays ``[N, *S]`` (``S`` from each field's ``shape`` metadata)."""
     out = {}
-    for field in table.schema:
+    for field in data.schema:
         inner = tuple(json.loads(field.metadata[b"shape"])) if field.metadata else ()
-        column = table.column(field.name).combine_chunks()
+        column = data.column(field.name)
+        if hasattr(column, "combine_chunks"):  # a table's column is chunked
+            column = column.combine_chunks()
         values = column.flatten() if inner else column
-        out[field.name] = values.to_numpy(zero_copy_only=False).reshape(len(table), *inner)
+        out[field.name] = values.to_numpy(zero_copy_only=False).reshape(data.num_rows, *inner)
     return out
 
 
-WRITERS = {"zarr": _write_zarr, "arrow": _write_arrow}
-READERS = {"zarr": _read_zarr, "arrow": _read_arrow}
+OPENERS = {"zarr": _ZarrShard, "arrow": _ArrowShard}
+
+
+def read_shard_file(path: Path, backend: str) -> dict[str, np.ndarray]:
+    """Every array of one shard file, with no index (what a plain reader sees)."""
+    shard = OPENERS[backend](Path(path), None)
+    try:
+        return shard.read_all()
+    finally:
+        shard.close()
+
+
+READERS = {backend: functools.partial(read_shard_file, backend=backend) for backend in BACKENDS}
+
+
+class ShardReader:
+    """One shard of a committed store, opened once and read whole or a chunk at a time.
+
+    The one place a shard's bytes are decoded: a missing file or any decoder error becomes a
+    one-line error naming the shard. Plain data (root, entry, backend), so a loader worker process
+    can build its own."""
+
+    def __init__(self, root: Path, entry: dict[str, Any], backend: str, fields: tuple[str, ...] | None = None):
+        self.root, self.name = Path(root), entry["name"]
+        path = safe_child(self.root, self.name)
+        if not path.exists():
+            raise DistillError(f"store {self.root}: shard {self.name} is missing; rebuild the store")
+        self._shard = self._guard(OPENERS[backend], path, fields)
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        return self._guard(self._shard.read_all)
+
+    def read_chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray]:
+        return self._guard(self._shard.read_chunk, chunk, chunk_rows)
+
+    def close(self) -> None:
+        self._shard.close()
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # any decoder error means the bytes on disk are not what was written
+            raise DistillError(f"store {self.root}: shard {self.name} is corrupt ({type(e).__name__}); "
+                               "rebuild the store") from None
 
 
 def write_shard(root: Path, name: str, arrays: dict[str, np.ndarray], backend: str,
@@ -212,14 +299,11 @@ class Store:
 
     def read_shard(self, i: int, verify: bool = False) -> dict[str, np.ndarray]:
         entry = self.shards[i]
-        path = self.shard_path(i)
-        if not path.exists():
-            raise DistillError(f"store {self.root}: shard {entry['name']} is missing; rebuild the store")
+        reader = ShardReader(self.root, entry, self.index["backend"])
         try:
-            arrays = READERS[self.index["backend"]](path)
-        except Exception as e:  # any decoder error means the bytes on disk are not what was written
-            raise DistillError(f"store {self.root}: shard {entry['name']} is corrupt ({type(e).__name__}); "
-                               "rebuild the store") from None
+            arrays = reader.read_all()
+        finally:
+            reader.close()
         rows = {a.shape[0] for a in arrays.values()}
         if rows != {entry["rows"]}:
             raise DistillError(f"store {self.root}: shard {entry['name']} has {sorted(rows)} rows, "
@@ -285,3 +369,113 @@ def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
 def param_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+# --------------------------------------------------------------------------------------------
+# building a store in place: what is already there, partial indexes of parallel jobs, merge
+
+PARTIAL_INDEX = "index.part-{:05d}-of-{:05d}.json"
+PARTIAL_GLOB = "index.part-*.json"
+
+
+def partial_index_path(root: Path, job: int, jobs: int) -> Path:
+    """Where job ``job`` of ``jobs`` records the shards it has finished."""
+    return root / PARTIAL_INDEX.format(job, jobs)
+
+
+def read_partial_index(path: Path) -> dict[str, Any]:
+    """A partial index (``params``, ``backend``, ``arrays``, ``shards``), or ``{}`` where there is none
+    or it does not parse (a job killed before its first record)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def write_partial_index(path: Path, params: dict[str, Any], backend: str, arrays: dict[str, Any],
+                        shards: list[dict[str, Any]]) -> None:
+    """Record a job's finished shards, atomically (called after each shard is renamed into place)."""
+    body = {"params": params, "backend": backend, "arrays": arrays,
+            "shards": sorted(shards, key=lambda e: e["name"])}
+    atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
+    """What already lies in ``out``, as ``kind``/``backend``/params to compare; None for nothing."""
+    if (out / INDEX).exists():
+        store = open_store(out)
+        return {"kind": store.kind, "backend": store.index["backend"], **store.params}
+    if out.is_dir():
+        for path in sorted(out.glob(PARTIAL_GLOB)):
+            body = read_partial_index(path)
+            if body:
+                return {"kind": kind, "backend": body.get("backend"), **body["params"]}
+        if any(p for p in out.iterdir() if not p.name.startswith((".", "config.part-"))):
+            raise DistillError(f"{out} exists and is not an empty directory or a store; "
+                               "choose another --out or pass --overwrite")
+    return None
+
+
+def existing_store(out: Path, kind: str, backend: str, params: dict[str, Any], overwrite: bool) -> str:
+    """The policy for a stage's ``--out`` that may already hold something, in one place:
+
+    - ``"done"``: a complete ``kind`` store with this backend and these params is there; nothing to do;
+    - ``"write"``: nothing there, or unfinished work of the same params to continue;
+    - ``"replace"``: something else is there and ``overwrite`` says to replace it;
+    - otherwise a one-line error saying what differs (nothing is touched).
+    """
+    try:
+        found = _found(out, kind, backend)
+    except DistillError:
+        if not overwrite:
+            raise
+        return "replace"
+    if found is None:
+        return "write"
+    wanted = {"kind": kind, "backend": backend, **params}
+    if found == wanted:
+        return "done" if (out / INDEX).exists() else "write"
+    if not overwrite:
+        what = "; ".join(param_differences(found, wanted))
+        raise DistillError(f"{out} already holds a store built differently ({what}); "
+                           "pass --overwrite to replace it or choose another --out")
+    return "replace"
+
+
+def merge_partial_indexes(root: Path, kind: str = "topk") -> Path:
+    """Check that the partial indexes in ``root`` cover every shard exactly, then write ``index.json``."""
+    if not root.is_dir():
+        raise DistillError(f"{root} does not exist; run distill teacher first")
+    parts = [read_partial_index(p) for p in sorted(root.glob(PARTIAL_GLOB))]
+    parts = [p for p in parts if p]
+    if not parts:
+        if (root / INDEX).exists():
+            return root
+        raise DistillError(f"{root} holds no partial indexes; run distill teacher first")
+    params, backend, arrays = parts[0]["params"], parts[0]["backend"], parts[0]["arrays"]
+    for part in parts[1:]:
+        if part["params"] != params or part["backend"] != backend:
+            what = "; ".join(param_differences(params, part["params"])) or "backend"
+            raise DistillError(f"{root}: partial indexes were written with different parameters ({what}); "
+                               "rerun the odd jobs with the same options")
+    entries: dict[str, dict] = {}
+    for part in parts:
+        for entry in part["shards"]:
+            safe_child(root, entry["name"])
+            if entry["name"] in entries and entries[entry["name"]]["sha256"] != entry["sha256"]:
+                raise DistillError(f"{root}: shard {entry['name']} recorded twice with different content")
+            entries[entry["name"]] = entry
+    n_total = math.ceil(params["rows"] / params["rows_per_shard"])
+    names = [shard_name(j, backend) for j in range(n_total)]
+    missing = [n for n in names if n not in entries or not (root / n).exists()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DistillError(f"{root}: {len(missing)} of {n_total} shards are not finished ({shown}); "
+                           "rerun the jobs that own them")
+    shards = [entries[n] for n in names]
+    rows = sum(s["rows"] for s in shards)
+    index = new_index(kind, backend, params, shards, arrays=arrays,
+                      tokens=rows * params["seq_len"], target_tokens=rows * (params["seq_len"] - 1))
+    write_index(root, index)
+    print(f"{root}: merged {n_total} shards into {INDEX}")
+    return root

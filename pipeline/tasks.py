@@ -15,14 +15,13 @@ them, so a model scored here and there gets the same numbers:
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.corpus import read_lines
+from pipeline.corpus import jsonl_values, read_lines
 from pipeline.errors import DistillError
 
 
@@ -55,13 +54,7 @@ def jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise TaskFileError(f"{path}: no such task file; pass the path of a local JSONL file")
     count = 0
-    for line_no, _, line in read_lines(path, hint="convert the file to UTF-8"):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskFileError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for line_no, obj in jsonl_values(read_lines(path, hint="convert the file to UTF-8"), path):
         if not isinstance(obj, dict):
             raise TaskFileError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
         count += 1

@@ -16,14 +16,11 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from pipeline.config import field_types, load_config
+from pipeline.config import field_types, flag, load_config, split_list
 from pipeline.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline knowledge distillation for causal language models.")
-
-FLAG_ALIASES = {"inputs": "--input"}
-
 
 def _option_type(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -44,8 +41,8 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
     )]
     types = field_types(config_cls)
     for field in dataclasses.fields(config_cls):
-        flag = FLAG_ALIASES.get(field.name, "--" + field.name.replace("_", "-"))
-        decls = [f"{flag}/--no-{flag[2:]}"] if types[field.name] is bool else [flag]
+        option_flag = flag(field.name)
+        decls = [f"{option_flag}/--no-{option_flag[2:]}"] if types[field.name] is bool else [option_flag]
         default = field.default if not isinstance(field.default, tuple) else list(field.default)
         help_text = field.metadata.get("help", "")
         if default not in ("", None, []):
@@ -58,8 +55,8 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
                                         annotation=_option_type(types[field.name]), default=default))
 
     def command(config_file: Optional[Path] = None, **flags: Any) -> None:
-        overrides = {k: (tuple(x.strip() for item in v for x in item.split(",") if x.strip())
-                         if isinstance(v, list) else v) for k, v in flags.items() if v is not None and v != []}
+        overrides = {k: split_list(v) if isinstance(v, list) else v
+                     for k, v in flags.items() if v is not None and v != []}
         try:
             run(load_config(config_cls, config_file, **overrides))
         except DistillError as e:
@@ -81,9 +78,8 @@ def _close_progress_bars() -> None:
 
 
 def _register() -> None:
-    from stages import inspect as inspect_stage
     from stages import eval as eval_stage
-    from stages import prepare, report, student, teacher, tokenizer
+    from stages import inspect_store, prepare, report, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
@@ -94,11 +90,17 @@ def _register() -> None:
     stage_command("merge", teacher.MergeConfig, teacher.merge,
                   "Check that parallel stage-one jobs cover every shard and write index.json.",
                   positional=("store",))
-    stage_command("inspect", inspect_stage.InspectConfig, inspect_stage.inspect_store,
+    stage_command("inspect", inspect_store.InspectConfig, inspect_store.inspect_store,
                   "Describe a store: rows, bytes per token, kept mass, entropy; --verify checks hashes.",
                   positional=("store",))
+    # One command, two names: `student` is stage two of the pipeline; `train` says what it does when it
+    # trains without a teacher (the shipped teacher, the CE-only baseline).
     stage_command("student", student.TrainConfig, student.train,
-                  "Train a causal LM from a store (cross-entropy; stage two adds distillation).")
+                  "Stage two: train a student from a topk store (offline distillation), a tokens store with "
+                  "--teacher (online) or a tokens store alone (cross-entropy). Same as `distill train`.")
+    stage_command("train", student.TrainConfig, student.train,
+                  "Train a causal LM from a store: cross-entropy, or distillation from a topk store or --teacher. "
+                  "Same as `distill student`.")
     stage_command("eval", eval_stage.EvalConfig, eval_stage.run_eval,
                   "Evaluate a model: held-out perplexity, LAMBADA, HellaSwag, StoryCloze, QA, teacher agreement.")
     stage_command("report", report.ReportConfig, report.make_report,

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import tasks as T
-from pipeline.config import check, option, to_dict
+from pipeline import tasks
+from pipeline.checks import check_store_fits
+from pipeline.config import check, option, required, split_list, to_dict
 from pipeline.corpus import DocumentReader
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
@@ -73,13 +74,9 @@ class EvalConfig:
     trust_remote_code: bool = option(False, "Allow the model directory's own code to run.")
 
     def __post_init__(self):
-        split = tuple(t.strip() for item in self.tasks for t in item.split(",") if t.strip())  # config files too
+        split = split_list(self.tasks)  # a config file's "a,b" too
         object.__setattr__(self, "tasks", split)
-        problems = []
-        if not self.model:
-            problems.append("no --model given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "model", "out")
         unknown = [t for t in split if t not in TASKS]
         if unknown:
             problems.append(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -218,7 +215,7 @@ class Scorer:
                     new = out[row, width:].tolist()
                     if eos in new:
                         new = new[:new.index(eos)]
-                    outputs[i] = T.first_line(tokenizer.decode(new))
+                    outputs[i] = tasks.first_line(tokenizer.decode(new))
                 bar.update(len(idx))
         return outputs
 
@@ -239,7 +236,7 @@ def eval_heldout(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str,
         raise DistillError(f"no held-out text in {', '.join(config.heldout)}")
     requests, owner = [], []
     for d, text in enumerate(docs):
-        for window in T.rolling_windows(scorer.encode(text), scorer.eos, scorer.max_length):
+        for window in tasks.rolling_windows(scorer.encode(text), scorer.eos, scorer.max_length):
             requests.append(window)
             owner.append(d)
     scored = scorer.score(requests, "held-out")
@@ -257,7 +254,7 @@ def eval_heldout(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str,
 
 
 def eval_lambada(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str, float]:
-    items = _limit(T.lambada(config.lambada), config.limit)
+    items = _limit(tasks.lambada(config.lambada), config.limit)
     scored = scorer.loglikelihood([(it.context, it.target) for it in items], "lambada")
     for i, (it, (ll, greedy, n)) in enumerate(zip(items, scored)):
         samples.append({"task": "lambada", "doc": i, "target": it.target, "loglikelihood": ll, "greedy": greedy,
@@ -273,7 +270,7 @@ def choice_metrics(loglikelihoods: list[float], endings: tuple[str, ...], label:
     return bool(np.argmax(lls) == label), bool(np.argmax(per_char) == label)
 
 
-def eval_choice(scorer: Scorer, task: str, items: list[T.Choice], samples: list) -> dict[str, float]:
+def eval_choice(scorer: Scorer, task: str, items: list[tasks.Choice], samples: list) -> dict[str, float]:
     pairs = [(it.context, " " + ending) for it in items for ending in it.endings]
     scored = iter(scorer.loglikelihood(pairs, task))
     acc, acc_norm = [], []
@@ -286,7 +283,7 @@ def eval_choice(scorer: Scorer, task: str, items: list[T.Choice], samples: list)
     return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "n": len(items)}
 
 
-def draw_shots(pool: list[T.QA], k: int, seed: int, index: int, question: str) -> list[T.QA]:
+def draw_shots(pool: list[tasks.QA], k: int, seed: int, index: int, question: str) -> list[tasks.QA]:
     """``k`` examples for item ``index``: a fixed draw per (seed, item), never the item's own question."""
     if k == 0:
         return []
@@ -299,13 +296,13 @@ def draw_shots(pool: list[T.QA], k: int, seed: int, index: int, question: str) -
 
 
 def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list) -> dict[str, float]:
-    items = _limit(T.qa(getattr(config, task)), config.limit)
-    pool = T.qa(getattr(config, f"{task}_shots")) if any(config.shots) else []
+    items = _limit(tasks.qa(getattr(config, task)), config.limit)
+    pool = tasks.qa(getattr(config, f"{task}_shots")) if any(config.shots) else []
     result: dict[str, float] = {"n": len(items)}
     for k in config.shots:
-        prompts = [T.qa_prompt(it, draw_shots(pool, k, config.seed, i, it.question)) for i, it in enumerate(items)]
+        prompts = [tasks.qa_prompt(it, draw_shots(pool, k, config.seed, i, it.question)) for i, it in enumerate(items)]
         answers = scorer.generate(prompts, config.max_new_tokens, f"{task} {k}-shot")
-        hits = [T.exact_match(a, it.answers) for a, it in zip(answers, items)]
+        hits = [tasks.exact_match(a, it.answers) for a, it in zip(answers, items)]
         result[f"em_{k}shot"] = float(np.mean(hits))
         for i, (it, p, a, h) in enumerate(zip(items, prompts, answers, hits)):
             samples.append({"task": task, "shots": k, "doc": i, "prompt": p, "prediction": a,
@@ -318,41 +315,29 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list) -> dict[st
     """Top-1 agreement with the stored teacher and KL(teacher ‖ model) over the kept top-k plus one
     tail bucket (exact for the store's distribution; a lower bound on the full-vocabulary KL)."""
     from pipeline.loader import sequential
-    from pipeline.losses import sparse_kd
     from pipeline.store import open_store
-    from pipeline.topk import retemper
+    from pipeline.teacher_signal import StoredTopK
 
     store = open_store(config.agreement, kind="topk")
     params = store.params
-    grid = [float(t) for t in params["temperature_grid"]]
     t = config.agreement_temperature
-    if t not in grid:
-        raise DistillError(f"--agreement-temperature {t} is not in the store's grid {grid}; pick one of them")
-    if params["vocab_size"] != scorer.vocab:
-        raise DistillError(f"store {store.root} was written for a vocabulary of {params['vocab_size']} tokens, "
-                           f"the model's tokenizer has {scorer.vocab}")
-    if params["seq_len"] > scorer.max_length:
-        raise DistillError(f"store {store.root} holds rows of {params['seq_len']} tokens, more than the model's "
-                           f"context window ({scorer.max_length})")
-    cache_t = float(params["temperature"])
-    cache_i, t_i = grid.index(cache_t), grid.index(t)
+    teacher = StoredTopK(params, t, "tail", "forward", option="--agreement-temperature")
+    check_store_fits(store, "agreement store", vocab=scorer.vocab, positions=scorer.max_length)
     rows = config.limit or store.rows
     agree = kl = positions = 0.0
     with tqdm(total=min(rows, store.rows) * params["seq_len"], desc="agreement", unit="tok", unit_scale=True,
               leave=False) as bar:
         for batch in sequential(store, config.batch_size, rows):
-            ids = batch["input_ids"].to(scorer.device)
+            batch = {k: v.to(scorer.device) for k, v in batch.items()}
+            ids = batch["input_ids"]
             hidden = scorer.head.hidden(ids)[:, :-1]
             logits = scorer.head.logits(hidden).float()[..., :scorer.vocab]
             n = logits.shape[0] * logits.shape[1]
             logits = logits.reshape(n, -1)
-            teacher_ids = batch["topk_ids"][:, :-1].reshape(n, -1).to(scorer.device)
-            lp = retemper(batch["topk_logprobs"], batch["logsumexp"], cache_t, cache_i, t_i, t)
-            lp = lp[:, :-1].reshape(n, -1).to(scorer.device)
-            tail = batch["tail_logmass"][:, :-1, t_i].reshape(n).float().to(scorer.device)
+            teacher_ids, teacher_logprobs, tail = teacher.positions(ids, batch)
             student = F.log_softmax(logits / t, dim=-1)
             agree += float((logits.argmax(-1) == teacher_ids[:, 0]).sum())
-            kl += float(sparse_kd(student, teacher_ids, lp, tail, ids[:, 1:].reshape(n), "tail", "forward").sum())
+            kl += float(teacher.divergence(student, ids[:, 1:].reshape(n), teacher_ids, teacher_logprobs, tail).sum())
             positions += n
             bar.update(ids.numel())
     return {"top1": agree / positions, "kl": kl / positions, "temperature": t, "tokens": int(positions)}
@@ -397,7 +382,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         elif task == "lambada":
             results[task] = eval_lambada(scorer, config, samples)
         elif task in ("hellaswag", "storycloze"):
-            items = _limit(getattr(T, task)(getattr(config, task)), config.limit)
+            items = _limit(getattr(tasks, task)(getattr(config, task)), config.limit)
             results[task] = eval_choice(scorer, task, items, samples)
         elif task in QA_TASKS:
             results[task] = eval_qa(scorer, config, task, samples)

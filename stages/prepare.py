@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import store as store_lib
-from pipeline.config import check, option, save_resolved
+from pipeline.config import check, option, required, save_resolved
 from pipeline.corpus import DocumentReader, corpus_fingerprint, expand_inputs
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
@@ -45,11 +45,7 @@ class PrepareConfig:
     overwrite: bool = option(False, "Replace an existing store built with different parameters.")
 
     def __post_init__(self):
-        problems = []
-        if not self.inputs:
-            problems.append("no --input given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "inputs", "out")
         if self.seq_len < 2:
             problems.append(f"seq_len must be at least 2, got {self.seq_len}")
         if self.txt_documents not in ("file", "paragraph"):
@@ -82,19 +78,9 @@ def prepare(config: PrepareConfig) -> Path:
         "chunk_rows": config.chunk_rows,
     }
     out = Path(config.out)
-    if (out / store_lib.INDEX).exists():
-        existing = store_lib.open_store(out)
-        differences = store_lib.param_differences(existing.params, params)
-        if existing.kind == "tokens" and existing.index["backend"] == config.backend and not differences:
-            print(f"{out}: complete store with the same parameters already exists; nothing to do")
-            return out
-        if not config.overwrite:
-            what = "; ".join(differences) or f"backend {existing.index['backend']} vs {config.backend}"
-            raise DistillError(f"{out} already holds a store built differently ({what}); "
-                               "pass --overwrite to replace it or choose another --out")
-    elif out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise DistillError(f"{out} exists and is not an empty directory or a store; "
-                           "choose another --out or pass --overwrite")
+    if store_lib.existing_store(out, "tokens", config.backend, params, config.overwrite) == "done":
+        print(f"{out}: complete store with the same parameters already exists; nothing to do")
+        return out
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,22 +39,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import checkpoint
-from pipeline.config import check, option, save_resolved, to_dict
+from pipeline.checks import check_output_rows, check_store_fits
+from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.init import init_from_teacher_layers
 from pipeline.io import atomic_write_text, replace_dir
 from pipeline.loader import Loader, sequential
-from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum, dense_kd, sparse_kd
+from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum
 from pipeline.metrics import MetricsLog
 from pipeline.models import DTYPES, OutputHead, count_parameters, has_weights, hf_config, load_model, max_positions, resolve_device
-from pipeline.store import open_store
+from pipeline.store import Store, open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
-from pipeline.topk import retemper
+from pipeline.teacher_signal import OnlineTeacher, StoredTopK, TeacherSignal
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
                 "tail", "direction", "teacher", "shuffle_chunks")
-TOPK_FIELDS = ("input_ids", "topk_ids", "topk_logprobs", "logsumexp", "tail_logmass")
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,7 @@ class TrainConfig:
     overwrite: bool = option(False, "Start over in an OUT that already holds a run.")
 
     def __post_init__(self):
-        problems = []
-        if not self.train_store:
-            problems.append("no --train-store given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "train_store", "out")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             problems.append(f"alpha must be in [0, 1], got {self.alpha}")
         if not self.temperature > 0:
@@ -147,36 +143,27 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 class DistillStep(torch.nn.Module):
     """One micro-batch's loss sums. A module so that DDP/FSDP see the forward they wrap.
 
-    forward(input_ids ``[B, L]``, teacher arrays ``[B, L, ...]``) → (CE sum, divergence sum, targets),
-    over the ``B·(L−1)`` positions that have a next token.
+    forward(input_ids ``[B, L]``, store arrays ``[B, L, ...]``) → (CE sum, divergence sum, targets),
+    over the ``B·(L−1)`` positions that have a next token. ``teacher`` (a
+    :class:`pipeline.teacher_signal.TeacherSignal`) gives the divergence term; None trains with CE alone.
     """
 
-    def __init__(self, model, vocab: int, alpha: float, temperature: float, tail: str, direction: str,
-                 chunk: int, cache: tuple[float, int, int] | None = None, teacher=None, *, output: OutputHead):
+    def __init__(self, model, vocab: int, alpha: float, loss_chunk: int, teacher: TeacherSignal | None = None, *,
+                 output: OutputHead):
         super().__init__()
         self.model = model
         self.output = output  # the student's logits as its own forward computes them (post-head transforms)
-        self.vocab, self.alpha, self.temperature = vocab, alpha, temperature
-        self.tail, self.direction, self.chunk = tail, direction, chunk
-        self.cache = cache  # (cache temperature, its grid index, index of T in the grid)
-        self._teacher = (teacher,)  # a tuple keeps the teacher out of this module's parameters
+        self.vocab, self.alpha, self.loss_chunk = vocab, alpha, loss_chunk
+        self.teacher = teacher  # a plain object: an online teacher's weights stay out of this module's parameters
 
     def forward(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor], ce_only: bool = False):
         model, b, length = self.model, input_ids.shape[0], input_ids.shape[1]
         hidden = self.output.hidden(input_ids)[:, :-1].reshape(b * (length - 1), -1)
         targets = input_ids[:, 1:].reshape(-1)
-        head, t = self.output.logits, self.temperature
-        distill = self.alpha < 1.0 and not ce_only
-        extra: list[torch.Tensor] = []
-        teacher = self._teacher[0]
-        if distill and teacher is not None:
-            with torch.no_grad():
-                extra = [teacher.hidden(input_ids)[:, :-1].reshape(b * (length - 1), -1)]
-        elif distill:
-            cache_t, cache_i, t_i = self.cache
-            lp = retemper(batch["topk_logprobs"], batch["logsumexp"], cache_t, cache_i, t_i, t)
-            extra = [batch["topk_ids"][:, :-1].reshape(-1, lp.shape[-1]), lp[:, :-1].reshape(-1, lp.shape[-1]),
-                     batch["tail_logmass"][:, :-1, t_i].reshape(-1).float()]
+        head, teacher = self.output.logits, self.teacher
+        distill = self.alpha < 1.0 and not ce_only and teacher is not None
+        t = teacher.temperature if distill else 1.0
+        teacher_positions = teacher.positions(input_ids, batch) if distill else ()
 
         def sums(h, y, *teacher_parts):
             logits = head(h).float()[:, :self.vocab]  # padded output rows are not tokens
@@ -185,14 +172,9 @@ class DistillStep(torch.nn.Module):
             if not distill:
                 return ce, torch.zeros((), device=ce.device)
             student_t = logprobs if t == 1.0 else F.log_softmax(logits / t, dim=-1)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_t = F.log_softmax(teacher.logits(teacher_parts[0]).float()[:, :self.vocab] / t, dim=-1)
-                return ce, dense_kd(student_t, teacher_t, self.direction).sum()
-            ids, lp, tail_lm = teacher_parts
-            return ce, sparse_kd(student_t, ids, lp, tail_lm, y, self.tail, self.direction).sum()
+            return ce, teacher.divergence(student_t, y, *teacher_parts).sum()
 
-        ce_sum, kd_sum = chunked_sum(sums, hidden.shape[0], self.chunk, hidden, targets, *extra)
+        ce_sum, kd_sum = chunked_sum(sums, hidden.shape[0], self.loss_chunk, hidden, targets, *teacher_positions)
         return ce_sum, kd_sum, targets.numel()
 
 
@@ -216,6 +198,298 @@ def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast) -
     return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
 
 
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank), initialising the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        # gloo beside NCCL: the step's loss sums are all-reduced as small CPU tensors
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds for the loop and :func:`finish`: one training run's state."""
+
+    config: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Any
+    train_store: Store
+    eval_store: Store | None
+    teacher_source: str  # 'store', 'online' or 'none'
+    alpha: float  # the resolved CE weight
+    model: torch.nn.Module
+    wrapped: torch.nn.Module  # the step module as DDP/FSDP wraps it: what forward and backward go through
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Loader
+    start_step: int  # the first step to run (0, or where the resumed checkpoint left off)
+    tokens_seen: int
+    facts: dict[str, Any]  # saved beside the resolved config and in every checkpoint
+    metrics: MetricsLog | None  # rank 0 only
+
+    @property
+    def is_rank0(self) -> bool:
+        """Rank 0 writes files and prints; every rank computes."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.fsdp and self.world > 1
+
+    def autocast(self):
+        enabled = self.device.type == "cuda" and self.config.dtype == "bfloat16"  # bf16 autocast is slow on CPU
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def save_checkpoint(self, step: int) -> None:
+        model_state, optim_state = gather_state(self.model, self.optimizer, self.sharded)
+        if not self.is_rank0:
+            return
+        device = self.device
+        state = {
+            "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+            "step": step, "tokens_seen": self.tokens_seen, "data": self.loader.state(),
+            "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
+                                                        if device.type == "cuda" else {})},
+        }
+        checkpoint.save(self.out / "checkpoints", step, state,
+                        {"config": to_dict(self.config) | {"alpha": self.alpha}, **self.facts},
+                        self.config.keep_checkpoints)
+
+
+def train(config: TrainConfig) -> Path:
+    run = setup(config)
+    if run is None:  # finished already
+        return Path(config.out) / "model"
+    train_loop(run)
+    return finish(run)
+
+
+# ---------------------------------------------------------------------- setup
+
+
+def setup(config: TrainConfig) -> Run | None:
+    """Stores, tokenizer, teacher signal, student, its wrapper, optimizer, scheduler, loader and the
+    resume position: every check that can fail runs here, before the first step. None when OUT
+    holds this run finished (nothing is written then)."""
+    rank, world, local_rank = distributed()
+    out = Path(config.out)
+    resume_from = _claim_out(config, out, rank, world)
+    train_store = open_store(config.train_store)
+    teacher_source, alpha = _teacher_source(config, train_store)
+    tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
+    tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
+    teacher: TeacherSignal | None = None
+    if teacher_source == "store":
+        teacher = StoredTopK(train_store.params, config.temperature, config.tail, config.direction)
+
+    device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(config.seed)
+    model = _student(config, train_store).to(device)
+    check_output_rows("model", config.model, model.config.vocab_size, vocab,
+                      f"set vocab_size in the model config to {vocab}")
+    positions = max_positions(model.config)
+    check_store_fits(train_store, "train store", tok_hash, vocab, positions)
+    eval_store = open_store(config.eval_store) if config.eval_store else None
+    if eval_store is not None:
+        check_store_fits(eval_store, "eval store", tok_hash, vocab, positions)
+    if teacher_source == "online":
+        teacher = _online_teacher(config, train_store, vocab, device)
+
+    loss_chunk = config.loss_chunk or max(1, (1 << 26) // model.config.vocab_size)
+    probe = torch.from_numpy(train_store.read_rows(0, 1)["input_ids"].astype("int64")).to(device)
+    output = OutputHead(model, probe)
+    wrapped = _wrap(DistillStep(model, vocab, alpha, loss_chunk, teacher, output=output), config, world, device)
+    optimizer, scheduler = _optimizer(model, config, device)
+    epoch, offset, start_step, tokens_seen = 0, 0, 0, 0
+    if resume_from is not None:
+        epoch, offset, start_step, tokens_seen = _resume(resume_from, config, alpha, world, model, optimizer,
+                                                         scheduler, device)
+        if start_step >= config.max_steps and (out / "metrics.json").is_file() and (out / "model").is_dir():
+            if rank == 0:  # a rerun of a finished run (make student twice) changes nothing
+                print(f"{out / 'model'}: already trained for {config.max_steps} steps; nothing to do")
+            return None
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {start_step}")
+    train_store.check_files()
+    fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
+    loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
+                    config.workers, config.prefetch, fields, config.shuffle_chunks)
+
+    facts = {"parameters": count_parameters(model), "device": str(device), "world_size": world,
+             "tokenizer_hash": tok_hash, "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"],
+             "teacher_source": teacher_source, "alpha": alpha, "loss_chunk": loss_chunk,
+             "train_store_params": train_store.params}
+    metrics = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(config, out / "config.json", facts)
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None)
+    return Run(config, out, rank, world, device, tokenizer, train_store, eval_store, teacher_source, alpha, model,
+               wrapped, optimizer, scheduler, loader, start_step, tokens_seen, facts, metrics)
+
+
+def _claim_out(config: TrainConfig, out: Path, rank: int, world: int) -> Path | None:
+    """Start over (``--overwrite``), or the checkpoint to resume from; refuse to mix two runs in OUT."""
+    ckpt_dir = out / "checkpoints"
+    if config.overwrite and out.exists() and rank == 0:
+        shutil.rmtree(out)
+    if world > 1:
+        dist.barrier()
+    resume_from = checkpoint.resolve(ckpt_dir, config.resume)
+    if resume_from is None and (ckpt_dir.exists() or (out / "metrics.jsonl").exists()) and config.resume != "auto":
+        raise DistillError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start over")
+    return resume_from
+
+
+def _teacher_source(config: TrainConfig, train_store: Store) -> tuple[str, float]:
+    """Where the teacher comes from ('online', 'store' or 'none') and the resolved alpha."""
+    if train_store.kind not in ("tokens", "topk"):
+        raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; stage two trains from 'topk' or 'tokens'")
+    teacher_source = "online" if config.teacher else ("store" if train_store.kind == "topk" else "none")
+    alpha = config.alpha if config.alpha is not None else (1.0 if teacher_source == "none" else 0.5)
+    if alpha < 1.0 and teacher_source == "none":
+        raise DistillError(f"{config.train_store} is a tokens store: it holds no teacher predictions; run "
+                           "distill teacher to make a topk store, pass --teacher DIR (online), or use --alpha 1")
+    return teacher_source, alpha
+
+
+def _student(config: TrainConfig, train_store: Store) -> torch.nn.Module:
+    model_path = Path(config.model)
+    if config.init == "teacher-layers":
+        source = Path(config.init_teacher or config.teacher or train_store.params.get("teacher", ""))
+        return init_from_teacher_layers(hf_config(model_path), source)
+    if config.init == "scratch" and has_weights(model_path):
+        return load_model(model_path / "config.json", trust_remote_code=config.trust_remote_code)
+    return load_model(model_path, trust_remote_code=config.trust_remote_code)
+
+
+def _online_teacher(config: TrainConfig, train_store: Store, vocab: int, device: torch.device) -> OnlineTeacher:
+    teacher_model = load_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device).eval()
+    teacher_model.requires_grad_(False)
+    check_output_rows("teacher", config.teacher, teacher_model.config.vocab_size, vocab,
+                      "use a teacher of the student's tokenizer")
+    probe = train_store.read_rows(0, 1)["input_ids"].astype("int64")
+    return OnlineTeacher(OutputHead(teacher_model, torch.from_numpy(probe).to(device)), vocab,
+                         config.temperature, config.direction)
+
+
+def _wrap(step_module: DistillStep, config: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    """The step module as the processes share it: itself (one process), FSDP-sharded, or under DDP."""
+    if world == 1:
+        return step_module
+    if config.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in step_module.model.get_decoder().layers:
+            fully_shard(layer)
+        fully_shard(step_module)
+        return step_module
+    return torch.nn.parallel.DistributedDataParallel(
+        step_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _optimizer(model, config: TrainConfig, device: torch.device):
+    """AdamW (weight decay on matrices only) and its warmup-then-cosine schedule."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio))
+    return optimizer, scheduler
+
+
+def _resume(resume_from: Path, config: TrainConfig, alpha: float, world: int, model, optimizer, scheduler,
+            device: torch.device) -> tuple[int, int, int, int]:
+    """Load a checkpoint into model, optimizer, scheduler and RNG; returns (epoch, offset, step, tokens seen)."""
+    state, saved_config = checkpoint.load(resume_from)
+    resolved = to_dict(config) | {"alpha": alpha}
+    changed = [k for k in RESUME_FIXED if saved_config["config"].get(k) != resolved.get(k)]
+    if saved_config.get("world_size", 1) != world:  # the global batch is micro × world rows
+        changed.append(f"world size ({saved_config.get('world_size', 1)} processes, now {world})")
+    if changed:
+        raise DistillError(f"checkpoint {resume_from} was made with other {', '.join(changed)}; "
+                           "resume with the same options or pass --overwrite")
+    load_state(model, optimizer, state, config.fsdp and world > 1)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return state["data"]["epoch"], state["data"]["offset"], state["step"], state["tokens_seen"]
+
+
+# ---------------------------------------------------------------------- loop
+
+
+def train_loop(run: Run) -> None:
+    config, alpha, wrapped, world = run.config, run.alpha, run.wrapped, run.world
+    tokens_per_step = config.micro_batch_size * world * config.grad_accum * (run.train_store.params["seq_len"] - 1)
+    progress = tqdm(total=config.max_steps * tokens_per_step, initial=run.start_step * tokens_per_step, desc="train",
+                    unit="tok", unit_scale=True, dynamic_ncols=True, disable=not run.is_rank0)
+    run.model.train()
+    t2 = config.temperature ** 2
+    for step in range(run.start_step, config.max_steps):
+        started = time.perf_counter()
+        sums = torch.zeros(3, dtype=torch.float64)  # CE sum, divergence sum, targets (this rank)
+        for micro in range(config.grad_accum):
+            batch = {k: v.to(run.device, non_blocking=True) for k, v in next(run.loader).items()}
+            sync_now = micro == config.grad_accum - 1
+            # DDP all-reduces gradients on the last micro-batch of a step only.
+            context = wrapped.no_sync() if (world > 1 and not config.fsdp and not sync_now) else contextlib.nullcontext()
+            with context:
+                with run.autocast():
+                    ce_sum, kd_sum, count = wrapped(batch["input_ids"], batch)
+                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / (count * config.grad_accum)
+                loss.backward()
+            sums += torch.tensor([ce_sum.item(), kd_sum.item(), count], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or float("inf"))
+        # The sums are all-reduced and the norm is of all-reduced gradients: every rank stops alike,
+        # before the optimizer touches the weights.
+        if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
+            progress.close()
+            run.loader.close()
+            raise DistillError(non_finite_message(step + 1, sums, grad_norm, alpha, run.out / "checkpoints"))
+        lr = run.scheduler.get_last_lr()[0]
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.tokens_seen += tokens_per_step
+        elapsed = time.perf_counter() - started
+        ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        total = alpha * ce + (1 - alpha) * t2 * kd
+        progress.update(tokens_per_step)
+        progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+        done = step + 1
+        if run.is_rank0 and (done % config.log_every == 0 or done == config.max_steps):
+            record = {"step": done, "loss": total, "ce": ce, "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens": run.tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
+            if alpha < 1.0:
+                record["kd"] = kd
+            run.metrics.log(**record)
+        if run.eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
+            result = evaluate(wrapped, run.eval_store, config.micro_batch_size, config.eval_rows, run.device,
+                              run.autocast)
+            if run.is_rank0:
+                run.metrics.log(step=done, tokens=run.tokens_seen, **result)
+                progress.write(f"step {done}: held-out loss {result['heldout_loss']:.4f} "
+                               f"(ppl {result['heldout_ppl']:.2f})")
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps:
+            run.save_checkpoint(done)
+    progress.close()
+    run.loader.close()
+
+
 def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, alpha: float, ckpt_dir: Path) -> str:
     """One line: which quantity went non-finite at ``step``, the likely cause, what is intact."""
     ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
@@ -232,251 +506,32 @@ def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, a
             "(fix the cause, then rerun with --resume auto)")
 
 
-def check_store(store, name: str, tok_hash: str, vocab: int, positions: int | None) -> None:
-    params = store.params
-    if params.get("tokenizer_hash") != tok_hash:
-        raise DistillError(f"{name} {store.root} was made with another tokenizer (hash "
-                           f"{str(params.get('tokenizer_hash'))[:12]} vs {tok_hash[:12]}); use the student's tokenizer")
-    if params.get("vocab_size") != vocab:
-        raise DistillError(f"{name} {store.root} has vocab size {params.get('vocab_size')}, the tokenizer {vocab}")
-    if positions is not None and params["seq_len"] > positions:
-        raise DistillError(f"{name} {store.root} has sequence length {params['seq_len']}, above the model's "
-                           f"maximum of {positions} positions; re-run prepare with --seq-len {positions} or less")
+# ---------------------------------------------------------------------- finish
 
 
-def distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank), initialising the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    if not dist.is_initialized():
-        # gloo beside NCCL: the step's loss sums are all-reduced as small CPU tensors
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def train(config: TrainConfig) -> Path:
-    # ------------------------------------------------------------------ setup
-    rank, world, local_rank = distributed()
-    main = rank == 0
-    out = Path(config.out)
-    ckpt_dir = out / "checkpoints"
-    if config.overwrite and out.exists() and main:
-        shutil.rmtree(out)
-    if world > 1:
-        dist.barrier()
-    resume_from = checkpoint.resolve(ckpt_dir, config.resume)
-    if resume_from is None and (ckpt_dir.exists() or (out / "metrics.jsonl").exists()) and config.resume != "auto":
-        raise DistillError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start over")
-
-    train_store = open_store(config.train_store)
-    online = bool(config.teacher)
-    if train_store.kind not in ("tokens", "topk"):
-        raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; stage two trains from 'topk' or 'tokens'")
-    teacher_source = "online" if online else ("store" if train_store.kind == "topk" else "none")
-    alpha = config.alpha if config.alpha is not None else (1.0 if teacher_source == "none" else 0.5)
-    if alpha < 1.0 and teacher_source == "none":
-        raise DistillError(f"{config.train_store} is a tokens store: it holds no teacher predictions; run "
-                           "distill teacher to make a topk store, pass --teacher DIR (online), or use --alpha 1")
-    tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
-    tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
-    cache = None
-    if teacher_source == "store":
-        grid = train_store.params["temperature_grid"]
-        if config.temperature not in grid:
-            raise DistillError(f"temperature {config.temperature:g} is not in the store's grid "
-                               f"({', '.join(f'{t:g}' for t in grid)}); pick one of those or rerun stage one "
-                               "with it in --temperature-grid")
-        cache_t = train_store.params["temperature"]
-        cache = (cache_t, grid.index(cache_t), grid.index(config.temperature))
-
-    device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(config.seed)
-    model_path = Path(config.model)
-    if config.init == "teacher-layers":
-        source = Path(config.init_teacher or config.teacher or train_store.params.get("teacher", ""))
-        model = init_from_teacher_layers(hf_config(model_path), source)
-    elif config.init == "scratch" and has_weights(model_path):
-        model = load_model(model_path / "config.json", trust_remote_code=config.trust_remote_code)
-    else:
-        model = load_model(model_path, trust_remote_code=config.trust_remote_code)
-    model = model.to(device)
-    if model.config.vocab_size < vocab:
-        raise DistillError(f"model {config.model} has {model.config.vocab_size} output rows, fewer than the "
-                           f"tokenizer's {vocab} ids; set vocab_size in the model config to {vocab}")
-    positions = max_positions(model.config)
-    check_store(train_store, "train store", tok_hash, vocab, positions)
-    eval_store = open_store(config.eval_store) if config.eval_store else None
-    if eval_store is not None:
-        check_store(eval_store, "eval store", tok_hash, vocab, positions)
-
-    probe = torch.from_numpy(train_store.read_rows(0, 1)["input_ids"].astype("int64")).to(device)
-    student_output = OutputHead(model, probe)
-    teacher = None
-    if online:
-        teacher_model = load_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device).eval()
-        teacher_model.requires_grad_(False)
-        if teacher_model.config.vocab_size < vocab:
-            raise DistillError(f"teacher {config.teacher} predicts {teacher_model.config.vocab_size} ids, "
-                               f"fewer than the tokenizer's {vocab}")
-        teacher = OutputHead(teacher_model, probe)
-
-    chunk = config.loss_chunk or max(1, (1 << 26) // model.config.vocab_size)
-    step_module = DistillStep(model, vocab, alpha, config.temperature, config.tail, config.direction, chunk,
-                              cache, teacher, output=student_output)
-    wrapped = step_module
-    if world > 1:
-        if config.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.get_decoder().layers:
-                fully_shard(layer)
-            fully_shard(step_module)
-        else:
-            wrapped = torch.nn.parallel.DistributedDataParallel(
-                step_module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio))
-    fields = TOPK_FIELDS if teacher_source == "store" and alpha < 1.0 else ("input_ids",)
-    epoch, offset, start_step, tokens_seen = 0, 0, 0, 0
-    if resume_from is not None:
-        state, saved_config = checkpoint.load(resume_from)
-        resolved = to_dict(config) | {"alpha": alpha}
-        changed = [k for k in RESUME_FIXED if saved_config["config"].get(k) != resolved.get(k)]
-        if saved_config.get("world_size", 1) != world:  # the global batch is micro × world rows
-            changed.append(f"world size ({saved_config.get('world_size', 1)} processes, now {world})")
-        if changed:
-            raise DistillError(f"checkpoint {resume_from} was made with other {', '.join(changed)}; "
-                               "resume with the same options or pass --overwrite")
-        load_state(model, optimizer, state, config.fsdp and world > 1)
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        epoch, offset = state["data"]["epoch"], state["data"]["offset"]
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        if start_step >= config.max_steps and (out / "metrics.json").is_file() and (out / "model").is_dir():
-            if main:  # a rerun of a finished run (make student twice) changes nothing
-                print(f"{out / 'model'}: already trained for {config.max_steps} steps; nothing to do")
-            return out / "model"
-        if main:
-            print(f"resumed from {resume_from} at step {start_step}")
-    train_store.check_files()
-    loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
-                    config.workers, config.prefetch, fields, config.shuffle_chunks)
-
-    def autocast():
-        enabled = device.type == "cuda" and config.dtype == "bfloat16"  # bf16 autocast is slow on CPU
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    facts = {"parameters": count_parameters(model), "device": str(device), "world_size": world,
-             "tokenizer_hash": tok_hash, "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"],
-             "teacher_source": teacher_source, "alpha": alpha, "loss_chunk": chunk,
-             "train_store_params": train_store.params}
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(config, out / "config.json", facts)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None) if main else None
-
-    def save_checkpoint(step: int) -> None:
-        model_state, optim_state = gather_state(model, optimizer, config.fsdp and world > 1)
-        if not main:
-            return
-        state = {
-            "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-            "step": step, "tokens_seen": tokens_seen, "data": loader.state(),
-            "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
-                                                        if device.type == "cuda" else {})},
-        }
-        checkpoint.save(ckpt_dir, step, state, {"config": to_dict(config) | {"alpha": alpha}, **facts},
-                        config.keep_checkpoints)
-
-    # ------------------------------------------------------------------ loop
-    tokens_per_step = config.micro_batch_size * world * config.grad_accum * (train_store.params["seq_len"] - 1)
-    progress = tqdm(total=config.max_steps * tokens_per_step, initial=start_step * tokens_per_step, desc="train",
-                    unit="tok", unit_scale=True, dynamic_ncols=True, disable=not main)
-    model.train()
-    t2 = config.temperature ** 2
-    for step in range(start_step, config.max_steps):
-        started = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64)  # CE sum, divergence sum, targets (this rank)
-        for micro in range(config.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-            sync_now = micro == config.grad_accum - 1
-            # DDP all-reduces gradients on the last micro-batch of a step only.
-            context = wrapped.no_sync() if (world > 1 and not config.fsdp and not sync_now) else contextlib.nullcontext()
-            with context:
-                with autocast():
-                    ce_sum, kd_sum, count = wrapped(batch["input_ids"], batch)
-                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / (count * config.grad_accum)
-                loss.backward()
-            sums += torch.tensor([ce_sum.item(), kd_sum.item(), count], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        # The sums are all-reduced and the norm is of all-reduced gradients: every rank stops alike,
-        # before the optimizer touches the weights.
-        if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
-            progress.close()
-            loader.close()
-            raise DistillError(non_finite_message(step + 1, sums, grad_norm, alpha, ckpt_dir))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - started
-        ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-        total = alpha * ce + (1 - alpha) * t2 * kd
-        progress.update(tokens_per_step)
-        progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
-        done = step + 1
-        if main and (done % config.log_every == 0 or done == config.max_steps):
-            record = {"step": done, "loss": total, "ce": ce, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
-            if alpha < 1.0:
-                record["kd"] = kd
-            metrics.log(**record)
-        if eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
-            result = evaluate(wrapped, eval_store, config.micro_batch_size, config.eval_rows, device, autocast)
-            if main:
-                metrics.log(step=done, tokens=tokens_seen, **result)
-                progress.write(f"step {done}: held-out loss {result['heldout_loss']:.4f} "
-                               f"(ppl {result['heldout_ppl']:.2f})")
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps:
-            save_checkpoint(done)
-    progress.close()
-    loader.close()
-
-    # ------------------------------------------------------------------ finish
-    save_checkpoint(config.max_steps)
-    final = {"step": config.max_steps, "tokens": tokens_seen, "parameters": facts["parameters"],
-             "teacher_source": teacher_source, "alpha": alpha, "temperature": config.temperature,
+def finish(run: Run) -> Path:
+    """Last checkpoint, final held-out evaluation, the saved model and metrics.json."""
+    config, out = run.config, run.out
+    run.save_checkpoint(config.max_steps)
+    final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
+             "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
              "tail": config.tail, "direction": config.direction}
-    if eval_store is not None:
-        final.update(evaluate(wrapped, eval_store, config.micro_batch_size, 0, device, autocast))
-    if device.type == "cuda":
-        final["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    model_state, _ = gather_state(model, None, config.fsdp and world > 1)
-    if main:
-        if eval_store is not None:
-            metrics.log(step=config.max_steps, tokens=tokens_seen, final=True,
-                        **{k: v for k, v in final.items() if k.startswith("heldout")})
-        metrics.close()
-        save_model(model, model_state, tokenizer, out / "model", config.save_dtype)
+    if run.eval_store is not None:
+        final.update(evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast))
+    if run.device.type == "cuda":
+        final["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    model_state, _ = gather_state(run.model, None, run.sharded)
+    if run.is_rank0:
+        if run.eval_store is not None:
+            run.metrics.log(step=config.max_steps, tokens=run.tokens_seen, final=True,
+                            **{k: v for k, v in final.items() if k.startswith("heldout")})
+        run.metrics.close()
+        save_model(run.model, model_state, run.tokenizer, out / "model", config.save_dtype)
         atomic_write_text(out / "metrics.json", json.dumps(final, indent=2, sort_keys=True) + "\n")
         summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k in ("heldout_loss", "heldout_ppl"))
-        print(f"{out / 'model'}: saved after {config.max_steps} steps ({tokens_seen} tokens)"
+        print(f"{out / 'model'}: saved after {config.max_steps} steps ({run.tokens_seen} tokens)"
               f"{'; ' + summary if summary else ''}")
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
     return out / "model"
 

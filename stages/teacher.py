@@ -17,7 +17,6 @@ every shard, ``index.json`` is written (here, or by ``distill merge``).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import queue
 import shutil
@@ -31,15 +30,13 @@ import torch
 from tqdm import tqdm
 
 from pipeline import store as store_lib
-from pipeline.config import check, option, save_resolved
+from pipeline.checks import check_output_rows, check_store_fits
+from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
-from pipeline.io import atomic_write_text, file_sha256
+from pipeline.io import file_sha256
 from pipeline.models import WEIGHT_FILES, OutputHead, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
-
-PART = "index.part-{:05d}-of-{:05d}.json"
-
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -70,11 +67,7 @@ class TeacherConfig:
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
 
     def __post_init__(self):
-        problems = []
-        if not self.tokens_store:
-            problems.append("no --tokens-store given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "tokens_store", "out")
         if self.top_k < 1:
             problems.append(f"top_k must be at least 1, got {self.top_k}")
         if not self.temperature > 0:
@@ -122,52 +115,116 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_partial(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+@dataclass
+class TeacherJob:
+    """What setup gives the loop: this job's part of the store and the teacher that computes it."""
+
+    config: TeacherConfig
+    out: Path
+    tokens: store_lib.Store
+    params: dict  # what decides the store's content (index.json's params)
+    arrays: dict  # each stored array's dtype and per-row shape
+    vocab: int
+    n_rows: int
+    todo: list[int]  # shard numbers this job still has to write
+    done: dict[str, dict]  # index entries of the shards this job has finished, by name
+    head: OutputHead
+    device: torch.device
+    kernel: str
+
+    def record(self, entry: dict) -> None:
+        """Called by the writer thread alone, after the shard is renamed into place."""
+        self.done[entry["name"]] = entry
+        path = store_lib.partial_index_path(self.out, self.config.shard_index, self.config.num_shards)
+        store_lib.write_partial_index(path, self.params, self.config.backend, self.arrays, list(self.done.values()))
 
 
 def run_teacher(config: TeacherConfig) -> TeacherRun:
-    # ------------------------------------------------------------------ setup
+    job = setup(config)
+    if job is None:
+        return TeacherRun(Path(config.out), 0, 0.0)
+    total_tokens, loop_seconds = write_shards(job)
+    # ------------------------------------------------------------------ finish
+    out = job.out
+    rate = f", {total_tokens / loop_seconds:.0f} tokens/s" if job.todo else ""
+    print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(job.done)} shards "
+          f"({len(job.todo)} written now{rate})")
+    try:
+        store_lib.merge_partial_indexes(out)
+    except DistillError as e:
+        if config.num_shards == 1:
+            raise
+        print(f"{out}: not merged yet ({e})")
+    return TeacherRun(out, total_tokens, loop_seconds)
+
+
+def setup(config: TeacherConfig) -> TeacherJob | None:
+    """Check the inputs, settle what lies in OUT already, load the teacher; None when nothing is left to do."""
     tokens = store_lib.open_store(config.tokens_store, kind="tokens")
     tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"])
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
-    if tokens.params["tokenizer_hash"] != tok_hash:
-        raise DistillError(f"tokens store {tokens.root} was made with another tokenizer than {config.tokenizer}; "
-                           "pass the tokenizer it was prepared with")
+    check_store_fits(tokens, "tokens store", tokenizer_hash=tok_hash)
     if config.top_k > vocab:
         raise DistillError(f"--top-k {config.top_k} is larger than the vocabulary ({vocab} ids); lower it")
     teacher_dir = Path(config.teacher)
     if not has_weights(teacher_dir):
         raise DistillError(f"teacher {teacher_dir} is not a local Hugging Face model directory with weights")
     teacher_config = hf_config(teacher_dir, config.trust_remote_code)
-    teacher_rows = teacher_config.vocab_size
-    if teacher_rows < vocab:
-        raise DistillError(f"teacher {teacher_dir} predicts {teacher_rows} ids but the tokenizer has {vocab}; "
-                           "they do not belong together")
-    if teacher_rows > vocab and teacher_rows - vocab > max(1024, vocab // 10):
-        raise DistillError(f"teacher {teacher_dir} predicts {teacher_rows} ids, far more than the tokenizer's "
-                           f"{vocab}; they do not belong together (padding is at most a few hundred rows)")
-    seq_len = tokens.params["seq_len"]
-    positions = max_positions(teacher_config)
-    if positions is not None and seq_len > positions:
-        raise DistillError(f"tokens store has sequence length {seq_len}, above the teacher's {positions} positions")
+    check_output_rows("teacher", teacher_dir, teacher_config.vocab_size, vocab, "they do not belong together",
+                      max_padding=max(1024, vocab // 10))
+    check_store_fits(tokens, "tokens store", positions=max_positions(teacher_config), model="teacher")
 
-    grid = config.grid
     n_rows = min(tokens.rows, config.max_rows) if config.max_rows else tokens.rows
-    params = {
-        "teacher": str(teacher_dir),
-        "teacher_weights_sha256": weights_sha256(teacher_dir),
+    params = store_params(config, tokens, teacher_config.vocab_size, tok_hash, vocab, n_rows)
+    out = Path(config.out)
+    decision = store_lib.existing_store(out, "topk", config.backend, params, config.overwrite)
+    if decision == "done":
+        print(f"{out}: complete store with the same parameters already exists; nothing to do")
+        return None
+    if decision == "replace":
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    n_total = math.ceil(n_rows / config.rows_per_shard)
+    part_path = store_lib.partial_index_path(out, config.shard_index, config.num_shards)
+    done = {e["name"]: e for e in store_lib.read_partial_index(part_path).get("shards", [])
+            if (out / e["name"]).exists()}
+    todo = [j for j in range(config.shard_index, n_total, config.num_shards)
+            if store_lib.shard_name(j, config.backend) not in done]
+    seq_len, k, n_grid = params["seq_len"], config.top_k, len(config.grid)
+    arrays = {
+        "input_ids": {"dtype": tokens.index["arrays"]["input_ids"]["dtype"], "shape": [seq_len]},
+        "topk_ids": {"dtype": store_lib.token_dtype(vocab).name, "shape": [seq_len, k]},
+        "topk_logprobs": {"dtype": config.logprob_dtype, "shape": [seq_len, k]},
+        "logsumexp": {"dtype": "float32", "shape": [seq_len, n_grid]},
+        "tail_logmass": {"dtype": "float32", "shape": [seq_len, n_grid]},
+        "target_logprob": {"dtype": "float32", "shape": [seq_len]},
+    }
+    save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
+                  {"params": params, "shards_planned": n_total})
+
+    device = resolve_device(config.device)
+    kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
+    model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
+    probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
+    return TeacherJob(config, out, tokens, params, arrays, vocab, n_rows, todo, done, OutputHead(model, probe),
+                      device, kernel)
+
+
+def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: int, tok_hash: str, vocab: int,
+                 n_rows: int) -> dict:
+    """What decides a topk store's content: a rerun with other params is refused, the same ones resume."""
+    return {
+        "teacher": str(Path(config.teacher)),
+        "teacher_weights_sha256": weights_sha256(Path(config.teacher)),
         "teacher_vocab_size": teacher_rows,
         "tokenizer": tokens.params["tokenizer"],
         "tokenizer_hash": tok_hash,
         "vocab_size": vocab,
-        "seq_len": seq_len,
+        "seq_len": tokens.params["seq_len"],
         "top_k": config.top_k,
         "temperature": config.temperature,
-        "temperature_grid": list(grid),
+        "temperature_grid": list(config.grid),
         "dtype": config.dtype,
         "logprob_dtype": config.logprob_dtype,
         "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
@@ -176,52 +233,14 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         "rows_per_shard": config.rows_per_shard,
         "chunk_rows": config.chunk_rows,
     }
-    out = Path(config.out)
-    existing = _existing_params(out, config.backend)
-    if existing is not None and existing != params:
-        if not config.overwrite:
-            what = "; ".join(store_lib.param_differences(existing, params)) or "backend differs"
-            raise DistillError(f"{out} already holds a store built differently ({what}); "
-                               "pass --overwrite to replace it or choose another --out")
-        shutil.rmtree(out)
-    if (out / store_lib.INDEX).exists() and existing == params:
-        print(f"{out}: complete store with the same parameters already exists; nothing to do")
-        return TeacherRun(out, 0, 0.0)
-    out.mkdir(parents=True, exist_ok=True)
 
-    n_total = math.ceil(n_rows / config.rows_per_shard)
-    part_path = out / PART.format(config.shard_index, config.num_shards)
-    done = {e["name"]: e for e in read_partial(part_path).get("shards", []) if (out / e["name"]).exists()}
-    todo = [j for j in range(config.shard_index, n_total, config.num_shards)
-            if store_lib.shard_name(j, config.backend) not in done]
-    id_dtype = store_lib.token_dtype(vocab)
-    arrays_meta = {
-        "input_ids": {"dtype": tokens.index["arrays"]["input_ids"]["dtype"], "shape": [seq_len]},
-        "topk_ids": {"dtype": id_dtype.name, "shape": [seq_len, config.top_k]},
-        "topk_logprobs": {"dtype": config.logprob_dtype, "shape": [seq_len, config.top_k]},
-        "logsumexp": {"dtype": "float32", "shape": [seq_len, len(grid)]},
-        "tail_logmass": {"dtype": "float32", "shape": [seq_len, len(grid)]},
-        "target_logprob": {"dtype": "float32", "shape": [seq_len]},
-    }
 
-    def record(entry: dict) -> None:
-        done[entry["name"]] = entry
-        body = {"params": params, "backend": config.backend, "arrays": arrays_meta,
-                "shards": sorted(done.values(), key=lambda e: e["name"])}
-        atomic_write_text(part_path, json.dumps(body, indent=2, sort_keys=True) + "\n")
-
-    save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
-                  {"params": params, "shards_planned": n_total})
-
-    device = resolve_device(config.device)
-    kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
-    model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
-    probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
-    head = OutputHead(model, probe)
-
-    # ------------------------------------------------------------------ loop
-    # The writer compresses and renames shard j while the teacher computes shard j+1. The queue
-    # holds at most one finished shard, so memory stays at two shards of outputs.
+def write_shards(job: TeacherJob) -> tuple[int, float]:
+    """The loop: compute each shard this job owns and hand it to a writer thread, which compresses
+    and renames shard j while the teacher computes shard j+1. The queue holds at most one finished
+    shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds)."""
+    config, out = job.config, job.out
+    seq_len, id_dtype = job.params["seq_len"], store_lib.token_dtype(job.vocab)
     jobs: queue.Queue = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
 
@@ -229,22 +248,22 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         while (item := jobs.get()) is not None:
             name, arrays = item
             try:
-                entry = store_lib.write_shard(out, name, arrays, config.backend, config.chunk_rows)
-                record(entry)  # only this thread records, after the shard is renamed into place
+                job.record(store_lib.write_shard(out, name, arrays, config.backend, config.chunk_rows))
             except BaseException as e:  # surfaced by the main thread
                 failure.append(e)
 
     thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
     thread.start()
     loop_started = time.perf_counter()
-    total_tokens = sum(min(config.rows_per_shard, n_rows - j * config.rows_per_shard) for j in todo) * seq_len
+    total_tokens = sum(min(config.rows_per_shard, job.n_rows - j * config.rows_per_shard) for j in job.todo) * seq_len
     try:
         with tqdm(total=total_tokens, desc=f"teacher {config.shard_index}/{config.num_shards}", unit="tok",
                   unit_scale=True, dynamic_ncols=True) as progress:
-            for j in todo:
-                lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, n_rows)
-                input_ids = tokens.read_rows(lo, hi)["input_ids"]
-                arrays = teacher_shard(head, input_ids, config, grid, vocab, id_dtype, device, kernel, progress)
+            for j in job.todo:
+                lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
+                input_ids = job.tokens.read_rows(lo, hi)["input_ids"]
+                arrays = teacher_shard(job.head, input_ids, config, config.grid, job.vocab, id_dtype, job.device,
+                                       job.kernel, progress)
                 if failure:
                     raise failure[0]
                 jobs.put((store_lib.shard_name(j, config.backend), arrays))
@@ -253,34 +272,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
         thread.join()
     if failure:
         raise failure[0]
-    loop_seconds = time.perf_counter() - loop_started  # forward, reductions and the last write
-
-    # ------------------------------------------------------------------ finish
-    rate = f", {total_tokens / loop_seconds:.0f} tokens/s" if todo else ""
-    print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(done)} shards "
-          f"({len(todo)} written now{rate})")
-    try:
-        merge_store(out)
-    except DistillError as e:
-        if config.num_shards == 1:
-            raise
-        print(f"{out}: not merged yet ({e})")
-    return TeacherRun(out, total_tokens, loop_seconds)
-
-
-def _existing_params(out: Path, backend: str) -> dict | None:
-    """Parameters of what already lies in ``out`` (complete store or partial indexes), if anything."""
-    if (out / store_lib.INDEX).exists():
-        store = store_lib.open_store(out)
-        return store.params if store.index["backend"] == backend else {"backend": store.index["backend"]}
-    if out.is_dir():
-        for part in sorted(out.glob("index.part-*.json")):
-            body = read_partial(part)
-            if body:
-                return body["params"] if body.get("backend") == backend else {"backend": body.get("backend")}
-        if any(p for p in out.iterdir() if not p.name.startswith((".", "config.part-"))):
-            return {"unknown": "a directory that is not a topk store"}
-    return None
+    return total_tokens, time.perf_counter() - loop_started  # forward, reductions and the last write
 
 
 @torch.no_grad()
@@ -316,9 +308,9 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig
                     raise DistillError(f"the teacher's argmax fell on a padded output row (id >= {vocab}); "
                                        "its output rows do not match the tokenizer")
                 logits = logits[:, :vocab]
-            chunk = sparse_teacher(logits, k, config.temperature, grid, targets[p0:p0 + config.position_chunk],
-                                   kernel)
-            for name, value in chunk.items():
+            summary = sparse_teacher(logits, k, config.temperature, grid, targets[p0:p0 + config.position_chunk],
+                                     kernel)
+            for name, value in summary.items():
                 results[name].append(value)
         view = slice(start, start + b)
         out["topk_ids"][view] = _np(results["topk_ids"]).reshape(b, seq_len, k).astype(id_dtype)
@@ -348,43 +340,4 @@ class MergeConfig:
 
 
 def merge(config: MergeConfig) -> Path:
-    return merge_store(Path(config.store))
-
-
-def merge_store(root: Path) -> Path:
-    """Check that the partial indexes cover every shard exactly, then write ``index.json``."""
-    if not root.is_dir():
-        raise DistillError(f"{root} does not exist; run distill teacher first")
-    parts = [read_partial(p) for p in sorted(root.glob("index.part-*.json"))]
-    parts = [p for p in parts if p]
-    if not parts:
-        if (root / store_lib.INDEX).exists():
-            return root
-        raise DistillError(f"{root} holds no partial indexes; run distill teacher first")
-    params, backend, arrays = parts[0]["params"], parts[0]["backend"], parts[0]["arrays"]
-    for part in parts[1:]:
-        if part["params"] != params or part["backend"] != backend:
-            what = "; ".join(store_lib.param_differences(params, part["params"])) or "backend"
-            raise DistillError(f"{root}: partial indexes were written with different parameters ({what}); "
-                               "rerun the odd jobs with the same options")
-    entries: dict[str, dict] = {}
-    for part in parts:
-        for entry in part["shards"]:
-            store_lib.safe_child(root, entry["name"])
-            if entry["name"] in entries and entries[entry["name"]]["sha256"] != entry["sha256"]:
-                raise DistillError(f"{root}: shard {entry['name']} recorded twice with different content")
-            entries[entry["name"]] = entry
-    n_total = math.ceil(params["rows"] / params["rows_per_shard"])
-    names = [store_lib.shard_name(j, backend) for j in range(n_total)]
-    missing = [n for n in names if n not in entries or not (root / n).exists()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DistillError(f"{root}: {len(missing)} of {n_total} shards are not finished ({shown}); "
-                           "rerun the jobs that own them")
-    shards = [entries[n] for n in names]
-    rows = sum(s["rows"] for s in shards)
-    index = store_lib.new_index("topk", backend, params, shards, arrays=arrays,
-                                tokens=rows * params["seq_len"], target_tokens=rows * (params["seq_len"] - 1))
-    store_lib.write_index(root, index)
-    print(f"{root}: merged {n_total} shards into {store_lib.INDEX}")
-    return root
+    return store_lib.merge_partial_indexes(Path(config.store))

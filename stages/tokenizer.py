@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import check, option, save_resolved
+from pipeline.config import check, option, required, save_resolved
 from pipeline.corpus import DocumentReader, expand_inputs
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
@@ -21,11 +21,7 @@ class TokenizerConfig:
     overwrite: bool = option(False, "Replace an existing tokenizer directory.")
 
     def __post_init__(self):
-        problems = []
-        if not self.inputs:
-            problems.append("no --input given")
-        if not self.out:
-            problems.append("no --out given")
+        problems = required(self, "inputs", "out")
         if self.vocab_size < 257:
             problems.append(f"vocab_size must be at least 257 (256 bytes + EOS), got {self.vocab_size}")
         check(problems, "tokenizer")

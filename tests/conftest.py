@@ -44,6 +44,25 @@ def tiny_model_config(tmp_path) -> Path:
     return path
 
 
+def make_teacher(path, vocab=8192, padded_argmax=False, scale=40.0):
+    """A small random Llama whose output head is scaled up so its distributions are peaked (like a
+    trained teacher's): tail masses then span many orders of magnitude."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  max_position_embeddings=128, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+        if vocab > 8192:
+            model.lm_head.weight[8192:] = 0.0 if not padded_argmax else model.lm_head.weight[:vocab - 8192] * 10
+    model.save_pretrained(str(path))
+    return path
+
+
 def run_cli(*args: str):
     """Run ``distill ARGS`` in-process; returns click's Result (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner

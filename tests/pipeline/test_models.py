@@ -40,8 +40,7 @@ def test_step_ce_equals_the_models_own_loss(model_type):
     want = model(input_ids=input_ids, labels=input_ids).loss
     (grad_want,) = torch.autograd.grad(want, model.get_output_embeddings().weight)
     for chunk in (0, 16):
-        ce_sum, _, count = DistillStep(model, VOCAB, 1.0, 1.0, "tail", "forward", chunk,
-                                       output=output)(input_ids, {})
+        ce_sum, _, count = DistillStep(model, VOCAB, 1.0, chunk, output=output)(input_ids, {})
         torch.testing.assert_close(ce_sum / count, want, rtol=1e-5, atol=1e-5)
         (grad,) = torch.autograd.grad(ce_sum / count, model.get_output_embeddings().weight)
         torch.testing.assert_close(grad, grad_want, rtol=1e-4, atol=1e-6)

@@ -107,3 +107,36 @@ def test_token_dtype_is_narrowest():
     assert store.token_dtype(65536) == np.uint16
     assert store.token_dtype(65537) == np.uint32
     assert store.token_dtype(151936) == np.uint32
+
+
+@pytest.mark.parametrize("backend", store.BACKENDS)
+def test_chunks_read_back_the_whole_shard(tmp_path, backend):
+    """The loader's chunk reads and the whole-shard read go through one reader and agree."""
+    data = arrays()
+    s = write_store(tmp_path / "s", backend, data)
+    reader = store.ShardReader(s.root, s.shards[0], backend, fields=("topk_logprobs",))
+    chunks = [reader.read_chunk(c, 8) for c in range(5)]  # 37 rows in chunks of 8
+    reader.close()
+    assert all(list(c) == ["topk_logprobs"] for c in chunks)
+    np.testing.assert_array_equal(np.concatenate([c["topk_logprobs"] for c in chunks]), data["topk_logprobs"])
+
+
+def test_existing_store_policy(tmp_path):
+    data = arrays()
+    s = write_store(tmp_path / "s", "zarr", data)
+    assert store.existing_store(tmp_path / "new", "tokens", "zarr", {"seq_len": 9}, False) == "write"
+    assert store.existing_store(s.root, "tokens", "zarr", {"seq_len": 9}, False) == "done"
+    with pytest.raises(DistillError, match="seq_len: 9 vs 10.*--overwrite"):
+        store.existing_store(s.root, "tokens", "zarr", {"seq_len": 10}, False)
+    with pytest.raises(DistillError, match="backend: 'zarr' vs 'arrow'"):
+        store.existing_store(s.root, "tokens", "arrow", {"seq_len": 9}, False)
+    assert store.existing_store(s.root, "tokens", "zarr", {"seq_len": 10}, True) == "replace"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(DistillError, match="not an empty directory or a store"):
+        store.existing_store(tmp_path / "other", "tokens", "zarr", {"seq_len": 9}, False)
+    # unfinished work of the same parameters is continued, not refused
+    part = store.partial_index_path(tmp_path / "part", 0, 2)
+    part.parent.mkdir()
+    store.write_partial_index(part, {"seq_len": 9}, "zarr", {}, [])
+    assert store.existing_store(tmp_path / "part", "tokens", "zarr", {"seq_len": 9}, False) == "write"

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from pipeline.losses import sparse_kd
 from pipeline.models import OutputHead, load_model
 from pipeline.store import open_store
+from pipeline.teacher_signal import OnlineTeacher, StoredTopK
 from pipeline.topk import retemper
 from stages.student import DistillStep
-from tests.conftest import ROOT, TOKENIZER, kill_when, one_line_error, run_cli, spawn
-from tests.stages.test_teacher import make_teacher
+from tests.conftest import ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, run_cli, spawn
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +60,13 @@ def test_k_equal_vocab_offline_equals_online(stage1, tmp_path):
     teacher_model = load_model(tmp_path / "teacher").eval()
     teacher = OutputHead(teacher_model, batch["input_ids"][:1])
     output = OutputHead(student, batch["input_ids"][:1])
-    for t, cache in ((1.0, (1.0, 0, 0)), (2.0, (1.0, 0, 1))):
+    params = open_store(tmp_path / "full").params
+    assert params["temperature"] == 1.0 and params["temperature_grid"] == [1.0, 2.0]
+    for t in (1.0, 2.0):
         for direction in ("forward", "reverse"):
-            offline = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, cache,
-                                  output=output)(batch["input_ids"], batch)
-            online = DistillStep(student, 8192, 0.5, t, "tail", direction, 0, None, teacher,
+            stored = StoredTopK(params, t, "tail", direction)
+            offline = DistillStep(student, 8192, 0.5, 0, stored, output=output)(batch["input_ids"], batch)
+            online = DistillStep(student, 8192, 0.5, 0, OnlineTeacher(teacher, 8192, t, direction),
                                  output=output)(batch["input_ids"], batch)
             count = offline[2]
             torch.testing.assert_close(offline[0] / count, online[0] / count, rtol=0, atol=1e-6)

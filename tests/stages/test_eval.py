@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import tasks
 from stages.eval import EvalConfig, eval_qa
-from tests.conftest import ROOT, TOKENIZER, one_line_error, run_cli
-from tests.stages.test_teacher import make_teacher
+from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli
 
 FIXTURES = ROOT / "tests" / "fixtures" / "eval"
 

@@ -5,27 +5,11 @@ import pytest
 import pyarrow as pa
 import torch
 import zarr
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from pipeline.store import open_store
 from pipeline.topk import retemper
-from tests.conftest import ROOT, TOKENIZER, kill_when, one_line_error, run_cli, spawn, tree_digest
-
-
-def make_teacher(path, vocab=8192, padded_argmax=False, scale=40.0):
-    """A small random Llama whose output head is scaled up so its distributions are peaked (like a
-    trained teacher's): tail masses then span many orders of magnitude."""
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                  max_position_embeddings=128, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-        if vocab > 8192:
-            model.lm_head.weight[8192:] = 0.0 if not padded_argmax else model.lm_head.weight[:vocab - 8192] * 10
-    model.save_pretrained(str(path))
-    return path
+from tests.conftest import ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, run_cli, spawn, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -174,33 +158,44 @@ def test_padded_output_rows_are_dropped_or_refused(setup, tmp_path):
     assert "padded output row" in msg
 
 
-def test_bad_input(setup, tmp_path):
+def test_teacher_of_another_vocabulary_is_refused(setup, tmp_path):
     make_teacher(tmp_path / "small-vocab", vocab=1000)
     msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--teacher", tmp_path / "small-vocab")))
     assert "predicts 1000 ids but the tokenizer has 8192" in msg
-    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--top-k", "9000")))
-    assert "larger than the vocabulary" in msg
-    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--temperature", "0")))
-    assert "temperature must be > 0" in msg
-    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--temperature-grid", "-1")))
-    assert "temperature_grid" in msg
-    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", "--kernel", "fast")))
-    assert "kernel must be one of auto, native, torch" in msg
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--top-k", "9000"), "larger than the vocabulary"),
+    (("--temperature", "0"), "temperature must be > 0"),
+    (("--temperature-grid", "-1"), "temperature_grid"),
+    (("--kernel", "fast"), "kernel must be one of auto, native, torch"),
+], ids=["top-k", "temperature", "temperature-grid", "kernel"])
+def test_bad_option(setup, tmp_path, flags, message):
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "a", *flags)))
+    assert message in msg
+
+
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_nan_logits_are_refused_before_any_shard(setup, tmp_path, kernel):
     broken = AutoModelForCausalLM.from_pretrained(str(setup / "teacher"))
     with torch.no_grad():
         broken.lm_head.weight[5] = float("nan")
     broken.save_pretrained(str(tmp_path / "nan-teacher"))
-    for kernel in ("native", "torch"):
-        msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / f"nan-{kernel}", "--teacher", tmp_path / "nan-teacher",
-                                                   "--kernel", kernel)))
-        assert "logits hold NaN or infinity" in msg
-        assert not list((tmp_path / f"nan-{kernel}").glob("shard-*"))
+    msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / f"nan-{kernel}", "--teacher", tmp_path / "nan-teacher",
+                                               "--kernel", kernel)))
+    assert "logits hold NaN or infinity" in msg
+    assert not list((tmp_path / f"nan-{kernel}").glob("shard-*"))
+
+
+def test_tokens_store_without_index_is_refused(setup, tmp_path):
     (tmp_path / "no-index").mkdir()
     msg = one_line_error(run_cli("teacher", "--tokens-store", tmp_path / "no-index", "--teacher",
                                  setup / "teacher", "--out", tmp_path / "a"))
     assert "no index.json" in msg
     assert not (tmp_path / "a").exists()
 
+
+def test_existing_store_other_params_refused_same_params_nothing_to_do(setup, tmp_path):
     assert run_cli(*teacher_args(setup, tmp_path / "done")).exit_code == 0
     before = tree_digest(tmp_path / "done")
     msg = one_line_error(run_cli(*teacher_args(setup, tmp_path / "done", "--top-k", "8")))
