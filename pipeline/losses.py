@@ -161,3 +161,22 @@ def chunked_sum(fn: Callable[..., tuple[torch.Tensor, ...]], positions: int, chu
         totals = out if totals is None else tuple(a + b for a, b in zip(totals, out))
     return totals
 
+
+def sampled_kd(student_logprobs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Forward KL against a sparse *estimate* of the teacher, ``[P]`` nats.
+
+    student_logprobs: ``[P, V]`` float32 at T; ids: ``[P, S]`` int64; weights: ``[P, S]`` the
+    estimated teacher probabilities at those ids (0 at padding): ``count/N`` for a sampled store,
+    exact head probabilities plus ``tail mass · count/M`` for the hybrid, importance-weighted draws
+    at another temperature. Returns ``Σ w·(log w − log q)``.
+
+    Unbiased where ``E[w] = p``: the gradient with respect to the student's logits (before the 1/T)
+    is ``(Σw)·q − w``, linear in ``w``, so its expectation is ``q − p``, the full-vocabulary KD
+    gradient — even where ``Σw ≠ 1`` for one draw (importance weights), since ``E[Σw] = 1``. The
+    value itself (the KL of the estimate) is biased; it is what the logs report as ``kd``.
+    """
+    w = weights.float()
+    q = student_logprobs.gather(-1, ids)
+    used = w > 0
+    log_w = torch.where(used, w, 1.0).log()
+    return (w * (torch.where(used, log_w - q, 0.0))).sum(-1)

@@ -442,8 +442,9 @@ def existing_store(out: Path, kind: str, backend: str, params: dict[str, Any], o
     return "replace"
 
 
-def merge_partial_indexes(root: Path, kind: str = "topk") -> Path:
-    """Check that the partial indexes in ``root`` cover every shard exactly, then write ``index.json``."""
+def merge_partial_indexes(root: Path, kind: str | None = None) -> Path:
+    """Check that the partial indexes in ``root`` cover every shard exactly, then write ``index.json``.
+    ``kind`` defaults to what the arrays say: ``sampled`` where they hold ``sample_ids``, else ``topk``."""
     if not root.is_dir():
         raise DistillError(f"{root} does not exist; run distill teacher first")
     parts = [read_partial_index(p) for p in sorted(root.glob(PARTIAL_GLOB))]
@@ -474,6 +475,7 @@ def merge_partial_indexes(root: Path, kind: str = "topk") -> Path:
                            "rerun the jobs that own them")
     shards = [entries[n] for n in names]
     rows = sum(s["rows"] for s in shards)
+    kind = kind or ("sampled" if "sample_ids" in arrays else "topk")
     index = new_index(kind, backend, params, shards, arrays=arrays,
                       tokens=rows * params["seq_len"], target_tokens=rows * (params["seq_len"] - 1))
     write_index(root, index)

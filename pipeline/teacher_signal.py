@@ -8,8 +8,11 @@ One small interface, :class:`TeacherSignal`, with one class per way of having a 
 - :class:`OnlineTeacher`: the teacher in memory, full vocabulary, compared with
   :func:`pipeline.losses.dense_kd` — the baseline offline distillation is measured against.
 
-A new kind of stored teacher (a sampled-token store, say) is a new class with the same three
-members, not a new branch in the training step.
+- :class:`StoredSampled`: draws from the teacher — a ``sampled`` store (unique ids with counts) or
+  the hybrid (exact top-k plus draws from the tail) — compared with :func:`pipeline.losses.sampled_kd`.
+
+:func:`stored_teacher` picks the class a store calls for. A new kind of teacher is a new class
+with the same three members, not a new branch in the training step.
 
 Both split the work in two so that the caller can run the student's output head in chunks of
 positions: :meth:`~TeacherSignal.positions` turns a batch into per-position tensors (leading dim
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import DistillError
-from pipeline.losses import dense_kd, sparse_kd
+from pipeline.losses import dense_kd, sampled_kd, sparse_kd
 from pipeline.topk import retemper
 
 
@@ -113,3 +116,87 @@ class OnlineTeacher:
             logits = self.head.logits(hidden).float()[:, :self.vocab]  # padded output rows are not tokens
             teacher_logprobs = F.log_softmax(logits / self.temperature, dim=-1)
         return dense_kd(student_logprobs, teacher_logprobs, self.direction)
+
+
+class StoredSampled:
+    """Draws from the teacher, as a ``sampled`` store or the hybrid ``topk`` store (``--tail-samples``)
+    holds them; compared with :func:`pipeline.losses.sampled_kd` (forward KL only).
+
+    - ``sampled``: N draws at the cache temperature T₀ per position, stored as unique ids with
+      counts; the target is ``count/N`` — an unbiased estimate of the teacher's distribution.
+    - hybrid: the exact top-k (re-tempered as :class:`StoredTopK` does) plus M draws from the teacher
+      restricted to its tail; the exact tail mass is spread over the drawn tail ids by their counts,
+      ``m·count/M`` — exact on the head, unbiased on the tail.
+
+    At a grid temperature T ≠ T₀ the draws (made at T₀) are reweighted by ``p_T(i)/p_T₀(i)`` from
+    the stored per-id log-probs (``--sample-logprobs``): ``importance="unbiased"`` keeps
+    ``E[w] = p_T`` (plain importance sampling; the weights need not sum to one per position, and
+    the gradient stays unbiased); ``"self-normalised"`` divides by their sum (a distribution per
+    position again, lower variance, biased by O(1/N)).
+    """
+
+    IMPORTANCE = ("unbiased", "self-normalised")
+
+    def __init__(self, store_kind: str, store_params: dict[str, Any], temperature: float,
+                 direction: str = "forward", importance: str = "unbiased", option: str = "--temperature"):
+        if direction != "forward":
+            raise DistillError("--direction reverse needs the teacher's probability wherever the student puts mass, "
+                               "and drawn targets know it only at the drawn ids (reverse KL of a sampled target is "
+                               "neither finite nor unbiased); use --direction forward, or a top-k store")
+        if importance not in self.IMPORTANCE:
+            raise DistillError(f"importance must be one of {', '.join(self.IMPORTANCE)}, got {importance!r}")
+        self.grid = GridTemperature.of_store(store_params, temperature, option)
+        self.temperature, self.importance = temperature, importance
+        self.hybrid = store_kind == "topk"
+        self.prefix = "tail_sample" if self.hybrid else "sample"
+        self.draws = store_params["tail_samples" if self.hybrid else "samples"]
+        reweight = self.grid.index != self.grid.cache_index
+        if reweight and not store_params.get("sample_logprobs"):
+            raise DistillError(f"{option} {temperature:g} differs from the temperature the store drew at "
+                               f"({self.grid.cache_temperature:g}) and the store holds no per-id log-probs to "
+                               f"reweight the draws; train at {self.grid.cache_temperature:g} or rerun stage one "
+                               "with --sample-logprobs")
+        self.reweight = reweight
+        drawn = (f"{self.prefix}_ids", f"{self.prefix}_counts") + ((f"{self.prefix}_logprobs",) if reweight else ())
+        head = ("topk_ids", "topk_logprobs", "tail_logmass") if self.hybrid else ()
+        self.fields = head + drawn + ("logsumexp",)
+
+    def positions(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(ids ``[P, S]`` int64, weights ``[P, S]`` float32): the estimated teacher probabilities at T
+        (0 at padding)."""
+        g, p = self.grid, self.prefix
+        weights = batch[f"{p}_counts"].float() / self.draws
+        if self.reweight:  # importance weights p_T(i) / p_T₀(i), exact from the stored log-probs
+            at_cache = batch[f"{p}_logprobs"].float()
+            at_t = retemper(batch[f"{p}_logprobs"], batch["logsumexp"], g.cache_temperature, g.cache_index, g.index,
+                            g.temperature)
+            weights = weights * (at_t - at_cache).exp()
+            if self.importance == "self-normalised":
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+        ids = batch[f"{p}_ids"]
+        if self.hybrid:
+            if self.reweight and self.importance == "unbiased":  # count/M estimates p_T₀(i)/m_T₀ on the tail
+                weights = weights * batch["tail_logmass"][..., g.cache_index, None].float().exp()
+            else:  # a distribution over the tail ids: scale it to the tail's exact mass at T
+                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+                weights = weights * batch["tail_logmass"][..., g.index, None].float().exp()
+            head = retemper(batch["topk_logprobs"], batch["logsumexp"], g.cache_temperature, g.cache_index, g.index,
+                            g.temperature).exp()
+            ids, weights = torch.cat([batch["topk_ids"], ids], -1), torch.cat([head, weights], -1)
+        s = ids.shape[-1]
+        # the last position of a row has no next token in it
+        return ids[:, :-1].reshape(-1, s), weights[:, :-1].reshape(-1, s)
+
+    def divergence(self, student_logprobs: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+        return sampled_kd(student_logprobs, ids, weights)
+
+
+def stored_teacher(store_kind: str, store_params: dict[str, Any], temperature: float, tail: str = "tail",
+                   direction: str = "forward", importance: str = "unbiased",
+                   option: str = "--temperature") -> TeacherSignal:
+    """The signal a store gives: draws (a ``sampled`` store, or a hybrid one under ``--tail tail``),
+    or the exact top-k with its tail treatment."""
+    if store_kind == "sampled" or (store_params.get("tail_samples") and tail == "tail"):
+        return StoredSampled(store_kind, store_params, temperature, direction, importance, option)
+    return StoredTopK(store_params, temperature, tail, direction, option)

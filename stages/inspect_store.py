@@ -49,6 +49,12 @@ def inspect_store(config: InspectConfig) -> dict:
         report |= {"teacher": params["teacher"], "top_k": params["top_k"], "temperature": params["temperature"],
                    "temperature_grid": params["temperature_grid"]}
         report |= distribution_report(store, config.max_rows)
+    draws = "sample" if store.kind == "sampled" else "tail_sample" if params.get("tail_samples") else None
+    if store.kind == "sampled":
+        report |= {"teacher": params["teacher"], "samples": params["samples"], "temperature": params["temperature"],
+                   "temperature_grid": params["temperature_grid"]}
+    if draws:
+        report |= draws_report(store, draws, config.max_rows)
     if config.verify:
         store.verify()  # raises DistillError naming the first bad shard
         report["verified_shards"] = len(store.shards)
@@ -89,4 +95,17 @@ def distribution_report(store, max_rows: int) -> dict:
         logit = t_cache * (arrays["target_logprob"][:, :-1].astype(np.float64) + lse[..., grid.index(t_cache)])
         out["teacher_loss_nats_T1"] = float(-(logit - lse[..., grid.index(1.0)]).mean())
     out["top1_is_target"] = float((arrays["topk_ids"][:, :-1, 0] == arrays["input_ids"][:, 1:]).mean())
+    return out
+
+
+def draws_report(store, prefix: str, max_rows: int) -> dict:
+    """Distinct drawn ids per position (what the store pays for) and, for a sampled store, how often
+    the true next token was among them, from the first rows."""
+    rows = store.rows if max_rows == 0 else min(max_rows, store.rows)
+    arrays = store.read_rows(0, rows)
+    counts = arrays[f"{prefix}_counts"][:, :-1]
+    out = {f"{prefix}_unique_ids_per_position": percentiles((counts > 0).sum(-1).reshape(-1).astype(np.float64))}
+    if prefix == "sample":
+        drawn = (arrays["sample_ids"][:, :-1] == arrays["input_ids"][:, 1:, None]) & (counts > 0)
+        out["target_drawn"] = float(drawn.any(-1).mean())
     return out

@@ -50,11 +50,12 @@ from pipeline.metrics import MetricsLog
 from pipeline.models import DTYPES, OutputHead, count_parameters, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.store import Store, open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
-from pipeline.teacher_signal import OnlineTeacher, StoredTopK, TeacherSignal
+from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal, stored_teacher
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
-                "tail", "direction", "teacher", "shuffle_chunks")
+                "tail", "direction", "importance", "teacher", "shuffle_chunks")
+ADDED_SINCE = {"importance": "unbiased"}  # resume-fixed options that older checkpoints do not record
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,11 @@ class TrainConfig:
     alpha: Optional[float] = option(None, "Weight of CE against the true tokens (default 0.5 when distilling, "
                                     "1 for a tokens store without --teacher).")
     temperature: float = option(1.0, "Distillation temperature T (offline: any temperature of the store's grid).")
-    tail: str = option("tail", "Sparse teacher support: 'renorm', 'tail' (exact residual bucket) or 'residual-label'.")
+    tail: str = option("tail", "Top-k teacher support: 'renorm', 'tail' (exact residual bucket; on a hybrid store, the "
+                       "tail mass spread over the drawn tail ids) or 'residual-label'.")
     direction: str = option("forward", "'forward' KL(teacher‖student) or 'reverse' KL(student‖teacher) (paper Eq. 1).")
+    importance: str = option("unbiased", "Drawn targets at a temperature other than the store's: 'unbiased' "
+                             "importance weights, or 'self-normalised' (lower variance, O(1/N) bias).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the store).")
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
@@ -110,6 +114,8 @@ class TrainConfig:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if self.tail not in TAIL_MODES:
             problems.append(f"tail must be one of {', '.join(TAIL_MODES)}, got {self.tail!r}")
+        if self.importance not in StoredSampled.IMPORTANCE:
+            problems.append(f"importance must be one of {', '.join(StoredSampled.IMPORTANCE)}, got {self.importance!r}")
         if self.direction not in DIRECTIONS:
             problems.append(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if self.init not in ("auto", "scratch", "teacher-layers"):
@@ -286,7 +292,8 @@ def setup(config: TrainConfig) -> Run | None:
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
     teacher: TeacherSignal | None = None
     if teacher_source == "store":
-        teacher = StoredTopK(train_store.params, config.temperature, config.tail, config.direction)
+        teacher = stored_teacher(train_store.kind, train_store.params, config.temperature, config.tail,
+                                 config.direction, config.importance)
 
     device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
     if device.type == "cuda":
@@ -351,9 +358,9 @@ def _claim_out(config: TrainConfig, out: Path, rank: int, world: int) -> Path | 
 
 def _teacher_source(config: TrainConfig, train_store: Store) -> tuple[str, float]:
     """Where the teacher comes from ('online', 'store' or 'none') and the resolved alpha."""
-    if train_store.kind not in ("tokens", "topk"):
+    if train_store.kind not in ("tokens", "topk", "sampled"):
         raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; stage two trains from 'topk' or 'tokens'")
-    teacher_source = "online" if config.teacher else ("store" if train_store.kind == "topk" else "none")
+    teacher_source = "online" if config.teacher else ("none" if train_store.kind == "tokens" else "store")
     alpha = config.alpha if config.alpha is not None else (1.0 if teacher_source == "none" else 0.5)
     if alpha < 1.0 and teacher_source == "none":
         raise DistillError(f"{config.train_store} is a tokens store: it holds no teacher predictions; run "
@@ -413,7 +420,8 @@ def _resume(resume_from: Path, config: TrainConfig, alpha: float, world: int, mo
     """Load a checkpoint into model, optimizer, scheduler and RNG; returns (epoch, offset, step, tokens seen)."""
     state, saved_config = checkpoint.load(resume_from)
     resolved = to_dict(config) | {"alpha": alpha}
-    changed = [k for k in RESUME_FIXED if saved_config["config"].get(k) != resolved.get(k)]
+    saved = ADDED_SINCE | saved_config["config"]  # an option newer than the checkpoint had its default then
+    changed = [k for k in RESUME_FIXED if saved.get(k) != resolved.get(k)]
     if saved_config.get("world_size", 1) != world:  # the global batch is micro × world rows
         changed.append(f"world size ({saved_config.get('world_size', 1)} processes, now {world})")
     if changed:
@@ -515,7 +523,8 @@ def finish(run: Run) -> Path:
     run.save_checkpoint(config.max_steps)
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
-             "tail": config.tail, "direction": config.direction}
+             "tail": config.tail, "direction": config.direction,
+             "teacher_signal": type(getattr(run.wrapped, "module", run.wrapped).teacher).__name__}
     if run.eval_store is not None:
         final.update(evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast))
     if run.device.type == "cuda":

@@ -36,6 +36,7 @@ from pipeline.errors import DistillError
 from pipeline.io import file_sha256
 from pipeline.models import WEIGHT_FILES, OutputHead, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
 from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
 
 @dataclass(frozen=True)
@@ -44,7 +45,15 @@ class TeacherConfig:
     out: str = option("", "Directory of the 'topk' store to write (or to continue).")
     teacher: str = option("data/models/teacher", "Local Hugging Face causal LM directory (with weights).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the tokens store).")
-    top_k: int = option(64, "Teacher predictions kept per position.")
+    kind: str = option("topk", "What is stored per position: 'topk' (the k largest predictions, exact tail mass) "
+                       "or 'sampled' (N draws from the teacher, stored as unique ids with counts: unbiased).")
+    top_k: int = option(64, "Teacher predictions kept per position (--kind topk).")
+    samples: int = option(50, "Draws per position from the teacher at T (--kind sampled).")
+    tail_samples: int = option(0, "Hybrid (--kind topk): also M draws per position from the teacher restricted to "
+                               "its tail (the non-kept ids, renormalised), so the tail mass is spread over real ids.")
+    sample_logprobs: bool = option(False, "Also store the teacher's log-prob of each drawn id (≈2 bytes per id), so "
+                                   "stage two can train at another grid temperature (importance weights).")
+    seed: int = option(0, "Seed of the draws: each (seed, row, position) draws the same ids in any job or rerun.")
     temperature: float = option(1.0, "Cache temperature T of the stored log-probs.")
     temperature_grid: tuple[float, ...] = option((1.0, 2.0), "Temperatures at which kept log-probs and tail "
                                                  "mass stay exactly recoverable (T is always added).")
@@ -68,8 +77,18 @@ class TeacherConfig:
 
     def __post_init__(self):
         problems = required(self, "tokens_store", "out")
+        if self.kind not in ("topk", "sampled"):
+            problems.append(f"kind must be topk or sampled, got {self.kind!r}")
         if self.top_k < 1:
             problems.append(f"top_k must be at least 1, got {self.top_k}")
+        if not 1 <= self.samples <= 65535:
+            problems.append(f"samples must be in [1, 65535], got {self.samples}")
+        if not 0 <= self.tail_samples <= 65535:
+            problems.append(f"tail_samples must be in [0, 65535], got {self.tail_samples}")
+        if self.kind == "sampled" and self.tail_samples:
+            problems.append("--tail-samples is for --kind topk (the hybrid); a sampled store draws --samples")
+        if self.sample_logprobs and self.kind == "topk" and not self.tail_samples:
+            problems.append("--sample-logprobs needs draws: --kind sampled, or --tail-samples M with --kind topk")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if not self.temperature_grid or any(not t > 0 for t in self.temperature_grid):
@@ -150,7 +169,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
     print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(job.done)} shards "
           f"({len(job.todo)} written now{rate})")
     try:
-        store_lib.merge_partial_indexes(out)
+        store_lib.merge_partial_indexes(out, config.kind)
     except DistillError as e:
         if config.num_shards == 1:
             raise
@@ -164,7 +183,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"])
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
     check_store_fits(tokens, "tokens store", tokenizer_hash=tok_hash)
-    if config.top_k > vocab:
+    if config.kind == "topk" and config.top_k > vocab:
         raise DistillError(f"--top-k {config.top_k} is larger than the vocabulary ({vocab} ids); lower it")
     teacher_dir = Path(config.teacher)
     if not has_weights(teacher_dir):
@@ -177,7 +196,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     n_rows = min(tokens.rows, config.max_rows) if config.max_rows else tokens.rows
     params = store_params(config, tokens, teacher_config.vocab_size, tok_hash, vocab, n_rows)
     out = Path(config.out)
-    decision = store_lib.existing_store(out, "topk", config.backend, params, config.overwrite)
+    decision = store_lib.existing_store(out, config.kind, config.backend, params, config.overwrite)
     if decision == "done":
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
         return None
@@ -191,15 +210,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
             if (out / e["name"]).exists()}
     todo = [j for j in range(config.shard_index, n_total, config.num_shards)
             if store_lib.shard_name(j, config.backend) not in done]
-    seq_len, k, n_grid = params["seq_len"], config.top_k, len(config.grid)
-    arrays = {
-        "input_ids": {"dtype": tokens.index["arrays"]["input_ids"]["dtype"], "shape": [seq_len]},
-        "topk_ids": {"dtype": store_lib.token_dtype(vocab).name, "shape": [seq_len, k]},
-        "topk_logprobs": {"dtype": config.logprob_dtype, "shape": [seq_len, k]},
-        "logsumexp": {"dtype": "float32", "shape": [seq_len, n_grid]},
-        "tail_logmass": {"dtype": "float32", "shape": [seq_len, n_grid]},
-        "target_logprob": {"dtype": "float32", "shape": [seq_len]},
-    }
+    arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"]["input_ids"]["dtype"], vocab)
     save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
                   {"params": params, "shards_planned": n_total})
 
@@ -211,10 +222,40 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
                       device, kernel)
 
 
+def stored_arrays(config: TeacherConfig, seq_len: int, input_dtype: str, vocab: int) -> dict[str, dict]:
+    """Each stored array's dtype and per-row shape (index.json's ``arrays``; docs/FORMAT.md)."""
+    n_grid, id_dtype = len(config.grid), store_lib.token_dtype(vocab).name
+    arrays = {"input_ids": {"dtype": input_dtype, "shape": [seq_len]}}
+    if config.kind == "topk":
+        k = config.top_k
+        arrays["topk_ids"] = {"dtype": id_dtype, "shape": [seq_len, k]}
+        arrays["topk_logprobs"] = {"dtype": config.logprob_dtype, "shape": [seq_len, k]}
+    draws = config.samples if config.kind == "sampled" else config.tail_samples
+    if draws:
+        prefix = "sample" if config.kind == "sampled" else "tail_sample"
+        arrays[f"{prefix}_ids"] = {"dtype": id_dtype, "shape": [seq_len, draws]}
+        arrays[f"{prefix}_counts"] = {"dtype": "uint8" if draws < 256 else "uint16", "shape": [seq_len, draws]}
+        if config.sample_logprobs:
+            arrays[f"{prefix}_logprobs"] = {"dtype": config.logprob_dtype, "shape": [seq_len, draws]}
+    arrays["logsumexp"] = {"dtype": "float32", "shape": [seq_len, n_grid]}
+    if config.kind == "topk":
+        arrays["tail_logmass"] = {"dtype": "float32", "shape": [seq_len, n_grid]}
+    arrays["target_logprob"] = {"dtype": "float32", "shape": [seq_len]}
+    return arrays
+
+
 def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: int, tok_hash: str, vocab: int,
                  n_rows: int) -> dict:
-    """What decides a topk store's content: a rerun with other params is refused, the same ones resume."""
-    return {
+    """What decides a store's content: a rerun with other params is refused, the same ones resume.
+    (The keys of draws appear only in stores that draw, so older top-k stores keep their params.)"""
+    draws = {}
+    if config.kind == "sampled":
+        draws = {"samples": config.samples}
+    elif config.tail_samples:
+        draws = {"tail_samples": config.tail_samples}
+    if draws:
+        draws |= {"seed": config.seed, "sample_logprobs": config.sample_logprobs}
+    return draws | {
         "teacher": str(Path(config.teacher)),
         "teacher_weights_sha256": weights_sha256(Path(config.teacher)),
         "teacher_vocab_size": teacher_rows,
@@ -222,7 +263,7 @@ def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: i
         "tokenizer_hash": tok_hash,
         "vocab_size": vocab,
         "seq_len": tokens.params["seq_len"],
-        "top_k": config.top_k,
+        **({"top_k": config.top_k} if config.kind == "topk" else {}),
         "temperature": config.temperature,
         "temperature_grid": list(config.grid),
         "dtype": config.dtype,
@@ -240,7 +281,7 @@ def write_shards(job: TeacherJob) -> tuple[int, float]:
     and renames shard j while the teacher computes shard j+1. The queue holds at most one finished
     shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds)."""
     config, out = job.config, job.out
-    seq_len, id_dtype = job.params["seq_len"], store_lib.token_dtype(job.vocab)
+    seq_len = job.params["seq_len"]
     jobs: queue.Queue = queue.Queue(maxsize=1)
     failure: list[BaseException] = []
 
@@ -262,7 +303,7 @@ def write_shards(job: TeacherJob) -> tuple[int, float]:
             for j in job.todo:
                 lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
                 input_ids = job.tokens.read_rows(lo, hi)["input_ids"]
-                arrays = teacher_shard(job.head, input_ids, config, config.grid, job.vocab, id_dtype, job.device,
+                arrays = teacher_shard(job.head, input_ids, lo, config, job.arrays, job.vocab, job.device,
                                        job.kernel, progress)
                 if failure:
                     raise failure[0]
@@ -276,20 +317,20 @@ def write_shards(job: TeacherJob) -> tuple[int, float]:
 
 
 @torch.no_grad()
-def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig, grid: tuple[float, ...],
-                  vocab: int, id_dtype: np.dtype, device: torch.device, kernel: str,
+def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, config: TeacherConfig,
+                  arrays: dict[str, dict], vocab: int, device: torch.device, kernel: str,
                   progress) -> dict[str, np.ndarray]:
-    """All stored arrays for one shard of rows ``input_ids [R, L]``."""
+    """All stored arrays (``arrays``: dtype and per-row shape of each) for one shard of rows
+    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws)."""
     rows, seq_len = input_ids.shape
-    k, n_grid = config.top_k, len(grid)
-    out = {
-        "input_ids": input_ids,
-        "topk_ids": np.empty((rows, seq_len, k), dtype=id_dtype),
-        "topk_logprobs": np.empty((rows, seq_len, k), dtype=np.dtype(config.logprob_dtype)),
-        "logsumexp": np.empty((rows, seq_len, n_grid), dtype=np.float32),
-        "tail_logmass": np.empty((rows, seq_len, n_grid), dtype=np.float32),
-        "target_logprob": np.empty((rows, seq_len), dtype=np.float32),
-    }
+    grid = config.grid
+    out = {name: np.empty((rows, *spec["shape"]), dtype=np.dtype(spec["dtype"]))
+           for name, spec in arrays.items() if name != "input_ids"}
+    out["input_ids"] = input_ids
+    draws = config.samples if config.kind == "sampled" else config.tail_samples
+    prefix = "sample" if config.kind == "sampled" else "tail_sample"
+    # top-k of 1 for a sampled store: only its log-sum-exp and target log-prob are kept
+    k = config.top_k if config.kind == "topk" else 1
     buffer = None
     for start in range(0, rows, config.batch_size):
         batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64)).to(device)
@@ -300,26 +341,32 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, config: TeacherConfig
         # Position t's target is token t+1; the last position has none in its row (it is the next
         # row's first token), so its target log-prob is stored as NaN.
         targets = torch.cat([batch[:, 1:], batch[:, :1]], dim=1).reshape(-1)
+        keys = position_keys(config.seed, torch.arange(first_row + start, first_row + start + b), seq_len)
+        keys = keys.reshape(-1).to(device)
         results: dict[str, list[torch.Tensor]] = {name: [] for name in out if name != "input_ids"}
         for p0 in range(0, b * seq_len, config.position_chunk):
-            logits = head.logits(hidden[p0:p0 + config.position_chunk], buffer)
+            chunk = slice(p0, p0 + config.position_chunk)
+            logits = head.logits(hidden[chunk], buffer)
             if logits.shape[-1] > vocab:  # padded output rows: drop them, but never silently
                 if (logits.argmax(dim=-1) >= vocab).any():
                     raise DistillError(f"the teacher's argmax fell on a padded output row (id >= {vocab}); "
                                        "its output rows do not match the tokenizer")
                 logits = logits[:, :vocab]
-            summary = sparse_teacher(logits, k, config.temperature, grid, targets[p0:p0 + config.position_chunk],
-                                     kernel)
-            for name, value in summary.items():
-                results[name].append(value)
+            summary = sparse_teacher(logits, k, config.temperature, grid, targets[chunk], kernel)
+            if draws:
+                exclude = summary["topk_ids"] if config.kind == "topk" else None
+                drawn = sample_teacher(logits, draws, config.temperature, keys[chunk], exclude, kernel)
+                summary[f"{prefix}_ids"], summary[f"{prefix}_counts"] = drawn["sample_ids"], drawn["sample_counts"]
+                if config.sample_logprobs:
+                    summary[f"{prefix}_logprobs"] = sampled_logprobs(logits, drawn["sample_ids"], config.temperature)
+            for name in results:
+                results[name].append(summary[name])
         view = slice(start, start + b)
-        out["topk_ids"][view] = _np(results["topk_ids"]).reshape(b, seq_len, k).astype(id_dtype)
-        out["topk_logprobs"][view] = _np(results["topk_logprobs"]).reshape(b, seq_len, k)
-        out["logsumexp"][view] = _np(results["logsumexp"]).reshape(b, seq_len, n_grid)
-        out["tail_logmass"][view] = _np(results["tail_logmass"]).reshape(b, seq_len, n_grid)
-        target = _np(results["target_logprob"]).reshape(b, seq_len)
-        target[:, -1] = np.nan
-        out["target_logprob"][view] = target
+        for name, parts in results.items():
+            value = _np(parts).reshape(b, *arrays[name]["shape"])
+            if name == "target_logprob":
+                value[:, -1] = np.nan
+            out[name][view] = value.astype(out[name].dtype)
         progress.update(b * seq_len)
     return out
 
