@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see the device tool): trains the shipped teacher and the
-# CE-only student reference with the project's loop, then measures stage one and stage two there.
+# One prepared run on a lent GPU machine (see the device tool), two parts, each written to $OUT as
+# it finishes:
+#   1. the quality benchmark (bench/quality.py): every teacher signal — CE, online, top-64 with
+#      each tail mode, sampled N = 50, two hybrids, T = 2 for online and the drawn stores — over
+#      3 seeds with the shipped teacher, 300 steps each, several runs at once on the one GPU;
+#   2. stage one and stage two at a realistic size (bench/realistic.py): a ~135M teacher and a ~23M
+#      student at a 32k vocabulary, built from configs.
+# zarr and its codecs are not on the machine's image: carry them as wheels in .whl (docs/BENCHMARKS.md).
 # Locally, a dry run on CPU with tiny sizes checks every step:  DRY=1 bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/distill-out}; mkdir -p "$OUT"
@@ -13,35 +19,19 @@ else
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+log() { echo "[$(date +%T)] $*"; }
 if [ "${DRY:-0}" = 1 ]; then
-  DEVICE=cpu; TEACHER_STEPS=3; STUDENT_STEPS=3; B1_ROWS=16; B1_BATCH=8; B2_STEPS=4; EXTRA="--eval-rows 16"
+  DEVICE=cpu; Q="--steps 3 --micro-batch-size 2 --seeds 0,1 --kl-rows 4 --parallel 2"; R="--tiny"; QT=900; RT=900
 else
-  DEVICE=cuda; TEACHER_STEPS=1500; STUDENT_STEPS=1500; B1_ROWS=2048; B1_BATCH=64; B2_STEPS=300; EXTRA=""
+  DEVICE=cuda; Q="--steps 300 --seeds 0,1,2 --parallel 11"; R=""; QT=${QUALITY_TIMEOUT:-330}; RT=${REALISTIC_TIMEOUT:-200}
   nvidia-smi --query-gpu=name,memory.total --format=csv
 fi
-log() { echo "[$(date +%T)] $*"; }
 
-log prepare
-$PY -m stages.cli prepare --input data/corpus/train.jsonl.gz --out "$W/tokens/train" | tail -1
-$PY -m stages.cli prepare --input data/corpus/heldout.jsonl.gz --out "$W/tokens/heldout" | tail -1
-
-for who in teacher student; do
-  steps=$([ $who = teacher ] && echo $TEACHER_STEPS || echo $STUDENT_STEPS)
-  log "train $who ($steps steps)"
-  timeout 240 $PY -m stages.cli student --config data/configs/$who-train.yaml --train-store "$W/tokens/train" \
-      --eval-store "$W/tokens/heldout" --out "$W/$who" --max-steps $steps --device $DEVICE $EXTRA 2>&1 \
-      | tr '\r' '\n' | grep -v '^train:' | tail -25
-  cp "$W/$who/metrics.json" "$W/$who/metrics.jsonl" "$W/$who/model/"
-  cp "$W/$who/config.json" "$W/$who/model/training_config.json"  # config.json there is the HF model config
-  # the tokenizer is data/tokenizer's; leaving it out keeps the archive under the 16 MB a file may bring back
-  tar -C "$W/$who/model" -cf "$OUT/$who.tar" --exclude 'tokenizer*' .
-  log "$who: $(cat $W/$who/metrics.json | tr -d '\n ')"
-done
-
-log "bench stage one"
-timeout 150 $PY bench/stage_one.py --teacher "$W/teacher/model" --device $DEVICE --rows $B1_ROWS \
-    --batch-size $B1_BATCH --out "$OUT/stage_one_gpu.json" 2>&1 | tr '\r' '\n' | grep -vE '^(teacher|prepare)' | tail -30
-log "bench stage two"
-timeout 200 $PY bench/stage_two.py --teacher "$W/teacher/model" --device $DEVICE --steps $B2_STEPS \
-    --work "$W/b2" --out "$OUT/stage_two_gpu.json" 2>&1 | tr '\r' '\n' | grep -vE '^(teacher|prepare|train)' | tail -40
+log "quality benchmark"
+timeout $QT $PY bench/quality.py --device $DEVICE $Q --work "$W/quality" --out "$OUT/quality_gpu.json" \
+    --modes ce,online,topk-renorm,topk-tail,topk-residual-label,sampled,hybrid-k8-m48,hybrid-k16-m32,online@t2,sampled@t2,hybrid-k8-m48@t2 \
+    2>&1 | grep -v "Loading weights" | tail -45
+log "realistic size"
+timeout $RT $PY bench/realistic.py --device $DEVICE $R --work "$W/realistic" --out-dir "$OUT" 2>&1 \
+    | tr '\r' '\n' | grep -vE '^(teacher|prepare|train|Loading)' | tail -40
 log done

@@ -5,13 +5,16 @@ Side by side in one process, alternating, medians over repeats (the machine is s
 - ``bare``: ``model(input_ids).logits`` over the same rows and batch size, nothing else;
 - ``stage one``: ``distill teacher`` end to end (chunked head, top-k, log-sum-exp at each grid
   temperature, exact tail, writer thread, compression, renames), loop time without model loading,
-  once per reduction kernel (``--kernels``: the fused CPU kernel and torch operations).
+  once per reduction kernel (``--kernels``: the fused CPU kernel and torch operations) and per
+  store (``--stores``: top-64, sampled N = 50, the hybrid top-8 + 48 tail draws).
 
 Each repeat runs bare, every kernel, then bare again; a ratio divides by the mean of that repeat's
 two bare runs, so drift in the machine's speed between repeats cancels. Shards hold
 ``--rows-per-shard`` rows (64 rows = 16k tokens: writes overlap the next shard's compute, as in a
 real run; tiny shards would mostly measure zarr's per-array overhead). Bytes per token are
-measured at k = 8, 32, 64 for both backends on the first ``--size-rows`` rows.
+measured at k = 8, 32, 64, for sampled stores (N = 50, with and without per-id log-probs; padded
+as stored, and what a ragged layout would take) and hybrid ones, for both backends on the first
+``--size-rows`` rows.
 
     python bench/stage_one.py --teacher data/models/teacher --rows 256 --repeats 5
 """
@@ -37,6 +40,31 @@ from stages.prepare import PrepareConfig, prepare
 from stages.teacher import TeacherConfig, run_teacher
 
 
+STORES = {
+    "topk8": {"top_k": 8}, "topk32": {"top_k": 32}, "topk64": {"top_k": 64},
+    "sampled50": {"kind": "sampled", "samples": 50},
+    "sampled50-logprobs": {"kind": "sampled", "samples": 50, "sample_logprobs": True},
+    "hybrid-k8-m48": {"top_k": 8, "tail_samples": 48}, "hybrid-k16-m32": {"top_k": 16, "tail_samples": 32},
+}
+
+
+def ragged_bytes(store) -> int:
+    """Bytes a ragged layout of a sampled store's draws would take, zstd-3 compressed like the store:
+    per position its number of distinct ids (uint8), then only the real ids and counts; the other
+    arrays as stored."""
+    import pyarrow as pa
+
+    codec, total = pa.Codec("zstd", 3), 0
+    for i in range(len(store.shards)):
+        arrays = store.read_shard(i)
+        counts, ids = arrays["sample_counts"], arrays["sample_ids"]
+        real = counts > 0
+        parts = [real.sum(-1).astype(np.uint8), ids[real], counts[real]]
+        parts += [v for k, v in arrays.items() if not k.startswith("sample_")]
+        total += sum(codec.compress(np.ascontiguousarray(p).tobytes(), asbytes=True).__len__() for p in parts)
+    return total
+
+
 def bare_forward(model, rows: np.ndarray, batch_size: int, device) -> float:
     """Seconds per token of the teacher's plain forward pass (full logits)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -54,6 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="data/models/teacher")
     parser.add_argument("--corpus", default="data/corpus/heldout.jsonl.gz")
+    parser.add_argument("--tokenizer", default="data/tokenizer")
+    parser.add_argument("--stores", default="topk64,sampled50", help="stores to time, comma-separated, of "
+                        + ", ".join(STORES))
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--size-rows", type=int, default=64)
@@ -69,43 +100,55 @@ def main() -> None:
 
     device = resolve_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    prepare(load_config(PrepareConfig, inputs=(args.corpus,), out=str(work / "tokens-all"), seq_len=256))
+    prepare(load_config(PrepareConfig, inputs=(args.corpus,), out=str(work / "tokens-all"), seq_len=256,
+                        tokenizer=args.tokenizer))
     tokens = open_store(work / "tokens-all")
     rows = tokens.read_rows(0, min(args.rows, tokens.rows))["input_ids"]  # stage one reads the same rows (--max-rows)
 
     model = load_model(args.teacher, args.dtype).to(device).eval()
 
-    def stage_one(k: int, backend: str, name: str, kernel: str, n_rows: int) -> tuple[float, float]:
+    def stage_one(store_kind: str, backend: str, name: str, kernel: str, n_rows: int,
+                  ragged: bool = False) -> tuple[float, float]:
         config = load_config(TeacherConfig, tokens_store=str(work / "tokens-all"), max_rows=n_rows, teacher=args.teacher,
-                             out=str(work / name), top_k=k, backend=backend, batch_size=args.batch_size,
+                             out=str(work / name), backend=backend, batch_size=args.batch_size,
                              device=str(device), dtype=args.dtype, rows_per_shard=min(args.rows_per_shard, n_rows),
-                             overwrite=True, kernel=kernel,
+                             overwrite=True, kernel=kernel, **STORES[store_kind],
                              **({"position_chunk": args.position_chunk} if args.position_chunk else {}))
         run = run_teacher(config)
         store = open_store(work / name)
+        tokens = store.rows * store.params["seq_len"]
+        size = (ragged_bytes(store) if ragged else store.index["bytes"]) / tokens
         shutil.rmtree(work / name)
-        return run.seconds / run.tokens, store.index["bytes"] / (store.rows * store.params["seq_len"])
+        return run.seconds / run.tokens, size
 
     kernels = [name for name in (args.kernels or ("native,torch" if device.type == "cpu" else "torch")).split(",") if name]
+    # "topk64" under each kernel keeps its old name (the kernel's), the other stores are "<kernel>/<store>"
+    timed = [(kernel, store) for store in args.stores.split(",") for kernel in kernels]
+    label = {(kernel, store): kernel if store == "topk64" else f"{kernel}/{store}" for kernel, store in timed}
     bare_forward(model, rows[: args.batch_size], args.batch_size, device)  # warm-up: allocator, threads
-    for kernel in kernels:  # warm-up: kernel build, zarr imports
-        stage_one(64, "zarr", "warm-up", kernel, args.batch_size)
-    bare, stage, ratio = [], {kernel: [] for kernel in kernels}, {kernel: [] for kernel in kernels}
+    for kernel, store in timed:  # warm-up: kernel build, zarr imports
+        stage_one(store, "zarr", "warm-up", kernel, args.batch_size)
+    bare, stage, ratio = [], {label[t]: [] for t in timed}, {label[t]: [] for t in timed}
     for repeat in range(args.repeats):
         before = bare_forward(model, rows, args.batch_size, device)
-        seconds = {kernel: stage_one(64, "zarr", f"timing-{repeat}-{kernel}", kernel, len(rows))[0] for kernel in kernels}
+        seconds = {label[(kernel, store)]: stage_one(store, "zarr", f"timing-{repeat}", kernel, len(rows))[0]
+                   for kernel, store in timed}
         after = bare_forward(model, rows, args.batch_size, device)
         base = (before + after) / 2
         bare.append(base)
-        for kernel in kernels:
-            stage[kernel].append(seconds[kernel])
-            ratio[kernel].append(seconds[kernel] / base)
+        for name, value in seconds.items():
+            stage[name].append(value)
+            ratio[name].append(value / base)
         print(f"repeat {repeat}: bare {base * 1e6:.1f} us/token, " + ", ".join(
-            f"{kernel} {seconds[kernel] * 1e6:.1f} ({seconds[kernel] / base:.3f})" for kernel in kernels), flush=True)
+            f"{name} {value * 1e6:.1f} ({value / base:.3f})" for name, value in seconds.items()), flush=True)
     sizes = {}
-    for backend in ("zarr", "arrow"):
-        for k in (8, 32, 64):
-            sizes[f"{backend}_k{k}"] = stage_one(k, backend, f"size-{backend}-{k}", kernels[0], args.size_rows)[1]
+    for backend in ("zarr", "arrow") if args.size_rows > 0 else ():  # --size-rows 0: timing only
+        for store in ("topk8", "topk32", "topk64", "sampled50", "sampled50-logprobs", "hybrid-k8-m48",
+                      "hybrid-k16-m32"):
+            name = f"{backend}_k{store[4:]}" if store.startswith("topk") else f"{backend}_{store}"
+            sizes[name] = stage_one(store, backend, f"size-{backend}-{store}", kernels[0], args.size_rows)[1]
+    if args.size_rows > 0:
+        sizes["ragged_sampled50"] = stage_one("sampled50", "zarr", "size-ragged", kernels[0], args.size_rows, True)[1]
 
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -118,8 +161,8 @@ def main() -> None:
         "position_chunk": args.position_chunk or TeacherConfig.__dataclass_fields__["position_chunk"].default,
         "repeats": args.repeats,
         "bare_forward_us_per_token_median": statistics.median(bare) * 1e6,
-        "stage_one_us_per_token_median": {kernel: statistics.median(stage[kernel]) * 1e6 for kernel in kernels},
-        "stage_one_over_bare_median": {kernel: statistics.median(ratio[kernel]) for kernel in kernels},
+        "stage_one_us_per_token_median": {name: statistics.median(v) * 1e6 for name, v in stage.items()},
+        "stage_one_over_bare_median": {name: statistics.median(v) for name, v in ratio.items()},
         "stage_one_over_bare_each": ratio,
         "bytes_per_token": sizes,
         "naive_int32_fp16_bytes_per_token_k64": 64 * 6,

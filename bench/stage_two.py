@@ -5,6 +5,8 @@ subprocess of its own (so peak RSS is that run's alone):
 
 - ``ce``: α = 1, cross-entropy only (the same-size-from-scratch baseline);
 - ``offline-<tail>``: α = 0.5 from the topk store, for each tail mode;
+- ``offline-sampled``, ``offline-hybrid``: α = 0.5 from a sampled store (N = 50) and from a hybrid one
+  (top-8 + 48 tail draws);
 - ``online``: α = 0.5 with the teacher in memory, full vocabulary.
 
 Step time is the median over steps after the first few (warm-up); ratios are taken between modes
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--student", default="data/models/student.json")
     parser.add_argument("--train-corpus", default="data/corpus/train.jsonl.gz")
     parser.add_argument("--heldout-corpus", default="data/corpus/heldout.jsonl.gz")
+    parser.add_argument("--tokenizer", default="data/tokenizer")
+    parser.add_argument("--lr", default="2e-3")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=64)
@@ -71,26 +75,37 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="distill-bench2-"))
     work.mkdir(parents=True, exist_ok=True)
     for split, corpus in (("train", args.train_corpus), ("heldout", args.heldout_corpus)):
-        prepare(load_config(PrepareConfig, inputs=(corpus,), out=str(work / f"tokens-{split}"), seq_len=256))
-    # Stage one over just the rows the runs will read.
+        prepare(load_config(PrepareConfig, inputs=(corpus,), out=str(work / f"tokens-{split}"), seq_len=256,
+                            tokenizer=args.tokenizer))
+    # Stage one over just the rows the runs will read, for each store the modes need.
     rows = args.steps * args.micro_batch_size
-    run_teacher(load_config(TeacherConfig, tokens_store=str(work / "tokens-train"), max_rows=rows,
-                            teacher=args.teacher, out=str(work / "topk"), top_k=args.top_k, device=args.device,
-                            batch_size=16))
+    modes_wanted = args.modes.split(",")
+    stores = {"topk": {"top_k": args.top_k}, "sampled": {"kind": "sampled", "samples": 50},
+              "hybrid": {"top_k": 8, "tail_samples": 48}}
+    for name, extra in stores.items():  # the topk store always: CE and online read the same rows from it
+        if name == "topk" or any(m.startswith("offline-") and (m.removeprefix("offline-") == name or name == "topk"
+                                            and m.removeprefix("offline-") in ("tail", "renorm", "residual-label"))
+               for m in modes_wanted):
+            run_teacher(load_config(TeacherConfig, tokens_store=str(work / "tokens-train"), max_rows=rows,
+                                    teacher=args.teacher, out=str(work / name), device=args.device, batch_size=16,
+                                    **extra))
 
-    common = ["--train-store", str(work / "topk"), "--eval-store", str(work / "tokens-heldout"),
+    common = ["--eval-store", str(work / "tokens-heldout"),
               "--model", args.student, "--max-steps", str(args.steps), "--micro-batch-size", str(args.micro_batch_size),
-              "--warmup-steps", str(max(1, args.steps // 10)), "--lr", "2e-3", "--eval-every", "0",
+              "--warmup-steps", str(max(1, args.steps // 10)), "--lr", args.lr, "--eval-every", "0",
               "--checkpoint-every", "0", "--log-every", "1", "--device", args.device, "--overwrite"]
+    topk = tokens = ["--train-store", str(work / "topk")]
     modes = {
-        "ce": ["--alpha", "1"],
-        "offline-tail": ["--alpha", "0.5", "--tail", "tail"],
-        "offline-renorm": ["--alpha", "0.5", "--tail", "renorm"],
-        "offline-residual-label": ["--alpha", "0.5", "--tail", "residual-label"],
-        "online": ["--alpha", "0.5", "--teacher", args.teacher],
+        "ce": tokens + ["--alpha", "1"],
+        "offline-tail": topk + ["--alpha", "0.5", "--tail", "tail"],
+        "offline-renorm": topk + ["--alpha", "0.5", "--tail", "renorm"],
+        "offline-residual-label": topk + ["--alpha", "0.5", "--tail", "residual-label"],
+        "offline-sampled": ["--train-store", str(work / "sampled"), "--alpha", "0.5"],
+        "offline-hybrid": ["--train-store", str(work / "hybrid"), "--alpha", "0.5"],
+        "online": tokens + ["--alpha", "0.5", "--teacher", args.teacher],
     }
     results = {}
-    for name in args.modes.split(","):
+    for name in modes_wanted:
         results[name] = run_mode(name, common + modes[name], work / "runs")
         print(name, json.dumps(results[name]), flush=True)
 
@@ -101,6 +116,12 @@ def main() -> None:
     if "online" in results and "offline-tail" in results:
         ratios["offline_kd_over_online_kd_step_time"] = (results["offline-tail"]["step_s_median"]
                                                          / results["online"]["step_s_median"])
+    for mode in ("offline-sampled", "offline-hybrid"):
+        if mode in results and "ce" in results:
+            ratios[f"{mode}_over_ce_step_time"] = results[mode]["step_s_median"] / results["ce"]["step_s_median"]
+        if mode in results and "online" in results:
+            ratios[f"{mode}_over_online_step_time"] = (results[mode]["step_s_median"]
+                                                      / results["online"]["step_s_median"])
     device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device.startswith("cuda") else "cpu"
     summary = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
