@@ -23,7 +23,9 @@ BACKEND     ?= zarr
 TOKENS      ?= $(RUN)/tokens/train
 EVAL_TOKENS ?= $(RUN)/tokens/heldout
 TEACHER     ?= data/models/teacher
-TOPK        ?= $(RUN)/topk
+STORE       ?= $(or $(TOPK),$(RUN)/store)
+KIND        ?= sampled
+SAMPLES     ?= 32
 TOP_K       ?= 64
 TEMPERATURE ?= 1
 GRID        ?= --temperature-grid 1 --temperature-grid 2
@@ -47,7 +49,7 @@ RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
 .PHONY: setup test test-slow demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
-        eval report pretrain-teacher pretrain-student bench clean
+        eval report pretrain-teacher pretrain-student bench bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -85,20 +87,21 @@ prepare: setup
 prepare-heldout: setup
 	$(DISTILL) prepare --input $(HELDOUT) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) --backend $(BACKEND) --out $(EVAL_TOKENS) $(PREPARE_ARGS)
 
-# ---- stage one: teacher once over the tokens -> topk store ----
+# ---- stage one: teacher once over the tokens -> a sampled (default) or topk store ----
+# (TOPK= still names the store's path, as before KIND existed)
 teacher: setup
-	$(DISTILL) teacher --tokens-store $(TOKENS) --teacher $(TEACHER) --out $(TOPK) --top-k $(TOP_K) \
-		--temperature $(TEMPERATURE) $(GRID) --backend $(BACKEND) --max-rows $(MAX_ROWS) $(TEACHER_ARGS)
+	$(DISTILL) teacher --tokens-store $(TOKENS) --teacher $(TEACHER) --out $(STORE) --kind $(KIND) --samples $(SAMPLES) \
+		--top-k $(TOP_K) --temperature $(TEMPERATURE) $(GRID) --backend $(BACKEND) --max-rows $(MAX_ROWS) $(TEACHER_ARGS)
 
-# ---- stage two: student from the topk store (no teacher in memory) ----
+# ---- stage two: student from the store (no teacher in memory) ----
 student: setup
-	$(DISTILL) student --train-store $(TOPK) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
+	$(DISTILL) student --train-store $(STORE) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
 		--alpha $(ALPHA) --temperature $(TEMPERATURE) --tail $(TAIL) --out $(STUDENT_OUT) --max-steps $(STEPS) \
 		--resume auto $(TRAIN_ARGS)
 
 # the same-size student without a teacher (alpha = 1), on the same rows
 student-ce: setup
-	$(DISTILL) student --train-store $(TOPK) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
+	$(DISTILL) student --train-store $(STORE) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
 		--alpha 1 --out $(CE_OUT) --max-steps $(STEPS) --resume auto $(TRAIN_ARGS)
 
 # The shipped teacher and the CE-only student reference (a lent H100 took ~1.5 min each; a 2-core
@@ -120,8 +123,18 @@ report: setup
 
 # Speed and size: results in bench/results/*.json, summarised in docs/BENCHMARKS.md.
 bench: setup
-	$(BIN)/python bench/stage_one.py --teacher $(TEACHER) --rows 256 --rows-per-shard 64 --repeats 9 --out bench/results/stage_one_cpu.json
-	$(BIN)/python bench/stage_two.py --teacher $(TEACHER) --steps 30 --out bench/results/stage_two_cpu.json
+	$(BIN)/python bench/stage_one.py --teacher $(TEACHER) --rows 256 --rows-per-shard 64 --repeats 5 --out bench/results/stage_one_cpu.json
+	$(BIN)/python bench/stage_two.py --teacher $(TEACHER) --steps 30 \
+		--modes ce,offline-tail,offline-sampled,offline-hybrid,online --out bench/results/stage_two_cpu.json
+	$(BIN)/python bench/loader.py --teacher $(TEACHER) --step-json bench/results/stage_two_cpu.json --out bench/results/loader_cpu.json
+
+# Which teacher signal recovers most of online distillation's gain over CE: every mode, 3 seeds,
+# 300 steps (about 2 hours on 2 cores: run it in the background). On a GPU: bench/gpu_session.sh.
+QUALITY_MODES ?= ce,online,topk-tail,topk-renorm,sampled-n32,hybrid-k4-m24,online@t2,sampled-n32@t2
+bench-quality: setup
+	$(BIN)/python bench/quality.py --teacher $(TEACHER) --steps 300 --seeds 0,1,2 --modes $(QUALITY_MODES) \
+		--out bench/results/quality_cpu.json
+	$(BIN)/python bench/quality.py --report bench/results/quality_cpu.json --figure docs/img/quality_cpu.png
 
 # The whole pipeline on the embedded default, on CPU in a few minutes: stage one over the first
 # DEMO_ROWS rows of the train split, distilled students at T = 1 and T = 2 and a CE-only one on
@@ -134,11 +147,12 @@ DEMO_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
 	EVAL_ARGS="--limit $(DEMO_LIMIT) --agreement $(RUN)/topk-heldout $(EVAL_ARGS)"
 demo: setup
 	$(MAKE) prepare prepare-heldout RUN=$(RUN)
-	$(MAKE) teacher RUN=$(RUN) MAX_ROWS=$(DEMO_ROWS)
-	$(MAKE) teacher RUN=$(RUN) TOKENS=$(EVAL_TOKENS) TOPK=$(RUN)/topk-heldout MAX_ROWS=128
-	$(MAKE) student RUN=$(RUN) TEMPERATURE=1 STUDENT_OUT=$(RUN)/student-kd-t1 $(DEMO_TRAIN)
-	$(MAKE) student RUN=$(RUN) TEMPERATURE=2 STUDENT_OUT=$(RUN)/student-kd-t2 $(DEMO_TRAIN)
-	$(MAKE) student-ce RUN=$(RUN) $(DEMO_TRAIN)
+	$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 MAX_ROWS=$(DEMO_ROWS)
+	$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 MAX_ROWS=$(DEMO_ROWS)
+	$(MAKE) teacher RUN=$(RUN) TOKENS=$(EVAL_TOKENS) STORE=$(RUN)/topk-heldout KIND=topk MAX_ROWS=128
+	$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 STUDENT_OUT=$(RUN)/student-kd-t1 $(DEMO_TRAIN)
+	$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 STUDENT_OUT=$(RUN)/student-kd-t2 $(DEMO_TRAIN)
+	$(MAKE) student-ce RUN=$(RUN) STORE=$(RUN)/store-t1 $(DEMO_TRAIN)
 	$(MAKE) eval RUN=$(RUN) MODEL=$(TEACHER) EVAL_OUT=$(RUN)/eval/1-teacher.json $(DEMO_EVAL)
 	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/student-kd-t1/model EVAL_OUT=$(RUN)/eval/2-student-kd-t1.json $(DEMO_EVAL)
 	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/student-kd-t2/model EVAL_OUT=$(RUN)/eval/3-student-kd-t2.json $(DEMO_EVAL)
@@ -147,7 +161,7 @@ demo: setup
 	@echo
 	@echo "demo done, everything under $(RUN)/:"
 	@echo "  tokens stores      $(TOKENS), $(EVAL_TOKENS)"
-	@echo "  teacher top-k      $(TOPK)        (.venv/bin/distill inspect $(TOPK))"
+	@echo "  teacher stores     $(RUN)/store-t1, $(RUN)/store-t2 (drawn at T = 1, 2; .venv/bin/distill inspect DIR)"
 	@echo "  students           $(RUN)/student-kd-t1/model, $(RUN)/student-kd-t2/model, $(CE_OUT)/model"
 	@echo "  evaluations        $(RUN)/eval/*.json"
 	@echo "  report             $(REPORT)/report.md (table) and $(REPORT)/*.png (figures)"

@@ -18,6 +18,7 @@ recovers, ``(CE − mode) / (CE − online)`` on seed means. Results are rewritt
 a long run commits partial results.
 
     python bench/quality.py --steps 300 --seeds 0,1,2 --out bench/results/quality_cpu.json
+    python bench/quality.py --report bench/results/quality_h200.json --figure docs/img/quality.png
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ def store_for(mode: str, top_k: int, samples: int, modes: list[str] = ()) -> tup
     if base in ("ce", "online"):
         return None
     if base.startswith("topk-"):
-        return f"topk{top_k}", ["--top-k", str(top_k)]
+        return f"topk{top_k}", ["--kind", "topk", "--top-k", str(top_k)]
     if base == "sampled" or base.startswith("sampled-n"):
         n = base.removeprefix("sampled-n") if base != "sampled" else str(samples)
         return f"sampled{n}", ["--kind", "sampled", "--samples", n, *logprobs]
     if base.startswith("hybrid-"):
         k, m = base.removeprefix("hybrid-k").split("-m")
-        return f"hybrid-k{k}-m{m}", ["--top-k", k, "--tail-samples", m, *logprobs]
+        return f"hybrid-k{k}-m{m}", ["--kind", "topk", "--top-k", k, "--tail-samples", m, *logprobs]
     raise SystemExit(f"unknown mode {mode!r}")
 
 
@@ -121,9 +122,58 @@ def summarise(runs: dict) -> dict:
     return modes
 
 
+def report(paths: list[str], figure: str) -> None:
+    """A Markdown table of one or more result files (runs of a mode pooled across files) and a
+    figure: held-out loss per mode, seeds as dots, CE and online as lines."""
+    runs: dict[str, dict] = {}
+    stores: dict[str, dict] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        stores |= data["stores"]
+        for mode, by_seed in data["runs"].items():
+            runs.setdefault(mode, {}).update(by_seed)
+    summary = summarise(runs)
+    # Step times are left out: the runs shared one GPU in parallel (bench/stage_two.py times modes alone).
+    print("| mode | bytes/token | held-out loss, mean (min–max) | KL(teacher‖student) | share of online's gain |")
+    print("| --- | --- | --- | --- | --- |")
+    for mode, m in summary.items():
+        if mode.startswith("_"):
+            continue
+        spec = store_for(mode, 64, 50, list(summary))
+        size = f"{stores[spec[0]]['bytes_per_token']:.0f}" if spec and spec[0] in stores else "–"
+        losses = [r["heldout_loss"] for r in runs[mode].values()]
+        print(f"| {mode} | {size} | {m['heldout_loss_mean']:.3f} ({min(losses):.3f}–{max(losses):.3f}) | "
+              f"{m['teacher_kl_mean']:.3f} | {100 * m['recovered_share']:.0f}% |")
+    print(f"\nonline's gain over CE {summary['_setup']['online_gain']:.3f} nats, "
+          f"{summary['_setup']['gain_over_spread']:.1f}× the larger seed spread of the two")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in summary if not m.startswith("_") and m not in ("ce", "online")]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for i, mode in enumerate(modes):
+        losses = [r["heldout_loss"] for r in runs[mode].values()]
+        ax.scatter([i] * len(losses), losses, color="tab:blue", s=18)
+        ax.scatter([i], [summary[mode]["heldout_loss_mean"]], color="black", marker="_", s=300)
+    for name, color in (("ce", "tab:red"), ("online", "tab:green")):
+        ax.axhline(summary[name]["heldout_loss_mean"], color=color, linestyle="--", label=f"{name} (mean)")
+    ax.set_xticks(range(len(modes)), modes, rotation=30, ha="right")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_title("Student held-out loss by teacher signal (dots: seeds; bar: mean)")
+    ax.legend()
+    fig.tight_layout()
+    Path(figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+
+
 def main() -> None:
     global ARGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report", nargs="+", default=None, help="Only print the table of these result files "
+                        "and draw --figure.")
+    parser.add_argument("--figure", default="docs/img/quality.png")
     parser.add_argument("--teacher", default="data/models/teacher")
     parser.add_argument("--student", default="data/models/student.json")
     parser.add_argument("--train-corpus", default="data/corpus/train.jsonl.gz")
@@ -141,6 +191,8 @@ def main() -> None:
     parser.add_argument("--work", default="")
     parser.add_argument("--out", default="bench/results/quality_cpu.json")
     ARGS = args = parser.parse_args()
+    if args.report:
+        return report(args.report, args.figure)
 
     from pipeline.models import load_model, resolve_device
     from pipeline.store import open_store

@@ -6,14 +6,15 @@ Side by side in one process, alternating, medians over repeats (the machine is s
 - ``stage one``: ``distill teacher`` end to end (chunked head, top-k, log-sum-exp at each grid
   temperature, exact tail, writer thread, compression, renames), loop time without model loading,
   once per reduction kernel (``--kernels``: the fused CPU kernel and torch operations) and per
-  store (``--stores``: top-64, sampled N = 50, the hybrid top-8 + 48 tail draws).
+  store (``--stores``: top-64, sampled N = 32 (the default store), N = 50, the hybrid top-4 + 24 tail
+  draws, …).
 
 Each repeat runs bare, every kernel, then bare again; a ratio divides by the mean of that repeat's
 two bare runs, so drift in the machine's speed between repeats cancels. Shards hold
 ``--rows-per-shard`` rows (64 rows = 16k tokens: writes overlap the next shard's compute, as in a
 real run; tiny shards would mostly measure zarr's per-array overhead). Bytes per token are
-measured at k = 8, 32, 64, for sampled stores (N = 50, with and without per-id log-probs; padded
-as stored, and what a ragged layout would take) and hybrid ones, for both backends on the first
+measured at k = 8, 32, 64, for sampled stores (N = 24, 32, 50, with and without per-id log-probs;
+padded as stored, and what a ragged layout would take) and hybrid ones, for both backends on the first
 ``--size-rows`` rows.
 
     python bench/stage_one.py --teacher data/models/teacher --rows 256 --repeats 5
@@ -41,10 +42,14 @@ from stages.teacher import TeacherConfig, run_teacher
 
 
 STORES = {
-    "topk8": {"top_k": 8}, "topk32": {"top_k": 32}, "topk64": {"top_k": 64},
+    "topk8": {"kind": "topk", "top_k": 8}, "topk32": {"kind": "topk", "top_k": 32},
+    "topk64": {"kind": "topk", "top_k": 64},
+    "sampled24": {"kind": "sampled", "samples": 24}, "sampled32": {"kind": "sampled", "samples": 32},
     "sampled50": {"kind": "sampled", "samples": 50},
     "sampled50-logprobs": {"kind": "sampled", "samples": 50, "sample_logprobs": True},
-    "hybrid-k8-m48": {"top_k": 8, "tail_samples": 48}, "hybrid-k16-m32": {"top_k": 16, "tail_samples": 32},
+    "hybrid-k8-m48": {"kind": "topk", "top_k": 8, "tail_samples": 48},
+    "hybrid-k16-m32": {"kind": "topk", "top_k": 16, "tail_samples": 32},
+    "hybrid-k4-m24": {"kind": "topk", "top_k": 4, "tail_samples": 24},
 }
 
 
@@ -83,7 +88,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="data/models/teacher")
     parser.add_argument("--corpus", default="data/corpus/heldout.jsonl.gz")
     parser.add_argument("--tokenizer", default="data/tokenizer")
-    parser.add_argument("--stores", default="topk64,sampled50", help="stores to time, comma-separated, of "
+    parser.add_argument("--stores", default="topk64,sampled32", help="stores to time, comma-separated, of "
                         + ", ".join(STORES))
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=64)
@@ -143,12 +148,12 @@ def main() -> None:
             f"{name} {value * 1e6:.1f} ({value / base:.3f})" for name, value in seconds.items()), flush=True)
     sizes = {}
     for backend in ("zarr", "arrow") if args.size_rows > 0 else ():  # --size-rows 0: timing only
-        for store in ("topk8", "topk32", "topk64", "sampled50", "sampled50-logprobs", "hybrid-k8-m48",
-                      "hybrid-k16-m32"):
+        for store in ("topk8", "topk32", "topk64", "sampled24", "sampled32", "sampled50", "sampled50-logprobs",
+                      "hybrid-k4-m24", "hybrid-k8-m48", "hybrid-k16-m32"):
             name = f"{backend}_k{store[4:]}" if store.startswith("topk") else f"{backend}_{store}"
             sizes[name] = stage_one(store, backend, f"size-{backend}-{store}", kernels[0], args.size_rows)[1]
-    if args.size_rows > 0:
-        sizes["ragged_sampled50"] = stage_one("sampled50", "zarr", "size-ragged", kernels[0], args.size_rows, True)[1]
+    for store in ("sampled32", "sampled50") if args.size_rows > 0 else ():
+        sizes[f"ragged_{store}"] = stage_one(store, "zarr", "size-ragged", kernels[0], args.size_rows, True)[1]
 
     result = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

@@ -5,8 +5,8 @@ subprocess of its own (so peak RSS is that run's alone):
 
 - ``ce``: α = 1, cross-entropy only (the same-size-from-scratch baseline);
 - ``offline-<tail>``: α = 0.5 from the topk store, for each tail mode;
-- ``offline-sampled``, ``offline-hybrid``: α = 0.5 from a sampled store (N = 50) and from a hybrid one
-  (top-8 + 48 tail draws);
+- ``offline-sampled``, ``offline-hybrid``: α = 0.5 from a sampled store (N = 32, the default) and from
+  a hybrid one (top-4 + 24 tail draws);
 - ``online``: α = 0.5 with the teacher in memory, full vocabulary.
 
 Step time is the median over steps after the first few (warm-up); ratios are taken between modes
@@ -80,8 +80,8 @@ def main() -> None:
     # Stage one over just the rows the runs will read, for each store the modes need.
     rows = args.steps * args.micro_batch_size
     modes_wanted = args.modes.split(",")
-    stores = {"topk": {"top_k": args.top_k}, "sampled": {"kind": "sampled", "samples": 50},
-              "hybrid": {"top_k": 8, "tail_samples": 48}}
+    stores = {"topk": {"kind": "topk", "top_k": args.top_k}, "sampled": {"kind": "sampled", "samples": 32},
+              "hybrid": {"kind": "topk", "top_k": 4, "tail_samples": 24}}
     for name, extra in stores.items():  # the topk store always: CE and online read the same rows from it
         if name == "topk" or any(m.startswith("offline-") and (m.removeprefix("offline-") == name or name == "topk"
                                             and m.removeprefix("offline-") in ("tail", "renorm", "residual-label"))

@@ -45,10 +45,11 @@ class TeacherConfig:
     out: str = option("", "Directory of the 'topk' store to write (or to continue).")
     teacher: str = option("data/models/teacher", "Local Hugging Face causal LM directory (with weights).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the tokens store).")
-    kind: str = option("topk", "What is stored per position: 'topk' (the k largest predictions, exact tail mass) "
-                       "or 'sampled' (N draws from the teacher, stored as unique ids with counts: unbiased).")
+    kind: str = option("sampled", "What is stored per position: 'sampled' (N draws from the teacher, stored as "
+                       "unique ids with counts: an unbiased target, docs/BENCHMARKS.md) or 'topk' (the k largest "
+                       "predictions and the exact tail mass; what eval's agreement task reads).")
     top_k: int = option(64, "Teacher predictions kept per position (--kind topk).")
-    samples: int = option(50, "Draws per position from the teacher at T (--kind sampled).")
+    samples: int = option(32, "Draws per position from the teacher at T (--kind sampled).")
     tail_samples: int = option(0, "Hybrid (--kind topk): also M draws per position from the teacher restricted to "
                                "its tail (the non-kept ids, renormalised), so the tail mass is spread over real ids.")
     sample_logprobs: bool = option(False, "Also store the teacher's log-prob of each drawn id (≈2 bytes per id), so "

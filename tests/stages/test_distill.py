@@ -30,7 +30,7 @@ def stage1(tmp_path_factory):
         assert result.exit_code == 0, result.output
     make_teacher(root / "teacher")
     result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
-                     root / "topk", "--top-k", "16", "--rows-per-shard", "40", "--chunk-rows", "8")
+                     root / "topk", "--kind", "topk", "--top-k", "16", "--rows-per-shard", "40", "--chunk-rows", "8")
     assert result.exit_code == 0, result.output
     student = json.loads((root / "teacher" / "config.json").read_text())
     student = {k: v for k, v in student.items() if k not in ("architectures", "dtype", "transformers_version")}
@@ -50,7 +50,7 @@ def test_k_equal_vocab_offline_equals_online(stage1, tmp_path):
     online full-vocabulary loss."""
     make_teacher(tmp_path / "teacher", scale=8.0)  # logits of a trained LM's spread
     result = run_cli("teacher", "--tokens-store", stage1 / "tokens", "--teacher", tmp_path / "teacher", "--out",
-                     tmp_path / "full", "--top-k", "8192", "--logprob-dtype", "float32", "--rows-per-shard", "8",
+                     tmp_path / "full", "--kind", "topk", "--top-k", "8192", "--logprob-dtype", "float32", "--rows-per-shard", "8",
                      "--temperature-grid", "1", "--temperature-grid", "2")
     assert result.exit_code == 0, result.output
     batch = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind == "u" else v)
@@ -249,7 +249,7 @@ def test_reverse_kd_at_small_temperature_trains_a_finite_model(stage1, tmp_path)
     one step of reverse KD logs the loss a float64 reference gives, and saves a finite model."""
     make_teacher(tmp_path / "peaked", scale=150.0)
     result = run_cli("teacher", "--tokens-store", stage1 / "tokens", "--teacher", tmp_path / "peaked", "--out",
-                     tmp_path / "top4", "--top-k", "4", "--logprob-dtype", "float32", "--max-rows", "16",
+                     tmp_path / "top4", "--kind", "topk", "--top-k", "4", "--logprob-dtype", "float32", "--max-rows", "16",
                      "--temperature-grid", "1", "--temperature-grid", "0.25", "--temperature-grid", "0.1")
     assert result.exit_code == 0, result.output
     store = open_store(tmp_path / "top4")

@@ -137,7 +137,7 @@ def test_teacher_agreement_with_its_own_store(model_dir, tmp_path):
     assert run_cli("prepare", "--input", corpus, "--out", tmp_path / "tokens", "--tokenizer", TOKENIZER,
                    "--seq-len", "16").exit_code == 0
     result = run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", model_dir, "--out", tmp_path / "topk",
-                     "--top-k", "8", "--logprob-dtype", "float32")
+                     "--kind", "topk", "--top-k", "8", "--logprob-dtype", "float32")
     assert result.exit_code == 0, result.output
     same, _ = run_eval(model_dir, tmp_path / "same.json", "--tasks", "agreement", "--agreement", tmp_path / "topk")
     assert same["tasks"]["agreement"]["top1"] == 1.0

@@ -27,7 +27,7 @@ def root(tmp_path_factory, heldout_docs):
     (root / "student.json").write_text(json.dumps(student | {"hidden_size": 16, "intermediate_size": 32,
                                                              "num_hidden_layers": 1}))
     for name, flags in (("sampled", ["--kind", "sampled", "--samples", "50", "--sample-logprobs"]),
-                        ("hybrid", ["--top-k", "8", "--tail-samples", "24"])):
+                        ("hybrid", ["--kind", "topk", "--top-k", "8", "--tail-samples", "24"])):
         result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
                          root / name, "--rows-per-shard", "16", "--chunk-rows", "8", "--max-rows", "48", *flags)
         assert result.exit_code == 0, result.output

@@ -30,7 +30,8 @@ def setup(tmp_path_factory):
 
 def teacher_args(setup, out, *extra):
     return ["teacher", "--tokens-store", setup / "tokens", "--teacher", setup / "teacher", "--out", out,
-            "--top-k", "16", "--rows-per-shard", "12", "--batch-size", "5", "--position-chunk", "37", *map(str, extra)]
+            "--kind", "topk", "--top-k", "16", "--rows-per-shard", "12", "--batch-size", "5", "--position-chunk", "37",
+            *map(str, extra)]
 
 
 def reference(setup, rows):

@@ -1,0 +1,103 @@
+"""Loader benchmark: how many tokens per second stage two's loader delivers on its own, with 0, 1
+and 2 worker processes, against how many a training step consumes.
+
+For each store (a top-64 store and a sampled one, reading the arrays their teacher signal needs),
+the loader runs alone over ``--batches`` batches of 16 rows × 256 tokens after a warm-up, seeded
+as a training run is; tokens/s is the median of ``--repeats``. The ratio divides it by what a step
+of the mode that reads that store consumes (``tokens per step ÷ median step time``, taken from a
+``bench/stage_two.py`` result of the same machine), so ≥ 10 means the loader is never what a step
+waits on. For a GPU, ``--gpu-json`` (a stage-two result from a lent GPU) gives the consumption rate
+a GPU run needs, and so the workers (each as fast as one here) it would take to keep up.
+
+    python bench/loader.py --step-json bench/results/stage_two_cpu.json --out bench/results/loader_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import load_config
+from pipeline.loader import Loader
+from pipeline.store import open_store
+from pipeline.teacher_signal import stored_teacher
+from stages.prepare import PrepareConfig, prepare
+from stages.teacher import TeacherConfig, run_teacher
+
+STORES = {"topk64": ({"kind": "topk", "top_k": 64}, "offline-tail"),
+          "sampled32": ({"kind": "sampled", "samples": 32}, "offline-sampled")}
+
+
+def loader_rate(store, fields: tuple[str, ...], workers: int, batches: int) -> float:
+    """Tokens per second of the loader alone over ``batches`` batches after 4 of warm-up."""
+    loader = Loader(store, 16, seed=0, workers=workers, fields=fields)
+    try:
+        for _ in range(4):
+            next(loader)
+        started = time.perf_counter()
+        for _ in range(batches):
+            batch = next(loader)
+        seconds = time.perf_counter() - started
+    finally:
+        loader.close()
+    return batches * batch["input_ids"].numel() / seconds
+
+
+def consumption(result_json: str | None, mode: str) -> float | None:
+    """Tokens per second a training step of ``mode`` consumes in a stage-two result file."""
+    if not result_json or not Path(result_json).exists():
+        return None
+    data = json.loads(Path(result_json).read_text())
+    step = data["modes"].get(mode) or data["modes"].get("offline-tail")
+    return data["micro_batch_size"] * data["seq_len"] / step["step_s_median"] if step else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="data/models/teacher")
+    parser.add_argument("--corpus", default="data/corpus/heldout.jsonl.gz")
+    parser.add_argument("--rows", type=int, default=512)
+    parser.add_argument("--batches", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--step-json", default="bench/results/stage_two_cpu.json")
+    parser.add_argument("--gpu-json", default="bench/results/stage_two_h200_realistic.json")
+    parser.add_argument("--out", default="bench/results/loader_cpu.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="distill-bench-loader-"))
+    prepare(load_config(PrepareConfig, inputs=(args.corpus,), out=str(work / "tokens"), seq_len=256))
+    results = {}
+    for name, (extra, mode) in STORES.items():
+        run_teacher(load_config(TeacherConfig, tokens_store=str(work / "tokens"), max_rows=args.rows,
+                                teacher=args.teacher, out=str(work / name), **extra))
+        store = open_store(work / name)
+        signal = stored_teacher(store.kind, store.params, 1.0)
+        fields = ("input_ids", *signal.fields)
+        rates = {}
+        for workers in (int(w) for w in args.workers.split(",")):
+            rates[workers] = statistics.median(loader_rate(store, fields, workers, args.batches)
+                                               for _ in range(args.repeats))
+            print(f"{name}: {workers} workers, {rates[workers]:.0f} tokens/s", flush=True)
+        cpu_need, gpu_need = consumption(args.step_json, mode), consumption(args.gpu_json, mode)
+        one_worker = rates.get(1) or max(rates.values())
+        results[name] = {
+            "fields": list(fields),
+            "loader_tokens_per_s": {str(w): r for w, r in rates.items()},
+            "cpu_step_tokens_per_s": cpu_need,
+            "loader_over_cpu_step": {str(w): r / cpu_need for w, r in rates.items()} if cpu_need else None,
+            "gpu_step_tokens_per_s": gpu_need,
+            "gpu_workers_to_keep_up": math.ceil(gpu_need / one_worker) if gpu_need else None,
+        }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": args.rows, "batch": [16, 256], "stores": results}, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
