@@ -2,7 +2,7 @@
 # One prepared run on a lent GPU machine (see the device tool), two parts, each written to $OUT as
 # it finishes:
 #   1. the quality benchmark (bench/quality.py): every teacher signal — CE, online, top-64 with
-#      each tail mode, sampled N = 50, two hybrids, T = 2 for online and the drawn stores — over
+#      each tail mode, sampled N = 32 (the default) and 50, two hybrids, T = 2 for online and N = 32 — over
 #      3 seeds with the shipped teacher, 300 steps each, several runs at once on the one GPU;
 #   2. stage one and stage two at a realistic size (bench/realistic.py): a ~135M teacher and a ~23M
 #      student at a 32k vocabulary, built from configs.
@@ -29,7 +29,7 @@ fi
 
 log "quality benchmark"
 timeout $QT $PY bench/quality.py --device $DEVICE $Q --work "$W/quality" --out "$OUT/quality_gpu.json" \
-    --modes ce,online,topk-renorm,topk-tail,topk-residual-label,sampled,hybrid-k8-m48,hybrid-k16-m32,online@t2,sampled@t2,hybrid-k8-m48@t2 \
+    --modes ce,online,topk-renorm,topk-tail,topk-residual-label,sampled-n32,sampled,hybrid-k4-m24,hybrid-k16-m32,online@t2,sampled-n32@t2 \
     2>&1 | grep -v "Loading weights" | tail -45
 log "realistic size"
 timeout $RT $PY bench/realistic.py --device $DEVICE $R --work "$W/realistic" --out-dir "$OUT" 2>&1 \

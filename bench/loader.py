@@ -2,8 +2,8 @@
 and 2 worker processes, against how many a training step consumes.
 
 For each store (a top-64 store and a sampled one, reading the arrays their teacher signal needs),
-the loader runs alone over ``--batches`` batches of 16 rows × 256 tokens after a warm-up, seeded
-as a training run is; tokens/s is the median of ``--repeats``. The ratio divides it by what a step
+the loader runs alone over ``--epochs`` whole epochs of 16-row batches (so every store chunk is
+decoded ``--epochs`` times inside the timed window), seeded as a training run is; tokens/s is the median of ``--repeats``. The ratio divides it by what a step
 of the mode that reads that store consumes (``tokens per step ÷ median step time``, taken from a
 ``bench/stage_two.py`` result of the same machine), so ≥ 10 means the loader is never what a step
 waits on. For a GPU, ``--gpu-json`` (a stage-two result from a lent GPU) gives the consumption rate
@@ -33,12 +33,13 @@ STORES = {"topk64": ({"kind": "topk", "top_k": 64}, "offline-tail"),
           "sampled32": ({"kind": "sampled", "samples": 32}, "offline-sampled")}
 
 
-def loader_rate(store, fields: tuple[str, ...], workers: int, batches: int) -> float:
-    """Tokens per second of the loader alone over ``batches`` batches after 4 of warm-up."""
+def loader_rate(store, fields: tuple[str, ...], workers: int, epochs: int) -> float:
+    """Tokens per second of the loader alone over ``epochs`` whole epochs, after one batch that
+    starts the workers (a run pays that once)."""
+    batches = epochs * (store.rows // 16)
     loader = Loader(store, 16, seed=0, workers=workers, fields=fields)
     try:
-        for _ in range(4):
-            next(loader)
+        next(loader)
         started = time.perf_counter()
         for _ in range(batches):
             batch = next(loader)
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="data/models/teacher")
     parser.add_argument("--corpus", default="data/corpus/heldout.jsonl.gz")
     parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--batches", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--step-json", default="bench/results/stage_two_cpu.json")
@@ -81,7 +82,7 @@ def main() -> None:
         fields = ("input_ids", *signal.fields)
         rates = {}
         for workers in (int(w) for w in args.workers.split(",")):
-            rates[workers] = statistics.median(loader_rate(store, fields, workers, args.batches)
+            rates[workers] = statistics.median(loader_rate(store, fields, workers, args.epochs)
                                                for _ in range(args.repeats))
             print(f"{name}: {workers} workers, {rates[workers]:.0f} tokens/s", flush=True)
         cpu_need, gpu_need = consumption(args.step_json, mode), consumption(args.gpu_json, mode)

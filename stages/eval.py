@@ -355,8 +355,8 @@ def training_facts(model_dir: Path) -> dict[str, Any]:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError:
                 continue
-            keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "tokens", "step",
-                    "heldout_loss", "heldout_ppl")
+            keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "teacher_signal", "tokens",
+                    "step", "heldout_loss", "heldout_ppl")
             return {k: data[k] for k in keep if k in data}
     return {}
 

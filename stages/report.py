@@ -68,8 +68,11 @@ def training_label(run: dict[str, Any]) -> tuple[str, str]:
         return "given", "–"
     if t.get("alpha", 1.0) >= 1.0 or t.get("teacher_source") == "none":
         return "cross-entropy", "–"
+    temperature = f"{t.get('temperature', 1.0):g}"
+    if t.get("teacher_signal") == "StoredSampled":  # drawn targets: no tail treatment to name
+        return f"distilled (α={t['alpha']:g}, sampled store)", temperature
     source = "online" if t.get("teacher_source") == "online" else "top-k store"
-    return f"distilled (α={t['alpha']:g}, {t.get('tail', 'tail')}, {source})", f"{t.get('temperature', 1.0):g}"
+    return f"distilled (α={t['alpha']:g}, {t.get('tail', 'tail')}, {source})", temperature
 
 
 def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool]]:

@@ -189,6 +189,9 @@ def test_report_table_and_figures(tmp_path):
         fake_run("student-t2", 1_840_256, {"alpha": 0.5, "teacher_source": "store", "temperature": 2.0, "tail": "tail"},
                  {"heldout": {"ppl": 150.0, "bits_per_byte": 1.6}, "lambada": {"acc": 0.1, "ppl": 900.0},
                   "agreement": {"top1": 0.41, "kl": 0.9}}),
+        fake_run("student-drawn", 1_840_256, {"alpha": 0.5, "teacher_source": "store", "temperature": 1.0,
+                                              "tail": "tail", "teacher_signal": "StoredSampled"},
+                 {"heldout": {"ppl": 140.0, "bits_per_byte": 1.58}}),
     ]
     paths = []
     for r in runs:
@@ -201,12 +204,13 @@ def test_report_table_and_figures(tmp_path):
     assert rows[0].split(" | ")[4:7] == ["held-out ppl ↓", "bits/byte ↓", "LAMBADA acc ↑"]
     assert rows[1].startswith("| teacher | 6.84M | cross-entropy | – | 110.34 | 1.510 | 23.4 | 351.20 |")
     assert "| student-t2 | 1.84M | distilled (α=0.5, tail, top-k store) | 2 | 150.00 |" in rows[2]
+    assert "| student-drawn | 1.84M | distilled (α=0.5, sampled store) | 1 | 140.00 |" in rows[3]
     assert rows[1].endswith("| 0.0 | 12.5 |") and rows[2].endswith("| – | – |")  # NQ 0-shot, 1-shot
     for figure in ("completion.png", "perplexity.png", "qa.png", "agreement.png"):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({figure})" in md
     combined = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert [r["name"] for r in combined["runs"]] == ["teacher", "student-t2"]
+    assert [r["name"] for r in combined["runs"]] == ["teacher", "student-t2", "student-drawn"]
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert "not a `distill eval` result" in one_line_error(run_cli("report", bad, "--out", tmp_path / "r2"))

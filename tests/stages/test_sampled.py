@@ -86,6 +86,9 @@ def test_array_jobs_draw_what_one_job_draws(root, tmp_path):
     hashes = lambda path: [s["sha256"] for s in open_store(path).shards]  # noqa: E731
     assert hashes(tmp_path / "split") == hashes(root / "sampled")
     assert open_store(tmp_path / "split").kind == "sampled"
+    (tmp_path / "split" / "index.json").unlink()  # distill merge alone tells the kind from the arrays
+    assert run_cli("merge", tmp_path / "split").exit_code == 0
+    assert open_store(tmp_path / "split").kind == "sampled" and hashes(tmp_path / "split") == hashes(root / "sampled")
 
 
 def train_args(root, store, out, *extra):
