@@ -7,14 +7,13 @@ One small interface, :class:`TeacherSignal`, with one class per way of having a 
   :func:`pipeline.losses.sparse_kd`. The teacher's weights are never loaded.
 - :class:`OnlineTeacher`: the teacher in memory, full vocabulary, compared with
   :func:`pipeline.losses.dense_kd` — the baseline offline distillation is measured against.
-
 - :class:`StoredSampled`: draws from the teacher — a ``sampled`` store (unique ids with counts) or
   the hybrid (exact top-k plus draws from the tail) — compared with :func:`pipeline.losses.sampled_kd`.
 
 :func:`stored_teacher` picks the class a store calls for. A new kind of teacher is a new class
 with the same three members, not a new branch in the training step.
 
-Both split the work in two so that the caller can run the student's output head in chunks of
+Each splits the work in two so that the caller can run the student's output head in chunks of
 positions: :meth:`~TeacherSignal.positions` turns a batch into per-position tensors (leading dim
 ``P = B·(L−1)``, the positions that have a next token), which the caller slices into chunks; then
 :meth:`~TeacherSignal.divergence` compares one chunk with the student's log-probs at T.
@@ -171,15 +170,16 @@ class StoredSampled:
             at_t = retemper(batch[f"{p}_logprobs"], batch["logsumexp"], g.cache_temperature, g.cache_index, g.index,
                             g.temperature)
             weights = weights * (at_t - at_cache).exp()
-            if self.importance == "self-normalised":
-                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
         ids = batch[f"{p}_ids"]
+        unbiased = self.reweight and self.importance == "unbiased"
+        normalised = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
+        if self.hybrid and unbiased:  # count/M · p_T/p_T₀ estimates p_T(i)/m_T₀ on the tail
+            weights = weights * batch["tail_logmass"][..., g.cache_index, None].float().exp()
+        elif self.hybrid:  # a distribution over the drawn tail ids, scaled to the tail's exact mass at T
+            weights = normalised * batch["tail_logmass"][..., g.index, None].float().exp()
+        elif self.reweight and not unbiased:
+            weights = normalised
         if self.hybrid:
-            if self.reweight and self.importance == "unbiased":  # count/M estimates p_T₀(i)/m_T₀ on the tail
-                weights = weights * batch["tail_logmass"][..., g.cache_index, None].float().exp()
-            else:  # a distribution over the tail ids: scale it to the tail's exact mass at T
-                weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
-                weights = weights * batch["tail_logmass"][..., g.index, None].float().exp()
             head = retemper(batch["topk_logprobs"], batch["logsumexp"], g.cache_temperature, g.cache_index, g.index,
                             g.temperature).exp()
             ids, weights = torch.cat([batch["topk_ids"], ids], -1), torch.cat([head, weights], -1)

@@ -192,3 +192,33 @@ def test_a_true_zero_teacher_bucket_keeps_every_mode_finite(tail, direction):
         q_support = q[:, :K] / q[:, :K].sum(-1, keepdim=True)
         want = kl(q_support, p[:, :K])
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.1])
+def test_sampled_kd_equals_dense_reference(t):
+    """``sampled_kd`` against float64: with every id and its exact probability it is the full KL;
+    with a sparse weight vector (padding included, Σw ≠ 1) its value is Σ w·log(w/q) and its logit
+    gradient (Σw)·q − w (before the 1/T)."""
+    from pipeline.losses import sampled_kd
+
+    g = torch.Generator().manual_seed(8)
+    teacher = torch.randn(P, V, generator=g, dtype=torch.float64) * 3
+    student = (torch.randn(P, V, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    q = torch.log_softmax(student.float() / t, -1)
+    p = torch.softmax(teacher / t, -1)
+    every = torch.arange(V).expand(P, V)
+    torch.testing.assert_close(sampled_kd(q, every, p).double(), kl(p, torch.softmax(student / t, -1)),
+                               rtol=1e-5, atol=1e-5)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(P)])
+    ids[:, -1] = 0  # a padding slot (weight 0) on id 0
+    w = torch.rand(P, K, generator=g, dtype=torch.float64)
+    w[:, -1] = 0
+    got = sampled_kd(torch.log_softmax(student.float() / t, -1), ids, w)
+    logits = (student / t).detach().requires_grad_()
+    q64 = torch.log_softmax(logits, -1).gather(-1, ids)
+    want = torch.where(w > 0, w * (w.clamp_min(1e-300).log() - q64), torch.zeros_like(w)).sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.sum(), student)
+    expected = (w.sum(-1, keepdim=True) * torch.softmax(student / t, -1)
+                - torch.zeros(P, V, dtype=torch.float64).scatter_add(-1, ids, w)) / t
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5)

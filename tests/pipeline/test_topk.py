@@ -210,3 +210,25 @@ def test_missing_compiler_is_reported(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     function, why = native.build(native.FLAGS + ("-DTEST_UNIQUE_KEY",))
     assert function is None and "/nonexistent/cc" in why
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("k", [1, 4096])
+@pytest.mark.parametrize("temperature", [1.0, 0.1])
+def test_k_extremes_at_low_temperature_match_float64(kernel, k, temperature):
+    """k = 1 and k = V on a confident teacher at T = 1 and 0.1: kept log-probs, log-sum-exps and
+    tails (finite for k = 1, −inf for k = V) as a dense float64 reference gives them."""
+    logits = lm_like_logits(32, 4096, seed=5, scale=6.0)
+    grid = tuple(sorted({1.0, temperature}))
+    got = sparse_teacher(logits, k, temperature, grid, kernel=kernel)
+    ref = dense_reference(logits, k, temperature, grid)
+    if k == 1:
+        assert torch.isfinite(got["tail_logmass"]).all()
+        torch.testing.assert_close(got["tail_logmass"].double(), ref["tail_logmass"], rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.isneginf(got["tail_logmass"]).all()
+    torch.testing.assert_close(got["logsumexp"].double(), ref["logsumexp"], rtol=1e-6, atol=1e-4)
+    kept = logits.gather(-1, got["topk_ids"])
+    assert torch.equal(kept, logits.gather(-1, ref["topk_ids"]))
+    torch.testing.assert_close(got["topk_logprobs"].double(), ref["logprobs"].gather(-1, got["topk_ids"]),
+                               rtol=0, atol=2e-5 / temperature)
