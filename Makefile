@@ -48,7 +48,7 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-slow demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
+.PHONY: setup test test-faults test-slow demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
         eval report pretrain-teacher pretrain-student bench bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
@@ -63,6 +63,11 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the fault-injection suite (docs/RELIABILITY.md): every kill, byte flip, full disk and race; its
+# fast cases also run in `make test`
+test-faults: setup
+	$(BIN)/python -m pytest -q -m faults
 
 # slow tests, including the lm-evaluation-harness comparison (installs the optional [lmeval] extra)
 test-slow: setup
