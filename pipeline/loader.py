@@ -28,18 +28,18 @@ from pipeline.store import ShardReader, Store
 class ChunkReader:
     """Reads one chunk of one shard; opens shards lazily (in whichever process it lives)."""
 
-    def __init__(self, root: str, index: dict, fields: tuple[str, ...] | None = None):
+    def __init__(self, root: str, index: dict, fields: tuple[str, ...] | None = None, check: bool = True):
         self.root = Path(root)
         self.index = index
         self.fields = tuple(fields or index["arrays"])
-        self.chunk_rows = index["params"]["chunk_rows"]
+        self.check = check
         self._open: dict[int, ShardReader] = {}
 
     def read(self, shard: int, chunk: int) -> dict[str, np.ndarray]:
+        """The chunk's arrays, checked against the index's CRC-32s (a one-line error if they differ)."""
         if shard not in self._open:
-            self._open[shard] = ShardReader(self.root, self.index["shards"][shard], self.index["backend"],
-                                            self.fields)
-        return self._open[shard].read_chunk(chunk, self.chunk_rows)
+            self._open[shard] = ShardReader(self.root, self.index, shard, self.fields, self.check)
+        return self._open[shard].read_chunk(chunk)
 
 
 _worker_reader: ChunkReader | None = None
@@ -58,11 +58,11 @@ def _die_with_parent() -> None:
             pass
 
 
-def _worker_init(root: str, index: dict, fields: tuple[str, ...]) -> None:
+def _worker_init(root: str, index: dict, fields: tuple[str, ...], check: bool) -> None:
     global _worker_reader
     _die_with_parent()
     torch.set_num_threads(1)
-    _worker_reader = ChunkReader(root, index, fields)
+    _worker_reader = ChunkReader(root, index, fields, check)
 
 
 def _worker_read(shard: int, chunk: int) -> dict[str, np.ndarray]:
@@ -71,11 +71,12 @@ def _worker_read(shard: int, chunk: int) -> dict[str, np.ndarray]:
 
 class Loader:
     """Yields this rank's ``[batch_rows, ...]`` tensors of the store's arrays (all, or ``fields``);
-    token ids as int64."""
+    token ids as int64. Every chunk is checked against the store's CRC-32s as it is decoded (``check=False``
+    skips that, for the benchmark that measures its cost)."""
 
     def __init__(self, store: Store, batch_rows: int, seed: int, rank: int = 0, world: int = 1,
                  epoch: int = 0, offset: int = 0, workers: int = 0, prefetch: int = 4,
-                 fields: tuple[str, ...] | None = None, shuffle_chunks: int = 16):
+                 fields: tuple[str, ...] | None = None, shuffle_chunks: int = 16, check: bool = True):
         self.store, self.batch_rows, self.seed = store, batch_rows, seed
         self.rank, self.world = rank, world
         self.epoch, self.offset = epoch, offset
@@ -92,11 +93,11 @@ class Loader:
         self._plan_epoch = -1
         self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         fields = tuple(fields or store.index["arrays"])
-        self.reader = ChunkReader(str(store.root), store.index, fields)
+        self.reader = ChunkReader(str(store.root), store.index, fields, check)
         self.pool = None
         if workers > 0:
             self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                               initargs=(str(store.root), store.index, fields))
+                                               initargs=(str(store.root), store.index, fields, check))
         self.prefetch = max(1, prefetch)
         self._pending: dict[tuple[int, int], object] = {}  # (epoch, ordered unit) -> future or arrays
 

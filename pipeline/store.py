@@ -5,7 +5,10 @@ name and renamed into place; ``index.json`` is written last, atomically, and is 
 no index, no store. Every shard holds the same named arrays, sequence-major (rows first). The index
 records the store's parameters and, per shard, its name, rows, bytes on disk and a content hash
 (sha256 over the arrays' names, dtypes, shapes and C-order bytes, independent of the backend and
-its compression).
+its compression) and, since format version 2, a CRC-32 of every chunk of every array. Every read
+checks what it decodes against those CRCs (:class:`ShardReader`), so a flipped byte on disk stops a
+run with one line naming the shard and chunk instead of training on it; opening a store checks
+that every shard file is there with the size the index records.
 
 Backends: ``zarr`` (a zarr v3 group per shard, one sharding-codec shard per array, zstd) and
 ``arrow`` (an Arrow IPC file per shard, zstd; an array of shape ``[N, *S]`` is a column of
@@ -25,7 +28,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,8 @@ import numpy as np
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, dir_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-chunk CRC-32s in each shard's index entry
+READABLE_VERSIONS = (1, 2)
 INDEX = "index.json"
 KINDS = ("tokens", "topk", "sampled")
 BACKENDS = ("zarr", "arrow")
@@ -58,6 +65,16 @@ def content_hash(arrays: dict[str, np.ndarray]) -> str:
         digest.update(f"{name}|{array.dtype.str}|{list(array.shape)}|".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def chunk_checksums(arrays: dict[str, np.ndarray], chunk_rows: int) -> dict[str, list[int]]:
+    """CRC-32 (zlib) of the C-order bytes of each ``chunk_rows`` rows of each array: what every read
+    of a chunk is checked against. Computed from the arrays, so it is the same for both backends."""
+    out = {}
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        out[name] = [zlib.crc32(array[lo:lo + chunk_rows]) for lo in range(0, array.shape[0], chunk_rows)]
+    return out
 
 
 def shard_name(index: int, backend: str) -> str:
@@ -181,34 +198,89 @@ READERS = {backend: functools.partial(read_shard_file, backend=backend) for back
 
 
 class ShardReader:
-    """One shard of a committed store, opened once and read whole or a chunk at a time.
+    """Shard ``shard`` of a committed store, opened once and read whole or a chunk at a time.
 
-    The one place a shard's bytes are decoded: a missing file or any decoder error becomes a
-    one-line error naming the shard. Plain data (root, entry, backend), so a loader worker process
-    can build its own."""
+    The one place a shard's bytes are decoded, and every decoded chunk is checked against the CRC-32s
+    and the dtypes and shapes the index records: a missing file, a decoder error or a mismatch
+    becomes a one-line error naming the shard and chunk. Plain data (root, index, shard number), so
+    a loader worker process can build its own. ``check=False`` skips the CRCs (the loader benchmark
+    measures what they cost)."""
 
-    def __init__(self, root: Path, entry: dict[str, Any], backend: str, fields: tuple[str, ...] | None = None):
-        self.root, self.name = Path(root), entry["name"]
+    def __init__(self, root: Path, index: dict[str, Any], shard: int, fields: tuple[str, ...] | None = None,
+                 check: bool = True):
+        self.root, self.index = Path(root), index
+        self.entry = index["shards"][shard]
+        self.name = self.entry["name"]
+        self.chunk_rows = self.entry.get("chunk_rows") or index["params"]["chunk_rows"]
+        self.sums = self.entry.get("crc32") if check else None
+        if check and self.sums is None:
+            unchecked_warning(self.root, index)
         path = safe_child(self.root, self.name)
         if not path.exists():
-            raise DistillError(f"store {self.root}: shard {self.name} is missing; rebuild the store")
-        self._shard = self._guard(OPENERS[backend], path, fields)
+            raise DistillError(f"store {self.root}: shard {self.name} is missing; {repair_hint(self.root, index)}")
+        self._shard = self._guard(None, OPENERS[index["backend"]], path, fields)
 
     def read_all(self) -> dict[str, np.ndarray]:
-        return self._guard(self._shard.read_all)
+        arrays = self._guard(None, self._shard.read_all)
+        for c in range(-(-self.entry["rows"] // self.chunk_rows)):
+            lo = c * self.chunk_rows
+            self._check(c, {k: v[lo:lo + self.chunk_rows] for k, v in arrays.items()})
+        return arrays
 
-    def read_chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray]:
-        return self._guard(self._shard.read_chunk, chunk, chunk_rows)
+    def read_chunk(self, chunk: int, chunk_rows: int | None = None) -> dict[str, np.ndarray]:
+        if chunk_rows not in (None, self.chunk_rows):
+            raise ValueError(f"chunk_rows {chunk_rows} is not the store's {self.chunk_rows}")
+        arrays = self._guard(chunk, self._shard.read_chunk, chunk, self.chunk_rows)
+        self._check(chunk, arrays)
+        return arrays
 
     def close(self) -> None:
         self._shard.close()
 
-    def _guard(self, fn, *args):
+    def _check(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        lo = chunk * self.chunk_rows
+        rows = min(self.chunk_rows, self.entry["rows"] - lo)
+        for name, array in arrays.items():
+            spec = self.index["arrays"].get(name)
+            problem = None
+            if spec is None:
+                problem = f"holds an array '{name}' the index does not list"
+            elif array.dtype != np.dtype(spec["dtype"]) or array.shape != (rows, *spec["shape"]):
+                problem = (f"decodes {name} as {array.dtype}{list(array.shape)}, the index says "
+                           f"{spec['dtype']}{[rows, *spec['shape']]}")
+            elif self.sums is not None and zlib.crc32(np.ascontiguousarray(array)) != self.sums[name][chunk]:
+                problem = f"fails its checksum in {name}"
+            if problem:
+                raise DistillError(f"store {self.root}: shard {self.name} chunk {chunk} (rows {lo}-{lo + rows - 1}) "
+                                   f"{problem}: the file is corrupt; {repair_hint(self.root, self.index)}")
+
+    def _guard(self, chunk: int | None, fn, *args):
         try:
             return fn(*args)
         except Exception as e:  # any decoder error means the bytes on disk are not what was written
-            raise DistillError(f"store {self.root}: shard {self.name} is corrupt ({type(e).__name__}); "
-                               "rebuild the store") from None
+            where = f" chunk {chunk}" if chunk is not None else ""
+            raise DistillError(f"store {self.root}: shard {self.name}{where} is corrupt ({type(e).__name__}); "
+                               f"{repair_hint(self.root, self.index)}") from None
+
+
+def repair_hint(root: Path, index: dict[str, Any]) -> str:
+    """What to do about a bad shard: a stage-one store is repaired shard by shard, a tokens store rebuilt."""
+    if index.get("kind") == "tokens":
+        return "rebuild the tokens store (distill prepare ... --overwrite)"
+    return (f"run 'distill inspect {root} --verify --repair', then rerun the stage-one command "
+            "(or the array tasks that own the bad shards) to recompute them")
+
+
+_warned: set[str] = set()
+
+
+def unchecked_warning(root: Path, index: dict[str, Any]) -> None:
+    """Once per store: a version-1 store has no chunk checksums, so its reads cannot be checked."""
+    if str(root) not in _warned:
+        _warned.add(str(root))
+        print(f"distill: store {root} is format version {index.get('format_version')}: its chunks carry no "
+              f"checksums, so reads are not checked; 'distill inspect {root} --verify' checks its content hashes, "
+              "rebuilding the store adds checksums", file=sys.stderr)
 
 
 def write_shard(root: Path, name: str, arrays: dict[str, np.ndarray], backend: str,
@@ -220,12 +292,17 @@ def write_shard(root: Path, name: str, arrays: dict[str, np.ndarray], backend: s
     final = root / name
     tmp = root / f".{name}.tmp-{os.getpid()}"
     _remove(tmp)
-    WRITERS[backend](tmp, arrays, chunk_rows)
-    _fsync_tree(tmp)  # bytes on disk before the shard gets its final name (a crash never shows a torn one)
+    try:
+        WRITERS[backend](tmp, arrays, chunk_rows)
+        _fsync_tree(tmp)  # bytes on disk before the shard gets its final name (a crash never shows a torn one)
+    except BaseException:
+        _remove(tmp)  # a failed write (a full disk) leaves nothing behind
+        raise
     if final.exists():  # a half-finished earlier run of the same job: the new shard replaces it
         _remove(final)
     os.replace(tmp, final)
-    return {"name": name, "rows": rows.pop(), "bytes": dir_bytes(final), "sha256": content_hash(arrays)}
+    return {"name": name, "rows": rows.pop(), "bytes": dir_bytes(final), "sha256": content_hash(arrays),
+            "chunk_rows": chunk_rows, "crc32": chunk_checksums(arrays, chunk_rows)}
 
 
 def _fsync_tree(path: Path) -> None:
@@ -298,18 +375,16 @@ class Store:
         return safe_child(self.root, self.shards[i]["name"])
 
     def read_shard(self, i: int, verify: bool = False) -> dict[str, np.ndarray]:
+        """Every array of shard ``i``, each chunk checked; ``verify`` also checks the content hash."""
         entry = self.shards[i]
-        reader = ShardReader(self.root, entry, self.index["backend"])
+        reader = ShardReader(self.root, self.index, i)
         try:
             arrays = reader.read_all()
         finally:
             reader.close()
-        rows = {a.shape[0] for a in arrays.values()}
-        if rows != {entry["rows"]}:
-            raise DistillError(f"store {self.root}: shard {entry['name']} has {sorted(rows)} rows, "
-                               f"index says {entry['rows']}; rebuild the store")
         if verify and content_hash(arrays) != entry["sha256"]:
-            raise DistillError(f"store {self.root}: shard {entry['name']} fails its content hash; rebuild the store")
+            raise DistillError(f"store {self.root}: shard {entry['name']} fails its content hash; "
+                               f"{repair_hint(self.root, self.index)}")
         return arrays
 
     def read_rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -324,15 +399,38 @@ class Store:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def check_files(self) -> None:
-        """Every shard the index names is present (cheap; contents are checked as they are read)."""
+        """Every shard the index names is there with the size it records (cheap: one stat per file;
+        contents are checked chunk by chunk as they are read)."""
         for i, entry in enumerate(self.shards):
-            if not self.shard_path(i).exists():
-                raise DistillError(f"store {self.root}: shard {entry['name']} is missing; rebuild the store "
-                                   "(or rerun the stage-one job that owns it)")
+            path = self.shard_path(i)
+            if not path.exists():
+                raise DistillError(f"store {self.root}: shard {entry['name']} is missing; "
+                                   f"{repair_hint(self.root, self.index)}")
+            size = dir_bytes(path)
+            if size != entry["bytes"]:
+                raise DistillError(f"store {self.root}: shard {entry['name']} has {size} bytes on disk, the index "
+                                   f"records {entry['bytes']} (truncated or changed); {repair_hint(self.root, self.index)}")
+
+    def bad_shards(self) -> dict[str, str]:
+        """Every shard that is missing, of another size than recorded, fails a chunk's checksum or its
+        content hash, or does not decode: ``{name: why}`` (reads the whole store)."""
+        bad = {}
+        for i, entry in enumerate(self.shards):
+            try:
+                Store(self.root, {**self.index, "shards": [entry]}).check_files()
+                self.read_shard(i, verify=True)
+            except DistillError as e:
+                bad[entry["name"]] = str(e).replace(f"store {self.root}: shard {entry['name']} ", "").split("; ")[0]
+        return bad
 
     def verify(self) -> None:
-        for i in range(len(self.shards)):
-            self.read_shard(i, verify=True)
+        """Raise one line naming every bad shard (see :meth:`bad_shards`)."""
+        bad = self.bad_shards()
+        if bad:
+            shown = "; ".join(f"{name} {why}" for name, why in list(bad.items())[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise DistillError(f"store {self.root}: {len(bad)} of {len(self.shards)} shards are bad ({shown}{more}); "
+                               f"{repair_hint(self.root, self.index)}")
 
 
 def safe_child(root: Path, name: str) -> Path:
@@ -343,7 +441,8 @@ def safe_child(root: Path, name: str) -> Path:
     return root / name
 
 
-def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
+def open_store(path: str | os.PathLike, kind: str | None = None, check: bool = True) -> Store:
+    """A committed store, its index checked; ``check`` also checks every shard file's presence and size."""
     root = Path(path)
     index_path = root / INDEX
     if not root.is_dir():
@@ -354,16 +453,41 @@ def open_store(path: str | os.PathLike, kind: str | None = None) -> Store:
         index = json.loads(index_path.read_text())
     except json.JSONDecodeError:
         raise DistillError(f"store {root}: {INDEX} does not parse; rerun the stage that writes it") from None
-    if index.get("format_version") != FORMAT_VERSION:
-        raise DistillError(f"store {root} has format version {index.get('format_version')}, "
-                           f"this distill reads {FORMAT_VERSION}; rebuild the store")
+    if not isinstance(index, dict) or index.get("format_version") not in READABLE_VERSIONS:
+        version = index.get("format_version") if isinstance(index, dict) else None
+        raise DistillError(f"store {root} has format version {version}, this distill reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade distill or rebuild the store")
     if kind is not None and index.get("kind") != kind:
         raise DistillError(f"store {root} is a '{index.get('kind')}' store, expected '{kind}'")
     if index.get("backend") not in BACKENDS:
         raise DistillError(f"store {root}: unknown backend {index.get('backend')!r}")
-    for entry in index.get("shards", []):
-        safe_child(root, entry["name"])
-    return Store(root, index)
+    _check_entries(root, index)
+    store = Store(root, index)
+    if check:
+        store.check_files()
+    return store
+
+
+def _check_entries(root: Path, index: dict[str, Any]) -> None:
+    """The index's shard list is one the writers could have written: plain, distinct names whose
+    rows add up to the store's."""
+    try:
+        names = [entry["name"] for entry in index["shards"]]
+        rows = sum(int(entry["rows"]) for entry in index["shards"])
+        total = int(index["rows"])
+        index["arrays"], index["params"]
+    except (KeyError, TypeError, ValueError):
+        raise DistillError(f"store {root}: {INDEX} lacks shard names, rows, arrays or params; "
+                           "rerun the stage that writes it") from None
+    for name in names:
+        safe_child(root, name)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DistillError(f"store {root}: {INDEX} lists shard {twice[0]} more than once; "
+                           "the index is corrupt: rerun the stage that writes it")
+    if rows != total:
+        raise DistillError(f"store {root}: {INDEX}'s shards hold {rows} rows, it says {total}; "
+                           "the index is corrupt: rerun the stage that writes it")
 
 
 def param_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -403,7 +527,7 @@ def write_partial_index(path: Path, params: dict[str, Any], backend: str, arrays
 def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
     """What already lies in ``out``, as ``kind``/``backend``/params to compare; None for nothing."""
     if (out / INDEX).exists():
-        store = open_store(out)
+        store = open_store(out, check=False)
         return {"kind": store.kind, "backend": store.index["backend"], **store.params}
     if out.is_dir():
         for path in sorted(out.glob(PARTIAL_GLOB)):
@@ -440,6 +564,45 @@ def existing_store(out: Path, kind: str, backend: str, params: dict[str, Any], o
         raise DistillError(f"{out} already holds a store built differently ({what}); "
                            "pass --overwrite to replace it or choose another --out")
     return "replace"
+
+
+class JobLock:
+    """Job ``job`` of ``jobs`` holds ``.lock.part-JJJJJ-of-NNNNN`` in the store (an exclusive
+    ``flock``) while it writes, so a second process started for the same job (a resubmitted array
+    task while the first still runs) stops at once instead of racing it for the same shards. The
+    kernel drops the lock when the holder dies, so a killed job never leaves a stale one. (On a
+    network filesystem this needs working ``flock``: NFSv4, Lustre mounted with ``flock``.)"""
+
+    def __init__(self, root: Path, job: int, jobs: int):
+        import fcntl
+        import socket
+        import time
+
+        self.path = Path(root) / f".lock.part-{job:05d}-of-{jobs:05d}"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(self.fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise DistillError(f"{root}: job {job} of {jobs} is already being written by {holder}; wait for it to "
+                               "finish (or stop it) before rerunning this job") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+
+    def remove_stale_temps(self, names: list[str]) -> int:
+        """Delete what killed earlier runs of this job left under temp names (``.NAME.tmp-PID…``) for
+        the files it owns: safe only while the lock is held. Returns how many were removed."""
+        stale = [p for name in names for p in self.path.parent.glob(f".{name}.tmp-*")]
+        for path in stale:
+            _remove(path)
+        return len(stale)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
 
 
 def merge_partial_indexes(root: Path, kind: str | None = None) -> Path:
@@ -481,3 +644,89 @@ def merge_partial_indexes(root: Path, kind: str | None = None) -> Path:
     write_index(root, index)
     print(f"{root}: merged {n_total} shards into {INDEX}")
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# repair: forget bad shards so that a rerun of stage one recomputes just those
+
+PARTIAL_NAME = re.compile(r"^index\.part-(\d{5})-of-(\d{5})\.json$")
+
+
+@dataclass
+class Repair:
+    checked: int  # shards verified
+    bad: dict[str, str]  # name -> why
+    owners: dict[str, tuple[int, int]]  # bad name -> (job, jobs) that recomputes it
+    complete: bool  # index.json stands and lists only good shards
+
+
+def repair(root: str | os.PathLike) -> Repair:
+    """Verify every shard a stage-one store records (in ``index.json`` and the partial indexes); drop
+    the records of bad or missing ones from both, and their files, so that rerunning the same
+    stage-one command (or only the array tasks that own them) recomputes just those shards.
+
+    Order keeps every moment consistent: good shards the index holds are first recorded in partial
+    indexes, then bad ones leave the partial indexes, then ``index.json`` goes (a store with bad
+    shards is no longer complete), and only then are the bad files deleted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DistillError(f"store {root} does not exist; check the path")
+    index, broken = None, False
+    if (root / INDEX).exists():
+        try:
+            index = json.loads((root / INDEX).read_text())
+            _check_entries(root, index)
+        except (json.JSONDecodeError, DistillError):
+            index, broken = None, True  # rebuilt by merge from the partial indexes
+    parts = {p: read_partial_index(p) for p in sorted(root.glob(PARTIAL_GLOB)) if PARTIAL_NAME.match(p.name)}
+    parts = {p: body for p, body in parts.items() if body}
+    if index is not None and index.get("kind") == "tokens":
+        bad = Store(root, index).bad_shards()
+        if bad:
+            raise DistillError(f"store {root}: {len(bad)} bad shards ({', '.join(bad)}); a tokens store is not "
+                               "repaired shard by shard: rebuild it (distill prepare ... --overwrite)")
+        return Repair(len(index["shards"]), {}, {}, True)
+    if index is None and not parts:
+        raise DistillError(f"{root} has neither a readable {INDEX} nor partial indexes; it is not a stage-one store: "
+                           "rerun the stage that writes it")
+    template = index or next(iter(parts.values()))
+    base = {"kind": (index or {}).get("kind", "sampled" if "sample_ids" in template["arrays"] else "topk"),
+            "backend": template["backend"], "params": template["params"], "arrays": template["arrays"]}
+    entries = {e["name"]: e for body in [*parts.values(), index or {"shards": []}] for e in body["shards"]}
+    for name in entries:
+        safe_child(root, name)
+    bad = Store(root, {**base, "shards": list(entries.values())}).bad_shards()
+    jobs = _jobs(parts)
+    owners = {name: (_shard_number(name) % jobs, jobs) for name in bad}
+    if not bad:
+        if broken:  # every shard is good but the index is not: merge writes it again
+            (root / INDEX).unlink()
+        return Repair(len(entries), {}, {}, index is not None)
+    # 1. every good shard of the index is recorded by the job that owns it
+    recorded = {e["name"] for body in parts.values() for e in body["shards"]}
+    for entry in (index or {"shards": []})["shards"]:
+        if entry["name"] not in recorded and entry["name"] not in bad:
+            path = partial_index_path(root, _shard_number(entry["name"]) % jobs, jobs)
+            body = parts.get(path) or {"params": base["params"], "backend": base["backend"],
+                                       "arrays": base["arrays"], "shards": []}
+            parts[path] = {**body, "shards": [*body["shards"], entry]}
+    # 2. bad shards leave the partial indexes
+    for path, body in parts.items():
+        write_partial_index(path, body["params"], body["backend"], body["arrays"],
+                            [e for e in body["shards"] if e["name"] not in bad])
+    # 3. the store is no longer complete; 4. the bad files go
+    if (root / INDEX).exists():
+        (root / INDEX).unlink()
+    for name in bad:
+        _remove(root / name)
+    return Repair(len(entries), bad, owners, False)
+
+
+def _shard_number(name: str) -> int:
+    return int(name.split("-")[1].split(".")[0])
+
+
+def _jobs(parts: dict[Path, dict]) -> int:
+    """How many jobs fill the store, from the partial indexes' names (1 where there are none)."""
+    counts = {int(PARTIAL_NAME.match(p.name).group(2)) for p in parts}
+    return max(counts) if counts else 1

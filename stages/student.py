@@ -325,7 +325,6 @@ def setup(config: TrainConfig) -> Run | None:
             return None
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
-    train_store.check_files()
     fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
                     config.workers, config.prefetch, fields, config.shuffle_chunks)

@@ -114,7 +114,7 @@ def test_chunks_read_back_the_whole_shard(tmp_path, backend):
     """The loader's chunk reads and the whole-shard read go through one reader and agree."""
     data = arrays()
     s = write_store(tmp_path / "s", backend, data)
-    reader = store.ShardReader(s.root, s.shards[0], backend, fields=("topk_logprobs",))
+    reader = store.ShardReader(s.root, s.index, 0, fields=("topk_logprobs",))
     chunks = [reader.read_chunk(c, 8) for c in range(5)]  # 37 rows in chunks of 8
     reader.close()
     assert all(list(c) == ["topk_logprobs"] for c in chunks)
@@ -140,3 +140,29 @@ def test_existing_store_policy(tmp_path):
     part.parent.mkdir()
     store.write_partial_index(part, {"seq_len": 9}, "zarr", {}, [])
     assert store.existing_store(tmp_path / "part", "tokens", "zarr", {"seq_len": 9}, False) == "write"
+
+
+@pytest.mark.parametrize("backend", store.BACKENDS)
+def test_chunk_checksums_are_the_decoded_bytes_and_version_1_stores_still_read(tmp_path, backend, capsys):
+    data = arrays()
+    s = write_store(tmp_path / "s", backend, data)
+    entry = s.shards[0]
+    assert entry["chunk_rows"] == 8 and len(entry["crc32"]["input_ids"]) == 5  # 37 rows in chunks of 8
+    import zlib
+    assert entry["crc32"]["topk_logprobs"][4] == zlib.crc32(data["topk_logprobs"][32:].tobytes())
+    # A version-1 index (no checksums) is read as before, with one warning that reads are unchecked.
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    index["format_version"] = 1
+    index["params"]["chunk_rows"] = 8  # where version 1 kept it
+    for e in index["shards"]:
+        del e["crc32"], e["chunk_rows"]
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    old = store.open_store(tmp_path / "s")
+    for _ in range(2):
+        back = old.read_shard(0, verify=True)
+    np.testing.assert_array_equal(back["topk_logprobs"], data["topk_logprobs"])
+    assert capsys.readouterr().err.count("reads are not checked") == 1
+    index["format_version"] = 3
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DistillError, match="format version 3, this distill reads 1, 2; upgrade distill"):
+        store.open_store(tmp_path / "s")
