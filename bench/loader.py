@@ -9,6 +9,10 @@ of the mode that reads that store consumes (``tokens per step ÷ median step tim
 waits on. For a GPU, ``--gpu-json`` (a stage-two result from a lent GPU) gives the consumption rate
 a GPU run needs, and so the workers (each as fast as one here) it would take to keep up.
 
+The cost of checked reads (every chunk's CRC-32s, dtypes and shapes checked against the index as it
+is decoded) is measured side by side: the loader with and without the checks, in the main process,
+alternating, ``--repeats`` times each; the cost is ``1 − median(checked) / median(unchecked)``.
+
     python bench/loader.py --step-json bench/results/stage_two_cpu.json --out bench/results/loader_cpu.json
 """
 
@@ -33,11 +37,11 @@ STORES = {"topk64": ({"kind": "topk", "top_k": 64}, "offline-tail"),
           "sampled32": ({"kind": "sampled", "samples": 32}, "offline-sampled")}
 
 
-def loader_rate(store, fields: tuple[str, ...], workers: int, epochs: int) -> float:
+def loader_rate(store, fields: tuple[str, ...], workers: int, epochs: int, check: bool = True) -> float:
     """Tokens per second of the loader alone over ``epochs`` whole epochs, after one batch that
     starts the workers (a run pays that once)."""
     batches = epochs * (store.rows // 16)
-    loader = Loader(store, 16, seed=0, workers=workers, fields=fields)
+    loader = Loader(store, 16, seed=0, workers=workers, fields=fields, check=check)
     try:
         next(loader)
         started = time.perf_counter()
@@ -85,11 +89,20 @@ def main() -> None:
             rates[workers] = statistics.median(loader_rate(store, fields, workers, args.epochs)
                                                for _ in range(args.repeats))
             print(f"{name}: {workers} workers, {rates[workers]:.0f} tokens/s", flush=True)
+        paired = {True: [], False: []}
+        for _ in range(args.repeats):
+            for check in (False, True):
+                paired[check].append(loader_rate(store, fields, 0, args.epochs, check))
+        checked, unchecked = statistics.median(paired[True]), statistics.median(paired[False])
+        print(f"{name}: checked reads {checked:.0f} tokens/s, unchecked {unchecked:.0f}: "
+              f"cost {1 - checked / unchecked:.1%}", flush=True)
         cpu_need, gpu_need = consumption(args.step_json, mode), consumption(args.gpu_json, mode)
         one_worker = rates.get(1) or max(rates.values())
         results[name] = {
             "fields": list(fields),
             "loader_tokens_per_s": {str(w): r for w, r in rates.items()},
+            "checked_reads": {"checked_tokens_per_s": checked, "unchecked_tokens_per_s": unchecked,
+                              "cost": 1 - checked / unchecked},
             "cpu_step_tokens_per_s": cpu_need,
             "loader_over_cpu_step": {str(w): r / cpu_need for w, r in rates.items()} if cpu_need else None,
             "gpu_step_tokens_per_s": gpu_need,

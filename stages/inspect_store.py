@@ -1,5 +1,6 @@
-"""``distill inspect STORE``: what a store holds and what it costs, and (``--verify``) whether every
-shard still matches the content hash in its index."""
+"""``distill inspect STORE``: what a store holds and what it costs; ``--verify`` checks every shard
+against the checksums and content hash in its index, and ``--repair`` drops the records of bad
+shards so that rerunning stage one recomputes just those."""
 
 from __future__ import annotations
 
@@ -9,18 +10,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import check, option
-from pipeline.store import open_store
+from pipeline.store import open_store, repair
 
 
 @dataclass(frozen=True)
 class InspectConfig:
     store: str = option("", "Store directory.")
-    verify: bool = option(False, "Check every shard against its content hash (reads the whole store).")
+    verify: bool = option(False, "Check every shard against its chunk checksums and content hash (reads the whole "
+                          "store); lists every bad shard.")
+    repair: bool = option(False, "With --verify, on a stage-one store: forget bad or missing shards (their records in "
+                          "the index and partial indexes, and their files), so that rerunning the same stage-one "
+                          "command recomputes just those.")
     max_rows: int = option(2048, "Rows sampled (the first ones) for the distribution statistics; 0 = all.")
     json: bool = option(False, "Print the report as JSON.")
 
     def __post_init__(self):
-        check([] if self.store else ["no store given"], "inspect")
+        problems = [] if self.store else ["no store given"]
+        if self.repair and not self.verify:
+            problems.append("--repair acts on what --verify finds: pass --verify --repair")
+        check(problems, "inspect")
 
 
 def percentiles(values: np.ndarray) -> dict[str, float]:
@@ -29,7 +37,11 @@ def percentiles(values: np.ndarray) -> dict[str, float]:
 
 
 def inspect_store(config: InspectConfig) -> dict:
-    store = open_store(config.store)
+    if config.repair:
+        return repair_store(config)
+    store = open_store(config.store, check=not config.verify)  # --verify names every bad shard at once
+    if config.verify:
+        store.verify()
     params, index = store.params, store.index
     seq_len = params["seq_len"]
     tokens = store.rows * seq_len
@@ -45,6 +57,8 @@ def inspect_store(config: InspectConfig) -> dict:
         "bytes": index["bytes"],
         "bytes_per_token": index["bytes"] / tokens,
     }
+    if config.verify:
+        report["verified_shards"] = len(store.shards)
     if store.kind == "topk":
         report |= {"teacher": params["teacher"], "top_k": params["top_k"], "temperature": params["temperature"],
                    "temperature_grid": params["temperature_grid"]}
@@ -55,9 +69,6 @@ def inspect_store(config: InspectConfig) -> dict:
                    "temperature_grid": params["temperature_grid"]}
     if draws:
         report |= draws_report(store, draws, config.max_rows)
-    if config.verify:
-        store.verify()  # raises DistillError naming the first bad shard
-        report["verified_shards"] = len(store.shards)
     if config.json:
         print(json.dumps(report, indent=2))
     else:
@@ -109,3 +120,27 @@ def draws_report(store, prefix: str, max_rows: int) -> dict:
         drawn = (arrays["sample_ids"][:, :-1] == arrays["input_ids"][:, 1:, None]) & (counts > 0)
         out["target_drawn"] = float(drawn.any(-1).mean())
     return out
+
+
+def repair_store(config: InspectConfig) -> dict:
+    """``--verify --repair``: say what was bad and which stage-one jobs recompute it."""
+    done = repair(config.store)
+    report = {"store": config.store, "verified_shards": done.checked - len(done.bad), "bad_shards": done.bad}
+    if config.json:
+        print(json.dumps(report | {"owners": done.owners}, indent=2))
+        return report
+    for name, why in done.bad.items():
+        print(f"bad shard {name}: {why}; removed")
+    if not done.bad:
+        state = ("the store is complete" if done.complete else
+                 f"the store is unfinished: rerun its stage-one jobs, or 'distill merge {config.store}' if all ran")
+        print(f"{config.store}: all {done.checked} recorded shards verify; nothing to repair ({state})")
+        return report
+    jobs = sorted(set(done.owners.values()))
+    n = jobs[0][1]
+    tasks = ", ".join(str(j) for j, _ in jobs)
+    print(f"{config.store}: {len(done.bad)} of {done.checked} shards removed; the store is incomplete until they "
+          f"are recomputed: rerun the same 'distill teacher' command"
+          + (f" (--shard-index {tasks} of --num-shards {n})" if n > 1 else "")
+          + f", then 'distill inspect {config.store} --verify'")
+    return report

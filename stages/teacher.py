@@ -151,6 +151,7 @@ class TeacherJob:
     head: OutputHead
     device: torch.device
     kernel: str
+    lock: store_lib.JobLock  # held until the job's last shard is recorded
 
     def record(self, entry: dict) -> None:
         """Called by the writer thread alone, after the shard is renamed into place."""
@@ -163,7 +164,10 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
     job = setup(config)
     if job is None:
         return TeacherRun(Path(config.out), 0, 0.0)
-    total_tokens, loop_seconds = write_shards(job)
+    try:
+        total_tokens, loop_seconds = write_shards(job)
+    finally:
+        job.lock.release()
     # ------------------------------------------------------------------ finish
     out = job.out
     rate = f", {total_tokens / loop_seconds:.0f} tokens/s" if job.todo else ""
@@ -201,9 +205,12 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     if decision == "done":
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
         return None
-    if decision == "replace":
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = store_lib.JobLock(out, config.shard_index, config.num_shards)  # one process per job at a time
+    if decision == "replace":
+        for path in out.iterdir():
+            if path != lock.path:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     n_total = math.ceil(n_rows / config.rows_per_shard)
     part_path = store_lib.partial_index_path(out, config.shard_index, config.num_shards)
@@ -211,6 +218,8 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
             if (out / e["name"]).exists()}
     todo = [j for j in range(config.shard_index, n_total, config.num_shards)
             if store_lib.shard_name(j, config.backend) not in done]
+    owned = [store_lib.shard_name(j, config.backend) for j in range(config.shard_index, n_total, config.num_shards)]
+    lock.remove_stale_temps([*owned, part_path.name, f"config.part-{config.shard_index:05d}.json"])
     arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"]["input_ids"]["dtype"], vocab)
     save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
                   {"params": params, "shards_planned": n_total})
@@ -220,7 +229,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
     probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
     return TeacherJob(config, out, tokens, params, arrays, vocab, n_rows, todo, done, OutputHead(model, probe),
-                      device, kernel)
+                      device, kernel, lock)
 
 
 def stored_arrays(config: TeacherConfig, seq_len: int, input_dtype: str, vocab: int) -> dict[str, dict]:
