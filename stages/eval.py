@@ -31,7 +31,7 @@ from pipeline.config import check, option, required, split_list, to_dict
 from pipeline.corpus import DocumentReader
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
-from pipeline.models import DTYPES, OutputHead, count_parameters, has_weights, load_model, max_positions, resolve_device
+from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device
 from pipeline.tokenizer import load_tokenizer
 
 COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
@@ -98,6 +98,7 @@ class EvalConfig:
         for name in ("limit", "max_length"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        problems += device_problems(self.device)
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(problems, "eval")

@@ -47,7 +47,7 @@ from pipeline.io import atomic_write_text, replace_dir
 from pipeline.loader import Loader, sequential
 from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum
 from pipeline.metrics import MetricsLog
-from pipeline.models import DTYPES, OutputHead, count_parameters, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.store import Store, open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal, stored_teacher
@@ -133,6 +133,7 @@ class TrainConfig:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        problems += device_problems(self.device)
         if self.save_dtype not in DTYPES:
             problems.append(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         check(problems, "student")
