@@ -286,7 +286,7 @@ def setup(config: TrainConfig) -> Run | None:
     holds this run finished (nothing is written then)."""
     rank, world, local_rank = distributed()
     out = Path(config.out)
-    resume_from = _claim_out(config, out, rank, world)
+    resume_from = _claim_out(config, out)
     train_store = open_store(config.train_store)
     teacher_source, alpha = _teacher_source(config, train_store)
     tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
@@ -337,6 +337,8 @@ def setup(config: TrainConfig) -> Run | None:
              "train_store_params": train_store.params}
     metrics = None
     if rank == 0:
+        if config.overwrite and out.exists():
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(config, out / "config.json", facts)
         metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None)
@@ -344,13 +346,13 @@ def setup(config: TrainConfig) -> Run | None:
                wrapped, optimizer, scheduler, loader, start_step, tokens_seen, facts, metrics)
 
 
-def _claim_out(config: TrainConfig, out: Path, rank: int, world: int) -> Path | None:
-    """Start over (``--overwrite``), or the checkpoint to resume from; refuse to mix two runs in OUT."""
+def _claim_out(config: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from; refuse to mix two runs in OUT. With ``--overwrite`` there is
+    none: OUT is removed at the end of setup, once every check has passed, so a run refused for a
+    bad input leaves the earlier one intact."""
+    if config.overwrite:
+        return None
     ckpt_dir = out / "checkpoints"
-    if config.overwrite and out.exists() and rank == 0:
-        shutil.rmtree(out)
-    if world > 1:
-        dist.barrier()
     resume_from = checkpoint.resolve(ckpt_dir, config.resume)
     if resume_from is None and (ckpt_dir.exists() or (out / "metrics.jsonl").exists()) and config.resume != "auto":
         raise DistillError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start over")
