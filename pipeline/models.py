@@ -27,7 +27,8 @@ def read_model_config(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     except Exception as e:
-        raise DistillError(f"model config {path} does not parse: {str(e).splitlines()[0]}") from None
+        raise DistillError(f"model config {path} does not parse: {str(e).splitlines()[0]}; fix it (JSON, or YAML "
+                           "for .yaml/.yml)") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise DistillError(f"model config {path} must be a mapping with a 'model_type' (e.g. llama, gpt2)")
     return data
