@@ -7,6 +7,7 @@ Precedence is defaults < config file (YAML or JSON) < CLI flags. Unknown keys ar
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import typing
@@ -57,46 +58,70 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Turn a config-file value into the field's type (YAML gives lists where fields hold tuples)."""
+def _coerce(name: str, value: Any, hint: Any, where: str = "") -> Any:
+    """Turn a config-file or flag value into the field's type (YAML gives lists where fields hold
+    tuples). ``where`` names the source in errors: ``config file F: key 'k'`` or ``option --k``."""
+    where = where or f"config key '{name}'"
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if value is None:
         return None
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
-        return _coerce(name, value, args[0])
+        return _coerce(name, value, args[0], where)
     if origin is tuple:
         if isinstance(value, str):
             value = split_list(value)
         if not isinstance(value, (list, tuple)):
-            raise DistillError(f"config key '{name}' must be a list, got {value!r}")
-        return tuple(_coerce(name, v, args[0]) for v in value)
+            raise DistillError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(name, v, args[0], where) for v in value)
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise DistillError(f"config key '{name}' must be true or false, got {value!r}")
+        raise DistillError(f"{where} must be true or false, got {value!r}")
     if hint in (int, float, str):
         try:
+            # YAML's true/false, lists and mappings are never numbers or paths (int(True) would be 1)
+            if isinstance(value, (bool, list, tuple, dict)):
+                raise ValueError
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return hint(value)
         except (TypeError, ValueError):
-            raise DistillError(f"config key '{name}' must be {hint.__name__}, got {value!r}") from None
+            raise DistillError(f"{where} must be {hint.__name__}, got {value!r}") from None
     return value
+
+
+def _unknown_keys(unknown: list[str], known: list[str]) -> str:
+    """``a (did you mean 'b'?), c; rename or remove them (known keys: …)``: each unknown key with the
+    closest known one, and the known keys listed where some unknown key has none close to it."""
+    parts, guessed = [], 0
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        parts.append(f"{key} (did you mean '{close[0]}'?)" if close else key)
+        guessed += bool(close)
+    listed = "" if guessed == len(unknown) else f" (known keys: {', '.join(known)})"
+    return f"{', '.join(parts)}; rename or remove {'them' if len(unknown) > 1 else 'it'}{listed}"
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DistillError(f"config file {path} does not exist; check the --config path")
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
     try:
-        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
+    except UnicodeDecodeError as e:
+        raise DistillError(f"config file {path} is not UTF-8 text (byte {e.start}); "
+                           "pass a YAML (.yaml, .yml) or JSON file") from None
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise DistillError(f"config file {path} does not parse: {str(e).splitlines()[0]}") from None
+        raise DistillError(f"config file {path} does not parse as {kind}: {str(e).splitlines()[0]}; "
+                           "fix it (YAML for .yaml/.yml, JSON otherwise)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise DistillError(f"config file {path} must hold a mapping of option names to values")
+        raise DistillError(f"config file {path} holds a {type(data).__name__}, not a mapping; "
+                           "write one `option_name: value` per line")
     return data
 
 
@@ -106,16 +131,15 @@ def load_config(cls: type, config_file: str | os.PathLike | None = None, **overr
     values: dict[str, Any] = {}
     if config_file is not None:
         raw = read_config_file(config_file)
-        unknown = sorted(set(raw) - set(types))
+        unknown = sorted(set(raw) - set(types), key=str)
         if unknown:
-            raise DistillError(
-                f"config file {config_file} has unknown keys {', '.join(unknown)}; known keys: {', '.join(types)}"
-            )
-        values.update({k: _coerce(k, v, types[k]) for k, v in raw.items()})
+            raise DistillError(f"config file {config_file} has unknown key{'s' if len(unknown) > 1 else ''} "
+                               + _unknown_keys([str(k) for k in unknown], list(types)))
+        values.update({k: _coerce(k, v, types[k], f"config file {config_file}: key '{k}'") for k, v in raw.items()})
     unknown = sorted(set(overrides) - set(types))
     if unknown:
         raise DistillError(f"unknown options {', '.join(unknown)} for {cls.__name__}")
-    values.update({k: _coerce(k, v, types[k]) for k, v in overrides.items() if v is not None})
+    values.update({k: _coerce(k, v, types[k], f"option {flag(k)}") for k, v in overrides.items() if v is not None})
     return cls(**values)
 
 

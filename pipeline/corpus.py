@@ -25,8 +25,9 @@ def _accepted(path: Path) -> bool:
     return path.name.endswith(SUFFIXES)
 
 
-def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[Path]:
-    """Files named directly, and accepted files under named directories, sorted; errors if none."""
+def expand_inputs(inputs: tuple[str, ...] | list[str], flag: str = "--input") -> list[Path]:
+    """Files named directly, and accepted files under named directories, sorted; errors if none
+    (naming ``flag``, the option they came from)."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -40,9 +41,9 @@ def expand_inputs(inputs: tuple[str, ...] | list[str]) -> list[Path]:
                 raise DistillError(f"corpus file {path} is not one of {', '.join(SUFFIXES)}; rename or convert it")
             files.append(path)
         else:
-            raise DistillError(f"corpus path {path} does not exist; check --input")
+            raise DistillError(f"corpus path {path} does not exist; check {flag}")
     if not files:
-        raise DistillError("no corpus given; pass --input FILE_OR_DIR (txt, txt.gz, jsonl, jsonl.gz)")
+        raise DistillError(f"no corpus given; pass {flag} FILE_OR_DIR (txt, txt.gz, jsonl, jsonl.gz)")
     return files
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def read_model_config(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     except Exception as e:
-        raise DistillError(f"model config {path} does not parse: {str(e).splitlines()[0]}") from None
+        raise DistillError(f"model config {path} does not parse: {str(e).splitlines()[0]}; fix it (JSON, or YAML "
+                           "for .yaml/.yml)") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise DistillError(f"model config {path} must be a mapping with a 'model_type' (e.g. llama, gpt2)")
     return data
@@ -84,11 +86,27 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def device_problems(name: str) -> list[str]:
+    """What is wrong with a ``--device`` value (for a config's ``__post_init__``): its spelling, or a
+    CUDA device this machine does not have."""
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name in ("auto", "cpu"):
+        return []
+    if match is None:
+        return [f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"]
+    if not torch.cuda.is_available():
+        return [f"--device {name} asked for, but no CUDA device is visible; use --device cpu"]
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        return [f"--device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "use --device cuda:0 or auto"]
+    return []
+
+
 def resolve_device(name: str) -> torch.device:
+    if problems := device_problems(name):
+        raise DistillError(problems[0])
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DistillError(f"--device {name} asked for, but no CUDA device is visible; use --device cpu")
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -48,11 +48,18 @@ class TaskFileError(DistillError):
     pass
 
 
-def jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; errors name the file and line."""
+def require_file(path: str | Path, flag: str = "") -> Path:
+    """``path``, a task file that is there (``flag``: the option that named it, for the message)."""
     path = Path(path)
     if not path.is_file():
-        raise TaskFileError(f"{path}: no such task file; pass the path of a local JSONL file")
+        raise TaskFileError(f"{path}: no such task file; pass the path of a local JSONL file"
+                            + (f" with {flag}" if flag else ""))
+    return path
+
+
+def jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line; errors name the file and line."""
+    path = require_file(path)
     count = 0
     for line_no, obj in jsonl_values(read_lines(path, hint="convert the file to UTF-8"), path):
         if not isinstance(obj, dict):

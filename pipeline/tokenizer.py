@@ -21,7 +21,8 @@ def load_tokenizer(path: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise DistillError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        raise DistillError(f"cannot load a tokenizer from {path} ({' '.join(str(e).split())[:200]}); pass a "
+                           "Hugging Face tokenizer directory (tokenizer.json or tokenizer_config.json)") from None
     if tokenizer.eos_token_id is None:
         raise DistillError(f"tokenizer at {path} has no EOS token; documents cannot be separated")
     return tokenizer

@@ -7,19 +7,72 @@ override the file. Errors a user can fix print as one line and exit with status 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import inspect
+import re
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from pipeline.config import field_types, flag, load_config, split_list
 from pipeline.errors import DistillError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# click's exceptions, from the click typer runs on (newer typers vendor their own copy)
+click_errors = importlib.import_module(typer.BadParameter.__module__)
+
+
+def usage_error_line(e, command_path: str) -> str:
+    """A command-line mistake (unknown option or command, a value of the wrong type, an extra
+    argument) as one line: what is wrong, the closest right spelling, where the help is."""
+    if isinstance(e, click_errors.NoSuchOption):
+        message = f"No such option: {e.option_name}"
+        if e.possibilities:  # click's own close matches (difflib), closest first
+            message += f" (did you mean {e.possibilities[0]}?)"
+    else:  # click's message may span lines; typer's "No such command 'x'. Did you mean 'y'?" is reworded
+        message = " ".join(e.format_message().split()).rstrip(".")
+        message = re.sub(r"\. Did you mean (.+)\?$", r" (did you mean \1?)", message)
+    return f"{message}; see '{command_path} --help'"
+
+
+class DistillGroup(TyperGroup):
+    """The ``distill`` group: a usage error of the group or of any command is one ``error: …`` line
+    and exit status 2, like every other error a user can fix (click would print usage, a hint and a
+    boxed message). In the group, not in ``main()``, so that every caller of ``app`` gets it."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors(None):
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors(ctx):  # resolving the command and parsing its options
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors(group_ctx):
+    try:
+        yield
+    except getattr(click_errors, "NoArgsIsHelpError", ()):
+        raise  # `distill` alone prints the help
+    except click_errors.UsageError as e:
+        if e.ctx is not None:
+            path = e.ctx.command_path
+        elif group_ctx is not None:  # some parser errors carry no context: the command being parsed
+            path = " ".join(filter(None, (group_ctx.command_path, group_ctx.invoked_subcommand)))
+        else:
+            path = "distill"
+        typer.echo(f"error: {usage_error_line(e, path)}", err=True)
+        raise typer.Exit(2) from None
+
+
+app = typer.Typer(name="distill", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=DistillGroup,
                   help="Offline knowledge distillation for causal language models.")
 
 def _option_type(hint: Any) -> Any:

@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from pipeline import tasks
 from pipeline.checks import check_store_fits
-from pipeline.config import check, option, required, split_list, to_dict
-from pipeline.corpus import DocumentReader
+from pipeline.config import check, flag, option, required, split_list, to_dict
+from pipeline.corpus import DocumentReader, expand_inputs
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
-from pipeline.models import DTYPES, OutputHead, count_parameters, has_weights, load_model, max_positions, resolve_device
+from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device
 from pipeline.tokenizer import load_tokenizer
 
 COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
@@ -98,6 +98,7 @@ class EvalConfig:
         for name in ("limit", "max_length"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        problems += device_problems(self.device)
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(problems, "eval")
@@ -230,7 +231,7 @@ def _limit(items: list, limit: int) -> list:
 
 def eval_heldout(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str, float]:
     """Per-token loss and perplexity, bits per byte and word perplexity over whole documents."""
-    reader = DocumentReader([Path(p) for p in config.heldout], text_field=config.text_field)
+    reader = DocumentReader(expand_inputs(config.heldout, "--heldout"), text_field=config.text_field)
     docs = _limit([d for d in reader if d.strip()], config.limit)
     if not docs:
         raise DistillError(f"no held-out text in {', '.join(config.heldout)}")
@@ -310,18 +311,39 @@ def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list) -> dic
     return result
 
 
-@torch.no_grad()
-def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str, float]:
-    """Top-1 agreement with the stored teacher and KL(teacher ‖ model) over the kept top-k plus one
-    tail bucket (exact for the store's distribution; a lower bound on the full-vocabulary KL)."""
-    from pipeline.loader import sequential
+def agreement_teacher(config: EvalConfig):
+    """The agreement task's topk store and its teacher at ``--agreement-temperature``, checked before
+    the model loads or any task runs."""
     from pipeline.store import open_store
     from pipeline.teacher_signal import StoredTopK
 
-    store = open_store(config.agreement, kind="topk")
+    store = open_store(config.agreement)
+    if store.kind != "topk":
+        raise DistillError(f"agreement store {store.root} is a '{store.kind}' store; the agreement task needs a "
+                           "topk store: run distill teacher --kind topk over held-out tokens")
+    return store, StoredTopK(store.params, config.agreement_temperature, "tail", "forward",
+                             option="--agreement-temperature")
+
+
+def check_task_files(config: EvalConfig) -> None:
+    """Every file the chosen tasks read is there, before the model loads or the first task runs."""
+    if "heldout" in config.tasks:
+        expand_inputs(config.heldout, "--heldout")
+    for task in ("lambada", "hellaswag", "storycloze", *QA_TASKS):
+        if task in config.tasks:
+            shots = (f"{task}_shots",) if task in QA_TASKS and any(config.shots) else ()
+            for name in (task, *shots):
+                tasks.require_file(getattr(config, name), flag(name))
+
+
+@torch.no_grad()
+def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, teacher) -> dict[str, float]:
+    """Top-1 agreement with the stored teacher and KL(teacher ‖ model) over the kept top-k plus one
+    tail bucket (exact for the store's distribution; a lower bound on the full-vocabulary KL)."""
+    from pipeline.loader import sequential
+
     params = store.params
     t = config.agreement_temperature
-    teacher = StoredTopK(params, t, "tail", "forward", option="--agreement-temperature")
     check_store_fits(store, "agreement store", vocab=scorer.vocab, positions=scorer.max_length)
     rows = config.limit or store.rows
     agree = kl = positions = 0.0
@@ -366,12 +388,15 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if not has_weights(model_dir):
         raise DistillError(f"model {model_dir} is not a local Hugging Face directory with weights; check the path")
     out = Path(config.out)
+    check_task_files(config)
+    agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(model_dir, config.dtype, config.trust_remote_code).to(device).eval()
     limit = max_positions(model.config) or 2048
     if config.max_length > limit:
-        raise DistillError(f"--max-length {config.max_length} exceeds the model's {limit} positions")
+        raise DistillError(f"--max-length {config.max_length} exceeds the model's {limit} positions; "
+                           "lower it, or pass 0 for the model's maximum")
     scorer = Scorer(model, tokenizer, device, config.batch_size, config.max_length or limit)
     started = time.time()
     samples: list[dict] = []
@@ -387,7 +412,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         elif task in QA_TASKS:
             results[task] = eval_qa(scorer, config, task, samples)
         else:
-            results[task] = eval_agreement(scorer, config, samples)
+            results[task] = eval_agreement(scorer, config, samples, *agreement)
         print(f"{task}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in results[task].items()))
     name = config.name or (model_dir.resolve().parent.name if model_dir.name == "model" else model_dir.resolve().name)

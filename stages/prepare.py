@@ -136,6 +136,9 @@ def prepare(config: PrepareConfig) -> Path:
         buffer = flush(buffer, last_rows)
     if not shards:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not reader.stats.documents and reader.stats.skipped_lines:
+            raise DistillError(f"the corpus holds no UTF-8 text: all {reader.stats.skipped_lines} lines were skipped "
+                               "as non-UTF-8 (--skip-bad-utf8); is this a text corpus? convert it to UTF-8")
         raise DistillError(f"the corpus yields {total_tokens} tokens from {reader.stats.documents} documents, "
                            f"fewer than one row of {row_len}; add text or lower --seq-len")
 

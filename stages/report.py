@@ -55,9 +55,11 @@ def load_run(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DistillError(f"{path}: not a JSON file ({e.msg} at line {e.lineno})") from None
+        raise DistillError(f"{path}: not a JSON file ({e.msg} at line {e.lineno}); pass the files distill eval "
+                           "wrote (rerun it if this one was cut short)") from None
     if not isinstance(data, dict) or "tasks" not in data or "name" not in data:
-        raise DistillError(f"{path}: not a `distill eval` result (no 'name' and 'tasks')")
+        raise DistillError(f"{path}: not a `distill eval` result (no 'name' and 'tasks'); pass the files "
+                           "distill eval wrote")
     return data
 
 
@@ -145,7 +147,11 @@ def bar_chart(runs, cols, title: str, ylabel: str, path: Path, percent: bool) ->
 def make_report(config: ReportConfig) -> Path:
     paths = []
     for p in map(Path, config.runs):
-        paths += sorted(p.glob("*.json")) if p.is_dir() else [p]
+        found = sorted(p.glob("*.json")) if p.is_dir() else [p]
+        if not found:
+            raise DistillError(f"{p} holds no eval result files (*.json); run distill eval --out {p}/NAME.json "
+                               "first or pass the files themselves")
+        paths += found
     runs = [load_run(p) for p in paths]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ from pipeline.io import atomic_write_text, replace_dir
 from pipeline.loader import Loader, sequential
 from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum
 from pipeline.metrics import MetricsLog
-from pipeline.models import DTYPES, OutputHead, count_parameters, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.store import Store, open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal, stored_teacher
@@ -133,6 +133,7 @@ class TrainConfig:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        problems += device_problems(self.device)
         if self.save_dtype not in DTYPES:
             problems.append(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         check(problems, "student")
@@ -285,7 +286,7 @@ def setup(config: TrainConfig) -> Run | None:
     holds this run finished (nothing is written then)."""
     rank, world, local_rank = distributed()
     out = Path(config.out)
-    resume_from = _claim_out(config, out, rank, world)
+    resume_from = _claim_out(config, out)
     train_store = open_store(config.train_store)
     teacher_source, alpha = _teacher_source(config, train_store)
     tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
@@ -335,6 +336,8 @@ def setup(config: TrainConfig) -> Run | None:
              "train_store_params": train_store.params}
     metrics = None
     if rank == 0:
+        if config.overwrite and out.exists():
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(config, out / "config.json", facts)
         metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None)
@@ -342,13 +345,13 @@ def setup(config: TrainConfig) -> Run | None:
                wrapped, optimizer, scheduler, loader, start_step, tokens_seen, facts, metrics)
 
 
-def _claim_out(config: TrainConfig, out: Path, rank: int, world: int) -> Path | None:
-    """Start over (``--overwrite``), or the checkpoint to resume from; refuse to mix two runs in OUT."""
+def _claim_out(config: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from; refuse to mix two runs in OUT. With ``--overwrite`` there is
+    none: OUT is removed at the end of setup, once every check has passed, so a run refused for a
+    bad input leaves the earlier one intact."""
+    if config.overwrite:
+        return None
     ckpt_dir = out / "checkpoints"
-    if config.overwrite and out.exists() and rank == 0:
-        shutil.rmtree(out)
-    if world > 1:
-        dist.barrier()
     resume_from = checkpoint.resolve(ckpt_dir, config.resume)
     if resume_from is None and (ckpt_dir.exists() or (out / "metrics.jsonl").exists()) and config.resume != "auto":
         raise DistillError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start over")

@@ -34,7 +34,7 @@ from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256
-from pipeline.models import WEIGHT_FILES, OutputHead, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.models import WEIGHT_FILES, OutputHead, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
 from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
@@ -109,6 +109,7 @@ class TeacherConfig:
             problems.append(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        problems += device_problems(self.device)
         if self.overwrite and self.num_shards > 1:
             problems.append("--overwrite with --num-shards > 1 would let jobs delete each other's work; "
                             "delete the store once before launching the array")

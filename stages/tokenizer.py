@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,13 @@ def train_tokenizer(config: TokenizerConfig) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     from pipeline.tokenizer import train_bpe
 
-    train_bpe(iter(reader), config.vocab_size, tmp, config.min_frequency)
-    if reader.stats.documents == 0:
-        raise DistillError("the corpus holds no documents; check --input and --text-field")
-    save_resolved(config, tmp / "distill_config.json", {"documents": reader.stats.documents})
+    try:
+        train_bpe(iter(reader), config.vocab_size, tmp, config.min_frequency)
+        if reader.stats.documents == 0:
+            raise DistillError("the corpus holds no documents; check --input and --text-field")
+        save_resolved(config, tmp / "distill_config.json", {"documents": reader.stats.documents})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made is left beside OUT
+        raise
     replace_dir(tmp, out)
     return out

@@ -24,24 +24,32 @@ def heldout_docs() -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
-@pytest.fixture
-def small_corpus(tmp_path, heldout_docs) -> Path:
-    """A real-text JSONL corpus of 60 held-out documents (about 18k tokens)."""
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in heldout_docs[:60]))
+def write_corpus(path: Path, docs: list[str]) -> Path:
+    """``docs`` as a JSONL corpus (text under "text")."""
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     return path
 
 
-@pytest.fixture
-def tiny_model_config(tmp_path) -> Path:
+def write_tiny_model_config(path: Path) -> Path:
     """A Llama of ~0.3M parameters at the project's vocabulary: fast enough for loop tests on CPU."""
-    path = tmp_path / "tiny.json"
     path.write_text(json.dumps({
         "model_type": "llama", "vocab_size": 8192, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
         "max_position_embeddings": 128, "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0,
     }))
     return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path, heldout_docs) -> Path:
+    """A real-text JSONL corpus of 60 held-out documents (about 18k tokens)."""
+    return write_corpus(tmp_path / "corpus.jsonl", heldout_docs[:60])
+
+
+@pytest.fixture
+def tiny_model_config(tmp_path) -> Path:
+    """:func:`write_tiny_model_config` in the test's directory."""
+    return write_tiny_model_config(tmp_path / "tiny.json")
 
 
 def make_teacher(path, vocab=8192, padded_argmax=False, scale=40.0):

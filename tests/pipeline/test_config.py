@@ -17,9 +17,12 @@ def test_precedence_defaults_file_flags(tmp_path):
 
 def test_unknown_keys_are_errors(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"train_store": "s", "out": "o", "learning_rate": 1}))
-    with pytest.raises(DistillError, match="unknown keys learning_rate"):
+    path.write_text(json.dumps({"train_store": "s", "out": "o", "learning_rate": 1, "max_step": 3}))
+    with pytest.raises(DistillError) as e:
         load_config(TrainConfig, path)
+    # each unknown key with the closest known one, where there is one; the known keys where there is not
+    assert "unknown keys learning_rate, max_step (did you mean 'max_steps'?); rename or remove them" in str(e.value)
+    assert "known keys: train_store, eval_store" in str(e.value)
 
 
 def test_all_problems_reported_at_once():

@@ -1,0 +1,373 @@
+"""Bad input across every command (#13, part 4): one case each.
+
+Every case is refused with exit status 2 and exactly one ``error: …`` line (no traceback) that says
+what is wrong and what to do, and nothing is written or damaged: the inputs (the shared stores,
+models and corpus, and whatever a case copied and spoiled) are byte-identical afterwards and the
+output path does not exist (or, where it did, is byte-identical).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from tests.conftest import (TOKENIZER, make_teacher, one_line_error, run_cli, tree_digest, write_corpus,
+                            write_tiny_model_config)
+
+ROWS = ("--rows-per-shard", "8", "--chunk-rows", "4")
+
+
+def ok(result) -> None:
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, heldout_docs) -> Path:
+    """Built once, never written by a case: a corpus, tokens stores (rows of 32 and of 256 tokens, the
+    latter above the models' 128 positions), a tiny teacher (and a copy with its tokenizer, to
+    evaluate), a sampled and a topk store from it, a tokenizer of another vocabulary (300 ids) and a
+    tiny student config."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    corpus = write_corpus(root / "corpus.jsonl", heldout_docs[:20])
+    for name, seq_len in (("tokens", "32"), ("long", "256")):
+        ok(run_cli("prepare", "--input", corpus, "--out", root / name, "--tokenizer", TOKENIZER,
+                   "--seq-len", seq_len, "--rows-per-shard", "32", "--chunk-rows", "8"))
+    make_teacher(root / "teacher")
+    shutil.copytree(root / "teacher", root / "model")  # a model directory as eval reads one: with its tokenizer
+    shutil.copytree(TOKENIZER, root / "model", dirs_exist_ok=True)
+    teacher = ("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--max-rows", "16", *ROWS)
+    ok(run_cli(*teacher, "--out", root / "sampled", "--samples", "4"))
+    ok(run_cli(*teacher, "--out", root / "topk", "--kind", "topk", "--top-k", "8"))
+    ok(run_cli("tokenizer", "--input", corpus, "--out", root / "other-tokenizer", "--vocab-size", "300"))
+    write_tiny_model_config(root / "tiny.json")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shared_digest(shared) -> str:
+    return tree_digest(shared)
+
+
+class Case:
+    """What a case builds its command from: the shared inputs (read only), copies of them it may
+    spoil, files it writes, and ``out``, the output path that must not appear."""
+
+    def __init__(self, shared: Path, tmp: Path):
+        self.shared, self.tmp = shared, tmp
+        self.out = tmp / "out"
+        self.corpus, self.tiny = shared / "corpus.jsonl", shared / "tiny.json"
+        self.tokens, self.long, self.sampled, self.topk = (shared / n for n in ("tokens", "long", "sampled", "topk"))
+        self.teacher, self.model, self.other_tokenizer = (shared / n for n in ("teacher", "model", "other-tokenizer"))
+
+    def copy(self, name: str) -> Path:
+        source, target = self.shared / name, self.tmp / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        return target
+
+    def write(self, name: str, content: str | bytes) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        return path
+
+    def store_with(self, name: str, edit: Callable[[dict], None] | str, index: str = "index.json") -> Path:
+        """A copy of shared store ``name`` whose ``index`` (a JSON file in it) ``edit`` changed, or
+        replaced with the text ``edit``."""
+        store = self.copy(name)
+        if isinstance(edit, str):
+            (store / index).write_text(edit)
+        else:
+            body = json.loads((store / index).read_text())
+            edit(body)
+            (store / index).write_text(json.dumps(body))
+        return store
+
+    def teacher_args(self, *flags) -> list:
+        return ["teacher", "--tokens-store", self.tokens, "--teacher", self.teacher, "--out", self.out,
+                "--max-rows", "16", *ROWS, *flags]
+
+    def student_args(self, *flags, store: Path | None = None) -> list:
+        return ["student", "--train-store", store or self.topk, "--model", self.tiny, "--out", self.out,
+                "--max-steps", "2", "--micro-batch-size", "2", "--device", "cpu", *flags]
+
+    def eval_args(self, *flags, model: Path | None = None) -> list:
+        return ["eval", "--model", model or self.model, "--out", self.out, "--device", "cpu", *flags]
+
+
+def without_weights(s: Case) -> Path:
+    """The teacher's directory with its config but no weight files."""
+    model = s.tmp / "no-weights"
+    model.mkdir()
+    shutil.copy(s.teacher / "config.json", model / "config.json")
+    return model
+
+
+def shard_outside(body: dict) -> None:
+    body["shards"][0]["name"] = "../x"
+
+
+def newer_format(body: dict) -> None:
+    body["format_version"] = 99
+
+
+def student_rerun(s: Case, *flags) -> list:
+    """distill student into an OUT holding an earlier run (a checkpoint, metrics), which must stay as it was."""
+    s.write("out/checkpoints/step-00000002/state.pt", b"an earlier run")
+    s.write("out/metrics.jsonl", '{"step": 2}\n')
+    return s.student_args(*flags)
+
+
+CASES = [
+    # ---- the command line itself: one line, a suggestion, where the help is
+    pytest.param(lambda s: s.teacher_args("--tempreature", "2"),
+                 ("No such option: --tempreature (did you mean --temperature?); see 'distill teacher --help'",),
+                 id="cli-unknown-flag-suggests"),
+    pytest.param(lambda s: s.teacher_args("--top-k", "many"), ("Invalid value for '--top-k'", "see 'distill teacher --help'"),
+                 id="cli-flag-not-an-int"),
+    pytest.param(lambda s: s.student_args("--alpha", "half"), ("Invalid value for '--alpha'", "see 'distill student --help'"),
+                 id="cli-flag-not-a-float"),
+    pytest.param(lambda s: ["teachr", "--out", s.out], ("No such command 'teachr' (did you mean 'teacher'?); see 'distill --help'",),
+                 id="cli-unknown-command"),
+    pytest.param(lambda s: ["merge", s.sampled, s.out], ("unexpected extra argument", "see 'distill merge --help'"),
+                 id="cli-extra-argument"),
+    pytest.param(lambda s: s.eval_args("--tasks"), ("'--tasks' requires an argument; see 'distill eval --help'",),
+                 id="cli-flag-missing-value"),
+    # ---- config files
+    pytest.param(lambda s: s.teacher_args("--config", s.write("c.yaml", "tempreature: 2\n")),
+                 ("unknown key tempreature (did you mean 'temperature'?)", "rename or remove it"),
+                 id="config-typo-suggests"),
+    pytest.param(lambda s: s.student_args("--config", s.write("c.yaml", "alhpa: 0.5\nmax_stpes: 3\nzzz: 1\n")),
+                 ("alhpa (did you mean 'alpha'?)", "max_stpes (did you mean 'max_steps'?)", "zzz;",
+                  "known keys:"), id="config-typos-each-suggested"),
+    pytest.param(lambda s: s.student_args("--config", s.tmp / "missing.yaml"),
+                 ("config file", "does not exist; check the --config path"), id="config-missing"),
+    pytest.param(lambda s: s.student_args("--config", s.write("c.yaml", "lr: [0.1\n")),
+                 ("does not parse as YAML", "fix it"), id="config-does-not-parse"),
+    pytest.param(lambda s: s.student_args("--config", s.write("c.json", '["lr", 0.1]')),
+                 ("holds a list, not a mapping", "option_name: value"), id="config-not-a-mapping"),
+    pytest.param(lambda s: ["prepare", "--config", s.write("c.yaml", "seq_len: long\n"), "--input", s.corpus,
+                            "--out", s.out], ("key 'seq_len' must be int, got 'long'",), id="config-string-for-int"),
+    pytest.param(lambda s: s.student_args("--config", s.write("c.yaml", "lr: [0.1, 0.2]\n")),
+                 ("key 'lr' must be float, got [0.1, 0.2]",), id="config-list-for-float"),
+    pytest.param(lambda s: s.student_args("--config", s.write("c.yaml", "max_steps: true\n")),
+                 ("key 'max_steps' must be int, got True",), id="config-bool-for-int"),
+    pytest.param(lambda s: ["prepare", "--config", s.write("c.yaml", "overwrite: 'yes'\n"), "--input",
+                            s.corpus, "--out", s.out], ("key 'overwrite' must be true or false",),
+                 id="config-string-for-bool"),
+    pytest.param(lambda s: s.teacher_args("--config", s.write("c.yaml", "out: [a, b]\n")),
+                 ("key 'out' must be str",), id="config-list-for-path"),
+    # ---- tokenizer
+    pytest.param(lambda s: ["tokenizer", "--input", s.tmp / "nope.jsonl", "--out", s.out],
+                 ("corpus path", "does not exist; check --input"), id="tokenizer-missing-corpus"),
+    pytest.param(lambda s: ["tokenizer", "--input", s.write("empty.jsonl", ""), "--out", s.out],
+                 ("holds no documents", "check --input"), id="tokenizer-empty-corpus"),
+    pytest.param(lambda s: ["tokenizer", "--input", s.corpus, "--out", s.out, "--vocab-size", "100"],
+                 ("vocab_size must be at least 257",), id="tokenizer-vocab-too-small"),
+    pytest.param(lambda s: ["tokenizer", "--input", s.corpus, "--out", s.write("out/x", "keep")],
+                 ("already exists; pass --overwrite",), id="tokenizer-out-exists"),
+    # ---- prepare
+    pytest.param(lambda s: ["prepare", "--input", s.tmp / "nope.jsonl", "--out", s.out],
+                 ("corpus path", "does not exist; check --input"), id="prepare-missing-corpus"),
+    pytest.param(lambda s: ["prepare", "--input", s.write("empty.jsonl", "\n"), "--out", s.out],
+                 ("fewer than one row", "add text"), id="prepare-empty-corpus"),
+    pytest.param(lambda s: ["prepare", "--input", s.write("latin1.txt", "caf\xe9 cr\xe8me\n".encode("latin-1")),
+                            "--out", s.out],
+                 ("not UTF-8 at byte 3 (line 1)", "--skip-bad-utf8"), id="prepare-non-utf8"),
+    pytest.param(lambda s: ["prepare", "--input", s.write("binary.txt", bytes(range(128, 256)) * 64),
+                            "--out", s.out, "--skip-bad-utf8"],
+                 ("holds no UTF-8 text: all 1 lines were skipped", "convert it to UTF-8"), id="prepare-not-text-at-all"),
+    pytest.param(lambda s: ["prepare", "--input", s.write("corpus.jsonl.gz", b"not gzip"), "--out", s.out],
+                 ("cannot read", "check the file is complete"), id="prepare-corrupt-gzip"),
+    pytest.param(lambda s: ["prepare", "--input", s.write("corpus.csv", "a,b\n"), "--out", s.out],
+                 ("is not one of .txt", "rename or convert it"), id="prepare-unsupported-file"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--text-field", "body"],
+                 ("no 'body' field", "pass --text-field"), id="prepare-missing-text-field"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--tokenizer", s.tmp / "nope"],
+                 ("tokenizer path", "does not exist"), id="prepare-missing-tokenizer"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--seq-len", "1"],
+                 ("seq_len must be at least 2",), id="prepare-seq-len-1"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--backend", "parquet"],
+                 ("backend must be one of zarr, arrow, got 'parquet'",), id="prepare-bad-backend"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--txt-documents", "line"],
+                 ("txt_documents must be 'file' or 'paragraph'",), id="prepare-bad-txt-documents"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--batch-documents", "0"],
+                 ("batch_documents must be positive",), id="prepare-batch-documents-0"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.copy("tokens"), "--seq-len", "64",
+                            "--rows-per-shard", "32", "--chunk-rows", "8"],
+                 ("already holds a store built differently", "seq_len: 32 vs 64", "pass --overwrite"),
+                 id="prepare-out-holds-other-store"),
+    # ---- teacher (stage one)
+    pytest.param(lambda s: s.teacher_args("--temperature", "0"), ("temperature must be > 0",),
+                 id="teacher-temperature-0"),
+    pytest.param(lambda s: s.teacher_args("--kind", "topk", "--top-k", "0"), ("top_k must be at least 1",),
+                 id="teacher-top-k-0"),
+    pytest.param(lambda s: s.teacher_args("--kind", "topk", "--top-k", "9000"),
+                 ("--top-k 9000 is larger than the vocabulary (8192 ids); lower it",), id="teacher-top-k-above-vocab"),
+    pytest.param(lambda s: s.teacher_args("--samples", "0"), ("samples must be in [1, 65535], got 0",),
+                 id="teacher-samples-0"),
+    pytest.param(lambda s: s.teacher_args("--batch-size", "0"), ("batch_size must be at least 1",),
+                 id="teacher-batch-size-0"),
+    pytest.param(lambda s: s.teacher_args("--kind", "dense"), ("kind must be topk or sampled, got 'dense'",),
+                 id="teacher-bad-kind"),
+    pytest.param(lambda s: s.teacher_args("--dtype", "float8"), ("dtype must be float32, bfloat16 or float16",),
+                 id="teacher-bad-dtype"),
+    pytest.param(lambda s: s.teacher_args("--device", "tpu"), ("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'",),
+                 id="teacher-bad-device"),
+    pytest.param(lambda s: s.teacher_args("--device", "cuda"), ("no CUDA device is visible; use --device cpu",),
+                 id="teacher-cuda-without-gpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+    pytest.param(lambda s: s.teacher_args("--shard-index", "2", "--num-shards", "2"),
+                 ("shard_index must be in [0, 2), got 2",), id="teacher-shard-index-out-of-range"),
+    pytest.param(lambda s: ["teacher", "--tokens-store", s.tmp / "nope", "--teacher", s.teacher, "--out", s.out],
+                 ("does not exist; run the stage that writes it first",), id="teacher-missing-tokens-store"),
+    pytest.param(lambda s: s.teacher_args("--teacher", s.tmp / "nope"),
+                 ("is not a local Hugging Face model directory with weights",), id="teacher-missing-teacher-dir"),
+    pytest.param(lambda s: s.teacher_args("--teacher", without_weights(s)),
+                 ("is not a local Hugging Face model directory with weights",), id="teacher-dir-without-weights"),
+    pytest.param(lambda s: ["teacher", "--tokens-store", s.topk, "--teacher", s.teacher, "--out", s.out],
+                 ("is a 'topk' store, expected 'tokens'",), id="teacher-topk-store-as-tokens"),
+    pytest.param(lambda s: ["teacher", "--tokens-store", s.long, "--teacher", s.teacher, "--out", s.out, *ROWS],
+                 ("sequence length 256, above the teacher's maximum of 128 positions", "--seq-len 128"),
+                 id="teacher-rows-too-long"),
+    pytest.param(lambda s: s.teacher_args("--tokenizer", s.other_tokenizer),
+                 ("made with another tokenizer", "pass the tokenizer it was prepared with"),
+                 id="teacher-tokenizer-of-another-vocab"),
+    pytest.param(lambda s: ["teacher", "--tokens-store", s.store_with("tokens", shard_outside), "--teacher",
+                            s.teacher, "--out", s.out], ("names shard '../x', which is not a plain file name",),
+                 id="teacher-index-points-outside"),
+    pytest.param(lambda s: ["teacher", "--tokens-store", s.store_with("tokens", '{"kind": "tok'), "--teacher",
+                            s.teacher, "--out", s.out], ("index.json does not parse",),
+                 id="teacher-index-does-not-parse"),
+    pytest.param(lambda s: ["teacher", "--tokens-store", s.store_with("tokens", newer_format), "--teacher", s.teacher,
+                            "--out", s.out], ("has format version 99",), id="teacher-newer-format"),
+    pytest.param(lambda s: ["teacher", "--tokens-store", s.tokens, "--teacher", s.teacher, "--out", s.copy("sampled"),
+                            "--max-rows", "16", *ROWS, "--samples", "8"],
+                 ("already holds a store built differently", "samples: 4 vs 8", "pass --overwrite"),
+                 id="teacher-out-holds-other-store"),
+    # ---- merge
+    pytest.param(lambda s: ["merge", s.write("not-a-store/notes.txt", "hello").parent],
+                 ("holds no partial indexes; run distill teacher first",), id="merge-not-a-store"),
+    pytest.param(lambda s: ["merge", s.tmp / "nope"], ("does not exist; run distill teacher first",),
+                 id="merge-missing-dir"),
+    pytest.param(lambda s: ["merge", s.store_with("sampled", shard_outside, "index.part-00000-of-00001.json")],
+                 ("names shard '../x', which is not a plain file name",), id="merge-partial-index-points-outside"),
+    # ---- inspect
+    pytest.param(lambda s: ["inspect", s.tmp / "nope"], ("does not exist",), id="inspect-missing-dir"),
+    pytest.param(lambda s: ["inspect", s.store_with("topk", "{")], ("index.json does not parse",),
+                 id="inspect-index-does-not-parse"),
+    pytest.param(lambda s: ["inspect", s.store_with("topk", shard_outside)], ("which is not a plain file name",),
+                 id="inspect-index-points-outside"),
+    pytest.param(lambda s: ["inspect", s.store_with("sampled", newer_format), "--verify"], ("format version 99",),
+                 id="inspect-newer-format"),
+    # ---- student / train (stage two)
+    pytest.param(lambda s: s.student_args("--alpha", "-0.1"), ("alpha must be in [0, 1], got -0.1",),
+                 id="student-alpha-below-0"),
+    pytest.param(lambda s: ["train", *s.student_args("--alpha", "1.5")[1:]], ("alpha must be in [0, 1], got 1.5",),
+                 id="train-alpha-above-1"),
+    pytest.param(lambda s: s.student_args("--temperature", "-1"), ("temperature must be > 0",),
+                 id="student-temperature-negative"),
+    pytest.param(lambda s: s.student_args("--temperature", "3"), ("not in the store's grid (1, 2)",),
+                 id="student-temperature-off-grid"),
+    pytest.param(lambda s: s.student_args("--micro-batch-size", "0"), ("micro_batch_size must be at least 1, got 0",),
+                 id="student-micro-batch-0"),
+    pytest.param(lambda s: s.student_args("--tail", "cut"), ("tail must be one of",), id="student-bad-tail"),
+    pytest.param(lambda s: s.student_args("--dtype", "float16"), ("dtype must be float32 or bfloat16",),
+                 id="student-bad-dtype"),
+    pytest.param(lambda s: s.student_args("--device", "gpu"), ("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'",),
+                 id="student-bad-device"),
+    pytest.param(lambda s: s.student_args(store=s.tmp / "nope"), ("does not exist; run the stage that writes it",),
+                 id="student-missing-train-store"),
+    pytest.param(lambda s: s.student_args("--eval-store", s.tmp / "nope"), ("does not exist",),
+                 id="student-missing-eval-store"),
+    pytest.param(lambda s: s.student_args("--model", s.tmp / "nope.json"),
+                 ("neither a model config file nor a local Hugging Face directory", "check the path"),
+                 id="student-missing-model-config"),
+    pytest.param(lambda s: s.student_args("--model", s.write("bad.json", '{"model_type": ')),
+                 ("model config", "does not parse", "fix it"), id="student-model-config-does-not-parse"),
+    pytest.param(lambda s: s.student_args("--alpha", "0.5", store=s.tokens),
+                 ("holds no teacher predictions", "--alpha 1"), id="student-tokens-store-needs-teacher"),
+    pytest.param(lambda s: s.student_args("--alpha", "1", store=s.long),
+                 ("sequence length 256, above the model's maximum of 128 positions", "--seq-len 128"),
+                 id="student-rows-too-long"),
+    pytest.param(lambda s: s.student_args("--tokenizer", s.other_tokenizer),
+                 ("made with another tokenizer", "pass the tokenizer it was prepared with"),
+                 id="student-tokenizer-of-another-vocab"),
+    pytest.param(lambda s: s.student_args(store=s.store_with("topk", shard_outside)),
+                 ("which is not a plain file name",), id="student-index-points-outside"),
+    pytest.param(lambda s: s.student_args("--direction", "reverse", store=s.sampled),
+                 ("reverse",), id="student-reverse-on-drawn-targets"),
+    pytest.param(lambda s: s.student_args("--resume", s.tmp / "nowhere"),
+                 ("no checkpoint there", "pass --resume auto"), id="student-resume-without-checkpoint"),
+    pytest.param(lambda s: student_rerun(s, "--temperature", "3", "--overwrite"),
+                 ("not in the store's grid",), id="student-overwrite-keeps-old-run-on-error"),
+    pytest.param(lambda s: student_rerun(s),
+                 ("already holds a run", "--resume auto", "--overwrite"), id="student-out-holds-run"),
+    # ---- eval
+    pytest.param(lambda s: s.eval_args(model=s.tmp / "nope"), ("not a local Hugging Face directory with weights",
+                                                             "check the path"), id="eval-missing-model"),
+    pytest.param(lambda s: s.eval_args(model=without_weights(s)), ("not a local Hugging Face directory with weights",),
+                 id="eval-model-without-weights"),
+    pytest.param(lambda s: s.eval_args(model=s.teacher), ("cannot load a tokenizer from", "tokenizer.json"),
+                 id="eval-model-without-tokenizer"),
+    pytest.param(lambda s: s.eval_args("--tasks", "agreement", "--agreement", s.tokens),
+                 ("is a 'tokens' store", "distill teacher --kind topk"), id="eval-agreement-tokens-store"),
+    pytest.param(lambda s: s.eval_args("--tasks", "lambada,agreement", "--agreement", s.sampled),
+                 ("is a 'sampled' store", "distill teacher --kind topk"), id="eval-agreement-sampled-store"),
+    pytest.param(lambda s: s.eval_args("--tasks", "agreement", "--agreement", s.topk,
+                                       "--agreement-temperature", "3"),
+                 ("not in the store's grid",), id="eval-agreement-temperature-off-grid"),
+    pytest.param(lambda s: s.eval_args("--max-length", "4096"),
+                 ("--max-length 4096 exceeds the model's 128 positions", "0 for the model's maximum"),
+                 id="eval-max-length-too-long"),
+    pytest.param(lambda s: s.eval_args("--batch-size", "0"), ("batch_size must be at least 1",),
+                 id="eval-batch-size-0"),
+    pytest.param(lambda s: s.eval_args("--tasks", "squad"), ("unknown task(s) squad; choose from",),
+                 id="eval-unknown-task"),
+    pytest.param(lambda s: s.eval_args("--dtype", "int8"), ("dtype must be one of",), id="eval-bad-dtype"),
+    pytest.param(lambda s: s.eval_args("--tasks", "heldout", "--heldout", s.tmp / "nope.jsonl"),
+                 ("corpus path", "does not exist; check --heldout"), id="eval-missing-heldout-file"),
+    pytest.param(lambda s: s.eval_args("--tasks", "heldout,lambada", "--lambada", s.tmp / "nope.jsonl"),
+                 ("no such task file", "with --lambada"), id="eval-missing-task-file"),
+    # ---- report
+    pytest.param(lambda s: ["report", s.write("evals/notes.txt", "").parent, "--out", s.out],
+                 ("holds no eval result files", "run distill eval --out"), id="report-no-eval-files"),
+    pytest.param(lambda s: ["report", s.write("a.json", '{"name": "a", "tasks": '), "--out", s.out],
+                 ("not a JSON file", "pass the files distill eval wrote"), id="report-eval-json-does-not-parse"),
+    pytest.param(lambda s: ["report", s.tmp / "missing.json", "--out", s.out],
+                 ("no such eval result", "run `distill eval"), id="report-missing-eval-file"),
+    pytest.param(lambda s: ["report", s.write("a.json", "[1, 2]"), "--out", s.out],
+                 ("not a `distill eval` result",), id="report-not-an-eval-result"),
+    pytest.param(lambda s: ["report", "--out", s.out], ("no eval result files given",), id="report-no-runs"),
+]
+
+
+def snapshot(root: Path) -> tuple[str, list[str]]:
+    """Every file's bytes and every path, directories too (an empty leftover temp directory counts)."""
+    return tree_digest(root), sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("build, phrases", CASES)
+def test_bad_input_is_one_line_and_touches_nothing(shared, shared_digest, tmp_path, build, phrases):
+    case = Case(shared, tmp_path)
+    args = build(case)
+    out_existed = case.out.exists()
+    before = snapshot(tmp_path)
+    message = one_line_error(run_cli(*args))
+    for phrase in phrases:
+        assert phrase in message, message
+    assert snapshot(tmp_path) == before, f"{message}\nsomething was written or changed"
+    assert case.out.exists() == out_existed
+    assert tree_digest(shared) == shared_digest
+
+
+def test_at_least_34_cases_cover_every_command():
+    assert len(CASES) >= 34
+    ids = [c.id for c in CASES]
+    assert len(set(ids)) == len(ids)
+    for command in ("cli", "config", "tokenizer", "prepare", "teacher", "merge", "inspect", "student", "train",
+                    "eval", "report"):
+        assert any(i.startswith(command + "-") for i in ids), command
