@@ -67,8 +67,11 @@ def load_model(spec: str | Path, dtype: str = "float32", trust_remote_code: bool
         try:
             return AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise DistillError(f"cannot load model weights from {path}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # a missing, truncated or corrupt weight file (safetensors' own error type too)
+            if isinstance(e, DistillError):
+                raise
+            raise DistillError(f"cannot load model weights from {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                               "the weight files may be corrupt or incomplete: copy or save them again") from None
     config = hf_config(path, trust_remote_code)
     return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
 

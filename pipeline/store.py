@@ -437,7 +437,7 @@ def safe_child(root: Path, name: str) -> Path:
     """``root / name`` for a plain entry name; an index may never point outside its store."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
         raise DistillError(f"store {root}: index names shard '{name}', which is not a plain file name; "
-                           "the index is corrupt or hostile")
+                           "the index is corrupt or hostile: do not use this store; rebuild it from its source")
     return root / name
 
 
@@ -458,7 +458,8 @@ def open_store(path: str | os.PathLike, kind: str | None = None, check: bool = T
         raise DistillError(f"store {root} has format version {version}, this distill reads "
                            f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade distill or rebuild the store")
     if kind is not None and index.get("kind") != kind:
-        raise DistillError(f"store {root} is a '{index.get('kind')}' store, expected '{kind}'")
+        raise DistillError(f"store {root} is a '{index.get('kind')}' store, expected a '{kind}' store; "
+                           "pass the path of one (distill inspect STORE tells a store's kind)")
     if index.get("backend") not in BACKENDS:
         raise DistillError(f"store {root}: unknown backend {index.get('backend')!r}")
     _check_entries(root, index)

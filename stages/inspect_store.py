@@ -26,6 +26,8 @@ class InspectConfig:
 
     def __post_init__(self):
         problems = [] if self.store else ["no store given"]
+        if self.max_rows < 0:
+            problems.append(f"max_rows must be 0 (all) or a positive number of rows, got {self.max_rows}")
         if self.repair and not self.verify:
             problems.append("--repair acts on what --verify finds: pass --verify --repair")
         check(problems, "inspect")

@@ -193,7 +193,8 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
         raise DistillError(f"--top-k {config.top_k} is larger than the vocabulary ({vocab} ids); lower it")
     teacher_dir = Path(config.teacher)
     if not has_weights(teacher_dir):
-        raise DistillError(f"teacher {teacher_dir} is not a local Hugging Face model directory with weights")
+        raise DistillError(f"teacher {teacher_dir} is not a local Hugging Face model directory with weights; pass "
+                           "--teacher a directory written by save_pretrained (config.json and model.safetensors)")
     teacher_config = hf_config(teacher_dir, config.trust_remote_code)
     check_output_rows("teacher", teacher_dir, teacher_config.vocab_size, vocab, "they do not belong together",
                       max_padding=max(1024, vocab // 10))
@@ -206,9 +207,19 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     if decision == "done":
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
         return None
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = store_lib.JobLock(out, config.shard_index, config.num_shards)  # one process per job at a time
-    if decision == "replace":
+    try:
+        device = resolve_device(config.device)
+        kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
+        model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
+    except BaseException:  # unreadable weights, no compiler, ...: leave OUT as it was
+        lock.release()
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if decision == "replace":  # only now that the teacher has loaded
         for path in out.iterdir():
             if path != lock.path:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -217,17 +228,13 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     part_path = store_lib.partial_index_path(out, config.shard_index, config.num_shards)
     done = {e["name"]: e for e in store_lib.read_partial_index(part_path).get("shards", [])
             if (out / e["name"]).exists()}
+    owned = [store_lib.shard_name(j, config.backend) for j in range(config.shard_index, n_total, config.num_shards)]
     todo = [j for j in range(config.shard_index, n_total, config.num_shards)
             if store_lib.shard_name(j, config.backend) not in done]
-    owned = [store_lib.shard_name(j, config.backend) for j in range(config.shard_index, n_total, config.num_shards)]
     lock.remove_stale_temps([*owned, part_path.name, f"config.part-{config.shard_index:05d}.json"])
     arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"]["input_ids"]["dtype"], vocab)
     save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
                   {"params": params, "shards_planned": n_total})
-
-    device = resolve_device(config.device)
-    kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
-    model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
     probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
     return TeacherJob(config, out, tokens, params, arrays, vocab, n_rows, todo, done, OutputHead(model, probe),
                       device, kernel, lock)

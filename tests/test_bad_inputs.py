@@ -107,6 +107,14 @@ def without_weights(s: Case) -> Path:
     return model
 
 
+def corrupt_weights(s: Case) -> Path:
+    """The teacher's directory with its weight file cut in half (a copy that died mid-transfer)."""
+    model = s.copy("teacher")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return model
+
+
 def shard_outside(body: dict) -> None:
     body["shards"][0]["name"] = "../x"
 
@@ -228,8 +236,10 @@ CASES = [
                  ("is not a local Hugging Face model directory with weights",), id="teacher-missing-teacher-dir"),
     pytest.param(lambda s: s.teacher_args("--teacher", without_weights(s)),
                  ("is not a local Hugging Face model directory with weights",), id="teacher-dir-without-weights"),
+    pytest.param(lambda s: s.teacher_args("--teacher", corrupt_weights(s)), ("weights", "corrupt"),
+                 id="teacher-corrupt-weights"),
     pytest.param(lambda s: ["teacher", "--tokens-store", s.topk, "--teacher", s.teacher, "--out", s.out],
-                 ("is a 'topk' store, expected 'tokens'",), id="teacher-topk-store-as-tokens"),
+                 ("is a 'topk' store, expected a 'tokens' store; pass",), id="teacher-topk-store-as-tokens"),
     pytest.param(lambda s: ["teacher", "--tokens-store", s.long, "--teacher", s.teacher, "--out", s.out, *ROWS],
                  ("sequence length 256, above the teacher's maximum of 128 positions", "--seq-len 128"),
                  id="teacher-rows-too-long"),
@@ -263,6 +273,10 @@ CASES = [
                  id="inspect-index-points-outside"),
     pytest.param(lambda s: ["inspect", s.store_with("sampled", newer_format), "--verify"], ("format version 99",),
                  id="inspect-newer-format"),
+    pytest.param(lambda s: ["inspect", s.sampled, "--max-rows", "-1"], ("max_rows must be 0 (all) or a positive",),
+                 id="inspect-negative-max-rows"),
+    pytest.param(lambda s: ["inspect", s.sampled, "--repair"], ("pass --verify --repair",),
+                 id="inspect-repair-without-verify"),
     # ---- student / train (stage two)
     pytest.param(lambda s: s.student_args("--alpha", "-0.1"), ("alpha must be in [0, 1], got -0.1",),
                  id="student-alpha-below-0"),
