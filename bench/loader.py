@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -108,6 +109,7 @@ def main() -> None:
             "gpu_step_tokens_per_s": gpu_need,
             "gpu_workers_to_keep_up": math.ceil(gpu_need / one_worker) if gpu_need else None,
         }
+    shutil.rmtree(work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": args.rows, "batch": [16, 256], "stores": results}, indent=2) + "\n")
     print(json.dumps(results, indent=2))
