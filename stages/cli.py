@@ -94,6 +94,8 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
     )]
     types = field_types(config_cls)
     for field in dataclasses.fields(config_cls):
+        if field.metadata.get("file_only"):  # a mapping or list: only a --config file can hold it
+            continue
         option_flag = flag(field.name)
         decls = [f"{option_flag}/--no-{option_flag[2:]}"] if types[field.name] is bool else [option_flag]
         default = field.default if not isinstance(field.default, tuple) else list(field.default)
@@ -132,7 +134,7 @@ def _close_progress_bars() -> None:
 
 def _register() -> None:
     from stages import eval as eval_stage
-    from stages import inspect_store, prepare, report, student, teacher, tokenizer
+    from stages import inspect_store, prepare, report, slurm, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
@@ -159,6 +161,9 @@ def _register() -> None:
     stage_command("report", report.ReportConfig, report.make_report,
                   "Tables and figures comparing evaluated models (teacher, students, CE-only).",
                   positional=("runs",))
+    stage_command("slurm", slurm.SlurmConfig, slurm.slurm,
+                  "Write (and with --submit, submit) the pipeline as SLURM jobs: a stage-one array, merge, "
+                  "stage two under torchrun, eval and report, chained by dependencies.")
 
 
 _register()
