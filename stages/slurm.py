@@ -383,7 +383,7 @@ def slurm(config: SlurmConfig) -> dict[str, str] | None:
     write(plan, out, raw)
     print(f"{out}: wrote {', '.join(SCRIPTS.values())} (stage one: {plan.resources['teacher']['array']} tasks)")
     if not config.submit:
-        print(f"submit them with: distill slurm --config ... --out {out} --submit "
-              f"(or sbatch each, chained with --dependency=afterok:ID)")
+        print("run it again with --submit to submit them in order (or sbatch each, chained with "
+              "--dependency=afterok:ID)")
         return None
     return submit(out, list(SCRIPTS))
