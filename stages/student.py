@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.init import init_from_teacher_layers
-from pipeline.io import atomic_write_text, replace_dir
+from pipeline.io import atomic_write_text, remove_leftovers, replace_dir
 from pipeline.loader import Loader, sequential
 from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum
 from pipeline.metrics import MetricsLog
@@ -572,9 +573,10 @@ def load_state(model, optimizer, state: dict, sharded: bool) -> None:
 
 
 def save_model(model, state: dict, tokenizer, path: Path, dtype: str) -> None:
-    """``save_pretrained`` (safetensors) plus the tokenizer, written to a temp name and renamed."""
+    """``save_pretrained`` (safetensors) plus the tokenizer, written to a temp name and renamed; what
+    an earlier killed save left is removed first."""
     tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_leftovers(path.parent, re.escape(path.name))
     converted: dict[int, torch.Tensor] = {}  # by storage, so tied weights stay one tensor (saved once)
     for v in state.values():
         if v.data_ptr() not in converted:
