@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 
 from pipeline.config import field_types, flag, load_config, split_list
 from pipeline.errors import DistillError
+from pipeline.io import disk_full, disk_full_message
 
 # click's exceptions, from the click typer runs on (newer typers vendor their own copy)
 click_errors = importlib.import_module(typer.BadParameter.__module__)
@@ -117,6 +118,12 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
         except DistillError as e:
             _close_progress_bars()
             typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        except OSError as e:  # a full disk or quota is the user's to fix: one line; any other OSError is a bug
+            if disk_full(e) is None:
+                raise
+            _close_progress_bars()
+            typer.echo(f"error: {disk_full_message(e, overrides.get('out'))}", err=True)
             raise typer.Exit(2)
 
     command.__signature__ = inspect.Signature(params)
