@@ -264,6 +264,7 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
     student += prologue(plan) + [
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host',
         "export head",
+        f"rm -f {q(preempted)}  # written again only if this run is pre-empted",
         "status=0",
         "# torchrun ignores USR1 (set before exec, inherited), so the signal reaches only the trainers",
         f"srun --ntasks-per-node=1 bash -c {shlex.quote(IGNORE_USR1 + launch)} || status=$?",
