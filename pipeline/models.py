@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import importlib.util
 import json
 import re
 import sys
@@ -56,21 +58,30 @@ def has_weights(path: Path) -> bool:
     return path.is_dir() and any((path / name).exists() for name in WEIGHT_FILES)
 
 
-def load_model(spec: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(spec: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+               device_map: str | dict | None = None, max_memory: dict | None = None):
     """A causal LM: pretrained weights when ``spec`` is a directory holding them, else freshly
-    initialised from the config (seed torch first for reproducible initialisation)."""
+    initialised from the config (seed torch first for reproducible initialisation). ``device_map``
+    (a preset such as ``"auto"`` or a mapping module → device, see :func:`read_device_map`) loads the
+    weights straight onto their devices through accelerate, and ``max_memory`` caps a preset's use
+    of each device."""
     from transformers import AutoModelForCausalLM
 
     path = Path(spec)
     torch_dtype = DTYPES[dtype]
     if has_weights(path):
+        placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
         try:
             return AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code)
+                str(path), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code, **placement)
         except Exception as e:  # a missing, truncated or corrupt weight file (safetensors' own error type too)
             if isinstance(e, DistillError):
                 raise
-            raise DistillError(f"cannot load model weights from {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if device_map is not None:  # the map is as likely the cause as the files
+                raise DistillError(f"cannot load model weights from {path} with device map {device_map!r} ({reason}); "
+                                   "check the map and the devices' memory, or the weight files") from None
+            raise DistillError(f"cannot load model weights from {path} ({reason}); "
                                "the weight files may be corrupt or incomplete: copy or save them again") from None
     config = hf_config(path, trust_remote_code)
     return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -87,6 +98,147 @@ def max_positions(config) -> int | None:
 def count_parameters(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def skeleton(config, trust_remote_code: bool = False):
+    """The model a transformers config describes, built on the meta device: its modules and
+    parameter shapes without memory or weights (a 70B config takes seconds)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+# ------------------------------------------------------------------ a model over several devices
+
+DEVICE_MAP_PRESETS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, as transformers takes them
+
+
+def accelerate_problems() -> list[str]:
+    if importlib.util.find_spec("accelerate") is None:
+        return ["--device-map needs accelerate, which is not installed: pip install 'accelerate>=0.26'"]
+    return []
+
+
+def read_device_map(spec: str | dict) -> str | dict[str, int | str]:
+    """``--device-map`` as transformers takes it: a preset (``auto``: accelerate fills the visible
+    GPUs in order, then CPU memory, then disk), or a mapping module name → device (a GPU index,
+    ``cuda:N``, ``cpu`` or ``disk``) given inline as JSON, as a JSON or YAML file, or as a config
+    file's mapping. GPU entries come back as indices."""
+    import yaml
+
+    where = "--device-map"
+    if isinstance(spec, dict):
+        mapping = spec
+    elif spec in DEVICE_MAP_PRESETS:
+        return spec
+    elif spec.lstrip().startswith("{"):
+        try:
+            mapping = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise DistillError(f"--device-map is not valid JSON ({e}); pass a preset ({', '.join(DEVICE_MAP_PRESETS)}), "
+                               "a JSON file or an inline mapping such as '{\"model.layers.0\": 0}'") from None
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise DistillError(f"--device-map {spec}: no such file, and not a preset; pass "
+                               f"{', '.join(DEVICE_MAP_PRESETS)}, a JSON/YAML file of module → device or an inline JSON mapping")
+        where = f"device map {path}"
+        try:
+            mapping = yaml.safe_load(path.read_text())  # YAML reads JSON too
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise DistillError(f"{where} does not parse: {str(e).splitlines()[0]}; fix it (JSON or YAML)") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise DistillError(f"{where} must be a non-empty mapping of module name → device (a GPU index, cuda:N, cpu "
+                           f"or disk), got {type(mapping).__name__}")
+    out = {}
+    for module, device in mapping.items():
+        if isinstance(device, str) and (m := re.fullmatch(r"cuda(?::(\d+))?", device)):
+            device = int(m.group(1) or 0)
+        if not (device in ("cpu", "disk") or (isinstance(device, int) and not isinstance(device, bool) and device >= 0)):
+            raise DistillError(f"{where}: module {module!r} has device {device!r}; use a GPU index (0, 1, …), "
+                               "cuda:N, cpu or disk")
+        out[str(module)] = device
+    return out
+
+
+def device_map_problems(spec: str | dict) -> list[str]:
+    """What is wrong with a ``--device-map`` value as written (for a config's ``__post_init__``):
+    accelerate missing or the map unreadable. Whether this machine has its devices is checked when
+    the model loads (:func:`check_devices`): a login node that writes a job's scripts has no GPU."""
+    if problems := accelerate_problems():
+        return problems
+    try:
+        read_device_map(spec)
+    except DistillError as e:
+        return [str(e)]
+    return []
+
+
+def check_devices(device_map: str | dict) -> None:
+    """The GPUs a device map asks for are visible here."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if isinstance(device_map, str):
+        if not gpus:
+            raise DistillError(f"--device-map {device_map} spreads the model over CUDA devices and none is visible; "
+                               "drop --device-map to run on one device (--device cpu), or pass an explicit map of "
+                               "module → cpu/disk")
+        return
+    wanted = sorted({d for d in device_map.values() if isinstance(d, int)})
+    if wanted and wanted[-1] >= gpus:
+        raise DistillError(f"--device-map places modules on GPU {wanted[-1]} but this machine has {gpus} CUDA "
+                           "device(s); fix the map or the job's GPU request")
+
+
+def check_device_map(device_map: dict, config, where: str, trust_remote_code: bool = False) -> None:
+    """Every key of an explicit map names a module of the model, and every parameter has a device
+    (transformers would otherwise load the missing ones wherever it likes, or fail deep inside)."""
+    model = skeleton(config, trust_remote_code)
+    modules = [name for name, _ in model.named_modules()]
+    known = set(modules)
+    for key in device_map:
+        if key not in known:
+            close = difflib.get_close_matches(key, modules, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"its top modules: {', '.join(n for n, _ in model.named_children())}"
+            raise DistillError(f"{where}: {key!r} is not a module of the model ({hint}); fix the map")
+    uncovered = [name for name, _ in model.named_parameters()
+                 if not any(key == "" or name == key or name.startswith(key + ".") for key in device_map)]
+    if uncovered:
+        owners = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in uncovered))
+        raise DistillError(f"{where} gives no device to {len(uncovered)} parameter(s) ({', '.join(uncovered[:4])}"
+                           f"{', …' if len(uncovered) > 4 else ''}); add {', '.join(map(repr, owners[:4]))} "
+                           "(or a module above them) to the map")
+
+
+def parse_max_memory(items: tuple[str, ...]) -> dict[int | str, str]:
+    """``--max-memory 0=70GiB,1=70GiB,cpu=200GiB`` → ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``."""
+    out: dict[int | str, str] = {}
+    for item in items:
+        device, _, size = item.partition("=")
+        device, size = device.strip(), size.strip().replace(" ", "")
+        if not (device.isdigit() or device == "cpu") or not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?B)?", size):
+            raise DistillError(f"--max-memory {item!r}: write DEVICE=SIZE, DEVICE a GPU index or cpu, SIZE such as "
+                               "70GiB or 200GB (e.g. --max-memory 0=70GiB,1=70GiB,cpu=200GiB)")
+        out[int(device) if device.isdigit() else device] = size
+    return out
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate hook's execution device (its weights may sit on the
+    CPU or disk, on meta between calls), else the device of its first parameter."""
+    hook = getattr(module, "_hf_hook", None)
+    for one in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+        device = getattr(one, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(module.parameters()).device
+
+
+def placement(model) -> dict[str, str]:
+    """Where each module of a dispatched model lives (``{"": device}`` for a model on one device)."""
+    if hasattr(model, "hf_device_map"):
+        return {name: str(device) for name, device in model.hf_device_map.items()}
+    return {"": str(next(model.parameters()).device)}
 
 
 def device_problems(name: str) -> list[str]:
@@ -144,6 +296,10 @@ class OutputHead:
 
     The probe runs in eval mode (no dropout), without gradients; works for students (gradients
     flow through :meth:`logits`) and teachers alike.
+
+    A model dispatched over several devices by accelerate (``hf_device_map``) takes its input ids on
+    its input embedding's device and gives hidden states and logits on its output embedding's,
+    :attr:`device`, where whatever reduces the logits should run.
     """
 
     def __init__(self, model, probe: torch.Tensor):
@@ -153,12 +309,16 @@ class OutputHead:
         prefix = getattr(model, "base_model_prefix", "")
         self._body_name = prefix if self.body is not None and getattr(model, prefix, None) is self.body else None
         self.mode = "full"
+        # A dispatched model: ids go where its embedding computes, everything after the body where its head does.
+        dispatched = hasattr(model, "hf_device_map")
+        self.input_device = execution_device(model.get_input_embeddings()) if dispatched else None
+        self.device = execution_device(self.head if self.head is not None else model) if dispatched else None
         if self.body is not None and self.head is not None:
             was_training = model.training
             model.eval()
             with torch.no_grad():
-                full = model(input_ids=probe).logits.float()
-                hidden = self.body(input_ids=probe).last_hidden_state
+                full = self._here(model(input_ids=probe).logits.float())
+                hidden = self._here(self.body(input_ids=probe).last_hidden_state)
                 self.mode = self._choose(full, hidden.reshape(-1, hidden.shape[-1]))
             model.train(was_training)
         if self.mode == "full":
@@ -166,14 +326,18 @@ class OutputHead:
                       "hidden states, nor its own forward of them; using its full forward ([batch, length, vocab] "
                       "logits in memory)")
 
+    def _here(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the device of the output head (a no-op unless the model is dispatched)."""
+        return tensor if self.device is None else tensor.to(self.device)
+
     def _choose(self, full: torch.Tensor, hidden: torch.Tensor) -> str:
         def matches(logits: torch.Tensor) -> bool:
             return torch.allclose(full, logits.float().reshape(full.shape), rtol=1e-4, atol=1e-4)
 
-        head = self.head(hidden)
+        head = self._here(self.head(hidden))
         if self._body_name is None:  # no decoder to swap: the head alone, if it matches
             return "head" if matches(head) else "full"
-        own = self._own_forward(hidden)
+        own = self._here(self._own_forward(hidden))
         if not matches(own):
             return "head" if matches(head) else "full"
         # The head alone only where it is bit for bit the model's own forward: a soft-cap or a scale
@@ -185,9 +349,11 @@ class OutputHead:
         return self.mode != "full"
 
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.input_device is not None:
+            input_ids = input_ids.to(self.input_device)
         if self.split:
-            return self.body(input_ids=input_ids).last_hidden_state
-        return self.model(input_ids=input_ids).logits  # fallback: the full logits are the "hidden" state
+            return self._here(self.body(input_ids=input_ids).last_hidden_state)
+        return self._here(self.model(input_ids=input_ids).logits)  # fallback: the full logits are the "hidden" state
 
     def _own_forward(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
         """``model.forward`` on ``[P, H]`` hidden states, its decoder swapped out for the duration."""
@@ -207,15 +373,16 @@ class OutputHead:
         if self.mode == "full":
             return hidden_chunk
         if self.mode == "forward":
-            return self._own_forward(hidden_chunk)
+            return self._here(self._own_forward(hidden_chunk))
         if out is not None and out.shape[0] >= hidden_chunk.shape[0] and out.dtype == hidden_chunk.dtype:
             return torch.matmul(hidden_chunk, self.head.weight.t(), out=out[: hidden_chunk.shape[0]])
-        return self.head(hidden_chunk)
+        return self._here(self.head(hidden_chunk))  # through accelerate's hook, if any: it loads offloaded weights
 
     def logits_buffer(self, positions: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """A buffer for :meth:`logits` of up to ``positions`` rows, or None where the head is not a
         plain bias-free linear layer (then it runs as the model defines it)."""
         plain = self.mode == "head" and type(self.head) is torch.nn.Linear and self.head.bias is None
-        if not plain or self.head.weight.dtype != hidden.dtype:
+        # (a head whose weights accelerate offloads sits on meta between calls: it runs through its hook)
+        if not plain or self.head.weight.dtype != hidden.dtype or self.head.weight.device != hidden.device:
             return None
         return torch.empty(positions, self.head.weight.shape[0], dtype=hidden.dtype, device=hidden.device)

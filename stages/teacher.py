@@ -34,7 +34,9 @@ from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256
-from pipeline.models import WEIGHT_FILES, OutputHead, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check_device_map, check_devices,
+                             device_map_problems, device_problems, execution_device, has_weights, hf_config, load_model,
+                             max_positions, parse_max_memory, placement, read_device_map, resolve_device)
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
 from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
@@ -67,6 +69,12 @@ class TeacherConfig:
     shard_index: int = option(0, "This job's index among --num-shards jobs (a SLURM array task id).")
     num_shards: int = option(1, "Number of independent jobs filling the store.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    device_map: str | dict = option("", "Spread a teacher larger than one GPU over several (accelerate): 'auto' "
+                                    "fills the visible GPUs in order (also balanced, balanced_low_0, sequential), or "
+                                    "a JSON/YAML file or inline JSON mapping module name → GPU index, cpu or disk. "
+                                    "The store is the same as on one device.")
+    max_memory: tuple[str, ...] = option((), "With a --device-map preset: memory each device may hold, e.g. "
+                                         "0=70GiB,1=70GiB,cpu=200GiB.")
     dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16 (reductions are float32).")
     kernel: str = option("auto", "Top-k/log-sum-exp reductions: 'native' (fused CPU kernel, built with the system C "
                          "compiler on first use), 'torch' (any device), or 'auto' (native for a CPU teacher where "
@@ -77,39 +85,20 @@ class TeacherConfig:
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
 
     def __post_init__(self):
-        problems = required(self, "tokens_store", "out")
-        if self.kind not in ("topk", "sampled"):
-            problems.append(f"kind must be topk or sampled, got {self.kind!r}")
-        if self.top_k < 1:
-            problems.append(f"top_k must be at least 1, got {self.top_k}")
-        if not 1 <= self.samples <= 65535:
-            problems.append(f"samples must be in [1, 65535], got {self.samples}")
-        if not 0 <= self.tail_samples <= 65535:
-            problems.append(f"tail_samples must be in [0, 65535], got {self.tail_samples}")
-        if self.kind == "sampled" and self.tail_samples:
-            problems.append("--tail-samples is for --kind topk (the hybrid); a sampled store draws --samples")
-        if self.sample_logprobs and self.kind == "topk" and not self.tail_samples:
-            problems.append("--sample-logprobs needs draws: --kind sampled, or --tail-samples M with --kind topk")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if not self.temperature_grid or any(not t > 0 for t in self.temperature_grid):
-            problems.append(f"temperature_grid must be temperatures > 0, got {list(self.temperature_grid)}")
-        if self.backend not in store_lib.BACKENDS:
-            problems.append(f"backend must be one of {', '.join(store_lib.BACKENDS)}, got {self.backend!r}")
+        problems = required(self, "tokens_store", "out") + format_problems(self)
         if self.max_rows < 0:
             problems.append("max_rows must not be negative")
-        for name in ("batch_size", "position_chunk", "rows_per_shard", "chunk_rows", "num_shards"):
+        for name in ("batch_size", "position_chunk", "num_shards"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if not 0 <= self.shard_index < max(self.num_shards, 1):
             problems.append(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
-        if self.logprob_dtype not in ("float16", "float32"):
-            problems.append(f"logprob_dtype must be float16 or float32, got {self.logprob_dtype!r}")
         if self.kernel not in KERNELS:
             problems.append(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         problems += device_problems(self.device)
+        problems += placement_problems(self)
         if self.overwrite and self.num_shards > 1:
             problems.append("--overwrite with --num-shards > 1 would let jobs delete each other's work; "
                             "delete the store once before launching the array")
@@ -118,6 +107,56 @@ class TeacherConfig:
     @property
     def grid(self) -> tuple[float, ...]:
         return tuple(sorted(set(self.temperature_grid) | {self.temperature}))
+
+
+def format_problems(config) -> list[str]:
+    """What is wrong with the options that decide a store's layout (kind, k, draws, temperatures,
+    backend, shard and chunk rows): shared by ``distill teacher`` and ``distill plan``."""
+    problems = []
+    if config.kind not in ("topk", "sampled"):
+        problems.append(f"kind must be topk or sampled, got {config.kind!r}")
+    if config.top_k < 1:
+        problems.append(f"top_k must be at least 1, got {config.top_k}")
+    if not 1 <= config.samples <= 65535:
+        problems.append(f"samples must be in [1, 65535], got {config.samples}")
+    if not 0 <= config.tail_samples <= 65535:
+        problems.append(f"tail_samples must be in [0, 65535], got {config.tail_samples}")
+    if config.kind == "sampled" and config.tail_samples:
+        problems.append("--tail-samples is for --kind topk (the hybrid); a sampled store draws --samples")
+    if config.sample_logprobs and config.kind == "topk" and not config.tail_samples:
+        problems.append("--sample-logprobs needs draws: --kind sampled, or --tail-samples M with --kind topk")
+    if not config.temperature > 0:
+        problems.append(f"temperature must be > 0, got {config.temperature}")
+    if not config.temperature_grid or any(not t > 0 for t in config.temperature_grid):
+        problems.append(f"temperature_grid must be temperatures > 0, got {list(config.temperature_grid)}")
+    if config.backend not in store_lib.BACKENDS:
+        problems.append(f"backend must be one of {', '.join(store_lib.BACKENDS)}, got {config.backend!r}")
+    for name in ("rows_per_shard", "chunk_rows"):
+        if getattr(config, name) < 1:
+            problems.append(f"{name} must be at least 1")
+    if config.logprob_dtype not in ("float16", "float32"):
+        problems.append(f"logprob_dtype must be float16 or float32, got {config.logprob_dtype!r}")
+    return problems
+
+
+def placement_problems(config: TeacherConfig) -> list[str]:
+    """--device-map and --max-memory: readable, on devices this machine has, not fighting --device."""
+    if not config.device_map:
+        return ["--max-memory applies to --device-map (auto, balanced, …)"] if config.max_memory else []
+    if not isinstance(config.device_map, (str, dict)):
+        return [f"device_map must be a preset, a file or a mapping of module → device, got {config.device_map!r}"]
+    problems = device_map_problems(config.device_map)
+    if config.device != "auto":
+        problems.append(f"--device {config.device} and --device-map both place the teacher; pass one of them")
+    if config.max_memory:
+        if not (isinstance(config.device_map, str) and config.device_map in DEVICE_MAP_PRESETS):
+            problems.append("--max-memory applies to a --device-map preset (auto, balanced, …); an explicit map "
+                            "already places every module")
+        try:
+            parse_max_memory(config.max_memory)
+        except DistillError as e:
+            problems.append(str(e))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -199,6 +238,11 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     check_output_rows("teacher", teacher_dir, teacher_config.vocab_size, vocab, "they do not belong together",
                       max_padding=max(1024, vocab // 10))
     check_store_fits(tokens, "tokens store", positions=max_positions(teacher_config), model="teacher")
+    device_map = read_device_map(config.device_map) if config.device_map else None
+    if device_map is not None:
+        check_devices(device_map)
+    if isinstance(device_map, dict):
+        check_device_map(device_map, teacher_config, "--device-map", config.trust_remote_code)
 
     n_rows = min(tokens.rows, config.max_rows) if config.max_rows else tokens.rows
     params = store_params(config, tokens, teacher_config.vocab_size, tok_hash, vocab, n_rows)
@@ -211,9 +255,16 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     out.mkdir(parents=True, exist_ok=True)
     lock = store_lib.JobLock(out, config.shard_index, config.num_shards)  # one process per job at a time
     try:
-        device = resolve_device(config.device)
-        kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
-        model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
+        if device_map is None:
+            device = resolve_device(config.device)
+            kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
+            model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
+        else:  # accelerate places the layers; the head's reductions run where the logits land
+            model = load_model(teacher_dir, config.dtype, config.trust_remote_code, device_map=device_map,
+                               max_memory=parse_max_memory(config.max_memory) or None).eval()
+            head = model.get_output_embeddings()
+            device = execution_device(head if head is not None else model)
+            kernel = resolve_kernel(config.kernel, device)
     except BaseException:  # unreadable weights, no compiler, ...: leave OUT as it was
         lock.release()
         if not existed:
@@ -233,8 +284,13 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
             if store_lib.shard_name(j, config.backend) not in done]
     lock.remove_stale_temps([*owned, part_path.name, f"config.part-{config.shard_index:05d}.json"])
     arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"]["input_ids"]["dtype"], vocab)
-    save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
-                  {"params": params, "shards_planned": n_total})
+    facts = {"params": params, "shards_planned": n_total}
+    if device_map is not None:  # where each module went: a fact of this run, not a param (the store is the same)
+        facts["placement"] = where = placement(model)
+        counts = {d: list(where.values()).count(d) for d in dict.fromkeys(where.values())}
+        print("teacher placed by --device-map: " + ", ".join(f"{n} module(s) on {d}" for d, n in counts.items())
+              + f"; logits reduced on {device}")
+    save_resolved(config, out / f"config.part-{config.shard_index:05d}.json", facts)
     probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
     return TeacherJob(config, out, tokens, params, arrays, vocab, n_rows, todo, done, OutputHead(model, probe),
                       device, kernel, lock)

@@ -1,5 +1,7 @@
 """The logits stage one, stage two and eval compute from hidden-state chunks are the model's own."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -64,3 +66,31 @@ def test_a_fresh_softcapped_model_is_not_mistaken_for_a_plain_head():
     model = tiny_model("gemma2", head_scale=1.0)
     head = OutputHead(model, torch.arange(20)[None])
     assert head.mode == "forward"
+
+
+def test_output_head_of_a_model_offloaded_to_disk(tmp_path):
+    """A teacher loaded with a device map that offloads layer 1 and the head to disk: accelerate
+    hooks are attached and the weights sit on meta between calls; OutputHead computes on the head's
+    execution device through the hook (no reused buffer: the weight is not there) and its chunked
+    logits are the plain model's exactly."""
+    from accelerate.hooks import AlignDevicesHook
+
+    from pipeline.models import load_model, read_device_map
+    from tests.conftest import make_teacher
+    from tests.stages.test_teacher import DISK_MAP
+
+    make_teacher(tmp_path / "teacher")
+    plain = load_model(tmp_path / "teacher").eval()
+    mapped = load_model(tmp_path / "teacher", device_map=read_device_map(json.dumps(DISK_MAP))).eval()
+    assert mapped.hf_device_map == DISK_MAP
+    for module in (mapped.lm_head, mapped.model.layers[1].mlp.up_proj, mapped.model.layers[1].input_layernorm):
+        assert isinstance(module._hf_hook, AlignDevicesHook) and module._hf_hook.offload  # the leaves of a disk module
+    assert mapped.lm_head.weight.device.type == "meta" and mapped.model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    input_ids = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(3))
+    head = OutputHead(mapped, input_ids[:1])
+    assert head.mode == "head" and head.device == head.input_device == torch.device("cpu")
+    with torch.no_grad():
+        hidden = head.hidden(input_ids).reshape(-1, 32)
+        assert head.logits_buffer(16, hidden) is None
+        chunks = torch.cat([head.logits(hidden[i:i + 16]) for i in range(0, hidden.shape[0], 16)])
+        assert torch.equal(chunks, plain(input_ids=input_ids).logits.reshape(-1, 8192))

@@ -229,3 +229,42 @@ def test_max_rows_takes_the_first_rows(setup, tmp_path):
     part, tokens = open_store(tmp_path / "part"), open_store(setup / "tokens")
     assert part.rows == 7 and part.params["rows"] == 7
     np.testing.assert_array_equal(all_rows(part)["input_ids"], tokens.read_rows(0, 7)["input_ids"])
+
+
+# Layer 1 and the output head offloaded to disk: the split a CPU-only machine can run. (Two CPU
+# entries alone make transformers skip accelerate's hooks: everything is on one device.)
+DISK_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+            "model.norm": "cpu", "lm_head": "disk"}
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_device_map_writes_the_store_one_device_writes(setup, tmp_path, monkeypatch, kind):
+    """--device-map: accelerate's AlignDevicesHook loads the offloaded layer's and head's weights from
+    disk at every forward (counted), the head runs through its hook, and the store equals the one-device
+    store shard for shard (content hashes), with the same params; the placement is recorded."""
+    from accelerate.hooks import AlignDevicesHook
+
+    offloaded_calls = []
+    pre_forward = AlignDevicesHook.pre_forward
+
+    def counting(self, module, *args, **kwargs):
+        if self.offload:
+            offloaded_calls.append(type(module).__name__)
+        return pre_forward(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(AlignDevicesHook, "pre_forward", counting)
+    (tmp_path / "map.json").write_text(json.dumps(DISK_MAP))
+    flags = ("--kind", kind, "--max-rows", "20")
+    assert run_cli(*teacher_args(setup, tmp_path / "one", *flags)).exit_code == 0
+    assert not offloaded_calls
+    result = run_cli(*teacher_args(setup, tmp_path / "map", *flags, "--device-map", tmp_path / "map.json"))
+    assert result.exit_code == 0, result.output
+    assert "2 module(s) on disk" in result.output and "logits reduced on cpu" in result.output
+    # hooks sit on the leaves of a disk module: per forward of layer 1, 7 linear layers and 2 norms; then the head
+    forwards = 1 + 3 + 2  # the probe, then 20 rows in shards of 12 + 8, in batches of 5
+    assert offloaded_calls.count("LlamaRMSNorm") >= 2 * forwards and offloaded_calls.count("Linear") >= 8 * forwards
+    assert hashes(tmp_path / "map") == hashes(tmp_path / "one")
+    assert open_store(tmp_path / "map").params == open_store(tmp_path / "one").params
+    resolved = json.loads((tmp_path / "map" / "config.part-00000.json").read_text())
+    assert resolved["config"]["device_map"] == str(tmp_path / "map.json")
+    assert resolved["placement"] == DISK_MAP
