@@ -48,8 +48,8 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-faults test-slow slurm-deps slurm demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
-        eval report pretrain-teacher pretrain-student bench bench-quality clean
+.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
+        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -138,12 +138,30 @@ SLURM_ARGS  ?=
 slurm: setup
 	$(DISTILL) slurm --config $(SLURM_CONFIG) --out $(SLURM_OUT) $(SLURM_ARGS)
 
+# ---- before a cluster run: the store's size, stage-one GPU-hours and array size, stage two's cost ----
+#   make plan PLAN_TOKENS=10B SEQ_LEN=2048 TEACHER=/models/llama-8b GPUS=64 TIME_LIMIT=04:00:00 \
+#             PLAN_ARGS="--dtype bfloat16 --gpu-tflops 989 --student-params 1B"
+# (PLAN_TOKENS empty: the tokens store TOKENS is sized; PLAN_ARGS takes any other `distill plan` flag)
+PLAN_TOKENS ?=
+GPUS        ?= 8
+TIME_LIMIT  ?= 04:00:00
+PLAN_ARGS   ?=
+plan: setup
+	$(DISTILL) plan $(if $(PLAN_TOKENS),--tokens $(PLAN_TOKENS) --seq-len $(SEQ_LEN),--tokens-store $(TOKENS)) \
+		--teacher $(TEACHER) --kind $(KIND) --samples $(SAMPLES) --top-k $(TOP_K) --temperature $(TEMPERATURE) \
+		--backend $(BACKEND) --gpus $(GPUS) --time-limit $(TIME_LIMIT) $(PLAN_ARGS)
+
 # Speed and size: results in bench/results/*.json, summarised in docs/BENCHMARKS.md.
 bench: setup
 	$(BIN)/python bench/stage_one.py --teacher $(TEACHER) --rows 256 --rows-per-shard 64 --repeats 5 --out bench/results/stage_one_cpu.json
 	$(BIN)/python bench/stage_two.py --teacher $(TEACHER) --steps 30 \
 		--modes ce,offline-tail,offline-sampled,offline-hybrid,online --out bench/results/stage_two_cpu.json
 	$(BIN)/python bench/loader.py --teacher $(TEACHER) --step-json bench/results/stage_two_cpu.json --out bench/results/loader_cpu.json
+	$(MAKE) bench-bytes
+
+# compressed bytes per element of every stored array, measured on the shipped teacher: what `distill plan` sizes stores from
+bench-bytes: setup
+	$(BIN)/python bench/store_bytes.py --teacher $(TEACHER) --rows 128 --out bench/results/store_bytes_cpu.json
 
 # Which teacher signal recovers most of online distillation's gain over CE: each mode, 3 seeds,
 # 300 steps (about an hour on 2 cores for these four; run it in the background). More modes, e.g.

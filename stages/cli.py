@@ -141,7 +141,7 @@ def _close_progress_bars() -> None:
 
 def _register() -> None:
     from stages import eval as eval_stage
-    from stages import inspect_store, prepare, report, slurm, student, teacher, tokenizer
+    from stages import inspect_store, plan, prepare, report, slurm, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
@@ -168,6 +168,8 @@ def _register() -> None:
     stage_command("report", report.ReportConfig, report.make_report,
                   "Tables and figures comparing evaluated models (teacher, students, CE-only).",
                   positional=("runs",))
+    stage_command("plan", plan.PlanConfig, plan.plan,
+                  "Size a cluster run before submitting it: the store on disk, stage-one GPU-hours and array size, stage two.")
     stage_command("slurm", slurm.SlurmConfig, slurm.slurm,
                   "Write (and with --submit, submit) the pipeline as SLURM jobs: a stage-one array, merge, "
                   "stage two under torchrun, eval and report, chained by dependencies.")

@@ -364,6 +364,35 @@ CASES = [
                  ("corpus path", "does not exist; check --heldout"), id="eval-missing-heldout-file"),
     pytest.param(lambda s: s.eval_args("--tasks", "heldout,lambada", "--lambada", s.tmp / "nope.jsonl"),
                  ("no such task file", "with --lambada"), id="eval-missing-task-file"),
+    # ---- plan
+    pytest.param(lambda s: ["plan", "--kind", "topk"], ("give the corpus size: --tokens N or --tokens-store DIR",),
+                 id="plan-no-corpus-size"),
+    pytest.param(lambda s: ["plan", "--tokens", "lots", "--seq-len", "2048"],
+                 ("'lots' is not a count: write e.g. 2e9, 2B, 500M or 1.5T",), id="plan-tokens-not-a-count"),
+    pytest.param(lambda s: ["plan", "--tokens", "2B"], ("--tokens needs --seq-len",), id="plan-tokens-without-seq-len"),
+    pytest.param(lambda s: ["plan", "--tokens-store", s.tokens, "--time-limit", "4h"],
+                 ("time_limit must be HH:MM:SS or D-HH:MM:SS",), id="plan-bad-time-limit"),
+    pytest.param(lambda s: ["plan", "--tokens-store", s.tokens, "--mfu", "1.5"], ("mfu must be in (0, 1]",),
+                 id="plan-mfu-above-1"),
+    pytest.param(lambda s: ["plan", "--tokens-store", s.tokens, "--kind", "topk", "--top-k", "9000"],
+                 ("--top-k 9000 is larger than the vocabulary (8192 ids)",), id="plan-top-k-above-vocab"),
+    pytest.param(lambda s: ["plan", "--tokens-store", s.tokens, "--teacher", s.teacher, "--teacher-params", "8B"],
+                 ("give the teacher's size once",), id="plan-teacher-twice"),
+    pytest.param(lambda s: ["plan", "--tokens-store", s.tmp / "nope"], ("does not exist",),
+                 id="plan-missing-tokens-store"),
+    pytest.param(lambda s: ["plan", "--tokens-store", s.tokens, "--pilot", s.sampled],
+                 ("has another format than the plan (samples: 4 vs 32)", "write a pilot with yours"),
+                 id="plan-pilot-of-another-format"),
+    pytest.param(lambda s: ["plan", "--tokens-store", s.tokens, "--pilot", s.tokens],
+                 ("is a 'tokens' store; pass a store distill teacher wrote",), id="plan-pilot-is-a-tokens-store"),
+    pytest.param(lambda s: ["plan", "--tokens", "1B", "--seq-len", "2048", "--vocab-size", "32000", "--teacher-params",
+                            "70B", "--dtype", "bfloat16", "--gpus", "1"],
+                 ("the teacher needs 2 GPUs per task", "give more GPUs"), id="plan-teacher-larger-than-the-gpus"),
+    pytest.param(lambda s: ["plan", "--tokens", "1B", "--seq-len", "2048", "--vocab-size", "32000",
+                            "--teacher-tokens-per-gpu-s", "10", "--time-limit", "01:00:00"],
+                 ("one shard of 256 rows takes", "lower --rows-per-shard to"), id="plan-shard-longer-than-time-limit"),
+    pytest.param(lambda s: ["plan", "--tokens", "1B", "--seq-len", "2048"], ("the vocabulary size is unknown",),
+                 id="plan-vocabulary-unknown"),
     # ---- report
     pytest.param(lambda s: ["report", s.write("evals/notes.txt", "").parent, "--out", s.out],
                  ("holds no eval result files", "run distill eval --out"), id="report-no-eval-files"),
@@ -401,5 +430,5 @@ def test_at_least_34_cases_cover_every_command():
     ids = [c.id for c in CASES]
     assert len(set(ids)) == len(ids)
     for command in ("cli", "config", "tokenizer", "prepare", "teacher", "merge", "inspect", "student", "train",
-                    "eval", "report"):
+                    "eval", "plan", "report"):
         assert any(i.startswith(command + "-") for i in ids), command
