@@ -35,7 +35,7 @@ from pipeline import store as store_lib
 from pipeline.config import check, option, to_dict
 from pipeline.errors import DistillError
 from pipeline.models import DTYPES, count_parameters, hf_config, skeleton
-from stages.teacher import format_problems, stored_arrays
+from stages.teacher import TeacherConfig, format_problems, stored_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "bench" / "results" / "store_bytes_cpu.json"
@@ -46,6 +46,12 @@ FORMAT_FIELDS = ("kind", "top_k", "samples", "tail_samples", "sample_logprobs", 
                  "temperature_grid")
 
 
+def like_teacher(name: str) -> Any:
+    """A field of ``distill teacher`` (default and help), so that a plan takes the same options."""
+    field = TeacherConfig.__dataclass_fields__[name]
+    return option(field.default, field.metadata["help"])
+
+
 @dataclass(frozen=True)
 class PlanConfig:
     # ---- how much
@@ -53,24 +59,24 @@ class PlanConfig:
     tokens_store: str = option("", "A 'tokens' store: its rows, sequence length and vocabulary (instead of --tokens).")
     seq_len: int = option(0, "Tokens per row (with --tokens).")
     vocab_size: int = option(0, "Tokenizer vocabulary (default: the tokens store's, the pilot's or the teacher's).")
-    # ---- the store's format: as distill teacher takes it
-    kind: str = option("sampled", "'sampled' or 'topk' (as distill teacher --kind).")
-    top_k: int = option(64, "Predictions kept per position (--kind topk).")
-    samples: int = option(32, "Draws per position (--kind sampled).")
-    tail_samples: int = option(0, "Tail draws per position (--kind topk: the hybrid).")
-    sample_logprobs: bool = option(False, "Also store each drawn id's log-prob.")
-    logprob_dtype: str = option("float16", "float16 or float32.")
-    temperature: float = option(1.0, "Cache temperature T (a sampled store's size grows with T: more distinct ids).")
-    temperature_grid: tuple[float, ...] = option((1.0, 2.0), "Grid temperatures (T is added).")
-    backend: str = option("zarr", "zarr or arrow.")
-    rows_per_shard: int = option(256, "Rows per shard (as distill teacher).")
-    chunk_rows: int = option(16, "Rows per compressed chunk (as distill teacher).")
+    # ---- the store's format: distill teacher's options, with its defaults
+    kind: str = like_teacher("kind")
+    top_k: int = like_teacher("top_k")
+    samples: int = like_teacher("samples")
+    tail_samples: int = like_teacher("tail_samples")
+    sample_logprobs: bool = like_teacher("sample_logprobs")
+    logprob_dtype: str = like_teacher("logprob_dtype")
+    temperature: float = like_teacher("temperature")
+    temperature_grid: tuple[float, ...] = like_teacher("temperature_grid")
+    backend: str = like_teacher("backend")
+    rows_per_shard: int = like_teacher("rows_per_shard")
+    chunk_rows: int = like_teacher("chunk_rows")
     pilot: str = option("", "A small store your teacher wrote with these options over a sample of your corpus: its "
                         "measured bytes replace the shipped teacher's (compression follows the teacher's entropy).")
     # ---- the teacher and stage one
     teacher: str = option("", "Teacher directory or config: its parameters are counted from the config, no weights load.")
     teacher_params: str = option("", "Teacher parameters, e.g. 8B or 8.03e9 (instead of --teacher).")
-    dtype: str = option("float32", "Teacher compute dtype (as distill teacher --dtype): its weights' bytes per parameter.")
+    dtype: str = like_teacher("dtype")
     gpus: int = option(1, "GPUs available to the run at once.")
     gpu_memory: float = option(80.0, "GiB of memory per GPU.")
     teacher_tokens_per_gpu_s: float = option(0.0, "Measured stage-one throughput, tokens/s per GPU.")
