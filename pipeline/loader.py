@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DistillError
-from pipeline.preempt import SIGNALS
+from pipeline.preempt import SIGNALS, held_back
 from pipeline.store import ShardReader, Store
 
 
@@ -102,6 +102,10 @@ class Loader:
         self.reader = ChunkReader(str(store.root), store.index, fields, check)
         self.pool = None
         if workers > 0:
+            from multiprocessing import resource_tracker
+
+            with held_back():  # the pool's queues start it; it must outlive a pre-emption warning
+                resource_tracker.ensure_running()
             self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                                initargs=(str(store.root), store.index, fields, check))
         self.prefetch = max(1, prefetch)

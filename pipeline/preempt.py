@@ -17,6 +17,7 @@ longer-lived process (the tests) leaves that process as it found it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -77,6 +78,19 @@ class Preemption:
         counts = torch.tensor(self.flags(), dtype=torch.float64)
         dist.all_reduce(counts)
         return self.signal_name(counts.tolist())
+
+
+@contextlib.contextmanager
+def held_back():
+    """The pre-emption signals blocked in this thread for the block; they arrive when it ends. A
+    process started inside inherits the mask (across exec), so a helper process that never unblocks
+    them — multiprocessing's resource tracker, which ignores SIGTERM but not SIGUSR1 — outlives the
+    warning that a batch system sends to every process of the job."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def leave(line: str | None, world: int = 1):
