@@ -48,7 +48,7 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-faults test-slow demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
+.PHONY: setup test test-faults test-slow slurm-deps slurm demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
         eval report pretrain-teacher pretrain-student bench bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
@@ -68,6 +68,11 @@ test: setup
 # fast cases also run in `make test`
 test-faults: setup
 	$(BIN)/python -m pytest -q -m faults
+
+# SLURM's daemons and client from Debian's packages: the slurm tests start a single-node cluster as root
+slurm-deps:
+	command -v slurmctld >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq slurmctld slurmd slurm-client)
 
 # slow tests, including the lm-evaluation-harness comparison (installs the optional [lmeval] extra)
 test-slow: setup
@@ -125,6 +130,13 @@ eval: setup
 
 report: setup
 	$(DISTILL) report $(RUNS) --out $(REPORT) $(REPORT_ARGS)
+
+# ---- on a cluster: the pipeline as SLURM jobs from one YAML file (data/configs/slurm-demo.yaml shows every key) ----
+SLURM_CONFIG ?= data/configs/slurm-demo.yaml
+SLURM_OUT   ?= $(RUN)/slurm
+SLURM_ARGS  ?=
+slurm: setup
+	$(DISTILL) slurm --config $(SLURM_CONFIG) --out $(SLURM_OUT) $(SLURM_ARGS)
 
 # Speed and size: results in bench/results/*.json, summarised in docs/BENCHMARKS.md.
 bench: setup

@@ -2,7 +2,9 @@
 
 A checkpoint is a directory ``step-NNNNNNNN`` holding ``state.pt`` (model, optimizer, scheduler,
 step, RNG state, data position) and ``config.json``. It is written under a temp name and renamed,
-so a directory with the final name is complete; ``latest`` ignores anything else. States are
+so a directory with the final name is complete; ``latest`` ignores anything else. Old checkpoints
+are renamed aside before they are deleted, a failed write removes its temp directory, and temp
+directories that a killed run left are removed by the next save. States are
 loaded with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 """
 
@@ -11,33 +13,31 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import DistillError
+from pipeline.io import remove_dir, remove_leftovers, removed_if_failed, replace_dir, write_synced
 
 PATTERN = re.compile(r"^step-(\d{8})$")
 
 
 def save(root: Path, step: int, state: dict[str, Any], config: dict[str, Any], keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root, r"step-\d{8}")  # what killed runs left: partial writes hold disk space
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     tmp.mkdir()
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the directory gets its final name
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with removed_if_failed(tmp):  # a failed write (a full disk) leaves no temp behind
+        # the bytes are on disk before the directory gets its final name
+        write_synced(tmp / "state.pt", lambda f: torch.save(state, f))
+        write_synced(tmp / "config.json", lambda f: f.write(text.encode()))
+        replace_dir(tmp, final)  # a rerun's last checkpoint replaces the same step's: never half of one
     for old in complete(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     return final
 
 

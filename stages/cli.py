@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 
 from pipeline.config import field_types, flag, load_config, split_list
 from pipeline.errors import DistillError
+from pipeline.io import disk_full, disk_full_message
 
 # click's exceptions, from the click typer runs on (newer typers vendor their own copy)
 click_errors = importlib.import_module(typer.BadParameter.__module__)
@@ -94,6 +95,8 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
     )]
     types = field_types(config_cls)
     for field in dataclasses.fields(config_cls):
+        if field.metadata.get("file_only"):  # a mapping or list: only a --config file can hold it
+            continue
         option_flag = flag(field.name)
         decls = [f"{option_flag}/--no-{option_flag[2:]}"] if types[field.name] is bool else [option_flag]
         default = field.default if not isinstance(field.default, tuple) else list(field.default)
@@ -116,6 +119,12 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
             _close_progress_bars()
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
+        except OSError as e:  # a full disk or quota is the user's to fix: one line; any other OSError is a bug
+            if disk_full(e) is None:
+                raise
+            _close_progress_bars()
+            typer.echo(f"error: {disk_full_message(e, overrides.get('out'))}", err=True)
+            raise typer.Exit(2)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
@@ -132,7 +141,7 @@ def _close_progress_bars() -> None:
 
 def _register() -> None:
     from stages import eval as eval_stage
-    from stages import inspect_store, prepare, report, student, teacher, tokenizer
+    from stages import inspect_store, prepare, report, slurm, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
@@ -159,6 +168,9 @@ def _register() -> None:
     stage_command("report", report.ReportConfig, report.make_report,
                   "Tables and figures comparing evaluated models (teacher, students, CE-only).",
                   positional=("runs",))
+    stage_command("slurm", slurm.SlurmConfig, slurm.slurm,
+                  "Write (and with --submit, submit) the pipeline as SLURM jobs: a stage-one array, merge, "
+                  "stage two under torchrun, eval and report, chained by dependencies.")
 
 
 _register()

@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.init import init_from_teacher_layers
-from pipeline.io import atomic_write_text, replace_dir
+from pipeline.io import atomic_write_text, disk_full_is_an_error, remove_leftovers, removed_if_failed, replace_dir
 from pipeline.loader import Loader, sequential
 from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum
 from pipeline.metrics import MetricsLog
@@ -278,13 +279,22 @@ class Run:
             "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
                                                         if device.type == "cuda" else {})},
         }
-        checkpoint.save(self.out / "checkpoints", step, state,
-                        {"config": to_dict(self.config) | {"alpha": self.alpha}, **self.facts},
-                        self.config.keep_checkpoints)
+        with disk_full_resumes(self.out / "checkpoints" / f"step-{step:08d}"):
+            checkpoint.save(self.out / "checkpoints", step, state,
+                            {"config": to_dict(self.config) | {"alpha": self.alpha}, **self.facts},
+                            self.config.keep_checkpoints)
+
+
+def disk_full_resumes(path: Path | str):
+    """A full disk while writing ``path`` stops the run with one line; the checkpoints already written
+    are intact, so the same run continues from the newest one."""
+    return disk_full_is_an_error(path, "free space there, then rerun with --resume auto: training continues from "
+                                       "the newest complete checkpoint")
 
 
 def train(config: TrainConfig) -> Path:
-    with preempt.Preemption() as preemption:  # SIGUSR1 / SIGTERM from here on stop the run at a whole step
+    # SIGUSR1 / SIGTERM from here on stop the run at a whole step; a full disk is one line
+    with preempt.Preemption() as preemption, disk_full_resumes(config.out):  # disk: the metrics log, config.json, …
         run = setup(config)
         if run is None:  # finished already
             return Path(config.out) / "model"
@@ -602,7 +612,8 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
             run.metrics.log(step=config.max_steps, tokens=run.tokens_seen, final=True,
                             **{k: v for k, v in final.items() if k.startswith("heldout")})
         run.metrics.close()
-        save_model(run.model, model_state, run.tokenizer, out / "model", config.save_dtype)
+        with disk_full_resumes(out / "model"):
+            save_model(run.model, model_state, run.tokenizer, out / "model", config.save_dtype)
         atomic_write_text(out / "metrics.json", json.dumps(final, indent=2, sort_keys=True) + "\n")
         summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k in ("heldout_loss", "heldout_ppl"))
         print(f"{out / 'model'}: saved after {config.max_steps} steps ({run.tokens_seen} tokens)"
@@ -639,14 +650,16 @@ def load_state(model, optimizer, state: dict, sharded: bool) -> None:
 
 
 def save_model(model, state: dict, tokenizer, path: Path, dtype: str) -> None:
-    """``save_pretrained`` (safetensors) plus the tokenizer, written to a temp name and renamed."""
+    """``save_pretrained`` (safetensors) plus the tokenizer, written to a temp name and renamed; a
+    failed write (a full disk) leaves no temp directory, nor does an earlier killed one once this runs."""
     tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_leftovers(path.parent, re.escape(path.name))
     converted: dict[int, torch.Tensor] = {}  # by storage, so tied weights stay one tensor (saved once)
     for v in state.values():
         if v.data_ptr() not in converted:
             converted[v.data_ptr()] = v.detach().to("cpu", DTYPES[dtype])
     state = {k: converted[v.data_ptr()] for k, v in state.items()}
-    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    replace_dir(tmp, path)
+    with removed_if_failed(tmp):
+        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        replace_dir(tmp, path)

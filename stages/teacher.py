@@ -330,6 +330,8 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
 
     def writer() -> None:
         while (item := jobs.get()) is not None:
+            if failure:  # after a failed write (a full disk) write nothing more: the main thread stops
+                continue
             name, arrays = item
             try:
                 job.record(store_lib.write_shard(out, name, arrays, config.backend, config.chunk_rows))
