@@ -12,6 +12,10 @@ Parallel and idempotent: the store's shards are fixed row ranges; job ``i`` of `
 (``index.part-IIIII-of-NNNNN.json``). A rerun skips shards recorded there and redoes any other
 (a shard renamed into place but not yet recorded, after a kill). When the partial indexes cover
 every shard, ``index.json`` is written (here, or by ``distill merge``).
+
+Pre-emption (``pipeline/preempt.py``): on SIGUSR1 or SIGTERM the job finishes the shard it is
+computing (``--on-preempt abandon``: drops it at the next batch), lets the writer record it, releases
+its lock and exits with status 75; the same command continues.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import preempt
 from pipeline import store as store_lib
 from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved
@@ -40,6 +46,9 @@ from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
 from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
+
+ON_PREEMPT = ("finish", "abandon")
+
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -83,6 +92,9 @@ class TeacherConfig:
                                 "(exact, for checking losses against an online teacher).")
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
+    on_preempt: str = option("finish", "On SIGUSR1/SIGTERM (a batch system's warning): 'finish' the shard being "
+                             "computed, or 'abandon' it at the next batch (a shard takes longer than the warning "
+                             "gives); either way the job then exits with status 75 and a rerun continues.")
 
     def __post_init__(self):
         problems = required(self, "tokens_store", "out") + format_problems(self)
@@ -99,6 +111,8 @@ class TeacherConfig:
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         problems += device_problems(self.device)
         problems += placement_problems(self)
+        if self.on_preempt not in ON_PREEMPT:
+            problems.append(f"on_preempt must be one of {', '.join(ON_PREEMPT)}, got {self.on_preempt!r}")
         if self.overwrite and self.num_shards > 1:
             problems.append("--overwrite with --num-shards > 1 would let jobs delete each other's work; "
                             "delete the store once before launching the array")
@@ -201,15 +215,23 @@ class TeacherJob:
 
 
 def run_teacher(config: TeacherConfig) -> TeacherRun:
-    job = setup(config)
-    if job is None:
-        return TeacherRun(Path(config.out), 0, 0.0)
-    try:
-        total_tokens, loop_seconds = write_shards(job)
-    finally:
-        job.lock.release()
+    with preempt.Preemption() as preemption:  # SIGUSR1 / SIGTERM: stop after (or instead of) the current shard
+        job = setup(config)
+        if job is None:
+            return TeacherRun(Path(config.out), 0, 0.0)
+        try:
+            total_tokens, loop_seconds, stopped = write_shards(job, preemption)
+        finally:
+            job.lock.release()
     # ------------------------------------------------------------------ finish
     out = job.out
+    if stopped is not None:
+        signal_name, abandoned = stopped
+        owned = len(job.done) + sum(store_lib.shard_name(j, config.backend) not in job.done for j in job.todo)
+        upto = f" (up to {max(job.done)})" if job.done else ""
+        preempt.leave(f"distill: preempted by {signal_name}; job {config.shard_index}/{config.num_shards} has "
+                      f"{len(job.done)} of its {owned} shards written and recorded{upto}"
+                      f"{f', {abandoned} abandoned' if abandoned else ''}; rerun the same command to continue")
     rate = f", {total_tokens / loop_seconds:.0f} tokens/s" if job.todo else ""
     print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(job.done)} shards "
           f"({len(job.todo)} written now{rate})")
@@ -350,10 +372,13 @@ def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: i
     }
 
 
-def write_shards(job: TeacherJob) -> tuple[int, float]:
+def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
+                 ) -> tuple[int, float, tuple[str, str | None] | None]:
     """The loop: compute each shard this job owns and hand it to a writer thread, which compresses
     and renames shard j while the teacher computes shard j+1. The queue holds at most one finished
-    shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds)."""
+    shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds, stopped):
+    stopped is None, or (signal, the shard abandoned or None) when a pre-emption signal ended the
+    loop before every shard was written; the shards handed over by then are written and recorded."""
     config, out = job.config, job.out
     seq_len = job.params["seq_len"]
     jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -369,6 +394,9 @@ def write_shards(job: TeacherJob) -> tuple[int, float]:
             except BaseException as e:  # surfaced by the main thread
                 failure.append(e)
 
+    signalled = (preemption or preempt.Preemption()).agreed  # one never entered is never signalled
+    abandon = signalled if config.on_preempt == "abandon" else None
+    stopped = None
     thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
     thread.start()
     loop_started = time.perf_counter()
@@ -377,27 +405,34 @@ def write_shards(job: TeacherJob) -> tuple[int, float]:
         with tqdm(total=total_tokens, desc=f"teacher {config.shard_index}/{config.num_shards}", unit="tok",
                   unit_scale=True, dynamic_ncols=True) as progress:
             for j in job.todo:
+                if (signal_name := signalled()) is not None:  # before a shard: the last one is whole
+                    stopped = (signal_name, None)
+                    break
                 lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
                 input_ids = job.tokens.read_rows(lo, hi)["input_ids"]
                 arrays = teacher_shard(job.head, input_ids, lo, config, job.arrays, job.vocab, job.device,
-                                       job.kernel, progress)
+                                       job.kernel, progress, abandon)
                 if failure:
                     raise failure[0]
+                if arrays is None:
+                    stopped = (signalled(), store_lib.shard_name(j, config.backend))
+                    break
                 jobs.put((store_lib.shard_name(j, config.backend), arrays))
     finally:
         jobs.put(None)
         thread.join()
     if failure:
         raise failure[0]
-    return total_tokens, time.perf_counter() - loop_started  # forward, reductions and the last write
+    return total_tokens, time.perf_counter() - loop_started, stopped  # forward, reductions and the last write
 
 
 @torch.no_grad()
 def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, config: TeacherConfig,
                   arrays: dict[str, dict], vocab: int, device: torch.device, kernel: str,
-                  progress) -> dict[str, np.ndarray]:
+                  progress, abandon: Callable[[], Any] | None = None) -> dict[str, np.ndarray] | None:
     """All stored arrays (``arrays``: dtype and per-row shape of each) for one shard of rows
-    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws)."""
+    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws);
+    None if ``abandon()``, asked before each batch, said to drop the shard."""
     rows, seq_len = input_ids.shape
     grid = config.grid
     out = {name: np.empty((rows, *spec["shape"]), dtype=np.dtype(spec["dtype"]))
@@ -409,6 +444,8 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
     k = config.top_k if config.kind == "topk" else 1
     buffer = None
     for start in range(0, rows, config.batch_size):
+        if abandon is not None and abandon():
+            return None
         batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64)).to(device)
         b = batch.shape[0]
         hidden = head.hidden(batch).reshape(b * seq_len, -1)

@@ -96,14 +96,17 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def spawn(args, torchrun: bool = False) -> subprocess.Popen:
+def spawn(args, torchrun: bool = False, shell: str = "") -> subprocess.Popen:
     """``distill ARGS`` in a subprocess of its own session (one thread), output captured; with
-    ``torchrun`` two processes under torch.distributed.run."""
+    ``torchrun`` two processes under torch.distributed.run; with ``shell`` (say ``trap "" USR1; exec``)
+    launched as ``bash -c 'SHELL launcher ARGS'``, as a batch script would."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "stages.cli"]
     if torchrun:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                     str(29500 + os.getpid() % 1000), "-m", "stages.cli"]
+    if shell:
+        launcher = ["bash", "-c", f'{shell} "$@"', "bash", *launcher]
     return subprocess.Popen(launcher + [str(a) for a in args], env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

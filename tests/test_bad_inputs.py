@@ -222,6 +222,8 @@ CASES = [
                  id="teacher-batch-size-0"),
     pytest.param(lambda s: s.teacher_args("--kind", "dense"), ("kind must be topk or sampled, got 'dense'",),
                  id="teacher-bad-kind"),
+    pytest.param(lambda s: s.teacher_args("--on-preempt", "stop"),
+                 ("on_preempt must be one of finish, abandon, got 'stop'",), id="teacher-bad-on-preempt"),
     pytest.param(lambda s: s.teacher_args("--dtype", "float8"), ("dtype must be float32, bfloat16 or float16",),
                  id="teacher-bad-dtype"),
     pytest.param(lambda s: s.teacher_args("--device", "tpu"), ("device must be 'auto', 'cpu', 'cuda' or 'cuda:N'",),

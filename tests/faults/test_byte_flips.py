@@ -17,7 +17,7 @@ import pytest
 from pipeline.errors import DistillError
 from pipeline.loader import ChunkReader
 from pipeline.store import open_store
-from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli, tree_digest
+from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli, tree_digest, write_corpus
 
 pytestmark = pytest.mark.faults
 
@@ -25,14 +25,9 @@ FLIPS = 144  # 24 per store: 6 stores (tokens, topk, sampled × zarr, arrow)
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    import gzip
-
+def stores(tmp_path_factory, heldout_docs):
     root = tmp_path_factory.mktemp("flips")
-    with gzip.open(ROOT / "data" / "corpus" / "heldout.jsonl.gz", "rt") as f:
-        docs = [json.loads(line)["text"] for _, line in zip(range(10), f)]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    corpus = write_corpus(root / "corpus.jsonl", heldout_docs[:10])
     make_teacher(root / "teacher")
     built = {}
     for backend in ("zarr", "arrow"):

@@ -14,20 +14,15 @@ import pytest
 from pipeline import store as store_lib
 from pipeline.errors import DistillError
 from pipeline.store import content_hash, open_store, read_partial_index
-from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli, spawn, tree_digest
+from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli, spawn, tree_digest, write_corpus
 
 pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    import gzip
-
+def inputs(tmp_path_factory, heldout_docs):
     root = tmp_path_factory.mktemp("stage1-faults")
-    with gzip.open(ROOT / "data" / "corpus" / "heldout.jsonl.gz", "rt") as f:
-        docs = [json.loads(line)["text"] for _, line in zip(range(12), f)]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    corpus = write_corpus(root / "corpus.jsonl", heldout_docs[:12])
     result = run_cli("prepare", "--input", corpus, "--out", root / "tokens", "--tokenizer", TOKENIZER,
                      "--seq-len", "32", "--rows-per-shard", "40")
     assert result.exit_code == 0, result.output
