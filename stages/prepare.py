@@ -17,8 +17,9 @@ beside ``input_ids``: position t of a row is 1 where its *target*, token t+1, is
 fits in a row but not in what is left of the current one starts the next row, the rest of this one
 padded with EOS (flag 0), so that every example that fits in a row is trained with its whole prompt
 in context. A longer one is split wherever it falls (padding would not keep it whole), its flags
-going with its tokens. The last row is padded too, so no example is dropped. The rows are still cut from one stream with stride
-``seq_len - 1``, so everything that reads a tokens store reads these the same way.
+going with its tokens. The last row is padded too, so no example is dropped. The rows are still cut
+from one stream with stride ``seq_len - 1``, so everything that reads a tokens store reads these
+the same way.
 """
 
 from __future__ import annotations
@@ -166,8 +167,9 @@ def prepare(config: PrepareConfig) -> Path:
     def append_example(pieces: list[tuple[str, bool]], piece_ids: list[list[int]]) -> None:
         nonlocal padding_tokens
         ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in piece_ids] + [eos])
-        flags = np.concatenate([np.full(len(p), response, dtype=np.uint8) for (_, response), p in zip(pieces, piece_ids)]
-                               + [np.array([pieces[-1][1]], dtype=np.uint8)])  # EOS: the end of a response is learnt
+        flags = np.concatenate([np.full(len(p), response, dtype=np.uint8)
+                                for (_, response), p in zip(pieces, piece_ids)]
+                               + [np.array([pieces[-1][1]], dtype=np.uint8)])  # EOS: ending a response is learnt
         used = total_tokens % stride  # the next token's place in its row (0: it starts a row)
         if used and stride - used + 1 < len(ids) <= row_len:  # it fits in a row, not in this one: start the next
             pad = stride - used
