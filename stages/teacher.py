@@ -362,12 +362,12 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                 rows = job.tokens.read_rows(lo, hi)
                 arrays = teacher_shard(job.head, rows["input_ids"], lo, config, job.arrays, job.vocab, job.device,
                                        job.kernel, progress, abandon)
-                arrays |= {name: rows[name] for name in COPIED if name in job.arrays}
                 if failure:
                     raise failure[0]
                 if arrays is None:
                     stopped = (signalled(), store_lib.shard_name(j, config.backend))
                     break
+                arrays |= {name: rows[name] for name in COPIED if name in job.arrays}
                 jobs.put((store_lib.shard_name(j, config.backend), arrays))
     finally:
         jobs.put(None)
