@@ -25,7 +25,6 @@ import hashlib
 import heapq
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,12 +35,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.checks import check_output_rows
-from pipeline.config import check, option, required, save_resolved
+from pipeline.config import array_job_problems, check, option, required, save_resolved
 from pipeline.corpus import jsonl_values, read_lines
 from pipeline.errors import DistillError
 from pipeline.generation import ATTEMPTS_MAX, SAMPLES_PER_PROMPT_MAX, CausalLM, Decoded, Sampling, decode, record_keys
-from pipeline.io import atomic_write_bytes, atomic_write_text, file_sha256, removed_if_failed, write_synced
-from pipeline.models import device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256
+from pipeline.models import DTYPES, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.rules import Rules, load_rules, violations
 from pipeline.store import JobLock, param_differences
 from pipeline.tokenizer import load_tokenizer, vocab_size
@@ -107,17 +106,13 @@ class GenerateConfig:
             problems.append(f"max_attempts must be in [1, {ATTEMPTS_MAX}], got {self.max_attempts}")
         if self.text not in TEXT_MODES:
             problems.append(f"text must be one of {', '.join(TEXT_MODES)}, got {self.text!r}")
-        for name in ("batch_size", "records_per_part", "num_shards"):
+        for name in ("batch_size", "records_per_part"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        if not 0 <= self.shard_index < max(self.num_shards, 1):
-            problems.append(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be {', '.join(DTYPES)}, got {self.dtype!r}")
         problems += device_problems(self.device)
-        if self.overwrite and self.num_shards > 1:
-            problems.append("--overwrite with --num-shards > 1 would let jobs delete each other's work; "
-                            "delete the output once before launching the array")
+        problems += array_job_problems(self.shard_index, self.num_shards, self.overwrite, "output")
         check(problems, "generate")
 
 
@@ -429,14 +424,6 @@ def make_record(job: GenerateJob, i: int, decoded: Decoded, completion: str, bro
     return record
 
 
-def write_file_atomically(path: Path, write) -> None:
-    """``write(f)`` into a temp name beside ``path``, fsynced, then renamed: a whole file or none."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    with removed_if_failed(tmp):
-        write_synced(tmp, write)
-        os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------- merge
 
 
@@ -490,7 +477,7 @@ def merge_generated(out: Path) -> Path:
             records += 1
             tokens += record["completion_tokens"]
 
-    write_file_atomically(out / OUTPUT, write)
+    atomic_write(out / OUTPUT, write)
     atomic_write_text(out / SUMMARY, json.dumps({
         "format": FORMAT, "params": params, "records": records, "completion_tokens": tokens,
         "unsatisfiable": unsatisfiable, "jobs": jobs, "sha256": digest.hexdigest(), "output": OUTPUT,
