@@ -194,6 +194,19 @@ def test_unsatisfiable_rule_sets_are_reported(tokenizer, spec, message):
         rules(tokenizer, budget=20, **spec)
 
 
+def test_the_shipped_rule_file_uses_every_rule_and_the_readme_shows_it(tokenizer):
+    import yaml
+
+    from pipeline.rules import RULES, load_rules
+    from tests.conftest import ROOT
+
+    spec = load_rules(ROOT / "data" / "configs" / "rules-example.yaml")
+    assert spec.given() == list(RULES)
+    readme = (ROOT / "README.md").read_text().split("#### Rules")[1].split("```yaml\n")[1].split("```")[0]
+    assert parse_rules(yaml.safe_load(readme)).sha256 == spec.sha256
+    assert Rules(spec, tokenizer, 64).budget == 40  # satisfiable as far as compiling can tell
+
+
 BAD_RULES = [
     ("bannned: [x]\n", "unknown rule 'bannned' (did you mean 'banned'?)"),
     ("regex: '([a-z'\n", "rule 'regex' is not a valid regular expression"),
