@@ -75,7 +75,7 @@ def choose(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.T
 @dataclass
 class Decoded:
     tokens: list[int]  # completion ids (EOS not included)
-    finish: str  # 'eos', 'length' or 'dead-end' (the rules left no token)
+    finish: str  # 'eos', 'length', 'stop' (the rules' stop text) or 'dead-end' (the rules left no token)
 
 
 class CausalLM:
@@ -105,8 +105,9 @@ def decode(lm: CausalLM, prompts: list[list[int]], keys: torch.Tensor, sampling:
            eos: int | None, rules: Rules | None = None) -> list[Decoded]:
     """Complete each prompt (token ids, BOS included where wanted) with up to ``budget`` tokens.
 
-    Stops a row at EOS, at the budget, or (with ``rules``) where the rules allow no token. The
-    batch runs until its last row stops; rows already stopped are fed EOS and ignored.
+    Stops a row at EOS, at the budget, or (with ``rules``) where the rules allow no token or at a
+    token holding the rules' ``stop`` text (finish 'stop', the token kept). The batch runs until its
+    last row stops; rows already stopped are fed EOS and ignored.
     """
     rows, device = len(prompts), lm.device
     width = max(len(p) for p in prompts)
@@ -142,7 +143,9 @@ def decode(lm: CausalLM, prompts: list[list[int]], keys: torch.Tensor, sampling:
             results[row].tokens.append(token)
             if states is not None:
                 states[row].append(token, rules.pieces[token])
-            if len(results[row].tokens) == budget:
+                if token in rules.stops:
+                    results[row].finish = "stop"
+            if len(results[row].tokens) == budget and not results[row].finish:
                 results[row].finish = "length"
         active = [row for row in active if not results[row].finish]
         if not active:
@@ -151,3 +154,43 @@ def decode(lm: CausalLM, prompts: list[list[int]], keys: torch.Tensor, sampling:
         positions = positions[:, -1:] + 1
         logits, cache = lm(chosen.to(device).unsqueeze(1), attention, positions, cache)
     return results
+
+
+def greedy_under_rules(model, prompts: list[list[int]], rules: Rules, eos: int, batch_size: int) -> list[Decoded]:
+    """Greedy completions of ``prompts`` (ids) under ``rules`` (eval's QA answers), in batches of
+    similar length; each ends at EOS, the rules' stop text, the budget or a dead end."""
+    lm = CausalLM(model, rules.vocab)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Decoded] = [Decoded([], "")] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        zeros = torch.zeros(len(batch), dtype=torch.int64)
+        for i, decoded in zip(batch, decode(lm, [prompts[i] for i in batch], zeros, Sampling(0.0, 0, 1.0),
+                                            rules.budget, eos, rules)):
+            results[i] = decoded
+    return results
+
+
+def qa_under_rules(scorer, rules: Rules, prompts: list[str], free_answers: list[str], items, shots: int) -> dict:
+    """``distill eval --rules``: one QA task's prompts answered greedily under ``rules`` (cut at the
+    first newline, as the free answers are), against the free answers. Returns, for ``shots``:
+    ``rules_em_Kshot`` (exact match under the rules), ``violating_Kshot`` and ``rules_violating_Kshot``
+    (share of answers breaking any rule, free and enforced), ``violating_Kshot_RULE`` (free, per
+    rule) and ``rules_unsatisfiable_Kshot`` (answers the rules left no token for)."""
+    from pipeline import tasks
+    from pipeline.rules import violations
+
+    keep = max(1, scorer.max_length - rules.budget)
+    decoded = greedy_under_rules(scorer.model, [scorer.encode(p)[-keep:] for p in prompts], rules, scorer.eos,
+                                 scorer.batch_size)
+    enforced = [tasks.first_line(scorer.tokenizer.decode(d.tokens)) for d in decoded]
+    free = [violations(rules.spec, a, len(scorer.encode(a))) for a in free_answers]
+    ruled = [violations(rules.spec, a, len(d.tokens)) + (["dead end"] if d.finish == "dead-end" else [])
+             for a, d in zip(enforced, decoded)]
+    n, k = max(len(prompts), 1), f"{shots}shot"
+    result = {f"rules_em_{k}": sum(tasks.exact_match(a, it.answers) for a, it in zip(enforced, items)) / n,
+              f"violating_{k}": sum(bool(v) for v in free) / n, f"rules_violating_{k}": sum(bool(v) for v in ruled) / n,
+              f"rules_unsatisfiable_{k}": sum(d.finish == "dead-end" for d in decoded) / n}
+    for rule in rules.spec.given():
+        result[f"violating_{k}_{rule}"] = sum(any(v.startswith(rule + ":") for v in vs) for vs in free) / n
+    return result

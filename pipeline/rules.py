@@ -302,7 +302,9 @@ class RuleState:
 class Rules:
     """A :class:`RuleSpec` compiled against a tokenizer's vocabulary (see the module docstring)."""
 
-    def __init__(self, spec: RuleSpec, tokenizer, max_new_tokens: int):
+    def __init__(self, spec: RuleSpec, tokenizer, max_new_tokens: int, stop: str = ""):
+        """``stop``: text that ends a completion as EOS does (eval's QA answers end at a newline): a
+        token holding it is allowed only where the completion up to it satisfies every rule."""
         self.spec = spec
         self.tokenizer = tokenizer
         self.pieces = token_bytes(tokenizer)
@@ -339,6 +341,9 @@ class Rules:
             inside, splits = self._phrase_tables(phrase.encode())
             static[inside] = False
             self.banned_splits += splits
+        self.stops = {i: piece[:piece.index(stop.encode())] for i, piece in enumerate(self.pieces)
+                      if stop and stop.encode() in piece}
+        static[list(self.stops)] = False  # judged apart, like EOS
         self.static = static
         self.vocabulary = set(spec.vocabulary)
         self.word_prefixes = {w[:k] for w in spec.vocabulary for k in range(1, len(w) + 1)}
@@ -528,6 +533,8 @@ class Rules:
             for i in self.fragments:
                 if allowed[i] and not self.finished(text + self.pieces[i]):
                     allowed[i] = False
+        for i, before in self.stops.items():  # ends the completion at ``stop``: all of it must hold
+            allowed[i] = not violations(self.spec, (text + before).decode("utf-8", errors="replace"), 0)
         return allowed
 
     def _mask_words(self, allowed: torch.Tensor, head: str, tail: str, pending: bytes) -> None:

@@ -16,6 +16,15 @@ from pipeline.rules import RuleState, Rules, count_words, decode_prefix, parse_r
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrix products: a second thread only waits (see tests/stages/test_generate.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from pipeline.tokenizer import load_tokenizer
@@ -240,11 +249,8 @@ def test_bad_rule_files_are_one_line_errors_naming_the_rule(tmp_path, text, mess
 def lm(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small products: a second thread only waits (see tests/stages/test_generate.py)
     path = make_teacher(tmp_path_factory.mktemp("teacher") / "model")
-    yield CausalLM(AutoModelForCausalLM.from_pretrained(str(path)).eval(), 8192)
-    torch.set_num_threads(threads)
+    return CausalLM(AutoModelForCausalLM.from_pretrained(str(path)).eval(), 8192)
 
 
 PROMPTS = ["The Lord said", "A hacker is", "In the beginning", "Once upon a time", "Verse 3.", "He said"]
@@ -317,3 +323,26 @@ def test_generate_with_rules_and_an_unsatisfiable_record(lm, tokenizer, tmp_path
     assert all(u["violations"][0].startswith("dead end") for u in summary["unsatisfiable"])
     part = (tmp_path / "never" / "parts" / "job-00000-of-00001.part-00000").read_text().splitlines()
     assert all(json.loads(line)["attempts"] == 3 for line in part)
+
+
+def test_eval_reports_qa_answers_with_and_without_the_rules(tmp_path):
+    """``distill eval --rules``: every enforced answer keeps the rules (or is counted unsatisfiable),
+    and the free answers' violations are reported per rule."""
+    import shutil
+
+    model = make_teacher(tmp_path / "model", scale=8.0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, model / name)
+    (tmp_path / "rules.yaml").write_text("charset: '[a-z ]'\nmax_words: 2\nbanned: [e]\n")
+    fixtures = TOKENIZER.parents[1] / "tests" / "fixtures" / "eval"
+    result = run_cli("eval", "--model", model, "--out", tmp_path / "eval.json", "--tasks", "nq", "--nq",
+                     fixtures / "nq_open.jsonl", "--limit", "8", "--max-new-tokens", "8", "--rules", tmp_path / "rules.yaml")
+    assert result.exit_code == 0, result.output
+    nq = json.loads((tmp_path / "eval.json").read_text())["tasks"]["nq"]
+    assert nq["rules_violating_0shot"] == nq["rules_unsatisfiable_0shot"] == 0.0
+    assert 0 <= nq["rules_em_0shot"] <= 1 and nq["violating_0shot"] > 0
+    assert {"violating_0shot_charset", "violating_0shot_max_words", "violating_0shot_banned"} <= set(nq)
+    assert nq["violating_0shot"] >= max(nq[f"violating_0shot_{r}"] for r in ("charset", "max_words", "banned"))
+    line = one_line_error(run_cli("eval", "--model", model, "--out", tmp_path / "bad.json", "--tasks", "nq", "--nq",
+                                  fixtures / "nq_open.jsonl", "--rules", tmp_path / "missing.yaml"))
+    assert "rule file" in line and not (tmp_path / "bad.json").exists()
