@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,14 @@ class ShardReader:
     def close(self) -> None:
         self._shard.close()
 
+    check_seconds = 0.0  # time spent in the checks by this process (the loader benchmark reads it)
+
     def _check(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        started = time.perf_counter()
+        self._check_arrays(chunk, arrays)
+        ShardReader.check_seconds += time.perf_counter() - started
+
+    def _check_arrays(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
         lo = chunk * self.chunk_rows
         rows = min(self.chunk_rows, self.entry["rows"] - lo)
         for name, array in arrays.items():
