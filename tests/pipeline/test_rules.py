@@ -209,7 +209,7 @@ def test_the_shipped_rule_file_uses_every_rule_and_the_readme_shows_it(tokenizer
     from pipeline.rules import RULES, load_rules
     from tests.conftest import ROOT
 
-    spec = load_rules(ROOT / "data" / "configs" / "rules-example.yaml")
+    spec = load_rules(ROOT / "data" / "rules" / "example.yaml")
     assert spec.given() == list(RULES)
     readme = (ROOT / "README.md").read_text().split("#### Rules")[1].split("```yaml\n")[1].split("```")[0]
     assert parse_rules(yaml.safe_load(readme)).sha256 == spec.sha256
