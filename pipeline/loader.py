@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import DistillError
+from pipeline.preempt import SIGNALS, held_back
 from pipeline.store import ShardReader, Store
 
 
@@ -61,6 +63,10 @@ def _die_with_parent() -> None:
 def _worker_init(root: str, index: dict, fields: tuple[str, ...], check: bool) -> None:
     global _worker_reader
     _die_with_parent()
+    # A batch system warns every process of the job (SIGUSR1, SIGTERM): the trainer stops at a whole
+    # step (pipeline/preempt.py) and needs its readers until then; they end with its pool, or with it.
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)
     _worker_reader = ChunkReader(root, index, fields, check)
 
@@ -96,6 +102,10 @@ class Loader:
         self.reader = ChunkReader(str(store.root), store.index, fields, check)
         self.pool = None
         if workers > 0:
+            from multiprocessing import resource_tracker
+
+            with held_back():  # the pool's queues start it; it must outlive a pre-emption warning
+                resource_tracker.ensure_running()
             self.pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                                initargs=(str(store.root), store.index, fields, check))
         self.prefetch = max(1, prefetch)

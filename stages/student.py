@@ -19,6 +19,11 @@ positions (recomputed in backward when there is more than one chunk), so memory 
 shards the student), each rank reading its own rows. Checkpoints hold model, optimizer, scheduler,
 step, RNG state and data position: ``--resume auto`` continues exactly, and on CPU with the same
 seed a resumed run ends with the same weights as an uninterrupted one.
+
+Pre-emption (``pipeline/preempt.py``): on SIGUSR1 or SIGTERM, to any rank, every rank finishes the
+step it is in (the signal rides on the step's all-reduce, so they agree on which), rank 0 writes a
+checkpoint there and ``OUT/preempted.json``, and the run exits with status 75; ``--resume auto``
+continues it to the same weights and metrics log as a run never stopped.
 """
 
 from __future__ import annotations
@@ -31,15 +36,16 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import checkpoint
+from pipeline import checkpoint, preempt
 from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
@@ -57,6 +63,7 @@ from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal,
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
                 "tail", "direction", "importance", "teacher", "shuffle_chunks")
 ADDED_SINCE = {"importance": "unbiased"}  # resume-fixed options that older checkpoints do not record
+PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be continued (preempt.py)
 
 
 @dataclass(frozen=True)
@@ -152,8 +159,11 @@ class DistillStep(torch.nn.Module):
     """One micro-batch's loss sums. A module so that DDP/FSDP see the forward they wrap.
 
     forward(input_ids ``[B, L]``, store arrays ``[B, L, ...]``) → (CE sum, divergence sum, targets),
-    over the ``B·(L−1)`` positions that have a next token. ``teacher`` (a
-    :class:`pipeline.teacher_signal.TeacherSignal`) gives the divergence term; None trains with CE alone.
+    over the ``B·(L−1)`` positions that have a next token — only those whose ``loss_mask`` is 1 when
+    the batch has one (task fine-tuning: the positions whose target is a response token; the others
+    never reach the output head, so they add nothing to the loss, its gradient or the target count).
+    ``teacher`` (a :class:`pipeline.teacher_signal.TeacherSignal`) gives the divergence term; None
+    trains with CE alone.
     """
 
     def __init__(self, model, vocab: int, alpha: float, loss_chunk: int, teacher: TeacherSignal | None = None, *,
@@ -172,6 +182,10 @@ class DistillStep(torch.nn.Module):
         distill = self.alpha < 1.0 and not ce_only and teacher is not None
         t = teacher.temperature if distill else 1.0
         teacher_positions = teacher.positions(input_ids, batch) if distill else ()
+        if "loss_mask" in batch:
+            keep = batch["loss_mask"][:, :-1].reshape(-1).nonzero().squeeze(-1)
+            hidden, targets = hidden[keep], targets[keep]
+            teacher_positions = tuple(part[keep] for part in teacher_positions)
 
         def sums(h, y, *teacher_parts):
             logits = head(h).float()[:, :self.vocab]  # padded output rows are not tokens
@@ -186,9 +200,16 @@ class DistillStep(torch.nn.Module):
         return ce_sum, kd_sum, targets.numel()
 
 
+def masks(arrays: dict, device=None) -> dict:
+    """The ``loss_mask`` among a store's arrays (or a batch's tensors, moved to ``device``), if it has one."""
+    return {k: v if device is None else v.to(device) for k, v in arrays.items() if k == "loss_mask"}
+
+
 @torch.no_grad()
-def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast) -> dict[str, float]:
-    """Mean next-token loss (nats) and perplexity over the held-out rows (cross-entropy only).
+def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast,
+             stop: Callable[[], Any] | None = None) -> dict[str, float] | None:
+    """Mean next-token loss (nats) and perplexity over the held-out rows (cross-entropy only); None
+    if ``stop()`` (asked before each batch, on every rank alike) said to stop first.
 
     Goes through the wrapped step module, so FSDP gathers the parameters it needs."""
     module = getattr(wrapped, "module", wrapped)
@@ -196,13 +217,16 @@ def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast) -
     module.eval()
     total, count = 0.0, 0
     for batch in sequential(store, batch_rows, max_rows or None):
+        if stop is not None and stop():
+            module.train(was_training)
+            return None
         input_ids = batch["input_ids"].to(device)
         with autocast():
-            ce_sum, _, n = wrapped(input_ids, {}, ce_only=True)
+            ce_sum, _, n = wrapped(input_ids, masks(batch, device), ce_only=True)
         total += ce_sum.item()
         count += n
     module.train(was_training)
-    loss = total / count
+    loss = total / max(count, 1)
     return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
 
 
@@ -240,6 +264,7 @@ class Run:
     tokens_seen: int
     facts: dict[str, Any]  # saved beside the resolved config and in every checkpoint
     metrics: MetricsLog | None  # rank 0 only
+    saved_step: int | None = None  # the step of the newest checkpoint in OUT this run wrote or resumed from
 
     @property
     def is_rank0(self) -> bool:
@@ -256,6 +281,7 @@ class Run:
 
     def save_checkpoint(self, step: int) -> None:
         model_state, optim_state = gather_state(self.model, self.optimizer, self.sharded)
+        self.saved_step = step  # on every rank, so that all decide alike whether a checkpoint is missing
         if not self.is_rank0:
             return
         device = self.device
@@ -279,12 +305,17 @@ def disk_full_resumes(path: Path | str):
 
 
 def train(config: TrainConfig) -> Path:
-    with disk_full_resumes(config.out):  # the metrics log, config.json: anything not named more closely
+    # SIGUSR1 / SIGTERM from here on stop the run at a whole step; a full disk is one line
+    with preempt.Preemption() as preemption, disk_full_resumes(config.out):  # disk: the metrics log, config.json, …
         run = setup(config)
         if run is None:  # finished already
             return Path(config.out) / "model"
-        train_loop(run)
-        return finish(run)
+        if (signal_name := preemption.agreed(run.world)) is not None:  # came during setup: no step is run
+            leave_preempted(run, run.start_step, signal_name)
+        stopped = train_loop(run, preemption)
+        if stopped is not None:
+            leave_preempted(run, *stopped)
+        return finish(run, preemption)
 
 
 # ---------------------------------------------------------------------- setup
@@ -337,6 +368,7 @@ def setup(config: TrainConfig) -> Run | None:
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
     fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
+    fields += tuple(masks(train_store.index["arrays"]))
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
                     config.workers, config.prefetch, fields, config.shuffle_chunks)
 
@@ -351,8 +383,11 @@ def setup(config: TrainConfig) -> Run | None:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(config, out / "config.json", facts)
         metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None)
+        (out / PREEMPTED).unlink(missing_ok=True)  # this run has taken over from the pre-empted one
+    in_out = resume_from is not None and resume_from.resolve() == (out / "checkpoints" / resume_from.name).resolve()
     return Run(config, out, rank, world, device, tokenizer, train_store, eval_store, teacher_source, alpha, model,
-               wrapped, optimizer, scheduler, loader, start_step, tokens_seen, facts, metrics)
+               wrapped, optimizer, scheduler, loader, start_step, tokens_seen, facts, metrics,
+               saved_step=start_step if in_out else None)
 
 
 def _claim_out(config: TrainConfig, out: Path) -> Path | None:
@@ -450,8 +485,12 @@ def _resume(resume_from: Path, config: TrainConfig, alpha: float, world: int, mo
 # ---------------------------------------------------------------------- loop
 
 
-def train_loop(run: Run) -> None:
+def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[int, str] | None:
+    """Steps ``start_step`` … ``max_steps``; (step, signal) if a pre-emption signal stopped it after that
+    step (a checkpoint due at that step is written), None when every step ran."""
     config, alpha, wrapped, world = run.config, run.alpha, run.wrapped, run.world
+    preemption = preemption or preempt.Preemption()  # one never entered is never signalled
+    stopped = None
     tokens_per_step = config.micro_batch_size * world * config.grad_accum * (run.train_store.params["seq_len"] - 1)
     progress = tqdm(total=config.max_steps * tokens_per_step, initial=run.start_step * tokens_per_step, desc="train",
                     unit="tok", unit_scale=True, dynamic_ncols=True, disable=not run.is_rank0)
@@ -459,7 +498,8 @@ def train_loop(run: Run) -> None:
     t2 = config.temperature ** 2
     for step in range(run.start_step, config.max_steps):
         started = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64)  # CE sum, divergence sum, targets (this rank)
+        # CE sum, divergence sum, targets, then a pre-emption flag per signal (this rank)
+        sums = torch.zeros(3 + len(preemption.signals), dtype=torch.float64)
         for micro in range(config.grad_accum):
             batch = {k: v.to(run.device, non_blocking=True) for k, v in next(run.loader).items()}
             sync_now = micro == config.grad_accum - 1
@@ -468,10 +508,11 @@ def train_loop(run: Run) -> None:
             with context:
                 with run.autocast():
                     ce_sum, kd_sum, count = wrapped(batch["input_ids"], batch)
-                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / (count * config.grad_accum)
+                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / (max(count, 1) * config.grad_accum)
                 loss.backward()
-            sums += torch.tensor([ce_sum.item(), kd_sum.item(), count], dtype=torch.float64)
-        if world > 1:
+            sums[:3] += torch.tensor([ce_sum.item(), kd_sum.item(), count], dtype=torch.float64)
+        sums[3:] = torch.tensor(preemption.flags(), dtype=torch.float64)  # read as late as possible
+        if world > 1:  # the flags ride on the one collective a step has anyway: all ranks see any rank's signal
             dist.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip or float("inf"))
         # The sums are all-reduced and the norm is of all-reduced gradients: every rank stops alike,
@@ -486,7 +527,7 @@ def train_loop(run: Run) -> None:
         run.optimizer.zero_grad(set_to_none=True)
         run.tokens_seen += tokens_per_step
         elapsed = time.perf_counter() - started
-        ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        ce, kd = (sums[:2] / sums[2].clamp_min(1)).tolist()  # no targets: a step of prompts alone (fine-tuning)
         total = alpha * ce + (1 - alpha) * t2 * kd
         progress.update(tokens_per_step)
         progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
@@ -506,8 +547,12 @@ def train_loop(run: Run) -> None:
                                f"(ppl {result['heldout_ppl']:.2f})")
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_steps:
             run.save_checkpoint(done)
+        if (signal_name := preemption.signal_name(sums[3:].tolist())) is not None:
+            stopped = (done, signal_name)  # the step is whole: logged, evaluated, checkpointed if due
+            break
     progress.close()
     run.loader.close()
+    return stopped
 
 
 def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, alpha: float, ckpt_dir: Path) -> str:
@@ -529,16 +574,49 @@ def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, a
 # ---------------------------------------------------------------------- finish
 
 
-def finish(run: Run) -> Path:
-    """Last checkpoint, final held-out evaluation, the saved model and metrics.json."""
+def leave_preempted(run: Run, step: int, signal_name: str) -> None:
+    """Every rank, stopped alike after ``step``: a checkpoint there (unless one exists, or no step
+    has run), ``OUT/preempted.json`` (what the batch script requeues on), one line, and status 75."""
+    run.loader.close()  # its reader processes (--workers) end with it
+    ckpt = run.out / "checkpoints" / f"step-{step:08d}"
+    if step > 0 and run.saved_step != step:
+        run.save_checkpoint(step)
+    line = None
+    if run.is_rank0:
+        saved = ckpt if step > 0 else None
+        record = {"step": step, "signal": signal_name, "checkpoint": str(saved) if saved else None,
+                  "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        atomic_write_text(run.out / PREEMPTED, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        run.metrics.close()
+        where = f"checkpoint {saved}; rerun with --resume auto to continue" if saved else \
+            "no step had run, so no checkpoint; rerun with --resume auto to start"
+        line = f"distill: preempted by {signal_name} at step {step}; {where}"
+    if run.world > 1:
+        dist.barrier()  # the checkpoint and preempted.json are on disk before any rank leaves
+    preempt.leave(line, run.world)
+
+
+def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
+    """Last checkpoint, final held-out evaluation, the saved model and metrics.json. A pre-emption
+    signal before the model is saved stops it after the checkpoint (the rerun redoes the rest)."""
     config, out = run.config, run.out
+    preemption = preemption or preempt.Preemption()
     run.save_checkpoint(config.max_steps)
+
+    def stop() -> str | None:
+        return preemption.agreed(run.world)
+
+    if (signal_name := stop()) is not None:
+        leave_preempted(run, config.max_steps, signal_name)
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
              "tail": config.tail, "direction": config.direction,
              "teacher_signal": type(getattr(run.wrapped, "module", run.wrapped).teacher).__name__}
     if run.eval_store is not None:
-        final.update(evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast))
+        result = evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast, stop)
+        if result is None:  # every rank stopped at the same batch, so each asks once more, alike
+            leave_preempted(run, config.max_steps, stop())
+        final.update(result)
     if run.device.type == "cuda":
         final["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     model_state, _ = gather_state(run.model, None, run.sharded)

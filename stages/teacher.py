@@ -12,6 +12,10 @@ Parallel and idempotent: the store's shards are fixed row ranges; job ``i`` of `
 (``index.part-IIIII-of-NNNNN.json``). A rerun skips shards recorded there and redoes any other
 (a shard renamed into place but not yet recorded, after a kill). When the partial indexes cover
 every shard, ``index.json`` is written (here, or by ``distill merge``).
+
+Pre-emption (``pipeline/preempt.py``): on SIGUSR1 or SIGTERM the job finishes the shard it is
+computing (``--on-preempt abandon``: drops it at the next batch), lets the writer record it, releases
+its lock and exits with status 75; the same command continues.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import preempt
 from pipeline import store as store_lib
 from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved
@@ -38,6 +44,13 @@ from pipeline.models import WEIGHT_FILES, OutputHead, device_problems, has_weigh
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
 from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
+
+ON_PREEMPT = ("finish", "abandon")
+
+# Arrays of the tokens store copied into the teacher's store row for row. The loss mask is copied whole,
+# prompt positions included: the teacher runs over them anyway (a response's predictions need its
+# prompt in context), and a store of every position stays usable without the mask.
+COPIED = ("input_ids", "loss_mask")
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -75,6 +88,9 @@ class TeacherConfig:
                                 "(exact, for checking losses against an online teacher).")
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
+    on_preempt: str = option("finish", "On SIGUSR1/SIGTERM (a batch system's warning): 'finish' the shard being "
+                             "computed, or 'abandon' it at the next batch (a shard takes longer than the warning "
+                             "gives); either way the job then exits with status 75 and a rerun continues.")
 
     def __post_init__(self):
         problems = required(self, "tokens_store", "out")
@@ -110,6 +126,8 @@ class TeacherConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         problems += device_problems(self.device)
+        if self.on_preempt not in ON_PREEMPT:
+            problems.append(f"on_preempt must be one of {', '.join(ON_PREEMPT)}, got {self.on_preempt!r}")
         if self.overwrite and self.num_shards > 1:
             problems.append("--overwrite with --num-shards > 1 would let jobs delete each other's work; "
                             "delete the store once before launching the array")
@@ -162,15 +180,23 @@ class TeacherJob:
 
 
 def run_teacher(config: TeacherConfig) -> TeacherRun:
-    job = setup(config)
-    if job is None:
-        return TeacherRun(Path(config.out), 0, 0.0)
-    try:
-        total_tokens, loop_seconds = write_shards(job)
-    finally:
-        job.lock.release()
+    with preempt.Preemption() as preemption:  # SIGUSR1 / SIGTERM: stop after (or instead of) the current shard
+        job = setup(config)
+        if job is None:
+            return TeacherRun(Path(config.out), 0, 0.0)
+        try:
+            total_tokens, loop_seconds, stopped = write_shards(job, preemption)
+        finally:
+            job.lock.release()
     # ------------------------------------------------------------------ finish
     out = job.out
+    if stopped is not None:
+        signal_name, abandoned = stopped
+        owned = len(job.done) + sum(store_lib.shard_name(j, config.backend) not in job.done for j in job.todo)
+        upto = f" (up to {max(job.done)})" if job.done else ""
+        preempt.leave(f"distill: preempted by {signal_name}; job {config.shard_index}/{config.num_shards} has "
+                      f"{len(job.done)} of its {owned} shards written and recorded{upto}"
+                      f"{f', {abandoned} abandoned' if abandoned else ''}; rerun the same command to continue")
     rate = f", {total_tokens / loop_seconds:.0f} tokens/s" if job.todo else ""
     print(f"{out}: job {config.shard_index}/{config.num_shards} holds {len(job.done)} shards "
           f"({len(job.todo)} written now{rate})")
@@ -232,7 +258,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     todo = [j for j in range(config.shard_index, n_total, config.num_shards)
             if store_lib.shard_name(j, config.backend) not in done]
     lock.remove_stale_temps([*owned, part_path.name, f"config.part-{config.shard_index:05d}.json"])
-    arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"]["input_ids"]["dtype"], vocab)
+    arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"], vocab)
     save_resolved(config, out / f"config.part-{config.shard_index:05d}.json",
                   {"params": params, "shards_planned": n_total})
     probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
@@ -240,10 +266,11 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
                       device, kernel, lock)
 
 
-def stored_arrays(config: TeacherConfig, seq_len: int, input_dtype: str, vocab: int) -> dict[str, dict]:
-    """Each stored array's dtype and per-row shape (index.json's ``arrays``; docs/FORMAT.md)."""
+def stored_arrays(config: TeacherConfig, seq_len: int, tokens_arrays: dict[str, dict], vocab: int) -> dict[str, dict]:
+    """Each stored array's dtype and per-row shape (index.json's ``arrays``; docs/FORMAT.md), starting
+    with the tokens store's arrays, which are copied."""
     n_grid, id_dtype = len(config.grid), store_lib.token_dtype(vocab).name
-    arrays = {"input_ids": {"dtype": input_dtype, "shape": [seq_len]}}
+    arrays = {name: tokens_arrays[name] for name in COPIED if name in tokens_arrays}
     if config.kind == "topk":
         k = config.top_k
         arrays["topk_ids"] = {"dtype": id_dtype, "shape": [seq_len, k]}
@@ -288,16 +315,20 @@ def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: i
         "logprob_dtype": config.logprob_dtype,
         "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
         "corpus_fingerprint": tokens.params["corpus_fingerprint"],
+        **({"format": tokens.params["format"]} if "format" in tokens.params else {}),
         "rows": n_rows,
         "rows_per_shard": config.rows_per_shard,
         "chunk_rows": config.chunk_rows,
     }
 
 
-def write_shards(job: TeacherJob) -> tuple[int, float]:
+def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
+                 ) -> tuple[int, float, tuple[str, str | None] | None]:
     """The loop: compute each shard this job owns and hand it to a writer thread, which compresses
     and renames shard j while the teacher computes shard j+1. The queue holds at most one finished
-    shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds)."""
+    shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds, stopped):
+    stopped is None, or (signal, the shard abandoned or None) when a pre-emption signal ended the
+    loop before every shard was written; the shards handed over by then are written and recorded."""
     config, out = job.config, job.out
     seq_len = job.params["seq_len"]
     jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -313,6 +344,9 @@ def write_shards(job: TeacherJob) -> tuple[int, float]:
             except BaseException as e:  # surfaced by the main thread
                 failure.append(e)
 
+    signalled = (preemption or preempt.Preemption()).agreed  # one never entered is never signalled
+    abandon = signalled if config.on_preempt == "abandon" else None
+    stopped = None
     thread = threading.Thread(target=writer, name="shard-writer", daemon=True)
     thread.start()
     loop_started = time.perf_counter()
@@ -321,31 +355,39 @@ def write_shards(job: TeacherJob) -> tuple[int, float]:
         with tqdm(total=total_tokens, desc=f"teacher {config.shard_index}/{config.num_shards}", unit="tok",
                   unit_scale=True, dynamic_ncols=True) as progress:
             for j in job.todo:
+                if (signal_name := signalled()) is not None:  # before a shard: the last one is whole
+                    stopped = (signal_name, None)
+                    break
                 lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
-                input_ids = job.tokens.read_rows(lo, hi)["input_ids"]
-                arrays = teacher_shard(job.head, input_ids, lo, config, job.arrays, job.vocab, job.device,
-                                       job.kernel, progress)
+                rows = job.tokens.read_rows(lo, hi)
+                arrays = teacher_shard(job.head, rows["input_ids"], lo, config, job.arrays, job.vocab, job.device,
+                                       job.kernel, progress, abandon)
+                arrays |= {name: rows[name] for name in COPIED if name in job.arrays}
                 if failure:
                     raise failure[0]
+                if arrays is None:
+                    stopped = (signalled(), store_lib.shard_name(j, config.backend))
+                    break
                 jobs.put((store_lib.shard_name(j, config.backend), arrays))
     finally:
         jobs.put(None)
         thread.join()
     if failure:
         raise failure[0]
-    return total_tokens, time.perf_counter() - loop_started  # forward, reductions and the last write
+    return total_tokens, time.perf_counter() - loop_started, stopped  # forward, reductions and the last write
 
 
 @torch.no_grad()
 def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, config: TeacherConfig,
                   arrays: dict[str, dict], vocab: int, device: torch.device, kernel: str,
-                  progress) -> dict[str, np.ndarray]:
+                  progress, abandon: Callable[[], Any] | None = None) -> dict[str, np.ndarray] | None:
     """All stored arrays (``arrays``: dtype and per-row shape of each) for one shard of rows
-    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws)."""
+    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws);
+    None if ``abandon()``, asked before each batch, said to drop the shard."""
     rows, seq_len = input_ids.shape
     grid = config.grid
     out = {name: np.empty((rows, *spec["shape"]), dtype=np.dtype(spec["dtype"]))
-           for name, spec in arrays.items() if name != "input_ids"}
+           for name, spec in arrays.items() if name not in COPIED}
     out["input_ids"] = input_ids
     draws = config.samples if config.kind == "sampled" else config.tail_samples
     prefix = "sample" if config.kind == "sampled" else "tail_sample"
@@ -353,6 +395,8 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
     k = config.top_k if config.kind == "topk" else 1
     buffer = None
     for start in range(0, rows, config.batch_size):
+        if abandon is not None and abandon():
+            return None
         batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64)).to(device)
         b = batch.shape[0]
         hidden = head.hidden(batch).reshape(b * seq_len, -1)

@@ -30,6 +30,20 @@ def write_corpus(path: Path, docs: list[str]) -> Path:
     return path
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def chat_tokenizer(path: Path, template: str = CHAT_TEMPLATE) -> Path:
+    """A copy of the project's tokenizer (which has no chat template) with ``template`` as its chat template."""
+    import shutil
+
+    shutil.copytree(TOKENIZER, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+    return path
+
+
 def write_tiny_model_config(path: Path) -> Path:
     """A Llama of ~0.3M parameters at the project's vocabulary: fast enough for loop tests on CPU."""
     path.write_text(json.dumps({
@@ -96,14 +110,17 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def spawn(args, torchrun: bool = False) -> subprocess.Popen:
+def spawn(args, torchrun: bool = False, shell: str = "") -> subprocess.Popen:
     """``distill ARGS`` in a subprocess of its own session (one thread), output captured; with
-    ``torchrun`` two processes under torch.distributed.run."""
+    ``torchrun`` two processes under torch.distributed.run; with ``shell`` (say ``trap "" USR1; exec``)
+    launched as ``bash -c 'SHELL launcher ARGS'``, as a batch script would."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "stages.cli"]
     if torchrun:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                     str(29500 + os.getpid() % 1000), "-m", "stages.cli"]
+    if shell:
+        launcher = ["bash", "-c", f'{shell} "$@"', "bash", *launcher]
     return subprocess.Popen(launcher + [str(a) for a in args], env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
