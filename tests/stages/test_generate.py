@@ -120,6 +120,13 @@ def test_unconditional_text_modes_and_prepare_reads_the_output(teacher, tmp_path
     store = open_store(tmp_path / "tokens", kind="tokens")
     tokens = sum(r["completion_tokens"] for r in got)
     assert store.rows >= (tokens + 6) // 15 - 1 and store.rows > 0  # each record's tokens + EOS, packed in rows of 16
+    # or as prompt/response pairs, trained on the completions only (#15 part 2's loss mask)
+    result = run_cli("prepare", "--input", tmp_path / "gen" / "generated.jsonl", "--tokenizer", TOKENIZER,
+                     "--format", "prompt-response", "--response-field", "completion", "--seq-len", "64",
+                     "--out", tmp_path / "pairs")
+    assert result.exit_code == 0, result.output
+    mask = open_store(tmp_path / "pairs", kind="tokens").read_rows(0, 1)["loss_mask"]
+    assert 0 < mask.sum() <= tokens + 6
 
 
 def test_rerun_resumes_refuses_other_parameters_and_overwrites(teacher, prompts, tmp_path):
