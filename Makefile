@@ -1,7 +1,7 @@
 # distill — one target per stage; inputs and outputs are make variables, so any stage runs on your data:
 #   make prepare CORPUS=my.jsonl.gz TOKENS=runs/my/tokens
 # Extra flags go to one kind of stage each, so `make demo TRAIN_ARGS=…` changes training alone:
-#   PREPARE_ARGS (tokenizer, prepare), TEACHER_ARGS, TRAIN_ARGS (student, student-ce, pretrain-*),
+#   PREPARE_ARGS (tokenizer, prepare), GENERATE_ARGS, TEACHER_ARGS, TRAIN_ARGS (student, student-ce, pretrain-*),
 #   EVAL_ARGS, REPORT_ARGS.
 # `make demo` runs the whole pipeline on the embedded default; `make test` runs the test suite.
 
@@ -48,7 +48,7 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-faults test-slow slurm-deps slurm demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce finetune \
+.PHONY: setup test test-faults test-slow slurm-deps slurm demo tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
@@ -89,6 +89,18 @@ eval-sets:
 
 tokenizer: setup
 	$(DISTILL) tokenizer --input $(CORPUS) --vocab-size 8192 --out $(TOKENIZER) $(PREPARE_ARGS)
+
+# ---- generate: the teacher writes a synthetic corpus (OUT/generated.jsonl, which prepare reads) ----
+# from PROMPTS (JSONL with a "prompt" field, or text, one per line) or, without it, UNCONDITIONAL
+# completions from BOS; RULES= a rule file (pipeline/rules.py) enforced while decoding
+PROMPTS     ?=
+UNCONDITIONAL ?= 256
+RULES       ?=
+GEN_OUT     ?= $(RUN)/generated
+GENERATE_ARGS ?=
+generate: setup
+	$(DISTILL) generate $(if $(PROMPTS),--prompts $(PROMPTS),--unconditional $(UNCONDITIONAL)) --teacher $(TEACHER) \
+		$(if $(RULES),--rules $(RULES)) --out $(GEN_OUT) $(GENERATE_ARGS)
 
 # ---- stage 0: corpus -> tokens store ----
 prepare: setup
