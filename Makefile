@@ -1,7 +1,7 @@
 # distill — one target per stage; inputs and outputs are make variables, so any stage runs on your data:
 #   make prepare CORPUS=my.jsonl.gz TOKENS=runs/my/tokens
 # Extra flags go to one kind of stage each, so `make demo TRAIN_ARGS=…` changes training alone:
-#   PREPARE_ARGS (tokenizer, prepare), TEACHER_ARGS, TRAIN_ARGS (student, student-ce, pretrain-*),
+#   PREPARE_ARGS (tokenizer, prepare), GENERATE_ARGS, TEACHER_ARGS, TRAIN_ARGS (student, student-ce, pretrain-*),
 #   EVAL_ARGS, REPORT_ARGS.
 # `make demo` runs the whole pipeline on the embedded default; `make test` runs the test suite.
 
@@ -48,7 +48,7 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo tokenizer corpus eval-sets prepare prepare-heldout teacher student student-ce \
+.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
@@ -90,6 +90,18 @@ eval-sets:
 tokenizer: setup
 	$(DISTILL) tokenizer --input $(CORPUS) --vocab-size 8192 --out $(TOKENIZER) $(PREPARE_ARGS)
 
+# ---- generate: the teacher writes a synthetic corpus (OUT/generated.jsonl, which prepare reads) ----
+# from PROMPTS (JSONL with a "prompt" field, or text, one per line) or, without it, UNCONDITIONAL
+# completions from BOS; RULES= a rule file (pipeline/rules.py) enforced while decoding
+PROMPTS     ?=
+UNCONDITIONAL ?= 256
+RULES       ?=
+GEN_OUT     ?= $(RUN)/generated
+GENERATE_ARGS ?=
+generate: setup
+	$(DISTILL) generate $(if $(PROMPTS),--prompts $(PROMPTS),--unconditional $(UNCONDITIONAL)) --teacher $(TEACHER) \
+		$(if $(RULES),--rules $(RULES)) --out $(GEN_OUT) $(GENERATE_ARGS)
+
 # ---- stage 0: corpus -> tokens store ----
 prepare: setup
 	$(DISTILL) prepare --input $(CORPUS) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) --backend $(BACKEND) --out $(TOKENS) $(PREPARE_ARGS)
@@ -113,6 +125,27 @@ student: setup
 student-ce: setup
 	$(DISTILL) student --train-store $(STORE) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
 		--alpha 1 --out $(CE_OUT) --max-steps $(STEPS) --resume auto $(TRAIN_ARGS)
+
+# ---- task fine-tuning: prompt/response JSONL (TASK_FORMAT=chat: message lists) -> a tokens store with a
+# loss mask -> stage one -> stage two from an earlier student, on the response tokens only. Field names
+# go in PREPARE_ARGS, e.g. PREPARE_ARGS="--response-field completion".
+TASK        ?=
+TASK_FORMAT ?= prompt-response
+TASK_RUN    ?= $(RUN)/finetune
+TASK_TOKENS ?= $(TASK_RUN)/tokens
+TASK_STORE  ?= $(TASK_RUN)/store
+FINETUNE_FROM ?= $(STUDENT_OUT)/model
+FINETUNE_OUT ?= $(TASK_RUN)/student
+FINETUNE_STEPS ?= $(STEPS)
+finetune: setup
+	@test -n "$(TASK)" || { echo "error: make finetune needs TASK=FILE.jsonl (prompt/response records)" >&2; exit 2; }
+	$(DISTILL) prepare --input $(TASK) --format $(TASK_FORMAT) --tokenizer $(TOKENIZER) --seq-len $(SEQ_LEN) \
+		--backend $(BACKEND) --out $(TASK_TOKENS) $(PREPARE_ARGS)
+	$(DISTILL) teacher --tokens-store $(TASK_TOKENS) --teacher $(TEACHER) --out $(TASK_STORE) --kind $(KIND) \
+		--samples $(SAMPLES) --top-k $(TOP_K) --temperature $(TEMPERATURE) $(GRID) --backend $(BACKEND) $(TEACHER_ARGS)
+	$(DISTILL) student --train-store $(TASK_STORE) --model $(FINETUNE_FROM) --alpha $(ALPHA) \
+		--temperature $(TEMPERATURE) --tail $(TAIL) --out $(FINETUNE_OUT) --max-steps $(FINETUNE_STEPS) \
+		--resume auto $(TRAIN_ARGS)
 
 # The shipped teacher and the CE-only student reference (a lent H100 took ~1.5 min each; a 2-core
 # CPU takes hours: rerun to resume from the newest checkpoint).

@@ -39,6 +39,18 @@ def required(config: Any, *fields: str) -> list[str]:
     return [f"no {flag(name)} given" for name in fields if not getattr(config, name)]
 
 
+def array_job_problems(shard_index: int, num_shards: int, overwrite: bool, output: str) -> list[str]:
+    """The ``__post_init__`` problems of a stage run as job ``shard_index`` of ``num_shards`` (a SLURM
+    array) into one ``output``: the index out of range, or --overwrite where jobs share the output."""
+    problems = [] if num_shards >= 1 else ["num_shards must be at least 1"]
+    if not 0 <= shard_index < max(num_shards, 1):
+        problems.append(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+    if overwrite and num_shards > 1:
+        problems.append("--overwrite with --num-shards > 1 would let jobs delete each other's work; "
+                        f"delete the {output} once before launching the array")
+    return problems
+
+
 def check(problems: list[str], name: str) -> None:
     """Raise one :class:`DistillError` naming every problem found by a ``__post_init__``."""
     if problems:

@@ -96,6 +96,15 @@ def read_lines(path: Path, skipped: "ReadStats | None" = None,
         raise DistillError(f"{path}: cannot read ({e}); check the file is complete") from None
 
 
+def _example_hint(record: object) -> str:
+    """Where a record looks like a task example, the --format that reads it (pipeline/examples.py)."""
+    if isinstance(record, dict) and "messages" in record:
+        return " (or --format chat for its messages)"
+    if isinstance(record, dict) and "prompt" in record:
+        return " (or --format prompt-response for its prompt and response)"
+    return ""
+
+
 @dataclass
 class ReadStats:
     documents: int = 0
@@ -126,9 +135,8 @@ class DocumentReader:
     def _jsonl(self, path: Path) -> Iterator[str]:
         for lineno, record in jsonl_values(self._lines(path), path):
             if not isinstance(record, dict) or self.text_field not in record:
-                raise DistillError(
-                    f"{path}:{lineno}: no '{self.text_field}' field; pass --text-field with the field holding the text"
-                )
+                raise DistillError(f"{path}:{lineno}: no '{self.text_field}' field; pass --text-field with the field "
+                                   f"holding the text{_example_hint(record)}")
             text = record[self.text_field]
             if not isinstance(text, str):
                 raise DistillError(f"{path}:{lineno}: field '{self.text_field}' is not a string")

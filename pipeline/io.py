@@ -21,6 +21,12 @@ RERUN = "free space there or choose another --out, then rerun the same command: 
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` with ``write(f)`` (which may stream) under a temp name, fsync, rename: readers
+    see the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # pid and a random part: two writers of one file (two `distill merge` at once, on two hosts) never
@@ -28,7 +34,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         with removed_if_failed(tmp):  # a failed write leaves the old file and no temp beside it
-            write_synced(tmp, lambda f: f.write(data))
+            write_synced(tmp, write)
             os.replace(tmp, path)
     except OSError as e:
         if e.filename is None:

@@ -43,7 +43,10 @@ from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, dir_bytes
 
 FORMAT_VERSION = 2  # 2: per-chunk CRC-32s in each shard's index entry
-READABLE_VERSIONS = (1, 2)
+# 3: version 2 plus a loss_mask array (task examples), so that a distill that predates the mask refuses
+# the store instead of training on its prompts; stores without one stay version 2.
+LOSS_MASK_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 INDEX = "index.json"
 KINDS = ("tokens", "topk", "sampled")
 BACKENDS = ("zarr", "arrow")
@@ -339,7 +342,7 @@ def new_index(kind: str, backend: str, params: dict[str, Any], shards: list[dict
     if kind not in KINDS:
         raise ValueError(f"unknown store kind {kind}")
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": LOSS_MASK_FORMAT_VERSION if "loss_mask" in arrays else FORMAT_VERSION,
         "kind": kind,
         "backend": backend,
         "codec": f"zstd-{ZSTD_LEVEL}",

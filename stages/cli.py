@@ -141,10 +141,12 @@ def _close_progress_bars() -> None:
 
 def _register() -> None:
     from stages import eval as eval_stage
-    from stages import inspect_store, plan, prepare, report, slurm, student, teacher, tokenizer
+    from stages import generate, inspect_store, plan, prepare, report, slurm, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
+    stage_command("generate", generate.GenerateConfig, generate.generate,
+                  "The teacher writes a synthetic corpus (JSONL that prepare reads) from prompts or from BOS.")
     stage_command("prepare", prepare.PrepareConfig, prepare.prepare,
                   "Stage 0: tokenize a corpus and pack it into a sharded 'tokens' store.")
     stage_command("teacher", teacher.TeacherConfig, teacher.run_teacher,

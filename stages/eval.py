@@ -30,8 +30,10 @@ from pipeline.checks import check_store_fits
 from pipeline.config import check, flag, option, required, split_list, to_dict
 from pipeline.corpus import DocumentReader, expand_inputs
 from pipeline.errors import DistillError
+from pipeline.generation import qa_under_rules
 from pipeline.io import atomic_write_text
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device
+from pipeline.rules import Rules, load_rules
 from pipeline.tokenizer import load_tokenizer
 
 COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
@@ -66,6 +68,9 @@ class EvalConfig:
     limit: int = option(0, "At most this many items per task, the first ones (0 = all).")
     max_length: int = option(0, "Context window in tokens (0 = the model's maximum positions).")
     max_new_tokens: int = option(24, "Most tokens generated per QA answer (generation stops at a newline).")
+    rules: str = option("", "Rule file (pipeline/rules.py): QA answers are also generated under it, enforced while "
+                        "decoding; each QA task adds the share of answers breaking each rule and exact match, "
+                        "without and with the rules (violating_*, rules_*).")
     batch_size: int = option(16, "Sequences per forward pass.")
     seed: int = option(1234, "Seed for drawing few-shot examples.")
     log_samples: bool = option(False, "Also write every item's prediction and score to OUT's .samples.jsonl.")
@@ -296,7 +301,7 @@ def draw_shots(pool: list[tasks.QA], k: int, seed: int, index: int, question: st
     return [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]
 
 
-def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list) -> dict[str, float]:
+def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list, rules=None) -> dict[str, float]:
     items = _limit(tasks.qa(getattr(config, task)), config.limit)
     pool = tasks.qa(getattr(config, f"{task}_shots")) if any(config.shots) else []
     result: dict[str, float] = {"n": len(items)}
@@ -305,6 +310,8 @@ def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list) -> dic
         answers = scorer.generate(prompts, config.max_new_tokens, f"{task} {k}-shot")
         hits = [tasks.exact_match(a, it.answers) for a, it in zip(answers, items)]
         result[f"em_{k}shot"] = float(np.mean(hits))
+        if rules is not None:
+            result |= qa_under_rules(scorer, rules, prompts, answers, items, k)
         for i, (it, p, a, h) in enumerate(zip(items, prompts, answers, hits)):
             samples.append({"task": task, "shots": k, "doc": i, "prompt": p, "prediction": a,
                             "answers": list(it.answers), "em": h})
@@ -392,6 +399,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(str(model_dir))
+    rules = Rules(load_rules(config.rules), tokenizer, config.max_new_tokens, stop="\n") if config.rules else None
     model = load_model(model_dir, config.dtype, config.trust_remote_code).to(device).eval()
     limit = max_positions(model.config) or 2048
     if config.max_length > limit:
@@ -410,7 +418,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             items = _limit(getattr(tasks, task)(getattr(config, task)), config.limit)
             results[task] = eval_choice(scorer, task, items, samples)
         elif task in QA_TASKS:
-            results[task] = eval_qa(scorer, config, task, samples)
+            results[task] = eval_qa(scorer, config, task, samples, rules)
         else:
             results[task] = eval_agreement(scorer, config, samples, *agreement)
         print(f"{task}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

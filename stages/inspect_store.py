@@ -61,6 +61,10 @@ def inspect_store(config: InspectConfig) -> dict:
     }
     if config.verify:
         report["verified_shards"] = len(store.shards)
+    if "loss_mask" in index["arrays"]:  # task examples: the share of next-token targets stage two trains on
+        rows = store.rows if config.max_rows == 0 else min(config.max_rows, store.rows)
+        report |= {"format": params.get("format"),
+                   "loss_mask_share": float(store.read_rows(0, rows)["loss_mask"][:, :-1].mean())}
     if store.kind == "topk":
         report |= {"teacher": params["teacher"], "top_k": params["top_k"], "temperature": params["temperature"],
                    "temperature_grid": params["temperature_grid"]}

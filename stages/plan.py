@@ -324,7 +324,7 @@ def make_plan(config: PlanConfig) -> dict[str, Any]:
         tokens_store = store_lib.open_store(config.tokens_store, kind="tokens")
         rows, seq_len = tokens_store.rows, tokens_store.params["seq_len"]
         vocab, vocab_source = tokens_store.params["vocab_size"], "the tokens store"
-        corpus_tokens = tokens_store.index.get("tokens")
+        corpus_tokens, tokens_arrays = tokens_store.index.get("tokens"), tokens_store.index["arrays"]
     else:
         corpus_tokens, seq_len = parse_count(config.tokens), config.seq_len
         rows = (corpus_tokens - 1) // (seq_len - 1)
@@ -339,10 +339,12 @@ def make_plan(config: PlanConfig) -> dict[str, Any]:
         vocab, vocab_source = teacher_config.vocab_size, "the teacher's config (its output rows)"
     if not vocab:
         raise DistillError("the vocabulary size is unknown: pass --vocab-size, --tokens-store, --pilot or --teacher")
+    if not config.tokens_store:
+        tokens_arrays = {"input_ids": {"dtype": store_lib.token_dtype(vocab).name, "shape": [seq_len]}}
     if config.kind == "topk" and config.top_k > vocab:
         raise DistillError(f"--top-k {config.top_k} is larger than the vocabulary ({vocab} ids); lower it")
     positions = rows * seq_len
-    store = size_store(config, rows, seq_len, vocab, pilot)
+    store = size_store(config, rows, seq_len, vocab, tokens_arrays, pilot)
 
     inputs = {"corpus_tokens": corpus_tokens, "rows": rows, "seq_len": seq_len, "positions": positions,
               "vocab_size": vocab, "vocab_source": vocab_source, "backend": config.backend,
@@ -352,13 +354,16 @@ def make_plan(config: PlanConfig) -> dict[str, Any]:
             "stage_two": stage_two(config, positions)}
 
 
-def size_store(config: PlanConfig, rows: int, seq_len: int, vocab: int, pilot: store_lib.Store | None) -> dict[str, Any]:
-    """Bytes on disk of the store: raw bytes per position from the format, each array's compressed
+def size_store(config: PlanConfig, rows: int, seq_len: int, vocab: int, tokens_arrays: dict[str, dict],
+               pilot: store_lib.Store | None) -> dict[str, Any]:
+    """Bytes on disk of the store (``tokens_arrays``: those of the tokens store, which stage one
+    copies): raw bytes per position from the format, each array's compressed
     bytes per element measured (on the pilot, else on the shipped teacher), the fixed bytes of each
     shard and chunk measured by writing one."""
-    arrays = stored_arrays(config, seq_len, store_lib.token_dtype(vocab).name, vocab)
+    arrays = stored_arrays(config, seq_len, tokens_arrays, vocab)
     per_position = elements(arrays)
-    raw = {name: per_position[name] * np.dtype(spec["dtype"]).itemsize for name, spec in arrays.items()}
+    itemsize = {name: np.dtype(spec["dtype"]).itemsize for name, spec in arrays.items()}
+    raw = {name: per_position[name] * itemsize[name] for name in arrays}
     notes, distinct = [], {}
     if pilot is not None:
         measured = compressed_bytes(pilot)
@@ -379,6 +384,9 @@ def size_store(config: PlanConfig, rows: int, seq_len: int, vocab: int, pilot: s
         notes.append("compression follows the teacher's entropy (distinct ids per position): against these numbers "
                      "the tests' peaked tiny teacher measured -13% (top-64) to +22% (sampled N = 32 at T = 1); "
                      "--pilot STORE measures yours")
+    if unmeasured := [name for name in arrays if name not in per_element]:  # e.g. a loss mask copied from the tokens
+        per_element |= {name: itemsize[name] for name in unmeasured}
+        notes.append(f"{', '.join(unmeasured)} not measured: counted at raw size (an upper bound)")
     id_scale = math.log2(vocab) / math.log2(reference_vocab)
     if vocab != reference_vocab:
         notes.append(f"ids scaled by log2 {vocab:,} / log2 {reference_vocab:,} = {id_scale:.2f} (not measured)")

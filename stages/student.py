@@ -159,8 +159,11 @@ class DistillStep(torch.nn.Module):
     """One micro-batch's loss sums. A module so that DDP/FSDP see the forward they wrap.
 
     forward(input_ids ``[B, L]``, store arrays ``[B, L, ...]``) → (CE sum, divergence sum, targets),
-    over the ``B·(L−1)`` positions that have a next token. ``teacher`` (a
-    :class:`pipeline.teacher_signal.TeacherSignal`) gives the divergence term; None trains with CE alone.
+    over the ``B·(L−1)`` positions that have a next token — only those whose ``loss_mask`` is 1 when
+    the batch has one (task fine-tuning: the positions whose target is a response token; the others
+    never reach the output head, so they add nothing to the loss, its gradient or the target count).
+    ``teacher`` (a :class:`pipeline.teacher_signal.TeacherSignal`) gives the divergence term; None
+    trains with CE alone.
     """
 
     def __init__(self, model, vocab: int, alpha: float, loss_chunk: int, teacher: TeacherSignal | None = None, *,
@@ -179,6 +182,10 @@ class DistillStep(torch.nn.Module):
         distill = self.alpha < 1.0 and not ce_only and teacher is not None
         t = teacher.temperature if distill else 1.0
         teacher_positions = teacher.positions(input_ids, batch) if distill else ()
+        if "loss_mask" in batch:
+            keep = batch["loss_mask"][:, :-1].reshape(-1).nonzero().squeeze(-1)
+            hidden, targets = hidden[keep], targets[keep]
+            teacher_positions = tuple(part[keep] for part in teacher_positions)
 
         def sums(h, y, *teacher_parts):
             logits = head(h).float()[:, :self.vocab]  # padded output rows are not tokens
@@ -191,6 +198,11 @@ class DistillStep(torch.nn.Module):
 
         ce_sum, kd_sum = chunked_sum(sums, hidden.shape[0], self.loss_chunk, hidden, targets, *teacher_positions)
         return ce_sum, kd_sum, targets.numel()
+
+
+def masks(arrays: dict, device=None) -> dict:
+    """The ``loss_mask`` among a store's arrays (or a batch's tensors, moved to ``device``), if it has one."""
+    return {k: v if device is None else v.to(device) for k, v in arrays.items() if k == "loss_mask"}
 
 
 @torch.no_grad()
@@ -210,11 +222,11 @@ def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast,
             return None
         input_ids = batch["input_ids"].to(device)
         with autocast():
-            ce_sum, _, n = wrapped(input_ids, {}, ce_only=True)
+            ce_sum, _, n = wrapped(input_ids, masks(batch, device), ce_only=True)
         total += ce_sum.item()
         count += n
     module.train(was_training)
-    loss = total / count
+    loss = total / max(count, 1)
     return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
 
 
@@ -356,6 +368,7 @@ def setup(config: TrainConfig) -> Run | None:
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
     fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
+    fields += tuple(masks(train_store.index["arrays"]))
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
                     config.workers, config.prefetch, fields, config.shuffle_chunks)
 
@@ -495,7 +508,7 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
             with context:
                 with run.autocast():
                     ce_sum, kd_sum, count = wrapped(batch["input_ids"], batch)
-                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / (count * config.grad_accum)
+                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / (max(count, 1) * config.grad_accum)
                 loss.backward()
             sums[:3] += torch.tensor([ce_sum.item(), kd_sum.item(), count], dtype=torch.float64)
         sums[3:] = torch.tensor(preemption.flags(), dtype=torch.float64)  # read as late as possible
@@ -514,7 +527,7 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
         run.optimizer.zero_grad(set_to_none=True)
         run.tokens_seen += tokens_per_step
         elapsed = time.perf_counter() - started
-        ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        ce, kd = (sums[:2] / sums[2].clamp_min(1)).tolist()  # no targets: a step of prompts alone (fine-tuning)
         total = alpha * ce + (1 - alpha) * t2 * kd
         progress.update(tokens_per_step)
         progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")

@@ -49,6 +49,10 @@ from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
 
 ON_PREEMPT = ("finish", "abandon")
 
+# Arrays of the tokens store copied into the teacher's store row for row. The loss mask is copied whole,
+# prompt positions included: the teacher runs over them anyway (a response's predictions need its
+# prompt in context), and a store of every position stays usable without the mask.
+COPIED = ("input_ids", "loss_mask")
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -305,7 +309,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     todo = [j for j in range(config.shard_index, n_total, config.num_shards)
             if store_lib.shard_name(j, config.backend) not in done]
     lock.remove_stale_temps([*owned, part_path.name, f"config.part-{config.shard_index:05d}.json"])
-    arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"]["input_ids"]["dtype"], vocab)
+    arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"], vocab)
     facts = {"params": params, "shards_planned": n_total}
     if device_map is not None:  # where each module went: a fact of this run, not a param (the store is the same)
         facts["placement"] = where = placement(model)
@@ -318,10 +322,11 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
                       device, kernel, lock)
 
 
-def stored_arrays(config: TeacherConfig, seq_len: int, input_dtype: str, vocab: int) -> dict[str, dict]:
-    """Each stored array's dtype and per-row shape (index.json's ``arrays``; docs/FORMAT.md)."""
+def stored_arrays(config: TeacherConfig, seq_len: int, tokens_arrays: dict[str, dict], vocab: int) -> dict[str, dict]:
+    """Each stored array's dtype and per-row shape (index.json's ``arrays``; docs/FORMAT.md), starting
+    with the tokens store's arrays, which are copied."""
     n_grid, id_dtype = len(config.grid), store_lib.token_dtype(vocab).name
-    arrays = {"input_ids": {"dtype": input_dtype, "shape": [seq_len]}}
+    arrays = {name: tokens_arrays[name] for name in COPIED if name in tokens_arrays}
     if config.kind == "topk":
         k = config.top_k
         arrays["topk_ids"] = {"dtype": id_dtype, "shape": [seq_len, k]}
@@ -366,6 +371,7 @@ def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: i
         "logprob_dtype": config.logprob_dtype,
         "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
         "corpus_fingerprint": tokens.params["corpus_fingerprint"],
+        **({"format": tokens.params["format"]} if "format" in tokens.params else {}),
         "rows": n_rows,
         "rows_per_shard": config.rows_per_shard,
         "chunk_rows": config.chunk_rows,
@@ -409,14 +415,15 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                     stopped = (signal_name, None)
                     break
                 lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
-                input_ids = job.tokens.read_rows(lo, hi)["input_ids"]
-                arrays = teacher_shard(job.head, input_ids, lo, config, job.arrays, job.vocab, job.device,
+                rows = job.tokens.read_rows(lo, hi)
+                arrays = teacher_shard(job.head, rows["input_ids"], lo, config, job.arrays, job.vocab, job.device,
                                        job.kernel, progress, abandon)
                 if failure:
                     raise failure[0]
                 if arrays is None:
                     stopped = (signalled(), store_lib.shard_name(j, config.backend))
                     break
+                arrays |= {name: rows[name] for name in COPIED if name in job.arrays}
                 jobs.put((store_lib.shard_name(j, config.backend), arrays))
     finally:
         jobs.put(None)
@@ -436,7 +443,7 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
     rows, seq_len = input_ids.shape
     grid = config.grid
     out = {name: np.empty((rows, *spec["shape"]), dtype=np.dtype(spec["dtype"]))
-           for name, spec in arrays.items() if name != "input_ids"}
+           for name, spec in arrays.items() if name not in COPIED}
     out["input_ids"] = input_ids
     draws = config.samples if config.kind == "sampled" else config.tail_samples
     prefix = "sample" if config.kind == "sampled" else "tail_sample"

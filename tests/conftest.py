@@ -30,6 +30,20 @@ def write_corpus(path: Path, docs: list[str]) -> Path:
     return path
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def chat_tokenizer(path: Path, template: str = CHAT_TEMPLATE) -> Path:
+    """A copy of the project's tokenizer (which has no chat template) with ``template`` as its chat template."""
+    import shutil
+
+    shutil.copytree(TOKENIZER, path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
+    return path
+
+
 def write_tiny_model_config(path: Path) -> Path:
     """A Llama of ~0.3M parameters at the project's vocabulary: fast enough for loop tests on CPU."""
     path.write_text(json.dumps({

@@ -16,8 +16,8 @@ from typing import Callable
 import pytest
 import torch
 
-from tests.conftest import (TOKENIZER, make_teacher, one_line_error, run_cli, tree_digest, write_corpus,
-                            write_tiny_model_config)
+from tests.conftest import (TOKENIZER, chat_tokenizer, make_teacher, one_line_error, run_cli, tree_digest,
+                            write_corpus, write_tiny_model_config)
 
 ROWS = ("--rows-per-shard", "8", "--chunk-rows", "4")
 
@@ -123,6 +123,15 @@ def newer_format(body: dict) -> None:
     body["format_version"] = 99
 
 
+def task_args(s: Case, *records: dict, fmt: str = "prompt-response") -> list:
+    """distill prepare of a JSONL file holding ``records`` as task examples (``--format fmt``)."""
+    task = s.write("task.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return ["prepare", "--input", task, "--out", s.out, "--format", fmt]
+
+
+CHAT = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+
+
 def student_rerun(s: Case, *flags) -> list:
     """distill student into an OUT holding an earlier run (a checkpoint, metrics), which must stay as it was."""
     s.write("out/checkpoints/step-00000002/state.pt", b"an earlier run")
@@ -209,6 +218,51 @@ CASES = [
                             "--rows-per-shard", "32", "--chunk-rows", "8"],
                  ("already holds a store built differently", "seq_len: 32 vs 64", "pass --overwrite"),
                  id="prepare-out-holds-other-store"),
+    # ---- prepare: task examples (prompt/response and chat records, stored with a loss mask)
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--format", "csv"],
+                 ("format must be one of text, prompt-response, chat, got 'csv'",), id="prepare-bad-format"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--format", "prompt-response"],
+                 ("corpus.jsonl:1: no 'prompt' field; pass --prompt-field",), id="prepare-missing-prompt-field"),
+    pytest.param(lambda s: [*task_args(s, {"prompt": "Q?", "answer": " A."}), "--response-field", "reply"],
+                 ("task.jsonl:1: no 'reply' field; pass --response-field",), id="prepare-missing-response-field"),
+    pytest.param(lambda s: task_args(s, {"prompt": "Q?", "response": " A."}, {"prompt": "Q2?", "response": ""}),
+                 ("task.jsonl:2: the response ('response') is empty", "fill it in or remove the record"),
+                 id="prepare-empty-response"),
+    pytest.param(lambda s: task_args(s, {"prompt": "Q?", "response": 3}), ("field 'response' is not a string",),
+                 id="prepare-response-not-a-string"),
+    pytest.param(lambda s: task_args(s, {"messages": CHAT}, fmt="chat"),
+                 ("--format chat renders --messages-field with the tokenizer's chat template",
+                  "has none; pass a --tokenizer that has one"), id="prepare-chat-without-template"),
+    pytest.param(lambda s: [*task_args(s, {"messages": CHAT[:1]}, fmt="chat"), "--tokenizer", chat_tokenizer(s.tmp / "t")],
+                 ("task.jsonl:1: the conversation has no 'assistant' message",), id="prepare-chat-without-reply"),
+    pytest.param(lambda s: [*task_args(s, {"messages": [CHAT[0], {"role": "assistant", "content": ""}]}, fmt="chat"),
+                            "--tokenizer", chat_tokenizer(s.tmp / "t")],
+                 ("task.jsonl:1: an 'assistant' message is empty",), id="prepare-chat-empty-reply"),
+    pytest.param(lambda s: [*task_args(s, {"messages": "Capital of France? Paris."}, fmt="chat"),
+                            "--tokenizer", chat_tokenizer(s.tmp / "t")],
+                 ("field 'messages' is not a list of",), id="prepare-chat-messages-not-a-list"),
+    pytest.param(lambda s: [*task_args(s, {"messages": CHAT}, fmt="chat"), "--tokenizer",
+                            chat_tokenizer(s.tmp / "t", "{{ messages | length }}{% for m in messages %}{{ m['content'] }}"
+                                                        "{% endfor %}")],
+                 ("does not render this conversation as the start of its continuation",),
+                 id="prepare-chat-template-not-incremental"),
+    pytest.param(lambda s: [*task_args(s, {"messages": CHAT}, fmt="chat"), "--tokenizer",
+                            chat_tokenizer(s.tmp / "t", "{{ raise_exception('roles must alternate') }}")],
+                 ("the chat template cannot render this conversation (roles must alternate)",),
+                 id="prepare-chat-template-refuses"),
+    pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--prompt-field", "question"],
+                 ("--prompt-field is for --format prompt-response, not --format text",
+                  "a plain-text corpus has no prompts or responses to mask"), id="prepare-mask-option-on-text"),
+    pytest.param(lambda s: [*task_args(s, {"prompt": "Q?", "response": " A."}), "--messages-field", "turns"],
+                 ("--messages-field is for --format chat, not --format prompt-response",),
+                 id="prepare-messages-field-on-prompt-response"),
+    pytest.param(lambda s: ["prepare", "--input", s.write("notes.txt", "some plain text\n"), "--out", s.out,
+                            "--format", "prompt-response"],
+                 ("--format prompt-response reads JSONL records", "notes.txt is plain text"),
+                 id="prepare-mask-format-on-txt"),
+    pytest.param(lambda s: ["prepare", "--input", s.write("task.jsonl", json.dumps({"prompt": "Q?", "response": "A"})),
+                            "--out", s.out], ("no 'text' field", "or --format prompt-response"),
+                 id="prepare-task-records-read-as-text"),
     # ---- teacher (stage one)
     pytest.param(lambda s: s.teacher_args("--temperature", "0"), ("temperature must be > 0",),
                  id="teacher-temperature-0"),

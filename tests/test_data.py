@@ -31,10 +31,17 @@ def test_student_is_about_four_times_smaller():
     assert 3 <= sizes["teacher"] / sizes["student"] <= 5
 
 
-@pytest.mark.parametrize("path", sorted((DATA / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((DATA / "configs").glob("*-train.yaml")), ids=lambda p: p.name)
 def test_stage_configs_parse(path):
     config = load_config(TrainConfig, path)
     assert config.train_store and config.out
+
+
+def test_the_slurm_demo_config_parses():
+    from stages.slurm import SlurmConfig, resolve
+
+    plan = resolve(load_config(SlurmConfig, DATA / "configs" / "slurm-demo.yaml", out="x"))
+    assert plan.resources["teacher"]["array"] == 4 and plan.student.train_store == plan.teacher.out
 
 
 def read_split(name):

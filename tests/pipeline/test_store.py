@@ -162,7 +162,7 @@ def test_chunk_checksums_are_the_decoded_bytes_and_version_1_stores_still_read(t
         back = old.read_shard(0, verify=True)
     np.testing.assert_array_equal(back["topk_logprobs"], data["topk_logprobs"])
     assert capsys.readouterr().err.count("reads are not checked") == 1
-    index["format_version"] = 3
+    index["format_version"] = 4
     (tmp_path / "s" / "index.json").write_text(json.dumps(index))
-    with pytest.raises(DistillError, match="format version 3, this distill reads 1, 2; upgrade distill"):
+    with pytest.raises(DistillError, match="format version 4, this distill reads 1, 2, 3; upgrade distill"):
         store.open_store(tmp_path / "s")

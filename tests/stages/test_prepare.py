@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.store import open_store
-from tests.conftest import TOKENIZER, one_line_error, run_cli, tree_digest
+from tests.conftest import TOKENIZER, chat_tokenizer, one_line_error, run_cli, tree_digest
 
 
 def prepare(corpus, out, *extra):
@@ -33,6 +33,8 @@ def test_rows_are_the_packed_token_stream(tmp_path, small_corpus, heldout_docs, 
     assert s.index["dropped_tokens"] == len(stream) - (len(rows) * 63 + 1)
     assert 0 <= s.index["dropped_tokens"] < 63
     assert s.params["tokenizer_hash"] and s.params["corpus_fingerprint"]
+    assert list(s.index["arrays"]) == ["input_ids"] and "format" not in s.params  # a text store: no mask
+    assert s.index["format_version"] == 2
     assert (tmp_path / "s" / "config.json").is_file()
 
 
@@ -83,3 +85,79 @@ def test_skip_bad_utf8_counts(tmp_path, small_corpus):
     result = prepare(mixed, tmp_path / "s", "--skip-bad-utf8")
     assert result.exit_code == 0 and "skipped 1 non-UTF-8 lines" in result.output
     assert json.loads((tmp_path / "s" / "index.json").read_text())["skipped_lines"] == 1
+
+
+def flags_stream(store) -> tuple[np.ndarray, np.ndarray]:
+    """(the token stream the rows were cut from, the loss mask moved onto the target tokens)."""
+    data = store.read_rows(0, store.rows)
+    ids, mask = data["input_ids"], data["loss_mask"]
+    stream = np.concatenate([ids[0], ids[1:, 1:].reshape(-1)])
+    # position t of row r predicts stream token r·(L−1) + t + 1: shift the mask onto its target
+    on_target = np.concatenate([[0], mask[:, :-1].reshape(-1)])
+    return stream, on_target
+
+
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+def test_prompt_response_mask_is_one_exactly_on_response_targets(tmp_path, heldout_docs, backend):
+    """Every response token (and the EOS closing it) is a target exactly once with mask 1, every prompt
+    or padding token with mask 0; an example that fits in a row lies in one row, a longer one crosses
+    rows with its mask intact; nothing is dropped."""
+    words = " ".join(heldout_docs[:5]).split()
+    records = [{"q": " ".join(words[i:i + 3 + i % 11]) + "\nA:", "a": " " + " ".join(words[i + 20:i + 22 + i % 5])}
+               for i in range(0, 600, 25)]
+    records.insert(5, {"q": "Summarise:", "a": " " + " ".join(words[:90])})  # longer than a row of 64
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = prepare(tmp_path / "task.jsonl", tmp_path / "s", "--backend", backend, "--format", "prompt-response",
+                     "--prompt-field", "q", "--response-field", "a")
+    assert result.exit_code == 0, result.output
+    s = open_store(tmp_path / "s", kind="tokens")
+    assert s.params["format"] == "prompt-response" and s.index["arrays"]["loss_mask"]["dtype"] == "uint8"
+    assert s.index["format_version"] == 3  # a distill that predates the mask refuses it
+    data = s.read_rows(0, s.rows)
+    assert (data["loss_mask"][:, -1] == 0).all()  # its target is the next row's first token
+    stream, on_target = flags_stream(s)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    eos, at = tokenizer.eos_token_id, 0
+    expected = np.zeros(len(stream), dtype=np.uint8)
+    crossed = padded = 0
+    for r in records:
+        prompt = tokenizer.encode(r["q"], add_special_tokens=False)
+        response = tokenizer.encode(r["a"], add_special_tokens=False) + [eos]
+        padded += stream[at] == eos
+        while stream[at] == eos:  # padding before an example that starts a new row
+            at += 1
+        assert stream[at:at + len(prompt) + len(response)].tolist() == prompt + response
+        start, end = at + len(prompt), at + len(prompt) + len(response)
+        expected[start:end] = 1
+        first_row, last_row = at // 63, (end - 2) // 63  # rows holding the example's targets
+        if len(prompt) + len(response) <= 64:
+            assert first_row == last_row, r  # whole, with its prompt in context
+        crossed += first_row != last_row
+        at = end
+    assert crossed >= 1 and padded >= 1  # the long example; examples moved to a fresh row
+    assert (stream[at:] == eos).all() and 0 < len(stream) - at < 64  # the last row padded, not dropped
+    np.testing.assert_array_equal(on_target, expected)
+    assert s.index["loss_tokens"] == expected.sum() == data["loss_mask"].sum()
+    assert s.index["documents"] == len(records) and s.index["dropped_tokens"] == 0
+    assert s.index["padding_tokens"] == (stream == eos).sum() - len(records)
+
+
+def test_chat_records_train_on_assistant_turns(tmp_path):
+    tokenizer_dir = chat_tokenizer(tmp_path / "tok")
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                    {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Spain?"},
+                    {"role": "assistant", "content": "Madrid."}, {"role": "user", "content": "Thanks."}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"turns": conversation}) + "\n")
+    result = run_cli("prepare", "--input", tmp_path / "chat.jsonl", "--out", tmp_path / "s", "--tokenizer",
+                     tokenizer_dir, "--seq-len", "64", "--format", "chat", "--messages-field", "turns")
+    assert result.exit_code == 0, result.output
+    s = open_store(tmp_path / "s")
+    assert s.params["format"] == "chat" and len(s.params["chat_template_sha256"]) == 64
+    stream, on_target = flags_stream(s)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert tokenizer.decode(stream[:len(tokenizer.encode(rendered))]) == rendered  # the template's rendering
+    # the assistant contents and their end-of-turn marker; the headers, other turns and the final EOS
+    # (the conversation ends with the user) are not
+    assert tokenizer.decode(stream[on_target == 1]) == "Paris.<|endoftext|>\nMadrid.<|endoftext|>\n"

@@ -1,0 +1,128 @@
+"""Read task examples (fine-tuning data) as text pieces, each marked prompt or response.
+
+Two JSONL record formats (``distill prepare --format``):
+
+- ``prompt-response``: the prompt under ``--prompt-field`` and the response under
+  ``--response-field``, both strings. The two are joined as they are: a separator (``"\\nAnswer:"``,
+  a space) belongs at the end of the prompt or the start of the response.
+- ``chat``: a list of ``{"role", "content"}`` messages under ``--messages-field``, rendered with the
+  tokenizer's chat template. Each assistant turn is a response; its span is what the template adds
+  when that turn is appended to the conversation rendered up to it *with* the generation prompt, so
+  the template's assistant header is prompt and its end-of-turn marker is response (the model learns
+  to end its turn). A template that does not render each conversation as a prefix of its
+  continuation cannot be split this way and is refused.
+
+:class:`ExampleReader` yields one list of ``(text, is_response)`` pieces per record. The packer
+(``stages/prepare.py``) tokenizes each piece on its own, so no token straddles a prompt/response
+boundary. A record without a response to learn (a missing field, an empty response, a conversation
+with no assistant turn) is a one-line error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.corpus import ReadStats, jsonl_values, read_lines
+from pipeline.errors import DistillError
+
+FORMATS = ("text", "prompt-response", "chat")  # 'text': a plain corpus (pipeline/corpus.py), no loss mask
+RESPONSE_ROLE = "assistant"
+
+Pieces = list[tuple[str, bool]]  # (text, is_response), in order
+
+
+def chat_template_sha256(tokenizer) -> str:
+    """sha256 of the tokenizer's chat template (it decides the rendered text; the tokenizer hash does not cover it)."""
+    return hashlib.sha256((tokenizer.chat_template or "").encode("utf-8")).hexdigest()
+
+
+def require_chat_template(tokenizer, tokenizer_path: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DistillError(f"--format chat renders --messages-field with the tokenizer's chat template, and the "
+                           f"tokenizer at {tokenizer_path} has none; pass a --tokenizer that has one (chat_template in "
+                           "its tokenizer_config.json) or write the records as prompt/response (--format prompt-response)")
+
+
+class ExampleReader:
+    """Iterate the records of JSONL files as :data:`Pieces`; ``stats.documents`` counts records."""
+
+    def __init__(self, files: list[Path], format: str, prompt_field: str = "prompt", response_field: str = "response",
+                 messages_field: str = "messages", tokenizer=None, skip_bad_utf8: bool = False):
+        if format not in FORMATS[1:]:
+            raise ValueError(f"format must be one of {FORMATS[1:]}, got {format!r}")
+        self.files, self.format, self.tokenizer = files, format, tokenizer
+        self.prompt_field, self.response_field, self.messages_field = prompt_field, response_field, messages_field
+        self.skip_bad_utf8 = skip_bad_utf8
+        self.stats = ReadStats()
+
+    def __iter__(self) -> Iterator[Pieces]:
+        for path in self.files:
+            lines = read_lines(path, self.stats if self.skip_bad_utf8 else None)
+            for lineno, record in jsonl_values(lines, path):
+                where = f"{path}:{lineno}"
+                if not isinstance(record, dict):
+                    raise DistillError(f"{where}: not a JSON object; each line of --format {self.format} input is one "
+                                       "record")
+                pieces = self._prompt_response(record, where) if self.format == "prompt-response" \
+                    else self._chat(record, where)
+                self.stats.documents += 1
+                yield pieces
+
+    def _field(self, record: dict, name: str, flag: str, where: str):
+        if name not in record:
+            raise DistillError(f"{where}: no '{name}' field; pass {flag} with the field that holds it")
+        return record[name]
+
+    def _prompt_response(self, record: dict, where: str) -> Pieces:
+        prompt = self._field(record, self.prompt_field, "--prompt-field", where)
+        response = self._field(record, self.response_field, "--response-field", where)
+        for name, value in ((self.prompt_field, prompt), (self.response_field, response)):
+            if not isinstance(value, str):
+                raise DistillError(f"{where}: field '{name}' is not a string")
+        if not response:
+            raise DistillError(f"{where}: the response ('{self.response_field}') is empty: there is nothing to learn "
+                               "from this record; fill it in or remove the record")
+        return [(prompt, False), (response, True)]
+
+    def _chat(self, record: dict, where: str) -> Pieces:
+        messages = self._field(record, self.messages_field, "--messages-field", where)
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise DistillError(f"{where}: field '{self.messages_field}' is not a list of "
+                               "{\"role\": str, \"content\": str} messages")
+        turns = [i for i, m in enumerate(messages) if m["role"] == RESPONSE_ROLE]
+        if not turns:
+            raise DistillError(f"{where}: the conversation has no '{RESPONSE_ROLE}' message: there is nothing to "
+                               "learn from this record; add the reply or remove the record")
+        if any(not messages[i]["content"] for i in turns):
+            raise DistillError(f"{where}: an '{RESPONSE_ROLE}' message is empty: there is nothing to learn from it; "
+                               "fill it in or remove it")
+        pieces: Pieces = []
+        done = ""
+        for i in turns:
+            before = self._render(messages[:i], True, where) if i else ""
+            after = self._render(messages[:i + 1], False, where)
+            pieces += [(self._after(done, before, where), False), (self._after(before, after, where), True)]
+            done = after
+        pieces.append((self._after(done, self._render(messages, False, where), where), False))
+        return [p for p in pieces if p[0]]
+
+    def _render(self, messages: list[dict], generation_prompt: bool, where: str) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except Exception as e:  # the template's own raise_exception(), or a Jinja error
+            raise DistillError(f"{where}: the chat template cannot render this conversation "
+                               f"({' '.join(str(e).split())[:200]}); fix the record or the template") from None
+
+    @staticmethod
+    def _after(prefix: str, text: str, where: str) -> str:
+        """What ``text`` adds to ``prefix``; the template must render a conversation as the prefix of its continuation."""
+        if not text.startswith(prefix):
+            raise DistillError(f"{where}: the tokenizer's chat template does not render this conversation as the "
+                               "start of its continuation, so its assistant turns cannot be marked; use a template "
+                               "that does, or write the records as prompt/response (--format prompt-response)")
+        return text[len(prefix):]
