@@ -114,6 +114,14 @@ def _start(root: Path) -> Cluster | str:
 
 
 def _stop(cluster: Cluster) -> None:
+    """Cancel what is left (a job step would outlive its slurmd), then stop the daemons."""
+    subprocess.run(["scancel", "--user", "root"], env=cluster.env, capture_output=True)
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        done = subprocess.run(["squeue", "-h"], env=cluster.env, capture_output=True, text=True)
+        if done.returncode != 0 or not done.stdout.strip():
+            break
+        time.sleep(0.5)
     for process in cluster.daemons:
         process.terminate()
     for process in cluster.daemons:
