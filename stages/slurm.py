@@ -42,9 +42,9 @@ import yaml
 from pipeline.config import check, load_config, option, to_dict
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
+from pipeline.preempt import EXIT_PREEMPTED as PREEMPTED  # a stage stopped by the pre-emption signal
 
 IGNORE_USR1 = 'trap "" USR1; exec '  # torchrun then ignores USR1; its workers install their own handler
-PREEMPTED = 75  # EX_TEMPFAIL: the exit status of a stage that stopped on the pre-emption signal
 RESOURCES = ("partition", "account", "qos", "time", "cpus", "mem", "gpus", "constraint", "signal", "extra")
 JOB_RESOURCES = {"teacher": RESOURCES + ("array",), "merge": RESOURCES,
                  "student": RESOURCES + ("nodes", "procs_per_node"), "eval": RESOURCES}
