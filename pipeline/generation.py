@@ -171,24 +171,29 @@ def greedy_under_rules(model, prompts: list[list[int]], rules: Rules, eos: int, 
     return results
 
 
-def qa_under_rules(scorer, rules: Rules, prompts: list[str], free_answers: list[str], items, shots: int) -> dict:
-    """``distill eval --rules``: one QA task's prompts answered greedily under ``rules`` (cut at the
-    first newline, as the free answers are), against the free answers. Returns, for ``shots``:
-    ``rules_em_Kshot`` (exact match under the rules), ``violating_Kshot`` and ``rules_violating_Kshot``
-    (share of answers breaking any rule, free and enforced), ``violating_Kshot_RULE`` (free, per
-    rule) and ``rules_unsatisfiable_Kshot`` (answers the rules left no token for)."""
+def qa_under_rules(scorer, rules: Rules, prompts: list[str], free_answers: list[str], items, shots: int,
+                   definition=None) -> dict:
+    """``distill eval --rules``: one QA task's prompts answered greedily under ``rules`` (compiled with
+    the task's stop sequences, and cut at them as the free answers are: ``definition``, a
+    :class:`pipeline.tasks.QADefinition`, GPT-3's newline-cut one by default), against the free
+    answers. Returns, for ``shots``: ``rules_em_Kshot`` (exact match under the rules, by the
+    definition's normalisation), ``violating_Kshot`` and ``rules_violating_Kshot`` (share of answers
+    breaking any rule, free and enforced), ``violating_Kshot_RULE`` (free, per rule) and
+    ``rules_unsatisfiable_Kshot`` (answers the rules left no token for). Generation tasks only: a
+    task scored by log-likelihood has no answer to constrain."""
     from pipeline import tasks
     from pipeline.rules import violations
 
+    definition = definition or tasks.QA_DEFINITIONS["gpt3", "nq"]
     keep = max(1, scorer.max_length - rules.budget)
     decoded = greedy_under_rules(scorer.model, [scorer.encode(p)[-keep:] for p in prompts], rules, scorer.eos,
                                  scorer.batch_size)
-    enforced = [tasks.first_line(scorer.tokenizer.decode(d.tokens)) for d in decoded]
+    enforced = [definition.answer(scorer.tokenizer.decode(d.tokens)) for d in decoded]
     free = [violations(rules.spec, a, len(scorer.encode(a))) for a in free_answers]
     ruled = [violations(rules.spec, a, len(d.tokens)) + (["dead end"] if d.finish == "dead-end" else [])
              for a, d in zip(enforced, decoded)]
     n, k = max(len(prompts), 1), f"{shots}shot"
-    result = {f"rules_em_{k}": sum(tasks.exact_match(a, it.answers) for a, it in zip(enforced, items)) / n,
+    result = {f"rules_em_{k}": sum(definition.exact_match(a, it.answers) for a, it in zip(enforced, items)) / n,
               f"violating_{k}": sum(bool(v) for v in free) / n, f"rules_violating_{k}": sum(bool(v) for v in ruled) / n,
               f"rules_unsatisfiable_{k}": sum(d.finish == "dead-end" for d in decoded) / n}
     for rule in rules.spec.given():

@@ -302,9 +302,10 @@ class RuleState:
 class Rules:
     """A :class:`RuleSpec` compiled against a tokenizer's vocabulary (see the module docstring)."""
 
-    def __init__(self, spec: RuleSpec, tokenizer, max_new_tokens: int, stop: str = ""):
-        """``stop``: text that ends a completion as EOS does (eval's QA answers end at a newline): a
-        token holding it is allowed only where the completion up to it satisfies every rule."""
+    def __init__(self, spec: RuleSpec, tokenizer, max_new_tokens: int, stop: str | tuple[str, ...] = ""):
+        """``stop``: text (or texts) that ends a completion as EOS does (eval's QA answers end at its
+        format's stop sequences): a token holding one is allowed only where the completion up to the
+        first of them satisfies every rule."""
         self.spec = spec
         self.tokenizer = tokenizer
         self.pieces = token_bytes(tokenizer)
@@ -341,8 +342,9 @@ class Rules:
             inside, splits = self._phrase_tables(phrase.encode())
             static[inside] = False
             self.banned_splits += splits
-        self.stops = {i: piece[:piece.index(stop.encode())] for i, piece in enumerate(self.pieces)
-                      if stop and stop.encode() in piece}
+        stops = [t.encode() for t in ((stop,) if isinstance(stop, str) else stop) if t]
+        self.stops = {i: piece[:min(piece.index(t) for t in stops if t in piece)] for i, piece in enumerate(self.pieces)
+                      if any(t in piece for t in stops)}
         static[list(self.stops)] = False  # judged apart, like EOS
         self.static = static
         self.vocabulary = set(spec.vocabulary)

@@ -9,17 +9,20 @@ them, so a model scored here and there gets the same numbers:
   whole target is the greedy continuation, perplexity = exp(−mean log p(target | context)).
 * HellaSwag, StoryCloze: one log-likelihood per ending (`` `` + ending after the context);
   ``acc`` picks the highest sum, ``acc_norm`` the highest sum per character of the ending.
-* NQ-open, WebQuestions, TriviaQA: ``Q: question\\nA:`` after k solved examples, greedy generation
-  cut at the first newline, exact match after SQuAD normalisation against any alias.
+* NQ-open, TriviaQA, WebQuestions: one :class:`QADefinition` per (format, task) in
+  :data:`QA_DEFINITIONS`. Format ``lm-eval`` (the default) is lm-evaluation-harness 0.4.13's
+  ``nq_open``, ``triviaqa`` and ``webqs``, string for string (description, templates, delimiters,
+  stop sequences, normalisation; webqs scored by the log-likelihood of its answers); ``gpt3`` is
+  GPT-3's ``Q: …\nA:`` with blank-line separated shots, cut at a newline, SQuAD normalisation.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pipeline.corpus import jsonl_values, read_lines
 from pipeline.errors import DistillError
@@ -41,7 +44,8 @@ class Choice:
 @dataclass(frozen=True)
 class QA:
     question: str
-    answers: tuple[str, ...]
+    answers: tuple[str, ...]  # gold answers; the first is the one a few-shot example shows
+    doc: dict = field(default_factory=dict, compare=False, repr=False)  # the row as read (lm-eval's doc)
 
 
 class TaskFileError(DistillError):
@@ -151,36 +155,85 @@ def storycloze(path: str | Path) -> list[Choice]:
 
 # -- question answering ------------------------------------------------------------------------
 
-def qa(path: str | Path) -> list[QA]:
+def qa(path: str | Path, definition: "QADefinition | None" = None) -> list[QA]:
     """NQ-open (``question``, ``answer`` list), WebQuestions (``question``, ``answers`` list) or
-    TriviaQA (``question``, ``answer`` = {``value``, ``aliases``, ...})."""
+    TriviaQA (``question``, ``answer`` = {``value``, ``aliases``, ...}). With a ``definition``, the
+    gold answers are the ones it scores against (:attr:`QADefinition.golds`); without, every answer
+    string the row has (GPT-3 style)."""
     path = Path(path)
     items = []
     for line, obj in jsonl(path):
-        question = _field(obj, "question", str, path, line).strip()
-        key = "answer" if "answer" in obj else "answers"
-        raw = _field(obj, key, (list, dict, str), path, line)
-        if isinstance(raw, dict):  # TriviaQA
-            answers = [raw.get("value", "")] + list(raw.get("aliases", [])) + list(raw.get("normalized_aliases", []))
-        elif isinstance(raw, str):
-            answers = [raw]
+        question = _field(obj, "question", str, path, line)
+        if definition is not None:
+            answers = definition.golds(obj, path, line)
+            question = question.strip() if definition.strip_question else question
         else:
-            answers = raw
-        answers = tuple(dict.fromkeys(a.strip() for a in answers if isinstance(a, str) and a.strip()))
-        if not answers:
-            raise TaskFileError(f"{path}:{line}: field {key!r} holds no answer strings")
-        items.append(QA(question, answers))
+            key = "answer" if "answer" in obj else "answers"
+            answers = _answer_strings(_field(obj, key, (list, dict, str), path, line))
+            if not answers:
+                raise TaskFileError(f"{path}:{line}: field {key!r} holds no answer strings")
+            question = question.strip()
+        items.append(QA(question, answers, obj))
     return items
 
 
-def qa_prompt(item: QA, shots: list[QA]) -> str:
-    """GPT-3's open-domain QA prompt: solved examples, blank-line separated, then the question."""
-    solved = "".join(f"Q: {s.question}\nA: {s.answers[0]}\n\n" for s in shots)
-    return f"{solved}Q: {item.question}\nA:"
+def _answer_strings(raw: Any) -> tuple[str, ...]:
+    """Every distinct non-blank answer string of an NQ / WebQ list or a TriviaQA answer object."""
+    if isinstance(raw, dict):  # TriviaQA
+        raw = [raw.get("value", "")] + list(raw.get("aliases", [])) + list(raw.get("normalized_aliases", []))
+    elif isinstance(raw, str):
+        raw = [raw]
+    return tuple(dict.fromkeys(a.strip() for a in raw if isinstance(a, str) and a.strip()))
+
+
+def _string_list(obj: dict, name: str, path: Path, line: int, value: Any = None) -> list[str]:
+    value = _field(obj, name, (list, str), path, line) if value is None else value
+    value = [value] if isinstance(value, str) else value
+    if not value or not all(isinstance(a, str) for a in value):
+        raise TaskFileError(f"{path}:{line}: field {name!r} should be a non-empty list of answer strings")
+    return value
+
+
+def nq_golds(obj: dict, path: Path, line: int) -> tuple[str, ...]:
+    """lm-eval's nq_open target ``{{answer}}``: the ``answer`` list as it is (the first one is a
+    shot's answer)."""
+    return tuple(_string_list(obj, "answer", path, line))
+
+
+def triviaqa_golds(obj: dict, path: Path, line: int) -> tuple[str, ...]:
+    """lm-eval's triviaqa target ``{{answer.aliases}}``: the aliases only (not ``value``, not
+    ``normalized_aliases``), the first one a shot's answer."""
+    answer = _field(obj, "answer", dict, path, line)
+    if "aliases" not in answer:
+        raise TaskFileError(f"{path}:{line}: field 'answer' has no 'aliases' (TriviaQA rows: answer = "
+                            "{value, aliases, normalized_aliases})")
+    return tuple(_string_list(obj, "answer.aliases", path, line, answer["aliases"]))
+
+
+def webqs_golds(obj: dict, path: Path, line: int) -> tuple[str, ...]:
+    """lm-eval's webqs choices (lm_eval/tasks/webqs/utils.py): the answers sorted, dropping any that
+    starts with the one kept before it (lm-eval: if the prefix is the greedy continuation, the
+    item is already a hit)."""
+    answers = sorted(_string_list(obj, "answers", path, line))
+    kept = [answers[0]]
+    for alias in answers[1:]:
+        if not alias.startswith(kept[-1]):
+            kept.append(alias)
+    return tuple(kept)
+
+
+def gpt3_golds(obj: dict, path: Path, line: int) -> tuple[str, ...]:
+    key = "answer" if "answer" in obj else "answers"
+    answers = _answer_strings(_field(obj, key, (list, dict, str), path, line))
+    if not answers:
+        raise TaskFileError(f"{path}:{line}: field {key!r} holds no answer strings")
+    return answers
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+NQ_OPEN_ARTICLES = re.compile(r"\b(?:The |the |An |A |The |a |an )")  # nq_open.yaml's regexes_to_ignore
 
 
 def normalize_answer(text: str) -> str:
@@ -189,7 +242,91 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def lm_eval_nq_normalize(text: str) -> str:
+    """lm-eval's exact_match as nq_open configures it: ``regexes_to_ignore`` (articles followed by a
+    space, case-sensitive, before lower-casing), then ``ignore_case``, then ``ignore_punctuation``;
+    spaces are kept as they are."""
+    return NQ_OPEN_ARTICLES.sub("", text).lower().translate(_NO_PUNCTUATION)
+
+
+def lm_eval_case_punctuation(text: str) -> str:
+    """lm-eval's exact_match with ``ignore_case`` and ``ignore_punctuation`` (triviaqa): articles and
+    spaces count."""
+    return text.lower().translate(_NO_PUNCTUATION)
+
+
+@dataclass(frozen=True)
+class QADefinition:
+    """How one QA task is asked and scored. The prompt is ``description``, then per shot
+    ``template`` + ``target_delimiter`` + its first gold answer + ``shot_delimiter``, then the
+    item's ``template`` (lm-eval's ConfigurableTask.fewshot_context)."""
+
+    name: str  # recorded in the eval JSON next to the format
+    template: str  # str.format with ``question``
+    golds: Callable[[dict, Path, int], tuple[str, ...]]  # (row, path, line) → gold answers, first = shot answer
+    normalize: Callable[[str], str] | None  # applied to prediction and golds before comparing
+    description: str = ""
+    target_delimiter: str = " "
+    shot_delimiter: str = "\n\n"
+    stops: tuple[str, ...] = ("\n",)  # generation ends at the first of them; the answer is what precedes it
+    scoring: str = "generate"  # or "loglikelihood": some gold is the greedy continuation
+    sampler: str = "lm-eval"  # or "per-item": see stages.eval.draw_shots
+    exclude_item: bool = False  # draw k + 1 shots, drop the item's own row, keep k (lm-eval's eval_doc)
+    max_new_tokens: int = 256  # lm-eval's max_gen_toks
+    zero_shot_only: str = ""  # why k > 0 is refused, if it is
+    strip_question: bool = False  # lm-eval renders ``{{question}}`` as it is in the file
+
+    def prompt(self, question: str, shots: "list[QA]" = ()) -> str:
+        solved = "".join(self.template.format(question=s.question) + self.target_delimiter + s.answers[0]
+                         + self.shot_delimiter for s in shots)
+        return self.description + solved + self.template.format(question=question)
+
+    def answer(self, generated: str) -> str:
+        """The scored answer of a generation: cut at the first stop sequence, stripped (lm-eval's
+        ``until`` split, then its ``remove_whitespace`` and ``take_first`` filters)."""
+        for stop in self.stops:
+            generated = generated.split(stop)[0]
+        return generated.strip()
+
+    def exact_match(self, prediction: str, golds: tuple[str, ...] | list[str]) -> bool:
+        norm = self.normalize or (lambda t: t)
+        return any(norm(prediction) == norm(g) for g in golds)
+
+
+_LM_EVAL_ZERO_SHOT = "lm-eval 0.4.13's webqs fails to build few-shot prompts: its targets are answer indices"
+
+# (format, task) → definition. lm-eval's rows copy lm_eval 0.4.13's task YAMLs (tasks/nq_open/nq_open.yaml,
+# tasks/triviaqa/default.yaml, tasks/webqs/webqs.yaml); gpt3's are Brown et al. (2020)'s prompts, as
+# distill had them before. A custom task or format is one more row.
+QA_DEFINITIONS: dict[tuple[str, str], QADefinition] = {
+    ("lm-eval", "nq"): QADefinition(
+        "nq_open v4.0", "Q: {question}?\nA:", nq_golds, lm_eval_nq_normalize,
+        description="Answer these questions:\n\n", shot_delimiter="\n", stops=("\n", ".", ","), exclude_item=True),
+    ("lm-eval", "triviaqa"): QADefinition(
+        "triviaqa v3.0", "Question: {question}?\nAnswer:", triviaqa_golds, lm_eval_case_punctuation,
+        stops=("\n", ".", ","), exclude_item=True),
+    ("lm-eval", "webq"): QADefinition(
+        "webqs v2.0", "Question: {question}\nAnswer:", webqs_golds, None, scoring="loglikelihood",
+        zero_shot_only=_LM_EVAL_ZERO_SHOT),
+    **{("gpt3", task): QADefinition("gpt3 Q/A", "Q: {question}\nA:", gpt3_golds, normalize_answer,
+                                    sampler="per-item", max_new_tokens=24,
+                                    strip_question=True)
+       for task in ("nq", "webq", "triviaqa")},
+}
+QA_FORMATS = tuple(dict.fromkeys(f for f, _ in QA_DEFINITIONS))
+
+
+def qa_definition(qa_format: str, task: str) -> QADefinition:
+    return QA_DEFINITIONS[qa_format, task]
+
+
+def qa_prompt(item: QA, shots: list[QA]) -> str:
+    """GPT-3's open-domain QA prompt: solved examples, blank-line separated, then the question."""
+    return QA_DEFINITIONS["gpt3", "nq"].prompt(item.question, shots)
+
+
 def exact_match(prediction: str, answers: tuple[str, ...] | list[str]) -> bool:
+    """GPT-3 style: SQuAD-normalised prediction equals some normalised answer."""
     pred = normalize_answer(prediction)
     return any(pred == normalize_answer(a) for a in answers)
 

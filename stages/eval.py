@@ -2,9 +2,12 @@
 
 Held-out perplexity (per token and bits per byte), LAMBADA (last-word accuracy and perplexity),
 HellaSwag and StoryCloze (log-likelihood multiple choice, ``acc`` and ``acc_norm``), NQ-open,
-WebQuestions and TriviaQA (greedy answers, normalised exact match, zero/one/few-shot), and
-agreement with a stored teacher (top-1 agreement and KL from a ``topk`` store). Prompt and scoring
-rules are lm-evaluation-harness's (see :mod:`pipeline.tasks`), so its numbers and these agree.
+TriviaQA and WebQuestions (exact match, zero/one/few-shot), and agreement with a stored teacher
+(top-1 agreement and KL from a ``topk`` store). The completion tasks follow lm-evaluation-harness's
+prompts and scoring; the QA tasks follow its ``nq_open``, ``triviaqa`` and ``webqs`` under
+``--qa-format lm-eval`` (the default; webqs zero-shot only) or GPT-3's prompts under ``gpt3`` (see
+:mod:`pipeline.tasks`). ``tests/stages/test_lm_eval.py`` checks the agreement: same prompts,
+predictions and metrics on the same files.
 
 One JSON file comes out: the model, its parameters, how it was trained (when it was trained by
 ``distill student``), every task's metrics and the resolved config. ``distill report`` reads it.
@@ -12,8 +15,10 @@ One JSON file comes out: the model, its parameters, how it was trained (when it 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -63,16 +68,19 @@ class EvalConfig:
     triviaqa: str = option("", "TriviaQA JSONL to evaluate (question, answer {value, aliases}).")
     triviaqa_shots: str = option("", "TriviaQA JSONL the few-shot examples are drawn from.")
     shots: tuple[int, ...] = option((0,), "QA prompt sizes, comma-separated: 0, 1, k (GPT-3's zero-, one-, few-shot).")
+    qa_format: str = option("lm-eval", "QA prompts and scoring: lm-eval or gpt3 (lm-evaluation-harness's "
+                            "nq_open, triviaqa and webqs; or GPT-3's Q:/A: prompts, for the paper's tables).")
     agreement: str = option("", "A topk store (stage one over held-out sequences) for teacher agreement.")
     agreement_temperature: float = option(1.0, "Temperature of the agreement KL (one of the store's grid).")
     limit: int = option(0, "At most this many items per task, the first ones (0 = all).")
     max_length: int = option(0, "Context window in tokens (0 = the model's maximum positions).")
-    max_new_tokens: int = option(24, "Most tokens generated per QA answer (generation stops at a newline).")
+    max_new_tokens: int = option(0, "Most tokens generated per QA answer (0 = the QA format's: lm-eval 256, "
+                                 "gpt3 24); generation ends at the format's stop sequences.")
     rules: str = option("", "Rule file (pipeline/rules.py): QA answers are also generated under it, enforced while "
                         "decoding; each QA task adds the share of answers breaking each rule and exact match, "
                         "without and with the rules (violating_*, rules_*).")
     batch_size: int = option(16, "Sequences per forward pass.")
-    seed: int = option(1234, "Seed for drawing few-shot examples.")
+    seed: int = option(1234, "Seed for drawing few-shot examples (lm-eval's default fewshot_random_seed).")
     log_samples: bool = option(False, "Also write every item's prediction and score to OUT's .samples.jsonl.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
     dtype: str = option("float32", "Weights and activations: float32, bfloat16 or float16.")
@@ -97,10 +105,17 @@ class EvalConfig:
             problems.append("task agreement needs --agreement STORE (a topk store of held-out sequences)")
         if any(s < 0 for s in self.shots):
             problems.append("shots must not be negative")
-        for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
-        for name in ("limit", "max_length"):
+        if self.qa_format not in tasks.QA_FORMATS:
+            problems.append(f"qa_format must be one of {', '.join(tasks.QA_FORMATS)}, got {self.qa_format!r}")
+        else:
+            for name in QA_TASKS:
+                why = tasks.qa_definition(self.qa_format, name).zero_shot_only
+                if name in split and why and any(s > 0 for s in self.shots):
+                    problems.append(f"{name} with --qa-format {self.qa_format} is zero-shot only ({why}); "
+                                    "pass --shots 0 or --qa-format gpt3")
+        if self.batch_size < 1:
+            problems.append("batch_size must be at least 1")
+        for name in ("limit", "max_length", "max_new_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         problems += device_problems(self.device)
@@ -186,27 +201,30 @@ class Scorer:
         return [(ll, greedy, len(cont)) for (ll, greedy), (_, cont) in zip(scored, encoded)]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
-        """Greedy continuations, each cut at its first newline."""
+    def generate(self, prompts: list[str], max_new_tokens: int, desc: str, stops: tuple[str, ...] = ("\n",)) -> list[str]:
+        """Greedy continuations, as decoded up to EOS; a row stops once it holds one of ``stops``
+        (cutting there is the caller's: :meth:`tasks.QADefinition.answer`). Batches are formed as
+        lm-evaluation-harness forms them (longest prompt in tokens first, then by text), left-padded."""
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         tokenizer, eos = self.tokenizer, self.eos
 
-        class Newline(StoppingCriteria):
+        class Stop(StoppingCriteria):
             def __init__(self, start: int):
                 self.start = start
 
             def __call__(self, input_ids, scores, **kwargs):
                 texts = tokenizer.batch_decode(input_ids[:, self.start:])
-                return torch.tensor(["\n" in t for t in texts], device=input_ids.device)
+                return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
 
         outputs: list[str] = [""] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        encoded_all = [self.encode(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (-len(encoded_all[i]), prompts[i]))
         keep = max(1, self.max_length - max_new_tokens)
         with tqdm(total=len(prompts), desc=desc, unit="q", leave=False) as bar:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                encoded = [self.encode(prompts[i])[-keep:] for i in idx]
+                encoded = [encoded_all[i][-keep:] for i in idx]
                 width = max(len(x) for x in encoded)
                 ids = torch.full((len(idx), width), eos, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -216,12 +234,12 @@ class Scorer:
                 out = self.model.generate(
                     input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=False,
                     max_new_tokens=max_new_tokens, pad_token_id=eos, eos_token_id=eos,
-                    stopping_criteria=StoppingCriteriaList([Newline(width)]))
+                    stopping_criteria=StoppingCriteriaList([Stop(width)]))
                 for row, i in enumerate(idx):
                     new = out[row, width:].tolist()
                     if eos in new:
                         new = new[:new.index(eos)]
-                    outputs[i] = tasks.first_line(tokenizer.decode(new))
+                    outputs[i] = tokenizer.decode(new)
                 bar.update(len(idx))
         return outputs
 
@@ -290,7 +308,8 @@ def eval_choice(scorer: Scorer, task: str, items: list[tasks.Choice], samples: l
 
 
 def draw_shots(pool: list[tasks.QA], k: int, seed: int, index: int, question: str) -> list[tasks.QA]:
-    """``k`` examples for item ``index``: a fixed draw per (seed, item), never the item's own question."""
+    """``k`` examples for item ``index``: a fixed draw per (seed, item), never the item's own question
+    (the ``gpt3`` format's sampler)."""
     if k == 0:
         return []
     candidates = [q for q in pool if q.question != question]
@@ -301,20 +320,70 @@ def draw_shots(pool: list[tasks.QA], k: int, seed: int, index: int, question: st
     return [candidates[j] for j in rng.choice(len(candidates), size=k, replace=False)]
 
 
-def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list, rules=None) -> dict[str, float]:
-    items = _limit(tasks.qa(getattr(config, task)), config.limit)
-    pool = tasks.qa(getattr(config, f"{task}_shots")) if any(config.shots) else []
-    result: dict[str, float] = {"n": len(items)}
+def lm_eval_shots(pool: list[tasks.QA], items: list[tasks.QA], k: int, seed: int,
+                  exclude_item: bool) -> list[list[tasks.QA]]:
+    """lm-evaluation-harness's default ContextSampler (api/samplers.py), item after item: one
+    ``random.Random(seed)`` for the whole task, ``sample(pool, k)`` per item, or, where the task's
+    few-shot split equals its test split (``exclude_item``; for nq_open and triviaqa both are None),
+    ``sample(pool, k + 1)`` less the rows equal to the item, first k, redrawn from the pool without
+    them if fewer are left. The same seed and order give the same shots as lm_eval's."""
+    if k == 0:
+        return [[] for _ in items]
+    need = k + 1 if exclude_item else k
+    if len(pool) < need:
+        raise DistillError(f"{k}-shot prompts draw {need} examples at a time; the shots file has {len(pool)}")
+    rnd, shots = random.Random(seed), []
+    for item in items:
+        drawn = [pool[j] for j in rnd.sample(range(len(pool)), need)]  # the same indices as sampling the rows
+        if exclude_item:
+            drawn = [s for s in drawn if s.doc != item.doc][:k]
+            if len(drawn) < k:
+                rest = [s for s in pool if s.doc != item.doc]
+                if len(rest) < k:
+                    raise DistillError(f"{k}-shot prompts need {k} examples besides the item itself; the shots "
+                                       f"file has {len(rest)}")
+                drawn = [rest[j] for j in rnd.sample(range(len(rest)), k)]
+        shots.append(drawn)
+    return shots
+
+
+def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list, rules=None) -> dict[str, Any]:
+    """One QA task under its definition for ``--qa-format``; ``rules(stops, budget)`` compiles the
+    rule file for ``--rules`` (generation tasks only)."""
+    definition = tasks.qa_definition(config.qa_format, task)
+    items = _limit(tasks.qa(getattr(config, task), definition), config.limit)
+    pool = tasks.qa(getattr(config, f"{task}_shots"), definition) if any(config.shots) else []
+    budget = config.max_new_tokens or definition.max_new_tokens
+    result: dict[str, Any] = {"n": len(items), "format": config.qa_format, "definition": definition.name}
+    if rules is not None and definition.scoring != "generate":
+        result["rules"] = (f"not applied: {task} is scored by the log-likelihood of its answers under "
+                           f"--qa-format {config.qa_format}; no answer is generated")
     for k in config.shots:
-        prompts = [tasks.qa_prompt(it, draw_shots(pool, k, config.seed, i, it.question)) for i, it in enumerate(items)]
-        answers = scorer.generate(prompts, config.max_new_tokens, f"{task} {k}-shot")
-        hits = [tasks.exact_match(a, it.answers) for a, it in zip(answers, items)]
+        if definition.sampler == "per-item":
+            shots = [draw_shots(pool, k, config.seed, i, it.question) for i, it in enumerate(items)]
+        else:
+            shots = lm_eval_shots(pool, items, k, config.seed, definition.exclude_item)
+        prompts = [definition.prompt(it.question, s) for it, s in zip(items, shots)]
+        desc = f"{task} {k}-shot"
+        if definition.scoring == "loglikelihood":
+            scored = iter(scorer.loglikelihood([(p, definition.target_delimiter + a) for p, it in zip(prompts, items)
+                                                for a in it.answers], desc))
+            per_item = [[next(scored) for _ in it.answers] for it in items]
+            hits = [any(greedy for _, greedy, _ in s) for s in per_item]
+            for i, (it, p, s, h) in enumerate(zip(items, prompts, per_item, hits)):
+                samples.append({"task": task, "shots": k, "doc": i, "prompt": p, "answers": list(it.answers),
+                                "loglikelihoods": [ll for ll, _, _ in s], "greedy": [g for _, g, _ in s], "em": h})
+        else:
+            generated = scorer.generate(prompts, budget, desc, definition.stops)
+            answers = [definition.answer(g) for g in generated]
+            hits = [definition.exact_match(a, it.answers) for a, it in zip(answers, items)]
+            if rules is not None:
+                result |= qa_under_rules(scorer, rules(definition.stops, budget), prompts, answers, items, k,
+                                         definition)
+            for i, (it, p, g, a, h) in enumerate(zip(items, prompts, generated, answers, hits)):
+                samples.append({"task": task, "shots": k, "doc": i, "prompt": p, "generated": g, "prediction": a,
+                                "answers": list(it.answers), "em": h})
         result[f"em_{k}shot"] = float(np.mean(hits))
-        if rules is not None:
-            result |= qa_under_rules(scorer, rules, prompts, answers, items, k)
-        for i, (it, p, a, h) in enumerate(zip(items, prompts, answers, hits)):
-            samples.append({"task": task, "shots": k, "doc": i, "prompt": p, "prediction": a,
-                            "answers": list(it.answers), "em": h})
     return result
 
 
@@ -399,7 +468,14 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(str(model_dir))
-    rules = Rules(load_rules(config.rules), tokenizer, config.max_new_tokens, stop="\n") if config.rules else None
+    rules = None
+    if config.rules:
+        spec = load_rules(config.rules)
+        rules = functools.cache(lambda stops, budget: Rules(spec, tokenizer, budget, stop=stops))
+        for task in (t for t in QA_TASKS if t in config.tasks):  # compiled now: a rule error stops before any task
+            definition = tasks.qa_definition(config.qa_format, task)
+            if definition.scoring == "generate":
+                rules(definition.stops, config.max_new_tokens or definition.max_new_tokens)
     model = load_model(model_dir, config.dtype, config.trust_remote_code).to(device).eval()
     limit = max_positions(model.config) or 2048
     if config.max_length > limit:

@@ -416,6 +416,8 @@ CASES = [
     pytest.param(lambda s: s.eval_args("--tasks", "squad"), ("unknown task(s) squad; choose from",),
                  id="eval-unknown-task"),
     pytest.param(lambda s: s.eval_args("--dtype", "int8"), ("dtype must be one of",), id="eval-bad-dtype"),
+    pytest.param(lambda s: s.eval_args("--qa-format", "gpt-3"), ("qa_format must be one of lm-eval, gpt3, got 'gpt-3'",),
+                 id="eval-bad-qa-format"),
     pytest.param(lambda s: s.eval_args("--tasks", "heldout", "--heldout", s.tmp / "nope.jsonl"),
                  ("corpus path", "does not exist; check --heldout"), id="eval-missing-heldout-file"),
     pytest.param(lambda s: s.eval_args("--tasks", "heldout,lambada", "--lambada", s.tmp / "nope.jsonl"),

@@ -102,32 +102,74 @@ def test_heldout_perplexity_and_bits_per_byte(model_dir, tmp_path):
     assert short["tasks"]["heldout"]["loss"] != pytest.approx(got["loss"], abs=1e-6)
 
 
-def test_qa_batched_generation_equals_one_at_a_time(model_dir, tmp_path):
+@pytest.mark.parametrize("qa_format", ["lm-eval", "gpt3"])
+def test_qa_batched_generation_equals_one_at_a_time(model_dir, tmp_path, qa_format):
     args = ("--tasks", "nq,triviaqa", "--nq", FIXTURES / "nq_open.jsonl", "--nq-shots", FIXTURES / "nq_open_train.jsonl",
             "--triviaqa", FIXTURES / "triviaqa.jsonl", "--triviaqa-shots", FIXTURES / "triviaqa.jsonl",
-            "--shots", "0,1", "--max-new-tokens", "6")
+            "--shots", "0,1", "--max-new-tokens", "6", "--qa-format", qa_format)
     one, one_samples = run_eval(model_dir, tmp_path / "a.json", *args, "--batch-size", "1")
     many, many_samples = run_eval(model_dir, tmp_path / "b.json", *args, "--batch-size", "3")
     assert [s["prediction"] for s in one_samples] == [s["prediction"] for s in many_samples]
     assert one["tasks"] == many["tasks"]
+    assert many["tasks"]["nq"]["format"] == qa_format
     for s in many_samples:
-        assert "\n" not in s["prediction"] and s["em"] == tasks.exact_match(s["prediction"], s["answers"])
-        assert s["prompt"].endswith("\nA:") and s["prompt"].count("Q: ") == 1 + s["shots"]
+        definition = tasks.qa_definition(qa_format, s["task"])
+        assert s["prediction"] == definition.answer(s["generated"])
+        assert not any(stop in s["prediction"] for stop in definition.stops)
+        assert s["em"] == definition.exact_match(s["prediction"], s["answers"])
+        question = "Q: " if qa_format == "gpt3" or s["task"] == "nq" else "Question: "
+        assert s["prompt"].endswith("\nA:" if question == "Q: " else "\nAnswer:")
+        assert s["prompt"].count(question) == 1 + s["shots"]
     shot = next(s for s in many_samples if s["task"] == "nq" and s["shots"] == 1)
-    train_questions = [q.question for q in tasks.qa(FIXTURES / "nq_open_train.jsonl")]
-    assert any(shot["prompt"].startswith(f"Q: {q}\nA: ") for q in train_questions)
+    train = tasks.qa(FIXTURES / "nq_open_train.jsonl")
+    if qa_format == "gpt3":
+        assert any(shot["prompt"].startswith(f"Q: {q.question}\nA: {q.answers[0]}\n\nQ: ") for q in train)
+    else:
+        assert any(shot["prompt"].startswith(f"Answer these questions:\n\nQ: {q.question}?\nA: {q.answers[0]}\nQ: ")
+                   for q in train)
 
 
-def test_exact_match_scoring_by_hand():
-    class Canned:  # answers fixed in advance stand in for the model
-        def generate(self, prompts, max_new_tokens, desc):
-            return ["December 1972", "Bob Russell.", "twelve"]
+class Canned:
+    """Answers fixed in advance stand in for the model (each generation as the model would give it,
+    before the stop sequences cut it)."""
 
-    config = EvalConfig(model="m", out="o", tasks=("nq",), nq=str(FIXTURES / "nq_open.jsonl"))
+    def __init__(self, generations=(), greedy=()):
+        self.generations, self.greedy, self.pairs = list(generations), list(greedy), []
+
+    def generate(self, prompts, max_new_tokens, desc, stops):
+        return self.generations[:len(prompts)]
+
+    def loglikelihood(self, pairs, desc):
+        self.pairs += pairs
+        return [(-1.0, g, 1) for g in self.greedy[:len(pairs)]]
+
+
+@pytest.mark.parametrize("qa_format, generations, hits", [
+    ("lm-eval", ["December 1972", " Bob Russell, lyricist", "The 13."], [True, True, True]),  # cut at ","; "The " ignored
+    ("gpt3", ["December 1972", " Bob Russell, lyricist", "The 13."], [True, False, True]),  # cut at newlines only
+    ("lm-eval", ["december 1972 UTC", "Bob  Russell", "thirteen"], [False, False, False]),  # spaces count in lm-eval
+])
+def test_exact_match_scoring_by_hand(qa_format, generations, hits):
+    config = EvalConfig(model="m", out="o", tasks=("nq",), nq=str(FIXTURES / "nq_open.jsonl"), qa_format=qa_format)
     samples = []
-    result = eval_qa(Canned(), config, "nq", samples)
-    assert result == {"n": 3, "em_0shot": pytest.approx(2 / 3)}
-    assert [s["em"] for s in samples] == [True, True, False]
+    result = eval_qa(Canned(generations), config, "nq", samples)
+    definition = tasks.qa_definition(qa_format, "nq")
+    assert result == {"n": 3, "em_0shot": pytest.approx(np.mean(hits)), "format": qa_format,
+                      "definition": definition.name}
+    assert [s["em"] for s in samples] == hits
+
+
+def test_webq_is_scored_by_the_loglikelihood_of_its_answers():
+    """lm-eval's webqs: one request per answer (sorted, prefix-pruned), `" " + answer` after
+    ``Question: …\nAnswer:``; a hit when any answer is the greedy continuation."""
+    config = EvalConfig(model="m", out="o", tasks=("webq",), webq=str(FIXTURES / "webq.jsonl"))
+    scorer, samples = Canned(greedy=[False, True, False]), []
+    result = eval_qa(scorer, config, "webq", samples, rules=lambda stops, budget: pytest.fail("rules compiled"))
+    assert scorer.pairs == [("Question: what is the name of justin bieber brother?\nAnswer:", " Jaxon Bieber"),
+                            ("Question: what is the name of justin bieber brother?\nAnswer:", " Jazmyn Bieber"),
+                            ("Question: what character did natalie portman play in star wars?\nAnswer:", " Padmé Amidala")]
+    assert [s["em"] for s in samples] == [True, False] and result["em_0shot"] == 0.5
+    assert result["rules"].startswith("not applied: webq is scored by the log-likelihood of its answers")
 
 
 def test_teacher_agreement_with_its_own_store(model_dir, tmp_path):
@@ -170,6 +212,12 @@ def test_bad_options_are_one_line_errors(model_dir, tmp_path):
     msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "nq", "--nq",
                                  FIXTURES / "nq_open.jsonl", "--shots", "1"))
     assert "needs --nq-shots FILE" in msg
+    msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "nq", "--nq",
+                                 FIXTURES / "nq_open.jsonl", "--qa-format", "gpt-3"))
+    assert "qa_format must be one of lm-eval, gpt3, got 'gpt-3'" in msg
+    msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "webq", "--webq",
+                                 FIXTURES / "webq.jsonl", "--webq-shots", FIXTURES / "webq.jsonl", "--shots", "0,1"))
+    assert "webq with --qa-format lm-eval is zero-shot only" in msg and "--qa-format gpt3" in msg
     assert "not a local Hugging Face directory" in one_line_error(
         run_cli("eval", "--model", tmp_path / "nothing", "--out", out))
     msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "hellaswag", "--hellaswag",
@@ -214,3 +262,19 @@ def test_report_table_and_figures(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert "not a `distill eval` result" in one_line_error(run_cli("report", bad, "--out", tmp_path / "r2"))
+
+
+def test_rules_end_answers_at_every_stop_sequence():
+    """``--rules`` with lm-eval's stops: a token holding "\\n", "." or "," ends the answer where the
+    first of them begins, as the free answers are cut."""
+    from pipeline.rules import RuleSpec, Rules
+
+    rules = Rules(RuleSpec(max_words=3, source="test"), AutoTokenizer.from_pretrained(str(TOKENIZER)), 8,
+                  stop=("\n", ".", ","))
+    holding = {i for i, piece in enumerate(rules.pieces) if any(s in piece for s in (b"\n", b".", b","))}
+    assert holding and set(rules.stops) == holding
+    for i in holding:
+        piece = rules.pieces[i]
+        assert rules.stops[i] == piece[:min(piece.index(s) for s in (b"\n", b".", b",") if s in piece)]
+    newline_only = Rules(RuleSpec(max_words=3, source="test"), AutoTokenizer.from_pretrained(str(TOKENIZER)), 8, stop="\n")
+    assert set(newline_only.stops) == {i for i, piece in enumerate(rules.pieces) if b"\n" in piece}
