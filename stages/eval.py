@@ -201,7 +201,8 @@ class Scorer:
         return [(ll, greedy, len(cont)) for (ll, greedy), (_, cont) in zip(scored, encoded)]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int, desc: str, stops: tuple[str, ...] = ("\n",)) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: int, desc: str,
+                 stops: tuple[str, ...] = ("\n",)) -> list[str]:
         """Greedy continuations, as decoded up to EOS; a row stops once it holds one of ``stops``
         (cutting there is the caller's: :meth:`tasks.QADefinition.answer`). Batches are formed as
         lm-evaluation-harness forms them (longest prompt in tokens first, then by text), left-padded."""

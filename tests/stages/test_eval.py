@@ -145,9 +145,10 @@ class Canned:
 
 
 @pytest.mark.parametrize("qa_format, generations, hits", [
-    ("lm-eval", ["December 1972", " Bob Russell, lyricist", "The 13."], [True, True, True]),  # cut at ","; "The " ignored
-    ("gpt3", ["December 1972", " Bob Russell, lyricist", "The 13."], [True, False, True]),  # cut at newlines only
-    ("lm-eval", ["december 1972 UTC", "Bob  Russell", "thirteen"], [False, False, False]),  # spaces count in lm-eval
+    # lm-eval cuts at ",", ignores "The "; gpt3 cuts at newlines only; lm-eval counts spaces
+    ("lm-eval", ["December 1972", " Bob Russell, lyricist", "The 13."], [True, True, True]),
+    ("gpt3", ["December 1972", " Bob Russell, lyricist", "The 13."], [True, False, True]),
+    ("lm-eval", ["december 1972 UTC", "Bob  Russell", "thirteen"], [False, False, False]),
 ])
 def test_exact_match_scoring_by_hand(qa_format, generations, hits):
     config = EvalConfig(model="m", out="o", tasks=("nq",), nq=str(FIXTURES / "nq_open.jsonl"), qa_format=qa_format)
@@ -165,9 +166,9 @@ def test_webq_is_scored_by_the_loglikelihood_of_its_answers():
     config = EvalConfig(model="m", out="o", tasks=("webq",), webq=str(FIXTURES / "webq.jsonl"))
     scorer, samples = Canned(greedy=[False, True, False]), []
     result = eval_qa(scorer, config, "webq", samples, rules=lambda stops, budget: pytest.fail("rules compiled"))
-    assert scorer.pairs == [("Question: what is the name of justin bieber brother?\nAnswer:", " Jaxon Bieber"),
-                            ("Question: what is the name of justin bieber brother?\nAnswer:", " Jazmyn Bieber"),
-                            ("Question: what character did natalie portman play in star wars?\nAnswer:", " Padmé Amidala")]
+    bieber, portman = ("Question: what is the name of justin bieber brother?\nAnswer:",
+                       "Question: what character did natalie portman play in star wars?\nAnswer:")
+    assert scorer.pairs == [(bieber, " Jaxon Bieber"), (bieber, " Jazmyn Bieber"), (portman, " Padmé Amidala")]
     assert [s["em"] for s in samples] == [True, False] and result["em_0shot"] == 0.5
     assert result["rules"].startswith("not applied: webq is scored by the log-likelihood of its answers")
 
@@ -269,12 +270,12 @@ def test_rules_end_answers_at_every_stop_sequence():
     first of them begins, as the free answers are cut."""
     from pipeline.rules import RuleSpec, Rules
 
-    rules = Rules(RuleSpec(max_words=3, source="test"), AutoTokenizer.from_pretrained(str(TOKENIZER)), 8,
-                  stop=("\n", ".", ","))
+    spec, tokenizer = RuleSpec(max_words=3, source="test"), AutoTokenizer.from_pretrained(str(TOKENIZER))
+    rules = Rules(spec, tokenizer, 8, stop=("\n", ".", ","))
     holding = {i for i, piece in enumerate(rules.pieces) if any(s in piece for s in (b"\n", b".", b","))}
     assert holding and set(rules.stops) == holding
     for i in holding:
         piece = rules.pieces[i]
         assert rules.stops[i] == piece[:min(piece.index(s) for s in (b"\n", b".", b",") if s in piece)]
-    newline_only = Rules(RuleSpec(max_words=3, source="test"), AutoTokenizer.from_pretrained(str(TOKENIZER)), 8, stop="\n")
+    newline_only = Rules(spec, tokenizer, 8, stop="\n")
     assert set(newline_only.stops) == {i for i, piece in enumerate(rules.pieces) if b"\n" in piece}

@@ -78,8 +78,8 @@ def test_lm_eval_qa_agrees_with_distill_eval(tmp_path, shots):
     lm_eval = Path(sys.executable).with_name("lm_eval")
     done = subprocess.run([str(lm_eval), "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
                            "--include_path", "data/lm_eval", "--tasks", ",".join(QA_TASKS[t][0] for t in ours_tasks),
-                           "--num_fewshot", str(shots), "--limit", str(QA_LIMIT), "--batch_size", "4", "--device", "cpu",
-                           "--log_samples", "--output_path", str(tmp_path / "lm")],
+                           "--num_fewshot", str(shots), "--limit", str(QA_LIMIT), "--batch_size", "4",
+                           "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / "lm")],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     theirs = json.loads(next((tmp_path / "lm").rglob("results_*.json")).read_text())["results"]
