@@ -315,9 +315,34 @@ QA_DEFINITIONS: dict[tuple[str, str], QADefinition] = {
 }
 QA_FORMATS = tuple(dict.fromkeys(f for f, _ in QA_DEFINITIONS))
 
+# Your own task (``--tasks custom``): prompt/response records such as a fine-tuning set's held-out
+# part, whatever --qa-format says. The prompt is sent as written, so it carries its own template and
+# any solved examples; the answer is the greedy continuation up to a newline, matched after SQuAD's
+# normalisation against the record's ``answers`` or its response.
+CUSTOM = QADefinition("prompt as written", "{question}", gpt3_golds, normalize_answer, max_new_tokens=32,
+                      zero_shot_only="its prompts are sent as written; put solved examples in them")
+
 
 def qa_definition(qa_format: str, task: str) -> QADefinition:
-    return QA_DEFINITIONS[qa_format, task]
+    return CUSTOM if task == "custom" else QA_DEFINITIONS[qa_format, task]
+
+
+def prompted(path: str | Path, prompt_field: str = "prompt", response_field: str = "response") -> list[QA]:
+    """Prompt/response JSONL (what ``distill prepare --format prompt-response`` trains on) as QA items:
+    the prompt as it is, and as gold answers the record's ``answers`` list when it has one, else its
+    response stripped."""
+    path = Path(path)
+    items = []
+    for line, obj in jsonl(path):
+        prompt = _field(obj, prompt_field, str, path, line)
+        if "answers" in obj:
+            answers = _answer_strings(_field(obj, "answers", (list, str), path, line))
+        else:
+            answers = _answer_strings(_field(obj, response_field, str, path, line))
+        if not prompt.strip() or not answers:
+            raise TaskFileError(f"{path}:{line}: an empty prompt or no answer; every record needs both")
+        items.append(QA(prompt, answers, obj))
+    return items
 
 
 def qa_prompt(item: QA, shots: list[QA]) -> str:

@@ -42,7 +42,7 @@ from pipeline.rules import Rules, load_rules
 from pipeline.tokenizer import load_tokenizer
 
 COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
-QA_TASKS = ("nq", "webq", "triviaqa")
+QA_TASKS = ("nq", "webq", "triviaqa", "custom")
 TASKS = COMPLETION + QA_TASKS + ("agreement",)
 
 
@@ -67,6 +67,11 @@ class EvalConfig:
     webq_shots: str = option("", "WebQuestions JSONL the few-shot examples are drawn from.")
     triviaqa: str = option("", "TriviaQA JSONL to evaluate (question, answer {value, aliases}).")
     triviaqa_shots: str = option("", "TriviaQA JSONL the few-shot examples are drawn from.")
+    custom: str = option("", "Your own task for --tasks custom: prompt/response JSONL (e.g. the held-out part of a "
+                         "fine-tuning set); the prompt is sent as written, the answer generated greedily up to a "
+                         "newline and matched against the record's 'answers' list, or its response.")
+    custom_prompt_field: str = option("prompt", "JSONL field of a custom task record holding the prompt.")
+    custom_response_field: str = option("response", "JSONL field of a custom task record holding the response.")
     shots: tuple[int, ...] = option((0,), "QA prompt sizes, comma-separated: 0, 1, k (GPT-3's zero-, one-, few-shot).")
     qa_format: str = option("lm-eval", "QA prompts and scoring: lm-eval or gpt3 (lm-evaluation-harness's "
                             "nq_open, triviaqa and webqs; or GPT-3's Q:/A: prompts, for the paper's tables).")
@@ -98,7 +103,8 @@ class EvalConfig:
         for name in QA_TASKS:
             if name in split and not getattr(self, name):
                 problems.append(f"task {name} needs --{name} FILE (a local JSONL file; nothing is downloaded)")
-            if name in split and any(s > 0 for s in self.shots) and not getattr(self, f"{name}_shots"):
+            if name in split and any(s > 0 for s in self.shots) and name != "custom" \
+                    and not getattr(self, f"{name}_shots"):
                 problems.append(f"--shots {max(self.shots)} for {name} needs --{name}-shots FILE "
                                 "(examples from a split other than the one evaluated)")
         if "agreement" in split and not self.agreement:
@@ -111,7 +117,9 @@ class EvalConfig:
             for name in QA_TASKS:
                 why = tasks.qa_definition(self.qa_format, name).zero_shot_only
                 if name in split and why and any(s > 0 for s in self.shots):
-                    problems.append(f"{name} with --qa-format {self.qa_format} is zero-shot only ({why}); "
+                    problems.append(f"{name} is zero-shot only ({why}); pass --shots 0 or evaluate it apart"
+                                    if name == "custom" else
+                                    f"{name} with --qa-format {self.qa_format} is zero-shot only ({why}); "
                                     "pass --shots 0 or --qa-format gpt3")
         if self.batch_size < 1:
             problems.append("batch_size must be at least 1")
@@ -352,10 +360,18 @@ def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list, rules=
     """One QA task under its definition for ``--qa-format``; ``rules(stops, budget)`` compiles the
     rule file for ``--rules`` (generation tasks only)."""
     definition = tasks.qa_definition(config.qa_format, task)
-    items = _limit(tasks.qa(getattr(config, task), definition), config.limit)
-    pool = tasks.qa(getattr(config, f"{task}_shots"), definition) if any(config.shots) else []
+    if task == "custom":
+        items = _limit(tasks.prompted(config.custom, config.custom_prompt_field, config.custom_response_field),
+                       config.limit)
+        pool = []
+    else:
+        items = _limit(tasks.qa(getattr(config, task), definition), config.limit)
+        pool = tasks.qa(getattr(config, f"{task}_shots"), definition) if any(config.shots) else []
     budget = config.max_new_tokens or definition.max_new_tokens
-    result: dict[str, Any] = {"n": len(items), "format": config.qa_format, "definition": definition.name}
+    result: dict[str, Any] = {"n": len(items), "format": "custom" if task == "custom" else config.qa_format,
+                              "definition": definition.name}
+    if task == "custom":
+        result["file"] = config.custom
     if rules is not None and definition.scoring != "generate":
         result["rules"] = (f"not applied: {task} is scored by the log-likelihood of its answers under "
                            f"--qa-format {config.qa_format}; no answer is generated")
@@ -408,7 +424,7 @@ def check_task_files(config: EvalConfig) -> None:
         expand_inputs(config.heldout, "--heldout")
     for task in ("lambada", "hellaswag", "storycloze", *QA_TASKS):
         if task in config.tasks:
-            shots = (f"{task}_shots",) if task in QA_TASKS and any(config.shots) else ()
+            shots = (f"{task}_shots",) if task in QA_TASKS and task != "custom" and any(config.shots) else ()
             for name in (task, *shots):
                 tasks.require_file(getattr(config, name), flag(name))
 

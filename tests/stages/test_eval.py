@@ -173,6 +173,44 @@ def test_webq_is_scored_by_the_loglikelihood_of_its_answers():
     assert result["rules"].startswith("not applied: webq is scored by the log-likelihood of its answers")
 
 
+def test_custom_task_sends_the_prompt_as_written_and_matches_its_answers(tmp_path):
+    """--tasks custom: prompt/response records; the prompt verbatim, the answer cut at a newline and
+    matched after SQuAD normalisation against ``answers`` (or the response when a record has none)."""
+    records = [{"prompt": "Complete: the cat sat on the ___\nWord:", "response": " mat\n", "answers": ["mat", "rug"]},
+               {"prompt": "Complete: a stitch in time saves ___\nWord:", "response": " nine\n"},
+               {"prompt": "Complete: all that glitters is not ___\nWord:", "response": " gold\n"}]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = EvalConfig(model="m", out="o", tasks=("custom",), custom=str(path), qa_format="gpt3")
+    samples = []
+    result = eval_qa(Canned([" Rug.\nWord: x", " nine times", "The gold"]), config, "custom", samples)
+    assert [s["prompt"] for s in samples] == [r["prompt"] for r in records]
+    assert [s["prediction"] for s in samples] == ["Rug.", "nine times", "The gold"]
+    assert [s["answers"] for s in samples] == [["mat", "rug"], ["nine"], ["gold"]]
+    assert [s["em"] for s in samples] == [True, False, True]
+    assert result == {"n": 3, "em_0shot": pytest.approx(2 / 3), "format": "custom", "definition": "prompt as written",
+                      "file": str(path)}
+
+
+def test_custom_task_under_rules(model_dir, tmp_path):
+    """The demo-fd cloze set and rule file: every answer decoded under the rules keeps them, and the
+    free answers' violations are counted by the same checker."""
+    from pipeline.rules import load_rules, violations
+
+    report, samples = run_eval(model_dir, tmp_path / "c.json", "--tasks", "custom", "--custom",
+                               ROOT / "data" / "tasks" / "cloze-test.jsonl", "--rules", ROOT / "data" / "rules" / "cloze.yaml",
+                               "--limit", "12", "--max-new-tokens", "8")
+    got = report["tasks"]["custom"]
+    assert got["n"] == 12 and got["format"] == "custom"
+    assert got["rules_violating_0shot"] == 0 and got["rules_unsatisfiable_0shot"] == 0
+    spec = load_rules(ROOT / "data" / "rules" / "cloze.yaml")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    free = [bool(violations(spec, s["prediction"], len(tok(s["prediction"], add_special_tokens=False)["input_ids"])))
+            for s in samples]
+    assert got["violating_0shot"] == pytest.approx(np.mean(free))
+    assert got["violating_0shot"] > 0  # the untrained model's free answers break the one-word rule
+
+
 def test_teacher_agreement_with_its_own_store(model_dir, tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in
@@ -219,6 +257,10 @@ def test_bad_options_are_one_line_errors(model_dir, tmp_path):
     msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "webq", "--webq",
                                  FIXTURES / "webq.jsonl", "--webq-shots", FIXTURES / "webq.jsonl", "--shots", "0,1"))
     assert "webq with --qa-format lm-eval is zero-shot only" in msg and "--qa-format gpt3" in msg
+    assert "needs --custom FILE" in one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "custom"))
+    msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "custom", "--custom",
+                                 ROOT / "data" / "tasks" / "cloze-test.jsonl", "--shots", "0,1"))
+    assert "custom is zero-shot only (its prompts are sent as written" in msg
     assert "not a local Hugging Face directory" in one_line_error(
         run_cli("eval", "--model", tmp_path / "nothing", "--out", out))
     msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "hellaswag", "--hellaswag",
