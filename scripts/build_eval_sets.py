@@ -13,6 +13,13 @@ like the originals:
 * hellaswag.jsonl — HellaSwag-style: two sentences of context, the true next sentence and three
   sentences from other documents of the same source (label 0..3).
 
+And one task set for `make demo-fd`'s fine-tuning step (docs/PROCESS.md), in --tasks-out:
+
+* cloze-train.jsonl, cloze-test.jsonl — prompt/response pairs ({"prompt", "response", "answers"}):
+  a sentence without its last word, and that word. Only from held-out documents no evaluation
+  item above uses, split by document (a fifth of them for the test set), so fine-tuning on the
+  train half leaks nothing into LAMBADA, StoryCloze, HellaSwag or the test half.
+
 Held-out documents are never trained on (data/PROVENANCE.md), so neither are these sets. The
 output is deterministic for a given input and seed.
 """
@@ -109,6 +116,33 @@ def ending_items(docs, rng, limit: int, context_sentences: int, distractors: int
     return items
 
 
+CLOZE_PROMPT = "Complete the sentence with one word.\nSentence: {context} ___\nWord:"
+
+
+def cloze_items(docs, used: set[str], rng) -> tuple[list[dict], list[dict]]:
+    """(train, test) prompt/response pairs from the documents outside ``used``, split by document."""
+    free = [d for d in docs if d["id"] not in used]
+    test_docs = {d["id"] for d in free[::5]}
+    train, test = [], []
+    for doc in free:
+        paragraphs = re.split(r"\n\s*\n", doc["text"])  # a single newline only wraps a line here
+        for s in (s for p in paragraphs for s in sentences(" ".join(p.split()))):
+            if not s[0].isupper():
+                continue
+            s = s.rstrip(".!?\"')];:, ")
+            if not 6 <= words(s) <= 40 or "[" in s or "--" in s:
+                continue
+            context, last = s.rsplit(" ", 1)
+            if not WORD.match(last) or len(last) < 3 or last.lower() in STOPWORDS:
+                continue
+            item = {"prompt": CLOZE_PROMPT.format(context=context), "response": f" {last}\n", "answers": [last],
+                    "source": doc["source"], "doc": doc["id"]}
+            (test if doc["id"] in test_docs else train).append(item)
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
@@ -117,6 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--heldout", default="data/corpus/heldout.jsonl.gz")
     parser.add_argument("--out", default="data/eval")
+    parser.add_argument("--tasks-out", default="data/tasks", help="where the cloze task set goes")
     parser.add_argument("--items", type=int, default=400, help="items per set")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -149,6 +184,14 @@ def main() -> None:
                      "doc": doc["id"]})
     write_jsonl(out / "hellaswag.jsonl", swag)
     print(f"{out}: lambada {len(lambada)}, storycloze {len(story)}, hellaswag {len(swag)} items")
+
+    used = {item["doc"] for item in lambada + story + swag}
+    train, test = cloze_items(docs, used, np.random.default_rng([args.seed, 3]))
+    tasks_out = Path(args.tasks_out)
+    tasks_out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(tasks_out / "cloze-train.jsonl", train)
+    write_jsonl(tasks_out / "cloze-test.jsonl", test)
+    print(f"{tasks_out}: cloze-train {len(train)}, cloze-test {len(test)} items")
 
 
 if __name__ == "__main__":
