@@ -333,7 +333,7 @@ def setup(config: TrainConfig) -> Run | None:
     tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
     teacher: TeacherSignal | None = None
-    if teacher_source == "store":
+    if teacher_source == "store" and alpha < 1.0:  # at α = 1 only the store's tokens are read: its T does not matter
         teacher = stored_teacher(train_store.kind, train_store.params, config.temperature, config.tail,
                                  config.direction, config.importance)
 
@@ -349,7 +349,7 @@ def setup(config: TrainConfig) -> Run | None:
     eval_store = open_store(config.eval_store) if config.eval_store else None
     if eval_store is not None:
         check_store_fits(eval_store, "eval store", tok_hash, vocab, positions)
-    if teacher_source == "online":
+    if teacher_source == "online" and alpha < 1.0:
         teacher = _online_teacher(config, train_store, vocab, device)
 
     loss_chunk = config.loss_chunk or max(1, (1 << 26) // model.config.vocab_size)
@@ -611,7 +611,8 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
              "tail": config.tail, "direction": config.direction,
-             "teacher_signal": type(getattr(run.wrapped, "module", run.wrapped).teacher).__name__}
+             "teacher_signal": type(teacher).__name__
+             if (teacher := getattr(run.wrapped, "module", run.wrapped).teacher) is not None else "none"}
     if run.eval_store is not None:
         result = evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast, stop)
         if result is None:  # every rank stopped at the same batch, so each asks once more, alike

@@ -119,5 +119,10 @@ def test_drawn_targets_refuse_reverse_and_unweighted_temperatures(root, tmp_path
     assert "--direction reverse needs the teacher's probability" in msg
     msg = one_line_error(run_cli(*train_args(root, "hybrid", tmp_path / "b", "--temperature", "2")))
     assert "differs from the temperature the store drew at (1)" in msg and "--sample-logprobs" in msg
+    # CE only (α = 1) reads the store's tokens alone: its temperature is not a question then
+    result = run_cli(*train_args(root, "hybrid", tmp_path / "ce", "--temperature", "2", "--alpha", "1"))
+    assert result.exit_code == 0, result.output
+    facts = json.loads((tmp_path / "ce" / "metrics.json").read_text())
+    assert facts["alpha"] == 1.0 and facts["teacher_signal"] == "none"
     msg = one_line_error(run_cli(*train_args(root, "sampled", tmp_path / "c", "--importance", "exact")))
     assert "importance must be one of unbiased, self-normalised" in msg
