@@ -48,7 +48,7 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
+.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality clean
 
 $(VENV)/.installed: pyproject.toml
@@ -235,6 +235,55 @@ demo: setup
 	@echo "  students           $(RUN)/student-kd-t1/model, $(RUN)/student-kd-t2/model, $(CE_OUT)/model"
 	@echo "  evaluations        $(RUN)/eval/*.json"
 	@echo "  report             $(REPORT)/report.md (table) and $(REPORT)/*.png (figures)"
+
+# The paper's whole process (docs/PROCESS.md) on the embedded default, on CPU in about 10 minutes:
+# the teacher writes FD_RECORDS texts from BOS (its examples) -> stage one on them -> a student
+# distilled on them and a CE-only student on the same rows -> each fine-tuned on the source task
+# (data/tasks: which kind of text a passage is from; held-out documents no evaluation item uses)
+# -> every model evaluated on held-out text, LAMBADA and the task's test set, its answers also
+# decoded under FD_RULES -> report.
+FD_RUN      ?= runs/demo-fd
+FD_RECORDS  ?= 1024
+FD_STEPS    ?= 300
+FD_FINETUNE_STEPS ?= 100
+FD_T        ?= 2
+FD_TASK     ?= data/tasks/source-train.jsonl
+FD_TEST     ?= data/tasks/source-test.jsonl
+FD_RULES    ?= data/rules/source.yaml
+FD_LIMIT    ?= 100
+FD_FINETUNE_LR ?= 1e-3
+FD_FINETUNE_ALPHA ?= 1
+FD_TRAIN = TRAIN_ARGS="--eval-every 100 --checkpoint-every 100 --warmup-steps 20 $(TRAIN_ARGS)"
+FD_FINETUNE = TRAIN_ARGS="--checkpoint-every 50 --warmup-steps 10 --lr $(FD_FINETUNE_LR) $(TRAIN_ARGS)"
+FD_EVAL = TASKS=heldout,lambada,custom \
+	EVAL_ARGS="--limit $(FD_LIMIT) --custom $(FD_TEST) --rules $(FD_RULES) $(EVAL_ARGS)"
+demo-fd: setup
+	$(MAKE) generate RUN=$(FD_RUN) UNCONDITIONAL=$(FD_RECORDS) RULES= \
+		GENERATE_ARGS="--max-new-tokens 255 --batch-size 32 $(GENERATE_ARGS)"
+	$(MAKE) prepare prepare-heldout RUN=$(FD_RUN) CORPUS=$(FD_RUN)/generated/generated.jsonl
+	$(MAKE) teacher RUN=$(FD_RUN) TEMPERATURE=$(FD_T) GRID=
+	$(MAKE) student RUN=$(FD_RUN) TEMPERATURE=$(FD_T) STUDENT_OUT=$(FD_RUN)/student-kd STEPS=$(FD_STEPS) $(FD_TRAIN)
+	$(MAKE) student-ce RUN=$(FD_RUN) CE_OUT=$(FD_RUN)/student-ce STEPS=$(FD_STEPS) $(FD_TRAIN)
+	$(MAKE) finetune RUN=$(FD_RUN) TASK=$(FD_TASK) TEMPERATURE=$(FD_T) GRID= ALPHA=$(FD_FINETUNE_ALPHA) \
+		FINETUNE_FROM=$(FD_RUN)/student-kd/model \
+		FINETUNE_OUT=$(FD_RUN)/student-kd-finetuned FINETUNE_STEPS=$(FD_FINETUNE_STEPS) $(FD_FINETUNE)
+	$(MAKE) finetune RUN=$(FD_RUN) TASK=$(FD_TASK) TEMPERATURE=$(FD_T) GRID= ALPHA=1 FINETUNE_FROM=$(FD_RUN)/student-ce/model \
+		FINETUNE_OUT=$(FD_RUN)/student-ce-finetuned FINETUNE_STEPS=$(FD_FINETUNE_STEPS) $(FD_FINETUNE)
+	$(MAKE) eval RUN=$(FD_RUN) MODEL=$(TEACHER) EVAL_OUT=$(FD_RUN)/eval/1-teacher.json $(FD_EVAL)
+	$(MAKE) eval RUN=$(FD_RUN) MODEL=$(FD_RUN)/student-kd/model EVAL_OUT=$(FD_RUN)/eval/2-student-kd.json $(FD_EVAL)
+	$(MAKE) eval RUN=$(FD_RUN) MODEL=$(FD_RUN)/student-kd-finetuned/model \
+		EVAL_OUT=$(FD_RUN)/eval/3-student-kd-finetuned.json $(FD_EVAL)
+	$(MAKE) eval RUN=$(FD_RUN) MODEL=$(FD_RUN)/student-ce/model EVAL_OUT=$(FD_RUN)/eval/4-student-ce.json $(FD_EVAL)
+	$(MAKE) eval RUN=$(FD_RUN) MODEL=$(FD_RUN)/student-ce-finetuned/model \
+		EVAL_OUT=$(FD_RUN)/eval/5-student-ce-finetuned.json $(FD_EVAL)
+	$(MAKE) report RUN=$(FD_RUN) REPORT_ARGS="--title 'The paper'\''s process: generate, distil, fine-tune, rules' $(REPORT_ARGS)"
+	@echo
+	@echo "demo-fd done, everything under $(FD_RUN)/:"
+	@echo "  teacher's texts    $(FD_RUN)/generated/generated.jsonl"
+	@echo "  students           $(FD_RUN)/student-kd/model -> $(FD_RUN)/student-kd-finetuned/model (distilled)"
+	@echo "                     $(FD_RUN)/student-ce/model -> $(FD_RUN)/student-ce-finetuned/model (CE only)"
+	@echo "  evaluations        $(FD_RUN)/eval/*.json (source task with and without $(FD_RULES))"
+	@echo "  report             $(FD_RUN)/report/report.md"
 
 clean:
 	rm -rf $(RUN)

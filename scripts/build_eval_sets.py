@@ -15,10 +15,11 @@ like the originals:
 
 And one task set for `make demo-fd`'s fine-tuning step (docs/PROCESS.md), in --tasks-out:
 
-* cloze-train.jsonl, cloze-test.jsonl — prompt/response pairs ({"prompt", "response", "answers"}):
-  a sentence without its last word, and that word. Only from held-out documents no evaluation
-  item above uses, split by document (a fifth of them for the test set), so fine-tuning on the
-  train half leaks nothing into LAMBADA, StoryCloze, HellaSwag or the test half.
+* source-train.jsonl, source-test.jsonl — prompt/response pairs ({"prompt", "response", "answers"}):
+  a passage of one to three sentences and the kind of text it comes from (fortune, bible,
+  commentary or jargon), at most 150 train items per kind. Only from held-out documents no
+  evaluation item above uses, split by document, so fine-tuning on the train part leaks nothing
+  into LAMBADA, StoryCloze, HellaSwag or the test part.
 
 Held-out documents are never trained on (data/PROVENANCE.md), so neither are these sets. The
 output is deterministic for a given input and seed.
@@ -116,28 +117,39 @@ def ending_items(docs, rng, limit: int, context_sentences: int, distractors: int
     return items
 
 
-CLOZE_PROMPT = "Complete the sentence with one word.\nSentence: {context} ___\nWord:"
+LABELS = {"fortunes": "fortune", "web_bible": "bible", "tdavid": "commentary", "mhcc": "commentary",
+          "scofield": "commentary", "jargon": "jargon"}
+SOURCE_PROMPT = "Passage: {passage}\nSource (fortune, bible, commentary or jargon):"
 
 
-def cloze_items(docs, used: set[str], rng) -> tuple[list[dict], list[dict]]:
-    """(train, test) prompt/response pairs from the documents outside ``used``, split by document."""
+def source_items(docs, used: set[str], rng, per_label: int = 150) -> tuple[list[dict], list[dict]]:
+    """(train, test) prompt/response pairs from the documents outside ``used``: a passage of one to
+    three sentences and the kind of text it comes from, at most ``per_label`` train items (a quarter
+    of that for test) per label, the test set from every fifth such document of each source."""
     free = [d for d in docs if d["id"] not in used]
-    test_docs = {d["id"] for d in free[::5]}
-    train, test = [], []
+    test_docs = {d["id"] for src in LABELS for d in [d for d in free if d["source"] == src][::5]}
+    by_label: dict[tuple[str, bool], list[dict]] = {}
     for doc in free:
         paragraphs = re.split(r"\n\s*\n", doc["text"])  # a single newline only wraps a line here
-        for s in (s for p in paragraphs for s in sentences(" ".join(p.split()))):
-            if not s[0].isupper():
+        sents = [s for p in paragraphs for s in sentences(" ".join(p.split())) if not s.startswith(("--", "Verse", "Ver."))]
+        passages, current = [], []
+        for sent in sents:  # consecutive sentences, up to three and 60 words
+            if current and (len(current) == 3 or words(" ".join(current + [sent])) > 60):
+                passages.append(" ".join(current))
+                current = []
+            current.append(sent)
+        passages.append(" ".join(current))
+        for passage in passages:
+            if not 8 <= words(passage) <= 60 or "[" in passage:
                 continue
-            s = s.rstrip(".!?\"')];:, ")
-            if not 6 <= words(s) <= 40 or "[" in s or "--" in s:
-                continue
-            context, last = s.rsplit(" ", 1)
-            if not WORD.match(last) or len(last) < 3 or last.lower() in STOPWORDS:
-                continue
-            item = {"prompt": CLOZE_PROMPT.format(context=context), "response": f" {last}\n", "answers": [last],
+            label = LABELS[doc["source"]]
+            item = {"prompt": SOURCE_PROMPT.format(passage=passage), "response": f" {label}\n", "answers": [label],
                     "source": doc["source"], "doc": doc["id"]}
-            (test if doc["id"] in test_docs else train).append(item)
+            by_label.setdefault((label, doc["id"] in test_docs), []).append(item)
+    train, test = [], []
+    for (label, is_test), items in sorted(by_label.items()):
+        chosen = [items[i] for i in sorted(rng.permutation(len(items))[:per_label // 4 if is_test else per_label])]
+        (test if is_test else train).extend(chosen)
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
@@ -186,12 +198,12 @@ def main() -> None:
     print(f"{out}: lambada {len(lambada)}, storycloze {len(story)}, hellaswag {len(swag)} items")
 
     used = {item["doc"] for item in lambada + story + swag}
-    train, test = cloze_items(docs, used, np.random.default_rng([args.seed, 3]))
+    train, test = source_items(docs, used, np.random.default_rng([args.seed, 3]))
     tasks_out = Path(args.tasks_out)
     tasks_out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(tasks_out / "cloze-train.jsonl", train)
-    write_jsonl(tasks_out / "cloze-test.jsonl", test)
-    print(f"{tasks_out}: cloze-train {len(train)}, cloze-test {len(test)} items")
+    write_jsonl(tasks_out / "source-train.jsonl", train)
+    write_jsonl(tasks_out / "source-test.jsonl", test)
+    print(f"{tasks_out}: source-train {len(train)}, source-test {len(test)} items")
 
 
 if __name__ == "__main__":

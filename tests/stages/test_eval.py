@@ -193,22 +193,22 @@ def test_custom_task_sends_the_prompt_as_written_and_matches_its_answers(tmp_pat
 
 
 def test_custom_task_under_rules(model_dir, tmp_path):
-    """The demo-fd cloze set and rule file: every answer decoded under the rules keeps them, and the
+    """The demo-fd task set and rule file: every answer decoded under the rules keeps them, and the
     free answers' violations are counted by the same checker."""
     from pipeline.rules import load_rules, violations
 
     report, samples = run_eval(model_dir, tmp_path / "c.json", "--tasks", "custom", "--custom",
-                               ROOT / "data" / "tasks" / "cloze-test.jsonl", "--rules", ROOT / "data" / "rules" / "cloze.yaml",
+                               ROOT / "data" / "tasks" / "source-test.jsonl", "--rules", ROOT / "data" / "rules" / "source.yaml",
                                "--limit", "12", "--max-new-tokens", "8")
     got = report["tasks"]["custom"]
     assert got["n"] == 12 and got["format"] == "custom"
     assert got["rules_violating_0shot"] == 0 and got["rules_unsatisfiable_0shot"] == 0
-    spec = load_rules(ROOT / "data" / "rules" / "cloze.yaml")
+    spec = load_rules(ROOT / "data" / "rules" / "source.yaml")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     free = [bool(violations(spec, s["prediction"], len(tok(s["prediction"], add_special_tokens=False)["input_ids"])))
             for s in samples]
     assert got["violating_0shot"] == pytest.approx(np.mean(free))
-    assert got["violating_0shot"] > 0  # the untrained model's free answers break the one-word rule
+    assert got["violating_0shot"] > 0  # the untrained model's free answers break the label rule
 
 
 def test_teacher_agreement_with_its_own_store(model_dir, tmp_path):
@@ -259,7 +259,7 @@ def test_bad_options_are_one_line_errors(model_dir, tmp_path):
     assert "webq with --qa-format lm-eval is zero-shot only" in msg and "--qa-format gpt3" in msg
     assert "needs --custom FILE" in one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "custom"))
     msg = one_line_error(run_cli("eval", "--model", model_dir, "--out", out, "--tasks", "custom", "--custom",
-                                 ROOT / "data" / "tasks" / "cloze-test.jsonl", "--shots", "0,1"))
+                                 ROOT / "data" / "tasks" / "source-test.jsonl", "--shots", "0,1"))
     assert "custom is zero-shot only (its prompts are sent as written" in msg
     assert "not a local Hugging Face directory" in one_line_error(
         run_cli("eval", "--model", tmp_path / "nothing", "--out", out))
