@@ -27,9 +27,13 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+DRY_RUN = False
+
+
 def run(args: list[str]) -> None:
     print("+ " + " ".join(args), flush=True)
-    subprocess.run(args, check=True)
+    if not DRY_RUN:
+        subprocess.run(args, check=True)
 
 
 def fmt(x: float) -> str:
@@ -59,7 +63,10 @@ def main() -> int:
     p.add_argument("--train-args", default="--warmup-steps 6", help="Extra `distill student` flags (one string).")
     p.add_argument("--eval-args", default="", help="Extra `distill eval` flags (one string).")
     p.add_argument("--report-args", default="", help="Extra `distill report` flags (one string).")
+    p.add_argument("--dry-run", action="store_true", help="Print the commands, run none.")
     a = p.parse_args()
+    global DRY_RUN
+    DRY_RUN = a.dry_run
     if a.fixed_temperature not in a.temperatures:
         p.error(f"--fixed-temperature {a.fixed_temperature:g} must be one of --temperatures (the store's grid)")
 
@@ -78,16 +85,18 @@ def main() -> int:
         run([distill, "teacher", "--tokens-store", str(heldout_tokens), "--teacher", a.teacher, "--out", str(agreement),
              "--kind", "topk", "--top-k", str(a.top_k), "--max-rows", "128"])
 
-    # (name, alpha, T, seed): seed by seed, so an early stop still leaves whole curves
-    students: list[tuple[str, float, float, int]] = []
-    for i in range(max(len(a.seeds), len(a.ce_seeds))):
-        if i < len(a.ce_seeds):
-            students.append((f"ce-s{a.ce_seeds[i]}", 1.0, 1.0, a.ce_seeds[i]))
-        if i < len(a.seeds):
-            s = a.seeds[i]
-            students += [(f"kd-T{fmt(t)}-a{fmt(a.fixed_alpha)}-s{s}", a.fixed_alpha, t, s) for t in a.temperatures]
-            students += [(f"kd-T{fmt(a.fixed_temperature)}-a{fmt(al)}-s{s}", al, a.fixed_temperature, s)
-                         for al in a.alphas if al != a.fixed_alpha]
+    # (name, alpha, T, seed), most wanted first so that a sweep cut short still says something: the CE-only
+    # reference, the T curve, the CE seeds that give the spread, the α curve, then further seeds
+    def t_curve(s: int) -> list[tuple[str, float, float, int]]:
+        return [(f"kd-T{fmt(t)}-a{fmt(a.fixed_alpha)}-s{s}", a.fixed_alpha, t, s) for t in a.temperatures]
+
+    def alpha_curve(s: int) -> list[tuple[str, float, float, int]]:
+        return [(f"kd-T{fmt(a.fixed_temperature)}-a{fmt(al)}-s{s}", al, a.fixed_temperature, s)
+                for al in a.alphas if al != a.fixed_alpha]
+
+    ce = [(f"ce-s{s}", 1.0, 1.0, s) for s in a.ce_seeds]
+    students = ce[:1] + t_curve(a.seeds[0]) + ce[1:] + alpha_curve(a.seeds[0])
+    students += [x for s in a.seeds[1:] for x in t_curve(s) + alpha_curve(s)]
 
     eval_common = ["--tasks", a.tasks, "--limit", str(a.eval_limit), *a.eval_args.split()]
     if "agreement" in a.tasks.split(","):
