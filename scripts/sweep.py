@@ -86,17 +86,24 @@ def main() -> int:
              "--kind", "topk", "--top-k", str(a.top_k), "--max-rows", "128"])
 
     # (name, alpha, T, seed), most wanted first so that a sweep cut short still says something: the CE-only
-    # reference, the T curve, the CE seeds that give the spread, the α curve, then further seeds
-    def t_curve(s: int) -> list[tuple[str, float, float, int]]:
-        return [(f"kd-T{fmt(t)}-a{fmt(a.fixed_alpha)}-s{s}", a.fixed_alpha, t, s) for t in a.temperatures]
+    # reference, a coarse T curve (its ends and middle), a second CE seed (a spread), the rest of the T curve,
+    # the other CE seeds, the α curve, then further seeds
+    ts = sorted(set(a.temperatures))
+    coarse = list(dict.fromkeys([ts[0], ts[-1], ts[len(ts) // 2]]))
+    t_order = coarse + [t for t in ts if t not in coarse]
+
+    def t_curve(s: int, temps: list[float]) -> list[tuple[str, float, float, int]]:
+        return [(f"kd-T{fmt(t)}-a{fmt(a.fixed_alpha)}-s{s}", a.fixed_alpha, t, s) for t in temps]
 
     def alpha_curve(s: int) -> list[tuple[str, float, float, int]]:
         return [(f"kd-T{fmt(a.fixed_temperature)}-a{fmt(al)}-s{s}", al, a.fixed_temperature, s)
                 for al in a.alphas if al != a.fixed_alpha]
 
     ce = [(f"ce-s{s}", 1.0, 1.0, s) for s in a.ce_seeds]
-    students = ce[:1] + t_curve(a.seeds[0]) + ce[1:] + alpha_curve(a.seeds[0])
-    students += [x for s in a.seeds[1:] for x in t_curve(s) + alpha_curve(s)]
+    first = a.seeds[0]
+    students = (ce[:1] + t_curve(first, coarse) + ce[1:2] + t_curve(first, t_order[len(coarse):]) + ce[2:]
+                + alpha_curve(first))
+    students += [x for s in a.seeds[1:] for x in t_curve(s, t_order) + alpha_curve(s)]
 
     eval_common = ["--tasks", a.tasks, "--limit", str(a.eval_limit), *a.eval_args.split()]
     if "agreement" in a.tasks.split(","):
