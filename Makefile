@@ -49,7 +49,7 @@ RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
 .PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
-        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality clean
+        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -205,6 +205,27 @@ bench-quality: setup
 	$(BIN)/python bench/quality.py --teacher $(TEACHER) --steps 300 --seeds 0,1,2 --modes $(QUALITY_MODES) \
 		--out bench/results/quality_cpu.json
 	$(BIN)/python bench/quality.py --report bench/results/quality_cpu.json --figure docs/img/quality_cpu.png
+
+# The temperature study (the paper's T analysis): ONE topk stage-one store whose grid holds every T, a
+# distilled student at each T (alpha SWEEP_FIXED_ALPHA) and each alpha (T SWEEP_FIXED_T), the CE-only
+# student over SWEEP_CE_SEEDS, all evaluated; the report draws metric-vs-T and metric-vs-alpha
+# (SWEEP_RUN/report/sweep_*.png). Resumes: rerun the same command after an interruption.
+SWEEP_RUN   ?= runs/sweep
+SWEEP_T     ?= 1 1.5 2 3 4
+SWEEP_ALPHA ?= 0.1 0.5 0.9
+SWEEP_FIXED_ALPHA ?= 0.5
+SWEEP_FIXED_T ?= 2
+SWEEP_SEEDS ?= 0
+SWEEP_CE_SEEDS ?= 0 1 2
+SWEEP_STEPS ?= 60
+SWEEP_ROWS  ?= 512
+SWEEP_LIMIT ?= 100
+sweep: setup
+	$(BIN)/python scripts/sweep.py --run $(SWEEP_RUN) --temperatures $(SWEEP_T) --alphas $(SWEEP_ALPHA) \
+		--fixed-alpha $(SWEEP_FIXED_ALPHA) --fixed-temperature $(SWEEP_FIXED_T) --seeds $(SWEEP_SEEDS) \
+		--ce-seeds $(SWEEP_CE_SEEDS) --steps $(SWEEP_STEPS) --rows $(SWEEP_ROWS) --eval-limit $(SWEEP_LIMIT) \
+		--teacher $(TEACHER) --student-model $(STUDENT_MODEL) --train-args "--warmup-steps 6 $(TRAIN_ARGS)" \
+		--eval-args "$(EVAL_ARGS)" --report-args "$(REPORT_ARGS)"
 
 # The whole pipeline on the embedded default, on CPU in a few minutes: stage one over the first
 # DEMO_ROWS rows of the train split, distilled students at T = 1 and T = 2 and a CE-only one on

@@ -1,14 +1,19 @@
 """``distill report RUN... --out DIR``: the paper's tables and figures from ``distill eval`` files.
 
-One Markdown table in the shape of the paper's Tables 1–4 (a row per model: parameters, how it was
-trained, its temperature, each metric) and PNG bar charts like its Figures 1–5 (completion tasks,
-perplexities, QA exact match by number of shots, teacher agreement), written to DIR with the
-combined numbers as ``report.json``.
+One Markdown table with a row per run (parameters, how it was trained, its temperature, each metric)
+and PNG bar charts like the paper's Figures 1–5; then the paper's layout over runs grouped by seed
+(mean ± sample sd): Table 1 (completion tasks) and Table 2 (QA exact match at 0, 1 and k shots) with
+a "kept of teacher" column per metric, each distilled student against the same-size CE-only one
+(difference and whether it exceeds the seed spread), QA under rules where the results have rule
+metrics, and — when distilled runs differ only in T or only in α — the temperature study's curves
+(``sweep_temperature.png``, ``sweep_alpha.png``). Everything goes to DIR, the numbers also to
+``report.json``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,11 @@ class ReportConfig:
     out: str = option("", "Output directory: report.md, report.json and the PNG figures.")
     title: str = option("Teacher, distilled students and a cross-entropy-only student",
                         "Heading of the report.")
+    teacher: str = option("auto", "Run (or seed group) whose numbers the 'kept of teacher' columns divide by: "
+                          "'auto' = the one model larger than every other, a run's name, or 'none' (no kept "
+                          "columns).")
+    sweep: str = option("auto", "Metric-vs-T and metric-vs-alpha figures: 'auto' (when distilled runs differ only "
+                        "in T or only in alpha), 'on' (the same, an error when there is no such series), 'off'.")
 
     def __post_init__(self):
         problems = []
@@ -46,6 +56,10 @@ class ReportConfig:
             problems.append("no eval result files given")
         if not self.out:
             problems.append("no --out given")
+        if not self.teacher:
+            problems.append("--teacher must be 'auto', 'none' or a run's name")
+        if self.sweep not in ("auto", "on", "off"):
+            problems.append(f"--sweep must be auto, on or off, got {self.sweep!r}")
         check(problems, "report")
 
 
@@ -95,7 +109,8 @@ def _fmt(value: Any, metric: str) -> str:
     return f"{value:.2f}" if value >= 10 else f"{value:.3f}"
 
 
-def markdown(runs: list[dict[str, Any]], cols, title: str, figures: list[str], sources: list[str]) -> str:
+def markdown(runs: list[dict[str, Any]], cols, title: str, figures: list[str], sources: list[str],
+             sections: list[str] = ()) -> str:
     head = ["model", "parameters", "training", "T"] + [c[2] + (" ↑" if c[3] else " ↓") for c in cols]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
@@ -106,6 +121,7 @@ def markdown(runs: list[dict[str, Any]], cols, title: str, figures: list[str], s
     lines += ["", "Accuracies and exact match in %; perplexities per token (held-out: per token of the",
               "model's tokenizer) and per word for LAMBADA's last word; ↑ higher is better, ↓ lower.", ""]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
+    lines += list(sections)
     lines += ["", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
     return "\n".join(lines)
 
@@ -144,6 +160,371 @@ def bar_chart(runs, cols, title: str, ylabel: str, path: Path, percent: bool) ->
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# ------------------------------------------------------------------------------------------------
+# seed groups, teacher, CE-only baselines: the paper's Tables 1–4 and the temperature study
+
+SPREAD = "sample standard deviation over seeds (n − 1 in the denominator)"
+RESULT_FACTS = ("seed", "heldout_loss", "heldout_ppl", "heldout_tokens")  # not how a run was trained
+PAPER_COMPLETION = (("lambada", "acc"), ("lambada", "ppl"), ("storycloze", "acc"), ("hellaswag", "acc"))
+COMPARED = (("heldout", "ppl"),) + PAPER_COMPLETION  # and QA exact match: distilled against CE-only
+
+
+def seed_of(run: dict[str, Any]) -> int | None:
+    """The training seed: eval's training facts, else the `distill student` run's config.json beside the model
+    (stage two's metrics.json, which eval copies the facts from, does not record it)."""
+    t = run.get("training") or {}
+    if "seed" in t:
+        return t["seed"]
+    model = Path(str(run.get("model", "")))
+    config = model.parent / "config.json"
+    if t and model.name == "model" and config.is_file():
+        try:
+            seed = json.loads(config.read_text())["config"]["seed"]  # save_resolved's layout
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
+        return seed if isinstance(seed, int) else None
+    return None
+
+
+@dataclass
+class Stat:
+    mean: float
+    sd: float | None  # sample std over seeds; None with one seed
+    lo: float
+    hi: float
+    n: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "sd": self.sd, "min": self.lo, "max": self.hi, "n": self.n}
+
+
+@dataclass
+class Group:
+    """Runs that differ only by seed: one row of the paper's tables, mean ± spread over the seeds."""
+    name: str
+    runs: list[dict[str, Any]]
+    seeds: list[int | None]
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.runs[0].get("training") or {}).items() if k not in RESULT_FACTS}
+
+    @property
+    def parameters(self) -> int:
+        return self.runs[0]["parameters"]
+
+    @property
+    def distilled(self) -> bool:
+        t = self.training
+        return bool(t) and t.get("alpha", 1.0) < 1.0 and t.get("teacher_source") != "none"
+
+    def stat(self, task: str, metric: str) -> Stat | None:
+        values = [r["tasks"].get(task, {}).get(metric) for r in self.runs]
+        values = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if not values:
+            return None
+        n, mean = len(values), sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
+        return Stat(mean, sd, min(values), max(values), n)
+
+    def formats(self) -> str:
+        """The QA prompt format(s) behind the exact-match numbers (the eval result's `format`)."""
+        found = {task: r["tasks"][task]["format"] for r in self.runs for task in QA_NAMES
+                 if isinstance(r["tasks"].get(task), dict) and "format" in r["tasks"][task]}
+        if len(set(found.values())) <= 1:
+            return next(iter(found.values()), "–")
+        return ", ".join(f"{QA_NAMES[t]}: {f}" for t, f in sorted(found.items()))
+
+
+def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
+    """Group runs whose model size and training facts agree except for the seed (runs without a known
+    seed stay alone), in the order of their first run."""
+    groups: dict[Any, Group] = {}
+    for i, r in enumerate(runs):
+        seed = seed_of(r)
+        facts = {k: v for k, v in (r.get("training") or {}).items() if k not in RESULT_FACTS}
+        key = (r["parameters"], json.dumps(facts, sort_keys=True)) if facts and seed is not None else ("alone", i)
+        if key not in groups:
+            groups[key] = Group(re.sub(r"[-_.]?(s|seed)\d+$", "", r["name"]) if seed is not None else r["name"], [], [])
+        groups[key].runs.append(r)
+        groups[key].seeds.append(seed)
+    out = list(groups.values())
+    for g in out:
+        if len(g.runs) == 1:
+            g.name = g.runs[0]["name"]
+    return out
+
+
+def find_teacher(groups: list[Group], choice: str) -> tuple[Group | None, str]:
+    """(the teacher group, why it was chosen or why there is none)."""
+    if choice == "none":
+        return None, "no teacher (--teacher none): kept-of-teacher columns omitted"
+    if choice != "auto":
+        for g in groups:
+            if choice == g.name or any(choice == r["name"] for r in g.runs):
+                return g, f"teacher: {g.name} (--teacher {choice})"
+        raise DistillError(f"--teacher {choice}: no run of that name among {', '.join(g.name for g in groups)}; "
+                           "pass one of these names, auto or none")
+    largest = max(g.parameters for g in groups)
+    top = [g for g in groups if g.parameters == largest]
+    if len(top) == 1 and len(groups) > 1 and not top[0].distilled:
+        return top[0], (f"teacher: {top[0].name}, the largest model ({largest / 1e6:.2f}M parameters; "
+                        "--teacher NAME picks another)")
+    return None, ("no teacher identified (no single model larger than every other, or it was distilled): "
+                  "kept-of-teacher columns omitted; pass --teacher NAME")
+
+
+def kept(student: Stat | None, teacher: Stat | None, higher_better: bool) -> float | None:
+    """Share of the teacher's score the student keeps: student ÷ teacher for accuracies, teacher ÷ student
+    for perplexities (the paper: a 320M student keeps 78% of a 950M teacher's LAMBADA accuracy)."""
+    if student is None or teacher is None:
+        return None
+    num, den = (student.mean, teacher.mean) if higher_better else (teacher.mean, student.mean)
+    return num / den if den > 0 else None
+
+
+def ce_baseline(g: Group, groups: list[Group], teacher: Group | None) -> Group | None:
+    """The CE-only group of the same size, preferring one trained for as many steps on as many tokens."""
+    ces = [c for c in groups if c is not teacher and c.training and not c.distilled and c.parameters == g.parameters]
+    same = [c for c in ces if (c.training.get("step"), c.training.get("tokens")) ==
+            (g.training.get("step"), g.training.get("tokens"))]
+    return (same or ces or [None])[0]
+
+
+def _percent(metric: str) -> bool:
+    return metric in ("acc", "acc_norm", "top1") or metric.startswith(("em_", "rules_em_", "violating_",
+                                                                        "rules_violating_", "rules_unsatisfiable_"))
+
+
+def _num(value: float, metric: str) -> str:
+    if _percent(metric):
+        return f"{100 * value:.1f}"
+    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
+
+
+def _stat(s: Stat | None, metric: str) -> str:
+    if s is None:
+        return "–"
+    return _num(s.mean, metric) + (f" ± {_num(s.sd, metric)}" if s.sd is not None else "")
+
+
+def _kept(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _seeds(g: Group) -> str:
+    known = [s for s in g.seeds if s is not None]
+    return f"{len(g.runs)} ({', '.join(map(str, known))})" if len(g.runs) > 1 else (str(known[0]) if known else "–")
+
+
+def difference(a: Stat | None, b: Stat | None) -> dict[str, Any] | None:
+    """Student − CE-only, and whether it exceeds the seed spread: |Δ| > sd(student) + sd(CE), a side with
+    one seed taking the other side's sd; not judged (None) when neither side has several seeds."""
+    if a is None or b is None:
+        return None
+    sds = [s.sd for s in (a, b) if s.sd is not None]
+    spread = None if not sds else (a.sd if a.sd is not None else sds[0]) + (b.sd if b.sd is not None else sds[0])
+    delta = a.mean - b.mean
+    return {"delta": delta, "spread": spread, "exceeds": None if spread is None else abs(delta) > spread}
+
+
+def qa_columns(groups: list[Group]) -> list[tuple[str, str, str, bool]]:
+    """(task, em_Kshot, title, True) for the paper's 0, 1 and k shots each QA task has."""
+    cols = []
+    for task, title in QA_NAMES.items():
+        shots = sorted({int(k[3:-4]) for g in groups for r in g.runs for k in r["tasks"].get(task, {})
+                        if re.fullmatch(r"em_\d+shot", k)})
+        cols += [(task, f"em_{k}shot", f"{title} {k}-shot", True) for k in shots]
+    return cols
+
+
+def paper_table(groups: list[Group], teacher: Group | None, cols, extra: dict[str, Any] | None = None) -> list[str]:
+    head = ["model", "parameters", "training", "T", "seeds"] + (list(extra) if extra else [])
+    for _, _, title, better in cols:
+        head += [title + (" ↑" if better else " ↓")] + (["kept"] if teacher is not None else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        trained, temp = training_label(g.runs[0])
+        name = g.name + (" (teacher)" if g is teacher and "teacher" not in g.name else "")
+        cells = [name, f"{g.parameters / 1e6:.2f}M", trained, temp, _seeds(g)]
+        cells += [f(g) for f in (extra or {}).values()]
+        for task, metric, _, better in cols:
+            s = g.stat(task, metric)
+            cells.append(_stat(s, metric))
+            if teacher is not None:
+                cells.append("–" if g is teacher else _kept(kept(s, teacher.stat(task, metric), better)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def rules_rows(groups: list[Group]) -> list[dict[str, Any]]:
+    """Per group, QA task and shots: exact match and share of answers breaking a rule, without and with the
+    rules enforced while decoding (`distill eval --rules`)."""
+    rows = []
+    for g in groups:
+        for task in QA_NAMES:
+            keys = {k for r in g.runs for k in r["tasks"].get(task, {})}
+            for shots in sorted({m.group(1) for k in keys if (m := re.fullmatch(r"rules_em_(\d+shot)", k))},
+                                key=lambda s: int(s[:-4])):
+                per_rule = sorted(k[len(f"violating_{shots}_"):] for k in keys if k.startswith(f"violating_{shots}_"))
+                rows.append({"group": g.name, "task": task, "shots": int(shots[:-4]),
+                             **{name: g.stat(task, key.format(s=shots)) for name, key in (
+                                 ("em", "em_{s}"), ("rules_em", "rules_em_{s}"), ("violating", "violating_{s}"),
+                                 ("rules_violating", "rules_violating_{s}"),
+                                 ("rules_unsatisfiable", "rules_unsatisfiable_{s}"))},
+                             "per_rule": {rule: g.stat(task, f"violating_{shots}_{rule}") for rule in per_rule}})
+    return rows
+
+
+def sweep_series(groups: list[Group], axis: str) -> list[Group]:
+    """The longest series of distilled groups that differ only in ``axis`` (temperature or alpha), by axis value."""
+    series: dict[str, list[Group]] = {}
+    for g in groups:
+        if g.distilled:
+            rest = {k: v for k, v in g.training.items() if k != axis}
+            series.setdefault(json.dumps([g.parameters, rest], sort_keys=True), []).append(g)
+    best = max(series.values(), key=lambda s: len({g.training.get(axis, 1.0) for g in s}), default=[])
+    if len({g.training.get(axis, 1.0) for g in best}) < 2:
+        return []
+    return sorted(best, key=lambda g: g.training.get(axis, 1.0))
+
+
+def sweep_figure(series: list[Group], axis: str, cols, ce: Group | None, teacher: Group | None, path: Path) -> None:
+    """One panel per metric: the metric (mean, seed sd as error bars) against T or α, the CE-only student and
+    the teacher as horizontal lines; perplexity axes logarithmic."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [c for c in cols if any(g.stat(c[0], c[1]) for g in series)]
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), dpi=120, squeeze=False)
+    symbol = "T" if axis == "temperature" else "α"
+    fixed = "alpha" if axis == "temperature" else "temperature"
+    for ax, (task, metric, title, better) in zip(axes.flat, panels):
+        scale = 100 if _percent(metric) else 1
+        pts = [(g.training.get(axis, 1.0), g.stat(task, metric)) for g in series]
+        pts = [(x, s) for x, s in pts if s is not None]
+        ax.errorbar([x for x, _ in pts], [scale * s.mean for _, s in pts],
+                    yerr=[scale * (s.sd or 0.0) for _, s in pts], marker="o", capsize=3, label="distilled")
+        for ref, style, label in ((ce, dict(color="gray", ls="--"), "CE-only"),
+                                  (teacher, dict(color="black", ls=":"), "teacher")):
+            s = ref.stat(task, metric) if ref is not None else None
+            if s is not None:
+                ax.axhline(scale * s.mean, label=label + (f" (n={s.n})" if s.n > 1 else ""), **style)
+                if s.sd:
+                    ax.axhspan(scale * (s.mean - s.sd), scale * (s.mean + s.sd), color=style["color"], alpha=0.12)
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.set_title(title + (" ↑" if better else " ↓"), fontsize=9)
+        ax.set_xlabel(symbol)
+        ax.tick_params(labelsize=7)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, frameon=False)
+    n = max(len(g.runs) for g in series)
+    fig.suptitle(f"Students against {symbol} ({'α' if fixed == 'alpha' else 'T'} = {series[0].training.get(fixed, 1.0):g}; "
+                 f"mean ± sd over up to {n} seed(s))", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def paper_sections(groups: list[Group], teacher: Group | None, teacher_note: str, cols, sweeps) -> tuple[list[str], dict]:
+    """The Markdown of the paper's tables, the CE comparison, the rules table and the sweep tables, and their
+    numbers for report.json."""
+    numbers: dict[str, Any] = {"teacher": teacher.name if teacher else None, "teacher_rule": teacher_note,
+                               "spread": SPREAD}
+    lines = ["", "## The paper's tables", "", teacher_note + ".",
+             f"Rows are runs that differ only by seed: mean ± {SPREAD}; `seeds` is n (and the seeds).",
+             "Kept = student ÷ teacher for accuracies, teacher ÷ student for perplexities." if teacher else "",
+             "T and α as trained.", ""]
+    completion = [c for c in cols if (c[0], c[1]) in PAPER_COMPLETION]
+    if completion:
+        lines += ["### Table 1 — completion tasks (the paper's Tables 1 and 3)", ""]
+        lines += paper_table(groups, teacher, completion) + [""]
+    qa = qa_columns(groups)
+    cols = [c for c in cols if c[0] not in QA_NAMES]  # QA comes back as `qa`
+    if qa:
+        lines += ["### Table 2 — open-domain QA, exact match by shots (the paper's Tables 2 and 4)", ""]
+        lines += paper_table(groups, teacher, qa, {"QA format": Group.formats}) + [""]
+        lines += ["`QA format`: the prompt format the eval result names for its QA numbers (– when it names none).", ""]
+    groups_json = []
+    for g in groups:
+        metrics = {f"{t}.{m}": s.as_dict() for t, m, _, _ in cols + qa if (s := g.stat(t, m)) is not None}
+        entry = {"name": g.name, "runs": [r["name"] for r in g.runs], "seeds": g.seeds, "parameters": g.parameters,
+                 "training": g.training, "distilled": g.distilled, "metrics": metrics}
+        if teacher is not None and g is not teacher:
+            entry["kept_of_teacher"] = {f"{t}.{m}": k for t, m, _, b in completion + qa
+                                        if (k := kept(g.stat(t, m), teacher.stat(t, m), b)) is not None}
+        groups_json.append(entry)
+    numbers["groups"] = groups_json
+
+    pairs = [(g, ce) for g in groups if g.distilled and (ce := ce_baseline(g, groups, teacher)) is not None]
+    comparison = []
+    if pairs:
+        lines += ["### Distilled against the same-size CE-only student", "",
+                  "Δ = distilled − CE-only (points for accuracies). Beyond spread: |Δ| > sd(distilled) + sd(CE-only), "
+                  "a side with one seed taking the other's sd; – when neither side has several seeds.", "",
+                  "| distilled | CE-only | metric | distilled | CE-only | Δ | spread | beyond spread |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g, ce in pairs:
+            for task, metric, title, better in [c for c in cols if (c[0], c[1]) in COMPARED] + qa:
+                d = difference(g.stat(task, metric), ce.stat(task, metric))
+                if d is None:
+                    continue
+                comparison.append({"distilled": g.name, "ce": ce.name, "metric": f"{task}.{metric}", **d})
+                sign = "+" if d["delta"] >= 0 else "−"
+                verdict = "–" if d["exceeds"] is None else ("yes" if d["exceeds"] else "no")
+                spread = "–" if d["spread"] is None else _num(d["spread"], metric)
+                lines.append(f"| {g.name} | {ce.name} | {title} {'↑' if better else '↓'} | "
+                             f"{_stat(g.stat(task, metric), metric)} | {_stat(ce.stat(task, metric), metric)} | "
+                             f"{sign}{_num(abs(d['delta']), metric)} | {spread} | {verdict} |")
+        lines.append("")
+    numbers["comparison"] = comparison
+
+    rows = rules_rows(groups)
+    if rows:
+        lines += ["### QA under rules (`distill eval --rules`)", "",
+                  "EM and the share of answers breaking any rule: free generation, and with the rules enforced while "
+                  "decoding; unsatisfiable = answers the rules left no token for; per rule: free answers breaking it.",
+                  "", "| model | task | shots | EM | EM with rules | violating | violating with rules | "
+                  "unsatisfiable | violating per rule |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            per_rule = ", ".join(f"{rule} {_stat(s, 'violating_')}" for rule, s in row["per_rule"].items()) or "–"
+            cells = [row["group"], QA_NAMES[row["task"]], str(row["shots"])]
+            cells += [_stat(row[k], "em_") for k in ("em", "rules_em", "violating", "rules_violating",
+                                                     "rules_unsatisfiable")]
+            lines.append("| " + " | ".join(cells + [per_rule]) + " |")
+        lines += ["", "All in %.", ""]
+    numbers["rules"] = [{**{k: (v.as_dict() if isinstance(v, Stat) else v) for k, v in row.items() if k != "per_rule"},
+                         "per_rule": {r: s.as_dict() for r, s in row["per_rule"].items() if s}} for row in rows]
+
+    numbers["sweep"] = {}
+    for axis, series, figure in sweeps:
+        symbol = "T" if axis == "temperature" else "α"
+        ce = ce_baseline(series[0], groups, teacher)
+        metrics = [c for c in cols + qa if any(g.stat(c[0], c[1]) for g in series)]
+        lines += [f"## The temperature study: metric against {symbol}", "",
+                  f"Distilled students differing only in {symbol}; mean ± sd over seeds, n in `seeds`.", "",
+                  "| " + " | ".join([symbol, "model", "seeds"] + [c[2] + (" ↑" if c[3] else " ↓") for c in metrics]) + " |",
+                  "|" + "---|" * (3 + len(metrics))]
+        refs = [(g, f"{g.training.get(axis, 1.0):g}") for g in series] + [(r, "–") for r in (ce, teacher) if r]
+        for g, x in refs:
+            lines.append("| " + " | ".join([x, g.name, _seeds(g)] + [_stat(g.stat(t, m), m) for t, m, _, _ in metrics]) + " |")
+        lines += ["", f"![sweep {symbol}]({figure})", ""]
+        numbers["sweep"][axis] = {"figure": figure, "ce": ce.name if ce else None,
+                                  "points": [{"x": g.training.get(axis, 1.0), "group": g.name} for g in series]}
+    return lines, numbers
+
+
 def make_report(config: ReportConfig) -> Path:
     paths = []
     for p in map(Path, config.runs):
@@ -170,10 +551,22 @@ def make_report(config: ReportConfig) -> Path:
         if chosen:
             bar_chart(runs, chosen, title, ylabel, out / name, percent)
             figures.append(name)
-    atomic_write_text(out / "report.md", markdown(runs, cols, config.title, figures, [str(p) for p in paths]))
+    groups = group_runs(runs)
+    teacher, teacher_note = find_teacher(groups, config.teacher)
+    sweeps = []
+    if config.sweep != "off":
+        for axis, figure in (("temperature", "sweep_temperature.png"), ("alpha", "sweep_alpha.png")):
+            if series := sweep_series(groups, axis):
+                sweep_figure(series, axis, cols, ce_baseline(series[0], groups, teacher), teacher, out / figure)
+                sweeps.append((axis, series, figure))
+        if config.sweep == "on" and not sweeps:
+            raise DistillError("--sweep on: no distilled runs that differ only in temperature or only in alpha; "
+                               "pass the eval results of a sweep (make sweep) or --sweep auto")
+    sections, numbers = paper_sections(groups, teacher, teacher_note, cols, sweeps)
+    atomic_write_text(out / "report.md", markdown(runs, cols, config.title, figures, [str(p) for p in paths], sections))
     combined = {"runs": [{k: r[k] for k in ("name", "model", "parameters", "training", "tasks")} for r in runs],
-                "sources": [str(p) for p in paths]}
+                "sources": [str(p) for p in paths], **numbers}
     atomic_write_text(out / "report.json", json.dumps(combined, indent=2, sort_keys=True) + "\n")
     print((out / "report.md").read_text())
-    print(f"{out}: report.md, report.json, {', '.join(figures) or 'no figures'}")
+    print(f"{out}: report.md, report.json, {', '.join(figures + [f for _, _, f in sweeps]) or 'no figures'}")
     return out / "report.md"
