@@ -471,7 +471,7 @@ def training_facts(model_dir: Path) -> dict[str, Any]:
             except json.JSONDecodeError:
                 continue
             keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "teacher_signal", "tokens",
-                    "step", "heldout_loss", "heldout_ppl", "seed")
+                    "step", "heldout_loss", "heldout_ppl", "seed", "init")
             return {k: data[k] for k in keep if k in data}
     return {}
 

@@ -34,7 +34,7 @@ COLUMNS = (
     ("agreement", "top1", "teacher top-1 agreement", True),
     ("agreement", "kl", "KL(teacher‖model)", False),
 )
-QA_NAMES = {"nq": "NQ", "webq": "WebQ", "triviaqa": "TriviaQA"}
+QA_NAMES = {"nq": "NQ", "webq": "WebQ", "triviaqa": "TriviaQA", "custom": "custom task"}
 
 
 @dataclass(frozen=True)
@@ -78,17 +78,21 @@ def load_run(path: Path) -> dict[str, Any]:
 
 
 def training_label(run: dict[str, Any]) -> tuple[str, str]:
-    """(how it was trained, its distillation temperature) for the table."""
+    """(how it was trained, its distillation temperature) for the table; a run that started from an
+    earlier model (fine-tuning) names it."""
     t = run.get("training", {})
     if not t:
         return "given", "–"
+    init = Path(str(t.get("init", "")))
+    origin = f", from {init.parent.name if init.name == 'model' else init.name}" \
+        if t.get("init") and init.suffix not in (".json", ".yaml", ".yml") else ""
     if t.get("alpha", 1.0) >= 1.0 or t.get("teacher_source") == "none":
-        return "cross-entropy", "–"
+        return "cross-entropy" + origin, "–"
     temperature = f"{t.get('temperature', 1.0):g}"
     if t.get("teacher_signal") == "StoredSampled":  # drawn targets: no tail treatment to name
-        return f"distilled (α={t['alpha']:g}, sampled store)", temperature
+        return f"distilled (α={t['alpha']:g}, sampled store){origin}", temperature
     source = "online" if t.get("teacher_source") == "online" else "top-k store"
-    return f"distilled (α={t['alpha']:g}, {t.get('tail', 'tail')}, {source})", temperature
+    return f"distilled (α={t['alpha']:g}, {t.get('tail', 'tail')}, {source}){origin}", temperature
 
 
 def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool]]:

@@ -609,6 +609,7 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     if (signal_name := stop()) is not None:
         leave_preempted(run, config.max_steps, signal_name)
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
+             "seed": config.seed, "init": config.model,  # the config or the earlier model it started from
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
              "tail": config.tail, "direction": config.direction,
              "teacher_signal": type(teacher).__name__
