@@ -190,3 +190,21 @@ def test_bad_inputs(tmp_path):
         run_cli("report", *paths, "--out", tmp_path / "r", "--sweep", "yes"))
     md, numbers = report(tmp_path, same_size, "--teacher", "b")  # named: the kept columns are against it
     assert numbers["groups"][0]["kept_of_teacher"]["lambada.acc"] == pytest.approx(0.3 / 0.2)
+
+
+def test_fine_tuned_students_stay_apart_and_name_their_origin(tmp_path):
+    """Two students fine-tuned with α = 1 for the same steps, from a distilled and from a CE-only
+    student, differ only in ``init``: two rows (not two seeds of one), each named "from …"."""
+    tuned = {"alpha": 1.0, "temperature": 2.0, "teacher_source": "store", "step": 100, "tokens": 100, "seed": 0}
+    runs = [run("teacher", 6_840_000, TEACHER, completion(0.06, 2000.0, 0.53, 0.30)),
+            run("student-kd-finetuned", 1_840_000, tuned | {"init": "runs/fd/student-kd/model"},
+                completion(0.01, 30000.0, 0.50, 0.27)),
+            run("student-ce-finetuned", 1_840_000, tuned | {"init": "runs/fd/student-ce/model"},
+                completion(0.00, 31000.0, 0.49, 0.26)),
+            run("student-ce", 1_840_000, ce(0) | {"init": "data/models/student.json"}, completion(0.0, 32000.0, 0.5, 0.25))]
+    md, _ = report(tmp_path, runs)
+    rows = {r[0]: r for r in table(md, "### Table 1")[1:]}
+    assert set(rows) == {"teacher", "student-kd-finetuned", "student-ce-finetuned", "student-ce"}
+    assert rows["student-kd-finetuned"][2] == "cross-entropy, from student-kd"
+    assert rows["student-ce-finetuned"][2] == "cross-entropy, from student-ce"
+    assert rows["student-ce"][2] == "cross-entropy"  # started from a config: nothing to name
