@@ -264,8 +264,8 @@ demo: setup
 # -> every model evaluated on held-out text, LAMBADA and the task's test set, its answers also
 # decoded under FD_RULES -> report.
 FD_RUN      ?= runs/demo-fd
-FD_RECORDS  ?= 1024
-FD_STEPS    ?= 300
+FD_RECORDS  ?= 768
+FD_STEPS    ?= 200
 FD_FINETUNE_STEPS ?= 100
 FD_T        ?= 2
 FD_TASK     ?= data/tasks/source-train.jsonl
