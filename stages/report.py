@@ -566,6 +566,8 @@ def make_report(config: ReportConfig) -> Path:
         if config.sweep == "on" and not sweeps:
             raise DistillError("--sweep on: no distilled runs that differ only in temperature or only in alpha; "
                                "pass the eval results of a sweep (make sweep) or --sweep auto")
+    if teacher is not None:  # the paper's tables start with the teacher
+        groups = [teacher] + [g for g in groups if g is not teacher]
     sections, numbers = paper_sections(groups, teacher, teacher_note, cols, sweeps)
     atomic_write_text(out / "report.md", markdown(runs, cols, config.title, figures, [str(p) for p in paths], sections))
     combined = {"runs": [{k: r[k] for k in ("name", "model", "parameters", "training", "tasks")} for r in runs],

@@ -189,7 +189,9 @@ def test_bad_inputs(tmp_path):
     assert "--sweep must be auto, on or off" in one_line_error(
         run_cli("report", *paths, "--out", tmp_path / "r", "--sweep", "yes"))
     md, numbers = report(tmp_path, same_size, "--teacher", "b")  # named: the kept columns are against it
-    assert numbers["groups"][0]["kept_of_teacher"]["lambada.acc"] == pytest.approx(0.3 / 0.2)
+    assert [g["name"] for g in numbers["groups"]] == ["b", "a"]  # the teacher's row first
+    assert numbers["groups"][1]["kept_of_teacher"]["lambada.acc"] == pytest.approx(0.3 / 0.2)
+
 
 
 def test_fine_tuned_students_stay_apart_and_name_their_origin(tmp_path):
