@@ -175,7 +175,7 @@ COMPARED = (("heldout", "ppl"),) + PAPER_COMPLETION  # and QA exact match: disti
 
 def seed_of(run: dict[str, Any]) -> int | None:
     """The training seed: eval's training facts, else the `distill student` run's config.json beside the model
-    (stage two's metrics.json, which eval copies the facts from, does not record it)."""
+    (for models trained before stage two's metrics.json recorded it)."""
     t = run.get("training") or {}
     if "seed" in t:
         return t["seed"]
@@ -318,7 +318,7 @@ def _kept(value: float | None) -> str:
 
 def _seeds(g: Group) -> str:
     known = [s for s in g.seeds if s is not None]
-    return f"{len(g.runs)} ({', '.join(map(str, known))})" if len(g.runs) > 1 else (str(known[0]) if known else "–")
+    return f"{len(g.runs)} ({', '.join(map(str, known))})" if known else "–"  # one run: "1 (0)", never a bare seed
 
 
 def difference(a: Stat | None, b: Stat | None) -> dict[str, Any] | None:

@@ -210,3 +210,4 @@ def test_fine_tuned_students_stay_apart_and_name_their_origin(tmp_path):
     assert rows["student-kd-finetuned"][2] == "cross-entropy, from student-kd"
     assert rows["student-ce-finetuned"][2] == "cross-entropy, from student-ce"
     assert rows["student-ce"][2] == "cross-entropy"  # started from a config: nothing to name
+    assert rows["student-ce"][4] == "1 (0)" and rows["teacher"][4] == "–"  # n and the seed, not a bare seed
