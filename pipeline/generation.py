@@ -172,19 +172,16 @@ def greedy_under_rules(model, prompts: list[list[int]], rules: Rules, eos: int, 
 
 
 def qa_under_rules(scorer, rules: Rules, prompts: list[str], free_answers: list[str], items, shots: int,
-                   definition=None) -> dict:
+                   definition) -> dict:
     """``distill eval --rules``: one QA task's prompts answered greedily under ``rules`` (compiled with
-    the task's stop sequences, and cut at them as the free answers are: ``definition``, a
-    :class:`pipeline.tasks.QADefinition`, GPT-3's newline-cut one by default), against the free
-    answers. Returns, for ``shots``: ``rules_em_Kshot`` (exact match under the rules, by the
+    the task's stop sequences, and cut at them as the free answers are: ``definition``, its
+    :class:`pipeline.tasks.QADefinition`), against the free answers. Returns, for ``shots``: ``rules_em_Kshot`` (exact match under the rules, by the
     definition's normalisation), ``violating_Kshot`` and ``rules_violating_Kshot`` (share of answers
     breaking any rule, free and enforced), ``violating_Kshot_RULE`` (free, per rule) and
     ``rules_unsatisfiable_Kshot`` (answers the rules left no token for). Generation tasks only: a
     task scored by log-likelihood has no answer to constrain."""
-    from pipeline import tasks
     from pipeline.rules import violations
 
-    definition = definition or tasks.QA_DEFINITIONS["gpt3", "nq"]
     keep = max(1, scorer.max_length - rules.budget)
     decoded = greedy_under_rules(scorer.model, [scorer.encode(p)[-keep:] for p in prompts], rules, scorer.eos,
                                  scorer.batch_size)

@@ -157,23 +157,16 @@ def storycloze(path: str | Path) -> list[Choice]:
 
 def qa(path: str | Path, definition: "QADefinition | None" = None) -> list[QA]:
     """NQ-open (``question``, ``answer`` list), WebQuestions (``question``, ``answers`` list) or
-    TriviaQA (``question``, ``answer`` = {``value``, ``aliases``, ...}). With a ``definition``, the
-    gold answers are the ones it scores against (:attr:`QADefinition.golds`); without, every answer
-    string the row has (GPT-3 style)."""
+    TriviaQA (``question``, ``answer`` = {``value``, ``aliases``, ...}), with the gold answers the
+    ``definition`` scores against (:attr:`QADefinition.golds`; by default GPT-3's: every answer
+    string the row has)."""
+    definition = definition or QA_DEFINITIONS["gpt3", "nq"]
     path = Path(path)
     items = []
     for line, obj in jsonl(path):
         question = _field(obj, "question", str, path, line)
-        if definition is not None:
-            answers = definition.golds(obj, path, line)
-            question = question.strip() if definition.strip_question else question
-        else:
-            key = "answer" if "answer" in obj else "answers"
-            answers = _answer_strings(_field(obj, key, (list, dict, str), path, line))
-            if not answers:
-                raise TaskFileError(f"{path}:{line}: field {key!r} holds no answer strings")
-            question = question.strip()
-        items.append(QA(question, answers, obj))
+        answers = definition.golds(obj, path, line)
+        items.append(QA(question.strip() if definition.strip_question else question, answers, obj))
     return items
 
 
@@ -343,22 +336,6 @@ def prompted(path: str | Path, prompt_field: str = "prompt", response_field: str
             raise TaskFileError(f"{path}:{line}: an empty prompt or no answer; every record needs both")
         items.append(QA(prompt, answers, obj))
     return items
-
-
-def qa_prompt(item: QA, shots: list[QA]) -> str:
-    """GPT-3's open-domain QA prompt: solved examples, blank-line separated, then the question."""
-    return QA_DEFINITIONS["gpt3", "nq"].prompt(item.question, shots)
-
-
-def exact_match(prediction: str, answers: tuple[str, ...] | list[str]) -> bool:
-    """GPT-3 style: SQuAD-normalised prediction equals some normalised answer."""
-    pred = normalize_answer(prediction)
-    return any(pred == normalize_answer(a) for a in answers)
-
-
-def first_line(generated: str) -> str:
-    """The answer part of a generation: up to the first newline, stripped."""
-    return generated.split("\n", 1)[0].strip()
 
 
 # -- perplexity --------------------------------------------------------------------------------

@@ -28,11 +28,12 @@ def test_normalize_answer(text, normalized):
 
 
 def test_exact_match_against_any_alias():
+    gpt3 = tasks.qa_definition("gpt3", "triviaqa")
     aliases = tasks.qa(FIXTURES / "triviaqa.jsonl")[0].answers
-    assert tasks.exact_match("the Sunset Blvd.", aliases)
-    assert tasks.exact_match("SUNSET BOULEVARD", aliases)
-    assert not tasks.exact_match("Sunset", aliases)
-    assert tasks.first_line(" Paris\nQ: what is") == "Paris"
+    assert gpt3.exact_match("the Sunset Blvd.", aliases)
+    assert gpt3.exact_match("SUNSET BOULEVARD", aliases)
+    assert not gpt3.exact_match("Sunset", aliases)
+    assert gpt3.answer(" Paris\nQ: what is") == "Paris"
 
 
 def test_choice_metrics_acc_and_acc_norm_differ():
@@ -74,10 +75,11 @@ def test_qa_readers_take_every_format():
 def test_qa_prompt_and_shots():
     item = tasks.qa(FIXTURES / "nq_open.jsonl")[2]
     pool = tasks.qa(FIXTURES / "nq_open_train.jsonl")
-    assert tasks.qa_prompt(item, []) == "Q: how many episodes are in season 2 of the handmaid's tale\nA:"
+    gpt3 = tasks.qa_definition("gpt3", "nq")
+    assert gpt3.prompt(item.question) == "Q: how many episodes are in season 2 of the handmaid's tale\nA:"
     shots = draw_shots(pool, 1, 0, 2, item.question)
-    prompt = tasks.qa_prompt(item, shots)
-    assert prompt == f"Q: {shots[0].question}\nA: {shots[0].answers[0]}\n\n" + tasks.qa_prompt(item, [])
+    prompt = gpt3.prompt(item.question, shots)
+    assert prompt == f"Q: {shots[0].question}\nA: {shots[0].answers[0]}\n\n" + gpt3.prompt(item.question)
     assert draw_shots(pool, 2, 0, 2, item.question) == draw_shots(pool, 2, 0, 2, item.question)
     with pytest.raises(DistillError, match="3-shot prompts need 3 examples"):
         draw_shots(pool, 3, 0, 0, pool[0].question)  # the question itself is never its own example
