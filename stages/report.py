@@ -130,14 +130,28 @@ def markdown(runs: list[dict[str, Any]], cols, title: str, figures: list[str], s
     return "\n".join(lines)
 
 
-def bar_chart(runs, cols, title: str, ylabel: str, path: Path, percent: bool) -> None:
-    import io
-
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (imported here: eval and the other stages never need it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` atomically, then free it."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def bar_chart(runs, cols, title: str, ylabel: str, path: Path, percent: bool) -> None:
+    plt = pyplot()
     groups = [c for c in cols if any(c[1] in r["tasks"].get(c[0], {}) for r in runs)]
     width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 1.5), 3.6), dpi=120)
@@ -158,10 +172,7 @@ def bar_chart(runs, cols, title: str, ylabel: str, path: Path, percent: bool) ->
     ax.legend(fontsize=7, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,13 +407,7 @@ def sweep_series(groups: list[Group], axis: str) -> list[Group]:
 def sweep_figure(series: list[Group], axis: str, cols, ce: Group | None, teacher: Group | None, path: Path) -> None:
     """One panel per metric: the metric (mean, seed sd as error bars) against T or α, the CE-only student and
     the teacher as horizontal lines; perplexity axes logarithmic."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [c for c in cols if any(g.stat(c[0], c[1]) for g in series)]
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
@@ -435,10 +440,7 @@ def sweep_figure(series: list[Group], axis: str, cols, ce: Group | None, teacher
     fig.suptitle(f"Students against {symbol} ({'α' if fixed == 'alpha' else 'T'} = {series[0].training.get(fixed, 1.0):g}; "
                  f"mean ± sd over up to {n} seed(s))", fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(fig, path)
 
 
 def paper_sections(groups: list[Group], teacher: Group | None, teacher_note: str, cols, sweeps) -> tuple[list[str], dict]:
