@@ -327,7 +327,7 @@ def setup(config: TrainConfig) -> Run | None:
     holds this run finished (nothing is written then)."""
     rank, world, local_rank = distributed()
     out = Path(config.out)
-    resume_from = _claim_out(config, out)
+    resume_from = _claim_out(config, out, rank)
     train_store = open_store(config.train_store)
     teacher_source, alpha = _teacher_source(config, train_store)
     tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
@@ -390,14 +390,15 @@ def setup(config: TrainConfig) -> Run | None:
                saved_step=start_step if in_out else None)
 
 
-def _claim_out(config: TrainConfig, out: Path) -> Path | None:
+def _claim_out(config: TrainConfig, out: Path, rank: int = 0) -> Path | None:
     """The checkpoint to resume from; refuse to mix two runs in OUT. With ``--overwrite`` there is
     none: OUT is removed at the end of setup, once every check has passed, so a run refused for a
     bad input leaves the earlier one intact."""
     if config.overwrite:
         return None
     ckpt_dir = out / "checkpoints"
-    resume_from = checkpoint.resolve(ckpt_dir, config.resume)
+    # every rank checks the checkpoint it will load; rank 0 says which it passed over
+    resume_from = checkpoint.resolve(ckpt_dir, config.resume, **({} if rank == 0 else {"say": lambda line: None}))
     if resume_from is None and (ckpt_dir.exists() or (out / "metrics.jsonl").exists()) and config.resume != "auto":
         raise DistillError(f"{out} already holds a run; pass --resume auto to continue it or --overwrite to start over")
     return resume_from
@@ -465,7 +466,7 @@ def _optimizer(model, config: TrainConfig, device: torch.device):
 def _resume(resume_from: Path, config: TrainConfig, alpha: float, world: int, model, optimizer, scheduler,
             device: torch.device) -> tuple[int, int, int, int]:
     """Load a checkpoint into model, optimizer, scheduler and RNG; returns (epoch, offset, step, tokens seen)."""
-    state, saved_config = checkpoint.load(resume_from)
+    state, saved_config = checkpoint.load(resume_from, verified=True)  # resolve() checked its manifest
     resolved = to_dict(config) | {"alpha": alpha}
     saved = ADDED_SINCE | saved_config["config"]  # an option newer than the checkpoint had its default then
     changed = [k for k in RESUME_FIXED if saved.get(k) != resolved.get(k)]

@@ -9,7 +9,9 @@ step logs, the instant a checkpoint's temp directory appears (mid-write), a rand
 final evaluation, the instant the final model's temp directory appears. While runs go, a watcher
 checks that every directory under a final checkpoint (or model) name is complete; after each kill
 every checkpoint loads; each chain ends with the uninterrupted run's weights, metrics and log, and
-nothing left over.
+nothing left over. A damaged newest checkpoint (a flipped byte, a truncated file; issue #21) is
+passed over for the one before it, with one line, and the run still ends bit for bit as an
+uninterrupted one.
 """
 
 import json
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import checkpoint
-from tests.conftest import spawn
+from tests.conftest import kill_when, one_line_error, run_cli, spawn, tree_digest
 
 pytestmark = pytest.mark.faults
 
@@ -78,8 +80,8 @@ class Watcher(threading.Thread):
         while not self.stop.is_set():
             dirs = [*(self.out / "checkpoints").glob("step-*"), self.out / "model"]
             for path in dirs:
-                needed = ("state.pt", "config.json") if path.name.startswith("step-") else ("model.safetensors",
-                                                                                             "config.json")
+                needed = ("state.pt", "config.json", checkpoint.MANIFEST) if path.name.startswith("step-") else (
+                    "model.safetensors", "config.json")
                 missing = [n for n in needed if not (path / n).is_file()]
                 if missing and path.is_dir():  # still there under its name (not renamed aside meanwhile)
                     self.violations.append(f"{path.name} without {', '.join(missing)}")
@@ -158,8 +160,10 @@ def phase(out: Path, pid: int, stale_inode) -> str:
 
 
 def check_after_kill(out: Path):
-    """Every checkpoint under its final name loads and is the step it is named for; the log parses."""
+    """Every checkpoint under its final name matches its manifest, loads and is the step it is named
+    for; the log parses."""
     for path in (out / "checkpoints").glob("step-*"):
+        assert checkpoint.problem(path) is None, path
         try:
             state, _ = checkpoint.load(path)
         except Exception as e:
@@ -267,8 +271,96 @@ def test_a_kill_while_a_checkpoint_is_deleted_leaves_none_half_deleted(tmp_path,
         checkpoint.save(root, step, state, {"n": 3})
     monkeypatch.undo()
     for path in root.glob("step-*"):
-        assert sorted(p.name for p in path.iterdir()) == ["config.json", "state.pt"], path
+        assert sorted(p.name for p in path.iterdir()) == ["config.json", "manifest.json", "state.pt"], path
         checkpoint.load(path)
     assert checkpoint.complete(root)[-1].name == ckpt_name(step)
     checkpoint.save(root, 4, state, {"n": 4})
     assert sorted(p.name for p in root.iterdir()) == [ckpt_name(step), ckpt_name(4)]
+
+
+# ---------------------------------------------------------------------- damaged checkpoints
+
+
+def largest_tensor_bytes(state_pt: Path) -> tuple[int, int]:
+    """(offset, length) in ``state.pt`` of the largest tensor's bytes. torch.save writes an
+    uncompressed zip, one record per storage; the student's largest are its embedding and that
+    matrix's two AdamW moments."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(state_pt) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    header = state_pt.read_bytes()[record.header_offset:record.header_offset + 30]
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return record.header_offset + 30 + name_length + extra_length, record.file_size
+
+
+def damage(path: Path, how: str, rng: random.Random) -> str:
+    """Damage the checkpoint at ``path`` as ``how`` says; the problem :func:`checkpoint.problem` names."""
+    import torch
+
+    state_pt = path / "state.pt"
+    data = bytearray(state_pt.read_bytes())
+    if how == "flipped byte":  # in a tensor's data: torch.load takes it without complaint
+        start, length = largest_tensor_bytes(state_pt)
+        data[start + rng.randrange(length)] ^= 1 << rng.randrange(8)
+        state_pt.write_bytes(bytes(data))
+        torch.load(state_pt, weights_only=True)  # only the manifest can tell
+        return f"state.pt does not match its sha256 in {checkpoint.MANIFEST} (the bytes changed since it was written)"
+    if how == "truncated":  # as a file cut short by a full disk, outside the rename that guards it
+        state_pt.write_bytes(bytes(data[:len(data) // 2]))
+        return f"state.pt is {len(data) // 2} bytes, its manifest says {len(data)} (truncated or overwritten)"
+    raise ValueError(how)
+
+
+def killed_after_checkpoints(root: Path, ref: dict, out: Path) -> tuple[Path, Path]:
+    """A run SIGKILLed once its step-6 checkpoint is written: the newest checkpoint and the one before."""
+    process = spawn(student_args(root, ref["model"], out))
+    kill_when(process, (out / "checkpoints" / ckpt_name(6)).exists)
+    previous, newest = checkpoint.complete(out / "checkpoints")[-2:]
+    return previous, newest
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated"])
+def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_ends_as_uninterrupted(student_stores, reference,
+                                                                                       how):
+    """The newest checkpoint of a killed run is damaged: ``--resume PATH`` to it is refused in one line,
+    changing nothing; ``--resume auto`` says in one line which checkpoint it passes over and why,
+    resumes from the one before, and ends with the uninterrupted run's weights, metrics and log."""
+    out = student_stores / f"damaged-{how.replace(' ', '-')}"
+    previous, newest = killed_after_checkpoints(student_stores, reference, out)
+    why = damage(newest, how, random.Random(how))
+    assert checkpoint.problem(newest) == why and checkpoint.problem(previous) is None
+
+    before = tree_digest(out)
+    explicit = [str(a) for a in student_args(student_stores, reference["model"], out)[:-1]] + [str(newest)]
+    line = one_line_error(run_cli(*explicit))
+    assert line == (f"error: --resume {newest}: the checkpoint is damaged ({why}); pass an earlier step-NNNNNNNN "
+                    "directory, or --resume auto to take the newest intact one")
+    assert tree_digest(out) == before
+
+    process = spawn(student_args(student_stores, reference["model"], out))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    warnings = [line for line in output.splitlines() if "checkpoint" in line and "warning" in line]
+    assert warnings == [f"warning: skipping damaged checkpoint {newest} ({why}); resuming from {previous.name} "
+                        "instead"], output
+    assert f"resumed from {previous} at step {int(previous.name[5:])}" in output
+    check_end(out, reference["out"])
+
+
+def test_a_checkpoint_from_before_manifests_loads_with_one_warning(student_stores, reference):
+    """A checkpoint without ``manifest.json`` (written before checkpoints carried checksums) is resumed
+    from, unchecked, with one line saying so; the run ends as an uninterrupted one."""
+    out = student_stores / "no-manifest"
+    previous, newest = killed_after_checkpoints(student_stores, reference, out)
+    for path in (previous, newest):
+        (path / checkpoint.MANIFEST).unlink()
+    process = spawn(student_args(student_stores, reference["model"], out))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    warnings = [line for line in output.splitlines() if "checkpoint" in line and "warning" in line]
+    assert warnings == [f"warning: checkpoint {newest} has no manifest.json (written before checkpoints carried "
+                        "checksums): loading it unchecked"], output
+    assert f"resumed from {newest} at step {int(newest.name[5:])}" in output
+    check_end(out, reference["out"])
