@@ -13,6 +13,16 @@ The handler is installed explicitly, whatever the process inherited: a worker th
 started after ``trap "" USR1`` (so that torchrun itself ignores the warning) starts with SIGUSR1
 ignored and must still take it. The previous handlers come back when the run ends, so a run inside a
 longer-lived process (the tests) leaves that process as it found it.
+
+From the first instruction: importing torch and transformers and loading a model take seconds to
+minutes, and a signal then, with its default action, would end the process — a lost job instead of a
+requeued one. So the CLI's entry points (the ``distill`` script, ``python -m stages.cli``) call
+:func:`catch_early` before importing anything heavy. Its handler, like :class:`Preemption`'s, only
+records. There is still one mechanism: a stage that takes the signals (:func:`takes_signals`; stage
+one and stage two) gets what was recorded when its :class:`Preemption` is entered and honours it at
+its first safe point (stage two: right after setup, writing ``preempted.json``); for any other stage
+:func:`start_stage` puts the process's own handlers back as it starts, and a signal recorded before
+then ends the process with :data:`EXIT_PREEMPTED` before the stage has written anything.
 """
 
 from __future__ import annotations
@@ -25,6 +35,58 @@ from typing import Iterable, Sequence
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, try again later
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+_before_early: dict[int, object] | None = None  # the handlers catch_early() replaced, until a stage takes over
+_early_received: set[int] = set()
+
+
+def _record_early(signum, frame) -> None:
+    _early_received.add(signum)
+
+
+def catch_early() -> None:
+    """Record :data:`SIGNALS` from now on instead of dying of them (the CLI's first instruction)."""
+    global _before_early
+    if _before_early is not None or threading.current_thread() is not threading.main_thread():
+        return
+    before = {}
+    for sig in SIGNALS:
+        previous = signal.getsignal(sig)
+        signal.signal(sig, _record_early)  # a USR1 ignored under `trap "" USR1` is taken too, as Preemption does
+        before[sig] = signal.SIG_DFL if previous is None else previous
+    _before_early = before
+
+
+def _take_early() -> tuple[set[int], dict[int, object]]:
+    """(signals recorded since :func:`catch_early`, the handlers it replaced); the early part ends."""
+    global _before_early
+    before, _before_early = _before_early or {}, None
+    received = set(_early_received)
+    _early_received.clear()
+    return received, before
+
+
+def takes_signals(run):
+    """Mark a stage function that handles :data:`SIGNALS` itself (it runs inside a :class:`Preemption`)."""
+    run.takes_preemption_signals = True
+    return run
+
+
+def start_stage(run, name: str) -> None:
+    """The CLI, as it starts the stage function ``run`` (command ``name``). A stage that takes the
+    signals finds any that came early when its :class:`Preemption` begins. For any other, the
+    handlers from before :func:`catch_early` come back, and a signal that came early (and that they
+    would not have ignored) ends the process now with :data:`EXIT_PREEMPTED`: the stage has not
+    begun, so nothing is written."""
+    if _before_early is None or getattr(run, "takes_preemption_signals", False):
+        return
+    for sig, handler in _before_early.items():  # first: a signal from here on meets the process's own handler
+        signal.signal(sig, handler)
+    received, before = _take_early()
+    pending = [sig for sig in SIGNALS if sig in received and before.get(sig) is not signal.SIG_IGN]
+    if pending:
+        leave(f"distill: preempted by {signal.Signals(pending[0]).name} before {name} began; nothing was written; "
+              "rerun the same command")
 
 
 class Preemption:
@@ -49,6 +111,11 @@ class Preemption:
                 previous = signal.getsignal(sig)  # SIG_IGN under `trap "" USR1`: replaced all the same
                 signal.signal(sig, self._handle)
                 self._previous[sig] = signal.SIG_DFL if previous is None else previous  # None: set outside Python
+            # after ours is in place, so none falls between: what came since the process started, and
+            # the handlers from before catch_early() to put back at the end
+            received, before = _take_early()
+            self.received |= received & set(self.signals)
+            self._previous |= {sig: handler for sig, handler in before.items() if sig in self._previous}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,6 +7,11 @@ override the file. Errors a user can fix print as one line and exit with status 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m stages.cli: before torch is imported (pipeline/preempt.py, catch_early)
+    from pipeline.preempt import catch_early
+
+    catch_early()
+
 import contextlib
 import dataclasses
 import importlib
@@ -23,6 +28,7 @@ from typer.core import TyperGroup
 from pipeline.config import field_types, flag, load_config, split_list
 from pipeline.errors import DistillError
 from pipeline.io import disk_full, disk_full_message
+from pipeline.preempt import start_stage
 
 # click's exceptions, from the click typer runs on (newer typers vendor their own copy)
 click_errors = importlib.import_module(typer.BadParameter.__module__)
@@ -113,6 +119,7 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
     def command(config_file: Optional[Path] = None, **flags: Any) -> None:
         overrides = {k: split_list(v) if isinstance(v, list) else v
                      for k, v in flags.items() if v is not None and v != []}
+        start_stage(run, name)  # a pre-emption signal that came while distill was starting (preempt.py)
         try:
             run(load_config(config_cls, config_file, **overrides))
         except DistillError as e:

@@ -304,6 +304,7 @@ def disk_full_resumes(path: Path | str):
                                        "the newest complete checkpoint")
 
 
+@preempt.takes_signals
 def train(config: TrainConfig) -> Path:
     # SIGUSR1 / SIGTERM from here on stop the run at a whole step; a full disk is one line
     with preempt.Preemption() as preemption, disk_full_resumes(config.out):  # disk: the metrics log, config.json, …

@@ -218,6 +218,7 @@ class TeacherJob:
         store_lib.write_partial_index(path, self.params, self.config.backend, self.arrays, list(self.done.values()))
 
 
+@preempt.takes_signals
 def run_teacher(config: TeacherConfig) -> TeacherRun:
     with preempt.Preemption() as preemption:  # SIGUSR1 / SIGTERM: stop after (or instead of) the current shard
         job = setup(config)

@@ -4,7 +4,8 @@ Stage two: SIGUSR1 or SIGTERM, to any one rank, stops every rank after the same 
 checkpoint there, ``OUT/preempted.json`` and exit status 75; ``--resume auto`` then ends with the
 same weights, bit for bit, and the same metrics log as a run never stopped. Stage one: the job
 finishes (or abandons) the shard in hand, records what it wrote, exits 75, and the rerun completes
-the same store.
+the same store. From the first instruction: a signal while distill is still importing torch is not
+lost — the run exits 75 with preempted.json, or, for a stage that had not begun, having written nothing.
 """
 
 import json
@@ -13,6 +14,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 
 from pipeline.preempt import EXIT_PREEMPTED
 from pipeline.store import READERS, JobLock, content_hash, open_store
-from tests.conftest import TOKENIZER, make_teacher, run_cli, spawn, write_corpus, write_tiny_model_config
+from tests.conftest import ROOT, TOKENIZER, make_teacher, run_cli, spawn, write_corpus, write_tiny_model_config
 
 STEPS = 24
 
@@ -310,6 +312,98 @@ def test_every_process_signalled_as_slurm_does(data, reference2, sig):
     step = stopped_at(out, output, sig, torchrun=True)
     resumed(student_args(data, out), out, step, torchrun=True, shell='trap "" USR1; exec')
     assert_same_run(out, reference2)
+
+
+# ---------------------------------------------------------------------- from the first instruction
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``sig`` (/proc/PID/status, SigCgt)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return bool(int(re.search(r"SigCgt:\s*(\w+)", status).group(1), 16) & (1 << (sig - 1)))
+
+
+def torch_loaded(pid: int) -> bool:
+    """Whether torch's shared library is mapped into process ``pid``: its import has begun."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def signalled_while_starting(launcher: str, args, sig: signal.Signals) -> tuple[int, str]:
+    """Start ``distill ARGS`` (the console script, or ``python -m stages.cli``) and send ``sig`` 50 ms
+    after, or as soon after as it has a handler for it: polled, so a loaded machine that starts Python
+    slowly does not make the signal come before any distill code has run. It must come before torch
+    is imported (a handler installed only when the run begins would fail here). (status, output)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).with_name("distill"))] if launcher == "distill" else \
+        [sys.executable, "-m", "stages.cli"]
+    process = subprocess.Popen(command + [str(a) for a in args], env=env, cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.05)
+    deadline = time.time() + 60
+    while not catches(process.pid, sig):
+        assert process.poll() is None and time.time() < deadline, "distill never caught the signal"
+        time.sleep(0.001)
+    assert not torch_loaded(process.pid), "distill caught the signal only once torch was being imported"
+    process.send_signal(sig)
+    output = finished(process)
+    return process.returncode, output
+
+
+@pytest.mark.parametrize("launcher,sig", [("distill", signal.SIGUSR1), ("python -m stages.cli", signal.SIGTERM)])
+def test_a_signal_while_stage_two_imports_torch_is_a_requeue(data, launcher, sig):
+    """Stage two signalled while it imports: the early handler records the signal, the run takes it
+    over and stops at its first safe point (after setup, before step 1): exit 75, preempted.json at
+    step 0, no checkpoint, one line. The requeued run then starts and finishes."""
+    out = data / f"early-{sig.name}"
+    status, output = signalled_while_starting(launcher, student_args(data, out, 3), sig)
+    assert status == EXIT_PREEMPTED, output
+    marker = json.loads((out / "preempted.json").read_text())
+    assert marker["step"] == 0 and marker["signal"] == sig.name and marker["checkpoint"] is None
+    assert not (out / "checkpoints").exists() and not (out / "model").exists()
+    lines = [line for line in output.splitlines() if "distill: " in line]
+    assert lines == [f"distill: preempted by {sig.name} at step 0; no step had run, so no checkpoint; rerun with "
+                     "--resume auto to start"], output
+    assert "Traceback" not in output and "error:" not in output
+    ran(student_args(data, out, 3))
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "preempted.json").exists()
+
+
+def test_the_early_handler_hands_over_to_the_run_and_then_to_what_was_there():
+    """In-process: a signal recorded by catch_early() is the run's once its Preemption begins; when the
+    run ends, the handlers from before catch_early() are back (not the early one, which would swallow
+    a later signal); for a stage without its own handling, start_stage() puts them back at once."""
+    from pipeline import preempt
+
+    before = {sig: signal.getsignal(sig) for sig in preempt.SIGNALS}
+    try:
+        preempt.catch_early()
+        assert all(signal.getsignal(sig) is not before[sig] for sig in preempt.SIGNALS)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with preempt.Preemption() as preemption:
+            assert preemption.agreed() == "SIGUSR1"
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+
+        preempt.catch_early()
+        preempt.start_stage(lambda config: None, "report")  # nothing came: the stage runs, as before
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+        with preempt.Preemption() as preemption:  # a later run finds nothing left over
+            assert preemption.agreed() is None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_a_signal_before_a_stage_without_its_own_handler_begins_writes_nothing(data, tmp_path):
+    """``distill generate`` (which has no pre-emption handling of its own) signalled while it imports:
+    it exits 75 before it begins, with one line, and its --out does not exist."""
+    out = tmp_path / "generated"
+    status, output = signalled_while_starting(
+        "distill", ["generate", "--unconditional", "2", "--teacher", data / "teacher", "--tokenizer", TOKENIZER,
+                    "--max-new-tokens", "4", "--out", out], signal.SIGTERM)
+    assert status == EXIT_PREEMPTED, output
+    assert [line for line in output.splitlines() if line.strip()] == [
+        "distill: preempted by SIGTERM before generate began; nothing was written; rerun the same command"], output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- stage one
