@@ -40,6 +40,7 @@ from pipeline.io import atomic_write_text
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device
 from pipeline.rules import Rules, load_rules
 from pipeline.tokenizer import load_tokenizer
+from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 
 COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
 QA_TASKS = ("nq", "webq", "triviaqa", "custom")
@@ -88,6 +89,7 @@ class EvalConfig:
     seed: int = option(1234, "Seed for drawing few-shot examples (lm-eval's default fewshot_random_seed).")
     log_samples: bool = option(False, "Also write every item's prediction and score to OUT's .samples.jsonl.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int = option(0, THREADS_HELP)
     dtype: str = option("float32", "Weights and activations: float32, bfloat16 or float16.")
     trust_remote_code: bool = option(False, "Allow the model directory's own code to run.")
 
@@ -126,7 +128,7 @@ class EvalConfig:
         for name in ("limit", "max_length", "max_new_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        problems += device_problems(self.device)
+        problems += device_problems(self.device) + threads_problems(self.threads)
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(problems, "eval")
@@ -477,6 +479,7 @@ def training_facts(model_dir: Path) -> dict[str, Any]:
 
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
+    threads = set_threads(config.threads)  # before anything runs torch: see pipeline/threads.py
     model_dir = Path(config.model)
     if not has_weights(model_dir):
         raise DistillError(f"model {model_dir} is not a local Hugging Face directory with weights; check the path")
@@ -520,6 +523,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     report = {"name": name, "model": str(model_dir), "parameters": count_parameters(model),
               "training": training_facts(model_dir), "tasks": results, "seconds": time.time() - started,
               "config": to_dict(config)}
+    report |= threads  # the number torch used, and where it came from
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
     if config.log_samples:

@@ -44,6 +44,7 @@ from pipeline.models import DTYPES, device_problems, has_weights, hf_config, loa
 from pipeline.rules import Rules, load_rules, violations
 from pipeline.store import JobLock, param_differences
 from pipeline.tokenizer import load_tokenizer, vocab_size
+from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 from stages.teacher import weights_sha256
 
 FORMAT = 1
@@ -79,6 +80,7 @@ class GenerateConfig:
     shard_index: int = option(0, "This job's index among --num-shards jobs (a SLURM array task id).")
     num_shards: int = option(1, "Number of independent jobs: job j writes records i with i % n == j.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int = option(0, THREADS_HELP)
     dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16.")
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Replace an output directory written with other parameters (single job only).")
@@ -111,7 +113,7 @@ class GenerateConfig:
                 problems.append(f"{name} must be at least 1")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be {', '.join(DTYPES)}, got {self.dtype!r}")
-        problems += device_problems(self.device)
+        problems += device_problems(self.device) + threads_problems(self.threads)
         problems += array_job_problems(self.shard_index, self.num_shards, self.overwrite, "output")
         check(problems, "generate")
 
@@ -178,6 +180,7 @@ def generate(config: GenerateConfig) -> Path:
 
 def setup(config: GenerateConfig) -> GenerateJob | None:
     """Check every input before anything is written; None when the output is already complete."""
+    threads = set_threads(config.threads)  # before anything runs torch: see pipeline/threads.py
     prompts = read_prompts(config) if config.prompts else [""] * config.unconditional
     teacher_dir = Path(config.teacher)
     if not has_weights(teacher_dir):
@@ -238,7 +241,7 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
     todo = [k for k in range(n_parts) if names[k] not in done]
     lock.remove_stale_temps([*names, progress_file.name])
     save_resolved(config, out / f"config.job-{config.shard_index:05d}-of-{config.num_shards:05d}.json",
-                  {"params": params, "parts_planned": n_parts, "records_planned": n_records})
+                  {"params": params, "parts_planned": n_parts, "records_planned": n_records, **threads})
     return GenerateJob(config, out, prompts, prompt_ids, params, CausalLM(model, vocab), tokenizer, rules, budget,
                        todo, done, lock)
 

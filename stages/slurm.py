@@ -20,6 +20,11 @@ signal reaches every process of the job step; stage one finishes its shard, stag
 checkpoint, and both exit with status 75 (stage two also writes ``OUT/preempted.json``, since
 torchrun does not pass its workers' status on). The script then requeues the job, which resumes.
 torchrun itself is started with USR1 ignored (inherited over ``exec``), so only the workers act on it.
+
+CPUs: each job asks for ``--cpus-per-task`` (``cpus``), and its ``srun`` lines ask for it again (since
+SLURM 22.05 a step no longer inherits it from the allocation and would get one CPU per task). Each
+stage sets torch's threads from ``SLURM_CPUS_PER_TASK`` (``pipeline/threads.py``; stage two's
+torchrun processes share the task's CPUs), unless the stage's config sets ``threads``.
 """
 
 from __future__ import annotations
@@ -242,7 +247,7 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
                      f"of {plan.teacher.out}.", res["teacher"], logs / "teacher-%A_%a.out", array=f"0-{n - 1}")
     teacher += prologue(plan) + [
         "status=0",
-        f'srun --ntasks=1 distill teacher --config {q(conf / "teacher.yaml")} '
+        f'srun --ntasks=1 --cpus-per-task={res["teacher"]["cpus"]} distill teacher --config {q(conf / "teacher.yaml")} '
         f'--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards {n} || status=$?',
         *requeue_on(f'[ "$status" -eq {PREEMPTED} ]', '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'),
         'exit "$status"']
@@ -267,7 +272,7 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
         f"rm -f {q(preempted)}  # written again only if this run is pre-empted",
         "status=0",
         "# torchrun ignores USR1 (set before exec, inherited), so the signal reaches only the trainers",
-        f"srun --ntasks-per-node=1 bash -c {shlex.quote(IGNORE_USR1 + launch)} || status=$?",
+        f"srun --ntasks-per-node=1 --cpus-per-task={s['cpus']} bash -c {shlex.quote(IGNORE_USR1 + launch)} || status=$?",
         *requeue_on(f"[ -f {q(preempted)} ]", '"$SLURM_JOB_ID"'),
         'exit "$status"']
     evals = header("eval", "Evaluate every model, then compare them in a report.", res["eval"], logs / "eval-%j.out")

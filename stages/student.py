@@ -57,6 +57,7 @@ from pipeline.metrics import MetricsLog
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.store import Store, open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal, stored_teacher
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
@@ -108,6 +109,7 @@ class TrainConfig:
     shuffle_chunks: int = option(16, "Store chunks whose rows are shuffled together: each batch mixes rows from up "
                                  "to this many places in the corpus (memory: about two such blocks).")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' (under torchrun: cuda:LOCAL_RANK).")
+    threads: int = option(0, THREADS_HELP)
     dtype: str = option("float32", "Autocast dtype on CUDA: float32 or bfloat16 (weights stay float32).")
     fsdp: bool = option(False, "Shard the student with FSDP (under torchrun) instead of replicating it (DDP).")
     save_dtype: str = option("float32", "dtype of the saved final model: float32, bfloat16 or float16.")
@@ -141,7 +143,7 @@ class TrainConfig:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        problems += device_problems(self.device)
+        problems += device_problems(self.device) + threads_problems(self.threads)
         if self.save_dtype not in DTYPES:
             problems.append(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         check(problems, "student")
@@ -326,6 +328,7 @@ def setup(config: TrainConfig) -> Run | None:
     """Stores, tokenizer, teacher signal, student, its wrapper, optimizer, scheduler, loader and the
     resume position: every check that can fail runs here, before the first step. None when OUT
     holds this run finished (nothing is written then)."""
+    threads = set_threads(config.threads)  # before anything runs torch: see pipeline/threads.py
     rank, world, local_rank = distributed()
     out = Path(config.out)
     resume_from = _claim_out(config, out, rank)
@@ -376,7 +379,7 @@ def setup(config: TrainConfig) -> Run | None:
     facts = {"parameters": count_parameters(model), "device": str(device), "world_size": world,
              "tokenizer_hash": tok_hash, "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"],
              "teacher_source": teacher_source, "alpha": alpha, "loss_chunk": loss_chunk,
-             "train_store_params": train_store.params}
+             "train_store_params": train_store.params, **threads}
     metrics = None
     if rank == 0:
         if config.overwrite and out.exists():

@@ -44,6 +44,7 @@ from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check
                              device_map_problems, device_problems, execution_device, has_weights, hf_config, load_model,
                              max_positions, parse_max_memory, placement, read_device_map, resolve_device)
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
 from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
 
@@ -82,6 +83,7 @@ class TeacherConfig:
     shard_index: int = option(0, "This job's index among --num-shards jobs (a SLURM array task id).")
     num_shards: int = option(1, "Number of independent jobs filling the store.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int = option(0, THREADS_HELP)
     device_map: str | dict = option("", "Spread a teacher larger than one GPU over several (accelerate): 'auto' "
                                     "fills the visible GPUs in order (also balanced, balanced_low_0, sequential), or "
                                     "a JSON/YAML file or inline JSON mapping module name → GPU index, cpu or disk. "
@@ -113,7 +115,7 @@ class TeacherConfig:
             problems.append(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        problems += device_problems(self.device)
+        problems += device_problems(self.device) + threads_problems(self.threads)
         problems += placement_problems(self)
         if self.on_preempt not in ON_PREEMPT:
             problems.append(f"on_preempt must be one of {', '.join(ON_PREEMPT)}, got {self.on_preempt!r}")
@@ -251,6 +253,7 @@ def run_teacher(config: TeacherConfig) -> TeacherRun:
 
 def setup(config: TeacherConfig) -> TeacherJob | None:
     """Check the inputs, settle what lies in OUT already, load the teacher; None when nothing is left to do."""
+    threads = set_threads(config.threads)  # before anything runs torch: see pipeline/threads.py
     tokens = store_lib.open_store(config.tokens_store, kind="tokens")
     tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"])
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
@@ -311,7 +314,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
             if store_lib.shard_name(j, config.backend) not in done]
     lock.remove_stale_temps([*owned, part_path.name, f"config.part-{config.shard_index:05d}.json"])
     arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"], vocab)
-    facts = {"params": params, "shards_planned": n_total}
+    facts = {"params": params, "shards_planned": n_total, **threads}
     if device_map is not None:  # where each module went: a fact of this run, not a param (the store is the same)
         facts["placement"] = where = placement(model)
         counts = {d: list(where.values()).count(d) for d in dict.fromkeys(where.values())}

@@ -36,6 +36,9 @@ def test_the_demo_config_writes_four_scripts_that_bash_parses(tmp_path):
     student = (out / "3-student.sbatch").read_text()
     assert "--standalone --nnodes=1 --nproc_per_node=4" in student and "#SBATCH --gres=gpu:4" in student
     assert "trap \"\" USR1; exec python -m torch.distributed.run" in student
+    # a step asks for the job's CPUs again (SLURM >= 22.05 does not pass them on); torch's threads follow them
+    assert "#SBATCH --cpus-per-task=8" in teacher and "srun --ntasks=1 --cpus-per-task=8 distill teacher" in teacher
+    assert "#SBATCH --cpus-per-task=8" in student and "srun --ntasks-per-node=1 --cpus-per-task=8 bash -c" in student
     evals = (out / "4-eval.sbatch").read_text()
     assert evals.count("distill eval --config") == 2 and "distill report --config" in evals
     for name in ("1-teacher.sbatch", "2-merge.sbatch", "3-student.sbatch", "4-eval.sbatch"):

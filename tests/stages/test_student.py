@@ -198,3 +198,21 @@ def test_a_granite_student_reports_the_loss_plain_transformers_gives(stores, tin
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()  # mean over every next-token target
     assert reported == pytest.approx(loss, rel=1e-4)
+
+
+def test_threads_come_from_the_flag_else_slurm_and_are_recorded(stores, tiny_model_config, monkeypatch):
+    """torch's intra-op threads: SLURM_CPUS_PER_TASK over OMP_NUM_THREADS, --threads over both; the
+    number torch ran with, and where it came from, are in the run's resolved config."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    try:
+        for out, extra, want in (("slurm", (), {"threads": 2, "threads_from": "SLURM_CPUS_PER_TASK"}),
+                                 ("flag", ("--threads", "1"), {"threads": 1, "threads_from": "--threads"})):
+            result = run_cli(*train_args(stores, tiny_model_config, stores / out, 1, *extra))
+            assert result.exit_code == 0, result.output
+            resolved = json.loads((stores / out / "config.json").read_text())
+            assert {k: resolved[k] for k in want} == want
+            assert torch.get_num_threads() == want["threads"]
+    finally:
+        torch.set_num_threads(before)
