@@ -58,11 +58,13 @@ def save(root: Path, step: int, state: dict[str, Any], config: dict[str, Any], k
 
 
 def complete(root: Path) -> list[Path]:
-    """Checkpoints under ``root`` by name (renamed into place whole), oldest first. Their bytes are
-    not checked here: :func:`problem` does that."""
+    """Checkpoints under ``root`` by name (renamed into place whole, so holding a state or at least
+    the manifest that lists one), oldest first. Their bytes are not checked here: :func:`problem`
+    does that."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and PATTERN.match(p.name) and (p / "state.pt").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and PATTERN.match(p.name)
+             and ((p / "state.pt").is_file() or (p / MANIFEST).is_file())]
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
 
 
