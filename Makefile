@@ -31,6 +31,8 @@ TEMPERATURE ?= 1
 GRID        ?= --temperature-grid 1 --temperature-grid 2
 MAX_ROWS    ?= 0
 STUDENT_MODEL ?= data/models/student.json
+# the held-out store stage two evaluates on while training (empty: none; `distill eval` scores the model after)
+STUDENT_EVAL ?= $(EVAL_TOKENS)
 STUDENT_OUT ?= $(RUN)/student-kd
 CE_OUT      ?= $(RUN)/student-ce
 ALPHA       ?= 0.5
@@ -128,13 +130,13 @@ teacher: setup
 
 # ---- stage two: student from the store (no teacher in memory) ----
 student: setup
-	$(DISTILL) student --train-store $(STORE) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
+	$(DISTILL) student --train-store $(STORE) $(if $(STUDENT_EVAL),--eval-store $(STUDENT_EVAL)) --model $(STUDENT_MODEL) \
 		--alpha $(ALPHA) --temperature $(TEMPERATURE) --tail $(TAIL) --out $(STUDENT_OUT) --max-steps $(STEPS) \
 		--resume auto $(TRAIN_ARGS)
 
 # the same-size student without a teacher (alpha = 1), on the same rows
 student-ce: setup
-	$(DISTILL) student --train-store $(STORE) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
+	$(DISTILL) student --train-store $(STORE) $(if $(STUDENT_EVAL),--eval-store $(STUDENT_EVAL)) --model $(STUDENT_MODEL) \
 		--alpha 1 --out $(CE_OUT) --max-steps $(STEPS) --resume auto $(TRAIN_ARGS)
 
 # ---- task fine-tuning: prompt/response JSONL (TASK_FORMAT=chat: message lists) -> a tokens store with a
@@ -239,32 +241,44 @@ sweep: setup
 		--eval-args "$(EVAL_ARGS)" --report-args "$(REPORT_ARGS)"
 
 # The whole pipeline on the embedded default, on CPU in a few minutes: stage one over the first
-# DEMO_ROWS rows of the train split, distilled students at T = 1 and T = 2 and a CE-only one on
-# those rows, then all four models evaluated and compared in a report.
+# DEMO_ROWS rows of the train split, a distilled student at T = 1 and a CE-only one on those rows for
+# each seed of DEMO_SEEDS, then every model evaluated and compared in a report, whose seed groups (runs
+# named NAME-sSEED) fill the distilled-vs-CE "beyond spread" column. DEMO_T2_SEEDS=0 adds a T = 2 store
+# and student for the report's T curve (about 1.3 min more on a quiet 2-core CPU: 7 seeds' students
+# then no longer fit in 7 minutes).
 DEMO_ROWS ?= 512
 DEMO_STEPS ?= 60
 DEMO_LIMIT ?= 100
-DEMO_TRAIN = STEPS=$(DEMO_STEPS) TRAIN_ARGS="--eval-every 30 --checkpoint-every 30 --warmup-steps 6 $(TRAIN_ARGS)"
+DEMO_SEEDS ?= 0 1 2
+DEMO_T2_SEEDS ?=
+# $(call demo_train,SEED): stage two's make variables for one demo student. No held-out evaluation inside
+# training (STUDENT_EVAL=): `distill eval` scores every model after, and the time saved pays for the seeds.
+demo_train = STEPS=$(DEMO_STEPS) STUDENT_EVAL= \
+	TRAIN_ARGS="--checkpoint-every 30 --warmup-steps 6 --seed $(1) $(TRAIN_ARGS)"
 DEMO_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
 	EVAL_ARGS="--limit $(DEMO_LIMIT) --agreement $(RUN)/topk-heldout $(EVAL_ARGS)"
+DEMO_STUDENTS = $(DEMO_SEEDS:%=2-student-kd-t1-s%) $(DEMO_T2_SEEDS:%=3-student-kd-t2-s%) $(DEMO_SEEDS:%=4-student-ce-s%)
 demo: setup
 	$(MAKE) prepare prepare-heldout RUN=$(RUN)
 	$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 MAX_ROWS=$(DEMO_ROWS)
-	$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 MAX_ROWS=$(DEMO_ROWS)
+	$(if $(DEMO_T2_SEEDS),$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 MAX_ROWS=$(DEMO_ROWS))
 	$(MAKE) teacher RUN=$(RUN) TOKENS=$(EVAL_TOKENS) STORE=$(RUN)/topk-heldout KIND=topk MAX_ROWS=128
-	$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 STUDENT_OUT=$(RUN)/student-kd-t1 $(DEMO_TRAIN)
-	$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 STUDENT_OUT=$(RUN)/student-kd-t2 $(DEMO_TRAIN)
-	$(MAKE) student-ce RUN=$(RUN) STORE=$(RUN)/store-t1 $(DEMO_TRAIN)
+	$(foreach s,$(DEMO_SEEDS),$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 \
+		STUDENT_OUT=$(RUN)/student-kd-t1-s$(s) $(call demo_train,$(s)) && ) true
+	$(foreach s,$(DEMO_T2_SEEDS),$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 \
+		STUDENT_OUT=$(RUN)/student-kd-t2-s$(s) $(call demo_train,$(s)) && ) true
+	$(foreach s,$(DEMO_SEEDS),$(MAKE) student-ce RUN=$(RUN) STORE=$(RUN)/store-t1 CE_OUT=$(RUN)/student-ce-s$(s) \
+		$(call demo_train,$(s)) && ) true
 	$(MAKE) eval RUN=$(RUN) MODEL=$(TEACHER) EVAL_OUT=$(RUN)/eval/1-teacher.json $(DEMO_EVAL)
-	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/student-kd-t1/model EVAL_OUT=$(RUN)/eval/2-student-kd-t1.json $(DEMO_EVAL)
-	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/student-kd-t2/model EVAL_OUT=$(RUN)/eval/3-student-kd-t2.json $(DEMO_EVAL)
-	$(MAKE) eval RUN=$(RUN) MODEL=$(CE_OUT)/model EVAL_OUT=$(RUN)/eval/4-student-ce.json $(DEMO_EVAL)
-	$(MAKE) report RUN=$(RUN) RUNS="$(addprefix $(RUN)/eval/,1-teacher.json 2-student-kd-t1.json 3-student-kd-t2.json 4-student-ce.json)"
+	$(foreach m,$(DEMO_STUDENTS),$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/$(patsubst 2-%,%,$(patsubst 3-%,%,$(patsubst 4-%,%,$(m))))/model \
+		EVAL_OUT=$(RUN)/eval/$(m).json $(DEMO_EVAL) && ) true
+	$(MAKE) report RUN=$(RUN) RUNS="$(addprefix $(RUN)/eval/,1-teacher.json $(DEMO_STUDENTS:%=%.json))"
 	@echo
 	@echo "demo done, everything under $(RUN)/:"
 	@echo "  tokens stores      $(TOKENS), $(EVAL_TOKENS)"
-	@echo "  teacher stores     $(RUN)/store-t1, $(RUN)/store-t2 (drawn at T = 1, 2; .venv/bin/distill inspect DIR)"
-	@echo "  students           $(RUN)/student-kd-t1/model, $(RUN)/student-kd-t2/model, $(CE_OUT)/model"
+	@echo "  teacher stores     $(RUN)/store-t1$(if $(DEMO_T2_SEEDS), and $(RUN)/store-t2) (.venv/bin/distill inspect DIR)"
+	@echo "  students           $(RUN)/student-kd-t1-sSEED/model (distilled, T = 1), $(RUN)/student-ce-sSEED/model"
+	@echo "                     (CE only), SEED in $(DEMO_SEEDS)$(if $(DEMO_T2_SEEDS),; $(RUN)/student-kd-t2-sSEED/model for $(DEMO_T2_SEEDS))"
 	@echo "  evaluations        $(RUN)/eval/*.json"
 	@echo "  report             $(REPORT)/report.md (table) and $(REPORT)/*.png (figures)"
 
