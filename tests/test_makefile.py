@@ -1,0 +1,78 @@
+"""The demo targets' wiring, read from `make -n` (nothing runs): every seed's students are trained on the same
+store, evaluated under NAME-sSEED names that `distill report` groups by seed, and every evaluation reaches the
+report."""
+
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stages.report import group_runs
+from tests.conftest import ROOT
+
+
+def distill_commands(*make_args: str) -> list[list[str]]:
+    """The `distill` command lines `make -n ARGS` would run, split into words."""
+    done = subprocess.run(["make", "-n", "--no-print-directory", *make_args], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.replace("\\\n", " ").splitlines()
+    return [shlex.split(line)[1:] for line in lines if line.strip().startswith(".venv/bin/distill ")]
+
+
+def option(words: list[str], name: str) -> str | None:
+    return words[words.index(name) + 1] if name in words else None
+
+
+def students_and_report(make_args):
+    commands = distill_commands(*make_args)
+    students = {option(c, "--out"): c for c in commands if c[0] == "student"}
+    evals = {option(c, "--model"): option(c, "--out") for c in commands if c[0] == "eval"}
+    [report] = [c for c in commands if c[0] == "report"]
+    return commands, students, evals, report
+
+
+@pytest.mark.parametrize("make_args, run, kd, teacher, student_model", [
+    (("demo",), "runs/demo", "student-kd-t1", "data/models/teacher", "data/models/student.json"),
+    (("demo-real",), "runs/demo-real", "student-kd", "data/models/smollm2-135m", "data/models/student-smollm2.json"),
+])
+def test_each_seed_is_trained_evaluated_and_grouped_in_the_report(make_args, run, kd, teacher, student_model):
+    commands, students, evals, report = students_and_report(make_args)
+    expected = {f"{run}/{name}-s{seed}": seed for name in (kd, "student-ce") for seed in (0, 1, 2)}
+    assert set(students) == set(expected)
+    assert len({option(c, "--train-store") for c in students.values()}) == 1  # the same rows for every student
+    for out, words in students.items():
+        assert option(words, "--seed") == str(expected[out]) and option(words, "--model") == student_model
+        assert option(words, "--alpha") == ("1" if "student-ce" in out else "0.5")
+        assert "--eval-store" not in words  # distill eval scores them after training
+    assert set(evals) == {teacher} | {f"{out}/model" for out in students}
+    assert set(report[1:report.index("--out")]) == set(evals.values())
+    teacher_stage = [c for c in commands if c[0] == "teacher" and option(c, "--kind") == "sampled"]
+    assert [option(c, "--teacher") for c in teacher_stage] == [teacher]
+
+    # distill eval names a run after its model's run directory; report groups those names by seed
+    runs = [{"name": Path(model).parent.name, "parameters": 1, "tasks": {},
+             "training": {"alpha": 1.0 if "student-ce" in model else 0.5, "seed": expected[str(Path(model).parent)]}}
+            for model in evals if model != teacher]
+    assert sorted((g.name, g.seeds) for g in group_runs(runs)) == sorted([(kd, [0, 1, 2]), ("student-ce", [0, 1, 2])])
+
+
+def test_seeds_are_a_variable_and_t2_is_opt_in():
+    _, students, _, _ = students_and_report(("demo", "DEMO_SEEDS=4 5"))
+    assert sorted(students) == ["runs/demo/student-ce-s4", "runs/demo/student-ce-s5",
+                                "runs/demo/student-kd-t1-s4", "runs/demo/student-kd-t1-s5"]
+    commands, students, _, _ = students_and_report(("demo", "DEMO_T2_SEEDS=0"))
+    assert option(students["runs/demo/student-kd-t2-s0"], "--train-store") == "runs/demo/store-t2"
+    assert any(c[0] == "teacher" and option(c, "--out") == "runs/demo/store-t2" for c in commands)
+    _, students, _, _ = students_and_report(("demo-real", "REAL_SEEDS=7"))
+    assert sorted(students) == ["runs/demo-real/student-ce-s7", "runs/demo-real/student-kd-s7"]
+
+
+def test_demo_real_prepares_with_the_teachers_tokenizer_and_fetches_it_first():
+    done = subprocess.run(["make", "-n", "--no-print-directory", "demo-real"], cwd=ROOT, capture_output=True,
+                          text=True)
+    fetch = done.stdout.index("scripts/real_teacher.py --manifest data/manifests/smollm2-135m.json")
+    assert fetch < done.stdout.index(".venv/bin/distill prepare")
+    prepares = [c for c in distill_commands("demo-real") if c[0] == "prepare"]
+    assert len(prepares) == 2 and {option(c, "--tokenizer") for c in prepares} == {"data/models/smollm2-135m"}
