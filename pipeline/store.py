@@ -550,8 +550,9 @@ class Store:
 
 def safe_child(root: Path, name: str) -> Path:
     """``root / name`` for a plain entry name; an index may never point outside its store."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
-        raise DistillError(f"store {root}: index names shard '{name}', which is not a plain file name; "
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name
+            or any(ord(c) < 32 for c in name)):  # a control character would break the one-line message too
+        raise DistillError(f"store {root}: index names shard {name!r}, which is not a plain file name; "
                            "the index is corrupt or hostile: do not use this store; rebuild it from its source")
     return root / name
 
