@@ -239,12 +239,15 @@ class ShardReader:
         self.entry = index["shards"][shard]
         self.name = self.entry["name"]
         self.chunk_rows = self.entry.get("chunk_rows") or index["params"]["chunk_rows"]
+        self.check = check  # check=False also skips the counts and the teacher's mass
         self.sums = self.entry.get("crc32") if check else None
         if check and self.sums is None:
             unchecked_warning(self.root, index)
         params = index["params"]
         # what every position's counts add up to: N draws (a sampled store), M (a hybrid one's tail)
         self.draws = {"sample_counts": params.get("samples"), "tail_sample_counts": params.get("tail_samples")}
+        self.grid = params.get("temperature_grid")
+        self.temperature = params.get("temperature")
         path = safe_child(self.root, self.name)
         if not path.exists():
             raise DistillError(f"store {self.root}: shard {self.name} is missing; {repair_hint(self.root, index)}")
@@ -287,13 +290,49 @@ class ShardReader:
                            f"{spec['dtype']}{[rows, *spec['shape']]}")
             elif self.sums is not None and zlib.crc32(np.ascontiguousarray(array)) != self.sums[name][chunk]:
                 problem = f"fails its checksum in {name}"
-            elif self.draws.get(name) is not None and (count := self._count_problem(name, array, self.draws[name])):
-                problem = f"{count}: the file or the index is corrupt"
+            elif self.check and self.draws.get(name) is not None:
+                problem = self._count_problem(name, array, self.draws[name])
             if problem:
-                if not problem.endswith("corrupt"):
-                    problem += ": the file is corrupt"
-                raise DistillError(f"store {self.root}: shard {self.name} chunk {chunk} (rows {lo}-{lo + rows - 1}) "
-                                   f"{problem}; {repair_hint(self.root, self.index)}")
+                self._refuse(chunk, problem)
+        # every array of the chunk is as written; do the index's temperatures describe them? They are the
+        # whole store's, so the chunk's first row tells as well as all would, at 1/chunk_rows of the cost
+        if self.check and {"topk_logprobs", "logsumexp", "tail_logmass"} <= set(arrays):
+            problem = self._mass_problem(*(arrays[k][:1] for k in ("topk_logprobs", "logsumexp", "tail_logmass")))
+            if problem:
+                self._refuse(chunk, problem)
+
+    def _refuse(self, chunk: int, problem: str) -> None:
+        lo = chunk * self.chunk_rows
+        rows = min(self.chunk_rows, self.entry["rows"] - lo)
+        why = "the file is corrupt" if problem.startswith(("holds an", "decodes", "fails")) else \
+            "the file or the index is corrupt"
+        raise DistillError(f"store {self.root}: shard {self.name} chunk {chunk} (rows {lo}-{lo + rows - 1}) "
+                           f"{problem}: {why}; {repair_hint(self.root, self.index)}")
+
+    # How far from 1 a good store's mass may lie, per unit of the re-tempering factor T/T_g (≥ 1): float16
+    # log-probs' rounding grows with it. Measured on the shipped teacher (top-64, grid 0.5-4): 0.0016 at
+    # factor 2, 0.0075 at factor 4; a wrong temperature or grid value misses by 0.1-0.7.
+    MASS_TOLERANCE = 0.01
+
+    def _mass_problem(self, topk_logprobs: np.ndarray, logsumexp: np.ndarray, tail_logmass: np.ndarray) -> str | None:
+        """At every grid temperature the kept probabilities, re-tempered from the cache temperature,
+        plus the tail mass make 1 (``[rows, L, k]``, ``[rows, L, G]``, ``[rows, L, G]``): else the
+        index's temperature or grid is not the one the log-probs were stored with."""
+        if self.grid is None or self.temperature not in self.grid:
+            return None
+        cache = self.grid.index(self.temperature)
+        # float32 is enough here: |z/T| ≲ 100 keeps the exponents to ~1e-5, far inside the tolerance
+        logits_over_t = topk_logprobs.astype(np.float32) + logsumexp[..., cache, None]
+        for g, t_g in enumerate(self.grid):
+            kept = np.exp(logits_over_t * np.float32(self.temperature / t_g) - logsumexp[..., g, None]).sum(-1)
+            total = kept + np.exp(tail_logmass[..., g])
+            bad = ~(np.abs(total - 1.0) <= self.MASS_TOLERANCE * max(1.0, self.temperature / t_g))
+            if bad.any():
+                r, t = (int(i) for i in np.argwhere(bad)[0])
+                return (f"holds a teacher distribution whose mass at T = {t_g:g} is {total[r, t]:.3g} at row {r} "
+                        f"position {t}, not 1: the index's temperature {self.temperature:g} or grid "
+                        f"({', '.join(f'{x:g}' for x in self.grid)}) is not what the log-probs were stored with")
+        return None
 
     def _count_problem(self, name: str, counts: np.ndarray, draws: int) -> str | None:
         """Counts ``[rows, L, S]`` must add up to the draws at every position (a hybrid tail's also to 0,

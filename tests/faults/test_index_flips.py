@@ -18,6 +18,7 @@ The counts printed are the ones docs/RELIABILITY.md quotes (``pytest -s -m fault
 
 import json
 import os
+import re
 import shutil
 from collections import Counter
 
@@ -137,15 +138,18 @@ def one_step_edits(index):
 
 
 # Parameters the data pins down: a resealed edit of these must still be refused (by check_params
-# or the shard list). The others — seed, the teacher's vocabulary, vocab_size within its dtype, a
-# cache temperature moved to another grid value, a grid value that is not the cache temperature —
-# the data cannot tell, and only the digest guards them.
+# or the shard list on open, or by the per-chunk checks on read). The others — seed, the teacher's
+# vocabulary, vocab_size within its dtype and, in a sampled store (no top-k mass to check), a cache
+# temperature moved to another grid value or a grid value that is not the cache temperature — the
+# data cannot tell, and only the digest guards them.
 DATA_BOUND = ("samples", "tail_samples", "top_k", "seq_len", "rows", "rows_per_shard", "chunk_rows",
               "sample_logprobs", "bytes", "tokens", "target_tokens", "shards[0]")
 
 
 def data_bound(label, index):
     key = label.split(":")[0].split(" ")[0].removeprefix("params.")
+    if key in ("temperature", "temperature_grid") and "topk_logprobs" in index["arrays"]:
+        return True  # a top-k's mass re-tempered to each grid value is 1 only at the true temperatures
     if key == "temperature":  # off the grid is refused; onto another grid value only by the digest
         return float(label.split("-> ")[1]) not in index["params"]["temperature_grid"]
     if key == "temperature_grid":  # the cache temperature leaves it, or its length changes
@@ -155,8 +159,9 @@ def data_bound(label, index):
 
 
 def edit_and_open(root, label, edit, reseal):
-    """Apply ``edit`` to a copy of the index (keeping its old digest unless ``reseal``), open the
-    store, put the index back. Returns the refusal's line, or None where the store opened."""
+    """Apply ``edit`` to the index (keeping its old digest unless ``reseal``), open the store (and,
+    resealed, read every chunk), put the index back. Returns the refusal's line, or None where the
+    store opened and read."""
     path = root / "index.json"
     raw = path.read_bytes()
     try:
@@ -167,7 +172,12 @@ def edit_and_open(root, label, edit, reseal):
             edit(body)
             path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
         try:
-            open_store(root)
+            opened = open_store(root)
+            if reseal:  # then read every chunk, as stage two's loader does
+                reader = ChunkReader(str(root), opened.index)
+                for s, entry in enumerate(opened.shards):
+                    for c in range(-(-entry["rows"] // entry["chunk_rows"])):
+                        reader.read(s, c)
         except DistillError as e:
             assert "\n" not in str(e) and str(root) in str(e), str(e)
             return str(e)
@@ -322,3 +332,39 @@ def test_stage_two_refuses_an_edited_index_before_any_step(stores, tmp_path, tin
                      "--max-steps", "2", "--micro-batch-size", "2", "--temperature", "3", "--device", "cpu")
     line = one_line_error(result)
     assert f"store {tmp_path / 'topk'}: --temperature 3 is not in the store's grid (1, 2)" in line, line
+
+
+def test_the_edits_of_the_issue_on_a_store_without_a_digest(stores, tmp_path):
+    """#21's edits, on stores as written before version 4 (version 2, no digest, so only the data can
+    contradict them): each refused with one line naming the parameter or temperature, on open or at
+    the first chunk stage two reads."""
+
+    def legacy(kind, edit):
+        root = tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(stores(kind, "zarr"), root)
+        body = json.loads((root / "index.json").read_text())
+        del body["index_sha256"]
+        body["format_version"] = 2
+        edit(body)
+        (root / "index.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+        with pytest.raises(DistillError) as caught:
+            store = open_store(root)
+            ChunkReader(str(root), store.index).read(0, 0)
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    assert re.search(r"says samples = 7, but array sample_\w+'s shape \[16, 6\] gives 6",
+                     legacy("sampled", lambda b: b["params"].update(samples=7)))
+    assert re.search(r"says top_k = 5, but array topk_\w+'s shape \[16, 4\] gives 4",
+                     legacy("topk", lambda b: b["params"].update(top_k=5)))
+    assert re.search(r"says tail_samples = 6, but array tail_sample_\w+'s shape \[16, 5\] gives 5",
+                     legacy("hybrid", lambda b: b["params"].update(tail_samples=6)))
+    for kind in ("topk", "hybrid"):
+        why = legacy(kind, lambda b: b["params"].update(temperature_grid=[1.0, 3.0]))
+        assert "mass at T = 3 is" in why and "temperature 1 or grid (1, 3) is not what the log-probs" in why, why
+        why = legacy(kind, lambda b: b["params"].update(temperature=2.0))
+        assert "temperature 2 or grid (1, 2) is not what the log-probs were stored with" in why, why
+    why = legacy("sampled", lambda b: b["params"].update(temperature=3.0))
+    assert "cache temperature 3 is not in its temperature_grid (1, 2)" in why, why
+    why = legacy("sampled", lambda b: b["shards"][0].pop("crc32"))
+    assert "shard-00000.zarr has or lacks crc32" in why, why
