@@ -16,7 +16,7 @@ canonical body (:func:`index_digest`), and so does every partial index. Opening 
 what distill writes, that has an unknown or missing key, or whose parameters contradict the arrays
 they describe (:func:`check_params`: draws, k and the grid's length against the shapes, the cache
 temperature in the grid, rows and chunking against the shard list); each read checks that a chunk's
-draw counts add up to N. Versions 1-3 carry no digest and are still read, with one warning that
+draw counts add up to N and that a top-k's mass, re-tempered to every grid temperature, is 1. Versions 1-3 carry no digest and are still read, with one warning that
 the index is unchecked; a version-2/3 entry without its checksums is refused.
 
 Backends: ``zarr`` (a zarr v3 group per shard, one sharding-codec shard per array, zstd) and
