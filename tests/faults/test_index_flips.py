@@ -368,3 +368,29 @@ def test_the_edits_of_the_issue_on_a_store_without_a_digest(stores, tmp_path):
     assert "cache temperature 3 is not in its temperature_grid (1, 2)" in why, why
     why = legacy("sampled", lambda b: b["shards"][0].pop("crc32"))
     assert "shard-00000.zarr has or lacks crc32" in why, why
+
+
+def test_merge_checks_each_partial_index_and_seals_an_old_store(stores, tmp_path):
+    """`distill merge` refuses a partial index that fails its digest (one line naming it and the job
+    to rerun); one written before version 4 (no digest) is merged with a warning, and the index it
+    writes is a sealed version-4 one: how an older stage-one store gets its digest."""
+    root = tmp_path / "s"
+    shutil.copytree(stores("topk", "arrow"), root)
+    want = json.loads((root / "index.json").read_text())
+    part = root / "index.part-00000-of-00001.json"
+    raw = part.read_text()
+    at = raw.index('"rows": 4')
+    part.write_text(raw[:at] + '"rows": 5' + raw[at + len('"rows": 4'):])
+    line = one_line_error(run_cli("merge", root))
+    assert f"partial index {part} does not match its index_sha256" in line and "rerun job 0 of 1" in line, line
+
+    old = json.loads(raw)
+    del old["index_sha256"]
+    part.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
+    body = json.loads((root / "index.json").read_text())
+    del body["index_sha256"]
+    body["format_version"] = 2
+    (root / "index.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    result = run_cli("merge", root)
+    assert result.exit_code == 0 and "merged unchecked" in result.output, result.output
+    assert json.loads((root / "index.json").read_text()) == want  # sealed again, version 4
