@@ -1,4 +1,4 @@
-"""The store contract (format version 1; docs/FORMAT.md is the public description).
+"""The store contract (format version 4, which seals the index; docs/FORMAT.md is the public description).
 
 A store is a directory holding shards and an ``index.json``. Each shard is written under a temp
 name and renamed into place; ``index.json`` is written last, atomically, and is the commit marker:
@@ -9,6 +9,15 @@ its compression) and, since format version 2, a CRC-32 of every chunk of every a
 checks what it decodes against those CRCs (:class:`ShardReader`), so a flipped byte on disk stops a
 run with one line naming the shard and chunk instead of training on it; opening a store checks
 that every shard file is there with the size the index records.
+
+Since format version 4 the index checks itself: it carries ``index_sha256``, the sha256 of its own
+canonical body (:func:`index_digest`), and so does every partial index. Opening a store
+(:func:`open_store`) refuses, in one line, an index whose digest does not match, whose bytes are not
+what distill writes, that has an unknown or missing key, or whose parameters contradict the arrays
+they describe (:func:`check_params`: draws, k and the grid's length against the shapes, the cache
+temperature in the grid, rows and chunking against the shard list); each read checks that a chunk's
+draw counts add up to N and that a top-k's mass, re-tempered to every grid temperature, is 1. Versions 1-3 carry no digest and are still read, with one warning that
+the index is unchecked; a version-2/3 entry without its checksums is refused.
 
 Backends: ``zarr`` (a zarr v3 group per shard, one sharding-codec shard per array, zstd) and
 ``arrow`` (an Arrow IPC file per shard, zstd; an array of shape ``[N, *S]`` is a column of
@@ -35,18 +44,32 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, dir_bytes
 
-FORMAT_VERSION = 2  # 2: per-chunk CRC-32s in each shard's index entry
-# 3: version 2 plus a loss_mask array (task examples), so that a distill that predates the mask refuses
-# the store instead of training on its prompts; stores without one stay version 2.
-LOSS_MASK_FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: index.json (and each partial index) carries index_sha256, a sha256 of its own canonical body, and
+# every top-level key and shard-entry key is known; the loss_mask array needs no version of its own any
+# more (a distill that predates 4 refuses every version-4 store). 4 is two bits from each of 1, 2 and 3
+# (as an integer and as the ASCII digit), so no single flipped bit makes a version-4 index claim an
+# older, unchecked version; and an older version may not carry index_sha256, so a flip elsewhere
+# cannot either.
+FORMAT_VERSION = 4
+# 2: per-chunk CRC-32s in each shard's index entry; 3: version 2 plus a loss_mask array. Indexes of
+# these versions carry no digest: they are still read, with one warning that the index is unchecked.
+LEGACY_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (*LEGACY_VERSIONS, FORMAT_VERSION)
+DIGEST = "index_sha256"
+# the top-level keys of an index: always there, and the facts a stage may add (nothing else)
+INDEX_KEYS = frozenset({"format_version", "kind", "backend", "codec", "params", "arrays", "rows", "bytes", "shards"})
+INDEX_FACTS = frozenset({"documents", "tokens", "target_tokens", "dropped_tokens", "skipped_lines", "loss_tokens",
+                         "padding_tokens"})
+ENTRY_KEYS_V1 = frozenset({"name", "rows", "bytes", "sha256"})
+ENTRY_KEYS = ENTRY_KEYS_V1 | {"chunk_rows", "crc32"}
+PARTIAL_KEYS = frozenset({"params", "backend", "arrays", "shards"})
 INDEX = "index.json"
 KINDS = ("tokens", "topk", "sampled")
 BACKENDS = ("zarr", "arrow")
@@ -216,9 +239,15 @@ class ShardReader:
         self.entry = index["shards"][shard]
         self.name = self.entry["name"]
         self.chunk_rows = self.entry.get("chunk_rows") or index["params"]["chunk_rows"]
+        self.check = check  # check=False also skips the counts and the teacher's mass
         self.sums = self.entry.get("crc32") if check else None
         if check and self.sums is None:
             unchecked_warning(self.root, index)
+        params = index["params"]
+        # what every position's counts add up to: N draws (a sampled store), M (a hybrid one's tail)
+        self.draws = {"sample_counts": params.get("samples"), "tail_sample_counts": params.get("tail_samples")}
+        self.grid = params.get("temperature_grid")
+        self.temperature = params.get("temperature")
         path = safe_child(self.root, self.name)
         if not path.exists():
             raise DistillError(f"store {self.root}: shard {self.name} is missing; {repair_hint(self.root, index)}")
@@ -261,9 +290,61 @@ class ShardReader:
                            f"{spec['dtype']}{[rows, *spec['shape']]}")
             elif self.sums is not None and zlib.crc32(np.ascontiguousarray(array)) != self.sums[name][chunk]:
                 problem = f"fails its checksum in {name}"
+            elif self.check and self.draws.get(name) is not None:
+                problem = self._count_problem(name, array, self.draws[name])
             if problem:
-                raise DistillError(f"store {self.root}: shard {self.name} chunk {chunk} (rows {lo}-{lo + rows - 1}) "
-                                   f"{problem}: the file is corrupt; {repair_hint(self.root, self.index)}")
+                self._refuse(chunk, problem)
+        # every array of the chunk is as written; do the index's temperatures describe them? They are the
+        # whole store's, so the chunk's first row tells as well as all would, at 1/chunk_rows of the cost
+        if self.check and {"topk_logprobs", "logsumexp", "tail_logmass"} <= set(arrays):
+            problem = self._mass_problem(*(arrays[k][:1] for k in ("topk_logprobs", "logsumexp", "tail_logmass")))
+            if problem:
+                self._refuse(chunk, problem)
+
+    def _refuse(self, chunk: int, problem: str) -> None:
+        lo = chunk * self.chunk_rows
+        rows = min(self.chunk_rows, self.entry["rows"] - lo)
+        why = "the file is corrupt" if problem.startswith(("holds an", "decodes", "fails")) else \
+            "the file or the index is corrupt"
+        raise DistillError(f"store {self.root}: shard {self.name} chunk {chunk} (rows {lo}-{lo + rows - 1}) "
+                           f"{problem}: {why}; {repair_hint(self.root, self.index)}")
+
+    # How far from 1 a good store's mass may lie, per unit of the re-tempering factor T/T_g (≥ 1): float16
+    # log-probs' rounding grows with it. Measured on the shipped teacher (top-64, grid 0.5-4): 0.0016 at
+    # factor 2, 0.0075 at factor 4; a wrong temperature or grid value misses by 0.1-0.7.
+    MASS_TOLERANCE = 0.01
+
+    def _mass_problem(self, topk_logprobs: np.ndarray, logsumexp: np.ndarray, tail_logmass: np.ndarray) -> str | None:
+        """At every grid temperature the kept probabilities, re-tempered from the cache temperature,
+        plus the tail mass make 1 (``[rows, L, k]``, ``[rows, L, G]``, ``[rows, L, G]``): else the
+        index's temperature or grid is not the one the log-probs were stored with."""
+        if self.grid is None or self.temperature not in self.grid:
+            return None
+        cache = self.grid.index(self.temperature)
+        # float32 is enough here: |z/T| ≲ 100 keeps the exponents to ~1e-5, far inside the tolerance
+        logits_over_t = topk_logprobs.astype(np.float32) + logsumexp[..., cache, None]
+        for g, t_g in enumerate(self.grid):
+            kept = np.exp(logits_over_t * np.float32(self.temperature / t_g) - logsumexp[..., g, None]).sum(-1)
+            total = kept + np.exp(tail_logmass[..., g])
+            bad = ~(np.abs(total - 1.0) <= self.MASS_TOLERANCE * max(1.0, self.temperature / t_g))
+            if bad.any():
+                r, t = (int(i) for i in np.argwhere(bad)[0])
+                return (f"holds a teacher distribution whose mass at T = {t_g:g} is {total[r, t]:.3g} at row {r} "
+                        f"position {t}, not 1: the index's temperature {self.temperature:g} or grid "
+                        f"({', '.join(f'{x:g}' for x in self.grid)}) is not what the log-probs were stored with")
+        return None
+
+    def _count_problem(self, name: str, counts: np.ndarray, draws: int) -> str | None:
+        """Counts ``[rows, L, S]`` must add up to the draws at every position (a hybrid tail's also to 0,
+        where the tail is empty): else the index's N is not the one the draws were made with."""
+        sums = counts.sum(axis=-1, dtype=np.int64)
+        bad = (sums != draws) & ((sums != 0) | (name == "sample_counts"))
+        if not bad.any():
+            return None
+        r, t = (int(i) for i in np.argwhere(bad)[0])
+        param = "samples" if name == "sample_counts" else "tail_samples"
+        return (f"holds {name} that add up to {int(sums[r, t])} at row {r} position {t}, the index says "
+                f"{param} = {draws}")
 
     def _guard(self, chunk: int | None, fn, *args):
         try:
@@ -292,6 +373,19 @@ def unchecked_warning(root: Path, index: dict[str, Any]) -> None:
         print(f"distill: store {root} is format version {index.get('format_version')}: its chunks carry no "
               f"checksums, so reads are not checked; 'distill inspect {root} --verify' checks its content hashes, "
               "rebuilding the store adds checksums", file=sys.stderr)
+
+
+_warned_unsealed: set[str] = set()
+
+
+def unsealed_warning(root: Path, index: dict[str, Any]) -> None:
+    """Once per store: an index older than version 4 carries no digest of its own, so an edit or a
+    flipped bit in it is caught only where it contradicts the data (:func:`check_params`)."""
+    if str(root) not in _warned_unsealed:
+        _warned_unsealed.add(str(root))
+        print(f"distill: store {root} is format version {index['format_version']}: its {INDEX} carries no "
+              f"{DIGEST}, so the index itself is unchecked; {index_hint(root, index['kind'])} to add one",
+              file=sys.stderr)
 
 
 def write_shard(root: Path, name: str, arrays: dict[str, np.ndarray], backend: str,
@@ -329,9 +423,58 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def index_digest(body: dict[str, Any]) -> str:
+    """sha256 of an index's canonical body: everything but ``index_sha256``, as
+    ``json.dumps(..., sort_keys=True, separators=(",", ":"))`` (ASCII) encodes it. A plain reader
+    checks an index with these few lines (docs/FORMAT.md)."""
+    canonical = json.dumps({k: v for k, v in body.items() if k != DIGEST}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sealed_text(body: dict[str, Any]) -> str:
+    """The bytes distill writes for an index or partial index: the body with its digest, indented."""
+    return json.dumps({**body, DIGEST: index_digest(body)}, indent=2, sort_keys=True) + "\n"
+
+
 def write_index(root: Path, index: dict[str, Any]) -> None:
-    """Commit a store: ``index.json`` written last, atomically."""
-    atomic_write_text(root / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    """Commit a store: ``index.json`` (sealed with its digest) written last, atomically."""
+    atomic_write_text(root / INDEX, sealed_text(index))
+
+
+def read_sealed(path: Path, what: str, hint: str | Callable[[], str]) -> tuple[dict[str, Any], bool]:
+    """An index file's body and whether it carries a digest. A file that is not UTF-8 JSON of an
+    object, whose digest does not match its body, or that is not byte for byte what distill writes
+    for that body (an edit, a flipped bit that still parses) is one line naming ``what`` and ``hint``
+    (a callable is asked only when there is something to say)."""
+
+    def refuse(problem: str) -> DistillError:
+        return DistillError(f"{what} {problem}; {hint() if callable(hint) else hint}")
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+        body = json.loads(text)
+    except UnicodeDecodeError:
+        raise refuse("is not UTF-8 (damaged)") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise refuse("does not parse") from None
+    if not isinstance(body, dict):
+        raise refuse("does not hold a JSON object (damaged)")
+    if DIGEST not in body:
+        return body, False
+    if not isinstance(body[DIGEST], str) or body[DIGEST] != index_digest(body):
+        raise refuse(f"does not match its {DIGEST} (edited or damaged since it was written)")
+    if text != sealed_text(body):
+        raise refuse("is not byte for byte as distill wrote it (edited or damaged)")
+    return body, True
+
+
+def index_hint(root: Path, kind: Any = None) -> str:
+    """How to get a good index back: a stage-one store's from its partial indexes, else a rerun."""
+    if kind == "tokens":
+        return "rebuild the tokens store (distill prepare ... --overwrite)"
+    if root.is_dir() and any(PARTIAL_NAME.match(p.name) for p in root.glob(PARTIAL_GLOB)):
+        return f"rewrite it from the partial indexes with 'distill merge {root}'"
+    return "rerun the stage-one jobs that wrote the store (or distill prepare for a tokens store) with --overwrite"
 
 
 def new_index(kind: str, backend: str, params: dict[str, Any], shards: list[dict[str, Any]],
@@ -342,7 +485,7 @@ def new_index(kind: str, backend: str, params: dict[str, Any], shards: list[dict
     if kind not in KINDS:
         raise ValueError(f"unknown store kind {kind}")
     return {
-        "format_version": LOSS_MASK_FORMAT_VERSION if "loss_mask" in arrays else FORMAT_VERSION,
+        "format_version": FORMAT_VERSION,
         "kind": kind,
         "backend": backend,
         "codec": f"zstd-{ZSTD_LEVEL}",
@@ -446,43 +589,73 @@ class Store:
 
 def safe_child(root: Path, name: str) -> Path:
     """``root / name`` for a plain entry name; an index may never point outside its store."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
-        raise DistillError(f"store {root}: index names shard '{name}', which is not a plain file name; "
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name
+            or any(ord(c) < 32 for c in name)):  # a control character would break the one-line message too
+        raise DistillError(f"store {root}: index names shard {name!r}, which is not a plain file name; "
                            "the index is corrupt or hostile: do not use this store; rebuild it from its source")
     return root / name
 
 
 def open_store(path: str | os.PathLike, kind: str | None = None, check: bool = True) -> Store:
-    """A committed store, its index checked; ``check`` also checks every shard file's presence and size."""
+    """A committed store, its index checked (its digest, its keys, its shard list, and its parameters
+    against the arrays they describe: :func:`check_index`); ``check`` also checks every shard file's
+    presence and size."""
     root = Path(path)
     index_path = root / INDEX
     if not root.is_dir():
         raise DistillError(f"store {root} does not exist; run the stage that writes it first")
     if not index_path.is_file():
         raise DistillError(f"store {root} has no {INDEX} (unfinished or not a store); rerun the stage that writes it")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError:
-        raise DistillError(f"store {root}: {INDEX} does not parse; rerun the stage that writes it") from None
-    if not isinstance(index, dict) or index.get("format_version") not in READABLE_VERSIONS:
-        version = index.get("format_version") if isinstance(index, dict) else None
-        raise DistillError(f"store {root} has format version {version}, this distill reads "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade distill or rebuild the store")
-    if kind is not None and index.get("kind") != kind:
-        raise DistillError(f"store {root} is a '{index.get('kind')}' store, expected a '{kind}' store; "
+    index, sealed = read_sealed(index_path, f"store {root}: {INDEX}", lambda: index_hint(root))
+    check_index(root, index, sealed)
+    if kind is not None and index["kind"] != kind:
+        raise DistillError(f"store {root} is a '{index['kind']}' store, expected a '{kind}' store; "
                            "pass the path of one (distill inspect STORE tells a store's kind)")
-    if index.get("backend") not in BACKENDS:
-        raise DistillError(f"store {root}: unknown backend {index.get('backend')!r}")
-    _check_entries(root, index)
+    if not sealed:
+        unsealed_warning(root, index)
     store = Store(root, index)
     if check:
         store.check_files()
     return store
 
 
+def check_index(root: Path, index: dict[str, Any], sealed: bool) -> None:
+    """Everything about an index that can be checked without reading a shard, in the order that gives
+    the most useful line: its version (and that a version-4 index has its digest, an older one none),
+    its keys (none unknown, none missing), its shard list, then its parameters against its arrays."""
+    version = index.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise DistillError(f"store {root} has format version {version}, this distill reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade distill or rebuild the store")
+    hint = f"the index is damaged: {index_hint(root, index.get('kind'))}"
+    if version >= FORMAT_VERSION and not sealed:
+        raise DistillError(f"store {root}: {INDEX} is format version {version} but has no {DIGEST}; {hint}")
+    if version < FORMAT_VERSION and sealed:
+        raise DistillError(f"store {root}: {INDEX} says format version {version}, which has no {DIGEST}, "
+                           f"but it carries one; {hint}")
+    keys = set(index) - {DIGEST}
+    unknown, missing = sorted(keys - INDEX_KEYS - INDEX_FACTS), sorted(INDEX_KEYS - keys)
+    if unknown or missing:
+        what = "; ".join(([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+                         + ([f"no {', '.join(missing)}"] if missing else []))
+        raise DistillError(f"store {root}: {INDEX} has {what}; {hint}")
+    if index["kind"] not in KINDS:
+        raise DistillError(f"store {root}: unknown store kind {index['kind']!r}; {hint}")
+    if index["backend"] not in BACKENDS:
+        raise DistillError(f"store {root}: unknown backend {index['backend']!r}; {hint}")
+    _check_entries(root, index)
+    check_params(root, index)
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return type(value) is int and value >= low
+
+
 def _check_entries(root: Path, index: dict[str, Any]) -> None:
     """The index's shard list is one the writers could have written: plain, distinct names whose
-    rows add up to the store's."""
+    rows add up to the store's, each entry with exactly its version's keys (a version ≥ 2 entry
+    without its checksums is refused, not read unchecked)."""
+    hint = f"the index is corrupt: {index_hint(root, index.get('kind'))}"
     try:
         names = [entry["name"] for entry in index["shards"]]
         rows = sum(int(entry["rows"]) for entry in index["shards"])
@@ -492,6 +665,8 @@ def _check_entries(root: Path, index: dict[str, Any]) -> None:
         raise DistillError(f"store {root}: {INDEX} lacks shard names, rows, arrays or params; "
                            "rerun the stage that writes it") from None
     for name in names:
+        if not isinstance(name, str):
+            raise DistillError(f"store {root}: {INDEX} names a shard {name!r}, not a file name; {hint}")
         safe_child(root, name)
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -500,6 +675,156 @@ def _check_entries(root: Path, index: dict[str, Any]) -> None:
     if rows != total:
         raise DistillError(f"store {root}: {INDEX}'s shards hold {rows} rows, it says {total}; "
                            "the index is corrupt: rerun the stage that writes it")
+    arrays = index["arrays"]
+    if not isinstance(arrays, dict) or not arrays or not isinstance(index["params"], dict):
+        raise DistillError(f"store {root}: {INDEX}'s arrays or params are not what a writer writes; {hint}")
+    version = index["format_version"]
+    wanted = ENTRY_KEYS if version >= 2 else ENTRY_KEYS_V1
+    for entry in index["shards"]:
+        where = f"store {root}: {INDEX}'s entry of shard {entry['name']}"
+        if set(entry) != wanted:
+            what = sorted(set(entry) ^ wanted)
+            raise DistillError(f"{where} has or lacks {', '.join(what)} (format version {version} entries hold "
+                               f"{', '.join(sorted(wanted))}); {hint}")
+        if not (_is_int(entry["rows"], 1) and _is_int(entry["bytes"]) and isinstance(entry["sha256"], str)):
+            raise DistillError(f"{where} has rows {entry['rows']!r}, bytes {entry['bytes']!r}; {hint}")
+        if version < 2:
+            continue
+        chunk_rows, sums = entry["chunk_rows"], entry["crc32"]
+        if not _is_int(chunk_rows, 1):
+            raise DistillError(f"{where} has chunk_rows {chunk_rows!r}; {hint}")
+        chunks = -(-entry["rows"] // chunk_rows)
+        if not isinstance(sums, dict) or set(sums) != set(arrays):
+            raise DistillError(f"{where} has checksums of {sorted(sums) if isinstance(sums, dict) else sums!r}, "
+                               f"the index's arrays are {sorted(arrays)}; {hint}")
+        for name, crcs in sums.items():
+            if (not isinstance(crcs, list) or len(crcs) != chunks
+                    or not all(_is_int(c) and c < 2 ** 32 for c in crcs)):
+                raise DistillError(f"{where} has {len(crcs) if isinstance(crcs, list) else crcs!r} checksums of "
+                                   f"{name}, its {entry['rows']} rows make {chunks} chunks of {chunk_rows}; {hint}")
+    if not _is_int(index["bytes"]) or index["bytes"] != sum(e["bytes"] for e in index["shards"]):
+        raise DistillError(f"store {root}: {INDEX} says bytes {index['bytes']!r}, its shards' add up to "
+                           f"{sum(e['bytes'] for e in index['shards'])}; {hint}")
+
+
+def _mismatch(root: Path, param: str, value: Any, data: str, expected: Any, hint: str) -> DistillError:
+    return DistillError(f"store {root}: {INDEX} says {param} = {value!r}, but {data} gives {expected!r}; {hint}")
+
+
+def check_params(root: Path, index: dict[str, Any]) -> None:
+    """The parameters agree with the arrays they describe: draws, k and the temperature grid's length
+    with the arrays' shapes, seq_len and the vocabulary with every array, rows and chunking with the
+    shard list, the cache temperature with the grid. One line naming the parameter and both values.
+    (What the data cannot tell, such as which temperature or seed drew a sample, a version-4 index's
+    digest guards.)"""
+    kind, params, arrays, shards = index["kind"], index["params"], index["arrays"], index["shards"]
+    version = index["format_version"]
+    hint = f"the index does not describe its data: {index_hint(root, kind)}"
+
+    for name, spec in arrays.items():
+        try:
+            ok = (set(spec) == {"dtype", "shape"} and isinstance(spec["dtype"], str)
+                  and np.dtype(spec["dtype"]).name == spec["dtype"] and isinstance(spec["shape"], list)
+                  and all(_is_int(n, 1) for n in spec["shape"]))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise DistillError(f"store {root}: {INDEX} describes array {name} as {spec!r}; {hint}")
+
+    def need(name: str, check=lambda v: _is_int(v, 1)) -> Any:
+        value = params.get(name)
+        if not check(value):
+            raise DistillError(f"store {root}: {INDEX}'s params have {name} = {value!r}; {hint}")
+        return value
+
+    def shape(array: str, axis: int) -> int | None:
+        spec = arrays.get(array)
+        return spec["shape"][axis] if spec is not None and len(spec["shape"]) > axis else None
+
+    seq_len = need("seq_len")
+    for name, spec in arrays.items():
+        if spec["shape"][0] != seq_len:
+            raise _mismatch(root, "seq_len", seq_len, f"array {name}'s shape {spec['shape']}", spec["shape"][0], hint)
+    chunk_rows = params.get("chunk_rows")
+    if version >= 2 or chunk_rows is not None:
+        need("chunk_rows")
+        for entry in shards:
+            if entry.get("chunk_rows", chunk_rows) != chunk_rows:
+                raise _mismatch(root, "chunk_rows", chunk_rows, f"shard {entry['name']}'s entry",
+                                entry["chunk_rows"], hint)
+    if "rows_per_shard" in params or kind != "tokens":
+        per_shard = need("rows_per_shard")
+        for j, entry in enumerate(shards):
+            full = j < len(shards) - 1
+            if entry["rows"] > per_shard or (full and entry["rows"] != per_shard):
+                raise _mismatch(root, "rows_per_shard", per_shard, f"shard {entry['name']}'s rows",
+                                entry["rows"], hint)
+            if entry["name"] != shard_name(j, index["backend"]):
+                raise DistillError(f"store {root}: {INDEX} lists shard {entry['name']} as shard {j}; {hint}")
+    if "vocab_size" in params or kind != "tokens":
+        vocab = need("vocab_size")
+        for name in ("input_ids", "topk_ids", "sample_ids", "tail_sample_ids"):
+            if name in arrays and arrays[name]["dtype"] != token_dtype(vocab).name:
+                raise _mismatch(root, "vocab_size", vocab, f"the dtype of {name}", arrays[name]["dtype"], hint)
+    if kind == "tokens":
+        if "stride" in params and params["stride"] != seq_len - 1:
+            raise _mismatch(root, "stride", params["stride"], "seq_len - 1", seq_len - 1, hint)
+        if "target_tokens" in index and index["target_tokens"] != index["rows"] * (seq_len - 1):
+            raise _mismatch(root, "target_tokens", index["target_tokens"], "rows x (seq_len - 1)",
+                            index["rows"] * (seq_len - 1), hint)
+        return
+
+    # a stage-one store: which arrays it holds follows from kind and params, and their shapes from those
+    rows = need("rows")
+    if rows != index["rows"]:
+        raise _mismatch(root, "params.rows", rows, "the shard list", index["rows"], hint)
+    for fact, per_row in (("tokens", seq_len), ("target_tokens", seq_len - 1)):
+        if fact in index and index[fact] != rows * per_row:
+            raise _mismatch(root, fact, index[fact], f"rows x {per_row}", rows * per_row, hint)
+    grid = need("temperature_grid", lambda v: isinstance(v, list) and v and all(
+        type(t) in (int, float) and t > 0 for t in v))
+    if grid != sorted(set(grid)):
+        raise DistillError(f"store {root}: {INDEX}'s temperature_grid {grid} is not sorted and distinct; {hint}")
+    temperature = need("temperature", lambda v: type(v) in (int, float) and v > 0)
+    if temperature not in grid:
+        raise DistillError(f"store {root}: {INDEX}'s cache temperature {temperature:g} is not in its temperature_grid "
+                           f"({', '.join(f'{t:g}' for t in grid)}); {hint}")
+    logprob_dtype = params.get("logprob_dtype", "float16")
+    expected = {name: None for name in ("input_ids", "loss_mask") if name in arrays}
+    if kind == "topk":
+        top_k = need("top_k")
+        expected |= {"topk_ids": top_k, "topk_logprobs": top_k}
+    draws, prefix = None, None
+    if kind == "sampled":
+        draws, prefix = need("samples"), "sample"
+    elif "tail_samples" in params:
+        draws, prefix = need("tail_samples"), "tail_sample"
+    if draws is not None:
+        with_logprobs = need("sample_logprobs", lambda v: type(v) is bool)
+        need("seed", lambda v: _is_int(v))
+        expected |= {f"{prefix}_ids": draws, f"{prefix}_counts": draws}
+        if with_logprobs:
+            expected[f"{prefix}_logprobs"] = draws
+        counts = arrays.get(f"{prefix}_counts")
+        if counts is not None and counts["dtype"] != ("uint8" if draws < 256 else "uint16"):
+            raise _mismatch(root, f"{prefix}s", draws, f"the dtype of {prefix}_counts", counts["dtype"], hint)
+    expected |= {"logsumexp": len(grid), "target_logprob": None}
+    if kind == "topk":
+        expected["tail_logmass"] = len(grid)
+    if set(arrays) != set(expected):
+        odd = sorted(set(arrays) ^ set(expected))
+        raise DistillError(f"store {root}: {INDEX}'s params call for arrays {', '.join(sorted(expected))}; "
+                           f"its arrays differ in {', '.join(odd)}; {hint}")
+    params_of = {"topk_ids": "top_k", "topk_logprobs": "top_k", "logsumexp": "temperature_grid (length)",
+                 "tail_logmass": "temperature_grid (length)"}
+    for name, width in expected.items():
+        if width is not None and shape(name, 1) != width:
+            param = params_of.get(name, "samples" if prefix == "sample" else "tail_samples")
+            value = grid if param.startswith("temperature_grid") else params.get(param)
+            raise _mismatch(root, param, value, f"array {name}'s shape {arrays[name]['shape']}", shape(name, 1), hint)
+    for name in ("topk_logprobs", f"{prefix}_logprobs"):
+        if name in arrays and arrays[name]["dtype"] != logprob_dtype:
+            raise _mismatch(root, "logprob_dtype", logprob_dtype, f"the dtype of {name}", arrays[name]["dtype"], hint)
 
 
 def param_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -520,20 +845,28 @@ def partial_index_path(root: Path, job: int, jobs: int) -> Path:
 
 
 def read_partial_index(path: Path) -> dict[str, Any]:
-    """A partial index (``params``, ``backend``, ``arrays``, ``shards``), or ``{}`` where there is none
-    or it does not parse (a job killed before its first record)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    """A partial index (``params``, ``backend``, ``arrays``, ``shards``), or ``{}`` where there is none.
+    Its digest is checked (one written before version 4 has none and is read as it is); a damaged or
+    edited one is one line saying how to get it back."""
+    if not path.is_file():
         return {}
+    hint = (f"delete it and rerun job {int(m.group(1))} of {int(m.group(2))} (it recomputes that job's shards)"
+            if (m := PARTIAL_NAME.match(path.name)) else "delete it and rerun the stage-one job that wrote it")
+    body, _ = read_sealed(path, f"partial index {path}", hint)
+    keys = set(body) - {DIGEST}
+    if keys != PARTIAL_KEYS or not isinstance(body["shards"], list) or not isinstance(body["params"], dict):
+        what = ", ".join(sorted(keys ^ PARTIAL_KEYS)) or "shards or params"
+        raise DistillError(f"partial index {path} is damaged (keys: {what}); {hint}")
+    return body
 
 
 def write_partial_index(path: Path, params: dict[str, Any], backend: str, arrays: dict[str, Any],
                         shards: list[dict[str, Any]]) -> None:
-    """Record a job's finished shards, atomically (called after each shard is renamed into place)."""
+    """Record a job's finished shards, atomically and sealed with a digest (called after each shard
+    is renamed into place)."""
     body = {"params": params, "backend": backend, "arrays": arrays,
             "shards": sorted(shards, key=lambda e: e["name"])}
-    atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, sealed_text(body))
 
 
 def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
@@ -622,7 +955,12 @@ def merge_partial_indexes(root: Path, kind: str | None = None) -> Path:
     ``kind`` defaults to what the arrays say: ``sampled`` where they hold ``sample_ids``, else ``topk``."""
     if not root.is_dir():
         raise DistillError(f"{root} does not exist; run distill teacher first")
-    parts = [read_partial_index(p) for p in sorted(root.glob(PARTIAL_GLOB))]
+    paths = sorted(root.glob(PARTIAL_GLOB))
+    parts = [read_partial_index(p) for p in paths]  # each one's digest checked
+    unsealed = [p.name for p, body in zip(paths, parts) if body and DIGEST not in body]
+    if unsealed:
+        print(f"distill: {root}: {len(unsealed)} partial index(es) ({', '.join(unsealed[:3])}) were written before "
+              f"format version {FORMAT_VERSION} and carry no {DIGEST}: merged unchecked", file=sys.stderr)
     parts = [p for p in parts if p]
     if not parts:
         if (root / INDEX).exists():
@@ -653,6 +991,7 @@ def merge_partial_indexes(root: Path, kind: str | None = None) -> Path:
     kind = kind or ("sampled" if "sample_ids" in arrays else "topk")
     index = new_index(kind, backend, params, shards, arrays=arrays,
                       tokens=rows * params["seq_len"], target_tokens=rows * (params["seq_len"] - 1))
+    check_index(root, index, sealed=True)  # what the partial indexes say must describe their shards
     write_index(root, index)
     print(f"{root}: merged {n_total} shards into {INDEX}")
     return root
@@ -686,9 +1025,9 @@ def repair(root: str | os.PathLike) -> Repair:
     index, broken = None, False
     if (root / INDEX).exists():
         try:
-            index = json.loads((root / INDEX).read_text())
-            _check_entries(root, index)
-        except (json.JSONDecodeError, DistillError):
+            index, sealed = read_sealed(root / INDEX, INDEX, "")
+            check_index(root, index, sealed)
+        except DistillError:
             index, broken = None, True  # rebuilt by merge from the partial indexes
     parts = {p: read_partial_index(p) for p in sorted(root.glob(PARTIAL_GLOB)) if PARTIAL_NAME.match(p.name)}
     parts = {p: body for p, body in parts.items() if body}

@@ -55,15 +55,20 @@ class GridTemperature:
     index: int  # its place in the grid
 
     @classmethod
-    def of_store(cls, params: dict[str, Any], temperature: float, option: str = "--temperature") -> "GridTemperature":
-        """The store's grid positions for ``temperature``; a one-line error naming ``option`` when the
-        store cannot give it exactly."""
+    def of_store(cls, params: dict[str, Any], temperature: float, option: str = "--temperature",
+                 store: Any = None) -> "GridTemperature":
+        """The store's grid positions for ``temperature``; a one-line error naming the store (``store``,
+        its path, where given), ``option`` and the grid when the store cannot give it exactly."""
         grid = [float(t) for t in params["temperature_grid"]]
-        if temperature not in grid:
-            raise DistillError(f"{option} {temperature:g} is not in the store's grid "
-                               f"({', '.join(f'{t:g}' for t in grid)}); pick one of those or rerun stage one "
-                               "with it in --temperature-grid")
+        shown = ", ".join(f"{t:g}" for t in grid)
+        name = f"store {store}: " if store is not None else ""
         cache = float(params["temperature"])
+        if cache not in grid:  # open_store refuses such an index; a hand-made params dict lands here
+            raise DistillError(f"{name}the cache temperature {cache:g} is not in the store's grid ({shown}); the "
+                               "index is damaged: rebuild it (distill merge, or rerun stage one)")
+        if temperature not in grid:
+            raise DistillError(f"{name}{option} {temperature:g} is not in the store's grid ({shown}); pick one of "
+                               "those or rerun stage one with it in --temperature-grid")
         return cls(cache, grid.index(cache), float(temperature), grid.index(temperature))
 
 
@@ -73,8 +78,8 @@ class StoredTopK:
     fields = ("topk_ids", "topk_logprobs", "logsumexp", "tail_logmass")
 
     def __init__(self, store_params: dict[str, Any], temperature: float, tail: str = "tail",
-                 direction: str = "forward", option: str = "--temperature"):
-        self.grid = GridTemperature.of_store(store_params, temperature, option)
+                 direction: str = "forward", option: str = "--temperature", store: Any = None):
+        self.grid = GridTemperature.of_store(store_params, temperature, option, store)
         self.temperature, self.tail, self.direction = temperature, tail, direction
 
     def positions(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -137,14 +142,15 @@ class StoredSampled:
     IMPORTANCE = ("unbiased", "self-normalised")
 
     def __init__(self, store_kind: str, store_params: dict[str, Any], temperature: float,
-                 direction: str = "forward", importance: str = "unbiased", option: str = "--temperature"):
+                 direction: str = "forward", importance: str = "unbiased", option: str = "--temperature",
+                 store: Any = None):
         if direction != "forward":
             raise DistillError("--direction reverse needs the teacher's probability wherever the student puts mass, "
                                "and drawn targets know it only at the drawn ids (reverse KL of a sampled target is "
                                "neither finite nor unbiased); use --direction forward, or a top-k store")
         if importance not in self.IMPORTANCE:
             raise DistillError(f"importance must be one of {', '.join(self.IMPORTANCE)}, got {importance!r}")
-        self.grid = GridTemperature.of_store(store_params, temperature, option)
+        self.grid = GridTemperature.of_store(store_params, temperature, option, store)
         self.temperature, self.importance = temperature, importance
         self.hybrid = store_kind == "topk"
         self.prefix = "tail_sample" if self.hybrid else "sample"
@@ -194,9 +200,9 @@ class StoredSampled:
 
 def stored_teacher(store_kind: str, store_params: dict[str, Any], temperature: float, tail: str = "tail",
                    direction: str = "forward", importance: str = "unbiased",
-                   option: str = "--temperature") -> TeacherSignal:
+                   option: str = "--temperature", store: Any = None) -> TeacherSignal:
     """The signal a store gives: draws (a ``sampled`` store, or a hybrid one under ``--tail tail``),
-    or the exact top-k with its tail treatment."""
+    or the exact top-k with its tail treatment. ``store`` (its path) names it in errors."""
     if store_kind == "sampled" or (store_params.get("tail_samples") and tail == "tail"):
-        return StoredSampled(store_kind, store_params, temperature, direction, importance, option)
-    return StoredTopK(store_params, temperature, tail, direction, option)
+        return StoredSampled(store_kind, store_params, temperature, direction, importance, option, store)
+    return StoredTopK(store_params, temperature, tail, direction, option, store)

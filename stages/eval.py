@@ -417,7 +417,7 @@ def agreement_teacher(config: EvalConfig):
         raise DistillError(f"agreement store {store.root} is a '{store.kind}' store; the agreement task needs a "
                            "topk store: run distill teacher --kind topk over held-out tokens")
     return store, StoredTopK(store.params, config.agreement_temperature, "tail", "forward",
-                             option="--agreement-temperature")
+                             option="--agreement-temperature", store=store.root)
 
 
 def check_task_files(config: EvalConfig) -> None:

@@ -339,7 +339,7 @@ def setup(config: TrainConfig) -> Run | None:
     teacher: TeacherSignal | None = None
     if teacher_source == "store" and alpha < 1.0:  # at α = 1 only the store's tokens are read: its T does not matter
         teacher = stored_teacher(train_store.kind, train_store.params, config.temperature, config.tail,
-                                 config.direction, config.importance)
+                                 config.direction, config.importance, store=train_store.root)
 
     device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
     if device.type == "cuda":

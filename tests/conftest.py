@@ -102,6 +102,18 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+def reseal_index(path: Path, edit) -> Path:
+    """Apply ``edit(body)`` to the index (or partial index) at ``path`` and write it back sealed with a
+    fresh digest: what a tool that rewrites the index on purpose writes (so that the checks behind
+    the digest are what a test reaches). Returns ``path``."""
+    from pipeline.store import sealed_text
+
+    body = json.loads(Path(path).read_text())
+    edit(body)
+    Path(path).write_text(sealed_text(body))
+    return Path(path)
+
+
 def tree_digest(root: Path) -> str:
     """sha256 of every file's relative path and bytes: equal digests mean byte-identical trees."""
     digest = hashlib.sha256()

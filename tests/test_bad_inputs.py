@@ -16,8 +16,8 @@ from typing import Callable
 import pytest
 import torch
 
-from tests.conftest import (TOKENIZER, chat_tokenizer, make_teacher, one_line_error, run_cli, tree_digest,
-                            write_corpus, write_tiny_model_config)
+from tests.conftest import (TOKENIZER, chat_tokenizer, make_teacher, one_line_error, reseal_index, run_cli,
+                            tree_digest, write_corpus, write_tiny_model_config)
 
 ROWS = ("--rows-per-shard", "8", "--chunk-rows", "4")
 
@@ -82,9 +82,7 @@ class Case:
         if isinstance(edit, str):
             (store / index).write_text(edit)
         else:
-            body = json.loads((store / index).read_text())
-            edit(body)
-            (store / index).write_text(json.dumps(body))
+            reseal_index(store / index, edit)  # sealed again: the checks behind the digest are what is tested
         return store
 
     def teacher_args(self, *flags) -> list:

@@ -17,7 +17,7 @@ import pytest
 from pipeline.errors import DistillError
 from pipeline.loader import ChunkReader
 from pipeline.store import open_store
-from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli, tree_digest, write_corpus
+from tests.conftest import TOKENIZER, make_teacher, one_line_error, reseal_index, run_cli, tree_digest, write_corpus
 
 pytestmark = pytest.mark.faults
 
@@ -180,9 +180,7 @@ def test_truncated_deleted_duplicated_and_unparsable(stores, tmp_path, kind):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
         def list_twice(root):
-            index = json.loads((root / "index.json").read_text())
-            index["shards"][1] = dict(index["shards"][0])
-            (root / "index.json").write_text(json.dumps(index))
+            reseal_index(root / "index.json", lambda index: index["shards"].__setitem__(1, dict(index["shards"][0])))
 
         def unparsable(root):
             (root / "index.json").write_text((root / "index.json").read_text()[:-30])

@@ -7,6 +7,7 @@ import zarr
 
 from pipeline import store
 from pipeline.errors import DistillError
+from tests.conftest import reseal_index
 
 
 def arrays(rows=37, seq=9, k=3):
@@ -17,10 +18,13 @@ def arrays(rows=37, seq=9, k=3):
     }
 
 
+PARAMS = {"seq_len": 9, "chunk_rows": 8}
+
+
 def write_store(root, backend, data):
     root.mkdir()
     entry = store.write_shard(root, store.shard_name(0, backend), data, backend, chunk_rows=8)
-    index = store.new_index("tokens", backend, {"seq_len": 9}, [entry],
+    index = store.new_index("tokens", backend, PARAMS, [entry],
                             arrays={k: {"dtype": v.dtype.name, "shape": list(v.shape[1:])} for k, v in data.items()})
     store.write_index(root, index)
     return store.open_store(root)
@@ -93,10 +97,9 @@ def test_missing_shard_and_missing_index(tmp_path):
 
 @pytest.mark.parametrize("name", ["../evil.arrow", "/etc/passwd", "..", "a/b.arrow"])
 def test_index_cannot_point_outside_the_store(tmp_path, name):
+    """Even an index sealed with a matching digest (a hostile one) cannot name a file outside."""
     write_store(tmp_path / "s", "arrow", arrays())
-    index = json.loads((tmp_path / "s" / "index.json").read_text())
-    index["shards"][0]["name"] = name
-    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    reseal_index(tmp_path / "s" / "index.json", lambda index: index["shards"][0].update(name=name))
     with pytest.raises(DistillError, match="not a plain file name"):
         store.open_store(tmp_path / "s")
 
@@ -124,22 +127,22 @@ def test_chunks_read_back_the_whole_shard(tmp_path, backend):
 def test_existing_store_policy(tmp_path):
     data = arrays()
     s = write_store(tmp_path / "s", "zarr", data)
-    assert store.existing_store(tmp_path / "new", "tokens", "zarr", {"seq_len": 9}, False) == "write"
-    assert store.existing_store(s.root, "tokens", "zarr", {"seq_len": 9}, False) == "done"
+    assert store.existing_store(tmp_path / "new", "tokens", "zarr", PARAMS, False) == "write"
+    assert store.existing_store(s.root, "tokens", "zarr", PARAMS, False) == "done"
     with pytest.raises(DistillError, match="seq_len: 9 vs 10.*--overwrite"):
-        store.existing_store(s.root, "tokens", "zarr", {"seq_len": 10}, False)
+        store.existing_store(s.root, "tokens", "zarr", {**PARAMS, "seq_len": 10}, False)
     with pytest.raises(DistillError, match="backend: 'zarr' vs 'arrow'"):
-        store.existing_store(s.root, "tokens", "arrow", {"seq_len": 9}, False)
-    assert store.existing_store(s.root, "tokens", "zarr", {"seq_len": 10}, True) == "replace"
+        store.existing_store(s.root, "tokens", "arrow", PARAMS, False)
+    assert store.existing_store(s.root, "tokens", "zarr", {**PARAMS, "seq_len": 10}, True) == "replace"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(DistillError, match="not an empty directory or a store"):
-        store.existing_store(tmp_path / "other", "tokens", "zarr", {"seq_len": 9}, False)
+        store.existing_store(tmp_path / "other", "tokens", "zarr", PARAMS, False)
     # unfinished work of the same parameters is continued, not refused
     part = store.partial_index_path(tmp_path / "part", 0, 2)
     part.parent.mkdir()
-    store.write_partial_index(part, {"seq_len": 9}, "zarr", {}, [])
-    assert store.existing_store(tmp_path / "part", "tokens", "zarr", {"seq_len": 9}, False) == "write"
+    store.write_partial_index(part, PARAMS, "zarr", {}, [])
+    assert store.existing_store(tmp_path / "part", "tokens", "zarr", PARAMS, False) == "write"
 
 
 @pytest.mark.parametrize("backend", store.BACKENDS)
@@ -153,7 +156,7 @@ def test_chunk_checksums_are_the_decoded_bytes_and_version_1_stores_still_read(t
     # A version-1 index (no checksums) is read as before, with one warning that reads are unchecked.
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     index["format_version"] = 1
-    index["params"]["chunk_rows"] = 8  # where version 1 kept it
+    del index[store.DIGEST]  # version 1 had none
     for e in index["shards"]:
         del e["crc32"], e["chunk_rows"]
     (tmp_path / "s" / "index.json").write_text(json.dumps(index))
@@ -162,7 +165,7 @@ def test_chunk_checksums_are_the_decoded_bytes_and_version_1_stores_still_read(t
         back = old.read_shard(0, verify=True)
     np.testing.assert_array_equal(back["topk_logprobs"], data["topk_logprobs"])
     assert capsys.readouterr().err.count("reads are not checked") == 1
-    index["format_version"] = 4
+    index["format_version"] = 5
     (tmp_path / "s" / "index.json").write_text(json.dumps(index))
-    with pytest.raises(DistillError, match="format version 4, this distill reads 1, 2, 3; upgrade distill"):
+    with pytest.raises(DistillError, match="format version 5, this distill reads 1, 2, 3, 4; upgrade distill"):
         store.open_store(tmp_path / "s")

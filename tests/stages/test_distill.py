@@ -15,7 +15,7 @@ from pipeline.store import open_store
 from pipeline.teacher_signal import OnlineTeacher, StoredTopK
 from pipeline.topk import retemper
 from stages.student import DistillStep
-from tests.conftest import ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, run_cli, spawn
+from tests.conftest import ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, reseal_index, run_cli, spawn
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +102,8 @@ def test_retempered_store_values_equal_fresh_teacher_at_t2(stage1):
 def test_offline_training_never_builds_the_teacher(stage1, tmp_path, monkeypatch):
     """The store remembers its teacher's path; offline training must work with that path gone."""
     shutil.copytree(stage1 / "topk", tmp_path / "topk")
-    index = json.loads((tmp_path / "topk" / "index.json").read_text())
-    index["params"]["teacher"] = str(tmp_path / "deleted-teacher")
-    (tmp_path / "topk" / "index.json").write_text(json.dumps(index))
+    reseal_index(tmp_path / "topk" / "index.json",
+                 lambda index: index["params"].update(teacher=str(tmp_path / "deleted-teacher")))
     import transformers
 
     built = []
@@ -197,16 +196,14 @@ def test_bad_input(stage1, tmp_path):
     assert "not in the store's grid (1, 2)" in msg
     # A store of another tokenizer: its recorded hash differs.
     shutil.copytree(stage1 / "topk", tmp_path / "other")
-    index = json.loads((tmp_path / "other" / "index.json").read_text())
-    index["params"]["tokenizer_hash"] = "0" * 64
-    (tmp_path / "other" / "index.json").write_text(json.dumps(index))
+    reseal_index(tmp_path / "other" / "index.json", lambda index: index["params"].update(tokenizer_hash="0" * 64))
     args = kd_args(stage1, tmp_path / "b", 2, "--tokenizer", TOKENIZER)
     args[args.index(stage1 / "topk")] = tmp_path / "other"
     assert "another tokenizer" in one_line_error(run_cli(*args))
     # Another vocabulary size.
-    index["params"] |= {"tokenizer_hash": json.loads((stage1 / "topk" / "index.json").read_text())["params"]["tokenizer_hash"],
-                        "vocab_size": 9000}
-    (tmp_path / "other" / "index.json").write_text(json.dumps(index))
+    reseal_index(tmp_path / "other" / "index.json", lambda index: index["params"].update(
+        tokenizer_hash=json.loads((stage1 / "topk" / "index.json").read_text())["params"]["tokenizer_hash"],
+        vocab_size=9000))
     assert "vocab size 9000" in one_line_error(run_cli(*args))
     # Sequence length above the student's positions (128).
     msg = one_line_error(run_cli("student", "--train-store", stage1 / "long", "--model", stage1 / "student.json",

@@ -48,7 +48,7 @@ def test_stage_one_copies_the_mask_and_keeps_every_position(task):
     tokens = open_store(task / "tokens").read_rows(0, open_store(task / "tokens").rows)
     for name in ("sampled", "topk"):
         store = open_store(task / name)
-        assert store.params["format"] == "prompt-response" and store.index["format_version"] == 3
+        assert store.params["format"] == "prompt-response" and store.index["format_version"] == 4
         assert store.index["arrays"]["loss_mask"] == {"dtype": "uint8", "shape": [32]}
         data = store.read_rows(0, store.rows)
         np.testing.assert_array_equal(data["loss_mask"], tokens["loss_mask"])

@@ -34,7 +34,7 @@ def test_rows_are_the_packed_token_stream(tmp_path, small_corpus, heldout_docs, 
     assert 0 <= s.index["dropped_tokens"] < 63
     assert s.params["tokenizer_hash"] and s.params["corpus_fingerprint"]
     assert list(s.index["arrays"]) == ["input_ids"] and "format" not in s.params  # a text store: no mask
-    assert s.index["format_version"] == 2
+    assert s.index["format_version"] == 4
     assert (tmp_path / "s" / "config.json").is_file()
 
 
@@ -112,7 +112,7 @@ def test_prompt_response_mask_is_one_exactly_on_response_targets(tmp_path, heldo
     assert result.exit_code == 0, result.output
     s = open_store(tmp_path / "s", kind="tokens")
     assert s.params["format"] == "prompt-response" and s.index["arrays"]["loss_mask"]["dtype"] == "uint8"
-    assert s.index["format_version"] == 3  # a distill that predates the mask refuses it
+    assert s.index["format_version"] == 4  # a distill that predates the mask (or the digest) refuses it
     data = s.read_rows(0, s.rows)
     assert (data["loss_mask"][:, -1] == 0).all()  # its target is the next row's first token
     stream, on_target = flags_stream(s)
