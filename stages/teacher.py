@@ -478,7 +478,8 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
                 drawn = sample_teacher(logits, draws, config.temperature, keys[chunk], exclude, kernel)
                 summary[f"{prefix}_ids"], summary[f"{prefix}_counts"] = drawn["sample_ids"], drawn["sample_counts"]
                 if config.sample_logprobs:
-                    summary[f"{prefix}_logprobs"] = sampled_logprobs(logits, drawn["sample_ids"], config.temperature)
+                    summary[f"{prefix}_logprobs"] = sampled_logprobs(logits, drawn["sample_ids"], drawn["sample_counts"],
+                                                                       config.temperature)
             for name in results:
                 results[name].append(summary[name])
         view = slice(start, start + b)
