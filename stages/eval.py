@@ -39,7 +39,7 @@ from pipeline.generation import qa_under_rules
 from pipeline.io import atomic_write_text
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device
 from pipeline.rules import Rules, load_rules
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
 COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
 QA_TASKS = ("nq", "webq", "triviaqa", "custom")
@@ -437,7 +437,7 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, tea
 
     params = store.params
     t = config.agreement_temperature
-    check_store_fits(store, "agreement store", vocab=scorer.vocab, positions=scorer.max_length)
+    check_store_fits(store, "agreement store", tokenizer_hash(scorer.tokenizer), scorer.vocab, scorer.max_length)
     rows = config.limit or store.rows
     agree = kl = positions = 0.0
     with tqdm(total=min(rows, store.rows) * params["seq_len"], desc="agreement", unit="tok", unit_scale=True,
@@ -485,6 +485,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(str(model_dir))
+    if agreement:  # ids of another tokenizer mean other tokens, even where there are as many of them
+        check_store_fits(agreement[0], "agreement store", tokenizer_hash(tokenizer), vocab_size(tokenizer))
     rules = None
     if config.rules:
         spec = load_rules(config.rules)
