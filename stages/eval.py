@@ -470,8 +470,8 @@ def training_facts(model_dir: Path) -> dict[str, Any]:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError:
                 continue
-            keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "teacher_signal", "tokens",
-                    "step", "heldout_loss", "heldout_ppl", "seed", "init")
+            keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "teacher_signal", "store_kind",
+                    "tokens", "step", "heldout_loss", "heldout_ppl", "seed", "init")
             return {k: data[k] for k in keep if k in data}
     return {}
 

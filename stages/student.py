@@ -57,7 +57,7 @@ from pipeline.metrics import MetricsLog
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
 from pipeline.store import Store, open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
-from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal, stored_teacher
+from pipeline.teacher_signal import OnlineTeacher, StoredSampled, StoredTopK, TeacherSignal, stored_teacher
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
@@ -596,6 +596,24 @@ def leave_preempted(run: Run, step: int, signal_name: str) -> None:
     preempt.leave(line, run.world)
 
 
+def signal_facts(teacher: TeacherSignal | None, train_store: Store) -> dict[str, Any]:
+    """What ``metrics.json`` says of the teacher signal a run used: ``teacher_signal`` (its class, or
+    'none'), ``store_kind`` ('topk', 'sampled' or 'hybrid' — a ``topk`` store with drawn tails —;
+    None for an online teacher or none) and ``tail`` (the top-k tail treatment applied; None where
+    there is none: drawn targets of a ``sampled`` store, an online teacher, CE alone). A hybrid
+    store under ``--tail tail`` is read as draws, its tail mass spread over them: ``tail`` then."""
+    facts = {"teacher_signal": type(teacher).__name__ if teacher is not None else "none", "store_kind": None,
+             "tail": None}
+    if isinstance(teacher, (StoredSampled, StoredTopK)):
+        hybrid = train_store.kind == "topk" and bool(train_store.params.get("tail_samples"))
+        facts["store_kind"] = "hybrid" if hybrid else train_store.kind
+    if isinstance(teacher, StoredTopK):
+        facts["tail"] = teacher.tail
+    elif isinstance(teacher, StoredSampled) and teacher.hybrid:
+        facts["tail"] = "tail"
+    return facts
+
+
 def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     """Last checkpoint, final held-out evaluation, the saved model and metrics.json. A pre-emption
     signal before the model is saved stops it after the checkpoint (the rerun redoes the rest)."""
@@ -611,9 +629,8 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "seed": config.seed, "init": config.model,  # the config or the earlier model it started from
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
-             "tail": config.tail, "direction": config.direction,
-             "teacher_signal": type(teacher).__name__
-             if (teacher := getattr(run.wrapped, "module", run.wrapped).teacher) is not None else "none"}
+             "direction": config.direction,
+             **signal_facts(getattr(run.wrapped, "module", run.wrapped).teacher, run.train_store)}
     if run.eval_store is not None:
         result = evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast, stop)
         if result is None:  # every rank stopped at the same batch, so each asks once more, alike

@@ -300,6 +300,45 @@ def fake_run(name, params, training, tasks_):
     return {"name": name, "model": f"/m/{name}", "parameters": params, "training": training, "tasks": tasks_}
 
 
+def test_report_says_which_store_and_tail_treatment_a_run_used(tmp_path):
+    """metrics.json's store_kind and tail, as stage two records them: a sampled store's draws have no
+    tail treatment, a hybrid store is named, an online teacher has no tail; a metrics.json written
+    before store_kind still reads as it did."""
+    store = {"alpha": 0.5, "teacher_source": "store", "temperature": 1.0}
+    runs = [
+        fake_run("sampled", 1_840_256, store | {"tail": None, "teacher_signal": "StoredSampled",
+                                               "store_kind": "sampled"}, {"heldout": {"ppl": 141.0}}),
+        fake_run("hybrid", 1_840_256, store | {"tail": "tail", "teacher_signal": "StoredSampled",
+                                              "store_kind": "hybrid"}, {"heldout": {"ppl": 142.0}}),
+        fake_run("hybrid-renorm", 1_840_256, store | {"temperature": 2.0, "tail": "renorm",
+                                                     "teacher_signal": "StoredTopK", "store_kind": "hybrid"},
+                 {"heldout": {"ppl": 143.0}}),
+        fake_run("topk", 1_840_256, store | {"tail": "residual-label", "teacher_signal": "StoredTopK",
+                                            "store_kind": "topk"}, {"heldout": {"ppl": 144.0}}),
+        fake_run("online", 1_840_256, store | {"teacher_source": "online", "tail": None,
+                                              "teacher_signal": "OnlineTeacher", "store_kind": None},
+                 {"heldout": {"ppl": 145.0}}),
+        fake_run("older-sampled", 1_840_256, store | {"tail": "tail", "teacher_signal": "StoredSampled"},
+                 {"heldout": {"ppl": 146.0}}),
+        fake_run("older-topk", 1_840_256, store | {"tail": "renorm"}, {"heldout": {"ppl": 147.0}}),
+    ]
+    paths = []
+    for r in runs:
+        paths.append(tmp_path / f"{r['name']}.json")
+        paths[-1].write_text(json.dumps(r))
+    result = run_cli("report", *paths, "--out", tmp_path / "report", "--teacher", "none")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| ")]
+    labels = {row.split(" | ")[0][2:]: row.split(" | ")[2:4] for row in rows[1:len(runs) + 1]}
+    assert labels == {"sampled": ["distilled (α=0.5, sampled store)", "1"],
+                      "hybrid": ["distilled (α=0.5, tail, hybrid store)", "1"],
+                      "hybrid-renorm": ["distilled (α=0.5, renorm, hybrid store)", "2"],
+                      "topk": ["distilled (α=0.5, residual-label, top-k store)", "1"],
+                      "online": ["distilled (α=0.5, online)", "1"],
+                      "older-sampled": ["distilled (α=0.5, sampled store)", "1"],
+                      "older-topk": ["distilled (α=0.5, renorm, top-k store)", "1"]}
+
+
 def test_report_table_and_figures(tmp_path):
     runs = [
         fake_run("teacher", 6_843_648, {"alpha": 1.0, "teacher_source": "none"},
