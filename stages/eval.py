@@ -2,8 +2,10 @@
 
 Held-out perplexity (per token and bits per byte), LAMBADA (last-word accuracy and perplexity),
 HellaSwag and StoryCloze (log-likelihood multiple choice, ``acc`` and ``acc_norm``), NQ-open,
-TriviaQA and WebQuestions (exact match, zero/one/few-shot), and agreement with a stored teacher
-(top-1 agreement and KL from a ``topk`` store). The completion tasks follow lm-evaluation-harness's
+TriviaQA and WebQuestions (exact match, zero/one/few-shot), a custom QA task (``--custom``), with
+``--rules`` the QA answers under rules as well (:func:`pipeline.generation.qa_under_rules`), and
+agreement with a stored teacher (top-1 agreement and KL from a ``topk`` store made with the model's
+tokenizer). The completion tasks follow lm-evaluation-harness's
 prompts and scoring; the QA tasks follow its ``nq_open``, ``triviaqa`` and ``webqs`` under
 ``--qa-format lm-eval`` (the default; webqs zero-shot only) or GPT-3's prompts under ``gpt3`` (see
 :mod:`pipeline.tasks`). ``tests/stages/test_lm_eval.py`` checks the agreement: same prompts,

@@ -6,8 +6,11 @@ setup → loop → finish, top to bottom. The loss is
 
 where the teacher comes from
 
-- a ``topk`` store (offline, the default use): the teacher's stored sparse predictions, re-tempered
-  exactly to T; the teacher's weights are never loaded;
+- a stage-one store (offline, the default use; the teacher's weights are never loaded): a
+  ``sampled`` store's draws (stage one's default) or a hybrid store's top-k plus drawn tail, the
+  draws reweighted to T where T is not the temperature they were drawn at
+  (:class:`pipeline.teacher_signal.StoredSampled`); or a ``topk`` store's sparse predictions,
+  re-tempered exactly to T, with ``--tail``'s treatment of the rest;
 - ``--teacher DIR`` (online): the teacher in memory, full vocabulary — the baseline offline mode is
   measured against;
 - nothing: a ``tokens`` store trains with cross-entropy alone (α = 1). This is how the shipped
@@ -68,7 +71,8 @@ PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be contin
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train_store: str = option("", "Store to train from: 'topk' (offline distillation) or 'tokens' (CE, or online).")
+    train_store: str = option("", "Store to train from: a stage-one store ('sampled', 'topk' or hybrid: offline "
+                              "distillation) or a 'tokens' store (CE, or online with --teacher).")
     eval_store: str = option("", "Held-out store for periodic evaluation of next-token loss (optional).")
     model: str = option("data/models/student.json", "Student: a model config file (scratch) or a local HF directory.")
     init: str = option("auto", "'auto' (weights when MODEL is a directory holding them, else scratch), 'scratch', "
@@ -79,7 +83,8 @@ class TrainConfig:
                                     "1 for a tokens store without --teacher).")
     temperature: float = option(1.0, "Distillation temperature T (offline: any temperature of the store's grid).")
     tail: str = option("tail", "Top-k teacher support: 'renorm', 'tail' (exact residual bucket; on a hybrid store, the "
-                       "tail mass spread over the drawn tail ids) or 'residual-label'.")
+                       "tail mass spread over the drawn tail ids) or 'residual-label'. Not read for a sampled "
+                       "store's draws.")
     direction: str = option("forward", "'forward' KL(teacher‖student) or 'reverse' KL(student‖teacher) (paper Eq. 1).")
     importance: str = option("unbiased", "Drawn targets at a temperature other than the store's: 'unbiased' "
                              "importance weights, or 'self-normalised' (lower variance, O(1/N) bias).")
