@@ -87,7 +87,8 @@ class TrainConfig:
                        "store's draws.")
     direction: str = option("forward", "'forward' KL(teacher‖student) or 'reverse' KL(student‖teacher) (paper Eq. 1).")
     importance: str = option("unbiased", "Drawn targets at a temperature other than the store's: 'unbiased' "
-                             "importance weights, or 'self-normalised' (lower variance, O(1/N) bias).")
+                             "importance weights, or 'self-normalised' (lower variance; biased, about 0.25/N on "
+                             "the shipped teacher from T=1 to 2, docs/DESIGN.md).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the store).")
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
