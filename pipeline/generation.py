@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.rules import RuleState, Rules
+from pipeline.rules import Rules
 from pipeline.sampling import position_keys, uniforms
 
 SAMPLES_PER_PROMPT_MAX = 1 << 16
@@ -102,8 +102,10 @@ class CausalLM:
 
 @torch.no_grad()
 def decode(lm: CausalLM, prompts: list[list[int]], keys: torch.Tensor, sampling: Sampling, budget: int,
-           eos: int | None, rules: Rules | None = None) -> list[Decoded]:
+           eos: int | None, rules: Rules | None = None, prompt_texts: list[str] | None = None) -> list[Decoded]:
     """Complete each prompt (token ids, BOS included where wanted) with up to ``budget`` tokens.
+    ``prompt_texts``: each prompt as text, where a banned phrase of ``rules`` may begin (a record's
+    text is prompt + completion); without them the completion is judged alone.
 
     Stops a row at EOS, at the budget, or (with ``rules``) where the rules allow no token or at a
     token holding the rules' ``stop`` text (finish 'stop', the token kept). The batch runs until its
@@ -120,7 +122,8 @@ def decode(lm: CausalLM, prompts: list[list[int]], keys: torch.Tensor, sampling:
     positions = (attention.cumsum(dim=1) - 1).clamp_(min=0)
     input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
     u = uniforms(keys.to(torch.int64), budget)  # [rows, budget] float64, step t's draw in column t
-    states = [RuleState() for _ in range(rows)] if rules is not None else None
+    states = [rules.state(prompt_texts[row] if prompt_texts else "") for row in range(rows)] \
+        if rules is not None else None
     results = [Decoded([], "") for _ in range(rows)]
     active = list(range(rows))
 

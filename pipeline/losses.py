@@ -2,7 +2,11 @@
 
 Position t of a row predicts token t+1, so a row of L tokens gives L-1 targets.
 
-Distillation against a sparse teacher (stage two). The store gives, per position, the teacher's
+Distillation against drawn targets (a ``sampled`` or hybrid store): :func:`sampled_kd`, forward KL
+against weights at the drawn ids whose expectation is the teacher's distribution, so the gradient
+is unbiased.
+
+Distillation against a top-k teacher (stage two). The store gives, per position, the teacher's
 top-k ids and log-probs at temperature T and the exact log of the mass outside them (the tail).
 Each ``tail`` mode turns that into a teacher distribution ``p`` and says which student distribution
 ``q`` it is compared with — never a silent renormalisation:

@@ -1,4 +1,6 @@
-"""Build or load causal LMs: from a config file (scratch) or any local Hugging Face directory."""
+"""Causal LMs: build one from a config file (scratch) or load any local Hugging Face directory (on one
+device, or across several with a device map), and run its output head by chunks of positions
+(:class:`OutputHead`)."""
 
 from __future__ import annotations
 

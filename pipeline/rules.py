@@ -1,7 +1,8 @@
 """Rules on generated text — the paper's "set of rules" — enforced while decoding.
 
 A rule file is YAML; every key is optional, at least one is needed, and all apply to the
-*completion* (the text after the prompt):
+*completion* (the text after the prompt) — ``banned`` to any occurrence that overlaps it, including
+one that begins in the prompt (see below):
 
     banned: ["Lord", "thee"]          # phrases that must never appear (substrings, case-sensitive)
     required: ["the end"]             # phrases that must appear
@@ -18,7 +19,12 @@ before each token is drawn; the sampler never sees a masked token):
   the decoded text, whichever tokens spell it. Precomputed over the vocabulary's byte strings:
   tokens that contain the phrase are masked always; for each split ``phrase = a + b`` the tokens
   whose bytes start with ``b`` are masked when the text ends with ``a``. A step costs one
-  ``endswith`` per split and a mask assignment, whatever the vocabulary size.
+  ``endswith`` per split and a mask assignment, whatever the vocabulary size. The text checked
+  begins with the end of the prompt (:meth:`Rules.state`), so a phrase straddling the two is
+  forbidden too: with ``banned: [" and"]`` a prompt ending in a space may not go on with ``and``,
+  since the record's text (what ``prepare`` reads) would hold `` and`` — as transformers'
+  ``bad_words_ids``, which matches over the prompt's tokens as well, would forbid it. A phrase
+  wholly inside the prompt is not the completion's doing and does not count.
 - ``charset``: tokens whose bytes decode to characters outside the set are masked (a static mask);
   tokens that are only part of a UTF-8 character, and any token after an incomplete one, are
   checked on the bytes they would complete.
@@ -193,11 +199,13 @@ def count_words(text: str) -> int:
     return sum(1 for _ in WORD.finditer(text))
 
 
-def violations(spec: RuleSpec, completion: str, n_tokens: int) -> list[str]:
-    """Every rule a finished completion breaks, as ``rule: detail`` (empty when it satisfies all)."""
+def violations(spec: RuleSpec, completion: str, n_tokens: int, before: str = "") -> list[str]:
+    """Every rule a finished completion breaks, as ``rule: detail`` (empty when it satisfies all).
+    ``before``: the text the completion follows (its prompt); a banned phrase that begins there and
+    ends in the completion counts, one wholly inside it does not."""
     found = []
     for phrase in spec.banned:
-        if phrase in completion:
+        if phrase in _overlapping(before, len(phrase)) + completion:
             found.append(f"banned: {phrase!r} appears")
     for phrase in spec.required:
         if phrase not in completion:
@@ -217,6 +225,12 @@ def violations(spec: RuleSpec, completion: str, n_tokens: int) -> list[str]:
     if spec.max_words is not None and count_words(completion) > spec.max_words:
         found.append(f"max_words: {count_words(completion)} > {spec.max_words}")
     return found
+
+
+def _overlapping(before: str | bytes, length: int) -> str | bytes:
+    """The end of ``before`` that an occurrence of a phrase of ``length`` characters (or bytes)
+    overlapping what follows can begin in: its last ``length − 1``."""
+    return before[max(0, len(before) - (length - 1)):]
 
 
 # ------------------------------------------------------------------------- the vocabulary's bytes
@@ -286,11 +300,13 @@ class _Trie:
 
 @dataclass
 class RuleState:
-    """One record's progress under the rules: the completion's bytes and tokens, forced tokens queued."""
+    """One record's progress under the rules: the completion's bytes and tokens, forced tokens queued,
+    and ``before``, the end of the prompt (:meth:`Rules.state`), where a banned phrase may begin."""
 
     text: bytes = b""
     n_tokens: int = 0
     forced: list[int] = field(default_factory=list)
+    before: bytes = b""
 
     def append(self, token: int, piece: bytes) -> None:
         self.text += piece
@@ -338,6 +354,8 @@ class Rules:
                                                                                     beyond_ascii)
                                              for k in range(1, len(c.encode()))}
         self.banned_splits: list[tuple[bytes, torch.Tensor]] = []
+        # how far back into the prompt a banned phrase overlapping the completion can begin (bytes)
+        self.banned_reach = max((len(phrase.encode()) - 1 for phrase in spec.banned), default=0)
         for phrase in spec.banned:
             inside, splits = self._phrase_tables(phrase.encode())
             static[inside] = False
@@ -477,13 +495,21 @@ class Rules:
 
     # ---- one step
 
+    def state(self, prompt: str = "") -> RuleState:
+        """A record's state before its first token, after ``prompt`` (text): its last characters,
+        as many as a banned phrase could begin in, are kept as ``before``."""
+        return RuleState(before=_overlapping(prompt, self.banned_reach + 1).encode())
+
     def allowed(self, state: RuleState) -> torch.Tensor:
         """bool ``[V]``: the tokens that may come next in ``state`` (EOS included when it may stop)."""
         tokens_left = min(self.budget - state.n_tokens, 4)  # beyond 4, the mask does not depend on it
-        key = (state.text, tokens_left)
+        # the prompt's bytes a banned phrase ending in the next token could still begin in (none once
+        # the completion is longer than any phrase): prompts that end alike share their masks
+        before = _overlapping(state.before, max(0, self.banned_reach - len(state.text)) + 1)
+        key = (before, state.text, tokens_left)
         mask = self._masks.get(key)
         if mask is None:  # every record's first step, and any prefix records share, is computed once
-            mask = self._mask(state.text, tokens_left)
+            mask = self._mask(state.text, tokens_left, before)
             if len(self._masks) >= self._masks_max:
                 self._masks.pop(next(iter(self._masks)))
             self._masks[key] = mask
@@ -493,12 +519,13 @@ class Rules:
         self._force_required(state, allowed)
         return allowed
 
-    def _mask(self, text: bytes, tokens_left: int) -> torch.Tensor:
-        """The tokens (EOS aside) that may follow ``text`` with ``tokens_left`` in the budget (this one included)."""
+    def _mask(self, text: bytes, tokens_left: int, before: bytes = b"") -> torch.Tensor:
+        """The tokens (EOS aside) that may follow ``text`` with ``tokens_left`` in the budget (this one
+        included); ``before``: the prompt's end, where a banned phrase may begin."""
         last = tokens_left <= 1
         allowed = self.static.clone()
         for prefix, ids in self.banned_splits:
-            if text.endswith(prefix):
+            if (before + text).endswith(prefix):
                 allowed[ids] = False
         decoded = decode_prefix(text)
         pending = text[len(decoded.encode()):]  # an incomplete UTF-8 character at the end
@@ -535,8 +562,9 @@ class Rules:
             for i in self.fragments:
                 if allowed[i] and not self.finished(text + self.pieces[i]):
                     allowed[i] = False
-        for i, before in self.stops.items():  # ends the completion at ``stop``: all of it must hold
-            allowed[i] = not violations(self.spec, (text + before).decode("utf-8", errors="replace"), 0)
+        for i, until in self.stops.items():  # ends the completion at ``stop``: all of it must hold
+            allowed[i] = not violations(self.spec, (text + until).decode("utf-8", errors="replace"), 0,
+                                        before.decode("utf-8", errors="replace"))
         return allowed
 
     def _mask_words(self, allowed: torch.Tensor, head: str, tail: str, pending: bytes) -> None:

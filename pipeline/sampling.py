@@ -192,18 +192,17 @@ def unique_counts(drawn: torch.Tensor, live: torch.Tensor | None = None) -> dict
     return {"sample_ids": ids, "sample_counts": counts}
 
 
-def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, temperature: float) -> torch.Tensor:
     """float32 ``[P, S]``: ``log softmax(z / temperature)`` of ``logits [P, V]`` at ``ids [P, S]``
-    (the store's ``sample_ids``), for ``--sample-logprobs``.
+    (the store's ``sample_ids``, with their ``counts [P, S]``), for ``--sample-logprobs``.
 
-    Padding gets **0.0** (finite, so ``count · f(logprob)`` stays 0 where the count is 0, never
-    ``0 · inf``). Padding is recognised from the ids alone: within a row the ids are ascending and
-    distinct, so an id 0 after the first slot is padding. Slot 0 of a row with no draws (counts all
-    0) holds id 0 and gets the log-prob of id 0. The log-sum-exp is taken in float64.
+    Every slot whose count is 0 — padding, and slot 0 (id 0) of a row that drew nothing, a hybrid
+    row whose tail holds no mass — gets **0.0**: finite, so ``count · f(logprob)`` stays 0 there,
+    never ``0 · inf``, and never the ``−inf`` that ``log p(id 0)`` is where id 0 has probability 0
+    (stores written before this hold it; :class:`pipeline.teacher_signal.StoredSampled` masks it on
+    read). The log-sum-exp is taken in float64.
     """
     z = logits.float()
     lse = torch.logsumexp(z.double() / temperature, dim=-1, keepdim=True)
     logprobs = (z.gather(-1, ids).double() / temperature - lse).float()
-    padding = ids == 0
-    padding[:, 0] = False
-    return logprobs.masked_fill_(padding, 0.0)
+    return logprobs.masked_fill_(counts == 0, 0.0)

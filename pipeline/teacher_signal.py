@@ -170,12 +170,15 @@ class StoredSampled:
         """(ids ``[P, S]`` int64, weights ``[P, S]`` float32): the estimated teacher probabilities at T
         (0 at padding)."""
         g, p = self.grid, self.prefix
-        weights = batch[f"{p}_counts"].float() / self.draws
+        counts = batch[f"{p}_counts"]
+        weights = counts.float() / self.draws
         if self.reweight:  # importance weights p_T(i) / p_T₀(i), exact from the stored log-probs
             at_cache = batch[f"{p}_logprobs"].float()
             at_t = retemper(batch[f"{p}_logprobs"], batch["logsumexp"], g.cache_temperature, g.cache_index, g.index,
                             g.temperature)
-            weights = weights * (at_t - at_cache).exp()
+            # only where something was drawn: stores written before the fix hold log p(id 0) in slot 0
+            # of a hybrid row whose tail drew nothing, −inf where p(id 0) = 0, and 0·exp(−inf − (−inf)) is NaN
+            weights = weights * torch.where(counts > 0, at_t - at_cache, 0.0).exp()
         ids = batch[f"{p}_ids"]
         unbiased = self.reweight and self.importance == "unbiased"
         normalised = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)

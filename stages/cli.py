@@ -153,29 +153,37 @@ def _register() -> None:
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
     stage_command("generate", generate.GenerateConfig, generate.generate,
-                  "The teacher writes a synthetic corpus (JSONL that prepare reads) from prompts or from BOS.")
+                  "The teacher writes a synthetic corpus (JSONL that prepare reads) from prompts or from BOS, "
+                  "optionally under rules (--rules).")
     stage_command("prepare", prepare.PrepareConfig, prepare.prepare,
-                  "Stage 0: tokenize a corpus and pack it into a sharded 'tokens' store.")
+                  "Stage 0: tokenize a corpus, or task examples with a loss mask, and pack it into a sharded "
+                  "'tokens' store.")
     stage_command("teacher", teacher.TeacherConfig, teacher.run_teacher,
-                  "Stage one: run the teacher once over a tokens store and write a top-k store.")
+                  "Stage one: run the teacher once over a tokens store and store its predictions: N draws per "
+                  "position (--kind sampled, the default), the top-k and exact tail mass (--kind topk), or both "
+                  "(--kind topk --tail-samples M).")
     stage_command("merge", teacher.MergeConfig, teacher.merge,
                   "Check that parallel stage-one jobs cover every shard and write index.json.",
                   positional=("store",))
     stage_command("inspect", inspect_store.InspectConfig, inspect_store.inspect_store,
-                  "Describe a store: rows, bytes per token, kept mass, entropy; --verify checks hashes.",
+                  "Describe a store: rows, bytes per token, kept mass and entropy (top-k) or distinct drawn ids "
+                  "(draws); --verify checks every chunk and shard, --repair forgets bad shards.",
                   positional=("store",))
     # One command, two names: `student` is stage two of the pipeline; `train` says what it does when it
     # trains without a teacher (the shipped teacher, the CE-only baseline).
     stage_command("student", student.TrainConfig, student.train,
-                  "Stage two: train a student from a topk store (offline distillation), a tokens store with "
-                  "--teacher (online) or a tokens store alone (cross-entropy). Same as `distill train`.")
+                  "Stage two: train a student from a stage-one store (offline distillation: sampled, top-k or "
+                  "hybrid), a tokens store with --teacher (online) or a tokens store alone (cross-entropy). Same "
+                  "as `distill train`.")
     stage_command("train", student.TrainConfig, student.train,
-                  "Train a causal LM from a store: cross-entropy, or distillation from a topk store or --teacher. "
-                  "Same as `distill student`.")
+                  "Train a causal LM from a store: cross-entropy, or distillation from a stage-one store (sampled, "
+                  "top-k or hybrid) or --teacher. Same as `distill student`.")
     stage_command("eval", eval_stage.EvalConfig, eval_stage.run_eval,
-                  "Evaluate a model: held-out perplexity, LAMBADA, HellaSwag, StoryCloze, QA, teacher agreement.")
+                  "Evaluate a model: held-out perplexity, LAMBADA, HellaSwag, StoryCloze, QA (NQ, TriviaQA, "
+                  "WebQuestions, a custom task; with --rules, also under rules), agreement with a top-k store.")
     stage_command("report", report.ReportConfig, report.make_report,
-                  "Tables and figures comparing evaluated models (teacher, students, CE-only).",
+                  "Tables and figures comparing evaluated models: a row per run, the paper's tables over seed "
+                  "groups (teacher, students, CE-only, rules), metric-vs-T/α curves.",
                   positional=("runs",))
     stage_command("plan", plan.PlanConfig, plan.plan,
                   "Size a cluster run before submitting it: the store on disk, stage-one GPU-hours and array size, stage two.")

@@ -2,8 +2,10 @@
 
 Held-out perplexity (per token and bits per byte), LAMBADA (last-word accuracy and perplexity),
 HellaSwag and StoryCloze (log-likelihood multiple choice, ``acc`` and ``acc_norm``), NQ-open,
-TriviaQA and WebQuestions (exact match, zero/one/few-shot), and agreement with a stored teacher
-(top-1 agreement and KL from a ``topk`` store). The completion tasks follow lm-evaluation-harness's
+TriviaQA and WebQuestions (exact match, zero/one/few-shot), a custom QA task (``--custom``), with
+``--rules`` the QA answers under rules as well (:func:`pipeline.generation.qa_under_rules`), and
+agreement with a stored teacher (top-1 agreement and KL from a ``topk`` store made with the model's
+tokenizer). The completion tasks follow lm-evaluation-harness's
 prompts and scoring; the QA tasks follow its ``nq_open``, ``triviaqa`` and ``webqs`` under
 ``--qa-format lm-eval`` (the default; webqs zero-shot only) or GPT-3's prompts under ``gpt3`` (see
 :mod:`pipeline.tasks`). ``tests/stages/test_lm_eval.py`` checks the agreement: same prompts,
@@ -39,8 +41,8 @@ from pipeline.generation import qa_under_rules
 from pipeline.io import atomic_write_text
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device
 from pipeline.rules import Rules, load_rules
-from pipeline.tokenizer import load_tokenizer
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
+from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
 COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
 QA_TASKS = ("nq", "webq", "triviaqa", "custom")
@@ -439,7 +441,7 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, tea
 
     params = store.params
     t = config.agreement_temperature
-    check_store_fits(store, "agreement store", vocab=scorer.vocab, positions=scorer.max_length)
+    check_store_fits(store, "agreement store", tokenizer_hash(scorer.tokenizer), scorer.vocab, scorer.max_length)
     rows = config.limit or store.rows
     agree = kl = positions = 0.0
     with tqdm(total=min(rows, store.rows) * params["seq_len"], desc="agreement", unit="tok", unit_scale=True,
@@ -472,8 +474,8 @@ def training_facts(model_dir: Path) -> dict[str, Any]:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError:
                 continue
-            keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "teacher_signal", "tokens",
-                    "step", "heldout_loss", "heldout_ppl", "seed", "init")
+            keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "teacher_signal", "store_kind",
+                    "tokens", "step", "heldout_loss", "heldout_ppl", "seed", "init")
             return {k: data[k] for k in keep if k in data}
     return {}
 
@@ -488,6 +490,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(str(model_dir))
+    if agreement:  # ids of another tokenizer mean other tokens, even where there are as many of them
+        check_store_fits(agreement[0], "agreement store", tokenizer_hash(tokenizer), vocab_size(tokenizer))
     rules = None
     if config.rules:
         spec = load_rules(config.rules)

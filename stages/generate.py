@@ -394,12 +394,13 @@ def generate_records(job: GenerateJob, ids: list[int], bar) -> list[dict]:
             keys = record_keys(config.seed, prompt_index, torch.tensor([i % samples for i, _ in batch]),
                                torch.tensor([a for _, a in batch]))
             decoded = decode(job.lm, [job.prompt_ids[p] for p in prompt_index.tolist()], keys, sampling,
-                             job.budget, job.tokenizer.eos_token_id, job.rules)
+                             job.budget, job.tokenizer.eos_token_id, job.rules,
+                             [job.prompts[p] for p in prompt_index.tolist()])
             for (i, attempt), d in zip(batch, decoded):
                 completion = job.tokenizer.decode(d.tokens, clean_up_tokenization_spaces=False)
                 broken = []
                 if job.rules is not None:
-                    broken = violations(job.rules.spec, completion, len(d.tokens))
+                    broken = violations(job.rules.spec, completion, len(d.tokens), job.prompts[i // samples])
                     if d.finish == "dead-end":
                         broken = ["dead end: the rules left no token to draw", *broken]
                 if broken and attempt + 1 < config.max_attempts:

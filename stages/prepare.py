@@ -1,4 +1,4 @@
-"""Stage 0: text or JSONL → tokenized documents, EOS-separated, packed into a ``tokens`` store.
+"""Stage 0: text, JSONL or task examples → tokenized documents, EOS-separated, packed into a ``tokens`` store.
 
 Documents are tokenized in batches and appended to one token stream, each followed by EOS. The
 stream is cut into rows of ``seq_len`` tokens with a stride of ``seq_len - 1``: consecutive rows

@@ -77,6 +77,9 @@ def load_run(path: Path) -> dict[str, Any]:
     return data
 
 
+STORE_NAMES = {"topk": "top-k store", "sampled": "sampled store", "hybrid": "hybrid store"}
+
+
 def training_label(run: dict[str, Any]) -> tuple[str, str]:
     """(how it was trained, its distillation temperature) for the table; a run that started from an
     earlier model (fine-tuning) names it."""
@@ -89,10 +92,15 @@ def training_label(run: dict[str, Any]) -> tuple[str, str]:
     if t.get("alpha", 1.0) >= 1.0 or t.get("teacher_source") == "none":
         return "cross-entropy" + origin, "–"
     temperature = f"{t.get('temperature', 1.0):g}"
-    if t.get("teacher_signal") == "StoredSampled":  # drawn targets: no tail treatment to name
-        return f"distilled (α={t['alpha']:g}, sampled store){origin}", temperature
-    source = "online" if t.get("teacher_source") == "online" else "top-k store"
-    return f"distilled (α={t['alpha']:g}, {t.get('tail', 'tail')}, {source}){origin}", temperature
+    if t.get("teacher_source") == "online":  # the full vocabulary: no tail treatment to name
+        return f"distilled (α={t['alpha']:g}, online){origin}", temperature
+    if "store_kind" in t:  # what the run used: a sampled store's draws have no tail treatment (tail None)
+        kind, tail = t["store_kind"], t.get("tail")
+    else:  # metrics.json before store_kind: drawn targets were a sampled store's (or a hybrid's, unrecorded)
+        kind = "sampled" if t.get("teacher_signal") == "StoredSampled" else "topk"
+        tail = None if kind == "sampled" else t.get("tail", "tail")
+    what = ", ".join(part for part in (tail, STORE_NAMES.get(kind, f"{kind} store")) if part)
+    return f"distilled (α={t['alpha']:g}, {what}){origin}", temperature
 
 
 def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool]]:

@@ -6,8 +6,11 @@ setup → loop → finish, top to bottom. The loss is
 
 where the teacher comes from
 
-- a ``topk`` store (offline, the default use): the teacher's stored sparse predictions, re-tempered
-  exactly to T; the teacher's weights are never loaded;
+- a stage-one store (offline, the default use; the teacher's weights are never loaded): a
+  ``sampled`` store's draws (stage one's default) or a hybrid store's top-k plus drawn tail, the
+  draws reweighted to T where T is not the temperature they were drawn at
+  (:class:`pipeline.teacher_signal.StoredSampled`); or a ``topk`` store's sparse predictions,
+  re-tempered exactly to T, with ``--tail``'s treatment of the rest;
 - ``--teacher DIR`` (online): the teacher in memory, full vocabulary — the baseline offline mode is
   measured against;
 - nothing: a ``tokens`` store trains with cross-entropy alone (α = 1). This is how the shipped
@@ -58,7 +61,7 @@ from pipeline.models import DTYPES, OutputHead, count_parameters, device_problem
 from pipeline.store import Store, open_store
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
-from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal, stored_teacher
+from pipeline.teacher_signal import OnlineTeacher, StoredSampled, StoredTopK, TeacherSignal, stored_teacher
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
@@ -69,7 +72,8 @@ PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be contin
 
 @dataclass(frozen=True)
 class TrainConfig:
-    train_store: str = option("", "Store to train from: 'topk' (offline distillation) or 'tokens' (CE, or online).")
+    train_store: str = option("", "Store to train from: a stage-one store ('sampled', 'topk' or hybrid: offline "
+                              "distillation) or a 'tokens' store (CE, or online with --teacher).")
     eval_store: str = option("", "Held-out store for periodic evaluation of next-token loss (optional).")
     model: str = option("data/models/student.json", "Student: a model config file (scratch) or a local HF directory.")
     init: str = option("auto", "'auto' (weights when MODEL is a directory holding them, else scratch), 'scratch', "
@@ -80,10 +84,12 @@ class TrainConfig:
                                     "1 for a tokens store without --teacher).")
     temperature: float = option(1.0, "Distillation temperature T (offline: any temperature of the store's grid).")
     tail: str = option("tail", "Top-k teacher support: 'renorm', 'tail' (exact residual bucket; on a hybrid store, the "
-                       "tail mass spread over the drawn tail ids) or 'residual-label'.")
+                       "tail mass spread over the drawn tail ids) or 'residual-label'. Not read for a sampled "
+                       "store's draws.")
     direction: str = option("forward", "'forward' KL(teacher‖student) or 'reverse' KL(student‖teacher) (paper Eq. 1).")
     importance: str = option("unbiased", "Drawn targets at a temperature other than the store's: 'unbiased' "
-                             "importance weights, or 'self-normalised' (lower variance, O(1/N) bias).")
+                             "importance weights, or 'self-normalised' (lower variance; biased, about 0.25/N on "
+                             "the shipped teacher from T=1 to 2, docs/DESIGN.md).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the store).")
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
@@ -601,6 +607,24 @@ def leave_preempted(run: Run, step: int, signal_name: str) -> None:
     preempt.leave(line, run.world)
 
 
+def signal_facts(teacher: TeacherSignal | None, train_store: Store) -> dict[str, Any]:
+    """What ``metrics.json`` says of the teacher signal a run used: ``teacher_signal`` (its class, or
+    'none'), ``store_kind`` ('topk', 'sampled' or 'hybrid' — a ``topk`` store with drawn tails —;
+    None for an online teacher or none) and ``tail`` (the top-k tail treatment applied; None where
+    there is none: drawn targets of a ``sampled`` store, an online teacher, CE alone). A hybrid
+    store under ``--tail tail`` is read as draws, its tail mass spread over them: ``tail`` then."""
+    facts = {"teacher_signal": type(teacher).__name__ if teacher is not None else "none", "store_kind": None,
+             "tail": None}
+    if isinstance(teacher, (StoredSampled, StoredTopK)):
+        hybrid = train_store.kind == "topk" and bool(train_store.params.get("tail_samples"))
+        facts["store_kind"] = "hybrid" if hybrid else train_store.kind
+    if isinstance(teacher, StoredTopK):
+        facts["tail"] = teacher.tail
+    elif isinstance(teacher, StoredSampled) and teacher.hybrid:
+        facts["tail"] = "tail"
+    return facts
+
+
 def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     """Last checkpoint, final held-out evaluation, the saved model and metrics.json. A pre-emption
     signal before the model is saved stops it after the checkpoint (the rerun redoes the rest)."""
@@ -616,9 +640,8 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "seed": config.seed, "init": config.model,  # the config or the earlier model it started from
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
-             "tail": config.tail, "direction": config.direction,
-             "teacher_signal": type(teacher).__name__
-             if (teacher := getattr(run.wrapped, "module", run.wrapped).teacher) is not None else "none"}
+             "direction": config.direction,
+             **signal_facts(getattr(run.wrapped, "module", run.wrapped).teacher, run.train_store)}
     if run.eval_store is not None:
         result = evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast, stop)
         if result is None:  # every rank stopped at the same batch, so each asks once more, alike

@@ -1,9 +1,17 @@
-"""Stage one: run the teacher once over a ``tokens`` store and write a ``topk`` store.
+"""Stage one: run the teacher once over a ``tokens`` store and store its predictions.
+
+Three kinds of store (``docs/FORMAT.md``, format version 2, or 3 where the tokens store has a
+``loss_mask``): ``sampled`` (the default: N draws per position from the teacher at the cache
+temperature, as distinct ids with counts, :mod:`pipeline.sampling`), ``topk`` (the k largest
+predictions and the exact tail mass) and the hybrid, ``topk`` with ``--tail-samples M`` (the top-k
+plus M draws from the rest). Each may also hold every drawn id's log-prob (``--sample-logprobs``),
+so stage two can reweight draws to another grid temperature.
 
 setup → loop → finish. The teacher's body runs on a batch of rows; its output head then runs on
 chunks of ``position_chunk`` positions, and each chunk is reduced on the device to top-k ids and
-log-probs, log-sum-exp at every grid temperature, the exact tail mass and the true token's log-prob
-(:func:`pipeline.topk.sparse_teacher`). A ``[B, L, V]`` float32 logit tensor never exists, so a
+log-probs (top-1 for a sampled store), log-sum-exp at every grid temperature, the exact tail mass
+and the true token's log-prob (:func:`pipeline.topk.sparse_teacher`), and drawn from
+(:func:`pipeline.sampling.sample_teacher`). A ``[B, L, V]`` float32 logit tensor never exists, so a
 150k vocabulary and long rows fit. A writer thread compresses and renames each finished shard while
 the next one is computed.
 
@@ -58,7 +66,7 @@ COPIED = ("input_ids", "loss_mask")
 @dataclass(frozen=True)
 class TeacherConfig:
     tokens_store: str = option("", "The 'tokens' store to run the teacher over.")
-    out: str = option("", "Directory of the 'topk' store to write (or to continue).")
+    out: str = option("", "Directory of the store to write (or to continue).")
     teacher: str = option("data/models/teacher", "Local Hugging Face causal LM directory (with weights).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the tokens store).")
     kind: str = option("sampled", "What is stored per position: 'sampled' (N draws from the teacher, stored as "
@@ -71,9 +79,10 @@ class TeacherConfig:
     sample_logprobs: bool = option(False, "Also store the teacher's log-prob of each drawn id (≈2 bytes per id), so "
                                    "stage two can train at another grid temperature (importance weights).")
     seed: int = option(0, "Seed of the draws: each (seed, row, position) draws the same ids in any job or rerun.")
-    temperature: float = option(1.0, "Cache temperature T of the stored log-probs.")
-    temperature_grid: tuple[float, ...] = option((1.0, 2.0), "Temperatures at which kept log-probs and tail "
-                                                 "mass stay exactly recoverable (T is always added).")
+    temperature: float = option(1.0, "Cache temperature T: of the stored log-probs, and the one draws are made at.")
+    temperature_grid: tuple[float, ...] = option((1.0, 2.0), "Temperatures stage two may train at: kept log-probs "
+                                                 "and tail mass stay exactly recoverable there, and draws can be "
+                                                 "reweighted (--sample-logprobs) (T is always added).")
     backend: str = option("zarr", "Store backend: 'zarr' (v3, sharded, zstd) or 'arrow' (IPC, zstd).")
     batch_size: int = option(8, "Rows per teacher forward pass.")
     position_chunk: int = option(1024, "Positions per output-head/top-k chunk (bounds memory at chunk × vocab).")
@@ -91,11 +100,12 @@ class TeacherConfig:
     max_memory: tuple[str, ...] = option((), "With a --device-map preset: memory each device may hold, e.g. "
                                          "0=70GiB,1=70GiB,cpu=200GiB.")
     dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16 (reductions are float32).")
-    kernel: str = option("auto", "Top-k/log-sum-exp reductions: 'native' (fused CPU kernel, built with the system C "
-                         "compiler on first use), 'torch' (any device), or 'auto' (native for a CPU teacher where "
-                         "it builds, else torch). Both write the same store to float32 rounding.")
-    logprob_dtype: str = option("float16", "dtype of the stored top-k log-probs: float16 (compact) or float32 "
-                                "(exact, for checking losses against an online teacher).")
+    kernel: str = option("auto", "Top-k/log-sum-exp reductions and draws: 'native' (fused CPU kernel, built with "
+                         "the system C compiler on first use), 'torch' (any device), or 'auto' (native for a CPU "
+                         "teacher where it builds, else torch). Both write the same store to float32 rounding.")
+    logprob_dtype: str = option("float16", "dtype of the stored log-probs (top-k, and drawn ids' with "
+                                "--sample-logprobs): float16 (compact) or float32 (exact, for checking losses "
+                                "against an online teacher).")
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
     on_preempt: str = option("finish", "On SIGUSR1/SIGTERM (a batch system's warning): 'finish' the shard being "
@@ -482,7 +492,8 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
                 drawn = sample_teacher(logits, draws, config.temperature, keys[chunk], exclude, kernel)
                 summary[f"{prefix}_ids"], summary[f"{prefix}_counts"] = drawn["sample_ids"], drawn["sample_counts"]
                 if config.sample_logprobs:
-                    summary[f"{prefix}_logprobs"] = sampled_logprobs(logits, drawn["sample_ids"], config.temperature)
+                    summary[f"{prefix}_logprobs"] = sampled_logprobs(logits, drawn["sample_ids"], drawn["sample_counts"],
+                                                                       config.temperature)
             for name in results:
                 results[name].append(summary[name])
         view = slice(start, start + b)
@@ -504,7 +515,7 @@ def _np(parts: list[torch.Tensor]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MergeConfig:
-    store: str = option("", "The topk store directory whose partial indexes to merge.")
+    store: str = option("", "The stage-one store directory whose partial indexes to merge.")
 
     def __post_init__(self):
         check([] if self.store else ["no --store given"], "merge")

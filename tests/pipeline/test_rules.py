@@ -155,6 +155,80 @@ def test_required_phrase_is_forced_when_the_budget_runs_out(tokenizer, pieces):
     assert r.allowed(RuleState(text=state.text, n_tokens=9))[tokenizer.eos_token_id]
 
 
+STRADDLE_PROMPT = "The climb grows steep "  # ends in a space: " and" may begin in the prompt
+
+
+def test_a_banned_phrase_straddling_the_prompt_counts():
+    """banned: [" and"], a prompt ending in a space and a completion beginning "and difficulty": the
+    record's text (prompt + completion, what prepare reads) holds " and", so it is a violation; one
+    wholly inside the prompt is not the completion's doing."""
+    spec = parse_rules({"banned": [" and"]}, "test.yaml")
+    assert violations(spec, "and difficulty rises.", 4, STRADDLE_PROMPT) == ["banned: ' and' appears"]
+    assert violations(spec, "and difficulty rises.", 4) == []  # the completion alone does not hold it
+    assert violations(spec, "nd so on", 3, "steep a") == ["banned: ' and' appears"]  # " a" + "nd"
+    assert violations(spec, "difficulty rises.", 3, "steep and ") == []
+    assert violations(spec, "difficulty and ease.", 4, STRADDLE_PROMPT) == ["banned: ' and' appears"]
+
+
+def test_banned_mask_after_a_prompt_equals_brute_force(tokenizer, pieces):
+    """After a prompt, a token is masked exactly when prompt + completion + token holds a banned
+    phrase ending inside the token: "and" right after a prompt ending in a space is masked."""
+    r = rules(tokenizer, banned=[" and", "Lord"])
+    for prompt in (STRADDLE_PROMPT, "steep a", "and the Lo", "L", ""):
+        for text in (b"", b" ", b"a", b"Lo"):
+            state = r.state(prompt)
+            state.text = text
+            allowed = r.allowed(state)
+            seen = prompt.encode() + text
+            for i, piece in enumerate(pieces):
+                if i == tokenizer.eos_token_id or not piece:
+                    continue
+                completes = any(p in (seen + piece)[max(0, len(seen) - len(p) + 1):] for p in (b" and", b"Lord"))
+                assert bool(allowed[i]) == (not completes), (prompt, text, piece)
+    after_space = r.allowed(r.state(STRADDLE_PROMPT))
+    assert not after_space[pieces.index(b"and")] and after_space[pieces.index(b"the")]
+    assert r.allowed(r.state("steep"))[pieces.index(b"and")]  # no space before: "steepand" is allowed
+
+
+class WantsAnd:
+    """A decoder stand-in (``CausalLM``'s call) that would write "and difficulty" after any prompt:
+    "and" first, " difficulty" next, "the" as the runner-up."""
+
+    def __init__(self, pieces):
+        self.device = torch.device("cpu")
+        self.order = [pieces.index(p) for p in (b"and", b" difficulty", b"the")]
+        self.vocab = len(pieces)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache=None):
+        logits = torch.zeros(input_ids.shape[0], self.vocab)
+        step = 0 if cache is None else cache
+        logits[:, self.order[min(step, 1)]] = 10.0
+        logits[:, self.order[2]] = 5.0
+        return logits, step + 1
+
+
+def test_decoding_after_a_prompt_ending_in_a_space_never_writes_the_banned_phrase(tokenizer, pieces):
+    """The stage's record loop with a teacher that writes "and difficulty": without the prompt the
+    completion alone looks clean (what was enforced before), with it "and" is masked at the first
+    step, the record's text holds no " and" and its violations are none."""
+    from types import SimpleNamespace
+
+    from stages.generate import generate_records
+
+    r = rules(tokenizer, budget=2, banned=[" and"])
+    prompt_ids = [[tokenizer.eos_token_id] + tokenizer(STRADDLE_PROMPT)["input_ids"]]
+    keys = torch.zeros(1, dtype=torch.int64)
+    alone = decode(WantsAnd(pieces), prompt_ids, keys, Sampling(0.0, 0, 1.0), 2, tokenizer.eos_token_id, r)
+    assert tokenizer.decode(alone[0].tokens) == "and difficulty"  # the case: prompt + it holds " and"
+    config = SimpleNamespace(samples_per_prompt=1, temperature=0.0, top_k=0, top_p=1.0, seed=0, batch_size=1,
+                             max_attempts=1, text="prompt+completion")
+    job = SimpleNamespace(config=config, lm=WantsAnd(pieces), prompts=[STRADDLE_PROMPT], prompt_ids=prompt_ids,
+                          tokenizer=tokenizer, rules=r, budget=2, params={"teacher": "stand-in", "settings": {}})
+    [record] = generate_records(job, [0], SimpleNamespace(update=lambda n: None))
+    assert record["completion"] == "the difficulty" and record["text"] == STRADDLE_PROMPT + "the difficulty"
+    assert " and" not in record["text"] and "violations" not in record
+
+
 def test_sampling_under_a_mask_on_hand_made_logits(tokenizer, pieces):
     """Logits that put almost all mass on the tokens completing a banned phrase: they are never
     drawn, and the rest are drawn in proportion to the teacher's probabilities."""

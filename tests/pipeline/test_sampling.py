@@ -245,9 +245,28 @@ def test_bad_arguments_are_reported():
 def test_sampled_logprobs_are_the_teachers_at_the_stored_ids():
     logits = lm_like_logits(64, 3000, seed=9)
     out = sample_teacher(logits, 20, 2.0, torch.arange(64), kernel="torch")
-    got = sampled_logprobs(logits, out["sample_ids"], 2.0)
+    got = sampled_logprobs(logits, out["sample_ids"], out["sample_counts"], 2.0)
     assert got.dtype == torch.float32 and got.shape == (64, 20)
     expected = torch.log_softmax(logits.double() / 2.0, -1).gather(-1, out["sample_ids"])
     filled = out["sample_counts"] > 0
     torch.testing.assert_close(got.double()[filled], expected[filled], rtol=0, atol=1e-5)
     assert (got[~filled] == 0).all()  # padding is 0.0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_row_that_drew_nothing_stores_a_finite_logprob(kernel):
+    """A hybrid row whose tail holds only −inf logits draws nothing: slot 0 is id 0 with count 0.
+    Where id 0 itself has probability 0 its log-prob is −inf; the store keeps 0.0 there, as at any
+    padding, and the teacher's log-probs at the drawn ids of the other rows."""
+    logits = lm_like_logits(6, 50, seed=4)
+    logits[:, 0] = float("-inf")
+    logits[2, 8:] = float("-inf")  # ids 1..7 finite, all in the top 7: nothing left to draw
+    exclude = torch.topk(logits, 7, dim=-1).indices
+    out = sample_teacher(logits, 12, 1.0, torch.arange(6), exclude, kernel=kernel)
+    assert (out["sample_counts"][2] == 0).all() and out["sample_ids"][2, 0] == 0
+    got = sampled_logprobs(logits, out["sample_ids"], out["sample_counts"], 2.0)
+    assert torch.isfinite(got).all() and (got[2] == 0).all()
+    expected = torch.log_softmax(logits.double() / 2.0, -1).gather(-1, out["sample_ids"])
+    filled = out["sample_counts"] > 0
+    assert filled.sum() > 5 * 6
+    torch.testing.assert_close(got.double()[filled], expected[filled], rtol=0, atol=1e-5)

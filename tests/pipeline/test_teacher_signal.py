@@ -53,20 +53,20 @@ def test_stored_topk_with_every_id_kept_equals_the_online_teacher(temperature):
     assert (sparse_kd(student, *stored_parts, targets) > 0).all()
 
 
-def _drawn_batch(logits: torch.Tensor, draws: int, seed: int, k: int = 0) -> dict[str, torch.Tensor]:
+def _drawn_batch(logits: torch.Tensor, draws: int, seed: int, k: int = 0, kernel: str = "torch") -> dict[str, torch.Tensor]:
     """What a sampled (k = 0) or hybrid (top-k + draws from the tail) store holds for ``logits
-    [B, L, V]``, drawn at T = 1 with per-id log-probs, grid (1, 2)."""
+    [B, L, V]``, drawn at T = 1 with per-id log-probs, grid (1, 2), by stage one's ``kernel``."""
     from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
     from pipeline.topk import sparse_teacher
 
     b, length, vocab = logits.shape
     z = logits.reshape(-1, vocab).float()
-    summary = sparse_teacher(z, max(k, 1), 1.0, (1.0, 2.0), kernel="torch")
+    summary = sparse_teacher(z, max(k, 1), 1.0, (1.0, 2.0), kernel=kernel)
     keys = position_keys(seed, torch.arange(b), length).reshape(-1)
-    drawn = sample_teacher(z, draws, 1.0, keys, summary["topk_ids"] if k else None, kernel="torch")
+    drawn = sample_teacher(z, draws, 1.0, keys, summary["topk_ids"] if k else None, kernel=kernel)
     prefix = "tail_sample" if k else "sample"
     batch = {f"{prefix}_ids": drawn["sample_ids"], f"{prefix}_counts": drawn["sample_counts"],
-             f"{prefix}_logprobs": sampled_logprobs(z, drawn["sample_ids"], 1.0), "logsumexp": summary["logsumexp"]}
+             f"{prefix}_logprobs": sampled_logprobs(z, drawn["sample_ids"], drawn["sample_counts"], 1.0), "logsumexp": summary["logsumexp"]}
     if k:
         batch |= {"topk_ids": summary["topk_ids"], "topk_logprobs": summary["topk_logprobs"],
                   "tail_logmass": summary["tail_logmass"]}
@@ -106,3 +106,65 @@ def test_drawn_targets_refuse_what_they_cannot_estimate():
         StoredSampled("sampled", params, 1.0, direction="reverse")
     with pytest.raises(DistillError, match="holds no per-id log-probs"):
         StoredSampled("sampled", params, 2.0)
+
+
+def _hybrid_weights_reference(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float,
+                              importance: str) -> torch.Tensor:
+    """float64 ``[P, k + M]``: the hybrid's head and tail weights at ``temperature`` (drawn at T₀ = 1)
+    from the dense ``logits [1, L, V]`` — exact teacher probabilities on the head; on the tail
+    ``count/M · p_T/p_T₀`` times the tail mass at T₀ (unbiased), or those normalised over the drawn
+    ids times the tail mass at T (self-normalised); 0 where nothing was drawn."""
+    z = logits[0, :-1].double()
+    at_cache, at_t = torch.log_softmax(z, -1), torch.log_softmax(z / temperature, -1)
+    head = batch["topk_ids"][0, :-1]
+    ids, counts = batch["tail_sample_ids"][0, :-1], batch["tail_sample_counts"][0, :-1].double()
+    in_tail = torch.ones_like(z, dtype=torch.bool).scatter_(-1, head, False)
+    ratio = torch.where(counts > 0, (at_t.gather(-1, ids) - at_cache.gather(-1, ids)).exp(), 0.0)
+    tail = counts / counts.shape[-1] * ratio
+    if importance == "unbiased":
+        tail = tail * torch.where(in_tail, at_cache.exp(), 0.0).sum(-1, keepdim=True)
+    else:
+        total = tail.sum(-1, keepdim=True)
+        tail = torch.where(total > 0, tail / total.clamp_min(1e-300), 0.0)
+        tail = tail * torch.where(in_tail, at_t.exp(), 0.0).sum(-1, keepdim=True)
+    return torch.cat([at_t.exp().gather(-1, head), tail], -1)
+
+
+@pytest.mark.parametrize("importance", ["unbiased", "self-normalised"])
+def test_hybrid_row_whose_tail_drew_nothing_has_finite_weights_at_another_temperature(importance):
+    """A teacher whose id 0 has probability 0 (a −inf logit), at positions whose tail holds only
+    −inf logits (so the tail draws nothing and slot 0 is id 0 with count 0): trained at T = 2 from
+    draws made at T₀ = 1, every weight is finite and equals the float64 dense reference — for a
+    store stage one writes now (the torch path and the fused kernel alike) and for one written
+    before, which stored ``log p(id 0) = −inf`` in that slot (−inf − (−inf) = NaN if read as is)."""
+    from pipeline import native
+    from pipeline.teacher_signal import StoredSampled
+
+    torch.manual_seed(3)
+    logits = 2.0 * torch.randn(1, 5, 12, dtype=torch.float64)
+    logits[..., 0] = float("-inf")
+    for position in (0, 2):  # three finite logits, all kept by the top-3: the tail is empty
+        logits[0, position, [3, 4, 5, 6, 8, 9, 10, 11]] = float("-inf")
+    params = {"temperature": 1.0, "temperature_grid": [1.0, 2.0], "sample_logprobs": True, "tail_samples": 6}
+    signal = StoredSampled("topk", params, 2.0, importance=importance)
+    kernels = ["torch", "native"] if native.available() else ["torch"]
+    results = []
+    for kernel in kernels:
+        batch = _drawn_batch(logits, 6, seed=0, k=3, kernel=kernel)
+        counts = batch["tail_sample_counts"][0]
+        assert (counts[[0, 2]] == 0).all() and (counts[[1, 3]].sum(-1) == 6).all()  # the case under test
+        reference = _hybrid_weights_reference(logits, batch, 2.0, importance)
+        written_before = dict(batch)  # slot 0 of a row that drew nothing held log p(id 0) = −inf
+        logprobs = batch["tail_sample_logprobs"].clone()
+        logprobs[0, [0, 2], 0] = float("-inf")
+        written_before["tail_sample_logprobs"] = logprobs
+        for stored in (batch, written_before):
+            ids, weights = signal.positions(None, stored)
+            assert torch.isfinite(weights).all()
+            torch.testing.assert_close(weights.double(), reference, rtol=1e-5, atol=1e-7)
+            assert (weights[[0, 2], 3:] == 0).all()
+        results.append((batch, weights))
+    for batch, weights in results[1:]:  # the fused kernel draws the torch path's ids: the same weights
+        for name in ("topk_ids", "tail_sample_ids", "tail_sample_counts"):
+            assert torch.equal(batch[name], results[0][0][name])
+        torch.testing.assert_close(weights, results[0][1], rtol=1e-6, atol=1e-7)  # log-sum-exp: float32 rounding

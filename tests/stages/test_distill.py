@@ -121,6 +121,7 @@ def test_offline_training_never_builds_the_teacher(stage1, tmp_path, monkeypatch
     assert built == []
     final = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert final["teacher_source"] == "store" and final["alpha"] == 0.5
+    assert (final["teacher_signal"], final["store_kind"], final["tail"]) == ("StoredTopK", "topk", "tail")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("kd" in r and "ce" in r for r in records if "loss" in r)
 
@@ -226,7 +227,9 @@ def test_online_and_teacher_layer_init(stage1, tmp_path):
                      stage1 / "student.json", "--out", tmp_path / "online", "--max-steps", "3",
                      "--micro-batch-size", "4", "--eval-every", "0")
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "online" / "metrics.json").read_text())["teacher_source"] == "online"
+    final = json.loads((tmp_path / "online" / "metrics.json").read_text())
+    assert final["teacher_source"] == "online"
+    assert (final["teacher_signal"], final["store_kind"], final["tail"]) == ("OnlineTeacher", None, None)  # full vocabulary
     # every other layer of the 2-layer teacher: a 1-layer student with the teacher's width
     config = json.loads((stage1 / "teacher" / "config.json").read_text()) | {"num_hidden_layers": 1}
     (tmp_path / "half.json").write_text(json.dumps(config))

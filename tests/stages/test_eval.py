@@ -3,6 +3,7 @@ malformed input, and `distill report`."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -211,7 +212,10 @@ def test_custom_task_under_rules(model_dir, tmp_path):
     assert got["violating_0shot"] > 0  # the untrained model's free answers break the label rule
 
 
-def test_teacher_agreement_with_its_own_store(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def topk_store(model_dir, tmp_path_factory):
+    """The test model's own top-8 store over a few short documents."""
+    tmp_path = tmp_path_factory.mktemp("agreement")
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in
                               ["A short document about the sea and the ships on it.", "Another one, about hills."] * 3))
@@ -220,14 +224,38 @@ def test_teacher_agreement_with_its_own_store(model_dir, tmp_path):
     result = run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", model_dir, "--out", tmp_path / "topk",
                      "--kind", "topk", "--top-k", "8", "--logprob-dtype", "float32")
     assert result.exit_code == 0, result.output
-    same, _ = run_eval(model_dir, tmp_path / "same.json", "--tasks", "agreement", "--agreement", tmp_path / "topk")
+    return tmp_path / "topk"
+
+
+def test_teacher_agreement_with_its_own_store(model_dir, topk_store, tmp_path):
+    same, _ = run_eval(model_dir, tmp_path / "same.json", "--tasks", "agreement", "--agreement", topk_store)
     assert same["tasks"]["agreement"]["top1"] == 1.0
     assert abs(same["tasks"]["agreement"]["kl"]) < 1e-5
     other = make_teacher(tmp_path / "other", scale=3.0)  # same seed, flatter head: other distributions
     AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(str(other))
-    different, _ = run_eval(other, tmp_path / "other.json", "--tasks", "agreement", "--agreement", tmp_path / "topk",
+    different, _ = run_eval(other, tmp_path / "other.json", "--tasks", "agreement", "--agreement", topk_store,
                             "--agreement-temperature", "2")
     assert different["tasks"]["agreement"]["kl"] > 1e-3
+
+
+def test_agreement_refuses_a_store_of_another_tokenizer_with_the_same_vocabulary_size(model_dir, topk_store, tmp_path):
+    """Two ids of the model's tokenizer swapped: still 8192 ids, but each id means another token, so
+    agreement with the store would be meaningless. Refused in one line, as stage two refuses it,
+    before the model loads or any other task runs."""
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    definition = json.loads((other / "tokenizer.json").read_text())
+    vocab = definition["model"]["vocab"]
+    first, second = "the", "and"
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(definition))
+    assert len(AutoTokenizer.from_pretrained(str(other))) == len(AutoTokenizer.from_pretrained(str(model_dir)))
+    out = tmp_path / "m.json"
+    msg = one_line_error(run_cli("eval", "--model", other, "--out", out, "--tasks", "lambada,agreement",
+                                 "--lambada", FIXTURES / "lambada.jsonl", "--agreement", topk_store))
+    assert f"agreement store {topk_store} was made with another tokenizer" in msg
+    assert "pass the tokenizer it was prepared with" in msg
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -270,6 +298,45 @@ def test_bad_options_are_one_line_errors(model_dir, tmp_path):
 
 def fake_run(name, params, training, tasks_):
     return {"name": name, "model": f"/m/{name}", "parameters": params, "training": training, "tasks": tasks_}
+
+
+def test_report_says_which_store_and_tail_treatment_a_run_used(tmp_path):
+    """metrics.json's store_kind and tail, as stage two records them: a sampled store's draws have no
+    tail treatment, a hybrid store is named, an online teacher has no tail; a metrics.json written
+    before store_kind still reads as it did."""
+    store = {"alpha": 0.5, "teacher_source": "store", "temperature": 1.0}
+    runs = [
+        fake_run("sampled", 1_840_256, store | {"tail": None, "teacher_signal": "StoredSampled",
+                                               "store_kind": "sampled"}, {"heldout": {"ppl": 141.0}}),
+        fake_run("hybrid", 1_840_256, store | {"tail": "tail", "teacher_signal": "StoredSampled",
+                                              "store_kind": "hybrid"}, {"heldout": {"ppl": 142.0}}),
+        fake_run("hybrid-renorm", 1_840_256, store | {"temperature": 2.0, "tail": "renorm",
+                                                     "teacher_signal": "StoredTopK", "store_kind": "hybrid"},
+                 {"heldout": {"ppl": 143.0}}),
+        fake_run("topk", 1_840_256, store | {"tail": "residual-label", "teacher_signal": "StoredTopK",
+                                            "store_kind": "topk"}, {"heldout": {"ppl": 144.0}}),
+        fake_run("online", 1_840_256, store | {"teacher_source": "online", "tail": None,
+                                              "teacher_signal": "OnlineTeacher", "store_kind": None},
+                 {"heldout": {"ppl": 145.0}}),
+        fake_run("older-sampled", 1_840_256, store | {"tail": "tail", "teacher_signal": "StoredSampled"},
+                 {"heldout": {"ppl": 146.0}}),
+        fake_run("older-topk", 1_840_256, store | {"tail": "renorm"}, {"heldout": {"ppl": 147.0}}),
+    ]
+    paths = []
+    for r in runs:
+        paths.append(tmp_path / f"{r['name']}.json")
+        paths[-1].write_text(json.dumps(r))
+    result = run_cli("report", *paths, "--out", tmp_path / "report", "--teacher", "none")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("| ")]
+    labels = {row.split(" | ")[0][2:]: row.split(" | ")[2:4] for row in rows[1:len(runs) + 1]}
+    assert labels == {"sampled": ["distilled (α=0.5, sampled store)", "1"],
+                      "hybrid": ["distilled (α=0.5, tail, hybrid store)", "1"],
+                      "hybrid-renorm": ["distilled (α=0.5, renorm, hybrid store)", "2"],
+                      "topk": ["distilled (α=0.5, residual-label, top-k store)", "1"],
+                      "online": ["distilled (α=0.5, online)", "1"],
+                      "older-sampled": ["distilled (α=0.5, sampled store)", "1"],
+                      "older-topk": ["distilled (α=0.5, renorm, top-k store)", "1"]}
 
 
 def test_report_table_and_figures(tmp_path):

@@ -56,7 +56,7 @@ def test_sampled_store_equals_a_fresh_teacher_forward(root):
     assert (got_counts.sum(-1) == 50).all()
     assert 5 < (got_counts > 0).sum(-1).float().mean() < 50
     lp = torch.from_numpy(arrays["sample_logprobs"].astype(np.float32)).reshape(-1, 50)
-    want_lp = sampled_logprobs(z, got_ids, 1.0)
+    want_lp = sampled_logprobs(z, got_ids, got_counts, 1.0)
     torch.testing.assert_close(lp[got_counts > 0], want_lp[got_counts > 0], rtol=0, atol=2e-2)  # float16
     summary = sparse_teacher(z, 1, 1.0, (1.0, 2.0), kernel="torch")
     torch.testing.assert_close(torch.from_numpy(arrays["logsumexp"]).reshape(-1, 2), summary["logsumexp"],
@@ -108,8 +108,11 @@ def test_stage_two_trains_from_drawn_targets(root, tmp_path, store, extra):
     assert len(kd) == 24 and all(np.isfinite(kd))
     assert sum(kd[12:]) < sum(kd[:12])  # 12 steps an epoch: the second pass over the rows fits the teacher better
     t2 = float(dict(zip(extra[::2], extra[1::2])).get("--temperature", 1)) ** 2
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher_signal"] == (
-        "StoredTopK" if "renorm" in extra else "StoredSampled")
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert final["teacher_signal"] == ("StoredTopK" if "renorm" in extra else "StoredSampled")
+    # what was used: a sampled store's draws have no tail treatment (--tail is not read); a hybrid's do
+    assert final["store_kind"] == store
+    assert final["tail"] == (None if store == "sampled" else "renorm" if "renorm" in extra else "tail")
     r = [r for r in records if "loss" in r][-1]
     assert r["loss"] == pytest.approx(0.2 * r["ce"] + 0.8 * t2 * r["kd"], rel=1e-5)
 
@@ -124,5 +127,6 @@ def test_drawn_targets_refuse_reverse_and_unweighted_temperatures(root, tmp_path
     assert result.exit_code == 0, result.output
     facts = json.loads((tmp_path / "ce" / "metrics.json").read_text())
     assert facts["alpha"] == 1.0 and facts["teacher_signal"] == "none"
+    assert facts["store_kind"] is None and facts["tail"] is None  # CE alone reads no teacher
     msg = one_line_error(run_cli(*train_args(root, "sampled", tmp_path / "c", "--importance", "exact")))
     assert "importance must be one of unbiased, self-normalised" in msg
