@@ -11,14 +11,16 @@ each row while it is in cache. Rows run on torch's own OpenMP pool where the bui
 The shared library is compiled with the system C compiler (``$CC``, else ``cc``) into
 ``$DISTILL_CACHE`` (default ``~/.cache/distill``) under a name hashed from the source, compiler,
 flags and CPU, written to a temporary name and renamed, so concurrent jobs never load half a file.
-After loading, the kernel is checked once against the torch path on random logits. Where there is
-no compiler, the build fails or the check disagrees, stage one says why once and uses torch
-operations. ``DISTILL_NATIVE=0`` turns the kernel off.
+This module is the binding alone: it builds and loads, and knows nothing of the torch paths. Each
+caller brings the check of the function it uses (:func:`load`): :mod:`pipeline.topk` and
+:mod:`pipeline.sampling` check the kernel once against their torch path on random logits, so the
+choice between the kernel and torch lives with them. Where there is no compiler, the build fails or
+the check disagrees, stage one says why once and uses torch operations. ``DISTILL_NATIVE=0`` turns
+the kernel off.
 
 The same library holds the sampled-token kernel (:func:`sample_rows`, used by
 :mod:`pipeline.sampling`): per row, inverse-CDF draws in float64 in one walk over the row, on
-uniforms computed by Python, so that it and the torch path draw the same ids. The load-time check
-covers both functions.
+uniforms computed by Python, so that it and the torch path draw the same ids.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +47,18 @@ FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math
 VARIANTS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 
 
-@functools.lru_cache(maxsize=1)
-def _library() -> tuple[object | None, str]:
-    """(the kernel function, "") or (None, why not)."""
+@functools.cache
+def load(check: Callable[[Kernel], str] | None = None) -> tuple[Kernel | None, str]:
+    """(the first build of :data:`VARIANTS` that compiles, loads and passes ``check``, "") or (None, why
+    not). ``check(kernel)`` returns "" or what differs; the caller brings it (its torch path is the
+    reference), so this binding knows nothing of the torch paths. Cached per check."""
     if os.environ.get("DISTILL_NATIVE", "1") == "0":
         return None, "DISTILL_NATIVE=0"
     errors = []
     for extra in VARIANTS:
         kernel, error = build(FLAGS + extra)
+        if kernel is not None and check is not None and (mismatch := check(kernel)):
+            kernel, error = None, f"{kernel.path} disagrees with torch ({mismatch})"
         if kernel is not None:
             return kernel, ""
         errors.append(error)
@@ -67,7 +74,7 @@ class Kernel:
 
 
 def build(flags: tuple[str, ...]) -> tuple[Kernel | None, str]:
-    """The kernel compiled with ``flags`` (cached), loaded and checked: (kernel, "") or (None, why)."""
+    """The kernel compiled with ``flags`` (cached) and loaded: (kernel, "") or (None, why)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return None, "no C compiler found (set CC or install gcc)"
@@ -96,11 +103,7 @@ def build(flags: tuple[str, ...]) -> tuple[Kernel | None, str]:
     sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                        ctypes.c_void_p, ctypes.c_int64]
-    kernel = Kernel(function, sample, bool(library.sparse_teacher_openmp()), path)
-    mismatch = _self_check(kernel) or _self_check_sampling(kernel)
-    if mismatch:
-        return None, f"{path} disagrees with torch ({mismatch})"
-    return kernel, ""
+    return Kernel(function, sample, bool(library.sparse_teacher_openmp()), path), ""
 
 
 def _cache_dir() -> Path:
@@ -174,72 +177,28 @@ def _run(kernel: Kernel, logits: torch.Tensor, k: int, grid: tuple[float, ...], 
     return (*out, sum(bad))
 
 
-def _self_check(kernel: Kernel) -> str:
-    from pipeline.topk import torch_sparse_teacher
-
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(37, 1000, generator=generator) * 4
-    logits[3, :] = 1.5  # all tied
-    logits[5, 100:] = float("-inf")
-    grid = (1.0, 2.0, 0.5)
-    ids, values, lse, tail, bad = _run(kernel, logits, 64, grid, threads=2)
-    reference = torch_sparse_teacher(logits, 64, grid)
-    if bad:
-        return f"{bad} finite rows reported as non-finite"
-    if not torch.equal(values, reference["top_values"]):
-        return "top-k values differ"
-    if not torch.equal(ids[torch.arange(37) != 3], reference["topk_ids"][torch.arange(37) != 3]):
-        return "top-k ids differ"
-    if not torch.allclose(lse, reference["logsumexp"], rtol=1e-5, atol=1e-5):
-        return "log-sum-exp differs"
-    finite = torch.isfinite(reference["tail_logmass"])
-    if not torch.equal(finite, torch.isfinite(tail)) or not torch.allclose(
-            tail[finite], reference["tail_logmass"][finite], rtol=1e-4, atol=1e-4):
-        return "tail mass differs"
-    return ""
-
-
-def _self_check_sampling(kernel: Kernel) -> str:
-    from pipeline.sampling import torch_sample_teacher, uniforms
-
-    generator = torch.Generator().manual_seed(1)
-    logits = torch.randn(37, 1000, generator=generator) * 4
-    logits[5, 100:] = float("-inf")
-    logits[6, :] = 1.5  # all tied
-    exclude = torch.topk(logits, 8, dim=-1).indices
-    exclude[7] = torch.arange(992, 1000)
-    logits[7, :992] = float("-inf")  # nothing outside the excluded ids
-    draws = uniforms(torch.arange(37, dtype=torch.int64) * 7919, 50)
-    for temperature, excluded in ((1.0, None), (0.7, exclude), (2.0, exclude)):
-        ids, counts, bad = _run_sample(kernel, logits, 1.0 / temperature, draws, excluded, threads=2)
-        reference = torch_sample_teacher(logits, 1.0 / temperature, draws, excluded)
-        if bad:
-            return f"sampling: {bad} finite rows reported as non-finite"
-        if not (torch.equal(ids, reference["sample_ids"]) and torch.equal(counts, reference["sample_counts"])):
-            return f"sampled ids or counts differ at T = {temperature}"
-    return ""
-
-
 def describe() -> str:
-    """Which build is in use, for logs: its file and whether it threads with OpenMP."""
-    kernel, why = _library()
+    """Which build loads, for logs: its file and whether it threads with OpenMP."""
+    kernel, why = load()
     return f"unavailable ({why})" if kernel is None else f"{kernel.path} ({'OpenMP' if kernel.openmp else 'Python threads'})"
 
 
 def available() -> bool:
-    return _library()[0] is not None
+    return load()[0] is not None
 
 
 def unavailable_reason() -> str:
-    return _library()[1]
+    return load()[1]
 
 
-def sparse_rows(logits: torch.Tensor, k: int, grid: tuple[float, ...], threads: int = 0):
+def sparse_rows(logits: torch.Tensor, k: int, grid: tuple[float, ...], threads: int = 0,
+                kernel: Kernel | None = None):
     """Top-k, log-sum-exp and tail log-mass of ``logits [P, V]`` (float32, CPU, unit column stride)
     at each grid temperature. Returns ``topk_ids [P, k]`` int64, ``top_values [P, k]`` (raw logits,
     largest first), ``logsumexp [P, G]``, ``tail_logmass [P, G]`` float32 and the number of rows
-    holding NaN or +inf (or only −inf). Rows are split across ``threads`` (default: torch's)."""
-    kernel, why = _library()
+    holding NaN or +inf (or only −inf). Rows are split across ``threads`` (default: torch's). ``kernel``:
+    a build from :func:`load` (default: the first that loads)."""
+    kernel, why = (kernel, "") if kernel is not None else load()
     if kernel is None:
         raise RuntimeError(f"the fused sparse_teacher kernel is unavailable: {why}")
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:
@@ -272,14 +231,14 @@ def _run_sample(kernel: Kernel, logits: torch.Tensor, inverse_temperature: float
 
 
 def sample_rows(logits: torch.Tensor, inverse_temperature: float, draws: torch.Tensor,
-                exclude: torch.Tensor | None = None, threads: int = 0):
+                exclude: torch.Tensor | None = None, threads: int = 0, kernel: Kernel | None = None):
     """Sampled-token draws from ``logits [P, V]`` (read as float32, CPU) at ``1/T =
     inverse_temperature``, on the uniforms ``draws [P, n]`` float64 in (0, 1), restricted to the ids
     not in ``exclude [P, k]`` int64 where given. Returns ``sample_ids [P, n]`` int64 and
     ``sample_counts [P, n]`` int32 (distinct ids ascending, then id 0 count 0; a row with no residual
     mass has all counts 0), and the number of rows holding NaN or +inf. Rows are split across
-    ``threads`` (default: torch's)."""
-    kernel, why = _library()
+    ``threads`` (default: torch's). ``kernel``: a build from :func:`load` (default: the first that loads)."""
+    kernel, why = (kernel, "") if kernel is not None else load()
     if kernel is None:
         raise RuntimeError(f"the fused sparse_teacher kernel is unavailable: {why}")
     if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:

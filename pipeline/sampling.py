@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import native
 from pipeline.errors import DistillError
+from pipeline.topk import _warn_once, resolve_kernel
 
 MASK32 = 0xFFFFFFFF
 # torch path: logits per pass, bounding its two float64 [rows, V] buffers: on a CPU, 2 MiB each, so
@@ -113,9 +115,6 @@ def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys:
     same ids but where a uniform is within ~1e-16 of a CDF boundary. A position whose sampled
     logits hold NaN or +inf is an error.
     """
-    from pipeline import native
-    from pipeline.topk import resolve_kernel
-
     if samples < 1:
         raise DistillError(f"--samples must be at least 1, got {samples}")
     if not temperature > 0:
@@ -125,8 +124,8 @@ def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys:
     if exclude is not None and exclude.numel() and (int(exclude.min()) < 0 or int(exclude.max()) >= vocab):
         raise ValueError(f"exclude holds ids outside [0, {vocab})")
     draws = uniforms(keys.to(z.device), samples)
-    if resolve_kernel(kernel, z.device) == "native":
-        ids, counts, bad_rows = native.sample_rows(z, 1.0 / temperature, draws, exclude)
+    if resolve_kernel(kernel, z.device) == "native" and (fused := fused_kernel(kernel))[0] is not None:
+        ids, counts, bad_rows = native.sample_rows(z, 1.0 / temperature, draws, exclude, kernel=fused[0])
     else:
         out = torch_sample_teacher(z, 1.0 / temperature, draws, None if exclude is None else exclude.to(z.device))
         ids, counts, bad_rows = out["sample_ids"], out["sample_counts"], int(out["bad_rows"])
@@ -206,3 +205,35 @@ def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tens
     lse = torch.logsumexp(z.double() / temperature, dim=-1, keepdim=True)
     logprobs = (z.gather(-1, ids).double() / temperature - lse).float()
     return logprobs.masked_fill_(counts == 0, 0.0)
+
+
+
+def fused_kernel(kernel: str = "auto") -> tuple[native.Kernel | None, str]:
+    """The fused kernel whose draws agree with the torch path here, or (None, why not); built once.
+    Where it does not, ``kernel="native"`` is a one-line error and ``auto`` warns once and uses torch."""
+    fused, why = native.load(_agrees)
+    if fused is None:
+        if kernel == "native":
+            raise DistillError(f"the fused CPU kernel's sampling is unavailable ({why}); use --kernel torch")
+        _warn_once(f"distill: the fused CPU kernel's sampling is unavailable ({why}); stage one draws with torch")
+    return fused, why
+
+
+def _agrees(kernel: native.Kernel) -> str:
+    """An empty string where the fused kernel draws the ids and counts :func:`torch_sample_teacher` draws, else what differs."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(37, 1000, generator=generator) * 4
+    logits[5, 100:] = float("-inf")
+    logits[6, :] = 1.5  # all tied
+    exclude = torch.topk(logits, 8, dim=-1).indices
+    exclude[7] = torch.arange(992, 1000)
+    logits[7, :992] = float("-inf")  # nothing outside the excluded ids
+    draws = uniforms(torch.arange(37, dtype=torch.int64) * 7919, 50)
+    for temperature, excluded in ((1.0, None), (0.7, exclude), (2.0, exclude)):
+        ids, counts, bad = native.sample_rows(logits, 1.0 / temperature, draws, excluded, threads=2, kernel=kernel)
+        reference = torch_sample_teacher(logits, 1.0 / temperature, draws, excluded)
+        if bad:
+            return f"sampling: {bad} finite rows reported as non-finite"
+        if not (torch.equal(ids, reference["sample_ids"]) and torch.equal(counts, reference["sample_counts"])):
+            return f"sampled ids or counts differ at T = {temperature}"
+    return ""

@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from pipeline import native
 from pipeline.errors import DistillError
 
 
@@ -33,8 +34,6 @@ KERNELS = ("auto", "native", "torch")
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
     """``native`` or ``torch`` for logits on ``device``; a one-line error where ``native`` cannot run."""
-    from pipeline import native
-
     if kernel not in KERNELS:
         raise DistillError(f"kernel {kernel!r} is not one of {', '.join(KERNELS)}")
     if kernel == "torch" or (kernel == "auto" and device.type != "cpu"):
@@ -42,14 +41,19 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     if device.type != "cpu":
         raise DistillError(f"the fused kernel runs on the CPU, but the teacher is on {device}; "
                            "use --kernel torch or auto")
-    if not native.available():
+    fused, why = fused_kernel()
+    if fused is None:
         if kernel == "native":
-            raise DistillError(f"the fused CPU kernel is unavailable ({native.unavailable_reason()}); "
-                               "use --kernel torch")
-        _warn_once(f"distill: the fused CPU kernel is unavailable ({native.unavailable_reason()}); "
+            raise DistillError(f"the fused CPU kernel is unavailable ({why}); use --kernel torch")
+        _warn_once(f"distill: the fused CPU kernel is unavailable ({why}); "
                    "stage one uses torch operations, about 3× slower reductions")
         return "torch"
     return "native"
+
+
+def fused_kernel() -> tuple[native.Kernel | None, str]:
+    """The fused kernel whose top-k agrees with the torch path here, or (None, why not); built once."""
+    return native.load(_agrees)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,11 +76,9 @@ def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple
     kernel; in an unspecified order in torch) and agree to float32 rounding elsewhere. A position
     whose logits hold NaN or +inf is an error.
     """
-    from pipeline import native
-
     z = logits.float()
     if resolve_kernel(kernel, z.device) == "native":
-        top_ids, top_values, lse_all, tail, bad_rows = native.sparse_rows(z, k, grid)
+        top_ids, top_values, lse_all, tail, bad_rows = native.sparse_rows(z, k, grid, kernel=fused_kernel()[0])
     else:
         summary = torch_sparse_teacher(z, k, grid)
         top_ids, top_values = summary["topk_ids"], summary["top_values"]
@@ -156,3 +158,27 @@ def retemper(topk_logprobs: torch.Tensor, logsumexp: torch.Tensor, cache_tempera
     lp, lse = topk_logprobs.double(), logsumexp.double()
     logits_over_t = lp + lse[..., cache_index, None]
     return (logits_over_t * (cache_temperature / target_temperature) - lse[..., target_index, None]).float()
+
+
+def _agrees(kernel: native.Kernel) -> str:
+    """An empty string where the fused kernel's top-k, log-sum-exp and tails match :func:`torch_sparse_teacher`'s, else what differs."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 1000, generator=generator) * 4
+    logits[3, :] = 1.5  # all tied
+    logits[5, 100:] = float("-inf")
+    grid = (1.0, 2.0, 0.5)
+    ids, values, lse, tail, bad = native.sparse_rows(logits, 64, grid, threads=2, kernel=kernel)
+    reference = torch_sparse_teacher(logits, 64, grid)
+    if bad:
+        return f"{bad} finite rows reported as non-finite"
+    if not torch.equal(values, reference["top_values"]):
+        return "top-k values differ"
+    if not torch.equal(ids[torch.arange(37) != 3], reference["topk_ids"][torch.arange(37) != 3]):
+        return "top-k ids differ"
+    if not torch.allclose(lse, reference["logsumexp"], rtol=1e-5, atol=1e-5):
+        return "log-sum-exp differs"
+    finite = torch.isfinite(reference["tail_logmass"])
+    if not torch.equal(finite, torch.isfinite(tail)) or not torch.allclose(
+            tail[finite], reference["tail_logmass"][finite], rtol=1e-4, atol=1e-4):
+        return "tail mass differs"
+    return ""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from pipeline.corpus import DocumentReader, corpus_fingerprint, expand_inputs
 from pipeline.errors import DistillError
 from pipeline.examples import FORMATS, ExampleReader, chat_template_sha256, require_chat_template
 from pipeline.io import replace_dir
+from pipeline.packing import RowPacker
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
 
@@ -93,8 +95,55 @@ def prepare(config: PrepareConfig) -> Path:
     examples = config.format != "text"
     if examples:
         _check_example_inputs(config, files, tokenizer)
+    params = _store_params(config, files, tokenizer)
+    out = Path(config.out)
+    if store_lib.existing_store(out, "tokens", config.backend, params, config.overwrite) == "done":
+        print(f"{out}: complete store with the same parameters already exists; nothing to do")
+        return out
+
+    # --- loop: stream documents (or examples) → token stream → rows → shards ---
+    reader = _reader(config, files, tokenizer)
+    packer = RowPacker(config.seq_len, config.rows_per_shard, tokenizer.eos_token_id, flags=examples)
+    writer = _ShardWriter(out, config.backend, config.chunk_rows, store_lib.token_dtype(params["vocab_size"]))
+    encode = batch_encoder(tokenizer)
+    documents = iter(reader)
+    try:
+        # The bar is closed before any error propagates, so the error prints on a line of its own.
+        with tqdm(desc="prepare", unit="tok", unit_scale=True, dynamic_ncols=True) as progress:
+            while batch := list(itertools.islice(documents, config.batch_documents)):
+                before = packer.total_tokens
+                if examples:
+                    encoded = iter(encode([text for pieces in batch for text, _ in pieces]))
+                    for pieces in batch:
+                        packer.add_example([next(encoded) for _ in pieces], [response for _, response in pieces])
+                else:
+                    for ids in encode(batch):
+                        packer.add_document(ids)
+                progress.update(packer.total_tokens - before)
+                writer.write(packer.full_shards())
+            writer.write(packer.finish())
+    except BaseException:
+        writer.discard()
+        raise
+    if not writer.shards:
+        writer.discard()
+        _raise_too_little(reader, packer)
+
+    # --- finish: index last, then the whole store renamed into place ---
+    index = writer.index(params, packer, documents=reader.stats.documents, skipped_lines=reader.stats.skipped_lines,
+                         examples=examples)
+    writer.commit(index, config)
+    rows = index["rows"]
+    skipped = f", skipped {reader.stats.skipped_lines} non-UTF-8 lines" if reader.stats.skipped_lines else ""
+    trained = f"; {writer.loss_tokens} response targets in the loss, {packer.padding_tokens} padding" if examples else ""
+    print(f"{out}: {rows} rows x {config.seq_len} tokens from {reader.stats.documents} "
+          f"{'examples' if examples else 'documents'} ({packer.total_tokens} tokens{skipped}{trained})")
+    return out
+
+
+def _store_params(config: PrepareConfig, files: list[Path], tokenizer) -> dict:
+    """What decides the store's content: a rerun with the same params finds the store done."""
     vocab = vocab_size(tokenizer)
-    dtype = store_lib.token_dtype(vocab)
     params = {
         "tokenizer": str(config.tokenizer),
         "tokenizer_hash": tokenizer_hash(tokenizer),
@@ -106,153 +155,86 @@ def prepare(config: PrepareConfig) -> Path:
         "rows_per_shard": config.rows_per_shard,
         "chunk_rows": config.chunk_rows,
     }
-    if examples:  # (a plain-text store keeps the params it always had)
+    if config.format != "text":  # (a plain-text store keeps the params it always had)
         params["format"] = config.format
         if config.format == "chat":
             params["chat_template_sha256"] = chat_template_sha256(tokenizer)
-    out = Path(config.out)
-    if store_lib.existing_store(out, "tokens", config.backend, params, config.overwrite) == "done":
-        print(f"{out}: complete store with the same parameters already exists; nothing to do")
-        return out
+    return params
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
 
-    # --- loop: stream documents (or examples) → token stream → rows → shards ---
-    if examples:
-        reader = ExampleReader(files, config.format, tokenizer=tokenizer, skip_bad_utf8=config.skip_bad_utf8,
-                               **_example_fields(config))
-    else:
-        reader = DocumentReader(files, config.text_field, config.txt_documents, config.skip_bad_utf8)
-    row_len, stride = config.seq_len, config.seq_len - 1
-    shard_tokens = config.rows_per_shard * stride + 1  # tokens that fill one shard of overlapping rows
-    pending: list[np.ndarray] = []
-    pending_flags: list[np.ndarray] = []  # examples only: 1 for each response token of the stream
-    pending_len = 0
-    shards: list[dict] = []
-    total_tokens = 0
-    padding_tokens = 0  # examples only: EOS added to start an example on a fresh row, or to fill the last row
-    loss_tokens = 0  # examples only: positions whose loss_mask is 1
+def _reader(config: PrepareConfig, files: list[Path], tokenizer) -> DocumentReader | ExampleReader:
+    """Documents (strings) for --format text; examples (lists of (text, is_response) pieces) otherwise."""
+    if config.format != "text":
+        return ExampleReader(files, config.format, tokenizer=tokenizer, skip_bad_utf8=config.skip_bad_utf8,
+                             **_example_fields(config))
+    return DocumentReader(files, config.text_field, config.txt_documents, config.skip_bad_utf8)
 
-    def flush(buffer: np.ndarray, flags: np.ndarray | None, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Write ``rows`` rows from the front of ``buffer`` (and ``flags``) as one shard; return the unused rest."""
-        nonlocal loss_tokens
-        starts = np.arange(rows) * stride
-        arrays = {"input_ids": buffer[starts[:, None] + np.arange(row_len)].astype(dtype)}
-        if flags is not None:
-            arrays["loss_mask"] = loss_mask_rows(flags, rows, row_len)
-            loss_tokens += int(arrays["loss_mask"].sum())
-        name = store_lib.shard_name(len(shards), config.backend)
-        shards.append(store_lib.write_shard(tmp, name, arrays, config.backend, config.chunk_rows))
-        return buffer[rows * stride:], None if flags is None else flags[rows * stride:]
 
+def batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """texts → token ids without special tokens, in one call of the fast tokenizer where there is one."""
     backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else None
-    eos = np.array([tokenizer.eos_token_id], dtype=np.int64)
 
     def encode(texts: list[str]) -> list[list[int]]:
         if backend is not None:
             return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
-    def append(ids: np.ndarray, flags: np.ndarray | None = None) -> None:
-        nonlocal pending_len, total_tokens
-        pending.append(ids)
-        if flags is not None:
-            pending_flags.append(flags)
-        pending_len += len(ids)
-        total_tokens += len(ids)
-        progress.update(len(ids))
-
-    def append_example(pieces: list[tuple[str, bool]], piece_ids: list[list[int]]) -> None:
-        nonlocal padding_tokens
-        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in piece_ids] + [eos])
-        flags = np.concatenate([np.full(len(p), response, dtype=np.uint8)
-                                for (_, response), p in zip(pieces, piece_ids)]
-                               + [np.array([pieces[-1][1]], dtype=np.uint8)])  # EOS: ending a response is learnt
-        used = total_tokens % stride  # the next token's place in its row (0: it starts a row)
-        if used and stride - used + 1 < len(ids) <= row_len:  # it fits in a row, not in this one: start the next
-            pad = stride - used
-            append(np.full(pad, eos[0]), np.zeros(pad, dtype=np.uint8))
-            padding_tokens += pad
-        append(ids, flags)
-
-    documents = iter(reader)
-    try:
-        # The bar is closed before any error propagates, so the error prints on a line of its own.
-        with tqdm(desc="prepare", unit="tok", unit_scale=True, dynamic_ncols=True) as progress:
-            while batch := list(itertools.islice(documents, config.batch_documents)):
-                if examples:
-                    encoded = iter(encode([text for pieces in batch for text, _ in pieces]))
-                    for pieces in batch:
-                        append_example(pieces, [next(encoded) for _ in pieces])
-                else:
-                    for ids in encode(batch):
-                        append(np.asarray(ids, dtype=np.int64))
-                        append(eos)
-                if pending_len >= shard_tokens:
-                    buffer = np.concatenate(pending)
-                    flags = np.concatenate(pending_flags) if examples else None
-                    while len(buffer) >= shard_tokens:
-                        buffer, flags = flush(buffer, flags, config.rows_per_shard)
-                    pending, pending_len = [buffer], len(buffer)
-                    pending_flags = [flags] if examples else []
-            if examples and total_tokens:  # pad the last row rather than drop the examples in it
-                pad = max(row_len - total_tokens, (1 - total_tokens) % stride)
-                append(np.full(pad, eos[0]), np.zeros(pad, dtype=np.uint8))
-                padding_tokens += pad
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    buffer = np.concatenate(pending) if pending else np.zeros(0, dtype=np.int64)
-    flags = np.concatenate(pending_flags) if examples else None
-    last_rows = (len(buffer) - 1) // stride if len(buffer) >= row_len else 0
-    if last_rows:
-        buffer, flags = flush(buffer, flags, last_rows)
-    if not shards:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not reader.stats.documents and reader.stats.skipped_lines:
-            raise DistillError(f"the corpus holds no UTF-8 text: all {reader.stats.skipped_lines} lines were skipped "
-                               "as non-UTF-8 (--skip-bad-utf8); is this a text corpus? convert it to UTF-8")
-        raise DistillError(f"the corpus yields {total_tokens} tokens from {reader.stats.documents} documents, "
-                           f"fewer than one row of {row_len}; add text or lower --seq-len")
-
-    # --- finish: index last, then the whole store renamed into place ---
-    rows = sum(s["rows"] for s in shards)
-    arrays = {"input_ids": {"dtype": dtype.name, "shape": [row_len]}}
-    facts = {}
-    if examples:
-        arrays["loss_mask"] = {"dtype": "uint8", "shape": [row_len]}
-        facts = {"loss_tokens": loss_tokens, "padding_tokens": padding_tokens}
-    index = store_lib.new_index(
-        "tokens", config.backend, params, shards,
-        arrays=arrays,
-        documents=reader.stats.documents,
-        tokens=total_tokens,
-        target_tokens=rows * stride,
-        dropped_tokens=int(len(buffer) - 1) if len(buffer) else 0,
-        skipped_lines=reader.stats.skipped_lines,
-        **facts,
-    )
-    save_resolved(config, tmp / "config.json")
-    store_lib.write_index(tmp, index)
-    replace_dir(tmp, out)
-    skipped = f", skipped {reader.stats.skipped_lines} non-UTF-8 lines" if reader.stats.skipped_lines else ""
-    trained = f"; {loss_tokens} response targets in the loss, {padding_tokens} padding" if examples else ""
-    print(f"{out}: {rows} rows x {row_len} tokens from {reader.stats.documents} "
-          f"{'examples' if examples else 'documents'} ({total_tokens} tokens{skipped}{trained})")
-    return out
+    return encode
 
 
-def loss_mask_rows(flags: np.ndarray, rows: int, row_len: int) -> np.ndarray:
-    """``loss_mask [rows, row_len]`` uint8 of the rows cut with stride ``row_len − 1`` from a stream whose
-    tokens' response flags are ``flags``: position t of row r is the flag of its target, stream token
-    ``r·(row_len−1) + t + 1``; the last position's target is the next row's first token, so it is 0 here
-    (that token is a target, once, at position ``row_len − 2`` of this row)."""
-    stride = row_len - 1
-    mask = np.zeros((rows, row_len), dtype=np.uint8)
-    mask[:, :-1] = flags[np.arange(rows)[:, None] * stride + np.arange(1, row_len)]
-    return mask
+class _ShardWriter:
+    """Shards of packed rows into a temp directory beside ``out``, renamed into place by :meth:`commit`
+    once the index is written, so an existing store is never half-replaced."""
+
+    def __init__(self, out: Path, backend: str, chunk_rows: int, dtype: np.dtype):
+        self.out, self.backend, self.chunk_rows, self.dtype = out, backend, chunk_rows, dtype
+        self.tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.shards: list[dict] = []
+        self.loss_tokens = 0  # examples only: positions whose loss_mask is 1
+
+    def write(self, shards: Iterator[dict[str, np.ndarray]]) -> None:
+        for arrays in shards:
+            arrays["input_ids"] = arrays["input_ids"].astype(self.dtype)
+            if "loss_mask" in arrays:
+                self.loss_tokens += int(arrays["loss_mask"].sum())
+            name = store_lib.shard_name(len(self.shards), self.backend)
+            self.shards.append(store_lib.write_shard(self.tmp, name, arrays, self.backend, self.chunk_rows))
+
+    def index(self, params: dict, packer: RowPacker, documents: int, skipped_lines: int, examples: bool) -> dict:
+        rows = sum(s["rows"] for s in self.shards)
+        arrays = {"input_ids": {"dtype": self.dtype.name, "shape": [packer.row_len]}}
+        facts = {}
+        if examples:
+            arrays["loss_mask"] = {"dtype": "uint8", "shape": [packer.row_len]}
+            facts = {"loss_tokens": self.loss_tokens, "padding_tokens": packer.padding_tokens}
+        return store_lib.new_index(
+            "tokens", self.backend, params, self.shards,
+            arrays=arrays,
+            documents=documents,
+            tokens=packer.total_tokens,
+            target_tokens=rows * packer.stride,
+            dropped_tokens=packer.dropped_tokens,
+            skipped_lines=skipped_lines,
+            **facts,
+        )
+
+    def commit(self, index: dict, config: PrepareConfig) -> None:
+        save_resolved(config, self.tmp / "config.json")
+        store_lib.write_index(self.tmp, index)
+        replace_dir(self.tmp, self.out)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _raise_too_little(reader: DocumentReader | ExampleReader, packer: RowPacker) -> None:
+    if not reader.stats.documents and reader.stats.skipped_lines:
+        raise DistillError(f"the corpus holds no UTF-8 text: all {reader.stats.skipped_lines} lines were skipped "
+                           "as non-UTF-8 (--skip-bad-utf8); is this a text corpus? convert it to UTF-8")
+    raise DistillError(f"the corpus yields {packer.total_tokens} tokens from {reader.stats.documents} documents, "
+                       f"fewer than one row of {packer.row_len}; add text or lower --seq-len")
 
 
 def _example_fields(config: PrepareConfig) -> dict[str, str]:

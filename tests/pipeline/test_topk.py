@@ -199,7 +199,7 @@ def test_kernel_choice(monkeypatch, capsys):
     assert resolve_kernel("auto", torch.device("cuda", 0)) == "torch"
     with pytest.raises(DistillError, match="runs on the CPU"):
         resolve_kernel("native", torch.device("cuda", 0))
-    monkeypatch.setattr(native, "_library", lambda: (None, "no C compiler found (set CC or install gcc)"))
+    monkeypatch.setattr(native, "load", lambda check=None: (None, "no C compiler found (set CC or install gcc)"))
     with pytest.raises(DistillError, match="unavailable .no C compiler.*use --kernel torch"):
         resolve_kernel("native", torch.device("cpu"))
     assert resolve_kernel("auto", torch.device("cpu")) == "torch"
@@ -232,3 +232,10 @@ def test_k_extremes_at_low_temperature_match_float64(kernel, k, temperature):
     assert torch.equal(kept, logits.gather(-1, ref["topk_ids"]))
     torch.testing.assert_close(got["topk_logprobs"].double(), ref["logprobs"].gather(-1, got["topk_ids"]),
                                rtol=0, atol=2e-5 / temperature)
+
+
+def test_a_build_that_fails_its_callers_check_is_not_used():
+    """The binding tries each build against the check its caller brings and says why none passed."""
+    kernel, why = native.load(lambda kernel: "top-k values differ")
+    assert kernel is None and why.count("disagrees with torch (top-k values differ)") == len(native.VARIANTS)
+    assert native.load(lambda kernel: "")[0] is not None

@@ -1,0 +1,129 @@
+"""Packing a token stream into the overlapping rows of a ``tokens`` store.
+
+Documents (or task examples) are appended to one token stream, each closed by EOS. The stream is cut
+into rows of ``seq_len`` tokens with a stride of ``seq_len − 1``: consecutive rows share one token,
+so every token after the first is a next-token target exactly once (position t of a row predicts
+position t+1). What is left shorter than a row at the end is dropped and counted.
+
+For task examples each token also carries a flag (1: a response token, or the EOS closing an example
+that ends in a response), and the rows get a ``loss_mask``: position t is 1 where its *target*,
+token t+1, is flagged. An example that fits in a row but not in what is left of the current one
+starts the next row, the rest of this one padded with EOS (flag 0); the last row is padded too, so
+no example is dropped.
+
+:class:`RowPacker` holds only the stream not yet cut into a full shard of rows, so memory is bounded
+by one shard plus what the caller appends between two calls of :meth:`RowPacker.full_shards`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+
+class RowPacker:
+    """One token stream (with response flags if ``flags``) → shards of ``rows_per_shard`` overlapping rows.
+
+    Each shard is a dict of ``input_ids [rows, seq_len]`` int64 and, with flags, ``loss_mask
+    [rows, seq_len]`` uint8. Counts kept: ``total_tokens`` (appended, padding included),
+    ``padding_tokens`` (EOS added for examples) and, after :meth:`finish`, ``dropped_tokens``.
+    """
+
+    def __init__(self, seq_len: int, rows_per_shard: int, eos_token_id: int, flags: bool = False):
+        self.row_len = seq_len
+        self.stride = seq_len - 1
+        self.rows_per_shard = rows_per_shard
+        self.shard_tokens = rows_per_shard * self.stride + 1  # tokens that fill one shard of overlapping rows
+        self.eos = np.array([eos_token_id], dtype=np.int64)
+        self.flags = flags
+        self.total_tokens = 0
+        self.padding_tokens = 0
+        self.dropped_tokens = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_flags: list[np.ndarray] = []
+        self._pending_len = 0
+
+    # ---- appending to the stream ----
+
+    def add_document(self, ids: Sequence[int]) -> None:
+        """A document's tokens, then EOS."""
+        self._append(np.asarray(ids, dtype=np.int64))
+        self._append(self.eos)
+
+    def add_example(self, piece_ids: list[Sequence[int]], responses: list[bool]) -> None:
+        """An example's pieces (prompt and response turns, tokenized), then EOS; started on a fresh row
+        when it fits in a row but not in what is left of this one. ``responses[i]``: is piece i a
+        response? The closing EOS is learnt where the example ends in a response."""
+        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in piece_ids] + [self.eos])
+        flags = np.concatenate([np.full(len(p), response, dtype=np.uint8) for p, response in zip(piece_ids, responses)]
+                               + [np.array([responses[-1]], dtype=np.uint8)])
+        used = self.total_tokens % self.stride  # the next token's place in its row (0: it starts a row)
+        if used and self.stride - used + 1 < len(ids) <= self.row_len:
+            self._pad(self.stride - used)
+        self._append(ids, flags)
+
+    def _pad(self, count: int) -> None:
+        self._append(np.full(count, self.eos[0]), np.zeros(count, dtype=np.uint8))
+        self.padding_tokens += count
+
+    def _append(self, ids: np.ndarray, flags: np.ndarray | None = None) -> None:
+        self._pending.append(ids)
+        if flags is not None:
+            self._pending_flags.append(flags)
+        self._pending_len += len(ids)
+        self.total_tokens += len(ids)
+
+    # ---- cutting rows ----
+
+    def full_shards(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every full shard of rows the stream holds now; the rest stays pending."""
+        if self._pending_len < self.shard_tokens:
+            return
+        buffer, flags = self._joined()
+        while len(buffer) >= self.shard_tokens:
+            yield self._rows(buffer, flags, self.rows_per_shard)
+            buffer = buffer[self.rows_per_shard * self.stride:]
+            flags = None if flags is None else flags[self.rows_per_shard * self.stride:]
+        self._keep(buffer, flags)
+
+    def finish(self) -> Iterator[dict[str, np.ndarray]]:
+        """The last, shorter shard (if a row is left); examples pad the last row instead of dropping it."""
+        if self.flags and self.total_tokens:
+            self._pad(max(self.row_len - self.total_tokens, (1 - self.total_tokens) % self.stride))
+        buffer, flags = self._joined()
+        rows = (len(buffer) - 1) // self.stride if len(buffer) >= self.row_len else 0
+        if rows:
+            yield self._rows(buffer, flags, rows)
+            buffer = buffer[rows * self.stride:]
+        self.dropped_tokens = int(len(buffer) - 1) if len(buffer) else 0
+        self._keep(np.zeros(0, dtype=np.int64), None)
+
+    def _joined(self) -> tuple[np.ndarray, np.ndarray | None]:
+        buffer = np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=np.int64)
+        flags = None
+        if self.flags:
+            flags = np.concatenate(self._pending_flags) if self._pending_flags else np.zeros(0, dtype=np.uint8)
+        return buffer, flags
+
+    def _keep(self, buffer: np.ndarray, flags: np.ndarray | None) -> None:
+        self._pending, self._pending_len = [buffer], len(buffer)
+        self._pending_flags = [flags] if flags is not None else []
+
+    def _rows(self, buffer: np.ndarray, flags: np.ndarray | None, rows: int) -> dict[str, np.ndarray]:
+        starts = np.arange(rows) * self.stride
+        arrays = {"input_ids": buffer[starts[:, None] + np.arange(self.row_len)]}
+        if flags is not None:
+            arrays["loss_mask"] = loss_mask_rows(flags, rows, self.row_len)
+        return arrays
+
+
+def loss_mask_rows(flags: np.ndarray, rows: int, row_len: int) -> np.ndarray:
+    """``loss_mask [rows, row_len]`` uint8 of the rows cut with stride ``row_len − 1`` from a stream whose
+    tokens' response flags are ``flags``: position t of row r is the flag of its target, stream token
+    ``r·(row_len−1) + t + 1``; the last position's target is the next row's first token, so it is 0 here
+    (that token is a target, once, at position ``row_len − 2`` of this row)."""
+    stride = row_len - 1
+    mask = np.zeros((rows, row_len), dtype=np.uint8)
+    mask[:, :-1] = flags[np.arange(rows)[:, None] * stride + np.arange(1, row_len)]
+    return mask
