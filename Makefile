@@ -105,7 +105,7 @@ real-teacher: setup
 
 # ---- generate: the teacher writes a synthetic corpus (OUT/generated.jsonl, which prepare reads) ----
 # from PROMPTS (JSONL with a "prompt" field, or text, one per line) or, without it, UNCONDITIONAL
-# completions from BOS; RULES= a rule file (pipeline/rules.py) enforced while decoding
+# completions from BOS; RULES= a rule file (pipeline/decode/rules.py) enforced while decoding
 PROMPTS     ?=
 UNCONDITIONAL ?= 256
 RULES       ?=

@@ -2,7 +2,7 @@
 distributions (``OMP_NUM_THREADS=1 PYTHONPATH=. python bench/importance_bias.py``).
 
 A sampled store holds N draws per position at the cache temperature T₀; stage two at a grid
-temperature T ≠ T₀ weights them by ``p_T/p_T₀`` (:class:`pipeline.teacher_signal.StoredSampled`,
+temperature T ≠ T₀ weights them by ``p_T/p_T₀`` (:class:`pipeline.train.teacher_signal.StoredSampled`,
 exactly as it reads a store, log-probs stored as float16). Here the shipped teacher runs over
 held-out rows, each position is drawn ``--repeats`` times with independent seeds (the store's own
 sampler and keys), and the weight of each position's most likely id is averaged and compared with
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from pipeline.models import load_model
-from pipeline.sampling import position_keys, sample_teacher
-from pipeline.teacher_signal import StoredSampled
-from pipeline.tokenizer import load_tokenizer
-from pipeline.topk import sparse_teacher
+from pipeline.teacher.sampling import position_keys, sample_teacher
+from pipeline.teacher.topk import sparse_teacher
+from pipeline.text.tokenizer import load_tokenizer
+from pipeline.train.teacher_signal import StoredSampled
 
 ROOT = Path(__file__).resolve().parents[1]
 

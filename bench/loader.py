@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.loader import Loader
-from pipeline.store import ShardReader, open_store
-from pipeline.teacher_signal import stored_teacher
+from pipeline.store.contract import ShardReader, open_store
+from pipeline.train.loader import Loader
+from pipeline.train.teacher_signal import stored_teacher
 from stages.prepare import PrepareConfig, prepare
 from stages.teacher import TeacherConfig, run_teacher
 

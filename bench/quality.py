@@ -195,7 +195,7 @@ def main() -> None:
         return report(args.report, args.figure)
 
     from pipeline.models import load_model, resolve_device
-    from pipeline.store import open_store
+    from pipeline.store.contract import open_store
 
     started = time.time()
     work = Path(args.work or tempfile.mkdtemp(prefix="distill-quality-"))

@@ -9,10 +9,10 @@ import time
 
 import torch
 
-from pipeline.sampling import position_keys, sample_teacher, uniforms
+from pipeline.teacher.sampling import position_keys, sample_teacher, uniforms
 
 def lm_like_logits(rows: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
-    """As in tests/pipeline/test_topk.py: a low-rank head over random hidden states, plus noise."""
+    """As in tests/pipeline/teacher/test_topk.py: a low-rank head over random hidden states, plus noise."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, 64, generator=g)
     head = torch.randn(vocab, 64, generator=g) / 8

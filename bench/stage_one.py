@@ -36,7 +36,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.models import load_model, resolve_device
-from pipeline.store import open_store
+from pipeline.store.contract import open_store
 from stages.prepare import PrepareConfig, prepare
 from stages.teacher import TeacherConfig, run_teacher
 

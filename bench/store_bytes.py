@@ -29,7 +29,7 @@ import zarr
 
 from pipeline.config import load_config
 from pipeline.models import count_parameters, load_model
-from pipeline.store import open_store
+from pipeline.store.contract import open_store
 from stages.plan import compressed_bytes
 from stages.prepare import PrepareConfig, prepare
 from stages.teacher import TeacherConfig, run_teacher

@@ -3,12 +3,12 @@
 Held-out perplexity (per token and bits per byte), LAMBADA (last-word accuracy and perplexity),
 HellaSwag and StoryCloze (log-likelihood multiple choice, ``acc`` and ``acc_norm``), NQ-open,
 TriviaQA and WebQuestions (exact match, zero/one/few-shot), a custom QA task (``--custom``), with
-``--rules`` the QA answers under rules as well (:func:`pipeline.generation.qa_under_rules`), and
+``--rules`` the QA answers under rules as well (:func:`pipeline.decode.generation.qa_under_rules`), and
 agreement with a stored teacher (top-1 agreement and KL from a ``topk`` store made with the model's
 tokenizer). The completion tasks follow lm-evaluation-harness's
 prompts and scoring; the QA tasks follow its ``nq_open``, ``triviaqa`` and ``webqs`` under
 ``--qa-format lm-eval`` (the default; webqs zero-shot only) or GPT-3's prompts under ``gpt3`` (see
-:mod:`pipeline.tasks`). ``tests/stages/test_lm_eval.py`` checks the agreement: same prompts,
+:mod:`pipeline.evaluate.tasks`). ``tests/stages/test_lm_eval.py`` checks the agreement: same prompts,
 predictions and metrics on the same files.
 
 One JSON file comes out: the model, its parameters, how it was trained (when it was trained by
@@ -32,17 +32,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import tasks
 from pipeline.checks import check_store_fits
 from pipeline.config import check, flag, option, required, split_list, to_dict
-from pipeline.corpus import DocumentReader, expand_inputs
+from pipeline.decode.generation import qa_under_rules
+from pipeline.decode.rules import Rules, load_rules
 from pipeline.errors import DistillError
-from pipeline.generation import qa_under_rules
+from pipeline.evaluate import tasks
 from pipeline.io import atomic_write_text
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device
-from pipeline.rules import Rules, load_rules
+from pipeline.text.corpus import DocumentReader, expand_inputs
+from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
-from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
 COMPLETION = ("heldout", "lambada", "hellaswag", "storycloze")
 QA_TASKS = ("nq", "webq", "triviaqa", "custom")
@@ -84,7 +84,7 @@ class EvalConfig:
     max_length: int = option(0, "Context window in tokens (0 = the model's maximum positions).")
     max_new_tokens: int = option(0, "Most tokens generated per QA answer (0 = the QA format's: lm-eval 256, "
                                  "gpt3 24); generation ends at the format's stop sequences.")
-    rules: str = option("", "Rule file (pipeline/rules.py): QA answers are also generated under it, enforced while "
+    rules: str = option("", "Rule file (pipeline/decode/rules.py): QA answers are also generated under it, enforced while "
                         "decoding; each QA task adds the share of answers breaking each rule and exact match, "
                         "without and with the rules (violating_*, rules_*).")
     batch_size: int = option(16, "Sequences per forward pass.")
@@ -411,8 +411,8 @@ def eval_qa(scorer: Scorer, config: EvalConfig, task: str, samples: list, rules=
 def agreement_teacher(config: EvalConfig):
     """The agreement task's topk store and its teacher at ``--agreement-temperature``, checked before
     the model loads or any task runs."""
-    from pipeline.store import open_store
-    from pipeline.teacher_signal import StoredTopK
+    from pipeline.store.contract import open_store
+    from pipeline.train.teacher_signal import StoredTopK
 
     store = open_store(config.agreement)
     if store.kind != "topk":
@@ -437,7 +437,7 @@ def check_task_files(config: EvalConfig) -> None:
 def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, teacher) -> dict[str, float]:
     """Top-1 agreement with the stored teacher and KL(teacher ‖ model) over the kept top-k plus one
     tail bucket (exact for the store's distribution; a lower bound on the full-vocabulary KL)."""
-    from pipeline.loader import sequential
+    from pipeline.train.loader import sequential
 
     params = store.params
     t = config.agreement_temperature

@@ -3,7 +3,7 @@ produced by the instructor model" — that ``distill prepare`` reads like any ot
 
 setup → loop → finish. Records are numbered ``i = prompt · S + sample`` (S = samples per prompt;
 ``--unconditional N`` stands for N empty prompts, the completion starting from BOS). Record ``i``
-is drawn from its own key (``pipeline.generation.record_keys``: seed, prompt, sample, attempt), so
+is drawn from its own key (``pipeline.decode.generation.record_keys``: seed, prompt, sample, attempt), so
 it is the same in any batch, array job or rerun.
 
 Parallel and resumable: job ``j`` of ``n`` owns records ``i ≡ j (mod n)`` and writes them, in
@@ -36,14 +36,14 @@ from tqdm import tqdm
 
 from pipeline.checks import check_output_rows
 from pipeline.config import array_job_problems, check, option, required, save_resolved
-from pipeline.corpus import jsonl_values, read_lines
+from pipeline.decode.generation import ATTEMPTS_MAX, SAMPLES_PER_PROMPT_MAX, CausalLM, Decoded, Sampling, decode, record_keys
+from pipeline.decode.rules import Rules, load_rules, violations
 from pipeline.errors import DistillError
-from pipeline.generation import ATTEMPTS_MAX, SAMPLES_PER_PROMPT_MAX, CausalLM, Decoded, Sampling, decode, record_keys
 from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256
 from pipeline.models import DTYPES, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
-from pipeline.rules import Rules, load_rules, violations
-from pipeline.store import JobLock, param_differences
-from pipeline.tokenizer import load_tokenizer, vocab_size
+from pipeline.store.contract import JobLock, param_differences
+from pipeline.text.corpus import jsonl_values, read_lines
+from pipeline.text.tokenizer import load_tokenizer, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 from stages.teacher import weights_sha256
 
@@ -71,7 +71,7 @@ class GenerateConfig:
                        "'prompt+completion' or 'completion'.")
     add_bos: bool = option(True, "Begin each prompt with the tokenizer's BOS token (EOS where it has none), as "
                            "documents begin in a packed training corpus.")
-    rules: str = option("", "YAML rule file enforced while decoding (pipeline/rules.py: banned, required, regex, "
+    rules: str = option("", "YAML rule file enforced while decoding (pipeline/decode/rules.py: banned, required, regex, "
                         "charset, vocabulary, max_tokens, max_words).")
     max_attempts: int = option(4, "Draws of a record (fresh randomness each) before it is reported unsatisfiable "
                                "under --rules.")

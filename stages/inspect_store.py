@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import check, option
-from pipeline.store import open_store, repair
+from pipeline.store.contract import open_store, repair
 
 
 @dataclass(frozen=True)

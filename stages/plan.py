@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import store as store_lib
 from pipeline.config import check, option, to_dict
 from pipeline.errors import DistillError
 from pipeline.models import DTYPES, count_parameters, hf_config, skeleton
+from pipeline.store import contract as store_lib
 from stages.teacher import TeacherConfig, format_problems, stored_arrays
 
 ROOT = Path(__file__).resolve().parents[1]

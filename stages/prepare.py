@@ -9,7 +9,7 @@ Memory is bounded by one shard of rows plus one batch of documents, whatever the
 store is built in a temp directory beside ``out`` and renamed into place when its index is written,
 so an existing store is never half-replaced.
 
-Task examples (``--format prompt-response`` or ``chat``, :mod:`pipeline.examples`) go into the same
+Task examples (``--format prompt-response`` or ``chat``, :mod:`pipeline.text.examples`) go into the same
 kind of stream, with two differences. Each token carries a flag: is it a response token (a token of
 a response, or the EOS that closes an example ending in one)? The rows then get a ``loss_mask``
 beside ``input_ids``: position t of a row is 1 where its *target*, token t+1, is a response token
@@ -34,14 +34,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import store as store_lib
 from pipeline.config import check, flag, option, required, save_resolved
-from pipeline.corpus import DocumentReader, corpus_fingerprint, expand_inputs
 from pipeline.errors import DistillError
-from pipeline.examples import FORMATS, ExampleReader, chat_template_sha256, require_chat_template
 from pipeline.io import replace_dir
-from pipeline.packing import RowPacker
-from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.store import contract as store_lib
+from pipeline.text.corpus import DocumentReader, corpus_fingerprint, expand_inputs
+from pipeline.text.examples import FORMATS, ExampleReader, chat_template_sha256, require_chat_template
+from pipeline.text.packing import RowPacker
+from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
 
 @dataclass(frozen=True)

@@ -334,7 +334,7 @@ def submit(out: Path, kinds: list[str], array: str | None = None) -> dict[str, s
 def missing_tasks(plan: Plan) -> list[int]:
     """Stage-one tasks whose shards are not all recorded in their partial index (all of them when
     the store has none yet)."""
-    from pipeline import store as store_lib
+    from pipeline.store import contract as store_lib
 
     root, n = Path(plan.teacher.out), plan.resources["teacher"]["array"]
     if not root.is_absolute():

@@ -9,7 +9,7 @@ where the teacher comes from
 - a stage-one store (offline, the default use; the teacher's weights are never loaded): a
   ``sampled`` store's draws (stage one's default) or a hybrid store's top-k plus drawn tail, the
   draws reweighted to T where T is not the temperature they were drawn at
-  (:class:`pipeline.teacher_signal.StoredSampled`); or a ``topk`` store's sparse predictions,
+  (:class:`pipeline.train.teacher_signal.StoredSampled`); or a ``topk`` store's sparse predictions,
   re-tempered exactly to T, with ``--tail``'s treatment of the rest;
 - ``--teacher DIR`` (online): the teacher in memory, full vocabulary — the baseline offline mode is
   measured against;
@@ -48,20 +48,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import checkpoint, preempt
+from pipeline import preempt
 from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
-from pipeline.init import init_from_teacher_layers
 from pipeline.io import atomic_write_text, disk_full_is_an_error, remove_leftovers, removed_if_failed, replace_dir
-from pipeline.loader import Loader, sequential
-from pipeline.losses import DIRECTIONS, TAIL_MODES, chunked_sum
-from pipeline.metrics import MetricsLog
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
-from pipeline.store import Store, open_store
-from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.store.contract import Store, open_store
+from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
-from pipeline.teacher_signal import OnlineTeacher, StoredSampled, StoredTopK, TeacherSignal, stored_teacher
+from pipeline.train import checkpoint
+from pipeline.train.init import init_from_teacher_layers
+from pipeline.train.loader import Loader, sequential
+from pipeline.train.losses import DIRECTIONS, TAIL_MODES, chunked_sum
+from pipeline.train.metrics import MetricsLog
+from pipeline.train.teacher_signal import OnlineTeacher, StoredSampled, StoredTopK, TeacherSignal, stored_teacher
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
@@ -170,7 +171,7 @@ class DistillStep(torch.nn.Module):
     over the ``B·(L−1)`` positions that have a next token — only those whose ``loss_mask`` is 1 when
     the batch has one (task fine-tuning: the positions whose target is a response token; the others
     never reach the output head, so they add nothing to the loss, its gradient or the target count).
-    ``teacher`` (a :class:`pipeline.teacher_signal.TeacherSignal`) gives the divergence term; None
+    ``teacher`` (a :class:`pipeline.train.teacher_signal.TeacherSignal`) gives the divergence term; None
     trains with CE alone.
     """
 

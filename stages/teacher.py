@@ -2,7 +2,7 @@
 
 Three kinds of store (``docs/FORMAT.md``, format version 2, or 3 where the tokens store has a
 ``loss_mask``): ``sampled`` (the default: N draws per position from the teacher at the cache
-temperature, as distinct ids with counts, :mod:`pipeline.sampling`), ``topk`` (the k largest
+temperature, as distinct ids with counts, :mod:`pipeline.teacher.sampling`), ``topk`` (the k largest
 predictions and the exact tail mass) and the hybrid, ``topk`` with ``--tail-samples M`` (the top-k
 plus M draws from the rest). Each may also hold every drawn id's log-prob (``--sample-logprobs``),
 so stage two can reweight draws to another grid temperature.
@@ -10,8 +10,8 @@ so stage two can reweight draws to another grid temperature.
 setup → loop → finish. The teacher's body runs on a batch of rows; its output head then runs on
 chunks of ``position_chunk`` positions, and each chunk is reduced on the device to top-k ids and
 log-probs (top-1 for a sampled store), log-sum-exp at every grid temperature, the exact tail mass
-and the true token's log-prob (:func:`pipeline.topk.sparse_teacher`), and drawn from
-(:func:`pipeline.sampling.sample_teacher`). A ``[B, L, V]`` float32 logit tensor never exists, so a
+and the true token's log-prob (:func:`pipeline.teacher.topk.sparse_teacher`), and drawn from
+(:func:`pipeline.teacher.sampling.sample_teacher`). A ``[B, L, V]`` float32 logit tensor never exists, so a
 150k vocabulary and long rows fit. A writer thread compresses and renames each finished shard while
 the next one is computed.
 
@@ -43,7 +43,6 @@ import torch
 from tqdm import tqdm
 
 from pipeline import preempt
-from pipeline import store as store_lib
 from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
@@ -51,10 +50,11 @@ from pipeline.io import file_sha256
 from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check_device_map, check_devices,
                              device_map_problems, device_problems, execution_device, has_weights, hf_config, load_model,
                              max_positions, parse_max_memory, placement, read_device_map, resolve_device)
-from pipeline.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.store import contract as store_lib
+from pipeline.teacher.sampling import position_keys, sample_teacher, sampled_logprobs
+from pipeline.teacher.topk import KERNELS, resolve_kernel, sparse_teacher
+from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
-from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
-from pipeline.topk import KERNELS, resolve_kernel, sparse_teacher
 
 ON_PREEMPT = ("finish", "abandon")
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import check, option, required, save_resolved
-from pipeline.corpus import DocumentReader, expand_inputs
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
+from pipeline.text.corpus import DocumentReader, expand_inputs
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def train_tokenizer(config: TokenizerConfig) -> Path:
     reader = DocumentReader(expand_inputs(config.inputs), text_field=config.text_field)
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    from pipeline.tokenizer import train_bpe
+    from pipeline.text.tokenizer import train_bpe
 
     try:
         train_bpe(iter(reader), config.vocab_size, tmp, config.min_frequency)

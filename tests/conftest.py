@@ -106,7 +106,7 @@ def reseal_index(path: Path, edit) -> Path:
     """Apply ``edit(body)`` to the index (or partial index) at ``path`` and write it back sealed with a
     fresh digest: what a tool that rewrites the index on purpose writes (so that the checks behind
     the digest are what a test reaches). Returns ``path``."""
-    from pipeline.store import sealed_text
+    from pipeline.store.contract import sealed_text
 
     body = json.loads(Path(path).read_text())
     edit(body)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DistillError
-from pipeline.loader import ChunkReader
-from pipeline.store import open_store
+from pipeline.store.contract import open_store
+from pipeline.train.loader import ChunkReader
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, reseal_index, run_cli, tree_digest, write_corpus
 
 pytestmark = pytest.mark.faults

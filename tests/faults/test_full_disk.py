@@ -15,8 +15,8 @@ import subprocess
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline import store as store_lib
+from pipeline.store import contract as store_lib
+from pipeline.train import checkpoint
 from tests.conftest import make_teacher, one_line_error, run_cli
 
 pytestmark = pytest.mark.faults

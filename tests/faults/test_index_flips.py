@@ -25,10 +25,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline import store as store_lib
 from pipeline.errors import DistillError
-from pipeline.loader import ChunkReader
-from pipeline.store import open_store
+from pipeline.store import contract as store_lib
+from pipeline.store.contract import open_store
+from pipeline.train.loader import ChunkReader
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, reseal_index, run_cli, write_corpus
 
 pytestmark = pytest.mark.faults

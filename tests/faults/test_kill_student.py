@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import checkpoint
+from pipeline.train import checkpoint
 from tests.conftest import kill_when, one_line_error, run_cli, spawn, tree_digest
 
 pytestmark = pytest.mark.faults

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from pipeline import store as store_lib
 from pipeline.errors import DistillError
-from pipeline.store import content_hash, open_store, read_partial_index
+from pipeline.store import contract as store_lib
+from pipeline.store.contract import content_hash, open_store, read_partial_index
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli, spawn, tree_digest, write_corpus
 
 pytestmark = pytest.mark.faults

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.losses import sparse_kd
 from pipeline.models import OutputHead, load_model
-from pipeline.store import open_store
-from pipeline.teacher_signal import OnlineTeacher, StoredTopK
-from pipeline.topk import retemper
+from pipeline.store.contract import open_store
+from pipeline.teacher.topk import retemper
+from pipeline.train.losses import sparse_kd
+from pipeline.train.teacher_signal import OnlineTeacher, StoredTopK
 from stages.student import DistillStep
 from tests.conftest import ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, reseal_index, run_cli, spawn
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import tasks
+from pipeline.evaluate import tasks
 from stages.eval import EvalConfig, eval_qa
 from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli
 
@@ -196,7 +196,7 @@ def test_custom_task_sends_the_prompt_as_written_and_matches_its_answers(tmp_pat
 def test_custom_task_under_rules(model_dir, tmp_path):
     """The demo-fd task set and rule file: every answer decoded under the rules keeps them, and the
     free answers' violations are counted by the same checker."""
-    from pipeline.rules import load_rules, violations
+    from pipeline.decode.rules import load_rules, violations
 
     report, samples = run_eval(model_dir, tmp_path / "c.json", "--tasks", "custom", "--custom",
                                ROOT / "data" / "tasks" / "source-test.jsonl", "--rules", ROOT / "data" / "rules" / "source.yaml",
@@ -377,7 +377,7 @@ def test_report_table_and_figures(tmp_path):
 def test_rules_end_answers_at_every_stop_sequence():
     """``--rules`` with lm-eval's stops: a token holding "\\n", "." or "," ends the answer where the
     first of them begins, as the free answers are cut."""
-    from pipeline.rules import RuleSpec, Rules
+    from pipeline.decode.rules import RuleSpec, Rules
 
     spec, tokenizer = RuleSpec(max_words=3, source="test"), AutoTokenizer.from_pretrained(str(TOKENIZER))
     rules = Rules(spec, tokenizer, 8, stop=("\n", ".", ","))

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.models import OutputHead, load_model
-from pipeline.store import open_store
-from pipeline.teacher_signal import stored_teacher
+from pipeline.store.contract import open_store
+from pipeline.train.teacher_signal import stored_teacher
 from stages.student import DistillStep, TrainConfig, setup
 from tests.conftest import TOKENIZER, make_teacher, run_cli, write_tiny_model_config
 

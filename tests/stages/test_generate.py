@@ -115,7 +115,7 @@ def test_unconditional_text_modes_and_prepare_reads_the_output(teacher, tmp_path
     result = run_cli("prepare", "--input", tmp_path / "gen" / "generated.jsonl", "--tokenizer", TOKENIZER,
                      "--seq-len", "16", "--out", tmp_path / "tokens")
     assert result.exit_code == 0, result.output
-    from pipeline.store import open_store
+    from pipeline.store.contract import open_store
 
     store = open_store(tmp_path / "tokens", kind="tokens")
     tokens = sum(r["completion_tokens"] for r in got)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.preempt import EXIT_PREEMPTED
-from pipeline.store import READERS, JobLock, content_hash, open_store
+from pipeline.store.contract import READERS, JobLock, content_hash, open_store
 from tests.conftest import ROOT, TOKENIZER, make_teacher, run_cli, spawn, write_corpus, write_tiny_model_config
 
 STEPS = 24

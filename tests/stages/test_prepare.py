@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.store import open_store
+from pipeline.store.contract import open_store
 from tests.conftest import TOKENIZER, chat_tokenizer, one_line_error, run_cli, tree_digest
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipeline.models import load_model
-from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
-from pipeline.store import open_store
-from pipeline.topk import sparse_teacher
+from pipeline.store.contract import open_store
+from pipeline.teacher.sampling import position_keys, sample_teacher, sampled_logprobs
+from pipeline.teacher.topk import sparse_teacher
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli
 
 

@@ -132,7 +132,7 @@ def test_non_finite_step_stops_before_the_weights_change(stores, tiny_model_conf
     """A non-finite loss or gradient norm at step 5: one line naming the step and the likely cause,
     exit 2; the weights are those of the step-4 checkpoint (the optimizer never ran), which equals
     an unpoisoned run's; no model and no metrics.json are written."""
-    from pipeline import checkpoint
+    from pipeline.train import checkpoint
 
     reference = stores / "reference"
     assert run_cli(*train_args(stores, tiny_model_config, reference, 8, "--checkpoint-every", "2",
@@ -184,7 +184,7 @@ def test_a_crash_after_the_last_checkpoint_redoes_the_final_evaluation_once(stor
 def test_a_granite_student_reports_the_loss_plain_transformers_gives(stores, tiny_model_config, tmp_path):
     """Granite divides its logits by ``logits_scaling``: the held-out loss stage two reports is the
     loss plain transformers computes for the saved model."""
-    from pipeline.store import open_store
+    from pipeline.store.contract import open_store
 
     config = json.loads(tiny_model_config.read_text()) | {"model_type": "granite", "logits_scaling": 8.0}
     (tmp_path / "granite.json").write_text(json.dumps(config))

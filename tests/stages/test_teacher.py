@@ -7,8 +7,8 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM
 
-from pipeline.store import open_store
-from pipeline.topk import retemper
+from pipeline.store.contract import open_store
+from pipeline.teacher.topk import retemper
 from tests.conftest import ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, run_cli, spawn, tree_digest
 
 
@@ -113,7 +113,7 @@ def test_sigkill_rerun_and_parallel_jobs_match_one_run(setup, tmp_path):
     part = tmp_path / "killed" / "index.part-00000-of-00001.json"
     kill_when(spawn(killed_args), lambda: part.exists() and len(json.loads(part.read_text())["shards"]) >= 2)
     assert not (tmp_path / "killed" / "index.json").exists()
-    from pipeline.store import READERS, content_hash
+    from pipeline.store.contract import READERS, content_hash
 
     recorded = {e["name"]: e["sha256"] for e in json.loads(part.read_text())["shards"]}
     for shard in sorted((tmp_path / "killed").glob("shard-*")):

@@ -4,7 +4,7 @@ A record's randomness is a pure function of ``(seed, prompt index, sample index,
 (:func:`record_keys`): token ``t`` of the completion is drawn by the inverse CDF of the
 (temperature-scaled, top-k / top-p filtered) next-token distribution at the uniform
 ``uniforms(key, budget)[t]`` — the counter-based uniforms stage one's draws use
-(:mod:`pipeline.sampling`), with no ``torch.Generator`` and no global RNG state. Which records
+(:mod:`pipeline.teacher.sampling`), with no ``torch.Generator`` and no global RNG state. Which records
 share a batch, which array job runs them, a rerun after a kill: none of it changes a record's
 uniforms or its prompt's tokens.
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.rules import Rules
-from pipeline.sampling import position_keys, uniforms
+from pipeline.decode.rules import Rules
+from pipeline.teacher.sampling import position_keys, uniforms
 
 SAMPLES_PER_PROMPT_MAX = 1 << 16
 ATTEMPTS_MAX = 1 << 8
@@ -178,12 +178,12 @@ def qa_under_rules(scorer, rules: Rules, prompts: list[str], free_answers: list[
                    definition) -> dict:
     """``distill eval --rules``: one QA task's prompts answered greedily under ``rules`` (compiled with
     the task's stop sequences, and cut at them as the free answers are: ``definition``, its
-    :class:`pipeline.tasks.QADefinition`), against the free answers. Returns, for ``shots``: ``rules_em_Kshot`` (exact match under the rules, by the
+    :class:`pipeline.evaluate.tasks.QADefinition`), against the free answers. Returns, for ``shots``: ``rules_em_Kshot`` (exact match under the rules, by the
     definition's normalisation), ``violating_Kshot`` and ``rules_violating_Kshot`` (share of answers
     breaking any rule, free and enforced), ``violating_Kshot_RULE`` (free, per rule) and
     ``rules_unsatisfiable_Kshot`` (answers the rules left no token for). Generation tasks only: a
     task scored by log-likelihood has no answer to constrain."""
-    from pipeline.rules import violations
+    from pipeline.decode.rules import violations
 
     keep = max(1, scorer.max_length - rules.budget)
     decoded = greedy_under_rules(scorer.model, [scorer.encode(p)[-keep:] for p in prompts], rules, scorer.eos,

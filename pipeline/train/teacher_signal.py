@@ -3,12 +3,12 @@
 One small interface, :class:`TeacherSignal`, with one class per way of having a teacher:
 
 - :class:`StoredTopK`: the teacher as stage one stored it — top-k ids and log-probs re-tempered
-  exactly to T (:func:`pipeline.topk.retemper`) and the exact tail mass; compared with
-  :func:`pipeline.losses.sparse_kd`. The teacher's weights are never loaded.
+  exactly to T (:func:`pipeline.teacher.topk.retemper`) and the exact tail mass; compared with
+  :func:`pipeline.train.losses.sparse_kd`. The teacher's weights are never loaded.
 - :class:`OnlineTeacher`: the teacher in memory, full vocabulary, compared with
-  :func:`pipeline.losses.dense_kd` — the baseline offline distillation is measured against.
+  :func:`pipeline.train.losses.dense_kd` — the baseline offline distillation is measured against.
 - :class:`StoredSampled`: draws from the teacher — a ``sampled`` store (unique ids with counts) or
-  the hybrid (exact top-k plus draws from the tail) — compared with :func:`pipeline.losses.sampled_kd`.
+  the hybrid (exact top-k plus draws from the tail) — compared with :func:`pipeline.train.losses.sampled_kd`.
 
 :func:`stored_teacher` picks the class a store calls for. A new kind of teacher is a new class
 with the same three members, not a new branch in the training step.
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import DistillError
-from pipeline.losses import dense_kd, sampled_kd, sparse_kd
-from pipeline.topk import retemper
+from pipeline.teacher.topk import retemper
+from pipeline.train.losses import dense_kd, sampled_kd, sparse_kd
 
 
 class TeacherSignal(Protocol):
@@ -124,7 +124,7 @@ class OnlineTeacher:
 
 class StoredSampled:
     """Draws from the teacher, as a ``sampled`` store or the hybrid ``topk`` store (``--tail-samples``)
-    holds them; compared with :func:`pipeline.losses.sampled_kd` (forward KL only).
+    holds them; compared with :func:`pipeline.train.losses.sampled_kd` (forward KL only).
 
     - ``sampled``: N draws at the cache temperature T₀ per position, stored as unique ids with
       counts; the target is ``count/N`` — an unbiased estimate of the teacher's distribution.

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pipeline.errors import DistillError
-from pipeline.losses import sparse_kd
-from pipeline.teacher_signal import GridTemperature, OnlineTeacher, StoredTopK
-from pipeline.topk import torch_sparse_teacher
+from pipeline.teacher.topk import torch_sparse_teacher
+from pipeline.train.losses import sparse_kd
+from pipeline.train.teacher_signal import GridTemperature, OnlineTeacher, StoredTopK
 
 PARAMS = {"temperature": 1.0, "temperature_grid": [1.0, 2.0]}
 
@@ -56,8 +56,8 @@ def test_stored_topk_with_every_id_kept_equals_the_online_teacher(temperature):
 def _drawn_batch(logits: torch.Tensor, draws: int, seed: int, k: int = 0, kernel: str = "torch") -> dict[str, torch.Tensor]:
     """What a sampled (k = 0) or hybrid (top-k + draws from the tail) store holds for ``logits
     [B, L, V]``, drawn at T = 1 with per-id log-probs, grid (1, 2), by stage one's ``kernel``."""
-    from pipeline.sampling import position_keys, sample_teacher, sampled_logprobs
-    from pipeline.topk import sparse_teacher
+    from pipeline.teacher.sampling import position_keys, sample_teacher, sampled_logprobs
+    from pipeline.teacher.topk import sparse_teacher
 
     b, length, vocab = logits.shape
     z = logits.reshape(-1, vocab).float()
@@ -79,7 +79,7 @@ def test_drawn_targets_estimate_the_teacher(kind, temperature, importance):
     """Averaged over many draws the weights converge to the teacher's distribution at T: count/N at
     the drawing temperature, importance-weighted at another (self-normalised: up to its O(1/N) bias).
     At the drawing temperature (and always when self-normalised) each position's weights sum to one."""
-    from pipeline.teacher_signal import StoredSampled
+    from pipeline.train.teacher_signal import StoredSampled
 
     torch.manual_seed(1)
     logits = 2.5 * torch.randn(1, 3, 40, dtype=torch.float64)
@@ -99,7 +99,7 @@ def test_drawn_targets_estimate_the_teacher(kind, temperature, importance):
 
 
 def test_drawn_targets_refuse_what_they_cannot_estimate():
-    from pipeline.teacher_signal import StoredSampled
+    from pipeline.train.teacher_signal import StoredSampled
 
     params = {"temperature": 1.0, "temperature_grid": [1.0, 2.0], "samples": 50, "sample_logprobs": False}
     with pytest.raises(DistillError, match="--direction reverse needs the teacher's probability"):
@@ -137,8 +137,8 @@ def test_hybrid_row_whose_tail_drew_nothing_has_finite_weights_at_another_temper
     draws made at T₀ = 1, every weight is finite and equals the float64 dense reference — for a
     store stage one writes now (the torch path and the fused kernel alike) and for one written
     before, which stored ``log p(id 0) = −inf`` in that slot (−inf − (−inf) = NaN if read as is)."""
-    from pipeline import native
-    from pipeline.teacher_signal import StoredSampled
+    from pipeline.teacher import native
+    from pipeline.train.teacher_signal import StoredSampled
 
     torch.manual_seed(3)
     logits = 2.0 * torch.randn(1, 5, 12, dtype=torch.float64)

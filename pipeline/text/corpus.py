@@ -97,7 +97,7 @@ def read_lines(path: Path, skipped: "ReadStats | None" = None,
 
 
 def _example_hint(record: object) -> str:
-    """Where a record looks like a task example, the --format that reads it (pipeline/examples.py)."""
+    """Where a record looks like a task example, the --format that reads it (pipeline/text/examples.py)."""
     if isinstance(record, dict) and "messages" in record:
         return " (or --format chat for its messages)"
     if isinstance(record, dict) and "prompt" in record:

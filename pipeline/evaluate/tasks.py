@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.corpus import jsonl_values, read_lines
 from pipeline.errors import DistillError
+from pipeline.text.corpus import jsonl_values, read_lines
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import dense_kd, sampled_kd, sparse_kd
 from pipeline.models import load_model
-from pipeline.sampling import position_keys, sample_teacher
-from pipeline.tokenizer import load_tokenizer
+from pipeline.teacher.sampling import position_keys, sample_teacher
+from pipeline.text.tokenizer import load_tokenizer
+from pipeline.train.losses import dense_kd, sampled_kd, sparse_kd
 from tests.conftest import ROOT
 
 V = 8192

@@ -12,14 +12,14 @@ The shared library is compiled with the system C compiler (``$CC``, else ``cc``)
 ``$DISTILL_CACHE`` (default ``~/.cache/distill``) under a name hashed from the source, compiler,
 flags and CPU, written to a temporary name and renamed, so concurrent jobs never load half a file.
 This module is the binding alone: it builds and loads, and knows nothing of the torch paths. Each
-caller brings the check of the function it uses (:func:`load`): :mod:`pipeline.topk` and
-:mod:`pipeline.sampling` check the kernel once against their torch path on random logits, so the
+caller brings the check of the function it uses (:func:`load`): :mod:`pipeline.teacher.topk` and
+:mod:`pipeline.teacher.sampling` check the kernel once against their torch path on random logits, so the
 choice between the kernel and torch lives with them. Where there is no compiler, the build fails or
 the check disagrees, stage one says why once and uses torch operations. ``DISTILL_NATIVE=0`` turns
 the kernel off.
 
 The same library holds the sampled-token kernel (:func:`sample_rows`, used by
-:mod:`pipeline.sampling`): per row, inverse-CDF draws in float64 in one walk over the row, on
+:mod:`pipeline.teacher.sampling`): per row, inverse-CDF draws in float64 in one walk over the row, on
 uniforms computed by Python, so that it and the torch path draw the same ids.
 """
 
@@ -249,6 +249,6 @@ def sample_rows(logits: torch.Tensor, inverse_temperature: float, draws: torch.T
     return _run_sample(kernel, logits, inverse_temperature, draws, exclude, threads or torch.get_num_threads())
 
 
-if __name__ == "__main__":  # python -m pipeline.native: build now and say which path stage one takes
+if __name__ == "__main__":  # python -m pipeline.teacher.native: build now and say which path stage one takes
     print("fused kernel:", describe())
     sys.exit(0 if available() else 1)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from pipeline import native
 from pipeline.errors import DistillError
-from pipeline.sampling import lowbias32, position_keys, sample_teacher, sampled_logprobs, uniforms
-from tests.pipeline.test_topk import lm_like_logits
+from pipeline.teacher import native
+from pipeline.teacher.sampling import lowbias32, position_keys, sample_teacher, sampled_logprobs, uniforms
+from tests.pipeline.teacher.test_topk import lm_like_logits
 
 KERNELS = ["torch", "native"]
 

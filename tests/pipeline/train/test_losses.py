@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.losses import chunked_sum, dense_kd, next_token_ce, sparse_kd
+from pipeline.train.losses import chunked_sum, dense_kd, next_token_ce, sparse_kd
 
 P, V, K = 7, 23, 5
 
@@ -199,7 +199,7 @@ def test_sampled_kd_equals_dense_reference(t):
     """``sampled_kd`` against float64: with every id and its exact probability it is the full KL;
     with a sparse weight vector (padding included, Σw ≠ 1) its value is Σ w·log(w/q) and its logit
     gradient (Σw)·q − w (before the 1/T)."""
-    from pipeline.losses import sampled_kd
+    from pipeline.train.losses import sampled_kd
 
     g = torch.Generator().manual_seed(8)
     teacher = torch.randn(P, V, generator=g, dtype=torch.float64) * 3

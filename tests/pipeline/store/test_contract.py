@@ -5,8 +5,8 @@ import pytest
 import pyarrow as pa
 import zarr
 
-from pipeline import store
 from pipeline.errors import DistillError
+from pipeline.store import contract as store
 from tests.conftest import reseal_index
 
 

@@ -1,4 +1,4 @@
-"""Rules (pipeline/rules.py): each mask checked against brute force over the whole vocabulary,
+"""Rules (pipeline/decode/rules.py): each mask checked against brute force over the whole vocabulary,
 sampling under masks on hand-made logits, every rule type holding on many completions of a tiny
 teacher, unsatisfiable rule sets reported, bad rule files one line naming the rule."""
 
@@ -10,9 +10,9 @@ import pytest
 import regex
 import torch
 
+from pipeline.decode.generation import CausalLM, Sampling, choose, decode, record_keys
+from pipeline.decode.rules import RuleState, Rules, count_words, decode_prefix, parse_rules, token_bytes, violations
 from pipeline.errors import DistillError
-from pipeline.generation import CausalLM, Sampling, choose, decode, record_keys
-from pipeline.rules import RuleState, Rules, count_words, decode_prefix, parse_rules, token_bytes, violations
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli
 
 
@@ -27,7 +27,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.text.tokenizer import load_tokenizer
 
     return load_tokenizer(TOKENIZER)
 
@@ -280,7 +280,7 @@ def test_unsatisfiable_rule_sets_are_reported(tokenizer, spec, message):
 def test_the_shipped_rule_file_uses_every_rule_and_the_readme_shows_it(tokenizer):
     import yaml
 
-    from pipeline.rules import RULES, load_rules
+    from pipeline.decode.rules import RULES, load_rules
     from tests.conftest import ROOT
 
     spec = load_rules(ROOT / "data" / "rules" / "example.yaml")

@@ -1,4 +1,4 @@
-"""pipeline/checkpoint.py: the manifest written with each checkpoint, and what resolve() makes of
+"""pipeline/train/checkpoint.py: the manifest written with each checkpoint, and what resolve() makes of
 damaged, partial and pre-manifest checkpoints."""
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from pipeline import checkpoint
 from pipeline.errors import DistillError
+from pipeline.train import checkpoint
 
 
 @pytest.fixture

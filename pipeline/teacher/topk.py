@@ -25,8 +25,8 @@ import sys
 
 import torch
 
-from pipeline import native
 from pipeline.errors import DistillError
+from pipeline.teacher import native
 
 
 KERNELS = ("auto", "native", "torch")
@@ -70,7 +70,7 @@ def sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple
     ``topk_ids [P, k]``, ``topk_logprobs [P, k]``, ``logsumexp [P, G]``, ``tail_logmass [P, G]`` and
     ``target_logprob [P]`` (when targets are given).
 
-    ``kernel``: ``native`` is the fused CPU kernel (:mod:`pipeline.native`), ``torch`` is torch
+    ``kernel``: ``native`` is the fused CPU kernel (:mod:`pipeline.teacher.native`), ``torch`` is torch
     operations (any device; memory: a few ``[P, V]`` float32 buffers), ``auto`` is the kernel for
     CPU logits where it builds, else torch. Both give the same top-k (ties to the lower id in the
     kernel; in an unspecified order in torch) and agree to float32 rounding elsewhere. A position

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from pipeline import native
 from pipeline.errors import DistillError
-from pipeline.topk import resolve_kernel, retemper, sparse_teacher
+from pipeline.teacher import native
+from pipeline.teacher.topk import resolve_kernel, retemper, sparse_teacher
 
 KERNELS = ["torch", "native"]
 

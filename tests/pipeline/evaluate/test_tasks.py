@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tasks
 from pipeline.errors import DistillError
+from pipeline.evaluate import tasks
 from stages.eval import choice_metrics, draw_shots, lm_eval_shots
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "eval"

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import native
 from pipeline.errors import DistillError
-from pipeline.topk import _warn_once, resolve_kernel
+from pipeline.teacher import native
+from pipeline.teacher.topk import _warn_once, resolve_kernel
 
 MASK32 = 0xFFFFFFFF
 # torch path: logits per pass, bounding its two float64 [rows, V] buffers: on a CPU, 2 MiB each, so
@@ -111,7 +111,7 @@ def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys:
 
     ``kernel``: ``native`` is the fused CPU kernel, ``torch`` is torch operations (any device;
     memory: two float64 ``[rows, V]`` buffers of at most 128 MiB each, 2 MiB on a CPU), ``auto`` the kernel
-    for CPU logits where it builds, else torch (:func:`pipeline.topk.resolve_kernel`). Both draw the
+    for CPU logits where it builds, else torch (:func:`pipeline.teacher.topk.resolve_kernel`). Both draw the
     same ids but where a uniform is within ~1e-16 of a CDF boundary. A position whose sampled
     logits hold NaN or +inf is an error.
     """
@@ -198,7 +198,7 @@ def sampled_logprobs(logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tens
     Every slot whose count is 0 — padding, and slot 0 (id 0) of a row that drew nothing, a hybrid
     row whose tail holds no mass — gets **0.0**: finite, so ``count · f(logprob)`` stays 0 there,
     never ``0 · inf``, and never the ``−inf`` that ``log p(id 0)`` is where id 0 has probability 0
-    (stores written before this hold it; :class:`pipeline.teacher_signal.StoredSampled` masks it on
+    (stores written before this hold it; :class:`pipeline.train.teacher_signal.StoredSampled` masks it on
     read). The log-sum-exp is taken in float64.
     """
     z = logits.float()

@@ -2,8 +2,8 @@ import gzip
 
 import pytest
 
-from pipeline.corpus import DocumentReader, corpus_fingerprint, expand_inputs
 from pipeline.errors import DistillError
+from pipeline.text.corpus import DocumentReader, corpus_fingerprint, expand_inputs
 
 
 def read(paths, **kw):

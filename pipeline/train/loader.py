@@ -24,7 +24,7 @@ import torch
 
 from pipeline.errors import DistillError
 from pipeline.preempt import SIGNALS, held_back
-from pipeline.store import ShardReader, Store
+from pipeline.store.contract import ShardReader, Store
 
 
 class ChunkReader:

@@ -24,10 +24,10 @@ import hashlib
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.corpus import ReadStats, jsonl_values, read_lines
 from pipeline.errors import DistillError
+from pipeline.text.corpus import ReadStats, jsonl_values, read_lines
 
-FORMATS = ("text", "prompt-response", "chat")  # 'text': a plain corpus (pipeline/corpus.py), no loss mask
+FORMATS = ("text", "prompt-response", "chat")  # 'text': a plain corpus (pipeline/text/corpus.py), no loss mask
 RESPONSE_ROLE = "assistant"
 
 Pieces = list[tuple[str, bool]]  # (text, is_response), in order

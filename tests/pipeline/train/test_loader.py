@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline import store
-from pipeline.loader import Loader
+from pipeline.store import contract as store
+from pipeline.train.loader import Loader
 
 CHUNK = 8
 
