@@ -9,7 +9,7 @@ from pipeline.errors import DistillError
 from pipeline.evaluate import tasks
 from stages.eval import choice_metrics, draw_shots, lm_eval_shots
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "eval"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "eval"
 QA = FIXTURES / "qa"
 
 
