@@ -717,10 +717,30 @@ def check_params(root: Path, index: dict[str, Any]) -> None:
     shard list, the cache temperature with the grid. One line naming the parameter and both values.
     (What the data cannot tell, such as which temperature or seed drew a sample, a version-4 index's
     digest guards.)"""
-    kind, params, arrays, shards = index["kind"], index["params"], index["arrays"], index["shards"]
-    version = index["format_version"]
-    hint = f"the index does not describe its data: {index_hint(root, kind)}"
+    hint = f"the index does not describe its data: {index_hint(root, index['kind'])}"
+    _check_array_specs(root, index["arrays"], hint)
+    _check_layout(root, index, hint)
+    if index["kind"] == "tokens":
+        seq_len = index["params"]["seq_len"]
+        if "stride" in index["params"] and index["params"]["stride"] != seq_len - 1:
+            raise _mismatch(root, "stride", index["params"]["stride"], "seq_len - 1", seq_len - 1, hint)
+        if "target_tokens" in index and index["target_tokens"] != index["rows"] * (seq_len - 1):
+            raise _mismatch(root, "target_tokens", index["target_tokens"], "rows x (seq_len - 1)",
+                            index["rows"] * (seq_len - 1), hint)
+    else:
+        _check_stage_one(root, index, hint)
 
+
+def _need(root: Path, params: dict[str, Any], name: str, hint: str, check=lambda v: _is_int(v, 1)) -> Any:
+    """``params[name]``, which must pass ``check``: else one line naming it and its value."""
+    value = params.get(name)
+    if not check(value):
+        raise DistillError(f"store {root}: {INDEX}'s params have {name} = {value!r}; {hint}")
+    return value
+
+
+def _check_array_specs(root: Path, arrays: dict[str, Any], hint: str) -> None:
+    """Each array is described by a numpy dtype name and a per-row shape of positive whole numbers."""
     for name, spec in arrays.items():
         try:
             ok = (set(spec) == {"dtype", "shape"} and isinstance(spec["dtype"], str)
@@ -731,29 +751,24 @@ def check_params(root: Path, index: dict[str, Any]) -> None:
         if not ok:
             raise DistillError(f"store {root}: {INDEX} describes array {name} as {spec!r}; {hint}")
 
-    def need(name: str, check=lambda v: _is_int(v, 1)) -> Any:
-        value = params.get(name)
-        if not check(value):
-            raise DistillError(f"store {root}: {INDEX}'s params have {name} = {value!r}; {hint}")
-        return value
 
-    def shape(array: str, axis: int) -> int | None:
-        spec = arrays.get(array)
-        return spec["shape"][axis] if spec is not None and len(spec["shape"]) > axis else None
-
-    seq_len = need("seq_len")
+def _check_layout(root: Path, index: dict[str, Any], hint: str) -> None:
+    """seq_len against every array, chunk_rows and rows_per_shard against the shard list, the
+    vocabulary against the id arrays' dtypes."""
+    kind, params, arrays, shards = index["kind"], index["params"], index["arrays"], index["shards"]
+    seq_len = _need(root, params, "seq_len", hint)
     for name, spec in arrays.items():
         if spec["shape"][0] != seq_len:
             raise _mismatch(root, "seq_len", seq_len, f"array {name}'s shape {spec['shape']}", spec["shape"][0], hint)
     chunk_rows = params.get("chunk_rows")
-    if version >= 2 or chunk_rows is not None:
-        need("chunk_rows")
+    if index["format_version"] >= 2 or chunk_rows is not None:
+        _need(root, params, "chunk_rows", hint)
         for entry in shards:
             if entry.get("chunk_rows", chunk_rows) != chunk_rows:
                 raise _mismatch(root, "chunk_rows", chunk_rows, f"shard {entry['name']}'s entry",
                                 entry["chunk_rows"], hint)
     if "rows_per_shard" in params or kind != "tokens":
-        per_shard = need("rows_per_shard")
+        per_shard = _need(root, params, "rows_per_shard", hint)
         for j, entry in enumerate(shards):
             full = j < len(shards) - 1
             if entry["rows"] > per_shard or (full and entry["rows"] != per_shard):
@@ -762,46 +777,44 @@ def check_params(root: Path, index: dict[str, Any]) -> None:
             if entry["name"] != shard_name(j, index["backend"]):
                 raise DistillError(f"store {root}: {INDEX} lists shard {entry['name']} as shard {j}; {hint}")
     if "vocab_size" in params or kind != "tokens":
-        vocab = need("vocab_size")
+        vocab = _need(root, params, "vocab_size", hint)
         for name in ("input_ids", "topk_ids", "sample_ids", "tail_sample_ids"):
             if name in arrays and arrays[name]["dtype"] != token_dtype(vocab).name:
                 raise _mismatch(root, "vocab_size", vocab, f"the dtype of {name}", arrays[name]["dtype"], hint)
-    if kind == "tokens":
-        if "stride" in params and params["stride"] != seq_len - 1:
-            raise _mismatch(root, "stride", params["stride"], "seq_len - 1", seq_len - 1, hint)
-        if "target_tokens" in index and index["target_tokens"] != index["rows"] * (seq_len - 1):
-            raise _mismatch(root, "target_tokens", index["target_tokens"], "rows x (seq_len - 1)",
-                            index["rows"] * (seq_len - 1), hint)
-        return
 
-    # a stage-one store: which arrays it holds follows from kind and params, and their shapes from those
-    rows = need("rows")
+
+def _check_stage_one(root: Path, index: dict[str, Any], hint: str) -> None:
+    """A stage-one store: its rows and facts, its grid and cache temperature, which arrays it holds
+    (they follow from kind and params) and their widths and dtypes (from top_k, N and the grid)."""
+    kind, params, arrays = index["kind"], index["params"], index["arrays"]
+    seq_len = params["seq_len"]
+    rows = _need(root, params, "rows", hint)
     if rows != index["rows"]:
         raise _mismatch(root, "params.rows", rows, "the shard list", index["rows"], hint)
     for fact, per_row in (("tokens", seq_len), ("target_tokens", seq_len - 1)):
         if fact in index and index[fact] != rows * per_row:
             raise _mismatch(root, fact, index[fact], f"rows x {per_row}", rows * per_row, hint)
-    grid = need("temperature_grid", lambda v: isinstance(v, list) and v and all(
+    grid = _need(root, params, "temperature_grid", hint, lambda v: isinstance(v, list) and v and all(
         type(t) in (int, float) and t > 0 for t in v))
     if grid != sorted(set(grid)):
         raise DistillError(f"store {root}: {INDEX}'s temperature_grid {grid} is not sorted and distinct; {hint}")
-    temperature = need("temperature", lambda v: type(v) in (int, float) and v > 0)
+    temperature = _need(root, params, "temperature", hint, lambda v: type(v) in (int, float) and v > 0)
     if temperature not in grid:
         raise DistillError(f"store {root}: {INDEX}'s cache temperature {temperature:g} is not in its temperature_grid "
                            f"({', '.join(f'{t:g}' for t in grid)}); {hint}")
     logprob_dtype = params.get("logprob_dtype", "float16")
     expected = {name: None for name in ("input_ids", "loss_mask") if name in arrays}
     if kind == "topk":
-        top_k = need("top_k")
+        top_k = _need(root, params, "top_k", hint)
         expected |= {"topk_ids": top_k, "topk_logprobs": top_k}
     draws, prefix = None, None
     if kind == "sampled":
-        draws, prefix = need("samples"), "sample"
+        draws, prefix = _need(root, params, "samples", hint), "sample"
     elif "tail_samples" in params:
-        draws, prefix = need("tail_samples"), "tail_sample"
+        draws, prefix = _need(root, params, "tail_samples", hint), "tail_sample"
     if draws is not None:
-        with_logprobs = need("sample_logprobs", lambda v: type(v) is bool)
-        need("seed", lambda v: _is_int(v))
+        with_logprobs = _need(root, params, "sample_logprobs", hint, lambda v: type(v) is bool)
+        _need(root, params, "seed", hint, lambda v: _is_int(v))
         expected |= {f"{prefix}_ids": draws, f"{prefix}_counts": draws}
         if with_logprobs:
             expected[f"{prefix}_logprobs"] = draws
@@ -818,10 +831,12 @@ def check_params(root: Path, index: dict[str, Any]) -> None:
     params_of = {"topk_ids": "top_k", "topk_logprobs": "top_k", "logsumexp": "temperature_grid (length)",
                  "tail_logmass": "temperature_grid (length)"}
     for name, width in expected.items():
-        if width is not None and shape(name, 1) != width:
+        spec = arrays.get(name)
+        actual = spec["shape"][1] if spec is not None and len(spec["shape"]) > 1 else None
+        if width is not None and actual != width:
             param = params_of.get(name, "samples" if prefix == "sample" else "tail_samples")
             value = grid if param.startswith("temperature_grid") else params.get(param)
-            raise _mismatch(root, param, value, f"array {name}'s shape {arrays[name]['shape']}", shape(name, 1), hint)
+            raise _mismatch(root, param, value, f"array {name}'s shape {arrays[name]['shape']}", actual, hint)
     for name in ("topk_logprobs", f"{prefix}_logprobs"):
         if name in arrays and arrays[name]["dtype"] != logprob_dtype:
             raise _mismatch(root, "logprob_dtype", logprob_dtype, f"the dtype of {name}", arrays[name]["dtype"], hint)
