@@ -1,0 +1,1 @@
+"""Text: corpus reading, tokenizers, and the byte alignment of two tokenizations (align)."""
