@@ -1,0 +1,95 @@
+"""distill student --cross-tokenizer: a student of another tokenizer trains from a teacher store,
+logs the share of positions each term reached, resumes exactly, and bad inputs are one line."""
+
+import json
+
+import pytest
+
+from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli, write_tiny_model_config
+
+SECOND = ROOT / "data" / "tokenizer-4096"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, heldout_docs):
+    root = tmp_path_factory.mktemp("cross_stage")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in heldout_docs[:12]))
+    for name, tokenizer in (("tokens", TOKENIZER), ("heldout-4096", SECOND)):
+        result = run_cli("prepare", "--input", root / "corpus.jsonl", "--out", root / name, "--tokenizer", tokenizer,
+                         "--seq-len", "32", "--rows-per-shard", "64", "--chunk-rows", "8")
+        assert result.exit_code == 0, result.output
+    make_teacher(root / "teacher", scale=8.0)
+    result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
+                     root / "store", "--rows-per-shard", "16", "--chunk-rows", "8", "--max-rows", "32",
+                     "--kind", "sampled", "--samples", "16")
+    assert result.exit_code == 0, result.output
+    config = write_tiny_model_config(root / "student-4096.json")
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"vocab_size": 4096}))
+    return root
+
+
+def student_args(root, out, *extra):
+    return [str(a) for a in ("student", "--train-store", root / "store", "--eval-store", root / "heldout-4096",
+                             "--tokenizer", SECOND, "--model", root / "student-4096.json", "--out", out,
+                             "--micro-batch-size", "4", "--warmup-steps", "1", "--log-every", "1", "--eval-rows", "8",
+                             *extra)]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+
+
+def test_a_student_of_another_tokenizer_trains_and_logs_each_terms_share(root, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*student_args(root, out, "--cross-tokenizer", "both", "--max-steps", "4"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and all(r["kd"] > 0 for r in steps)
+    for r in steps:
+        assert 0.3 < r["cross_exact_share"] < r["cross_chunk_share"] < 1.0
+        assert r["cross_dropped_chunks"] >= 4 and r["cross_unaligned_rows"] == 0  # at least each row's first
+    facts = json.loads((out / "config.json").read_text())
+    cross = facts["cross_tokenizer"]
+    assert cross["mode"] == "both" and len(cross["vocab_map_sha256"]) == 64 and cross["teacher_vocab"] == 8192
+    assert len(list((tmp_path / "cache").glob("vocab-map-*.npy"))) == 1
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["teacher_signal"] == "CrossTokenizer" and final["heldout_loss"] > 0
+
+
+def test_resume_continues_to_the_same_weights(root, tmp_path):
+    import shutil
+
+    args = student_args(root, tmp_path / "run", "--cross-tokenizer", "both", "--max-steps", "4",
+                        "--checkpoint-every", "2", "--keep-checkpoints", "3", "--eval-every", "0")
+    assert (first := run_cli(*args)).exit_code == 0, first.output
+    weights = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    # back to the step-2 checkpoint, as if the run had stopped there
+    shutil.rmtree(tmp_path / "run" / "model")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")
+    (tmp_path / "run" / "metrics.json").unlink()
+    assert (resumed := run_cli(*args, "--resume", "auto")).exit_code == 0, resumed.output
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == weights
+    again = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(r).items() if k not in ("tokens_per_s", "step_s")} for r in records]
+    assert [{k: v for k, v in json.loads(r).items() if k not in ("tokens_per_s", "step_s")} for r in again] == strip
+
+
+def test_bad_inputs_are_one_line(root, tmp_path):
+    from tests.pipeline.text.test_align import sentencepiece_tokenizer
+    from tokenizers import normalizers
+
+    lower = tmp_path / "lower"
+    sentencepiece_tokenizer(normalizer=normalizers.Sequence([normalizers.Lowercase(),
+                                                             normalizers.Replace(" ", "▁")])).save_pretrained(lower)
+    args = student_args(root, tmp_path / "x", "--cross-tokenizer", "exact", "--max-steps", "1")
+    at = args.index("--tokenizer") + 1
+    bad = args[:at] + [str(lower)] + args[at + 1:]
+    bad = [a for a in bad if a not in ("--eval-store", str(root / "heldout-4096"))]
+    line = one_line_error(run_cli(*bad))
+    assert "cannot be aligned by bytes" in line and "Lowercase" in line
+    line = one_line_error(run_cli(*[a for a in args if a not in ("--cross-tokenizer", "exact")]))
+    assert "made with another tokenizer" in line and "--cross-tokenizer" in line
+    assert "exact, chunk or both" in one_line_error(run_cli(*args[:-4], "--cross-tokenizer", "bytes"))
