@@ -23,6 +23,10 @@ def root(tmp_path_factory, heldout_docs):
                      root / "store", "--rows-per-shard", "16", "--chunk-rows", "8", "--max-rows", "32",
                      "--kind", "sampled", "--samples", "16")
     assert result.exit_code == 0, result.output
+    result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
+                     root / "agreement", "--rows-per-shard", "16", "--chunk-rows", "8", "--max-rows", "8",
+                     "--kind", "topk", "--top-k", "8")
+    assert result.exit_code == 0, result.output
     config = write_tiny_model_config(root / "student-4096.json")
     config.write_text(json.dumps(json.loads(config.read_text()) | {"vocab_size": 4096}))
     return root
@@ -93,3 +97,30 @@ def test_bad_inputs_are_one_line(root, tmp_path):
     line = one_line_error(run_cli(*[a for a in args if a not in ("--cross-tokenizer", "exact")]))
     assert "made with another tokenizer" in line and "--cross-tokenizer" in line
     assert "exact, chunk or both" in one_line_error(run_cli(*args[:-4], "--cross-tokenizer", "bytes"))
+
+
+def test_eval_gives_agreement_over_one_to_one_chunks_and_report_leads_with_bits_per_byte(root, tmp_path):
+    out = tmp_path / "run"
+    assert (trained := run_cli(*student_args(root, out, "--cross-tokenizer", "exact", "--max-steps", "2"))).exit_code == 0, \
+        trained.output
+    result = run_cli("eval", "--model", out / "model", "--out", tmp_path / "eval" / "cross.json", "--tasks",
+                     "heldout,agreement", "--heldout", root / "corpus.jsonl", "--agreement", root / "agreement",
+                     "--limit", "4")
+    assert result.exit_code == 0, result.output
+    cross = json.loads((tmp_path / "eval" / "cross.json").read_text())
+    agreement = cross["tasks"]["agreement"]
+    assert set(agreement) >= {"top1_1to1", "kl_1to1", "share_1to1", "tokens_1to1"} and "top1" not in agreement
+    assert 0.3 < agreement["share_1to1"] < 1 and agreement["tokens_1to1"] > 50 and agreement["kl_1to1"] > 0
+    assert cross["training"]["cross_tokenizer"] == "exact"
+    # a run of the teacher's tokenizer beside it: the report leads with bits per byte and says why
+    same = json.loads(json.dumps(cross))
+    same.update(name="same-tokenizer", tokenizer_hash="0" * 64, training={"alpha": 1.0})
+    same["tasks"]["heldout"]["bits_per_byte"] += 0.5
+    (tmp_path / "eval" / "same.json").write_text(json.dumps(same))
+    assert (report := run_cli("report", tmp_path / "eval", "--out", tmp_path / "report")).exit_code == 0, \
+        report.output
+    text = (tmp_path / "report" / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model"))
+    assert header.split(" | ")[4].startswith("bits/byte")
+    assert "different tokenizers" in text and "across tokenizers, exact" in text
+    assert "teacher top-1 agreement over 1:1 chunks" in header
