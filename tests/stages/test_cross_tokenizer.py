@@ -97,6 +97,9 @@ def test_bad_inputs_are_one_line(root, tmp_path):
     line = one_line_error(run_cli(*[a for a in args if a not in ("--cross-tokenizer", "exact")]))
     assert "made with another tokenizer" in line and "--cross-tokenizer" in line
     assert "exact, chunk or both" in one_line_error(run_cli(*args[:-4], "--cross-tokenizer", "bytes"))
+    at = args.index("--train-store") + 1
+    renorm = args[:at] + [str(root / "agreement")] + args[at + 1:] + ["--tail", "renorm"]
+    assert "use --tail tail" in one_line_error(run_cli(*renorm))
 
 
 def test_eval_gives_agreement_over_one_to_one_chunks_and_report_leads_with_bits_per_byte(root, tmp_path):

@@ -34,7 +34,8 @@ def root(tmp_path_factory, heldout_docs):
     assert result.exit_code == 0, result.output
     make_teacher(root / "teacher", scale=8.0)
     for name, flags in (("topk", ["--kind", "topk", "--top-k", "8"]),
-                        ("sampled", ["--kind", "sampled", "--samples", "50"])):
+                        ("sampled", ["--kind", "sampled", "--samples", "50"]),
+                        ("hybrid", ["--kind", "topk", "--top-k", "4", "--tail-samples", "16"])):
         result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
                          root / name, "--rows-per-shard", "16", "--chunk-rows", "8", "--max-rows", "16",
                          "--temperature-grid", "1", "--temperature-grid", "2", *flags)
@@ -68,13 +69,15 @@ def step_loss(model, vocab, signal, batch, loss_chunk):
     return ce.item(), kd.item(), n, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kind,temperature,loss_chunk", [("topk", 1.0, 0), ("topk", 2.0, 40), ("sampled", 1.0, 40)])
+@pytest.mark.parametrize("kind,temperature,loss_chunk", [("topk", 1.0, 0), ("topk", 2.0, 40), ("sampled", 1.0, 40),
+                                                         ("hybrid", 1.0, 40)])
 def test_identical_tokenizers_give_todays_loss_and_gradients(root, tmp_path, kind, temperature, loss_chunk):
     store = open_store(root / kind)
     rows = store.read_rows(0, ROWS)
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     side = token_bytes(tokenizer)
     model = tiny_model(tmp_path / "student.json", 8192)
+    kind = store.kind  # the hybrid is a topk store with tail draws (read as drawn targets)
     today = stored_teacher(kind, store.params, temperature)
     ce, kd, n, grads = step_loss(model, 8192, today, tensors(rows), loss_chunk)
     aligner = RowAligner(side, side, encoder(tokenizer), 10_000, tokenizer.eos_token_id)
