@@ -9,7 +9,8 @@ half as large). Every run reads the same store rows — the same bytes — for t
 - ``same-ce`` / ``same-kd``: the teacher's tokenizer, α = 1 / α = 0.5 (today's path);
 - ``cross-ce``: the other tokenizer, α = 1 (its own tokenization of the store's rows, CE only);
 - ``cross-exact`` / ``cross-chunk`` / ``cross-both``: the other tokenizer, α = 0.5, each
-  ``--cross-tokenizer`` mode.
+  ``--cross-tokenizer`` mode; ``-prefix`` after one (``cross-exact-prefix``) adds ``--unmapped
+  prefix`` (teacher ids the student cannot spell go to its longest token beginning their bytes).
 
 Held-out **bits per byte** (``distill eval --tasks heldout``) compares the two tokenizers. The
 summary gives each mode's mean and seed spread (max − min) and, per cross mode, the share of the
@@ -35,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("same-ce", "same-kd", "cross-ce", "cross-exact", "cross-chunk", "cross-both")
+CROSS = ("cross-exact", "cross-chunk", "cross-both", "cross-exact-prefix", "cross-both-prefix")
 
 
 def distill(*args: str, log: Path) -> None:
@@ -50,8 +52,10 @@ def student_flags(mode: str, work: Path) -> list[str]:
     same = mode.startswith("same")
     flags = ["--train-store", work / "store", "--model", work / ("student-8192.json" if same else "student-4096.json")]
     if not same:
+        term = mode.removeprefix("cross-").removesuffix("-prefix")
         flags += ["--tokenizer", ROOT / "data" / "tokenizer-4096",
-                  "--cross-tokenizer", "exact" if mode == "cross-ce" else mode.removeprefix("cross-")]
+                  "--cross-tokenizer", "exact" if mode == "cross-ce" else term]
+        flags += ["--unmapped", "prefix"] if mode.endswith("-prefix") else []
     return flags + ["--alpha", "1" if mode.endswith("-ce") else "0.5"]
 
 
@@ -66,7 +70,7 @@ def summarise(runs: dict) -> dict:
     if {"same-ce", "same-kd", "cross-ce"} <= modes.keys():
         same_gain = modes["same-ce"]["bits_per_byte_mean"] - modes["same-kd"]["bits_per_byte_mean"]
         modes["same-kd"]["gain_over_ce"] = same_gain
-        for name in ("cross-exact", "cross-chunk", "cross-both"):
+        for name in CROSS:
             if name in modes:
                 gain = modes["cross-ce"]["bits_per_byte_mean"] - modes[name]["bits_per_byte_mean"]
                 spread = max(modes["cross-ce"]["bits_per_byte_spread"], modes[name]["bits_per_byte_spread"])
@@ -92,6 +96,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="bench/results/cross_tokenizer_cpu.json")
+    parser.add_argument("--previous", default="", help="a result file of the same settings whose runs are kept "
+                        "(the store is rebuilt bit for bit: same rows, same draws)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
@@ -113,9 +119,12 @@ def main() -> None:
         student = json.loads((ROOT / args.student).read_text())
         (work / "student-8192.json").write_text(json.dumps(student))
         (work / "student-4096.json").write_text(json.dumps(student | {"vocab_size": 4096}))
-        runs: dict = {}
+        previous = json.loads(Path(args.previous).read_text()) if args.previous else {"runs": {}, "wall_s": 0.0}
+        runs: dict = previous["runs"]
         for seed in seeds:
             for mode in args.modes.split(","):
+                if str(seed) in runs.get(mode, {}):
+                    continue
                 run = work / f"{mode}-{seed}"
                 t0 = time.time()
                 distill("student", *student_flags(mode, work), "--out", run, "--seed", seed, "--max-steps",
@@ -138,7 +147,8 @@ def main() -> None:
                           "teacher": args.teacher, "student": args.student, "steps": args.steps,
                           "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
                           "samples": args.samples, "store_rows": rows, "heldout_docs": args.heldout_docs,
-                          "seeds": seeds, "stage_one_s": stage_one_s, "wall_s": time.time() - started,
+                          "seeds": seeds, "stage_one_s": stage_one_s,
+                          "wall_s": previous["wall_s"] + time.time() - started,
                           "runs": runs, "summary": summarise(runs)}
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")  # partial results survive

@@ -61,8 +61,8 @@ from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal,
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
-                "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight")
-ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0}  # resume-fixed options that older checkpoints do not record
+                "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight", "unmapped")
+ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket"}  # resume-fixed options that older checkpoints do not record
 PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be continued (preempt.py)
 
 
@@ -88,6 +88,8 @@ class TrainConfig:
                                   "(next-token KL on 1:1 byte chunks through the vocabulary map), 'chunk' (ALM "
                                   "chunk likelihoods, every chunk) or 'both'. Empty: the tokenizers must match.")
     chunk_weight: float = option(1.0, "Weight of the chunk term under --cross-tokenizer chunk or both.")
+    unmapped: str = option("bucket", "Cross-tokenizer exact term, teacher ids no student id spells: 'bucket' (one "
+                           "bucket each side) or 'prefix' (to the student's longest token beginning their bytes).")
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
     micro_batch_size: int = option(16, "Rows per forward/backward pass, per process.")
@@ -132,6 +134,8 @@ class TrainConfig:
             problems.append(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if self.cross_tokenizer not in ("", "exact", "chunk", "both"):
             problems.append(f"cross_tokenizer must be exact, chunk or both, got {self.cross_tokenizer!r}")
+        if self.unmapped not in ("bucket", "prefix"):
+            problems.append(f"unmapped must be bucket or prefix, got {self.unmapped!r}")
         if not self.chunk_weight >= 0:
             problems.append(f"chunk_weight must not be negative, got {self.chunk_weight}")
         if self.init not in ("auto", "scratch", "teacher-layers"):
@@ -465,7 +469,7 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
                            "was made with (its hash differs); the teacher's bytes cannot be recovered from another")
     check_byte_level(tokenizer, "student", config.tokenizer or train_store.params["tokenizer"])
     teacher_bytes, student_bytes = token_bytes(store_tokenizer), token_bytes(tokenizer)
-    mapping, digest = vocab_map(teacher_bytes, student_bytes)
+    mapping, digest = vocab_map(teacher_bytes, student_bytes, config.unmapped)
     backend = tokenizer.backend_tokenizer
 
     def encode(texts: list[str]) -> list[list[int]]:
@@ -474,7 +478,8 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
     aligner = RowAligner(teacher_bytes, student_bytes, encode, positions, tokenizer.eos_token_id)
     if teacher is not None:
         teacher = CrossTokenizer(teacher, mapping, config.cross_tokenizer, config.chunk_weight)
-    facts = {"cross_tokenizer": {"mode": config.cross_tokenizer, "teacher_tokenizer_hash": teacher_bytes.tokenizer_hash,
+    facts = {"cross_tokenizer": {"mode": config.cross_tokenizer, "unmapped": config.unmapped,
+                                 "teacher_tokenizer_hash": teacher_bytes.tokenizer_hash,
                                  "vocab_map_sha256": digest, "teacher_ids_mapped": int((mapping >= 0).sum()),
                                  "teacher_vocab": len(mapping)}}
     return aligner, teacher, facts

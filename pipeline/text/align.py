@@ -158,13 +158,21 @@ def token_bytes(tokenizer) -> TokenBytes:
     return TokenBytes(tuple(pieces), specials, frozenset(fallback), scheme, tokenizer_hash(tokenizer))
 
 
-def build_vocab_map(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:
+MAP_RULES = ("bucket", "prefix")
+
+
+def build_vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucket") -> np.ndarray:
     """``[V_teacher]`` int32: the student id that spells the same bytes as each teacher id, −1 for none.
 
     Specials pair by role (EOS with EOS, BOS with BOS), or by content. Injective: where several
     ids of one side spell the same bytes (a byte-fallback ``<0x41>`` beside ``A``), the one the
     tokenizer emits (not a fallback; then the lowest id) is paired and the others stay unmapped,
-    so their mass goes to the bucket and never counts twice."""
+    so their mass goes to the bucket and never counts twice.
+
+    ``rule="prefix"``: a teacher id no student id spells goes to the student's longest token that
+    begins its bytes (the student's first token of those bytes, as a greedy tokenizer would cut
+    them). Not injective: the teacher's mass on ``Ġhello`` and ``Ġhel`` both land on the student's
+    ``Ġhel``; the loss adds them up (:func:`pipeline.train.cross_losses.merge_duplicates`)."""
     def canonical(side: TokenBytes) -> dict[bytes | str, int]:
         best: dict[bytes | str, int] = {}
         order = sorted(range(len(side.pieces)), key=lambda i: (i in side.fallback, i))
@@ -174,11 +182,22 @@ def build_vocab_map(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:
                 best.setdefault(key, i)
         return best
 
+    if rule not in MAP_RULES:
+        raise ValueError(f"rule must be one of {MAP_RULES}")
     student_of = canonical(student)
     mapping = np.full(len(teacher.pieces), -1, dtype=np.int32)
     for key, teacher_id in canonical(teacher).items():
         if key in student_of:
             mapping[teacher_id] = student_of[key]
+    if rule == "prefix":
+        longest = max((len(k) for k in student_of if isinstance(k, bytes)), default=0)
+        for teacher_id, piece in enumerate(teacher.pieces):
+            if mapping[teacher_id] >= 0 or not piece:
+                continue
+            for size in range(min(len(piece), longest), 0, -1):
+                if piece[:size] in student_of:
+                    mapping[teacher_id] = student_of[piece[:size]]
+                    break
     return mapping
 
 
@@ -186,12 +205,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
 
 
-def vocab_map(teacher: TokenBytes, student: TokenBytes) -> tuple[np.ndarray, str]:
+def vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucket") -> tuple[np.ndarray, str]:
     """The teacher→student id map and its sha256 (over the int32 array's bytes), built once per
-    pair of tokenizer hashes and cached in ``$DISTILL_CACHE`` (default ``~/.cache/distill``) under
-    ``vocab-map-v{version}-{teacher hash}-{student hash}.npy``; a cached file is rebuilt when it
-    does not read back as a map of the teacher's size."""
-    path = cache_dir() / f"vocab-map-v{VOCAB_MAP_VERSION}-{teacher.tokenizer_hash}-{student.tokenizer_hash}.npy"
+    pair of tokenizer hashes (and rule) and cached in ``$DISTILL_CACHE`` (default
+    ``~/.cache/distill``) under ``vocab-map-v{version}-{teacher hash}-{student hash}.npy`` (with
+    ``-prefix`` before ``.npy`` for that rule); a cached file is rebuilt when it does not read back
+    as a map of the teacher's size."""
+    suffix = "" if rule == "bucket" else f"-{rule}"
+    path = cache_dir() / f"vocab-map-v{VOCAB_MAP_VERSION}-{teacher.tokenizer_hash}-{student.tokenizer_hash}{suffix}.npy"
     mapping = None
     if path.is_file():
         try:
@@ -201,7 +222,7 @@ def vocab_map(teacher: TokenBytes, student: TokenBytes) -> tuple[np.ndarray, str
         if mapping is not None and (mapping.shape != (len(teacher.pieces),) or mapping.dtype != np.int32):
             mapping = None
     if mapping is None:
-        mapping = build_vocab_map(teacher, student)
+        mapping = build_vocab_map(teacher, student, rule)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

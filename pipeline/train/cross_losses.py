@@ -102,6 +102,28 @@ def bucketed_sampled_kd(student_logprobs: torch.Tensor, student_ids: torch.Tenso
     return per_id + torch.where(used, rest * (rest.log() - torch.where(used, q_rest, 0.0)), 0.0)
 
 
+def merge_duplicates(student_ids: torch.Tensor, logprobs: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher slots that a many-to-one map (``--unmapped prefix``) sends to one student id, added up.
+
+    student_ids: ``[P, n]`` (−1 for none); logprobs ``[P, n]`` (top-k) or weights ``[P, n]`` (draws).
+    Returns (student_ids, logprobs or weights) ``[P, n]``: each student id's first slot holds the sum
+    of its slots' mass, the later ones −1 with no mass (log −inf, weight 0), so the bucketed losses
+    see each student id once. ``O(n²)`` per position: n is k or the draws, not the vocabulary.
+    """
+    same = (student_ids[:, :, None] == student_ids[:, None, :]) & (student_ids[:, :, None] >= 0)
+    first = same.int().argmax(-1)  # the first slot holding each slot's student id (itself if unique or −1)
+    first = torch.where(student_ids >= 0, first, torch.arange(student_ids.shape[1], device=first.device))
+    is_first = first == torch.arange(student_ids.shape[1], device=first.device)
+    ids = torch.where(is_first, student_ids, -1)
+    if weights is not None:
+        merged = torch.zeros_like(weights, dtype=torch.float32).scatter_add(-1, first, weights.float())
+        return ids, torch.where(is_first, merged, 0.0)
+    probs = logprobs.double().exp()
+    merged = torch.zeros_like(probs).scatter_add(-1, first, probs)
+    return ids, torch.where(is_first, merged.log(), NEG_INF).to(torch.float32)
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 − exp(x)) for x ≤ 0, accurate at both ends (Mächler 2012); −inf at x = 0."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

@@ -30,7 +30,7 @@ import torch
 from pipeline.errors import DistillError
 from pipeline.teacher_signal import StoredSampled, StoredTopK
 from pipeline.topk import retemper
-from pipeline.train.cross_losses import bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd
+from pipeline.train.cross_losses import bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, merge_duplicates
 
 MODES = ("exact", "chunk", "both")
 ALIGNMENT_FIELDS = ("cross_exact", "cross_student_chunk", "cross_teacher_chunk", "cross_counts")
@@ -51,6 +51,8 @@ class CrossTokenizer:
         self.base, self.mode, self.chunk_weight = base, mode, chunk_weight
         self.temperature, self.grid = base.temperature, base.grid
         self.map = torch.from_numpy(np.asarray(vocab_map, dtype=np.int64))
+        mapped = self.map[self.map >= 0]
+        self.many_to_one = len(torch.unique(mapped)) < len(mapped)  # --unmapped prefix: slots to add up
         self.exact = mode in ("exact", "both")
         self.sequence_term = mode in ("chunk", "both")  # DistillStep gathers the student's target log-probs
         fields = base.fields if self.exact else ()
@@ -90,7 +92,13 @@ class CrossTokenizer:
             ids = base_parts[0][flat]
             mapping = self.map.to(ids.device)
             student_ids = torch.where(one_to_one[:, None], mapping[ids], -1)
-            parts += [student_ids, *(part[flat] for part in base_parts[1:])]
+            rest = [part[flat] for part in base_parts[1:]]
+            if self.many_to_one:  # top-k: (log-probs, tail); draws: (weights,)
+                if isinstance(self.base, StoredTopK):
+                    student_ids, rest[0] = merge_duplicates(student_ids, logprobs=rest[0])
+                else:
+                    student_ids, rest[0] = merge_duplicates(student_ids, weights=rest[0])
+            parts += [student_ids, *rest]
         if self.sequence_term:
             parts += self._chunk_parts(b, m, length, batch)
         return tuple(parts)

@@ -233,3 +233,16 @@ def test_tokenizers_that_change_bytes_are_refused_in_one_line():
     with pytest.raises(DistillError) as e:
         check_byte_level(lower, "student", "x")
     assert "\n" not in str(e.value) and "cannot be aligned by bytes" in str(e.value)
+
+
+def test_prefix_map_sends_each_unspelt_teacher_id_to_its_longest_student_prefix(tokenizers):
+    big, small = token_bytes(tokenizers["bpe8192"]), token_bytes(tokenizers["bpe4096"])
+    exact, prefix = build_vocab_map(big, small), build_vocab_map(big, small, "prefix")
+    assert np.array_equal(prefix[exact >= 0], exact[exact >= 0])  # spelt ids keep their pair
+    assert (prefix >= 0).all() and (exact < 0).sum() > 1000
+    student_pieces = {p for p in small.pieces if p}
+    for t in np.nonzero(exact < 0)[0][:300]:
+        piece, chosen = big.pieces[t], small.pieces[prefix[t]]
+        assert piece.startswith(chosen) and len(chosen) < len(piece)
+        assert not any(piece[:n] in student_pieces for n in range(len(chosen) + 1, len(piece) + 1))
+    assert np.array_equal(build_vocab_map(big, big, "prefix"), np.arange(len(big.pieces)))

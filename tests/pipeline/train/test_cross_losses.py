@@ -195,3 +195,48 @@ def test_chunk_kd_is_zero_when_equal_and_finite_at_certainty():
     assert torch.isfinite(out).all() and torch.all(out >= 0)
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_a_many_to_one_map_adds_up_the_teachers_mass(kind):
+    """--unmapped prefix: several teacher ids land on one student id; after merge_duplicates the
+    bucketed losses equal dense buckets of the teacher's distribution pushed forward through the map."""
+    from pipeline.train.cross_losses import merge_duplicates
+
+    g = torch.Generator().manual_seed(11)
+    teacher_logits = torch.randn(P, VT, generator=g, dtype=torch.float64) * 3
+    student = (torch.randn(P, VS, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    mapping = torch.randint(0, 6, (VT,), generator=g)  # many teacher ids per student id
+    mapping[torch.randperm(VT, generator=g)[:5]] = -1
+    p = torch.softmax(teacher_logits, -1)
+    if kind == "topk":
+        ids = torch.topk(teacher_logits, 9, -1).indices
+        chosen = torch.zeros_like(p, dtype=torch.bool).scatter(-1, ids, True)
+        lp = torch.log_softmax(teacher_logits, -1)
+        tail = torch.logsumexp(lp.masked_fill(chosen, float("-inf")), -1)
+        sid, merged = merge_duplicates(mapping[ids], logprobs=lp.gather(-1, ids))
+        got = bucketed_sparse_kd(torch.log_softmax(student.float(), -1), sid, merged, tail.float())
+        dense_w = p
+    else:
+        ids, weights, dense_w = drawn(g, p, 40)
+        chosen = dense_w > 0
+        sid, merged = merge_duplicates(torch.where(weights > 0, mapping[ids], -1), weights=weights)
+        got = bucketed_sampled_kd(torch.log_softmax(student.float(), -1), sid, merged)
+    assert len(set(sid[0][sid[0] >= 0].tolist())) == int((sid[0] >= 0).sum())  # each student id once
+    q = torch.softmax(student, -1)
+    want = []
+    for r in range(P):
+        buckets = {}
+        for t in (chosen[r] & (mapping >= 0)).nonzero().squeeze(-1).tolist():
+            buckets[int(mapping[t])] = buckets.get(int(mapping[t]), 0) + dense_w[r, t]
+        s_ids = torch.tensor(sorted(buckets))
+        pb = torch.stack([buckets[s] for s in sorted(buckets)] + [1 - sum(buckets.values())])
+        if kind == "sampled":
+            pb[-1] = dense_w[r].sum() - sum(buckets.values())
+        qb = torch.cat([q[r, s_ids], (1 - q[r, s_ids].sum())[None]])
+        want.append(kl(pb, qb))
+    want = torch.stack(want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad_got,) = torch.autograd.grad(got.sum(), student)
+    (grad_want,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-4, atol=1e-6)
