@@ -10,7 +10,9 @@ half as large). Every run reads the same store rows — the same bytes — for t
 - ``cross-ce``: the other tokenizer, α = 1 (its own tokenization of the store's rows, CE only);
 - ``cross-exact`` / ``cross-chunk`` / ``cross-both``: the other tokenizer, α = 0.5, each
   ``--cross-tokenizer`` mode; ``-prefix`` after one (``cross-exact-prefix``) adds ``--unmapped
-  prefix`` (teacher ids the student cannot spell go to its longest token beginning their bytes).
+  prefix`` (teacher ids the student cannot spell go to its longest token beginning their bytes);
+- ``same-both``: a control, the teacher's tokenizer through ``--cross-tokenizer both`` (identity
+  map): whether the chunk term helps whatever the tokenizers.
 
 Held-out **bits per byte** (``distill eval --tasks heldout``) compares the two tokenizers. The
 summary gives each mode's mean and seed spread (max − min) and, per cross mode, the share of the
@@ -51,6 +53,8 @@ def distill(*args: str, log: Path) -> None:
 def student_flags(mode: str, work: Path) -> list[str]:
     same = mode.startswith("same")
     flags = ["--train-store", work / "store", "--model", work / ("student-8192.json" if same else "student-4096.json")]
+    if mode == "same-both":
+        flags += ["--cross-tokenizer", "both"]
     if not same:
         term = mode.removeprefix("cross-").removesuffix("-prefix")
         flags += ["--tokenizer", ROOT / "data" / "tokenizer-4096",
@@ -70,6 +74,9 @@ def summarise(runs: dict) -> dict:
     if {"same-ce", "same-kd", "cross-ce"} <= modes.keys():
         same_gain = modes["same-ce"]["bits_per_byte_mean"] - modes["same-kd"]["bits_per_byte_mean"]
         modes["same-kd"]["gain_over_ce"] = same_gain
+        if "same-both" in modes:
+            modes["same-both"]["gain_over_ce"] = modes["same-ce"]["bits_per_byte_mean"] - \
+                modes["same-both"]["bits_per_byte_mean"]
         for name in CROSS:
             if name in modes:
                 gain = modes["cross-ce"]["bits_per_byte_mean"] - modes[name]["bits_per_byte_mean"]
