@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli, write_tiny_model_config
+from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli, spawn, write_tiny_model_config
 
 SECOND = ROOT / "data" / "tokenizer-4096"
 
@@ -127,3 +127,26 @@ def test_eval_gives_agreement_over_one_to_one_chunks_and_report_leads_with_bits_
     assert header.split(" | ")[4].startswith("bits/byte")
     assert "different tokenizers" in text and "across tokenizers, exact" in text
     assert "teacher top-1 agreement over 1:1 chunks" in header
+
+
+def test_two_processes_train_like_one(root, tmp_path):
+    """torchrun, 2 ranks of 2 rows against 1 process of 4: the same global batches (the loader's
+    transform is per row), so the logged losses agree. Not to 1e-6: each rank divides its loss by
+    its own target count before DDP averages the gradients, and the student's rows differ in length."""
+    def curve(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    common = ("--cross-tokenizer", "both", "--max-steps", "3", "--eval-every", "0", "--checkpoint-every", "0")
+    one = spawn(student_args(root, tmp_path / "one", *common))
+    output, _ = one.communicate(timeout=300)
+    assert one.returncode == 0, output
+    args = student_args(root, tmp_path / "two", *common)
+    args[args.index("--micro-batch-size") + 1] = "2"
+    two = spawn(args, torchrun=True)
+    output, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, output
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert len(a) == len(b) == 3 and abs(a[0] - b[0]) < 1e-4  # step 1: the same weights, the same rows
+    assert all(abs(x - y) < 0.05 * x for x, y in zip(a, b))
