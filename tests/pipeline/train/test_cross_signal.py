@@ -187,3 +187,28 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     assert 0.2 < arrays["cross_counts"][:, 1].sum() / arrays["cross_counts"][:, 0].sum() < 1.0
     assert got["exact"] == pytest.approx(exact, rel=1e-5)
     assert got["chunk"] == pytest.approx(chunk, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_renaming_the_teachers_ids_changes_nothing(root, tmp_path, kind, monkeypatch):
+    """The teacher's ids renamed everywhere they appear (rows, stored ids, its vocabulary): the
+    student of another tokenizer sees the same bytes, chunks and mapped distributions."""
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    store = open_store(root / kind)
+    rows = store.read_rows(0, ROWS)
+    teacher_side = token_bytes(AutoTokenizer.from_pretrained(str(TOKENIZER)))
+    student_tok = AutoTokenizer.from_pretrained(str(SECOND))
+    student_side = token_bytes(student_tok)
+    perm = np.random.default_rng(1).permutation(8192)
+    renamed_rows = {k: (perm[v.astype(np.int64)].astype(v.dtype) if k in ("input_ids", "topk_ids", "sample_ids")
+                        else v) for k, v in rows.items()}
+    results = []
+    for side, arrays in ((teacher_side, rows), (permuted(teacher_side, perm, "renamed"), renamed_rows)):
+        mapping, _ = vocab_map(side, student_side)
+        aligner = RowAligner(side, student_side, encoder(student_tok), 10_000, student_tok.eos_token_id)
+        model = tiny_model(tmp_path / "student.json", 4096)
+        signal = CrossTokenizer(stored_teacher(kind, store.params, 1.0), mapping, "both")
+        results.append(step_loss(model, 4096, signal, tensors(aligner(arrays)), 40)[:3])
+    (ce_a, kd_a, n_a), (ce_b, kd_b, n_b) = results
+    assert n_a == n_b and kd_a > 0
+    assert ce_b == pytest.approx(ce_a, rel=1e-6) and kd_b == pytest.approx(kd_a, rel=1e-6)
