@@ -61,8 +61,10 @@ from pipeline.teacher_signal import OnlineTeacher, StoredSampled, TeacherSignal,
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
-                "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight", "unmapped")
-ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket"}  # resume-fixed options that older checkpoints do not record
+                "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight",
+                "unmapped")
+# resume-fixed options that older checkpoints do not record
+ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket"}
 PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be continued (preempt.py)
 
 
