@@ -441,6 +441,8 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, tea
 
     params = store.params
     t = config.agreement_temperature
+    if params.get("tokenizer_hash") != tokenizer_hash(scorer.tokenizer):
+        return eval_agreement_across(scorer, config, store, teacher)
     check_store_fits(store, "agreement store", tokenizer_hash(scorer.tokenizer), scorer.vocab, scorer.max_length)
     rows = config.limit or store.rows
     agree = kl = positions = 0.0
@@ -462,6 +464,49 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, tea
     return {"top1": agree / positions, "kl": kl / positions, "temperature": t, "tokens": int(positions)}
 
 
+@torch.no_grad()
+def eval_agreement_across(scorer: Scorer, config: EvalConfig, store, teacher) -> dict[str, float]:
+    """Agreement with a teacher of another tokenizer, over the **1:1 chunks** only (a chunk of the
+    same bytes that is one token on each side, pipeline/text/align.py): top-1 agreement (the
+    model's argmax is the student id of the teacher's top-1; a teacher top-1 with no student id
+    counts as a miss) and the bucketed KL of pipeline/train/cross_losses.py, with the share of the
+    model's positions that are 1:1. Named ``*_1to1``: not comparable with same-tokenizer agreement."""
+    from pipeline.train.loader import sequential
+    from pipeline.text.align import RowAligner, check_byte_level, token_bytes, vocab_map
+    from pipeline.train.cross_signal import CrossTokenizer
+
+    store_tokenizer = load_tokenizer(store.params["tokenizer"])
+    check_byte_level(scorer.tokenizer, "model", config.model)
+    teacher_bytes, model_bytes = token_bytes(store_tokenizer), token_bytes(scorer.tokenizer)
+    mapping, _ = vocab_map(teacher_bytes, model_bytes)
+    backend = scorer.tokenizer.backend_tokenizer
+    aligner = RowAligner(teacher_bytes, model_bytes,
+                         lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)],
+                         scorer.max_length, scorer.tokenizer.eos_token_id)
+    signal = CrossTokenizer(teacher, mapping, "exact")
+    t = config.agreement_temperature
+    agree = kl = positions = 0.0
+    rows = config.limit or store.rows
+    for batch in tqdm(sequential(store, config.batch_size, rows), desc="agreement (1:1 chunks)", leave=False):
+        arrays = aligner({k: v.numpy() for k, v in batch.items()})
+        batch = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind in "ui" else v).to(scorer.device)
+                 for k, v in arrays.items()}
+        ids = batch["input_ids"]
+        hidden = scorer.head.hidden(ids)[:, :-1]
+        logits = scorer.head.logits(hidden).float()[..., :scorer.vocab]
+        n = logits.shape[0] * logits.shape[1]
+        logits = logits.reshape(n, -1)
+        parts = signal.positions(ids, batch)
+        one_to_one, student_ids = parts[0], parts[1]
+        divergence = signal.divergence(F.log_softmax(logits / t, dim=-1), ids[:, 1:].reshape(n), *parts)
+        agree += float(((logits.argmax(-1) == student_ids[:, 0]) & one_to_one).sum())
+        kl += float(divergence.sum())
+        positions += float(one_to_one.sum())
+    targets = signal.take_stats()
+    return {"top1_1to1": agree / max(positions, 1), "kl_1to1": kl / max(positions, 1),
+            "share_1to1": targets["cross_exact_share"], "temperature": t, "tokens_1to1": int(positions)}
+
+
 # ------------------------------------------------------------------------------------------------
 # the command
 
@@ -475,7 +520,7 @@ def training_facts(model_dir: Path) -> dict[str, Any]:
             except json.JSONDecodeError:
                 continue
             keep = ("alpha", "temperature", "tail", "direction", "teacher_source", "teacher_signal", "store_kind",
-                    "tokens", "step", "heldout_loss", "heldout_ppl", "seed", "init")
+                    "cross_tokenizer", "tokens", "step", "heldout_loss", "heldout_ppl", "seed", "init")
             return {k: data[k] for k in keep if k in data}
     return {}
 
@@ -490,7 +535,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(str(model_dir))
-    if agreement:  # ids of another tokenizer mean other tokens, even where there are as many of them
+    # ids of another tokenizer mean other tokens, even where there are as many of them: such a store is
+    # compared across tokenizers, over 1:1 chunks (eval_agreement_across); one of this tokenizer must fit
+    if agreement and agreement[0].params.get("tokenizer_hash") == tokenizer_hash(tokenizer):
         check_store_fits(agreement[0], "agreement store", tokenizer_hash(tokenizer), vocab_size(tokenizer))
     rules = None
     if config.rules:
@@ -525,6 +572,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                                       for k, v in results[task].items()))
     name = config.name or (model_dir.resolve().parent.name if model_dir.name == "model" else model_dir.resolve().name)
     report = {"name": name, "model": str(model_dir), "parameters": count_parameters(model),
+              "tokenizer_hash": tokenizer_hash(tokenizer),  # distill report compares across tokenizers by bytes
               "training": training_facts(model_dir), "tasks": results, "seconds": time.time() - started,
               "config": to_dict(config)}
     report |= threads  # the number torch used, and where it came from

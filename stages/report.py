@@ -33,6 +33,8 @@ COLUMNS = (
     ("hellaswag", "acc_norm", "HellaSwag acc_norm", True),
     ("agreement", "top1", "teacher top-1 agreement", True),
     ("agreement", "kl", "KL(teacher‖model)", False),
+    ("agreement", "top1_1to1", "teacher top-1 agreement over 1:1 chunks", True),
+    ("agreement", "kl_1to1", "KL(teacher‖model) over 1:1 chunks", False),
 )
 QA_NAMES = {"nq": "NQ", "webq": "WebQ", "triviaqa": "TriviaQA", "custom": "custom task"}
 
@@ -92,6 +94,8 @@ def training_label(run: dict[str, Any]) -> tuple[str, str]:
     if t.get("alpha", 1.0) >= 1.0 or t.get("teacher_source") == "none":
         return "cross-entropy" + origin, "–"
     temperature = f"{t.get('temperature', 1.0):g}"
+    if t.get("cross_tokenizer"):  # a teacher store of another tokenizer
+        return f"distilled (α={t['alpha']:g}, across tokenizers, {t['cross_tokenizer']}){origin}", temperature
     if t.get("teacher_source") == "online":  # the full vocabulary: no tail treatment to name
         return f"distilled (α={t['alpha']:g}, online){origin}", temperature
     if "store_kind" in t:  # what the run used: a sampled store's draws have no tail treatment (tail None)
@@ -103,9 +107,16 @@ def training_label(run: dict[str, Any]) -> tuple[str, str]:
     return f"distilled (α={t['alpha']:g}, {what}){origin}", temperature
 
 
+def across_tokenizers(runs: list[dict[str, Any]]) -> bool:
+    """Whether the runs' models have more than one tokenizer (eval results since #23 record its hash)."""
+    return len({r.get("tokenizer_hash") for r in runs if r.get("tokenizer_hash")}) > 1
+
+
 def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool]]:
     """The metrics any run has, in table order; QA exact match per dataset and number of shots."""
     cols = [c for c in COLUMNS if any(c[1] in r["tasks"].get(c[0], {}) for r in runs)]
+    if across_tokenizers(runs):  # per-token numbers are not comparable: bits per byte leads
+        cols = sorted(cols, key=lambda c: c[1] != "bits_per_byte")
     for task, title in QA_NAMES.items():
         keys = sorted({k for r in runs for k in r["tasks"].get(task, {}) if k.startswith("em_")},
                       key=lambda k: int(k[3:-4]))
@@ -116,7 +127,7 @@ def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool]]:
 def _fmt(value: Any, metric: str) -> str:
     if value is None:
         return "–"
-    if metric in ("acc", "acc_norm", "top1") or metric.startswith("em_"):
+    if metric in ("acc", "acc_norm", "top1", "top1_1to1") or metric.startswith("em_"):
         return f"{100 * value:.1f}"
     return f"{value:.2f}" if value >= 10 else f"{value:.3f}"
 
@@ -132,6 +143,10 @@ def markdown(runs: list[dict[str, Any]], cols, title: str, figures: list[str], s
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracies and exact match in %; perplexities per token (held-out: per token of the",
               "model's tokenizer) and per word for LAMBADA's last word; ↑ higher is better, ↓ lower.", ""]
+    if across_tokenizers(runs):
+        lines[2:2] = ["These models use different tokenizers: compare them by held-out **bits per byte** (first "
+                      "column); per-token perplexities count different tokens, and agreement with a teacher of "
+                      "another tokenizer is over the 1:1 chunks only.", ""]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     lines += list(sections)
     lines += ["", "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
@@ -315,7 +330,7 @@ def ce_baseline(g: Group, groups: list[Group], teacher: Group | None) -> Group |
 
 
 def _percent(metric: str) -> bool:
-    return metric in ("acc", "acc_norm", "top1") or metric.startswith(("em_", "rules_em_", "violating_",
+    return metric in ("acc", "acc_norm", "top1", "top1_1to1") or metric.startswith(("em_", "rules_em_", "violating_",
                                                                         "rules_violating_", "rules_unsatisfiable_"))
 
 

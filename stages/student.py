@@ -66,8 +66,10 @@ from pipeline.train.teacher_signal import OnlineTeacher, StoredSampled, StoredTo
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
-                "tail", "direction", "importance", "teacher", "shuffle_chunks")
-ADDED_SINCE = {"importance": "unbiased"}  # resume-fixed options that older checkpoints do not record
+                "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight",
+                "unmapped")
+# resume-fixed options that older checkpoints do not record
+ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket"}
 PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be continued (preempt.py)
 
 
@@ -92,6 +94,12 @@ class TrainConfig:
                              "importance weights, or 'self-normalised' (lower variance; biased, about 0.25/N on "
                              "the shipped teacher from T=1 to 2, docs/DESIGN.md).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the store).")
+    cross_tokenizer: str = option("", "A teacher store of another tokenizer than --tokenizer (the student's): 'exact' "
+                                  "(next-token KL on 1:1 byte chunks through the vocabulary map), 'chunk' (ALM "
+                                  "chunk likelihoods, every chunk) or 'both'. Empty: the tokenizers must match.")
+    chunk_weight: float = option(1.0, "Weight of the chunk term under --cross-tokenizer chunk or both.")
+    unmapped: str = option("bucket", "Cross-tokenizer exact term, teacher ids no student id spells: 'bucket' (one "
+                           "bucket each side) or 'prefix' (to the student's longest token beginning their bytes).")
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
     micro_batch_size: int = option(16, "Rows per forward/backward pass, per process.")
@@ -135,6 +143,12 @@ class TrainConfig:
             problems.append(f"importance must be one of {', '.join(StoredSampled.IMPORTANCE)}, got {self.importance!r}")
         if self.direction not in DIRECTIONS:
             problems.append(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+        if self.cross_tokenizer not in ("", "exact", "chunk", "both"):
+            problems.append(f"cross_tokenizer must be exact, chunk or both, got {self.cross_tokenizer!r}")
+        if self.unmapped not in ("bucket", "prefix"):
+            problems.append(f"unmapped must be bucket or prefix, got {self.unmapped!r}")
+        if not self.chunk_weight >= 0:
+            problems.append(f"chunk_weight must not be negative, got {self.chunk_weight}")
         if self.init not in ("auto", "scratch", "teacher-layers"):
             problems.append(f"init must be auto, scratch or teacher-layers, got {self.init!r}")
         for name in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "prefetch", "shuffle_chunks"):
@@ -195,6 +209,11 @@ class DistillStep(torch.nn.Module):
             keep = batch["loss_mask"][:, :-1].reshape(-1).nonzero().squeeze(-1)
             hidden, targets = hidden[keep], targets[keep]
             teacher_positions = tuple(part[keep] for part in teacher_positions)
+        # a term over whole chunks of positions (cross-tokenizer, pipeline/train/cross_signal.py) needs
+        # the student's target log-probs at every position, gathered across the head's chunks
+        sequence = distill and getattr(teacher, "sequence_term", False)
+        positions = hidden.shape[0]
+        index = (torch.arange(positions, device=hidden.device),) if sequence else ()
 
         def sums(h, y, *teacher_parts):
             logits = head(h).float()[:, :self.vocab]  # padded output rows are not tokens
@@ -203,9 +222,16 @@ class DistillStep(torch.nn.Module):
             if not distill:
                 return ce, torch.zeros((), device=ce.device)
             student_t = logprobs if t == 1.0 else F.log_softmax(logits / t, dim=-1)
-            return ce, teacher.divergence(student_t, y, *teacher_parts).sum()
+            if not sequence:
+                return ce, teacher.divergence(student_t, y, *teacher_parts).sum()
+            at, teacher_parts = teacher_parts[0], teacher_parts[1:]
+            own = torch.zeros(positions, device=h.device).index_add(0, at, student_t.gather(-1, y[:, None]).squeeze(-1))
+            return ce, teacher.divergence(student_t, y, *teacher_parts).sum(), own
 
-        ce_sum, kd_sum = chunked_sum(sums, hidden.shape[0], self.loss_chunk, hidden, targets, *teacher_positions)
+        ce_sum, kd_sum, *own = chunked_sum(sums, positions, self.loss_chunk, hidden, targets, *index,
+                                           *teacher_positions)
+        if sequence:
+            kd_sum = kd_sum + teacher.sequence_divergence(own[0], *teacher_positions)
         return ce_sum, kd_sum, targets.numel()
 
 
@@ -356,7 +382,16 @@ def setup(config: TrainConfig) -> Run | None:
     check_output_rows("model", config.model, model.config.vocab_size, vocab,
                       f"set vocab_size in the model config to {vocab}")
     positions = max_positions(model.config)
-    check_store_fits(train_store, "train store", tok_hash, vocab, positions)
+    aligner, cross_facts = None, {}
+    if config.cross_tokenizer:  # the teacher's rows become the student's in the loader
+        aligner, teacher, cross_facts = _cross_tokenizer(config, train_store, teacher_source, tokenizer, teacher,
+                                                         positions)
+    elif train_store.params.get("tokenizer_hash") != tok_hash and train_store.kind != "tokens":
+        raise DistillError(f"train store {train_store.root} was made with another tokenizer (hash "
+                           f"{str(train_store.params.get('tokenizer_hash'))[:12]} vs {tok_hash[:12]}); pass the tokenizer "
+                           "it was prepared with, or --cross-tokenizer exact|chunk|both to distil across tokenizers")
+    else:
+        check_store_fits(train_store, "train store", tok_hash, vocab, positions)
     eval_store = open_store(config.eval_store) if config.eval_store else None
     if eval_store is not None:
         check_store_fits(eval_store, "eval store", tok_hash, vocab, positions)
@@ -364,7 +399,9 @@ def setup(config: TrainConfig) -> Run | None:
         teacher = _online_teacher(config, train_store, vocab, device)
 
     loss_chunk = config.loss_chunk or max(1, (1 << 26) // model.config.vocab_size)
-    probe = torch.from_numpy(train_store.read_rows(0, 1)["input_ids"].astype("int64")).to(device)
+    probe_rows = train_store.read_rows(0, 1)["input_ids"]
+    probe_rows = aligner({"input_ids": probe_rows})["input_ids"] if aligner is not None else probe_rows
+    probe = torch.from_numpy(probe_rows.astype("int64")).to(device)
     output = OutputHead(model, probe)
     wrapped = _wrap(DistillStep(model, vocab, alpha, loss_chunk, teacher, output=output), config, world, device)
     optimizer, scheduler = _optimizer(model, config, device)
@@ -381,12 +418,12 @@ def setup(config: TrainConfig) -> Run | None:
     fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
     fields += tuple(masks(train_store.index["arrays"]))
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
-                    config.workers, config.prefetch, fields, config.shuffle_chunks)
+                    config.workers, config.prefetch, fields, config.shuffle_chunks, transform=aligner)
 
     facts = {"parameters": count_parameters(model), "device": str(device), "world_size": world,
              "tokenizer_hash": tok_hash, "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"],
              "teacher_source": teacher_source, "alpha": alpha, "loss_chunk": loss_chunk,
-             "train_store_params": train_store.params, **threads}
+             "train_store_params": train_store.params, **threads, **cross_facts}
     metrics = None
     if rank == 0:
         if config.overwrite and out.exists():
@@ -425,6 +462,41 @@ def _teacher_source(config: TrainConfig, train_store: Store) -> tuple[str, float
         raise DistillError(f"{config.train_store} is a tokens store: it holds no teacher predictions; run "
                            "distill teacher to make a topk store, pass --teacher DIR (online), or use --alpha 1")
     return teacher_source, alpha
+
+
+def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: str, tokenizer,
+                     teacher: TeacherSignal | None, positions: int):
+    """(the loader's transform, the teacher signal, facts to record) for a store of another tokenizer:
+    its rows are retokenized for the student and aligned by bytes (pipeline/text/align.py)."""
+    from pipeline.text.align import RowAligner, check_byte_level, token_bytes, vocab_map
+    from pipeline.train.cross_signal import CrossTokenizer
+
+    if teacher_source == "online":
+        raise DistillError("--cross-tokenizer distils from a teacher store; drop --teacher (online teachers must "
+                           "share the student's tokenizer)")
+    if "loss_mask" in train_store.index["arrays"]:
+        raise DistillError(f"{train_store.root} is a store of task examples; --cross-tokenizer does not yet carry a "
+                           "loss mask across tokenizers")
+    store_tokenizer = load_tokenizer(train_store.params["tokenizer"])
+    if tokenizer_hash(store_tokenizer) != train_store.params.get("tokenizer_hash"):
+        raise DistillError(f"the tokenizer at {train_store.params['tokenizer']} is no longer the one {train_store.root} "
+                           "was made with (its hash differs); the teacher's bytes cannot be recovered from another")
+    check_byte_level(tokenizer, "student", config.tokenizer or train_store.params["tokenizer"])
+    teacher_bytes, student_bytes = token_bytes(store_tokenizer), token_bytes(tokenizer)
+    mapping, digest = vocab_map(teacher_bytes, student_bytes, config.unmapped)
+    backend = tokenizer.backend_tokenizer
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+    aligner = RowAligner(teacher_bytes, student_bytes, encode, positions, tokenizer.eos_token_id)
+    if teacher is not None:
+        teacher = CrossTokenizer(teacher, mapping, config.cross_tokenizer, config.chunk_weight)
+    facts = {"cross_tokenizer": {"mode": config.cross_tokenizer, "unmapped": config.unmapped,
+                                 "teacher_tokenizer_hash": teacher_bytes.tokenizer_hash,
+                                 "vocab_map_sha256": digest, "teacher_ids_mapped": int((mapping >= 0).sum()),
+                                 "teacher_vocab": len(mapping)}}
+    return aligner, teacher, facts
 
 
 def _student(config: TrainConfig, train_store: Store) -> torch.nn.Module:
@@ -549,6 +621,8 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
                       "tokens": run.tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
             if alpha < 1.0:
                 record["kd"] = kd
+            if hasattr(signal := getattr(wrapped, "module", wrapped).teacher, "take_stats"):
+                record.update(signal.take_stats())  # cross-tokenizer: the share of positions each term reached
             run.metrics.log(**record)
         if run.eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
             result = evaluate(wrapped, run.eval_store, config.micro_batch_size, config.eval_rows, run.device,
@@ -641,7 +715,7 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "seed": config.seed, "init": config.model,  # the config or the earlier model it started from
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
-             "direction": config.direction,
+             "direction": config.direction, "cross_tokenizer": config.cross_tokenizer,
              **signal_facts(getattr(run.wrapped, "module", run.wrapped).teacher, run.train_store)}
     if run.eval_store is not None:
         result = evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast, stop)

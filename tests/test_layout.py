@@ -25,7 +25,7 @@ MAY_IMPORT = {
     "teacher": {"base"},
     "decode": {"base", "teacher"},
     "evaluate": {"base", "text"},
-    "train": {"base", "store", "teacher"},
+    "train": {"base", "store", "teacher", "text"},
 }
 
 

@@ -9,6 +9,9 @@ batches one process with the same global batch would. The position — ``(epoch,
 global row of the epoch — is all a checkpoint needs.
 
 With ``workers > 0`` chunks are read and decoded in worker processes, ``prefetch`` batches ahead.
+``transform`` (optional) maps each batch's arrays to new ones before they become tensors: a
+deterministic function of the rows (cross-tokenizer stage two retokenizes the teacher's rows for
+the student, ``pipeline/text/align.py``), so the resume position stays ``(epoch, offset)``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,8 +85,10 @@ class Loader:
 
     def __init__(self, store: Store, batch_rows: int, seed: int, rank: int = 0, world: int = 1,
                  epoch: int = 0, offset: int = 0, workers: int = 0, prefetch: int = 4,
-                 fields: tuple[str, ...] | None = None, shuffle_chunks: int = 16, check: bool = True):
+                 fields: tuple[str, ...] | None = None, shuffle_chunks: int = 16, check: bool = True,
+                 transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None):
         self.store, self.batch_rows, self.seed = store, batch_rows, seed
+        self.transform = transform
         self.rank, self.world = rank, world
         self.epoch, self.offset = epoch, offset
         self.chunk_rows = store.params["chunk_rows"]
@@ -223,6 +228,8 @@ class Loader:
             del self._pending[key]
         for key in [k for k in self._blocks if k < current]:
             del self._blocks[key]
+        if self.transform is not None:
+            out = self.transform(out)
         return {k: torch.from_numpy(_as_torch(v)) for k, v in out.items()}
 
     def _current_block(self) -> tuple[int, int]:

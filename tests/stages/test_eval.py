@@ -238,10 +238,11 @@ def test_teacher_agreement_with_its_own_store(model_dir, topk_store, tmp_path):
     assert different["tasks"]["agreement"]["kl"] > 1e-3
 
 
-def test_agreement_refuses_a_store_of_another_tokenizer_with_the_same_vocabulary_size(model_dir, topk_store, tmp_path):
+def test_agreement_with_a_store_of_another_tokenizer_of_the_same_size_is_named_across_tokenizers(
+        model_dir, topk_store, tmp_path):
     """Two ids of the model's tokenizer swapped: still 8192 ids, but each id means another token, so
-    agreement with the store would be meaningless. Refused in one line, as stage two refuses it,
-    before the model loads or any other task runs."""
+    comparing id by id would be meaningless. The store is compared across tokenizers instead, over the
+    1:1 chunks, and the numbers are named so (``top1_1to1``), never as same-tokenizer agreement."""
     other = tmp_path / "other"
     shutil.copytree(model_dir, other)
     definition = json.loads((other / "tokenizer.json").read_text())
@@ -251,11 +252,11 @@ def test_agreement_refuses_a_store_of_another_tokenizer_with_the_same_vocabulary
     (other / "tokenizer.json").write_text(json.dumps(definition))
     assert len(AutoTokenizer.from_pretrained(str(other))) == len(AutoTokenizer.from_pretrained(str(model_dir)))
     out = tmp_path / "m.json"
-    msg = one_line_error(run_cli("eval", "--model", other, "--out", out, "--tasks", "lambada,agreement",
-                                 "--lambada", FIXTURES / "lambada.jsonl", "--agreement", topk_store))
-    assert f"agreement store {topk_store} was made with another tokenizer" in msg
-    assert "pass the tokenizer it was prepared with" in msg
-    assert not out.exists()
+    result = run_cli("eval", "--model", other, "--out", out, "--tasks", "agreement", "--agreement", topk_store,
+                     "--limit", "4")
+    assert result.returncode == 0, result.stderr
+    agreement = json.loads(out.read_text())["tasks"]["agreement"]
+    assert "top1" not in agreement and 0 <= agreement["top1_1to1"] <= 1 and agreement["share_1to1"] > 0.5
 
 
 @pytest.mark.parametrize("content, message", [

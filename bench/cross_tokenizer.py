@@ -1,0 +1,169 @@
+"""Cross-tokenizer benchmark (issue #23): how much of same-tokenizer distillation's gain a student
+of another tokenizer recovers, from the same teacher store.
+
+One teacher (8192-id tokenizer), one sampled store over its tokenization of the training text, and
+two same-shape students: one with the teacher's tokenizer, one with ``data/tokenizer-4096`` (a
+second BPE trained by ``distill tokenizer --vocab-size 4096`` on the same corpus; its embedding is
+half as large). Every run reads the same store rows — the same bytes — for the same steps:
+
+- ``same-ce`` / ``same-kd``: the teacher's tokenizer, α = 1 / α = 0.5 (today's path);
+- ``cross-ce``: the other tokenizer, α = 1 (its own tokenization of the store's rows, CE only);
+- ``cross-exact`` / ``cross-chunk`` / ``cross-both``: the other tokenizer, α = 0.5, each
+  ``--cross-tokenizer`` mode; ``-prefix`` after one (``cross-exact-prefix``) adds ``--unmapped
+  prefix`` (teacher ids the student cannot spell go to its longest token beginning their bytes);
+- ``same-both``: a control, the teacher's tokenizer through ``--cross-tokenizer both`` (identity
+  map): whether the chunk term helps whatever the tokenizers.
+
+Held-out **bits per byte** (``distill eval --tasks heldout``) compares the two tokenizers. The
+summary gives each mode's mean and seed spread (max − min) and, per cross mode, the share of the
+same-tokenizer KD gain over CE that its own gain over ``cross-ce`` recovers:
+``(cross-ce − mode) / (same-ce − same-kd)`` on seed means.
+
+    python bench/cross_tokenizer.py --steps 120 --seeds 0,1,2 --out bench/results/cross_tokenizer_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("same-ce", "same-kd", "cross-ce", "cross-exact", "cross-chunk", "cross-both")
+CROSS = ("cross-exact", "cross-chunk", "cross-both", "cross-exact-prefix", "cross-both-prefix")
+
+
+def distill(*args: str, log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=ROOT, env=env, stdout=f,
+                              stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"distill {args[0]} failed; see {log}:\n" + log.read_text()[-2000:])
+
+
+def student_flags(mode: str, work: Path) -> list[str]:
+    same = mode.startswith("same")
+    flags = ["--train-store", work / "store", "--model", work / ("student-8192.json" if same else "student-4096.json")]
+    if mode == "same-both":
+        flags += ["--cross-tokenizer", "both"]
+    if not same:
+        term = mode.removeprefix("cross-").removesuffix("-prefix")
+        flags += ["--tokenizer", ROOT / "data" / "tokenizer-4096",
+                  "--cross-tokenizer", "exact" if mode == "cross-ce" else term]
+        flags += ["--unmapped", "prefix"] if mode.endswith("-prefix") else []
+    return flags + ["--alpha", "1" if mode.endswith("-ce") else "0.5"]
+
+
+def summarise(runs: dict) -> dict:
+    modes = {}
+    for mode, by_seed in runs.items():
+        bpb = [r["bits_per_byte"] for r in by_seed.values()]
+        modes[mode] = {"seeds": len(bpb), "bits_per_byte_mean": statistics.fmean(bpb),
+                       "bits_per_byte_spread": max(bpb) - min(bpb),
+                       **{k: statistics.fmean(r[k] for r in by_seed.values())
+                          for k in ("cross_exact_share", "cross_chunk_share") if all(k in r for r in by_seed.values())}}
+    if {"same-ce", "same-kd", "cross-ce"} <= modes.keys():
+        same_gain = modes["same-ce"]["bits_per_byte_mean"] - modes["same-kd"]["bits_per_byte_mean"]
+        modes["same-kd"]["gain_over_ce"] = same_gain
+        if "same-both" in modes:
+            modes["same-both"]["gain_over_ce"] = modes["same-ce"]["bits_per_byte_mean"] - \
+                modes["same-both"]["bits_per_byte_mean"]
+        for name in CROSS:
+            if name in modes:
+                gain = modes["cross-ce"]["bits_per_byte_mean"] - modes[name]["bits_per_byte_mean"]
+                spread = max(modes["cross-ce"]["bits_per_byte_spread"], modes[name]["bits_per_byte_spread"])
+                modes[name] |= {"gain_over_ce": gain, "recovered_share": gain / same_gain if same_gain > 0 else None,
+                                "gain_beyond_spread": gain > spread}
+    return modes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="data/models/teacher")
+    parser.add_argument("--student", default="data/models/student.json")
+    parser.add_argument("--corpus", default="data/corpus/train.jsonl.gz")
+    parser.add_argument("--heldout", default="data/corpus/heldout.jsonl.gz")
+    parser.add_argument("--docs", type=int, default=3000, help="training documents read (the store's rows come first)")
+    parser.add_argument("--heldout-docs", type=int, default=200)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="bench/results/cross_tokenizer_cpu.json")
+    parser.add_argument("--previous", default="", help="a result file of the same settings whose runs are kept "
+                        "(the store is rebuilt bit for bit: same rows, same draws)")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    started = time.time()
+    out = ROOT / args.out
+    with tempfile.TemporaryDirectory(prefix="bench-cross-") as tmp:
+        work = Path(tmp)
+        os.environ["DISTILL_CACHE"] = str(work / "cache")
+        with gzip.open(ROOT / args.corpus, "rt", encoding="utf-8") as f:
+            docs = [next(f) for _ in range(args.docs)]
+        (work / "corpus.jsonl").write_text("".join(docs))
+        rows = args.steps * args.micro_batch_size
+        distill("prepare", "--input", work / "corpus.jsonl", "--out", work / "tokens", "--tokenizer",
+                ROOT / "data" / "tokenizer", "--seq-len", args.seq_len, log=work / "prepare.log")
+        t0 = time.time()
+        distill("teacher", "--tokens-store", work / "tokens", "--teacher", ROOT / args.teacher, "--out",
+                work / "store", "--kind", "sampled", "--samples", args.samples, "--max-rows", rows,
+                "--device", args.device, log=work / "teacher.log")
+        stage_one_s = time.time() - t0
+        student = json.loads((ROOT / args.student).read_text())
+        (work / "student-8192.json").write_text(json.dumps(student))
+        (work / "student-4096.json").write_text(json.dumps(student | {"vocab_size": 4096}))
+        previous = json.loads(Path(args.previous).read_text()) if args.previous else {"runs": {}, "wall_s": 0.0}
+        runs: dict = previous["runs"]
+        for seed in seeds:
+            for mode in args.modes.split(","):
+                if str(seed) in runs.get(mode, {}):
+                    continue
+                run = work / f"{mode}-{seed}"
+                t0 = time.time()
+                distill("student", *student_flags(mode, work), "--out", run, "--seed", seed, "--max-steps",
+                        args.steps, "--micro-batch-size", args.micro_batch_size, "--lr", args.lr, "--warmup-steps",
+                        max(1, args.steps // 10), "--eval-every", 0, "--checkpoint-every", 0, "--log-every", 10,
+                        "--device", args.device, log=work / f"{mode}-{seed}.log")
+                train_s = time.time() - t0
+                distill("eval", "--model", run / "model", "--tasks", "heldout", "--heldout", ROOT / args.heldout,
+                        "--limit", args.heldout_docs, "--out", work / f"{mode}-{seed}.json", "--device", args.device,
+                        log=work / f"{mode}-{seed}-eval.log")
+                heldout = json.loads((work / f"{mode}-{seed}.json").read_text())["tasks"]["heldout"]
+                logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                shares = {k: statistics.fmean(r[k] for r in logged if k in r)
+                          for k in ("cross_exact_share", "cross_chunk_share") if any(k in r for r in logged)}
+                runs.setdefault(mode, {})[str(seed)] = {"bits_per_byte": heldout["bits_per_byte"],
+                                                        "heldout_loss_per_token": heldout["loss"],
+                                                        "train_s": train_s, **shares}
+                print(f"{mode} seed {seed}: {heldout['bits_per_byte']:.4f} bits/byte ({train_s:.0f} s)", flush=True)
+                result = {"device": f"{args.device} ({platform.machine()}, {os.cpu_count()} cores)",
+                          "teacher": args.teacher, "student": args.student, "steps": args.steps,
+                          "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
+                          "samples": args.samples, "store_rows": rows, "heldout_docs": args.heldout_docs,
+                          "seeds": seeds, "stage_one_s": stage_one_s,
+                          "wall_s": previous["wall_s"] + time.time() - started,
+                          "runs": runs, "summary": summarise(runs)}
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")  # partial results survive
+    for mode, m in result["summary"].items():
+        extra = f", recovers {m['recovered_share']:.0%} of same-tokenizer KD's gain" \
+            if m.get("recovered_share") is not None else ""
+        print(f"{mode}: {m['bits_per_byte_mean']:.4f} bits/byte (spread {m['bits_per_byte_spread']:.4f}){extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Byte alignment across tokenizers: token bytes, spans, chunks against a brute-force reference,
+the vocabulary map, and the refusal of tokenizers that do not spell their text."""
+
+import random
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from pipeline.errors import DistillError
+from pipeline.text.align import (RowAligner, Spans, TokenBytes, align, build_vocab_map, byte_problem,
+                                 check_byte_level, token_bytes, vocab_map)
+from tests.conftest import ROOT, TOKENIZER
+
+SECOND = ROOT / "data" / "tokenizer-4096"
+TEXTS = ["Hello, 世界! 東京は晴れ 🙂🙂 and emoji 👩‍👩‍👧 done.",
+         "Merged   whitespace\n\n\n   and\ttabs  \r\n  end.",
+         "naïve café — ÀÉÎ ßﬁ “quotes” 1,234.5 ½"]
+
+
+def sentencepiece_tokenizer(prepend: str = "never", normalizer=None) -> PreTrainedTokenizerFast:
+    """A tiny SentencePiece-style BPE with byte fallback (▁ for space, <0xNN> for bytes) and a BOS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece in ["▁"] + list("abcdefghijklmnopqrstuvwxyzHW,.!") + ["▁▁", "he", "ll", "llo", "hello", "▁hello",
+                                                                   "▁w", "or", "ld", "▁t", "A"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "▁"), ("h", "e"), ("l", "l"), ("ll", "o"), ("he", "llo"), ("▁", "hello"), ("▁", "w"),
+              ("o", "r"), ("l", "d"), ("▁", "t")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizer or normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {"bpe8192": AutoTokenizer.from_pretrained(str(TOKENIZER)),
+            "bpe4096": AutoTokenizer.from_pretrained(str(SECOND)),
+            "sentencepiece": sentencepiece_tokenizer()}
+
+
+def encoder(tokenizer):
+    backend = tokenizer.backend_tokenizer
+    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def stream(tokenizer, docs, bos: bool = False) -> list[int]:
+    """Documents as distill prepare packs them: each one's tokens then EOS (a BOS first, optionally)."""
+    ids = []
+    for doc in docs:
+        ids += ([tokenizer.bos_token_id] if bos else []) + encoder(tokenizer)([doc])[0] + [tokenizer.eos_token_id]
+    return ids
+
+
+def units(side: TokenBytes, ids, starts, ends) -> dict[int, object]:
+    """unit position → what a token of ``side`` puts there (a byte, or a special's role)."""
+    out = {}
+    for token, start, end in zip(ids, starts, ends):
+        piece = side.pieces[token]
+        values = list(piece) if piece is not None else [side.specials[token]] * (end - start)
+        assert len(values) == end - start  # a token's span is as wide as its bytes
+        out.update(zip(range(start, end), values))
+    return out
+
+
+def check_row(aligner: RowAligner, row: np.ndarray) -> tuple[Spans, Spans, bool]:
+    """Spans are contiguous on both sides, and the student's tokens spell the teacher's units."""
+    t, s, cut = aligner.row(row)
+    assert t.starts[0] == 0 and np.array_equal(t.starts[1:], t.ends[:-1])
+    assert np.array_equal(s.starts[1:], s.ends[:-1]) and s.ends[-1] <= t.ends[-1]
+    teacher_units = units(aligner.teacher, t.ids, t.starts, t.ends)
+    student_units = units(aligner.student, s.ids, s.starts, s.ends)
+    # a special the student lacks is zero-width on the teacher's side; every role both have is one unit
+    roles = {"eos": "eos", "bos": "bos"}
+    for unit, value in student_units.items():
+        assert teacher_units[unit] == roles.get(value, value), unit
+    skipped = [teacher_units[u] for u in range(s.starts[0])] + \
+        [teacher_units[u] for u in range(s.ends[-1], t.ends[-1])]
+    assert all(isinstance(v, int) and 0x80 <= v for v in skipped)  # only a cut character is left out
+    assert len(skipped) <= 6
+    return t, s, cut
+
+
+@pytest.mark.parametrize("teacher_name,student_name", [("bpe8192", "bpe4096"), ("bpe4096", "bpe8192"),
+                                                       ("bpe8192", "sentencepiece"), ("sentencepiece", "bpe8192")])
+def test_spans_are_contiguous_and_spell_the_bytes_of_packed_rows(tokenizers, teacher_name, student_name):
+    teacher, student = tokenizers[teacher_name], tokenizers[student_name]
+    bos = teacher_name == "sentencepiece"  # a BOS on the teacher's side only (the student has none)
+    ids = stream(teacher, TEXTS * 2, bos=bos)
+    aligner = RowAligner(token_bytes(teacher), token_bytes(student), encoder(student), 10_000,
+                         student.eos_token_id)
+    seq_len = 17
+    rows = [ids[r * (seq_len - 1): r * (seq_len - 1) + seq_len] for r in range((len(ids) - 1) // (seq_len - 1))]
+    starts_mid_character = 0
+    for row in rows:
+        t, s, cut = check_row(aligner, np.array(row))
+        starts_mid_character += int(s.starts[0] > 0)
+        assert cut == (aligner.teacher.pieces[row[-1]] is not None)  # rows ending in text were cut
+    assert starts_mid_character > 0 or teacher_name != "bpe8192"  # byte-level rows do start inside 世界
+    if bos:
+        t, s, _ = aligner.row(np.array(ids[:20]))
+        assert t.ends[0] == t.starts[0] == 0 and s.starts[0] == 0  # the BOS is context of width zero
+
+
+def test_sentencepiece_spaces_and_byte_fallback_decode_to_their_bytes(tokenizers):
+    side = token_bytes(tokenizers["sentencepiece"])
+    vocab = tokenizers["sentencepiece"].get_vocab()
+    assert side.scheme == "sentencepiece"
+    assert side.pieces[vocab["▁▁"]] == b"  " and side.pieces[vocab["<0xE4>"]] == b"\xe4"
+    assert vocab["<0x41>"] in side.fallback and side.pieces[vocab["<0x41>"]] == side.pieces[vocab["A"]] == b"A"
+    ids = encoder(tokenizers["sentencepiece"])(["hello  世 🙂"])[0]
+    assert b"".join(side.pieces[i] for i in ids) == "hello  世 🙂".encode()
+    assert {side.specials[i] for i in side.specials} == {"unk", "bos", "eos"}
+
+
+def reference_alignment(t: Spans, s: Spans, cut: bool):
+    """The rules of pipeline/text/align.py written as plain loops over sets."""
+    def wide(side):
+        return [(j, a, b) for j, (a, b) in enumerate(zip(side.starts.tolist(), side.ends.tolist())) if b > a]
+
+    common = sorted({b for _, _, b in wide(t)} & {b for _, _, b in wide(s)})
+    kept, lo = [], 0
+    for k, hi in enumerate(common):
+        tt = [j for j, a, b in wide(t) if lo <= a and b <= hi]
+        ss = [j for j, a, b in wide(s) if lo <= a and b <= hi]
+        lo = hi
+        if not tt or not ss:
+            continue
+        if 0 in tt or 0 in ss or (cut and k == len(common) - 1):
+            continue
+        kept.append((tt, ss))
+    exact = [(ss[0] - 1, tt[0] - 1) for tt, ss in kept if len(tt) == 1 and len(ss) == 1]
+    s_chunk = [-1] * len(s.ids)
+    t_chunk = [-1] * len(t.ids)
+    for k, (tt, ss) in enumerate(kept):
+        for j in tt:
+            t_chunk[j - 1] = k
+        for i in ss:
+            s_chunk[i - 1] = k
+    return exact, s_chunk, t_chunk, len(kept)
+
+
+def random_spans(rng: random.Random, n: int, start: int = 0, stop: int | None = None, zero_width: int = 0) -> Spans:
+    stop = n if stop is None else stop
+    cuts = sorted(rng.sample(range(start + 1, stop), rng.randint(0, stop - start - 1)))
+    bounds = [start] + cuts + [stop]
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    for _ in range(zero_width):
+        at = rng.choice(bounds[:-1])  # a token of width zero (a BOS) just before the one starting there
+        spans.insert([a for a, _ in spans].index(at), (at, at))
+    ids = np.arange(len(spans))
+    return Spans(ids, np.array([a for a, _ in spans]), np.array([b for _, b in spans]))
+
+
+def test_chunks_equal_a_brute_force_reference_on_random_tokenizations():
+    rng = random.Random(0)
+    for case in range(400):
+        n = rng.randint(2, 24)
+        t = random_spans(rng, n, zero_width=rng.choice([0, 0, 1]))
+        s = random_spans(rng, n, start=rng.choice([0, 0, 0, 1]) if n > 3 else 0,
+                         stop=n - rng.choice([0, 0, 1]) if n > 3 else n, zero_width=rng.choice([0, 0, 1]))
+        cut = rng.random() < 0.5
+        got = align(t, s, cut)
+        exact, s_chunk, t_chunk, chunks = reference_alignment(t, s, cut)
+        assert [tuple(p) for p in got.exact.tolist()] == exact, case
+        assert got.student_chunk.tolist() == s_chunk and got.teacher_chunk.tolist() == t_chunk, case
+        assert got.chunks == chunks
+
+
+def test_identical_tokenizers_align_every_target_one_to_one(tokenizers):
+    side = token_bytes(tokenizers["bpe8192"])
+    aligner = RowAligner(side, side, encoder(tokenizers["bpe8192"]), 10_000, 0)
+    row = np.array(stream(tokenizers["bpe8192"], TEXTS)[5:70])
+    batch = aligner({"input_ids": row[None]})
+    assert np.array_equal(batch["input_ids"][0], row)
+    assert np.array_equal(batch["cross_exact"][0, :-1], np.arange(len(row) - 1))  # position t ↔ position t
+    counts = batch["cross_counts"][0]
+    assert counts.tolist() == [len(row) - 1, len(row) - 1, len(row) - 1, 1, 0]  # only the first token's chunk
+
+
+def test_different_tokenizers_share_most_targets_and_count_what_they_drop(tokenizers):
+    teacher, student = tokenizers["bpe8192"], tokenizers["bpe4096"]
+    aligner = RowAligner(token_bytes(teacher), token_bytes(student), encoder(student), 10_000, 0)
+    ids = stream(teacher, TEXTS * 3)
+    rows = np.array([ids[r * 31: r * 31 + 32] for r in range(len(ids) // 31 - 1)])
+    batch = aligner({"input_ids": rows})
+    targets, exact, in_chunks, dropped, unaligned = batch["cross_counts"].sum(0)
+    assert unaligned == 0 and dropped >= len(rows)  # every row's first chunk, and the cut last ones
+    assert 0.3 < exact / targets < 1.0 and exact < in_chunks < targets
+    # the student's ids are its own tokenization of each row's bytes (padding masked)
+    for r in range(len(rows)):
+        m = int(batch["loss_mask"][r].sum()) + 1
+        row_text = b"".join(aligner.teacher.pieces[i] or b"" for i in rows[r])
+        spelt = b"".join(aligner.student.pieces[i] or b"" for i in batch["input_ids"][r, :m])
+        assert spelt in row_text
+
+
+def test_vocabulary_map_pairs_equal_bytes_and_follows_a_permutation(tokenizers, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    big, small = token_bytes(tokenizers["bpe8192"]), token_bytes(tokenizers["bpe4096"])
+    assert np.array_equal(build_vocab_map(big, big), np.arange(len(big.pieces)))
+    mapping, digest = vocab_map(big, small)
+    assert len(list(tmp_path.glob("vocab-map-*.npy"))) == 1
+    again, digest_again = vocab_map(big, small)  # read from the cache
+    assert digest == digest_again and np.array_equal(mapping, again)
+    for t, s in enumerate(mapping.tolist()):
+        if s >= 0:
+            assert (big.pieces[t] or big.specials[t]) == (small.pieces[s] or small.specials[s])
+    assert len(set(mapping[mapping >= 0].tolist())) == int((mapping >= 0).sum())  # injective
+    perm = np.random.default_rng(0).permutation(len(small.pieces))  # student id i becomes perm[i]
+    shuffled = TokenBytes(tuple(small.pieces[i] for i in np.argsort(perm)),
+                          {int(perm[i]): r for i, r in small.specials.items()}, frozenset(), small.scheme, "other")
+    permuted = build_vocab_map(big, shuffled)
+    assert np.array_equal(permuted, np.where(mapping >= 0, perm[np.maximum(mapping, 0)], -1))
+    sp = token_bytes(tokenizers["sentencepiece"])
+    sp_map = build_vocab_map(sp, sp)
+    vocab = tokenizers["sentencepiece"].get_vocab()
+    assert sp_map[vocab["<0x41>"]] == -1 and sp_map[vocab["A"]] == vocab["A"]  # one id per spelling
+
+
+def test_tokenizers_that_change_bytes_are_refused_in_one_line():
+    from tokenizers import normalizers
+
+    lower = sentencepiece_tokenizer(normalizer=normalizers.Sequence([normalizers.Lowercase(),
+                                                                     normalizers.Replace(" ", "▁")]))
+    assert "normaliser (Lowercase)" in byte_problem(lower)
+    assert "adds a space" in byte_problem(sentencepiece_tokenizer(prepend="always"))
+    with pytest.raises(DistillError) as e:
+        check_byte_level(lower, "student", "x")
+    assert "\n" not in str(e.value) and "cannot be aligned by bytes" in str(e.value)
+
+
+def test_prefix_map_sends_each_unspelt_teacher_id_to_its_longest_student_prefix(tokenizers):
+    big, small = token_bytes(tokenizers["bpe8192"]), token_bytes(tokenizers["bpe4096"])
+    exact, prefix = build_vocab_map(big, small), build_vocab_map(big, small, "prefix")
+    assert np.array_equal(prefix[exact >= 0], exact[exact >= 0])  # spelt ids keep their pair
+    assert (prefix >= 0).all() and (exact < 0).sum() > 1000
+    student_pieces = {p for p in small.pieces if p}
+    for t in np.nonzero(exact < 0)[0][:300]:
+        piece, chosen = big.pieces[t], small.pieces[prefix[t]]
+        assert piece.startswith(chosen) and len(chosen) < len(piece)
+        assert not any(piece[:n] in student_pieces for n in range(len(chosen) + 1, len(piece) + 1))
+    assert np.array_equal(build_vocab_map(big, big, "prefix"), np.arange(len(big.pieces)))

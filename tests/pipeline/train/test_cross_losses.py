@@ -1,0 +1,242 @@
+"""Cross-tokenizer losses against dense float64 brute force on tiny cases (full teacher
+distribution, explicit vocabulary map and alignment): values and gradients; identical tokenizers
+give today's losses; permuting the student's ids changes nothing."""
+
+import pytest
+import torch
+
+from pipeline.train.cross_losses import bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd
+from pipeline.train.losses import sampled_kd, sparse_kd
+
+P, VT, VS = 6, 23, 17
+
+
+def partial_map(generator, mapped: int = 14) -> torch.Tensor:
+    """``[VT]``: ``mapped`` teacher ids paired with distinct student ids, the rest −1."""
+    mapping = torch.full((VT,), -1, dtype=torch.long)
+    teacher_ids = torch.randperm(VT, generator=generator)[:mapped]
+    mapping[teacher_ids] = torch.randperm(VS, generator=generator)[:mapped]
+    return mapping
+
+
+def kl(p, q):
+    """Σ p (log p − log q), float64, 0·log 0 = 0."""
+    safe = torch.where(p > 0, p, torch.ones_like(p))
+    return torch.where(p > 0, p * (safe.log() - q.clamp_min(1e-300).log()), torch.zeros_like(p)).sum(-1)
+
+
+def bucket(p_teacher, q_student, chosen, mapping):
+    """Explicit buckets: each chosen teacher id t (mask ``[P, VT]``, all mapped) against student id
+    mapping[t]; one bucket for every other teacher id, one for every other student id."""
+    in_image = torch.zeros_like(q_student, dtype=torch.bool)
+    rows = []
+    for r in range(p_teacher.shape[0]):
+        ids = chosen[r].nonzero().squeeze(-1)
+        in_image[r, mapping[ids]] = True
+        rows.append((p_teacher[r, ids], q_student[r, mapping[ids]]))
+    p_rest = (p_teacher * ~chosen).sum(-1)
+    q_rest = (q_student * ~in_image).sum(-1)
+    return rows, p_rest, q_rest
+
+
+def dense_bucketed(student_logits, teacher_probs, chosen, mapping, t, direction):
+    q = torch.softmax(student_logits / t, -1)
+    rows, p_rest, q_rest = bucket(teacher_probs, q, chosen, mapping)
+    out = []
+    for r, (pk, qk) in enumerate(rows):
+        pb, qb = torch.cat([pk, p_rest[r:r + 1]]), torch.cat([qk, q_rest[r:r + 1]])
+        if direction == "reverse":
+            support = pb > 0  # the student renormalised over the teacher's support (as sparse_kd does)
+            qb = qb * support / (qb * support).sum()
+            out.append(kl(qb, pb))
+        else:
+            out.append(kl(pb, qb))
+    return torch.stack(out)
+
+
+CASES = [  # (k, teacher logit scale, T, direction)
+    (5, 3.0, 1.0, "forward"), (5, 3.0, 2.0, "reverse"), (1, 3.0, 1.0, "forward"), (1, 3.0, 1.0, "reverse"),
+    (VT, 3.0, 1.0, "forward"), (VT, 3.0, 2.0, "reverse"), (5, 60.0, 0.1, "forward"), (5, 60.0, 0.1, "reverse"),
+    (VT, 60.0, 0.1, "forward"),
+]
+
+
+@pytest.mark.parametrize("k,scale,t,direction", CASES)
+def test_bucketed_sparse_kd_equals_dense_buckets(k, scale, t, direction):
+    g = torch.Generator().manual_seed(k + int(scale))
+    teacher_logits = torch.randn(P, VT, generator=g, dtype=torch.float64) * scale
+    student = (torch.randn(P, VS, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    mapping = partial_map(g)
+    p = torch.softmax(teacher_logits / t, -1)
+    ids = torch.topk(teacher_logits, k, -1).indices
+    kept = torch.zeros_like(p, dtype=torch.bool).scatter(-1, ids, True)
+    lp = torch.log_softmax(teacher_logits / t, -1)
+    tail = torch.logsumexp(lp.masked_fill(kept, float("-inf")), -1)  # exact, as stage one stores it
+    got = bucketed_sparse_kd(torch.log_softmax(student.float() / t, -1), mapping[ids], lp.gather(-1, ids).float(),
+                             tail.float(), direction)
+    want = dense_bucketed(student, p, kept & (mapping >= 0), mapping, t, direction)
+    assert got.shape == (P,) and torch.all(want >= -1e-12)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad_got,) = torch.autograd.grad(got.sum(), student)
+    (grad_want,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,direction", [(5, "forward"), (5, "reverse"), (1, "forward"), (VS, "forward"),
+                                         (VS, "reverse")])
+def test_identity_map_is_todays_tail_loss(k, direction):
+    g = torch.Generator().manual_seed(3)
+    teacher_logits = torch.randn(P, VS, generator=g) * 4
+    student = (torch.randn(P, VS, generator=g) * 2).requires_grad_()
+    ids = torch.topk(teacher_logits, k, -1).indices
+    lp = torch.log_softmax(teacher_logits, -1)
+    tail = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), -1)
+    got = bucketed_sparse_kd(torch.log_softmax(student, -1), ids, lp.gather(-1, ids), tail, direction)
+    want = sparse_kd(torch.log_softmax(student, -1), ids, lp.gather(-1, ids), tail, torch.zeros(P, dtype=torch.long), "tail", direction)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    (g1,) = torch.autograd.grad(got.sum(), student)
+    (g2,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=1e-6)
+
+
+def drawn(generator, probs, draws):
+    """Distinct ids drawn from ``probs`` with counts/draws as weights, padded (id 0, weight 0)."""
+    counts = torch.stack([torch.bincount(torch.multinomial(row.float(), draws, True, generator=generator),
+                                         minlength=probs.shape[-1]) for row in probs])
+    width = int((counts > 0).sum(-1).max())
+    ids = torch.zeros(probs.shape[0], width, dtype=torch.long)
+    weights = torch.zeros(probs.shape[0], width, dtype=torch.float64)
+    for r in range(probs.shape[0]):
+        nz = counts[r].nonzero().squeeze(-1)
+        ids[r, :len(nz)] = nz
+        weights[r, :len(nz)] = counts[r, nz].double() / draws
+    return ids, weights, counts.double() / draws
+
+
+@pytest.mark.parametrize("scale,t,draws", [(3.0, 1.0, 32), (60.0, 0.1, 8), (1.0, 2.0, 200)])
+def test_bucketed_sampled_kd_equals_dense_buckets(scale, t, draws):
+    g = torch.Generator().manual_seed(int(scale) + draws)
+    teacher_logits = torch.randn(P, VT, generator=g, dtype=torch.float64) * scale
+    student = (torch.randn(P, VS, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    mapping = partial_map(g, mapped=10)
+    ids, weights, dense_w = drawn(g, torch.softmax(teacher_logits / t, -1), draws)
+    got = bucketed_sampled_kd(torch.log_softmax(student.float() / t, -1), torch.where(weights > 0, mapping[ids], -1),
+                              weights.float())
+    # dense: the drawn, mapped ids each; the other drawn weight against the student's mass outside them
+    want = dense_bucketed(student, dense_w, (dense_w > 0) & (mapping >= 0), mapping, t, "forward")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad_got,) = torch.autograd.grad(got.sum(), student)
+    (grad_want,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-4, atol=1e-6)
+
+
+def test_identity_map_is_todays_sampled_loss():
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(P, VS, generator=g, requires_grad=True)
+    ids, weights, _ = drawn(g, torch.softmax(torch.randn(P, VS, generator=g) * 3, -1), 16)
+    got = bucketed_sampled_kd(torch.log_softmax(student, -1), ids, weights.float())
+    want = sampled_kd(torch.log_softmax(student, -1), ids, weights.float())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    (g1,) = torch.autograd.grad(got.sum(), student)
+    (g2,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=1e-6)
+
+
+def test_permuting_the_students_ids_changes_nothing():
+    g = torch.Generator().manual_seed(7)
+    teacher_logits = torch.randn(P, VT, generator=g) * 3
+    student = torch.randn(P, VS, generator=g)
+    mapping = partial_map(g)
+    perm = torch.randperm(VS, generator=g)  # student id i is called perm[i]
+    permuted_student = torch.empty_like(student)
+    permuted_student[:, perm] = student
+    ids = torch.topk(teacher_logits, 6, -1).indices
+    lp = torch.log_softmax(teacher_logits, -1)
+    tail = torch.logsumexp(lp.scatter(-1, ids, float("-inf")), -1)
+    sid = mapping[ids]
+    renamed = torch.where(sid >= 0, perm[sid.clamp_min(0)], -1)
+    a = bucketed_sparse_kd(torch.log_softmax(student, -1), sid, lp.gather(-1, ids), tail)
+    b = bucketed_sparse_kd(torch.log_softmax(permuted_student, -1), renamed, lp.gather(-1, ids), tail)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    w = torch.softmax(lp.gather(-1, ids), -1)
+    torch.testing.assert_close(bucketed_sampled_kd(torch.log_softmax(student, -1), sid, w),
+                               bucketed_sampled_kd(torch.log_softmax(permuted_student, -1), renamed, w),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale,t", [(3.0, 1.0), (60.0, 0.1), (1.0, 2.0)])
+def test_chunk_kd_equals_dense_chunk_likelihoods(scale, t):
+    """Explicit alignment of one row: teacher tokens [a][b][c d][e] vs student tokens [a][b c][d e]
+    as chunks (by position) — chunk 0: teacher position 0 / student 0; chunk 1: teacher 1, 2, 3 /
+    student 1, 2. The teacher's chunk log-prob is the sum of its full distributions at the target ids."""
+    g = torch.Generator().manual_seed(int(scale))
+    teacher_logits = torch.randn(4, VT, generator=g, dtype=torch.float64) * scale
+    student = (torch.randn(3, VS, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    teacher_targets, student_targets = torch.tensor([3, 5, 7, 11]), torch.tensor([2, 4, 6])
+    teacher_chunks, student_chunks = [[0], [1, 2, 3]], [[0], [1, 2]]
+    t_lp = torch.log_softmax(teacher_logits / t, -1).gather(-1, teacher_targets[:, None]).squeeze(-1)
+    s_lp = torch.log_softmax(student / t, -1).gather(-1, student_targets[:, None]).squeeze(-1)
+    a = torch.stack([t_lp[c].sum() for c in teacher_chunks])
+    b = torch.stack([s_lp[c].sum() for c in student_chunks])
+    got = chunk_kd(a.float(), b.float())
+    p, q = a.exp(), b.exp()
+    want = p * (a - b) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))
+    assert torch.all(want >= -1e-12)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad_got,) = torch.autograd.grad(got.sum(), student, retain_graph=True)
+    (grad_want,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_kd_is_zero_when_equal_and_finite_at_certainty():
+    x = torch.tensor([-3.0, -0.5, -1e-9, 0.0, 1e-7], requires_grad=True)
+    assert torch.allclose(chunk_kd(x.detach().clamp(max=-1e-5), x.clamp(max=-1e-5)), torch.zeros(5), atol=1e-7)
+    out = chunk_kd(torch.tensor([0.0, 0.0, -1e-12, -50.0, -1e-3]), x)  # a certain teacher; a student at q = 1
+    assert torch.isfinite(out).all() and torch.all(out >= 0)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_a_many_to_one_map_adds_up_the_teachers_mass(kind):
+    """--unmapped prefix: several teacher ids land on one student id; after merge_duplicates the
+    bucketed losses equal dense buckets of the teacher's distribution pushed forward through the map."""
+    from pipeline.train.cross_losses import merge_duplicates
+
+    g = torch.Generator().manual_seed(11)
+    teacher_logits = torch.randn(P, VT, generator=g, dtype=torch.float64) * 3
+    student = (torch.randn(P, VS, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    mapping = torch.randint(0, 6, (VT,), generator=g)  # many teacher ids per student id
+    mapping[torch.randperm(VT, generator=g)[:5]] = -1
+    p = torch.softmax(teacher_logits, -1)
+    if kind == "topk":
+        ids = torch.topk(teacher_logits, 9, -1).indices
+        chosen = torch.zeros_like(p, dtype=torch.bool).scatter(-1, ids, True)
+        lp = torch.log_softmax(teacher_logits, -1)
+        tail = torch.logsumexp(lp.masked_fill(chosen, float("-inf")), -1)
+        sid, merged = merge_duplicates(mapping[ids], logprobs=lp.gather(-1, ids))
+        got = bucketed_sparse_kd(torch.log_softmax(student.float(), -1), sid, merged, tail.float())
+        dense_w = p
+    else:
+        ids, weights, dense_w = drawn(g, p, 40)
+        chosen = dense_w > 0
+        sid, merged = merge_duplicates(torch.where(weights > 0, mapping[ids], -1), weights=weights)
+        got = bucketed_sampled_kd(torch.log_softmax(student.float(), -1), sid, merged)
+    assert len(set(sid[0][sid[0] >= 0].tolist())) == int((sid[0] >= 0).sum())  # each student id once
+    q = torch.softmax(student, -1)
+    want = []
+    for r in range(P):
+        buckets = {}
+        for t in (chosen[r] & (mapping >= 0)).nonzero().squeeze(-1).tolist():
+            buckets[int(mapping[t])] = buckets.get(int(mapping[t]), 0) + dense_w[r, t]
+        s_ids = torch.tensor(sorted(buckets))
+        pb = torch.stack([buckets[s] for s in sorted(buckets)] + [1 - sum(buckets.values())])
+        if kind == "sampled":
+            pb[-1] = dense_w[r].sum() - sum(buckets.values())
+        qb = torch.cat([q[r, s_ids], (1 - q[r, s_ids].sum())[None]])
+        want.append(kl(pb, qb))
+    want = torch.stack(want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad_got,) = torch.autograd.grad(got.sum(), student)
+    (grad_want,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-4, atol=1e-6)

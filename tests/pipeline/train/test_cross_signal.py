@@ -1,0 +1,214 @@
+"""The cross-tokenizer teacher signal on real store rows, through stage two's DistillStep:
+identical tokenizers give today's loss and gradients (top-k + tail, and drawn targets); renaming
+the student's ids changes nothing; against a second tokenizer both terms equal plain loops over
+the alignment with a full student forward."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from pipeline.models import OutputHead, load_model
+from pipeline.store.contract import open_store
+from pipeline.text.align import RowAligner, TokenBytes, token_bytes, vocab_map
+from pipeline.train.cross_signal import CrossTokenizer
+from pipeline.train.loader import _as_torch
+from pipeline.train.teacher_signal import stored_teacher
+from stages.student import DistillStep
+from tests.conftest import ROOT, TOKENIZER, make_teacher, run_cli, write_tiny_model_config
+
+SECOND = ROOT / "data" / "tokenizer-4096"
+ROWS = 8
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, heldout_docs):
+    root = tmp_path_factory.mktemp("cross")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in heldout_docs[:12]))
+    result = run_cli("prepare", "--input", root / "corpus.jsonl", "--out", root / "tokens", "--tokenizer", TOKENIZER,
+                     "--seq-len", "32", "--rows-per-shard", "64", "--chunk-rows", "8")
+    assert result.exit_code == 0, result.output
+    make_teacher(root / "teacher", scale=8.0)
+    for name, flags in (("topk", ["--kind", "topk", "--top-k", "8"]),
+                        ("sampled", ["--kind", "sampled", "--samples", "50"]),
+                        ("hybrid", ["--kind", "topk", "--top-k", "4", "--tail-samples", "16"])):
+        result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
+                         root / name, "--rows-per-shard", "16", "--chunk-rows", "8", "--max-rows", "16",
+                         "--temperature-grid", "1", "--temperature-grid", "2", *flags)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def tiny_model(path, vocab: int, seed: int = 0):
+    config = write_tiny_model_config(path)
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"vocab_size": vocab}))
+    torch.manual_seed(seed)
+    return load_model(config)
+
+
+def encoder(tokenizer):
+    backend = tokenizer.backend_tokenizer
+    return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def tensors(arrays):
+    return {k: torch.from_numpy(_as_torch(v)) for k, v in arrays.items()}
+
+
+def step_loss(model, vocab, signal, batch, loss_chunk):
+    """(CE sum, KD sum, targets, gradients) of one DistillStep with α = 0.5."""
+    probe = batch["input_ids"][:1]
+    step = DistillStep(model, vocab, 0.5, loss_chunk, signal, output=OutputHead(model, probe))
+    model.zero_grad()
+    ce, kd, n = step(batch["input_ids"], batch)
+    (0.5 * ce + 0.5 * signal.temperature ** 2 * kd).div(n).backward()
+    return ce.item(), kd.item(), n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind,temperature,loss_chunk", [("topk", 1.0, 0), ("topk", 2.0, 40), ("sampled", 1.0, 40),
+                                                         ("hybrid", 1.0, 40)])
+def test_identical_tokenizers_give_todays_loss_and_gradients(root, tmp_path, kind, temperature, loss_chunk):
+    store = open_store(root / kind)
+    rows = store.read_rows(0, ROWS)
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    side = token_bytes(tokenizer)
+    model = tiny_model(tmp_path / "student.json", 8192)
+    kind = store.kind  # the hybrid is a topk store with tail draws (read as drawn targets)
+    today = stored_teacher(kind, store.params, temperature)
+    ce, kd, n, grads = step_loss(model, 8192, today, tensors(rows), loss_chunk)
+    aligner = RowAligner(side, side, encoder(tokenizer), 10_000, tokenizer.eos_token_id)
+    cross = CrossTokenizer(stored_teacher(kind, store.params, temperature), np.arange(8192), "exact")
+    batch = tensors(aligner(rows))
+    ce2, kd2, n2, grads2 = step_loss(model, 8192, cross, batch, loss_chunk)
+    assert n2 == n == ROWS * 31 and kd > 0.01
+    assert abs(ce2 - ce) / n < 1e-6 and abs(kd2 - kd) / n < 1e-6
+    for name in grads:
+        torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=1e-6)
+    assert cross.take_stats()["cross_exact_share"] == 1.0
+
+
+def permuted(side: TokenBytes, perm: np.ndarray, name: str) -> TokenBytes:
+    """``side`` with id i renamed perm[i] (same bytes, another tokenizer as far as hashes go)."""
+    pieces = [None] * len(side.pieces)
+    for i, piece in enumerate(side.pieces):
+        pieces[perm[i]] = piece
+    return TokenBytes(tuple(pieces), {int(perm[i]): r for i, r in side.specials.items()},
+                      frozenset(int(perm[i]) for i in side.fallback), side.scheme, name)
+
+
+@pytest.mark.parametrize("mode", ["exact", "both"])
+def test_renaming_the_students_ids_changes_nothing(root, tmp_path, mode, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    store = open_store(root / "topk")
+    rows = store.read_rows(0, ROWS)
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    teacher_side = token_bytes(tokenizer)
+    encode = encoder(tokenizer)
+    perm = np.random.default_rng(0).permutation(8192)
+    results = []
+    for student_side, rename in ((permuted(teacher_side, np.arange(8192), "copy"), np.arange(8192)),
+                                 (permuted(teacher_side, perm, "renamed"), perm)):
+        # another hash: the rows are retokenized and aligned as for any other tokenizer
+        aligner = RowAligner(teacher_side, student_side, lambda texts, r=rename: [r[ids].tolist() for ids in
+                                                                               map(np.array, encode(texts))],
+                             10_000, int(rename[tokenizer.eos_token_id]))
+        mapping, _ = vocab_map(teacher_side, student_side)
+        assert np.array_equal(mapping, rename)
+        model = tiny_model(tmp_path / "student.json", 8192)
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[torch.from_numpy(rename)] = weight.clone()
+        signal = CrossTokenizer(stored_teacher("topk", store.params, 1.0), mapping, mode)
+        ce, kd, n, _ = step_loss(model, 8192, signal, tensors(aligner(rows)), 40)
+        results.append((ce, kd, n, signal.take_stats()))
+    (ce_a, kd_a, n_a, stats_a), (ce_b, kd_b, n_b, stats_b) = results
+    assert n_a == n_b and stats_a == stats_b and stats_a["cross_exact_share"] < 1.0  # row ends are dropped
+    assert ce_b == pytest.approx(ce_a, rel=1e-6) and kd_b == pytest.approx(kd_a, rel=1e-6)
+
+
+def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    store = open_store(root / "topk")
+    rows = store.read_rows(0, ROWS)
+    teacher_tok, student_tok = AutoTokenizer.from_pretrained(str(TOKENIZER)), AutoTokenizer.from_pretrained(str(SECOND))
+    teacher_side, student_side = token_bytes(teacher_tok), token_bytes(student_tok)
+    mapping, _ = vocab_map(teacher_side, student_side)
+    aligner = RowAligner(teacher_side, student_side, encoder(student_tok), 10_000, student_tok.eos_token_id)
+    arrays = aligner(rows)
+    batch = tensors(arrays)
+    model = tiny_model(tmp_path / "student.json", 4096)
+    t = 2.0
+    got = {}
+    for mode in ("exact", "chunk"):
+        signal = CrossTokenizer(stored_teacher("topk", store.params, t), mapping, mode)
+        got[mode] = step_loss(model, 4096, signal, batch, 40)[1]
+
+    with torch.no_grad():
+        logq = F.log_softmax(model(input_ids=batch["input_ids"]).logits.double() / t, -1).numpy()
+    grid = store.params["temperature_grid"]
+    lse = arrays["logsumexp"].astype(np.float64)
+    cache = store.params["temperature"]
+
+    def at_t(logprob, r, j):  # a stored log-prob re-tempered from the cache temperature to t
+        return (cache / t) * (logprob + lse[r, j, grid.index(cache)]) - lse[r, j, grid.index(t)]
+
+    exact = chunk = 0.0
+    ids = arrays["input_ids"]
+    for r in range(ROWS):
+        for i in range(ids.shape[1] - 1):
+            j = arrays["cross_exact"][r, i]
+            if j < 0:
+                continue
+            p = {}
+            rest = math.exp(arrays["tail_logmass"][r, j, grid.index(t)])
+            for tid, lp in zip(arrays["topk_ids"][r, j], arrays["topk_logprobs"][r, j].astype(np.float64)):
+                if mapping[tid] >= 0:
+                    p[int(mapping[tid])] = math.exp(at_t(lp, r, j))
+                else:
+                    rest += math.exp(at_t(lp, r, j))
+            q = {s: math.exp(logq[r, i, s]) for s in p}
+            q_rest = 1 - sum(q.values())
+            exact += sum(p[s] * math.log(p[s] / q[s]) for s in p) + rest * math.log(rest / q_rest)
+        student_chunks, teacher_chunks = {}, {}
+        for i, c in enumerate(arrays["cross_student_chunk"][r]):
+            if c >= 0:
+                student_chunks[c] = student_chunks.get(c, 0.0) + logq[r, i, ids[r, i + 1]]
+        for j, c in enumerate(arrays["cross_teacher_chunk"][r]):
+            if c >= 0:
+                teacher_chunks[c] = teacher_chunks.get(c, 0.0) + at_t(float(arrays["target_logprob"][r, j]), r, j)
+        assert student_chunks.keys() == teacher_chunks.keys()
+        for c in student_chunks:
+            a, b = math.exp(teacher_chunks[c]), math.exp(student_chunks[c])
+            chunk += a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
+    assert 0.2 < arrays["cross_counts"][:, 1].sum() / arrays["cross_counts"][:, 0].sum() < 1.0
+    assert got["exact"] == pytest.approx(exact, rel=1e-5)
+    assert got["chunk"] == pytest.approx(chunk, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_renaming_the_teachers_ids_changes_nothing(root, tmp_path, kind, monkeypatch):
+    """The teacher's ids renamed everywhere they appear (rows, stored ids, its vocabulary): the
+    student of another tokenizer sees the same bytes, chunks and mapped distributions."""
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    store = open_store(root / kind)
+    rows = store.read_rows(0, ROWS)
+    teacher_side = token_bytes(AutoTokenizer.from_pretrained(str(TOKENIZER)))
+    student_tok = AutoTokenizer.from_pretrained(str(SECOND))
+    student_side = token_bytes(student_tok)
+    perm = np.random.default_rng(1).permutation(8192)
+    renamed_rows = {k: (perm[v.astype(np.int64)].astype(v.dtype) if k in ("input_ids", "topk_ids", "sample_ids")
+                        else v) for k, v in rows.items()}
+    results = []
+    for side, arrays in ((teacher_side, rows), (permuted(teacher_side, perm, "renamed"), renamed_rows)):
+        mapping, _ = vocab_map(side, student_side)
+        aligner = RowAligner(side, student_side, encoder(student_tok), 10_000, student_tok.eos_token_id)
+        model = tiny_model(tmp_path / "student.json", 4096)
+        signal = CrossTokenizer(stored_teacher(kind, store.params, 1.0), mapping, "both")
+        results.append(step_loss(model, 4096, signal, tensors(aligner(arrays)), 40)[:3])
+    (ce_a, kd_a, n_a), (ce_b, kd_b, n_b) = results
+    assert n_a == n_b and kd_a > 0
+    assert ce_b == pytest.approx(ce_a, rel=1e-6) and kd_b == pytest.approx(kd_a, rel=1e-6)
