@@ -254,7 +254,7 @@ def test_agreement_with_a_store_of_another_tokenizer_of_the_same_size_is_named_a
     out = tmp_path / "m.json"
     result = run_cli("eval", "--model", other, "--out", out, "--tasks", "agreement", "--agreement", topk_store,
                      "--limit", "4")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.output
     agreement = json.loads(out.read_text())["tasks"]["agreement"]
     assert "top1" not in agreement and 0 <= agreement["top1_1to1"] <= 1 and agreement["share_1to1"] > 0.5
 
