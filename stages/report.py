@@ -280,7 +280,8 @@ def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
     groups: dict[Any, Group] = {}
     for i, r in enumerate(runs):
         seed = seed_of(r)
-        facts = {k: v for k, v in (r.get("training") or {}).items() if k not in RESULT_FACTS}
+        # an option recorded as "" (not used) is the same run as one that did not record it yet
+        facts = {k: v for k, v in (r.get("training") or {}).items() if k not in RESULT_FACTS and v != ""}
         key = (r["parameters"], json.dumps(facts, sort_keys=True)) if facts and seed is not None else ("alone", i)
         if key not in groups:
             groups[key] = Group(re.sub(r"[-_.]?(s|seed)\d+$", "", r["name"]) if seed is not None else r["name"], [], [])

@@ -715,7 +715,8 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "seed": config.seed, "init": config.model,  # the config or the earlier model it started from
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
-             "direction": config.direction, "cross_tokenizer": config.cross_tokenizer,
+             "direction": config.direction,
+             **({"cross_tokenizer": config.cross_tokenizer} if config.cross_tokenizer else {}),
              **signal_facts(getattr(run.wrapped, "module", run.wrapped).teacher, run.train_store)}
     if run.eval_store is not None:
         result = evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast, stop)

@@ -211,3 +211,13 @@ def test_fine_tuned_students_stay_apart_and_name_their_origin(tmp_path):
     assert rows["student-ce-finetuned"][2] == "cross-entropy, from student-ce"
     assert rows["student-ce"][2] == "cross-entropy"  # started from a config: nothing to name
     assert rows["student-ce"][4] == "1 (0)" and rows["teacher"][4] == "–"  # n and the seed, not a bare seed
+
+
+def test_an_option_recorded_empty_groups_with_runs_that_did_not_record_it(tmp_path):
+    """A run that records ``cross_tokenizer: ""`` (not used) and one written before the option existed
+    are seeds of one group; a run that used the option is not."""
+    runs = [run("kd-s0", 1_000_000, kd(1.0, seed=0), completion(0.2, 20.0, 0.6, 0.3)),
+            run("kd-s1", 1_000_000, kd(1.0, seed=1) | {"cross_tokenizer": ""}, completion(0.3, 20.0, 0.6, 0.3)),
+            run("kd-cross-s2", 1_000_000, kd(1.0, seed=2) | {"cross_tokenizer": "both"}, completion(0.4, 20.0, 0.6, 0.3))]
+    _, numbers = report(tmp_path, runs, "--teacher", "none")
+    assert [g["seeds"] for g in numbers["groups"]] == [[0, 1], [2]]
