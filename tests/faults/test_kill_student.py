@@ -321,7 +321,8 @@ def killed_after_checkpoints(root: Path, ref: dict, out: Path) -> tuple[Path, Pa
     return previous, newest
 
 
-@pytest.mark.parametrize("how", ["flipped byte", "truncated"])
+# the truncated case and the pre-manifest one run in make test-faults only (make test keeps its time)
+@pytest.mark.parametrize("how", ["flipped byte", pytest.param("truncated", marks=pytest.mark.slow)])
 def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_ends_as_uninterrupted(student_stores, reference,
                                                                                        how):
     """The newest checkpoint of a killed run is damaged: ``--resume PATH`` to it is refused in one line,
@@ -349,6 +350,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_ends_as_uninterr
     check_end(out, reference["out"])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_manifests_loads_with_one_warning(student_stores, reference):
     """A checkpoint without ``manifest.json`` (written before checkpoints carried checksums) is resumed
     from, unchecked, with one line saying so; the run ends as an uninterrupted one."""
