@@ -24,7 +24,7 @@ import torch
 
 from pipeline.errors import DistillError
 from pipeline.teacher import native
-from pipeline.teacher.topk import _warn_once, resolve_kernel
+from pipeline.teacher.topk import warn_once, resolve_kernel
 
 MASK32 = 0xFFFFFFFF
 # torch path: logits per pass, bounding its two float64 [rows, V] buffers: on a CPU, 2 MiB each, so
@@ -215,7 +215,7 @@ def fused_kernel(kernel: str = "auto") -> tuple[native.Kernel | None, str]:
     if fused is None:
         if kernel == "native":
             raise DistillError(f"the fused CPU kernel's sampling is unavailable ({why}); use --kernel torch")
-        _warn_once(f"distill: the fused CPU kernel's sampling is unavailable ({why}); stage one draws with torch")
+        warn_once(f"distill: the fused CPU kernel's sampling is unavailable ({why}); stage one draws with torch")
     return fused, why
 
 

@@ -45,7 +45,7 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     if fused is None:
         if kernel == "native":
             raise DistillError(f"the fused CPU kernel is unavailable ({why}); use --kernel torch")
-        _warn_once(f"distill: the fused CPU kernel is unavailable ({why}); "
+        warn_once(f"distill: the fused CPU kernel is unavailable ({why}); "
                    "stage one uses torch operations, about 3× slower reductions")
         return "torch"
     return "native"
@@ -57,7 +57,7 @@ def fused_kernel() -> tuple[native.Kernel | None, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     print(message, file=sys.stderr)
 
 
