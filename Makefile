@@ -51,7 +51,8 @@ RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
 .PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
-        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross sweep clean
+        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross sweep clean \
+        onpolicy bench-onpolicy
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -169,6 +170,21 @@ pretrain-teacher: setup
 pretrain-student: setup
 	$(MAKE) prepare prepare-heldout RUN=runs
 	$(DISTILL) train --config data/configs/student-train.yaml --resume auto $(TRAIN_ARGS)
+
+# ---- on-policy distillation in rounds (issue #25): the student writes, the teacher scores offline ----
+# A student pretrained with CE on the corpus (ONPOLICY_START_STEPS), then `distill rounds` (ONPOLICY_CONFIG;
+# extra options in ROUNDS_ARGS, e.g. ROUNDS_ARGS="--objective policy-gradient --out runs/onpolicy/pg").
+# Rerun the same command after an interruption: finished rounds are skipped, the step in flight resumes.
+ONPOLICY_RUN ?= runs/onpolicy
+ONPOLICY_CONFIG ?= data/configs/rounds.yaml
+ONPOLICY_START_STEPS ?= 300
+ROUNDS_ARGS ?=
+onpolicy: setup
+	$(MAKE) prepare prepare-heldout RUN=$(ONPOLICY_RUN)
+	$(MAKE) student-ce RUN=$(ONPOLICY_RUN) STORE=$(ONPOLICY_RUN)/tokens/train CE_OUT=$(ONPOLICY_RUN)/student-start \
+		STEPS=$(ONPOLICY_START_STEPS) TRAIN_ARGS="--lr 3e-3 --eval-every 100 --checkpoint-every 100 $(TRAIN_ARGS)"
+	$(DISTILL) rounds --config $(ONPOLICY_CONFIG) --student $(ONPOLICY_RUN)/student-start/model \
+		--out $(ONPOLICY_RUN)/rounds $(ROUNDS_ARGS)
 
 # ---- evaluation: any local HF model -> one JSON of metrics; the report compares several ----
 eval: setup

@@ -148,7 +148,7 @@ def _close_progress_bars() -> None:
 
 def _register() -> None:
     from stages import eval as eval_stage
-    from stages import generate, inspect_store, plan, prepare, report, slurm, student, teacher, tokenizer
+    from stages import generate, inspect_store, plan, prepare, report, rounds, slurm, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
@@ -185,6 +185,10 @@ def _register() -> None:
                   "Tables and figures comparing evaluated models: a row per run, the paper's tables over seed "
                   "groups (teacher, students, CE-only, rules), metric-vs-T/α curves.",
                   positional=("runs",))
+    stage_command("rounds", rounds.RoundsConfig, rounds.rounds_command,
+                  "On-policy distillation in rounds: the student writes completions, the teacher scores them "
+                  "offline (stage one), the student trains on them; R rounds, each step resumable, a held-out "
+                  "reverse-KL estimate and teacher tokens spent per round.")
     stage_command("plan", plan.PlanConfig, plan.plan,
                   "Size a cluster run before submitting it: the store on disk, stage-one GPU-hours and array size, stage two.")
     stage_command("slurm", slurm.SlurmConfig, slurm.slurm,

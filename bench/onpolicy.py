@@ -1,0 +1,162 @@
+"""On-policy against off-policy distillation at equal teacher tokens (issue #25, `make bench-onpolicy`).
+
+Every arm starts from the same student (pretrained with CE on the corpus) and runs R rounds of
+`distill rounds` with the same prompts per round, completion budget, steps and learning rate; arms
+differ only in who writes the text and what the student learns from it:
+
+- ``ce``: the teacher writes (λ = 0), the student learns its completions by cross-entropy;
+- ``offpolicy-fkl``: the teacher writes (λ = 0), forward KL from a sampled store of the teacher's
+  predictions on that text (the paper's FD step; α = 0);
+- ``onpolicy-fkl`` / ``onpolicy-rkl`` / ``onpolicy-pg``: the student writes (λ = 1), forward KL,
+  reverse KL (top-k + tail store) or the policy gradient (the teacher's log-prob of each sampled
+  token only);
+- ``mix-rkl``: λ = 0.5, reverse KL (GKD's mixture).
+
+After every round the student writes completions for the same held-out prompts with the same keys, the
+teacher scores them, and the per-token reverse KL to the teacher is estimated from them; held-out
+perplexity comes from `distill eval --tasks heldout`. The summary gives, per arm and round, the mean
+and sample standard deviation over seeds of both, and the teacher tokens spent so far: scored by stage
+one (what the issue's "equal teacher-scored tokens" counts) and scored + written.
+
+    python bench/onpolicy.py --student runs/onpolicy/student-start/model --out bench/results/onpolicy_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARMS = {
+    "ce": {"objective": "ce", "student_fraction": 0.0},
+    "offpolicy-fkl": {"objective": "forward-kl", "student_fraction": 0.0},
+    "onpolicy-fkl": {"objective": "forward-kl", "student_fraction": 1.0},
+    "onpolicy-rkl": {"objective": "reverse-kl", "student_fraction": 1.0},
+    "onpolicy-pg": {"objective": "policy-gradient", "student_fraction": 1.0},
+    "mix-rkl": {"objective": "reverse-kl", "student_fraction": 0.5},
+}
+
+
+def run_arm(arm: str, seed: int, args, work: Path) -> list[dict]:
+    from pipeline.config import load_config
+    from stages.rounds import RoundsConfig, run_rounds
+
+    config = load_config(RoundsConfig, args.config, student=args.student, teacher=args.teacher,
+                         out=str(work / f"{arm}-s{seed}"), seed=seed, rounds=args.rounds,
+                         prompts_per_round=args.prompts_per_round, steps_per_round=args.steps_per_round,
+                         device=args.device, **ARMS[arm])
+    return run_rounds(config)
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarise(runs: dict[str, dict[int, list[dict]]]) -> dict:
+    summary = {}
+    for arm, by_seed in runs.items():
+        rounds = min(len(r) for r in by_seed.values())
+        per_round = []
+        for r in range(rounds):
+            rows = [by_seed[s][r] for s in sorted(by_seed)]
+            entry = {"round": r, "reverse_kl": spread([x["reverse_kl_per_token"] for x in rows]),
+                     "teacher_scored_total": spread([x["teacher_scored_total"] for x in rows]),
+                     "teacher_tokens_total": spread([x["teacher_tokens_total"] for x in rows])}
+            ppl = [x.get("tasks", {}).get("heldout", {}).get("ppl") for x in rows]
+            if all(p is not None for p in ppl):
+                entry["heldout_perplexity"] = spread(ppl)
+            per_round.append(entry)
+        summary[arm] = per_round
+    return summary
+
+
+def verdict(summary: dict) -> list[str]:
+    """Each on-policy arm's last round against off-policy KD's: the difference of seed means, and
+    whether it is beyond the spread (the two ranges [mean ± std] do not overlap)."""
+    lines = []
+    ref = summary.get("offpolicy-fkl")
+    if not ref:
+        return lines
+    base = ref[-1]["reverse_kl"]
+    for arm, per_round in summary.items():
+        if arm == "offpolicy-fkl":
+            continue
+        last = per_round[-1]["reverse_kl"]
+        beyond = last["mean"] + last["std"] < base["mean"] - base["std"]
+        lines.append(f"{arm}: reverse KL {last['mean']:.4f} ± {last['std']:.4f} vs off-policy "
+                     f"{base['mean']:.4f} ± {base['std']:.4f} after round {per_round[-1]['round']} "
+                     f"({'lower, beyond the seed spread' if beyond else 'not lower beyond the spread'})")
+    return lines
+
+
+def figure(summary: dict, path: Path) -> None:
+    from stages.report import pyplot, save_png
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for arm, per_round in summary.items():
+        x = [e["teacher_scored_total"]["mean"] / 1e3 for e in per_round]
+        for ax, key in zip(axes, ("reverse_kl", "heldout_perplexity")):
+            if all(key in e for e in per_round):
+                y = [e[key]["mean"] for e in per_round]
+                err = [e[key]["std"] for e in per_round]
+                style = "--" if arm in ("ce", "offpolicy-fkl") else "-"
+                ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, linestyle=style, label=arm)
+    axes[0].set_ylabel("held-out reverse KL to the teacher (nats/token)")
+    axes[1].set_ylabel("held-out perplexity")
+    for ax in axes:
+        ax.set_xlabel("teacher-scored tokens (thousands)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("on-policy vs off-policy distillation (mean ± sd over seeds)", fontsize=9)
+    save_png(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "data" / "configs" / "rounds.yaml"))
+    parser.add_argument("--student", required=True, help="the starting student (HF directory with weights)")
+    parser.add_argument("--teacher", default="data/models/teacher")
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--prompts-per-round", type=int, default=256)
+    parser.add_argument("--steps-per-round", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--work", default="runs/bench-onpolicy")
+    parser.add_argument("--out", default="bench/results/onpolicy_cpu.json")
+    parser.add_argument("--figure", default="docs/img/onpolicy_cpu.png")
+    args = parser.parse_args()
+    arms, seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arms {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    work = Path(args.work)
+    started = time.time()
+    runs: dict[str, dict[int, list[dict]]] = {}
+    for seed in seeds:  # seed-major: a partial run has every arm at the first seeds
+        for arm in arms:
+            t0 = time.time()
+            runs.setdefault(arm, {})[seed] = run_arm(arm, seed, args, work)
+            print(f"{arm} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    summary = summarise(runs)
+    result = {"settings": {k: v for k, v in vars(args).items()}, "arms": {a: ARMS[a] for a in arms},
+              "machine": {"platform": platform.platform(), "python": platform.python_version()},
+              "seconds": round(time.time() - started), "summary": summary, "verdict": verdict(summary),
+              "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    figure(summary, Path(args.figure))
+    print("\n".join(result["verdict"]))
+
+
+if __name__ == "__main__":
+    main()
