@@ -240,6 +240,17 @@ def masks(arrays: dict, device=None) -> dict:
     return {k: v if device is None else v.to(device) for k, v in arrays.items() if k == "loss_mask"}
 
 
+# Per-position arrays a batch carries whenever the store has them, whatever the teacher signal reads:
+# the loss mask, and for an on-policy objective the sampling policy's log-prob of each sampled token and
+# the teacher's (position t: token t+1's; ``target_logprob`` is NaN at a row's last position).
+POSITION_ARRAYS = ("loss_mask", "behaviour_logprob", "target_logprob")
+
+
+def position_arrays(arrays: dict) -> tuple[str, ...]:
+    """The names of :data:`POSITION_ARRAYS` among a store's arrays."""
+    return tuple(name for name in POSITION_ARRAYS if name in arrays)
+
+
 @torch.no_grad()
 def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast,
              stop: Callable[[], Any] | None = None) -> dict[str, float] | None:
@@ -416,7 +427,7 @@ def setup(config: TrainConfig) -> Run | None:
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
     fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
-    fields += tuple(masks(train_store.index["arrays"]))
+    fields = tuple(dict.fromkeys(fields + position_arrays(train_store.index["arrays"])))
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
                     config.workers, config.prefetch, fields, config.shuffle_chunks, transform=aligner)
 
@@ -454,6 +465,9 @@ def _claim_out(config: TrainConfig, out: Path, rank: int = 0) -> Path | None:
 
 def _teacher_source(config: TrainConfig, train_store: Store) -> tuple[str, float]:
     """Where the teacher comes from ('online', 'store' or 'none') and the resolved alpha."""
+    if train_store.kind == "target":
+        raise DistillError(f"{config.train_store}: a target store holds only the teacher's log-prob of each token; "
+                           "train with --objective policy-gradient")
     if train_store.kind not in ("tokens", "topk", "sampled"):
         raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; stage two trains from 'topk' or 'tokens'")
     teacher_source = "online" if config.teacher else ("none" if train_store.kind == "tokens" else "store")
