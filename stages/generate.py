@@ -17,6 +17,14 @@ all its parts, the parts are merged in record order into ``OUT/generated.jsonl``
 then ``OUT/summary.json``) by whichever job finishes last, or by rerunning any job. Records no
 attempt could make satisfy ``--rules`` are flagged ``unsatisfiable`` in their part and listed in
 the summary, not merged.
+
+Each record holds its text (``prompt``, ``completion``, ``text``) and, for on-policy stages, what
+the model saw and drew (record format 2): ``prompt_ids`` (BOS included where added),
+``completion_ids`` (the EOS included where the record ended at it, finish 'eos') and
+``completion_logprobs``, the natural log of the probability each id was drawn with under the
+distribution actually sampled (temperature, top-k / top-p renormalised, rules-masked; 0.0 when
+greedy). ``prepare --format ids`` stores them as they are. ``--model`` names the writer when it is
+the student (``--teacher`` is the same option).
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ from pipeline.text.tokenizer import load_tokenizer, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 from stages.teacher import weights_sha256
 
-FORMAT = 1
+FORMAT = 2  # 2: every record also carries prompt_ids, completion_ids (EOS included) and completion_logprobs
+DEFAULT_MODEL = "data/models/teacher"
 OUTPUT, SUMMARY, PARTS = "generated.jsonl", "summary.json", "parts"
 TEXT_MODES = ("prompt+completion", "completion")
 
@@ -59,8 +68,10 @@ class GenerateConfig:
     prompt_field: str = option("prompt", "JSONL field that holds the prompt.")
     unconditional: int = option(0, "Instead of --prompts: N completions from BOS alone (empty prompts).")
     out: str = option("", "Output directory: generated.jsonl (the corpus), summary.json, parts/ (resume state).")
-    teacher: str = option("data/models/teacher", "Local Hugging Face causal LM directory (with weights).")
-    tokenizer: str = option("", "Tokenizer directory (default: the teacher's directory).")
+    teacher: str = option(DEFAULT_MODEL, "Local Hugging Face causal LM directory (with weights) that writes.")
+    model: str = option("", "The same as --teacher, under the name that fits when the student writes (on-policy "
+                        "rounds); give one of them.")
+    tokenizer: str = option("", "Tokenizer directory (default: the model's directory).")
     temperature: float = option(1.0, "Sampling temperature; 0 = greedy (argmax, one sample per prompt).")
     top_k: int = option(0, "Draw only among the k most probable tokens (0 = all).")
     top_p: float = option(1.0, "Draw only among the most probable tokens whose mass reaches p, in (0, 1] (1 = all).")
@@ -87,6 +98,8 @@ class GenerateConfig:
 
     def __post_init__(self):
         problems = required(self, "out")
+        if self.model and self.teacher not in (DEFAULT_MODEL, self.model):
+            problems.append("--model and --teacher both name the model that writes; give one of them")
         if bool(self.prompts) == bool(self.unconditional):
             problems.append("give either --prompts FILE or --unconditional N (not both)")
         if self.unconditional < 0:
@@ -116,6 +129,11 @@ class GenerateConfig:
         problems += device_problems(self.device) + threads_problems(self.threads)
         problems += array_job_problems(self.shard_index, self.num_shards, self.overwrite, "output")
         check(problems, "generate")
+
+    @property
+    def writer(self) -> str:
+        """The model that writes: --model, else --teacher."""
+        return self.model or self.teacher
 
 
 @dataclass
@@ -182,10 +200,11 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
     """Check every input before anything is written; None when the output is already complete."""
     threads = set_threads(config.threads)  # before anything runs torch: see pipeline/threads.py
     prompts = read_prompts(config) if config.prompts else [""] * config.unconditional
-    teacher_dir = Path(config.teacher)
+    teacher_dir = Path(config.writer)
     if not has_weights(teacher_dir):
-        raise DistillError(f"teacher {teacher_dir} is not a local Hugging Face model directory with weights; pass "
-                           "--teacher a directory written by save_pretrained (config.json and model.safetensors)")
+        raise DistillError(f"model {teacher_dir} is not a local Hugging Face model directory with weights; pass "
+                           "--teacher (or --model) a directory written by save_pretrained (config.json and "
+                           "model.safetensors)")
     tokenizer = load_tokenizer(config.tokenizer or teacher_dir)
     vocab = vocab_size(tokenizer)
     teacher_config = hf_config(teacher_dir, config.trust_remote_code)
@@ -295,9 +314,10 @@ def generate_params(config: GenerateConfig, prompts: list[str], rules: Rules | N
         "prompts": config.prompts or None,
         "prompts_sha256": digest.hexdigest(),
         "prompt_count": len(prompts),
-        "teacher": str(Path(config.teacher)),
-        "teacher_weights_sha256": weights_sha256(Path(config.teacher)),
-        "tokenizer": str(config.tokenizer or config.teacher),
+        "record_format": FORMAT,
+        "teacher": str(Path(config.writer)),
+        "teacher_weights_sha256": weights_sha256(Path(config.writer)),
+        "tokenizer": str(config.tokenizer or config.writer),
         "vocab_size": vocab,
         "add_bos": config.add_bos,
         "dtype": config.dtype,
@@ -416,10 +436,14 @@ def make_record(job: GenerateJob, i: int, decoded: Decoded, completion: str, bro
     config = job.config
     prompt_index, sample_index = divmod(i, config.samples_per_prompt)
     prompt = job.prompts[prompt_index]
+    completion_ids, completion_logprobs = decoded.completion(job.tokenizer.eos_token_id)
     record = {"id": i, "prompt_index": prompt_index, "sample_index": sample_index, "prompt": prompt,
               "completion": completion, "text": prompt + completion if config.text == "prompt+completion" else completion,
               "teacher": job.params["teacher"], "settings": job.params["settings"],
-              "completion_tokens": len(decoded.tokens), "finish_reason": decoded.finish}
+              "completion_tokens": len(decoded.tokens), "finish_reason": decoded.finish,
+              # what the model saw and drew: prepare --format ids stores these as they are, for on-policy stages
+              "prompt_ids": job.prompt_ids[prompt_index], "completion_ids": completion_ids,
+              "completion_logprobs": completion_logprobs}
     if job.rules is not None:
         record["attempts"] = attempts
         if broken:

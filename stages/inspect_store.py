@@ -69,6 +69,9 @@ def inspect_store(config: InspectConfig) -> dict:
         report |= {"teacher": params["teacher"], "top_k": params["top_k"], "temperature": params["temperature"],
                    "temperature_grid": params["temperature_grid"]}
         report |= distribution_report(store, config.max_rows)
+    if store.kind == "target":
+        report |= {"teacher": params["teacher"], "temperature": params["temperature"]}
+        report |= target_report(store, config.max_rows)
     draws = "sample" if store.kind == "sampled" else "tail_sample" if params.get("tail_samples") else None
     if store.kind == "sampled":
         report |= {"teacher": params["teacher"], "samples": params["samples"], "temperature": params["temperature"],
@@ -112,6 +115,25 @@ def distribution_report(store, max_rows: int) -> dict:
         logit = t_cache * (arrays["target_logprob"][:, :-1].astype(np.float64) + lse[..., grid.index(t_cache)])
         out["teacher_loss_nats_T1"] = float(-(logit - lse[..., grid.index(1.0)]).mean())
     out["top1_is_target"] = float((arrays["topk_ids"][:, :-1, 0] == arrays["input_ids"][:, 1:]).mean())
+    return out
+
+
+def target_report(store, max_rows: int) -> dict:
+    """A target store, from the first rows: what each scored token costs uncompressed (the teacher's
+    log-prob, 4 bytes, beside the copied arrays) and the teacher's mean log-prob of the scored tokens;
+    with the sampling policy's log-probs also the mean of log p_policy − log p_teacher over them, a
+    one-sample estimate of KL(policy ‖ teacher) per token when the policy sampled at the cache temperature."""
+    rows = store.rows if max_rows == 0 else min(max_rows, store.rows)
+    arrays = store.read_rows(0, rows)
+    per_position = sum(np.dtype(spec["dtype"]).itemsize * int(np.prod(spec["shape"][1:], dtype=np.int64))
+                       for spec in store.index["arrays"].values())
+    scored = np.zeros(arrays["input_ids"].shape, bool)
+    scored[:, :-1] = arrays["loss_mask"][:, :-1] > 0 if "loss_mask" in arrays else True
+    target = arrays["target_logprob"].astype(np.float64)
+    out = {"raw_bytes_per_position": float(per_position), "scored_positions": int(scored.sum()),
+           "teacher_logprob_scored_mean": float(target[scored].mean()) if scored.any() else float("nan")}
+    if "behaviour_logprob" in arrays and scored.any():
+        out["policy_minus_teacher_nats_mean"] = float((arrays["behaviour_logprob"][scored] - target[scored]).mean())
     return out
 
 

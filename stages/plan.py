@@ -35,7 +35,7 @@ from pipeline.config import check, option, to_dict
 from pipeline.errors import DistillError
 from pipeline.models import DTYPES, count_parameters, hf_config, skeleton
 from pipeline.store import contract as store_lib
-from stages.teacher import TeacherConfig, format_problems, stored_arrays
+from stages.teacher import TeacherConfig, format_problems, resolve_grid, stored_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "bench" / "results" / "store_bytes_cpu.json"
@@ -97,7 +97,7 @@ class PlanConfig:
     json: bool = option(False, "Print the plan as JSON.")
 
     def __post_init__(self):
-        problems = format_problems(self)
+        problems = format_problems(self, kinds=("topk", "sampled"))  # a target store is not calibrated yet
         if bool(self.tokens) == bool(self.tokens_store):
             problems.append("give the corpus size: --tokens N or --tokens-store DIR (one of them)")
         for name in ("tokens", "teacher_params", "student_params"):
@@ -137,7 +137,7 @@ class PlanConfig:
 
     @property
     def grid(self) -> tuple[float, ...]:
-        return tuple(sorted(set(self.temperature_grid) | {self.temperature}))
+        return resolve_grid(self.kind, self.temperature, self.temperature_grid)
 
 
 # --------------------------------------------------------------------------- parsing

@@ -1,10 +1,11 @@
 """Stage one: run the teacher once over a ``tokens`` store and store its predictions.
 
-Three kinds of store (``docs/FORMAT.md``, format version 2, or 3 where the tokens store has a
-``loss_mask``): ``sampled`` (the default: N draws per position from the teacher at the cache
-temperature, as distinct ids with counts, :mod:`pipeline.teacher.sampling`), ``topk`` (the k largest
-predictions and the exact tail mass) and the hybrid, ``topk`` with ``--tail-samples M`` (the top-k
-plus M draws from the rest). Each may also hold every drawn id's log-prob (``--sample-logprobs``),
+Four kinds of store (``docs/FORMAT.md``): ``sampled`` (the default: N draws per position from the
+teacher at the cache temperature, as distinct ids with counts, :mod:`pipeline.teacher.sampling`),
+``topk`` (the k largest predictions and the exact tail mass), the hybrid, ``topk`` with
+``--tail-samples M`` (the top-k plus M draws from the rest), and ``target`` (only the teacher's
+log-prob of each next token at the cache temperature: what a policy-gradient objective on sequences
+the student sampled needs, about 4 bytes per token). Each may also hold every drawn id's log-prob (``--sample-logprobs``),
 so stage two can reweight draws to another grid temperature.
 
 setup → loop → finish. The teacher's body runs on a batch of rows; its output head then runs on
@@ -60,8 +61,11 @@ ON_PREEMPT = ("finish", "abandon")
 
 # Arrays of the tokens store copied into the teacher's store row for row. The loss mask is copied whole,
 # prompt positions included: the teacher runs over them anyway (a response's predictions need its
-# prompt in context), and a store of every position stays usable without the mask.
-COPIED = ("input_ids", "loss_mask")
+# prompt in context), and a store of every position stays usable without the mask. The behaviour
+# log-prob (prepare --format ids of sequences a policy sampled) travels the same way.
+COPIED = ("input_ids", *store_lib.COPIED_ARRAYS)
+KINDS = ("topk", "sampled", "target")
+DEFAULT_GRID = (1.0, 2.0)
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -70,8 +74,10 @@ class TeacherConfig:
     teacher: str = option("data/models/teacher", "Local Hugging Face causal LM directory (with weights).")
     tokenizer: str = option("", "Tokenizer directory (default: the one recorded in the tokens store).")
     kind: str = option("sampled", "What is stored per position: 'sampled' (N draws from the teacher, stored as "
-                       "unique ids with counts: an unbiased target, docs/BENCHMARKS.md) or 'topk' (the k largest "
-                       "predictions and the exact tail mass; what eval's agreement task reads).")
+                       "unique ids with counts: an unbiased target, docs/BENCHMARKS.md), 'topk' (the k largest "
+                       "predictions and the exact tail mass; what eval's agreement task reads) or 'target' (only "
+                       "the teacher's log-prob of the next token at T, ~4 bytes per token: for a policy-gradient "
+                       "objective on sequences the student sampled, prepare --format ids).")
     top_k: int = option(64, "Teacher predictions kept per position (--kind topk).")
     samples: int = option(32, "Draws per position from the teacher at T (--kind sampled).")
     tail_samples: int = option(0, "Hybrid (--kind topk): also M draws per position from the teacher restricted to "
@@ -80,9 +86,10 @@ class TeacherConfig:
                                    "stage two can train at another grid temperature (importance weights).")
     seed: int = option(0, "Seed of the draws: each (seed, row, position) draws the same ids in any job or rerun.")
     temperature: float = option(1.0, "Cache temperature T: of the stored log-probs, and the one draws are made at.")
-    temperature_grid: tuple[float, ...] = option((1.0, 2.0), "Temperatures stage two may train at: kept log-probs "
+    temperature_grid: tuple[float, ...] = option((), "Temperatures stage two may train at: kept log-probs "
                                                  "and tail mass stay exactly recoverable there, and draws can be "
-                                                 "reweighted (--sample-logprobs) (T is always added).")
+                                                 "reweighted (--sample-logprobs) (T is always added; default 1 and "
+                                                 "2; a target store holds T alone).")
     backend: str = option("zarr", "Store backend: 'zarr' (v3, sharded, zstd) or 'arrow' (IPC, zstd).")
     batch_size: int = option(8, "Rows per teacher forward pass.")
     position_chunk: int = option(1024, "Positions per output-head/top-k chunk (bounds memory at chunk × vocab).")
@@ -136,15 +143,24 @@ class TeacherConfig:
 
     @property
     def grid(self) -> tuple[float, ...]:
-        return tuple(sorted(set(self.temperature_grid) | {self.temperature}))
+        return resolve_grid(self.kind, self.temperature, self.temperature_grid)
 
 
-def format_problems(config) -> list[str]:
+def resolve_grid(kind: str, temperature: float, temperature_grid: tuple[float, ...]) -> tuple[float, ...]:
+    """The store's temperature grid: the one asked for (default :data:`DEFAULT_GRID`) with the cache
+    temperature added; a target store's is the cache temperature alone."""
+    if kind == "target":
+        return (temperature,)
+    return tuple(sorted(set(temperature_grid or DEFAULT_GRID) | {temperature}))
+
+
+def format_problems(config, kinds: tuple[str, ...] = KINDS) -> list[str]:
     """What is wrong with the options that decide a store's layout (kind, k, draws, temperatures,
-    backend, shard and chunk rows): shared by ``distill teacher`` and ``distill plan``."""
+    backend, shard and chunk rows): shared by ``distill teacher`` and ``distill plan`` (which sizes
+    the ``kinds`` it knows)."""
     problems = []
-    if config.kind not in ("topk", "sampled"):
-        problems.append(f"kind must be topk or sampled, got {config.kind!r}")
+    if config.kind not in kinds:
+        problems.append(f"kind must be {', '.join(kinds[:-1])} or {kinds[-1]}, got {config.kind!r}")
     if config.top_k < 1:
         problems.append(f"top_k must be at least 1, got {config.top_k}")
     if not 1 <= config.samples <= 65535:
@@ -153,12 +169,17 @@ def format_problems(config) -> list[str]:
         problems.append(f"tail_samples must be in [0, 65535], got {config.tail_samples}")
     if config.kind == "sampled" and config.tail_samples:
         problems.append("--tail-samples is for --kind topk (the hybrid); a sampled store draws --samples")
-    if config.sample_logprobs and config.kind == "topk" and not config.tail_samples:
+    if config.kind == "target" and config.tail_samples:
+        problems.append("--tail-samples is for --kind topk (the hybrid); a target store draws nothing")
+    if config.sample_logprobs and config.kind != "sampled" and not config.tail_samples:
         problems.append("--sample-logprobs needs draws: --kind sampled, or --tail-samples M with --kind topk")
     if not config.temperature > 0:
         problems.append(f"temperature must be > 0, got {config.temperature}")
-    if not config.temperature_grid or any(not t > 0 for t in config.temperature_grid):
+    if any(not t > 0 for t in config.temperature_grid):
         problems.append(f"temperature_grid must be temperatures > 0, got {list(config.temperature_grid)}")
+    elif config.kind == "target" and set(config.temperature_grid) - {config.temperature}:
+        problems.append(f"a target store holds the teacher's log-probs at the cache temperature alone "
+                        f"(--temperature {config.temperature:g}); drop --temperature-grid")
     if config.backend not in store_lib.BACKENDS:
         problems.append(f"backend must be one of {', '.join(store_lib.BACKENDS)}, got {config.backend!r}")
     for name in ("rows_per_shard", "chunk_rows"):
@@ -352,7 +373,8 @@ def stored_arrays(config: TeacherConfig, seq_len: int, tokens_arrays: dict[str, 
         arrays[f"{prefix}_counts"] = {"dtype": "uint8" if draws < 256 else "uint16", "shape": [seq_len, draws]}
         if config.sample_logprobs:
             arrays[f"{prefix}_logprobs"] = {"dtype": config.logprob_dtype, "shape": [seq_len, draws]}
-    arrays["logsumexp"] = {"dtype": "float32", "shape": [seq_len, n_grid]}
+    if config.kind != "target":  # a target store: the log-prob at T alone, nothing to re-temper
+        arrays["logsumexp"] = {"dtype": "float32", "shape": [seq_len, n_grid]}
     if config.kind == "topk":
         arrays["tail_logmass"] = {"dtype": "float32", "shape": [seq_len, n_grid]}
     arrays["target_logprob"] = {"dtype": "float32", "shape": [seq_len]}
@@ -461,7 +483,7 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
     out["input_ids"] = input_ids
     draws = config.samples if config.kind == "sampled" else config.tail_samples
     prefix = "sample" if config.kind == "sampled" else "tail_sample"
-    # top-k of 1 for a sampled store: only its log-sum-exp and target log-prob are kept
+    # top-k of 1 for a sampled or target store: only its log-sum-exp and target log-prob are kept
     k = config.top_k if config.kind == "topk" else 1
     buffer = None
     for start in range(0, rows, config.batch_size):

@@ -19,7 +19,7 @@ near-tie. Tests compare batch sizes 1 and 4, and 1 and 2 array jobs, record for 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,8 +54,17 @@ def choose(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.T
     most probable ids whose mass reaches p, by a stable sort), then the inverse CDF in float64:
     the first id whose cumulative mass reaches ``u`` times the kept mass.
     """
+    return choose_with_logprob(logits, u, sampling)[0]
+
+
+def choose_with_logprob(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose`'s ids ``[B]`` and float64 ``[B]`` the natural log of the probability each was
+    drawn with: under the distribution actually sampled (temperature-scaled, top-k / top-p filtered
+    and renormalised over what is kept, masked ids excluded), from the same float64 tensor the
+    inverse CDF reads. Greedy decoding draws nothing: 0.0."""
     if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
+        ids = logits.argmax(dim=-1)
+        return ids, torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
     scaled = logits.double() / sampling.temperature
     if sampling.top_k and sampling.top_k < scaled.shape[-1]:
         kth = scaled.topk(sampling.top_k, dim=-1).values[:, -1:]
@@ -69,13 +78,24 @@ def choose(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.T
     cdf = probs.cumsum(dim=-1)
     target = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
     index = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)
-    return (order.gather(-1, index) if order is not None else index).squeeze(-1)
+    # the chosen id's share of the kept mass (top-p zeroes what it drops, so cdf[:, -1] is the kept mass)
+    logprob = probs.gather(-1, index).log().squeeze(-1) - cdf[:, -1].log()
+    return (order.gather(-1, index) if order is not None else index).squeeze(-1), logprob
 
 
 @dataclass
 class Decoded:
     tokens: list[int]  # completion ids (EOS not included)
     finish: str  # 'eos', 'length', 'stop' (the rules' stop text) or 'dead-end' (the rules left no token)
+    logprobs: list[float] = field(default_factory=list)  # one per id of tokens: :func:`choose_with_logprob`'s
+    eos_logprob: float | None = None  # the drawn EOS's, where finish is 'eos'
+
+    def completion(self, eos: int) -> tuple[list[int], list[float]]:
+        """The ids the model drew and their log-probs, the EOS included where the record ended at one
+        (what an on-policy objective scores: the policy chose to stop there)."""
+        if self.finish == "eos":
+            return [*self.tokens, eos], [*self.logprobs, self.eos_logprob]
+        return list(self.tokens), list(self.logprobs)
 
 
 class CausalLM:
@@ -137,13 +157,16 @@ def decode(lm: CausalLM, prompts: list[list[int]], keys: torch.Tensor, sampling:
                 else:
                     logits[row].masked_fill_(~allowed, float("-inf"))
             active = [row for row in active if not results[row].finish]
-        chosen = choose(logits, u[:, step], sampling).cpu()
+        chosen, logprob = choose_with_logprob(logits, u[:, step], sampling)
+        chosen, logprob = chosen.cpu(), logprob.cpu()
         for row in active:
             token = int(chosen[row])
             if token == eos:
                 results[row].finish = "eos"
+                results[row].eos_logprob = float(logprob[row])
                 continue
             results[row].tokens.append(token)
+            results[row].logprobs.append(float(logprob[row]))
             if states is not None:
                 states[row].append(token, rules.pieces[token])
                 if token in rules.stops:

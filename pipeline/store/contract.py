@@ -19,6 +19,12 @@ temperature in the grid, rows and chunking against the shard list); each read ch
 draw counts add up to N and that a top-k's mass, re-tempered to every grid temperature, is 1. Versions 1-3 carry no digest and are still read, with one warning that
 the index is unchecked; a version-2/3 entry without its checksums is refused.
 
+Kinds: ``tokens`` (stage 0: ``input_ids``, and for task examples ``loss_mask``; for sequences a
+sampling policy wrote also ``behaviour_logprob``, the log-prob it gave each sampled token), and the
+stage-one kinds, which copy those arrays: ``topk``, ``sampled`` and ``target`` (the teacher's
+log-prob of each next token at the cache temperature alone, ``target_logprob``: what a
+policy-gradient objective needs, about 4 bytes per token).
+
 Backends: ``zarr`` (a zarr v3 group per shard, one sharding-codec shard per array, zstd) and
 ``arrow`` (an Arrow IPC file per shard, zstd; an array of shape ``[N, *S]`` is a column of
 fixed-size lists of ``prod(S)`` values with ``S`` in the field metadata under ``shape``). Each
@@ -71,7 +77,11 @@ ENTRY_KEYS_V1 = frozenset({"name", "rows", "bytes", "sha256"})
 ENTRY_KEYS = ENTRY_KEYS_V1 | {"chunk_rows", "crc32"}
 PARTIAL_KEYS = frozenset({"params", "backend", "arrays", "shards"})
 INDEX = "index.json"
-KINDS = ("tokens", "topk", "sampled")
+KINDS = ("tokens", "topk", "sampled", "target")
+# Arrays a tokens store may hold beside input_ids and that stage one copies row for row: the loss
+# mask of task examples and, for sequences a sampling policy wrote (distill generate, then prepare
+# --format ids), the log-prob that policy gave each sampled token (position t: token t+1's).
+COPIED_ARRAYS = {"loss_mask": "uint8", "behaviour_logprob": "float32"}
 BACKENDS = ("zarr", "arrow")
 SUFFIX = {"zarr": ".zarr", "arrow": ".arrow"}
 ZSTD_LEVEL = 3
@@ -720,6 +730,7 @@ def check_params(root: Path, index: dict[str, Any]) -> None:
     hint = f"the index does not describe its data: {index_hint(root, index['kind'])}"
     _check_array_specs(root, index["arrays"], hint)
     _check_layout(root, index, hint)
+    _check_copied(root, index["arrays"], hint)
     if index["kind"] == "tokens":
         seq_len = index["params"]["seq_len"]
         if "stride" in index["params"] and index["params"]["stride"] != seq_len - 1:
@@ -750,6 +761,27 @@ def _check_array_specs(root: Path, arrays: dict[str, Any], hint: str) -> None:
             ok = False
         if not ok:
             raise DistillError(f"store {root}: {INDEX} describes array {name} as {spec!r}; {hint}")
+
+
+def _check_copied(root: Path, arrays: dict[str, Any], hint: str) -> None:
+    """The per-position arrays a tokens store hands on to stage one (:data:`COPIED_ARRAYS`): one value
+    per position, of their dtype; a behaviour log-prob means nothing without the mask of the
+    positions it is given at."""
+    for name, dtype in COPIED_ARRAYS.items():
+        spec = arrays.get(name)
+        if spec is not None and (spec["dtype"] != dtype or len(spec["shape"]) != 1):
+            raise DistillError(f"store {root}: {INDEX} describes {name} as {spec['dtype']}{spec['shape']}, "
+                               f"it is {dtype} [seq_len]; {hint}")
+    if "behaviour_logprob" in arrays and "loss_mask" not in arrays:
+        raise DistillError(f"store {root}: {INDEX} lists behaviour_logprob without a loss_mask; {hint}")
+
+
+def stage_one_kind(arrays: dict[str, Any]) -> str:
+    """A stage-one store's kind as its arrays tell it (a merge or repair that has no index to ask):
+    draws make it ``sampled``, a top-k ``topk``, the target log-prob alone ``target``."""
+    if "sample_ids" in arrays:
+        return "sampled"
+    return "topk" if "topk_ids" in arrays or "logsumexp" in arrays else "target"
 
 
 def _check_layout(root: Path, index: dict[str, Any], hint: str) -> None:
@@ -803,7 +835,24 @@ def _check_stage_one(root: Path, index: dict[str, Any], hint: str) -> None:
         raise DistillError(f"store {root}: {INDEX}'s cache temperature {temperature:g} is not in its temperature_grid "
                            f"({', '.join(f'{t:g}' for t in grid)}); {hint}")
     logprob_dtype = params.get("logprob_dtype", "float16")
-    expected = {name: None for name in ("input_ids", "loss_mask") if name in arrays}
+    expected = {name: None for name in ("input_ids", *COPIED_ARRAYS) if name in arrays}
+    if kind == "target":  # the teacher's log-prob of each next token at T, nothing to re-temper or draw
+        if grid != [temperature]:
+            raise DistillError(f"store {root}: {INDEX}'s temperature_grid ({', '.join(f'{t:g}' for t in grid)}) is "
+                               f"not the cache temperature {temperature:g} alone, as a target store's is; {hint}")
+        odd = sorted(k for k in ("top_k", "samples", "tail_samples") if k in params)
+        if odd:
+            raise DistillError(f"store {root}: {INDEX}'s params have {', '.join(odd)}, which a target store "
+                               f"does not draw or keep; {hint}")
+        expected["target_logprob"] = None
+        spec = arrays.get("target_logprob")
+        if spec is not None and (spec["dtype"] != "float32" or len(spec["shape"]) != 1):
+            raise DistillError(f"store {root}: {INDEX} describes target_logprob as {spec['dtype']}{spec['shape']}, "
+                               f"a target store's is float32 [seq_len]; {hint}")
+        if set(arrays) != set(expected):
+            raise DistillError(f"store {root}: {INDEX}'s params call for arrays {', '.join(sorted(expected))}; "
+                               f"its arrays differ in {', '.join(sorted(set(arrays) ^ set(expected)))}; {hint}")
+        return
     if kind == "topk":
         top_k = _need(root, params, "top_k", hint)
         expected |= {"topk_ids": top_k, "topk_logprobs": top_k}
@@ -967,7 +1016,7 @@ class JobLock:
 
 def merge_partial_indexes(root: Path, kind: str | None = None) -> Path:
     """Check that the partial indexes in ``root`` cover every shard exactly, then write ``index.json``.
-    ``kind`` defaults to what the arrays say: ``sampled`` where they hold ``sample_ids``, else ``topk``."""
+    ``kind`` defaults to what the arrays say (:func:`stage_one_kind`)."""
     if not root.is_dir():
         raise DistillError(f"{root} does not exist; run distill teacher first")
     paths = sorted(root.glob(PARTIAL_GLOB))
@@ -1003,7 +1052,7 @@ def merge_partial_indexes(root: Path, kind: str | None = None) -> Path:
                            "rerun the jobs that own them")
     shards = [entries[n] for n in names]
     rows = sum(s["rows"] for s in shards)
-    kind = kind or ("sampled" if "sample_ids" in arrays else "topk")
+    kind = kind or stage_one_kind(arrays)
     index = new_index(kind, backend, params, shards, arrays=arrays,
                       tokens=rows * params["seq_len"], target_tokens=rows * (params["seq_len"] - 1))
     check_index(root, index, sealed=True)  # what the partial indexes say must describe their shards
@@ -1056,7 +1105,7 @@ def repair(root: str | os.PathLike) -> Repair:
         raise DistillError(f"{root} has neither a readable {INDEX} nor partial indexes; it is not a stage-one store: "
                            "rerun the stage that writes it")
     template = index or next(iter(parts.values()))
-    base = {"kind": (index or {}).get("kind", "sampled" if "sample_ids" in template["arrays"] else "topk"),
+    base = {"kind": (index or {}).get("kind", stage_one_kind(template["arrays"])),
             "backend": template["backend"], "params": template["params"], "arrays": template["arrays"]}
     entries = {e["name"]: e for body in [*parts.values(), index or {"shards": []}] for e in body["shards"]}
     for name in entries:

@@ -7,6 +7,7 @@ import random
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,72 @@ def records(out):
     return [json.loads(line) for line in (out / "generated.jsonl").read_text().splitlines()]
 
 
+def strip_logprobs(record):
+    return {k: v for k, v in record.items() if k != "completion_logprobs"}
+
+
+def eos_prone_teacher(path):
+    """The test teacher with its EOS row (id 0) scaled up, so that many completions end at EOS."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(make_teacher(path)))
+    with torch.no_grad():
+        model.lm_head.weight[0] *= 3
+    model.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("flags", [("--temperature", "0.8", "--top-k", "50"), ("--temperature", "1.3"),
+                                   ("--temperature", "0")])
+def test_records_carry_ids_and_the_log_prob_each_token_was_drawn_with(tmp_path, prompts, flags):
+    """prompt_ids + completion_ids are what the model saw and drew (EOS included where the record
+    ended at it) and decode to the record's text; completion_logprobs equal a fresh full forward's
+    log-softmax of logits/T (top-k filtered) at the drawn ids: the distribution actually sampled."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = eos_prone_teacher(tmp_path / "teacher")
+    samples = "1" if flags[1] == "0" else "2"
+    generate(teacher, tmp_path / "out", "--prompts", prompts, "--max-new-tokens", "16", "--samples-per-prompt",
+             samples, "--batch-size", "3", *flags)
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    temperature, top_k = float(flags[1]), int(flags[3]) if len(flags) > 2 else 0
+    got = records(tmp_path / "out")
+    finishes = [r["finish_reason"] for r in got]
+    assert finishes.count("eos") >= 2 and (finishes.count("length") >= 1 or temperature == 0), finishes
+    for r in got:
+        prompt_ids, completion_ids = r["prompt_ids"], r["completion_ids"]
+        assert prompt_ids[0] == tokenizer.eos_token_id  # BOS: this tokenizer's is its EOS
+        assert prompt_ids[1:] == tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        ends_at_eos = r["finish_reason"] == "eos"
+        assert len(completion_ids) == r["completion_tokens"] + ends_at_eos == len(r["completion_logprobs"])
+        assert (completion_ids[-1] == tokenizer.eos_token_id) == ends_at_eos
+        assert tokenizer.decode(prompt_ids + completion_ids, skip_special_tokens=True,
+                                clean_up_tokenization_spaces=False) == r["text"]
+        if temperature == 0:
+            assert r["completion_logprobs"] == [0.0] * len(completion_ids)
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + completion_ids])).logits[0].double()
+        scaled = logits[len(prompt_ids) - 1:-1] / temperature  # [completion, V]: the logits each id was drawn from
+        if top_k:
+            kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        expected = torch.log_softmax(scaled, dim=-1).gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
+        np.testing.assert_allclose(r["completion_logprobs"], expected.numpy(), rtol=0, atol=1e-4)
+        assert all(lp <= 0 for lp in r["completion_logprobs"])
+
+
+def test_model_is_the_writer_under_its_other_name(teacher, prompts, tmp_path):
+    common = ("--tokenizer", TOKENIZER, "--prompts", prompts, "--max-new-tokens", "6")
+    assert run_cli("generate", "--teacher", teacher, "--out", tmp_path / "t", *common).exit_code == 0
+    assert run_cli("generate", "--model", teacher, "--out", tmp_path / "m", *common).exit_code == 0
+    assert (tmp_path / "t" / "generated.jsonl").read_bytes() == (tmp_path / "m" / "generated.jsonl").read_bytes()
+    line = one_line_error(run_cli("generate", "--model", teacher, "--teacher", tmp_path, "--out", tmp_path / "x",
+                                  *common))
+    assert "give one of them" in line
+
+
 def test_records_follow_the_seed_and_are_complete(teacher, prompts, tmp_path):
     common = ("--prompts", prompts, "--samples-per-prompt", "3", "--max-new-tokens", "12", "--records-per-part", "5")
     generate(teacher, tmp_path / "a", *common, "--seed", "7")
@@ -78,9 +145,13 @@ def test_batch_size_and_array_jobs_do_not_change_a_record(teacher, prompts, tmp_
     first = generate(teacher, tmp_path / "jobs", *common, "--batch-size", "3", "--num-shards", "2", "--shard-index", "0")
     assert "not merged yet" in first.output and not (tmp_path / "jobs" / "generated.jsonl").exists()
     generate(teacher, tmp_path / "jobs", *common, "--batch-size", "3", "--num-shards", "2", "--shard-index", "1")
-    one = (tmp_path / "one" / "generated.jsonl").read_bytes()
-    assert one == (tmp_path / "four" / "generated.jsonl").read_bytes()
-    assert one == (tmp_path / "jobs" / "generated.jsonl").read_bytes()
+    # every field the same, the sampled tokens' log-probs to the logits' float rounding (a batch's shape
+    # blocks the matrix products' sums differently)
+    one = records(tmp_path / "one")
+    for other in (records(tmp_path / "four"), records(tmp_path / "jobs")):
+        assert [strip_logprobs(r) for r in other] == [strip_logprobs(r) for r in one]
+        for a, b in zip(one, other):
+            assert np.allclose(a["completion_logprobs"], b["completion_logprobs"], rtol=0, atol=1e-5)
     parts = sorted(p.name for p in (tmp_path / "jobs" / "parts").glob("job-*"))
     assert parts == [f"job-0000{j}-of-00002.part-0000{k}" for j in range(2) for k in range(3)]
 

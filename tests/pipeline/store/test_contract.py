@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -169,3 +170,79 @@ def test_chunk_checksums_are_the_decoded_bytes_and_version_1_stores_still_read(t
     (tmp_path / "s" / "index.json").write_text(json.dumps(index))
     with pytest.raises(DistillError, match="format version 5, this distill reads 1, 2, 3, 4; upgrade distill"):
         store.open_store(tmp_path / "s")
+
+
+def onpolicy_arrays(rows=10, seq=6):
+    """A row of what ``prepare --format ids`` stores for sampled completions, plus a stage-one target."""
+    rng = np.random.default_rng(1)
+    mask = (rng.random((rows, seq)) < 0.5).astype(np.uint8)
+    return {
+        "input_ids": rng.integers(0, 8192, (rows, seq)).astype(np.uint16),
+        "loss_mask": mask,
+        "behaviour_logprob": np.where(mask, -rng.random((rows, seq)), 0.0).astype(np.float32),
+        "target_logprob": -rng.random((rows, seq)).astype(np.float32),
+    }
+
+
+TARGET_PARAMS = {"seq_len": 6, "chunk_rows": 4, "rows": 10, "rows_per_shard": 10, "vocab_size": 8192,
+                 "temperature": 1.0, "temperature_grid": [1.0]}
+
+
+def write_kind(root, kind, data, params, backend="zarr"):
+    root.mkdir()
+    entry = store.write_shard(root, store.shard_name(0, backend), data, backend, chunk_rows=params["chunk_rows"])
+    specs = {k: {"dtype": v.dtype.name, "shape": list(v.shape[1:])} for k, v in data.items()}
+    store.write_index(root, store.new_index(kind, backend, params, [entry], arrays=specs))
+    return root
+
+
+@pytest.mark.parametrize("backend", store.BACKENDS)
+def test_a_target_store_opens_and_every_chunk_reads(tmp_path, backend):
+    data = onpolicy_arrays()
+    s = store.open_store(write_kind(tmp_path / "s", "target", data, TARGET_PARAMS, backend), kind="target")
+    reader = store.ShardReader(s.root, s.index, 0)
+    chunks = [reader.read_chunk(c) for c in range(3)]  # the per-chunk checks (counts, mass) do not apply
+    reader.close()
+    for name, array in data.items():
+        np.testing.assert_array_equal(np.concatenate([c[name] for c in chunks]), array)
+    # a tokens store carrying the behaviour log-prob beside its loss mask opens too
+    tokens = {k: data[k] for k in ("input_ids", "loss_mask", "behaviour_logprob")}
+    store.open_store(write_kind(tmp_path / "t", "tokens", tokens, {"seq_len": 6, "chunk_rows": 4}), kind="tokens")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda b: b["params"].update(temperature_grid=[1.0, 2.0]), "is not the cache temperature 1 alone"),
+    (lambda b: b["params"].update(top_k=4), "params have top_k, which a target store"),
+    (lambda b: b["arrays"].pop("target_logprob") and [s["crc32"].pop("target_logprob") for s in b["shards"]],
+     "arrays differ in target_logprob"),
+    (lambda b: b["arrays"]["behaviour_logprob"].update(dtype="float16"), "behaviour_logprob as float16[6], it is "
+                                                                          "float32 [seq_len]"),
+    (lambda b: b["arrays"]["target_logprob"].update(dtype="float16"), "target_logprob as float16[6]"),
+    (lambda b: b.update(kind="topk"), "params have top_k = None"),
+])
+def test_a_target_store_that_contradicts_its_arrays_is_refused(tmp_path, edit, message):
+    root = write_kind(tmp_path / "s", "target", onpolicy_arrays(), TARGET_PARAMS)
+    reseal_index(root / "index.json", edit)
+    with pytest.raises(DistillError, match=re.escape(message)) as e:
+        store.open_store(root)
+    assert "\n" not in str(e.value)
+
+
+def test_a_behaviour_logprob_without_its_mask_is_refused(tmp_path):
+    data = onpolicy_arrays()
+    del data["loss_mask"], data["target_logprob"]
+    with pytest.raises(DistillError, match="behaviour_logprob without a loss_mask"):
+        store.open_store(write_kind(tmp_path / "t", "tokens", data, {"seq_len": 6, "chunk_rows": 4}))
+
+
+def test_merge_names_a_target_store_by_its_arrays(tmp_path):
+    data = onpolicy_arrays()
+    root = tmp_path / "s"
+    root.mkdir()
+    entry = store.write_shard(root, store.shard_name(0, "zarr"), data, "zarr", chunk_rows=4)
+    specs = {k: {"dtype": v.dtype.name, "shape": list(v.shape[1:])} for k, v in data.items()}
+    store.write_partial_index(store.partial_index_path(root, 0, 1), TARGET_PARAMS, "zarr", specs, [entry])
+    store.merge_partial_indexes(root)
+    assert store.open_store(root).kind == "target"
+    assert store.stage_one_kind({"sample_ids": 0, "logsumexp": 0}) == "sampled"
+    assert store.stage_one_kind({"topk_ids": 0, "logsumexp": 0}) == "topk"
