@@ -62,14 +62,18 @@ from pipeline.train.init import init_from_teacher_layers
 from pipeline.train.loader import Loader, sequential
 from pipeline.train.losses import DIRECTIONS, TAIL_MODES, chunked_sum
 from pipeline.train.metrics import MetricsLog
-from pipeline.train.teacher_signal import OnlineTeacher, StoredSampled, StoredTopK, TeacherSignal, stored_teacher
+from pipeline.train.onpolicy import RATIO_MODES
+from pipeline.train.teacher_signal import (OnlineTeacher, StoredPolicyGradient, StoredSampled, StoredTopK,
+                                           TeacherSignal, stored_teacher)
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
                 "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight",
-                "unmapped")
+                "unmapped", "objective", "ratio", "ratio_epsilon")
 # resume-fixed options that older checkpoints do not record
-ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket"}
+ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket",
+               "objective": "", "ratio": "clip", "ratio_epsilon": 0.2}
+OBJECTIVES = ("forward-kl", "reverse-kl", "policy-gradient")
 PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be continued (preempt.py)
 
 
@@ -90,6 +94,15 @@ class TrainConfig:
                        "tail mass spread over the drawn tail ids) or 'residual-label'. Not read for a sampled "
                        "store's draws.")
     direction: str = option("forward", "'forward' KL(teacher‖student) or 'reverse' KL(student‖teacher) (paper Eq. 1).")
+    objective: str = option("", "On-policy distillation (student-written text): 'forward-kl' (GKD, beta 0; as "
+                            "--direction forward), 'reverse-kl' (KL(student‖teacher) from a top-k store, exact on the "
+                            "kept ids plus one tail bucket) or 'policy-gradient' (the sampled-token reverse KL from "
+                            "the teacher's and the sampler's log-prob of each token; needs --alpha, 0 is the "
+                            "sensible choice). Empty: --direction decides, as before.")
+    ratio: str = option("clip", "--objective policy-gradient: the importance ratio r between the trained and the "
+                        "sampling student, 'clip' (PPO: -min(r·A, clip(r)·A)) or 'gate' (no gradient where r is "
+                        "outside the band).")
+    ratio_epsilon: float = option(0.2, "--objective policy-gradient: the band 1-eps <= r <= 1+eps of --ratio.")
     importance: str = option("unbiased", "Drawn targets at a temperature other than the store's: 'unbiased' "
                              "importance weights, or 'self-normalised' (lower variance; biased, about 0.25/N on "
                              "the shipped teacher from T=1 to 2, docs/DESIGN.md).")
@@ -143,6 +156,7 @@ class TrainConfig:
             problems.append(f"importance must be one of {', '.join(StoredSampled.IMPORTANCE)}, got {self.importance!r}")
         if self.direction not in DIRECTIONS:
             problems.append(f"direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+        problems += self._objective_problems()
         if self.cross_tokenizer not in ("", "exact", "chunk", "both"):
             problems.append(f"cross_tokenizer must be exact, chunk or both, got {self.cross_tokenizer!r}")
         if self.unmapped not in ("bucket", "prefix"):
@@ -168,6 +182,43 @@ class TrainConfig:
         if self.save_dtype not in DTYPES:
             problems.append(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         check(problems, "student")
+
+    def _objective_problems(self) -> list[str]:
+        """What ``--objective`` (and its ``--ratio``) cannot be combined with."""
+        problems = []
+        if self.ratio not in RATIO_MODES:
+            problems.append(f"ratio must be one of {', '.join(RATIO_MODES)}, got {self.ratio!r}")
+        if not 0 < self.ratio_epsilon < 1:
+            problems.append(f"ratio_epsilon must be in (0, 1), got {self.ratio_epsilon}")
+        if self.objective and self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {', '.join(OBJECTIVES)} (or empty), got {self.objective!r}")
+        elif self.objective == "forward-kl" and self.direction != "forward":
+            problems.append("--objective forward-kl is KL(teacher‖student); drop --direction reverse "
+                            "(or use --objective reverse-kl)")
+        elif self.objective == "reverse-kl" and self.tail != "tail":
+            problems.append(f"--objective reverse-kl compares the kept ids plus one bucket for the exact tail; drop "
+                            f"--tail {self.tail}")
+        elif self.objective == "policy-gradient":
+            if self.alpha is None:
+                problems.append("--objective policy-gradient needs --alpha set: 0 learns from the teacher's scores "
+                                "alone, the sensible choice on text the student wrote (CE there imitates the "
+                                "student's own samples); a larger value adds that CE")
+            if self.temperature != 1.0:
+                problems.append(f"--objective policy-gradient compares log-probs at T = 1 (the student's and the "
+                                f"teacher's); drop --temperature {self.temperature:g}")
+            if self.direction != "forward":
+                problems.append("--objective policy-gradient is reverse KL by construction; drop --direction")
+            if self.teacher or self.cross_tokenizer:
+                problems.append("--objective policy-gradient reads the teacher's and the sampler's log-probs from the "
+                                "store; drop --teacher and --cross-tokenizer")
+        return problems
+
+    @property
+    def kl_direction(self) -> str:
+        """The KL direction the run uses: the objective's where one is set (the policy gradient
+        estimates reverse KL), else ``--direction``."""
+        return {"forward-kl": "forward", "reverse-kl": "reverse", "policy-gradient": "reverse"}.get(
+            self.objective, self.direction)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -212,6 +263,9 @@ class DistillStep(torch.nn.Module):
         # a term over whole chunks of positions (cross-tokenizer, pipeline/train/cross_signal.py) needs
         # the student's target log-probs at every position, gathered across the head's chunks
         sequence = distill and getattr(teacher, "sequence_term", False)
+        # a signal that reports per-position quantities (the policy gradient's advantage, ratio, clip
+        # share) sums them beside the loss, once per forward (not again when a chunk is recomputed)
+        watched = distill and hasattr(teacher, "position_stats")
         positions = hidden.shape[0]
         index = (torch.arange(positions, device=hidden.device),) if sequence else ()
 
@@ -223,13 +277,16 @@ class DistillStep(torch.nn.Module):
                 return ce, torch.zeros((), device=ce.device)
             student_t = logprobs if t == 1.0 else F.log_softmax(logits / t, dim=-1)
             if not sequence:
-                return ce, teacher.divergence(student_t, y, *teacher_parts).sum()
+                kd = teacher.divergence(student_t, y, *teacher_parts).sum()
+                return (ce, kd, teacher.position_stats(student_t, y, *teacher_parts)) if watched else (ce, kd)
             at, teacher_parts = teacher_parts[0], teacher_parts[1:]
             own = torch.zeros(positions, device=h.device).index_add(0, at, student_t.gather(-1, y[:, None]).squeeze(-1))
             return ce, teacher.divergence(student_t, y, *teacher_parts).sum(), own
 
         ce_sum, kd_sum, *own = chunked_sum(sums, positions, self.loss_chunk, hidden, targets, *index,
                                            *teacher_positions)
+        if watched:
+            teacher.add_stats(own[0])
         if sequence:
             kd_sum = kd_sum + teacher.sequence_divergence(own[0], *teacher_positions)
         return ce_sum, kd_sum, targets.numel()
@@ -382,8 +439,7 @@ def setup(config: TrainConfig) -> Run | None:
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
     teacher: TeacherSignal | None = None
     if teacher_source == "store" and alpha < 1.0:  # at α = 1 only the store's tokens are read: its T does not matter
-        teacher = stored_teacher(train_store.kind, train_store.params, config.temperature, config.tail,
-                                 config.direction, config.importance, store=train_store.root)
+        teacher = _stored_signal(config, train_store)
 
     device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
     if device.type == "cuda":
@@ -463,13 +519,35 @@ def _claim_out(config: TrainConfig, out: Path, rank: int = 0) -> Path | None:
     return resume_from
 
 
+def _stored_signal(config: TrainConfig, train_store: Store) -> TeacherSignal:
+    """The teacher signal of a stage-one (or ``target``) store under ``--objective``: the policy
+    gradient's per-token log-probs, reverse KL over a top-k store's kept ids and exact tail, or (no
+    objective, or ``forward-kl``) what the store's kind calls for, as before."""
+    root = train_store.root
+    if config.objective == "policy-gradient":
+        return StoredPolicyGradient(train_store.kind, train_store.params, train_store.index["arrays"], config.ratio,
+                                    config.ratio_epsilon, store=root)
+    if config.objective == "reverse-kl":
+        if train_store.kind != "topk":
+            raise DistillError(f"--objective reverse-kl needs the teacher's probability wherever the student puts mass: "
+                               f"a top-k store's kept ids and exact tail; {root} is a '{train_store.kind}' store; rerun "
+                               "stage one with --kind topk")
+        # a hybrid store's exact top-k and tail: its drawn tail ids are not read
+        return StoredTopK(train_store.params, config.temperature, "tail", "reverse", store=root)
+    return stored_teacher(train_store.kind, train_store.params, config.temperature, config.tail, config.kl_direction,
+                          config.importance, store=root)
+
+
 def _teacher_source(config: TrainConfig, train_store: Store) -> tuple[str, float]:
     """Where the teacher comes from ('online', 'store' or 'none') and the resolved alpha."""
-    if train_store.kind == "target":
-        raise DistillError(f"{config.train_store}: a target store holds only the teacher's log-prob of each token; "
-                           "train with --objective policy-gradient")
-    if train_store.kind not in ("tokens", "topk", "sampled"):
+    if train_store.kind == "target" and config.objective != "policy-gradient":
+        raise DistillError(f"{config.train_store} is a 'target' store: it holds only the teacher's log-prob of each "
+                           "sampled token; train from it with --objective policy-gradient --alpha 0")
+    if train_store.kind not in ("tokens", "topk", "sampled", "target"):
         raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; stage two trains from 'topk' or 'tokens'")
+    if config.objective == "policy-gradient" and train_store.kind == "tokens":
+        raise DistillError(f"{config.train_store} is a tokens store: the teacher has not scored it; run distill "
+                           "teacher on it first (--objective policy-gradient needs target_logprob)")
     teacher_source = "online" if config.teacher else ("none" if train_store.kind == "tokens" else "store")
     alpha = config.alpha if config.alpha is not None else (1.0 if teacher_source == "none" else 0.5)
     if alpha < 1.0 and teacher_source == "none":
@@ -530,7 +608,7 @@ def _online_teacher(config: TrainConfig, train_store: Store, vocab: int, device:
                       "use a teacher of the student's tokenizer")
     probe = train_store.read_rows(0, 1)["input_ids"].astype("int64")
     return OnlineTeacher(OutputHead(teacher_model, torch.from_numpy(probe).to(device)), vocab,
-                         config.temperature, config.direction)
+                         config.temperature, config.kl_direction)
 
 
 def _wrap(step_module: DistillStep, config: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
@@ -704,7 +782,7 @@ def signal_facts(teacher: TeacherSignal | None, train_store: Store) -> dict[str,
     store under ``--tail tail`` is read as draws, its tail mass spread over them: ``tail`` then."""
     facts = {"teacher_signal": type(teacher).__name__ if teacher is not None else "none", "store_kind": None,
              "tail": None}
-    if isinstance(teacher, (StoredSampled, StoredTopK)):
+    if isinstance(teacher, (StoredSampled, StoredTopK, StoredPolicyGradient)):
         hybrid = train_store.kind == "topk" and bool(train_store.params.get("tail_samples"))
         facts["store_kind"] = "hybrid" if hybrid else train_store.kind
     if isinstance(teacher, StoredTopK):
@@ -729,7 +807,10 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "seed": config.seed, "init": config.model,  # the config or the earlier model it started from
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
-             "direction": config.direction,
+             "direction": config.kl_direction,
+             **({"objective": config.objective} if config.objective else {}),
+             **({"ratio": config.ratio, "ratio_epsilon": config.ratio_epsilon}
+                if config.objective == "policy-gradient" else {}),
              **({"cross_tokenizer": config.cross_tokenizer} if config.cross_tokenizer else {}),
              **signal_facts(getattr(run.wrapped, "module", run.wrapped).teacher, run.train_store)}
     if run.eval_store is not None:

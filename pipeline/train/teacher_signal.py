@@ -9,6 +9,9 @@ One small interface, :class:`TeacherSignal`, with one class per way of having a 
   :func:`pipeline.train.losses.dense_kd` — the baseline offline distillation is measured against.
 - :class:`StoredSampled`: draws from the teacher — a ``sampled`` store (unique ids with counts) or
   the hybrid (exact top-k plus draws from the tail) — compared with :func:`pipeline.train.losses.sampled_kd`.
+- :class:`StoredPolicyGradient`: on text the student wrote, the teacher's log-prob of each sampled
+  token and the sampler's own; the sampled-token reverse-KL surrogate of
+  :func:`pipeline.train.onpolicy.policy_gradient` (``--objective policy-gradient``).
 
 :func:`stored_teacher` picks the class a store calls for. A new kind of teacher is a new class
 with the same three members, not a new branch in the training step.
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from pipeline.errors import DistillError
 from pipeline.teacher.topk import retemper
 from pipeline.train.losses import dense_kd, sampled_kd, sparse_kd
+from pipeline.train.onpolicy import RATIO_MODES, policy_gradient
 
 
 class TeacherSignal(Protocol):
@@ -201,6 +205,87 @@ class StoredSampled:
     def divergence(self, student_logprobs: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
         return sampled_kd(student_logprobs, ids, weights)
+
+
+class StoredPolicyGradient:
+    """On-policy text scored by the teacher: per position t, the sampler's ``behaviour_logprob`` and
+    the teacher's ``target_logprob`` of token t+1 (re-tempered to T = 1 through the store's
+    ``logsumexp`` where it was cached at another grid temperature). Any stage-one store (or a
+    ``target`` store) that holds ``behaviour_logprob`` serves; compared with
+    :func:`pipeline.train.onpolicy.policy_gradient` at T = 1.
+
+    What a user watches (:meth:`take_stats`, one metrics line since the last; rank 0's positions
+    under DDP): ``pg_advantage`` the mean advantage (≈ minus the per-token reverse KL to the teacher
+    on the sampler's tokens), ``pg_ratio`` the mean importance ratio, and ``pg_clipped_share`` (clip)
+    or ``pg_gated_share`` (gate), the share of positions the band took the gradient from.
+    """
+
+    temperature = 1.0
+
+    def __init__(self, store_kind: str, store_params: dict[str, Any], store_arrays, ratio: str = "clip",
+                 epsilon: float = 0.2, store: Any = None):
+        name = f"store {store}" if store is not None else "the store"
+        if ratio not in RATIO_MODES:
+            raise DistillError(f"ratio must be one of {', '.join(RATIO_MODES)}, got {ratio!r}")
+        if "behaviour_logprob" not in store_arrays:
+            raise DistillError(f"{name} holds no behaviour_logprob (the log-prob the sampler gave each token), which "
+                               "--objective policy-gradient needs; prepare the student's distill generate output with "
+                               "--format ids, then score it with distill teacher")
+        if "target_logprob" not in store_arrays:
+            raise DistillError(f"{name} ('{store_kind}') holds no target_logprob (the teacher's log-prob of each "
+                               "token); score it with distill teacher")
+        cache = float(store_params["temperature"])
+        self.grid = None  # target_logprob is at T = 1 as stored
+        if cache != 1.0:
+            grid = [float(t) for t in store_params.get("temperature_grid", ())]
+            if "logsumexp" not in store_arrays or 1.0 not in grid:
+                raise DistillError(f"{name} holds the teacher's log-probs at T = {cache:g} and cannot re-temper them "
+                                   "to T = 1, where the policy gradient compares them with the student's; rerun "
+                                   "stage one with --temperature 1 (or with 1 in --temperature-grid)")
+            self.grid = GridTemperature.of_store(store_params, 1.0, "--objective policy-gradient", store)
+        self.ratio, self.epsilon = ratio, epsilon
+        self.fields = ("behaviour_logprob", "target_logprob") + (("logsumexp",) if self.grid else ())
+        self._sums = torch.zeros(4, dtype=torch.float64)  # positions, Σ advantage, Σ ratio, Σ outside
+
+    def positions(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(behaviour_logprob ``[P]`` float32, the teacher's log-prob at T = 1 ``[P]`` float32)."""
+        teacher = batch["target_logprob"]
+        if self.grid is not None:
+            g = self.grid
+            teacher = retemper(teacher[..., None], batch["logsumexp"], g.cache_temperature, g.cache_index, g.index,
+                               g.temperature)[..., 0]
+        # the last position of a row has no next token in it
+        return (batch["behaviour_logprob"][:, :-1].reshape(-1).float(), teacher[:, :-1].reshape(-1).float())
+
+    def _terms(self, student_logprobs: torch.Tensor, targets: torch.Tensor, behaviour: torch.Tensor,
+               teacher: torch.Tensor):
+        own = student_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        return policy_gradient(own, behaviour, teacher, self.ratio, self.epsilon)
+
+    def divergence(self, student_logprobs: torch.Tensor, targets: torch.Tensor, behaviour: torch.Tensor,
+                   teacher: torch.Tensor) -> torch.Tensor:
+        """``[P]`` the surrogate loss (nats at r = 1 and A's value; its gradient is what matters)."""
+        return self._terms(student_logprobs, targets, behaviour, teacher).loss
+
+    @torch.no_grad()
+    def position_stats(self, student_logprobs: torch.Tensor, targets: torch.Tensor, behaviour: torch.Tensor,
+                       teacher: torch.Tensor) -> torch.Tensor:
+        """``[4]`` sums over one chunk: positions, advantage, ratio, positions outside the band."""
+        terms = self._terms(student_logprobs, targets, behaviour, teacher)
+        return torch.stack([torch.tensor(float(targets.numel()), device=targets.device, dtype=torch.float64),
+                            terms.advantage.double().sum(), terms.ratio.double().sum(), terms.outside.double().sum()])
+
+    def add_stats(self, sums: torch.Tensor) -> None:
+        """Adds a micro-batch's :meth:`position_stats` (summed over its chunks); one sync per micro-batch."""
+        self._sums += sums.detach().double().cpu()
+
+    def take_stats(self) -> dict[str, float]:
+        """Means since the last call (see the class docstring); zeros reset."""
+        count, advantage, ratio, outside = self._sums.tolist()
+        self._sums.zero_()
+        n = max(count, 1.0)
+        share = "pg_clipped_share" if self.ratio == "clip" else "pg_gated_share"
+        return {"pg_advantage": advantage / n, "pg_ratio": ratio / n, share: outside / n}
 
 
 def stored_teacher(store_kind: str, store_params: dict[str, Any], temperature: float, tail: str = "tail",

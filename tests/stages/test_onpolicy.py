@@ -1,0 +1,205 @@
+"""On-policy objectives in stage two (#25 part 2): stores whose responses the student wrote, with the
+log-prob it drew each token with (``behaviour_logprob``), scored by a teacher in stage one; trained
+with --objective forward-kl, reverse-kl and policy-gradient."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.models import OutputHead, load_model
+from pipeline.store.contract import new_index, open_store, shard_name, write_index, write_shard
+from pipeline.train.onpolicy import policy_gradient
+from pipeline.train.teacher_signal import StoredPolicyGradient
+from stages.student import DistillStep
+from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli, write_tiny_model_config
+from tests.stages.test_finetune import batch_of, task_records
+
+ROWS = ("--rows-per-shard", "16", "--chunk-rows", "4")
+
+
+def student_logprobs(model_config, input_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``[N, L]`` float32: position t holds the log-prob that stage two's freshly initialised student
+    (seed ``seed``) gives token t+1; 0 at the last position."""
+    torch.manual_seed(seed)
+    model = load_model(model_config)
+    ids = torch.from_numpy(input_ids.astype(np.int64))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    out = np.zeros(input_ids.shape, dtype=np.float32)
+    out[:, :-1] = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def onpolicy(tmp_path_factory, heldout_docs):
+    """A prompt-response tokens store whose responses count as the student's own: its
+    ``behaviour_logprob`` is what the student stage two starts from (tiny.json, seed 0) gives each
+    response token, so the first step is exactly on policy; then a tiny teacher's topk, sampled and
+    target stores of it."""
+    root = tmp_path_factory.mktemp("onpolicy")
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_records(heldout_docs, 40)))
+    result = run_cli("prepare", "--input", root / "task.jsonl", "--out", root / "plain", "--tokenizer", TOKENIZER,
+                     "--seq-len", "32", "--format", "prompt-response", *ROWS)
+    assert result.exit_code == 0, result.output
+    write_tiny_model_config(root / "tiny.json")
+    plain = open_store(root / "plain")
+    data = plain.read_rows(0, plain.rows)
+    data["behaviour_logprob"] = np.where(data["loss_mask"] > 0, student_logprobs(root / "tiny.json", data["input_ids"]),
+                                         0.0).astype(np.float32)
+    (root / "tokens").mkdir()
+    shards, start = [], 0
+    for i, entry in enumerate(plain.shards):
+        part = {k: v[start:start + entry["rows"]] for k, v in data.items()}
+        shards.append(write_shard(root / "tokens", shard_name(i, plain.index["backend"]), part, plain.index["backend"], chunk_rows=4))
+        start += entry["rows"]
+    arrays = dict(plain.index["arrays"], behaviour_logprob={"dtype": "float32", "shape": [32]})
+    write_index(root / "tokens", new_index("tokens", plain.index["backend"], plain.params, shards, arrays))
+    make_teacher(root / "teacher")
+    for name, flags in (("sampled", ("--samples", "4")), ("topk", ("--kind", "topk", "--top-k", "8")),
+                        ("target", ("--kind", "target")),
+                        ("topk-t2", ("--kind", "topk", "--top-k", "8", "--temperature", "2"))):
+        result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
+                         root / name, *ROWS, *flags)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def train(root, store, out, *flags, steps=3):
+    result = run_cli("student", "--train-store", root / store, "--model", root / "tiny.json", "--out", root / out,
+                     "--max-steps", str(steps), "--micro-batch-size", "4", "--device", "cpu", "--log-every", "1",
+                     "--warmup-steps", "1", *flags)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (root / out / "metrics.jsonl").read_text().splitlines()]
+    return lines, json.loads((root / out / "metrics.json").read_text())
+
+
+def test_stage_one_copies_the_behaviour_logprob(onpolicy):
+    tokens = open_store(onpolicy / "tokens").read_rows(0, 8)
+    for name in ("sampled", "topk", "target"):
+        store = open_store(onpolicy / name)
+        data = store.read_rows(0, 8)
+        np.testing.assert_array_equal(data["behaviour_logprob"], tokens["behaviour_logprob"])
+        assert np.isfinite(data["target_logprob"][:, :-1]).all()
+
+
+@pytest.mark.parametrize("store,flags", [
+    ("sampled", ("--objective", "forward-kl")),
+    ("topk", ("--objective", "reverse-kl")),
+    ("target", ("--objective", "policy-gradient", "--alpha", "0")),
+    ("topk", ("--objective", "policy-gradient", "--alpha", "0", "--ratio", "gate")),
+    ("topk-t2", ("--objective", "policy-gradient", "--alpha", "0.5", "--ratio-epsilon", "0.1")),
+], ids=["forward-kl", "reverse-kl", "pg-clip-target", "pg-gate-topk", "pg-retempered"])
+def test_each_objective_trains_and_says_what_it_did(onpolicy, store, flags):
+    lines, final = train(onpolicy, store, f"run-{store}-{'-'.join(flags)}", *flags)
+    assert len(lines) == 3 and all(np.isfinite([r["loss"], r["kd"], r["grad_norm"]]).all() for r in lines)
+    assert final["objective"] == flags[1]
+    assert final["direction"] == ("forward" if flags[1] == "forward-kl" else "reverse")
+    if flags[1] != "policy-gradient":
+        assert "pg_advantage" not in lines[0]
+        return
+    assert final["teacher_signal"] == "StoredPolicyGradient" and final["ratio"] in ("clip", "gate")
+    share = "pg_clipped_share" if final["ratio"] == "clip" else "pg_gated_share"
+    # step 1 runs the student that wrote the store: exactly on policy
+    assert lines[0]["pg_ratio"] == pytest.approx(1.0, abs=1e-4) and lines[0][share] == 0
+    # the surrogate at r = 1 is −A: the loss logged is minus the mean advantage, a reverse-KL estimate
+    assert lines[0]["kd"] == pytest.approx(-lines[0]["pg_advantage"], abs=1e-4)
+    assert lines[0]["pg_advantage"] < 0  # a random student is far from the teacher on its own tokens
+    assert any(r["pg_ratio"] != pytest.approx(1.0, abs=1e-4) for r in lines[1:])  # the student moved
+
+
+def test_the_first_step_advantage_is_the_teachers_minus_the_samplers_log_prob(onpolicy):
+    """At step 1 (r = 1, one batch holding every row) the logged advantage is the mean over response
+    positions of target_logprob − behaviour_logprob, computed here from the stores alone."""
+    target = open_store(onpolicy / "target")
+    data = target.read_rows(0, target.rows)
+    mask = data["loss_mask"][:, :-1] > 0
+    want = (data["target_logprob"][:, :-1][mask].astype(np.float64)
+            - data["behaviour_logprob"][:, :-1][mask]).mean()
+    lines, _ = train(onpolicy, "target", "all-rows", "--objective", "policy-gradient", "--alpha", "0",
+                     "--micro-batch-size", str(target.rows), steps=1)
+    assert lines[0]["pg_advantage"] == pytest.approx(want, abs=1e-4)
+
+
+def test_forward_kl_is_direction_forward_bit_for_bit(onpolicy):
+    for store in ("sampled", "topk"):
+        a, _ = train(onpolicy, store, f"fkl-{store}", "--objective", "forward-kl")
+        b, _ = train(onpolicy, store, f"plain-{store}", "--direction", "forward")
+        keys = ("loss", "ce", "kd", "grad_norm")
+        assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+        wa = load_file(str(onpolicy / f"fkl-{store}" / "model" / "model.safetensors"))
+        wb = load_file(str(onpolicy / f"plain-{store}" / "model" / "model.safetensors"))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("ratio", ["clip", "gate"])
+@pytest.mark.parametrize("loss_chunk", [0, 7])
+def test_masked_positions_contribute_nothing_and_the_loss_is_the_surrogates_mean(onpolicy, ratio, loss_chunk):
+    """DistillStep with the policy-gradient signal: its loss and gradients equal the pure surrogate over
+    the response positions alone, computed here from the full forward; other behaviour and teacher
+    log-probs at the masked positions change nothing, bit for bit; the statistics count those positions."""
+    store = open_store(onpolicy / "target")
+    batch = batch_of(store, 6)
+    input_ids, mask = batch["input_ids"], batch["loss_mask"][:, :-1].bool()
+    assert 0 < mask.sum() < mask.numel()
+    torch.manual_seed(0)
+    model = load_model(onpolicy / "tiny.json")
+    signal = StoredPolicyGradient("target", store.params, store.index["arrays"], ratio, 0.2)
+    # move the behaviour off policy so that positions fall outside the band too
+    shift = torch.linspace(-0.5, 0.5, mask.numel()).reshape(mask.shape)
+    batch["behaviour_logprob"] = batch["behaviour_logprob"].clone()
+    batch["behaviour_logprob"][:, :-1] += torch.where(mask, shift, 0.0)
+
+    def step_loss(batch):
+        model.zero_grad()
+        output = OutputHead(model, input_ids[:1])
+        _, kd, count = DistillStep(model, 8192, 0.0, loss_chunk, signal, output=output)(input_ids, batch)
+        (kd / count).backward()
+        return kd.detach(), count, signal.take_stats(), [p.grad.clone() for p in model.parameters()]
+
+    kd, count, stats, grads = step_loss(batch)
+    assert count == mask.sum()
+
+    model.zero_grad()
+    own = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1).gather(
+        -1, input_ids[:, 1:, None]).squeeze(-1)[mask]
+    terms = policy_gradient(own, batch["behaviour_logprob"][:, :-1][mask], batch["target_logprob"][:, :-1][mask],
+                            ratio, 0.2)
+    (terms.loss.sum() / count).backward()
+    assert kd.item() == pytest.approx(terms.loss.sum().item(), rel=1e-5, abs=1e-6)
+    for got, param in zip(grads, model.parameters()):
+        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6)
+    outside = terms.outside.mean().item()
+    assert 0 < outside < 1  # both kinds of position are in the batch
+    share = "pg_clipped_share" if ratio == "clip" else "pg_gated_share"
+    assert stats[share] == pytest.approx(outside) and stats["pg_ratio"] == pytest.approx(terms.ratio.mean().item())
+    assert stats["pg_advantage"] == pytest.approx(terms.advantage.mean().item(), abs=1e-6)
+
+    spoiled = dict(batch)
+    for name in ("behaviour_logprob", "target_logprob"):
+        spoiled[name] = torch.where(batch["loss_mask"].bool(), batch[name], torch.full_like(batch[name], -40.0))
+    again = step_loss(spoiled)
+    assert torch.equal(again[0], kd) and again[2] == stats
+    assert all(torch.equal(a, b) for a, b in zip(again[3], grads))
+
+
+@pytest.mark.parametrize("store,flags,message", [
+    ("target", (), "a 'target' store: it holds only the teacher's log-prob"),
+    ("target", ("--objective", "reverse-kl"), "a 'target' store"),
+    ("sampled", ("--objective", "reverse-kl"), "is a 'sampled' store; rerun stage one with --kind topk"),
+    ("tokens", ("--objective", "policy-gradient", "--alpha", "0"), "the teacher has not scored it"),
+    ("topk", ("--objective", "policy-gradient"), "needs --alpha set"),
+    ("topk", ("--objective", "policy-gradient", "--alpha", "0", "--temperature", "2"), "drop --temperature 2"),
+    ("topk", ("--objective", "forward-kl", "--direction", "reverse"), "drop --direction reverse"),
+    ("topk", ("--objective", "reverse-kl", "--tail", "renorm"), "drop --tail renorm"),
+    ("topk", ("--objective", "policy-gradient", "--alpha", "0", "--ratio", "trust"), "ratio must be one of clip, gate"),
+    ("topk", ("--objective", "policy-gradient", "--alpha", "0", "--ratio-epsilon", "1.5"), "ratio_epsilon must be"),
+    ("topk", ("--objective", "kl"), "objective must be one of forward-kl, reverse-kl, policy-gradient"),
+])
+def test_bad_combinations_are_one_line(onpolicy, tmp_path, store, flags, message):
+    result = run_cli("student", "--train-store", onpolicy / store, "--model", onpolicy / "tiny.json", "--out",
+                     tmp_path / "out", "--max-steps", "1", "--device", "cpu", *flags)
+    assert message in one_line_error(result)
+    assert not (tmp_path / "out").exists()
