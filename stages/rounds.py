@@ -75,7 +75,7 @@ class RoundsConfig:
     teacher: str = option("data/models/teacher", "Local Hugging Face teacher directory (with weights).")
     student: str = option("", "The starting student: a local Hugging Face directory with weights (round 0).")
     tokenizer: str = option("", "Tokenizer directory shared by teacher and student (default: the teacher's).")
-    rounds: int = option(3, "Rounds R (a rerun with a larger R continues after the last finished round).")
+    rounds: int = option(3, "Rounds R (0: only the starting student's held-out eval; a rerun with a larger R continues after the last finished round).")
     prompts_per_round: int = option(0, "Training prompts per round, taken in order and cycling (0 = all, every round).")
     student_fraction: float = option(1.0, "λ: the share of a round's prompts the student completes (the rest the "
                                      "teacher writes); 1 = on-policy, 0 = teacher-written text (off-policy).")
@@ -121,11 +121,11 @@ class RoundsConfig:
             problems.append(f"alpha must be in [0, 1], got {self.alpha}")
         if self.objective == "policy-gradient" and self.temperature != 1.0:
             problems.append("policy-gradient scores the sampled tokens at T = 1; drop --temperature")
-        for name in ("rounds", "samples_per_prompt", "max_new_tokens", "steps_per_round", "micro_batch_size",
+        for name in ("samples_per_prompt", "max_new_tokens", "steps_per_round", "micro_batch_size",
                      "samples", "top_k", "heldout_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("prompts_per_round", "seq_len", "warmup_steps", "eval_limit", "round"):
+        for name in ("rounds", "prompts_per_round", "seq_len", "warmup_steps", "eval_limit", "round"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.generation_temperature > 0 or not self.temperature > 0 or not self.lr > 0:
@@ -192,9 +192,9 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
     tokenizer = config.tokenizer or config.teacher
     result: list[Step] = []
 
-    def generate(name, prompts, model, gen_out, seed, temperature, samples):
+    def generate(name, prompts, field, model, gen_out, seed, temperature, samples):
         return Step(name, "generate", _stage(
-            GenerateConfig, config.generate_options, prompts=str(prompts), prompt_field="prompt", model=model,
+            GenerateConfig, config.generate_options, prompts=str(prompts), prompt_field=field, model=model,
             tokenizer=tokenizer, temperature=temperature, max_new_tokens=config.max_new_tokens,
             samples_per_prompt=samples, seed=seed, out=str(gen_out), **common),
             lambda: (gen_out / "summary.json").is_file())
@@ -223,7 +223,7 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
         for who, model, offset in (("student", student_model(config, out, r - 1), 0), ("teacher", config.teacher, 1)):
             if split[who]:
                 gen_out = d / f"gen-{who}"
-                result.append(generate(f"generate-{who}", d / f"prompts-{who}.jsonl", model, gen_out,
+                result.append(generate(f"generate-{who}", d / f"prompts-{who}.jsonl", "prompt", model, gen_out,
                                        (config.seed * 1000 + r) * 2 + offset, config.generation_temperature,
                                        config.samples_per_prompt))
                 inputs.append(gen_out / "generated.jsonl")
@@ -245,7 +245,7 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
                            lambda: (student_out / "metrics.json").is_file() and has_weights(student_out / "model")))
     model = student_model(config, out, r)
     ev = d / "eval"
-    result.append(generate("heldout-generate", Path(config.heldout_prompts), model, ev / "gen",
+    result.append(generate("heldout-generate", Path(config.heldout_prompts), config.prompt_field, model, ev / "gen",
                            config.seed * 1000 + 999, 1.0, config.heldout_samples))
     result.append(prepare("heldout-prepare", [ev / "gen" / "generated.jsonl"], ev / "tokens"))
     result.append(stage_one("heldout-teacher", ev / "tokens", ev / "store", "target"))
@@ -262,15 +262,11 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
 
 
 def read_prompts(path: str, field: str) -> list[str]:
-    """A prompts file as generate reads it (JSONL under ``field``, or text lines, blank ones skipped)."""
-    from pipeline.text.corpus import jsonl_values, read_lines
+    """A prompts file read as ``distill generate`` reads it."""
+    from stages.generate import GenerateConfig
+    from stages.generate import read_prompts as generate_prompts
 
-    p = Path(path)
-    if not p.is_file():
-        raise DistillError(f"prompts file {p} does not exist; check --prompts / --heldout-prompts")
-    if ".jsonl" in p.name:
-        return [str(v) for v in jsonl_values(p, field)]
-    return [line for line in read_lines(p) if line.strip()]
+    return generate_prompts(GenerateConfig(prompts=path, prompt_field=field, out="-"))
 
 
 def _slice(config: RoundsConfig, r: int, total: int) -> list[int]:
@@ -376,15 +372,13 @@ def finish_round(config: RoundsConfig, out: Path, r: int, started: float) -> dic
 def derive_seq_len(config: RoundsConfig) -> int:
     """The longest prompt (tokens, BOS included) + the completion budget + 1 (the sampled EOS)."""
     from pipeline.text.tokenizer import load_tokenizer
+    from stages.generate import tokenize_prompts
 
     tokenizer = load_tokenizer(config.tokenizer or config.teacher)
     longest = 0
     for path in (config.prompts, config.heldout_prompts):
-        prompts = read_prompts(path, config.prompt_field)
-        if not prompts:
-            raise DistillError(f"prompts file {path} holds no prompts")
-        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        longest = max(longest, max(len(i) for i in ids) + 1)
+        ids = tokenize_prompts(read_prompts(path, config.prompt_field), tokenizer, add_bos=True)
+        longest = max(longest, max(len(i) for i in ids))
     return longest + config.max_new_tokens + 1
 
 
