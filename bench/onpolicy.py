@@ -45,13 +45,17 @@ ARMS = {
 
 
 def run_arm(arm: str, seed: int, args, work: Path) -> list[dict]:
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from pipeline.config import load_config
     from stages.rounds import RoundsConfig, run_rounds
 
     config = load_config(RoundsConfig, args.config, student=args.student, teacher=args.teacher,
                          out=str(work / f"{arm}-s{seed}"), seed=seed, rounds=args.rounds,
                          prompts_per_round=args.prompts_per_round, steps_per_round=args.steps_per_round,
-                         device=args.device, **ARMS[arm])
+                         lr=args.lr, eval_limit=args.eval_limit, device=args.device,
+                         threads=1 if args.jobs > 1 else 0, **ARMS[arm])
     return run_rounds(config)
 
 
@@ -130,6 +134,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--prompts-per-round", type=int, default=256)
     parser.add_argument("--steps-per-round", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-limit", type=int, default=32, help="held-out documents for perplexity")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each (2 on a 2-core machine)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", default="runs/bench-onpolicy")
     parser.add_argument("--out", default="bench/results/onpolicy_cpu.json")
@@ -142,11 +149,16 @@ def main() -> None:
     work = Path(args.work)
     started = time.time()
     runs: dict[str, dict[int, list[dict]]] = {}
-    for seed in seeds:  # seed-major: a partial run has every arm at the first seeds
-        for arm in arms:
-            t0 = time.time()
-            runs.setdefault(arm, {})[seed] = run_arm(arm, seed, args, work)
-            print(f"{arm} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    tasks = [(arm, seed) for seed in seeds for arm in arms]  # seed-major: a partial run has every arm at seed 0
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+            results = pool.starmap(run_arm, [(arm, seed, args, work) for arm, seed in tasks], chunksize=1)
+    else:
+        results = [run_arm(arm, seed, args, work) for arm, seed in tasks]
+    for (arm, seed), result in zip(tasks, results):
+        runs.setdefault(arm, {})[seed] = result
     summary = summarise(runs)
     result = {"settings": {k: v for k, v in vars(args).items()}, "arms": {a: ARMS[a] for a in arms},
               "machine": {"platform": platform.platform(), "python": platform.python_version()},

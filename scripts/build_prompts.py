@@ -1,7 +1,9 @@
 """The prompt sets of `make onpolicy` (issue #25): the opening words of corpus documents.
 
 A prompt is the first W words of a document, W from 6 to 15 (decided by the document's sha256, so the
-sets are stable), its whitespace kept as one space. Training prompts come from train documents,
+sets are stable), its whitespace kept as one space; documents that open with a word over 20
+characters, a character that is not printable, or more than 100 characters in those words (ASCII
+art, code, line noise) are passed over, so that prompts stay short in tokens and rows stay short. Training prompts come from train documents,
 held-out prompts from held-out documents only; documents are taken in the order of the sha256 of
 their id, so each set is a fixed, source-mixed sample.
 
@@ -25,8 +27,9 @@ def prompts(path: Path, count: int) -> list[dict]:
     for doc in docs:
         words = doc["text"].split()
         width = 6 + int(hashlib.sha256(doc["text"].encode()).hexdigest()[:8], 16) % 10
-        if len(words) > width:
-            out.append({"prompt": " ".join(words[:width]), "doc": doc["id"], "source": doc["source"]})
+        head = words[:width]
+        if len(words) > width and len(" ".join(head)) <= 100 and all(len(w) <= 20 and w.isprintable() for w in head):
+            out.append({"prompt": " ".join(head), "doc": doc["id"], "source": doc["source"]})
         if len(out) == count:
             break
     return out

@@ -447,7 +447,9 @@ def run_rounds(config: RoundsConfig) -> list[dict[str, Any]]:
                 continue
             print(f"round {r}: {step.name}", flush=True)
             d.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
             run_step(config, out, r, step, started)
+            print(f"round {r}: {step.name} took {time.time() - t0:.1f} s", flush=True)
         if not config.step:
             result = json.loads((d / "round.json").read_text())
             print(f"round {r}: reverse KL to the teacher {result['reverse_kl_per_token']:.4f} ± "
