@@ -52,7 +52,7 @@ REPORT      ?= $(RUN)/report
 
 .PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross sweep clean \
-        onpolicy bench-onpolicy
+        onpolicy onpolicy-start bench-onpolicy
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -179,12 +179,21 @@ ONPOLICY_RUN ?= runs/onpolicy
 ONPOLICY_CONFIG ?= data/configs/rounds.yaml
 ONPOLICY_START_STEPS ?= 300
 ROUNDS_ARGS ?=
-onpolicy: setup
+ONPOLICY_START = $(ONPOLICY_RUN)/student-start/model
+onpolicy-start: setup
 	$(MAKE) prepare prepare-heldout RUN=$(ONPOLICY_RUN)
 	$(MAKE) student-ce RUN=$(ONPOLICY_RUN) STORE=$(ONPOLICY_RUN)/tokens/train CE_OUT=$(ONPOLICY_RUN)/student-start \
 		STEPS=$(ONPOLICY_START_STEPS) TRAIN_ARGS="--lr 3e-3 --eval-every 100 --checkpoint-every 100 $(TRAIN_ARGS)"
-	$(DISTILL) rounds --config $(ONPOLICY_CONFIG) --student $(ONPOLICY_RUN)/student-start/model \
-		--out $(ONPOLICY_RUN)/rounds $(ROUNDS_ARGS)
+
+onpolicy: onpolicy-start
+	$(DISTILL) rounds --config $(ONPOLICY_CONFIG) --student $(ONPOLICY_START) --out $(ONPOLICY_RUN)/rounds $(ROUNDS_ARGS)
+
+# On-policy against off-policy at equal teacher-scored tokens: each arm (bench/onpolicy.py) × 3 seeds × 4 rounds
+# from the same start, two runs at once; about an hour on 2 cores (results: bench/results/onpolicy_cpu.json)
+ONPOLICY_ARMS ?= ce,offpolicy-fkl,onpolicy-fkl,onpolicy-rkl,onpolicy-pg
+bench-onpolicy: onpolicy-start
+	$(BIN)/python bench/onpolicy.py --student $(ONPOLICY_START) --arms $(ONPOLICY_ARMS) --seeds 0,1,2 --rounds 4 \
+		--jobs 2 --work $(ONPOLICY_RUN)/bench --out bench/results/onpolicy_cpu.json --figure docs/img/onpolicy_cpu.png
 
 # ---- evaluation: any local HF model -> one JSON of metrics; the report compares several ----
 eval: setup

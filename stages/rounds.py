@@ -55,7 +55,7 @@ STORE_KIND = {"forward-kl": "sampled", "reverse-kl": "topk", "policy-gradient": 
 STEPS = ("prompts", "generate-student", "generate-teacher", "prepare", "teacher", "student",
          "heldout-generate", "heldout-prepare", "heldout-teacher", "eval", "finish")
 # options a rerun may change without changing what any round computes
-RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit")
+RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit", "eval_options")
 COUNTS = ("tokens", "bytes", "documents", "items", "seconds")  # eval facts that are not scores
 STAGE_OPTIONS = ("generate_options", "teacher_options", "student_options", "eval_options")
 

@@ -76,3 +76,12 @@ def test_demo_real_prepares_with_the_teachers_tokenizer_and_fetches_it_first():
     assert fetch < done.stdout.index(".venv/bin/distill prepare")
     prepares = [c for c in distill_commands("demo-real") if c[0] == "prepare"]
     assert len(prepares) == 2 and {option(c, "--tokenizer") for c in prepares} == {"data/models/smollm2-135m"}
+
+
+def test_onpolicy_pretrains_the_start_and_rounds_begin_from_it():
+    commands = distill_commands("onpolicy")
+    [start] = [c for c in commands if c[0] == "student"]
+    [rounds] = [c for c in commands if c[0] == "rounds"]
+    assert option(start, "--alpha") == "1" and option(start, "--train-store") == "runs/onpolicy/tokens/train"
+    assert option(rounds, "--student") == option(start, "--out") + "/model"
+    assert option(rounds, "--config") == "data/configs/rounds.yaml"
