@@ -672,8 +672,11 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
                     unit="tok", unit_scale=True, dynamic_ncols=True, disable=not run.is_rank0)
     run.model.train()
     t2 = config.temperature ** 2
+    teacher_signal = getattr(wrapped, "module", wrapped).teacher
     for step in range(run.start_step, config.max_steps):
         started = time.perf_counter()
+        if hasattr(teacher_signal, "new_step"):  # its statistics are of the step logged, as the loss is
+            teacher_signal.new_step()
         # CE sum, divergence sum, targets, then a pre-emption flag per signal (this rank)
         sums = torch.zeros(3 + len(preemption.signals), dtype=torch.float64)
         for micro in range(config.grad_accum):
@@ -713,8 +716,8 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
                       "tokens": run.tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
             if alpha < 1.0:
                 record["kd"] = kd
-            if hasattr(signal := getattr(wrapped, "module", wrapped).teacher, "take_stats"):
-                record.update(signal.take_stats())  # cross-tokenizer: the share of positions each term reached
+            if hasattr(teacher_signal, "take_stats"):
+                record.update(teacher_signal.take_stats())  # cross-tokenizer: the share of positions each term reached
             run.metrics.log(**record)
         if run.eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
             result = evaluate(wrapped, run.eval_store, config.micro_batch_size, config.eval_rows, run.device,

@@ -3,6 +3,7 @@ log-prob it drew each token with (``behaviour_logprob``), scored by a teacher in
 with --objective forward-kl, reverse-kl and policy-gradient."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -121,6 +122,30 @@ def test_the_first_step_advantage_is_the_teachers_minus_the_samplers_log_prob(on
     lines, _ = train(onpolicy, "target", "all-rows", "--objective", "policy-gradient", "--alpha", "0",
                      "--micro-batch-size", str(target.rows), steps=1)
     assert lines[0]["pg_advantage"] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_resumed_policy_gradient_run_logs_and_ends_as_an_uninterrupted_one(onpolicy):
+    """The pg_* statistics are of the logged step, as the loss is: resumed from a checkpoint between
+    two metrics lines, the run logs the same numbers and ends with the same weights."""
+    flags = ("--objective", "policy-gradient", "--alpha", "0", "--checkpoint-every", "3", "--log-every", "2")
+    result = run_cli("student", "--train-store", onpolicy / "target", "--model", onpolicy / "tiny.json", "--out",
+                     onpolicy / "whole", "--max-steps", "4", "--micro-batch-size", "4", "--device", "cpu", *flags)
+    assert result.exit_code == 0, result.output
+    out = onpolicy / "resumed"
+    shutil.copytree(onpolicy / "whole", out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+    result = run_cli("student", "--train-store", onpolicy / "target", "--model", onpolicy / "tiny.json", "--out",
+                     out, "--max-steps", "4", "--micro-batch-size", "4", "--device", "cpu", "--resume", "auto", *flags)
+    assert result.exit_code == 0 and "resumed from" in result.output, result.output
+    keys = ("step", "loss", "kd", "pg_advantage", "pg_ratio", "pg_clipped_share")
+    logs = [[{k: json.loads(line)[k] for k in keys} for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (onpolicy / "whole", out)]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == [2, 4]
+    wa = load_file(str(onpolicy / "whole" / "model" / "model.safetensors"))
+    wb = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_forward_kl_is_direction_forward_bit_for_bit(onpolicy):
