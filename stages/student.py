@@ -699,7 +699,8 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
         if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
             progress.close()
             run.loader.close()
-            raise DistillError(non_finite_message(step + 1, sums, grad_norm, alpha, run.out / "checkpoints"))
+            raise DistillError(non_finite_message(step + 1, sums, grad_norm, alpha, run.out / "checkpoints",
+                                                  config.objective))
         lr = run.scheduler.get_last_lr()[0]
         run.optimizer.step()
         run.scheduler.step()
@@ -736,11 +737,15 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
     return stopped
 
 
-def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, alpha: float, ckpt_dir: Path) -> str:
+def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, alpha: float, ckpt_dir: Path,
+                       objective: str = "") -> str:
     """One line: which quantity went non-finite at ``step``, the likely cause, what is intact."""
     ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
     if not math.isfinite(ce):
         cause = "the student's logits overflowed (lower --lr, raise --warmup-steps, or train in float32)"
+    elif alpha < 1.0 and not math.isfinite(kd) and objective == "policy-gradient":
+        cause = ("an importance ratio that overflowed: the student moved far from the one that sampled (fewer steps "
+                 "per round, a lower --lr, or --ratio gate, which has no unbounded side)")
     elif alpha < 1.0 and not math.isfinite(kd):
         cause = "a non-finite teacher signal (check the store with distill inspect STORE --verify)"
     else:

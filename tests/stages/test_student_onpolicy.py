@@ -228,3 +228,25 @@ def test_bad_combinations_are_one_line(onpolicy, tmp_path, store, flags, message
                      tmp_path / "out", "--max-steps", "1", "--device", "cpu", *flags)
     assert message in one_line_error(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ratio_that_overflows_stops_clip_with_one_line_and_gate_drops_it(onpolicy):
+    """A sampler that gave its tokens log-prob −200 (r = e^200: inf in float32) with negative
+    advantages: PPO's clip leaves that side unbounded, so the step is non-finite and stopped before
+    the weights change, with the cause named; the gate gives those positions nothing and trains."""
+    target = open_store(onpolicy / "target")
+    data = target.read_rows(0, target.rows)
+    data["behaviour_logprob"] = np.where(data["loss_mask"] > 0, -200.0, 0.0).astype(np.float32)
+    root = onpolicy / "overflow"
+    root.mkdir()
+    entry = write_shard(root, shard_name(0, target.index["backend"]), data, target.index["backend"], chunk_rows=4)
+    write_index(root, new_index("target", target.index["backend"], dict(target.params, rows_per_shard=target.rows),
+                                [entry], target.index["arrays"]))
+    result = run_cli("student", "--train-store", root, "--model", onpolicy / "tiny.json", "--out",
+                     onpolicy / "overflow-clip", "--max-steps", "2", "--micro-batch-size", "4", "--device", "cpu",
+                     "--objective", "policy-gradient", "--alpha", "0")
+    line = one_line_error(result)
+    assert "step 1: non-finite" in line and "importance ratio that overflowed" in line
+    lines, _ = train(onpolicy, "overflow", "overflow-gate", "--objective", "policy-gradient", "--alpha", "0",
+                     "--ratio", "gate", steps=2)
+    assert [r["pg_gated_share"] for r in lines] == [1.0, 1.0] and all(r["kd"] == 0 for r in lines)
