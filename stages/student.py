@@ -529,9 +529,9 @@ def _stored_signal(config: TrainConfig, train_store: Store) -> TeacherSignal:
                                     config.ratio_epsilon, store=root)
     if config.objective == "reverse-kl":
         if train_store.kind != "topk":
-            raise DistillError(f"--objective reverse-kl needs the teacher's probability wherever the student puts mass: "
-                               f"a top-k store's kept ids and exact tail; {root} is a '{train_store.kind}' store; rerun "
-                               "stage one with --kind topk")
+            raise DistillError(f"--objective reverse-kl needs the teacher's probability wherever the student puts "
+                               f"mass: a top-k store's kept ids and exact tail; {root} is a '{train_store.kind}' "
+                               "store; rerun stage one with --kind topk")
         # a hybrid store's exact top-k and tail: its drawn tail ids are not read
         return StoredTopK(train_store.params, config.temperature, "tail", "reverse", store=root)
     return stored_teacher(train_store.kind, train_store.params, config.temperature, config.tail, config.kl_direction,
@@ -718,7 +718,8 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
             if alpha < 1.0:
                 record["kd"] = kd
             if hasattr(teacher_signal, "take_stats"):
-                record.update(teacher_signal.take_stats())  # cross-tokenizer: the share of positions each term reached
+                # cross-tokenizer: the share of positions each term reached; policy gradient: advantage, ratio
+                record.update(teacher_signal.take_stats())
             run.metrics.log(**record)
         if run.eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
             result = evaluate(wrapped, run.eval_store, config.micro_batch_size, config.eval_rows, run.device,

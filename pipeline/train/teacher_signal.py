@@ -214,10 +214,11 @@ class StoredPolicyGradient:
     ``target`` store) that holds ``behaviour_logprob`` serves; compared with
     :func:`pipeline.train.onpolicy.policy_gradient` at T = 1.
 
-    What a user watches (:meth:`take_stats`: the positions of the step logged, every micro-batch of
-    it, as the loss is, so a resumed run logs what an uninterrupted one does; rank 0's under DDP): ``pg_advantage`` the mean advantage (≈ minus the per-token reverse KL to the teacher
-    on the sampler's tokens), ``pg_ratio`` the mean importance ratio, and ``pg_clipped_share`` (clip)
-    or ``pg_gated_share`` (gate), the share of positions the band took the gradient from.
+    What a user watches (:meth:`take_stats`: over the positions of the step logged, every micro-batch
+    of it, as the loss is, so a resumed run logs what an uninterrupted one does; rank 0's under DDP):
+    ``pg_advantage`` the mean advantage (≈ minus the per-token reverse KL to the teacher on the
+    sampler's tokens), ``pg_ratio`` the mean importance ratio, and ``pg_clipped_share`` (clip) or
+    ``pg_gated_share`` (gate), the share of positions the band took the gradient from.
     """
 
     temperature = 1.0

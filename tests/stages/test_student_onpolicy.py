@@ -48,16 +48,16 @@ def onpolicy(tmp_path_factory, heldout_docs):
     write_tiny_model_config(root / "tiny.json")
     plain = open_store(root / "plain")
     data = plain.read_rows(0, plain.rows)
-    data["behaviour_logprob"] = np.where(data["loss_mask"] > 0, student_logprobs(root / "tiny.json", data["input_ids"]),
-                                         0.0).astype(np.float32)
+    own = student_logprobs(root / "tiny.json", data["input_ids"])
+    data["behaviour_logprob"] = np.where(data["loss_mask"] > 0, own, 0.0).astype(np.float32)
     (root / "tokens").mkdir()
-    shards, start = [], 0
+    shards, start, backend = [], 0, plain.index["backend"]
     for i, entry in enumerate(plain.shards):
         part = {k: v[start:start + entry["rows"]] for k, v in data.items()}
-        shards.append(write_shard(root / "tokens", shard_name(i, plain.index["backend"]), part, plain.index["backend"], chunk_rows=4))
+        shards.append(write_shard(root / "tokens", shard_name(i, backend), part, backend, chunk_rows=4))
         start += entry["rows"]
     arrays = dict(plain.index["arrays"], behaviour_logprob={"dtype": "float32", "shape": [32]})
-    write_index(root / "tokens", new_index("tokens", plain.index["backend"], plain.params, shards, arrays))
+    write_index(root / "tokens", new_index("tokens", backend, plain.params, shards, arrays))
     make_teacher(root / "teacher")
     for name, flags in (("sampled", ("--samples", "4")), ("topk", ("--kind", "topk", "--top-k", "8")),
                         ("target", ("--kind", "target")),
