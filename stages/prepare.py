@@ -20,6 +20,13 @@ in context. A longer one is split wherever it falls (padding would not keep it w
 going with its tokens. The last row is padded too, so no example is dropped. The rows are still cut
 from one stream with stride ``seq_len - 1``, so everything that reads a tokens store reads these
 the same way.
+
+Token ids (``--format ids``: ``distill generate``'s records, read as they are, nothing re-tokenized)
+go in **one example per row** instead (:class:`pipeline.text.packing.ExampleRows`): each record's
+``prompt_ids + completion_ids`` from position 0 of its own row, the rest EOS, so no position sees
+another example; the loss mask marks the completion's tokens (the EOS generate drew included, none
+added), and records carrying ``completion_logprobs`` also give ``behaviour_logprob``. An example
+longer than a row is refused. The tokenizer gives the store's tokenizer hash, vocabulary and EOS.
 """
 
 from __future__ import annotations
@@ -39,8 +46,8 @@ from pipeline.errors import DistillError
 from pipeline.io import replace_dir
 from pipeline.store import contract as store_lib
 from pipeline.text.corpus import DocumentReader, corpus_fingerprint, expand_inputs
-from pipeline.text.examples import FORMATS, ExampleReader, chat_template_sha256, require_chat_template
-from pipeline.text.packing import RowPacker
+from pipeline.text.examples import FORMATS, ExampleReader, IdsReader, chat_template_sha256, require_chat_template
+from pipeline.text.packing import ExampleRows, RowPacker
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
 
@@ -52,7 +59,9 @@ class PrepareConfig:
     seq_len: int = option(256, "Tokens per row (the model's context length for training).")
     format: str = option("text", "Input records: 'text' (documents; every token is trained on), 'prompt-response' "
                          "(JSONL prompt and response fields) or 'chat' (JSONL message lists, rendered with the "
-                         "tokenizer's chat template): these two store a loss_mask, so stage two trains on responses only.")
+                         "tokenizer's chat template): these two store a loss_mask, so stage two trains on responses "
+                         "only; or 'ids' (JSONL prompt_ids, completion_ids and optional completion_logprobs, as "
+                         "distill generate writes them: stored as given, one example per row, for on-policy stages).")
     prompt_field: str = option("", "JSONL field of the prompt (--format prompt-response; default 'prompt').")
     response_field: str = option("", "JSONL field of the response (--format prompt-response; default 'response').")
     messages_field: str = option("", "JSONL field of the list of {role, content} messages (--format chat; default "
@@ -101,6 +110,9 @@ def prepare(config: PrepareConfig) -> Path:
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
         return out
 
+    if config.format == "ids":
+        return _prepare_ids(config, files, tokenizer, params, out)
+
     # --- loop: stream documents (or examples) → token stream → rows → shards ---
     reader = _reader(config, files, tokenizer)
     packer = RowPacker(config.seq_len, config.rows_per_shard, tokenizer.eos_token_id, flags=examples)
@@ -138,6 +150,41 @@ def prepare(config: PrepareConfig) -> Path:
     trained = f"; {writer.loss_tokens} response targets in the loss, {packer.padding_tokens} padding" if examples else ""
     print(f"{out}: {rows} rows x {config.seq_len} tokens from {reader.stats.documents} "
           f"{'examples' if examples else 'documents'} ({packer.total_tokens} tokens{skipped}{trained})")
+    return out
+
+
+def _prepare_ids(config: PrepareConfig, files: list[Path], tokenizer, params: dict, out: Path) -> Path:
+    """``--format ids``: each record's ids in a row of its own, checked and stored as they are."""
+    reader = IdsReader(files, params["vocab_size"], config.skip_bad_utf8)
+    records = iter(reader)
+    first = next(records, None)
+    if first is None:
+        raise DistillError(f"{', '.join(map(str, files))} holds no records; --format ids reads distill generate's "
+                           "generated.jsonl")
+    packer = ExampleRows(config.seq_len, config.rows_per_shard, tokenizer.eos_token_id, reader.with_logprobs)
+    writer = _ShardWriter(out, config.backend, config.chunk_rows, store_lib.token_dtype(params["vocab_size"]))
+    try:
+        with tqdm(desc="prepare", unit="tok", unit_scale=True, dynamic_ncols=True) as progress:
+            for example in itertools.chain([first], records):
+                n = len(example.prompt_ids) + len(example.completion_ids)
+                if n > config.seq_len:
+                    raise DistillError(f"{example.where}: {n} tokens ({len(example.prompt_ids)} prompt + "
+                                       f"{len(example.completion_ids)} completion) do not fit a row of {config.seq_len}, "
+                                       "and an example is never split; raise --seq-len (or lower --max-new-tokens at "
+                                       "generate)")
+                packer.add(example.prompt_ids, example.completion_ids, example.completion_logprobs)
+                progress.update(n)
+                writer.write(packer.full_shards())
+            writer.write(packer.finish())
+    except BaseException:
+        writer.discard()
+        raise
+    index = writer.index(params, packer, documents=reader.stats.documents, skipped_lines=reader.stats.skipped_lines,
+                         examples=True)
+    writer.commit(index, config)
+    with_logprobs = " and behaviour_logprob" if reader.with_logprobs else ""
+    print(f"{out}: {index['rows']} rows x {config.seq_len} tokens, one per record of {reader.stats.documents} "
+          f"({writer.loss_tokens} completion targets in the loss{with_logprobs}, {packer.padding_tokens} padding)")
     return out
 
 
@@ -193,9 +240,11 @@ class _ShardWriter:
         self.tmp.mkdir(parents=True)
         self.shards: list[dict] = []
         self.loss_tokens = 0  # examples only: positions whose loss_mask is 1
+        self.behaviour = False  # the shards hold behaviour_logprob (--format ids with completion_logprobs)
 
     def write(self, shards: Iterator[dict[str, np.ndarray]]) -> None:
         for arrays in shards:
+            self.behaviour = self.behaviour or "behaviour_logprob" in arrays
             arrays["input_ids"] = arrays["input_ids"].astype(self.dtype)
             if "loss_mask" in arrays:
                 self.loss_tokens += int(arrays["loss_mask"].sum())
@@ -208,6 +257,8 @@ class _ShardWriter:
         facts = {}
         if examples:
             arrays["loss_mask"] = {"dtype": "uint8", "shape": [packer.row_len]}
+            if self.behaviour:
+                arrays["behaviour_logprob"] = {"dtype": "float32", "shape": [packer.row_len]}
             facts = {"loss_tokens": self.loss_tokens, "padding_tokens": packer.padding_tokens}
         return store_lib.new_index(
             "tokens", self.backend, params, self.shards,
@@ -241,6 +292,8 @@ def _example_fields(config: PrepareConfig) -> dict[str, str]:
     """The record fields an example format reads, defaults filled in."""
     if config.format == "chat":
         return {"messages_field": config.messages_field or "messages"}
+    if config.format == "ids":
+        return {}
     return {"prompt_field": config.prompt_field or "prompt", "response_field": config.response_field or "response"}
 
 
@@ -256,7 +309,8 @@ def _check_example_inputs(config: PrepareConfig, files: list[Path], tokenizer) -
     """Example formats read JSONL records, and chat needs a template: refused before anything is written."""
     text_files = [f for f in files if not f.name.endswith((".jsonl", ".jsonl.gz"))]
     if text_files:
+        what = "no token ids" if config.format == "ids" else "no prompts or responses to mask"
         raise DistillError(f"--format {config.format} reads JSONL records, and {text_files[0]} is plain text "
-                           "(no prompts or responses to mask); pass .jsonl files, or --format text to train on every token")
+                           f"({what}); pass .jsonl files, or --format text to train on every token")
     if config.format == "chat":
         require_chat_template(tokenizer, config.tokenizer)

@@ -218,7 +218,7 @@ CASES = [
                  id="prepare-out-holds-other-store"),
     # ---- prepare: task examples (prompt/response and chat records, stored with a loss mask)
     pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--format", "csv"],
-                 ("format must be one of text, prompt-response, chat, got 'csv'",), id="prepare-bad-format"),
+                 ("format must be one of text, prompt-response, chat, ids, got 'csv'",), id="prepare-bad-format"),
     pytest.param(lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--format", "prompt-response"],
                  ("corpus.jsonl:1: no 'prompt' field; pass --prompt-field",), id="prepare-missing-prompt-field"),
     pytest.param(lambda s: [*task_args(s, {"prompt": "Q?", "answer": " A."}), "--response-field", "reply"],
@@ -272,7 +272,7 @@ CASES = [
                  id="teacher-samples-0"),
     pytest.param(lambda s: s.teacher_args("--batch-size", "0"), ("batch_size must be at least 1",),
                  id="teacher-batch-size-0"),
-    pytest.param(lambda s: s.teacher_args("--kind", "dense"), ("kind must be topk or sampled, got 'dense'",),
+    pytest.param(lambda s: s.teacher_args("--kind", "dense"), ("kind must be topk, sampled or target, got 'dense'",),
                  id="teacher-bad-kind"),
     pytest.param(lambda s: s.teacher_args("--on-preempt", "stop"),
                  ("on_preempt must be one of finish, abandon, got 'stop'",), id="teacher-bad-on-preempt"),

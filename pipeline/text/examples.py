@@ -1,6 +1,6 @@
-"""Read task examples (fine-tuning data) as text pieces, each marked prompt or response.
+"""Read task examples (fine-tuning data) as text pieces, each marked prompt or response, or as token ids.
 
-Two JSONL record formats (``distill prepare --format``):
+Three JSONL record formats (``distill prepare --format``):
 
 - ``prompt-response``: the prompt under ``--prompt-field`` and the response under
   ``--response-field``, both strings. The two are joined as they are: a separator (``"\\nAnswer:"``,
@@ -11,6 +11,10 @@ Two JSONL record formats (``distill prepare --format``):
   the template's assistant header is prompt and its end-of-turn marker is response (the model learns
   to end its turn). A template that does not render each conversation as a prefix of its
   continuation cannot be split this way and is refused.
+- ``ids``: token ids as a model saw and drew them (``distill generate``'s records): ``prompt_ids``
+  and ``completion_ids`` (lists of ids, the completion non-empty) and optionally
+  ``completion_logprobs`` (one float per completion id: the log-prob the sampling policy drew it
+  with). Nothing is re-tokenized; :class:`IdsReader` yields one :class:`IdsExample` per record.
 
 :class:`ExampleReader` yields one list of ``(text, is_response)`` pieces per record. The packer
 (``stages/prepare.py``) tokenizes each piece on its own, so no token straddles a prompt/response
@@ -21,13 +25,15 @@ with no assistant turn) is a one-line error naming the file and line.
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from pipeline.errors import DistillError
 from pipeline.text.corpus import ReadStats, jsonl_values, read_lines
 
-FORMATS = ("text", "prompt-response", "chat")  # 'text': a plain corpus (pipeline/text/corpus.py), no loss mask
+FORMATS = ("text", "prompt-response", "chat", "ids")  # 'text': a plain corpus (pipeline/text/corpus.py), no loss mask
 RESPONSE_ROLE = "assistant"
 
 Pieces = list[tuple[str, bool]]  # (text, is_response), in order
@@ -50,8 +56,8 @@ class ExampleReader:
 
     def __init__(self, files: list[Path], format: str, prompt_field: str = "prompt", response_field: str = "response",
                  messages_field: str = "messages", tokenizer=None, skip_bad_utf8: bool = False):
-        if format not in FORMATS[1:]:
-            raise ValueError(f"format must be one of {FORMATS[1:]}, got {format!r}")
+        if format not in ("prompt-response", "chat"):
+            raise ValueError(f"format must be prompt-response or chat, got {format!r}")
         self.files, self.format, self.tokenizer = files, format, tokenizer
         self.prompt_field, self.response_field, self.messages_field = prompt_field, response_field, messages_field
         self.skip_bad_utf8 = skip_bad_utf8
@@ -126,3 +132,72 @@ class ExampleReader:
                                "start of its continuation, so its assistant turns cannot be marked; use a template "
                                "that does, or write the records as prompt/response (--format prompt-response)")
         return text[len(prefix):]
+
+
+@dataclass(frozen=True)
+class IdsExample:
+    """One ``--format ids`` record: where it was read (file:line and its ``id``, if any), the prompt's
+    and completion's ids, and the completion ids' log-probs under the policy that drew them (or None)."""
+
+    where: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    completion_logprobs: list[float] | None
+
+
+class IdsReader:
+    """Iterate the ``--format ids`` records of JSONL files, every id checked ``< vocab`` and every
+    record agreeing with the first on carrying ``completion_logprobs``; ``stats.documents`` counts
+    records. A bad record is a one-line error naming file, line and record id."""
+
+    FIELDS = ("prompt_ids", "completion_ids")
+    LOGPROBS = "completion_logprobs"
+
+    def __init__(self, files: list[Path], vocab: int, skip_bad_utf8: bool = False):
+        self.files, self.vocab, self.skip_bad_utf8 = files, vocab, skip_bad_utf8
+        self.stats = ReadStats()
+        self.with_logprobs: bool | None = None  # decided by the first record
+        self._first = ""
+
+    def __iter__(self) -> Iterator[IdsExample]:
+        for path in self.files:
+            lines = read_lines(path, self.stats if self.skip_bad_utf8 else None)
+            for lineno, record in jsonl_values(lines, path):
+                where = f"{path}:{lineno}"
+                if not isinstance(record, dict):
+                    raise DistillError(f"{where}: not a JSON object; each line of --format ids input is one record")
+                if "id" in record:
+                    where += f" (record {record['id']})"
+                example = self._example(record, where)
+                self.stats.documents += 1
+                yield example
+
+    def _example(self, record: dict, where: str) -> IdsExample:
+        ids = {}
+        for name in self.FIELDS:
+            if name not in record:
+                raise DistillError(f"{where}: no '{name}' field; --format ids reads prompt_ids and completion_ids "
+                                   "(distill generate's records)")
+            value = record[name]
+            if not isinstance(value, list) or not all(type(i) is int for i in value):
+                raise DistillError(f"{where}: '{name}' is not a list of token ids")
+            bad = [i for i in value if not 0 <= i < self.vocab]
+            if bad:
+                raise DistillError(f"{where}: '{name}' holds id {bad[0]}, outside the tokenizer's {self.vocab} ids; "
+                                   "pass the --tokenizer of the model that wrote the records")
+            ids[name] = value
+        if not ids["completion_ids"]:
+            raise DistillError(f"{where}: 'completion_ids' is empty: there is nothing to learn from this record; "
+                               "remove it")
+        logprobs = record.get(self.LOGPROBS)
+        has = logprobs is not None
+        if self.with_logprobs is None:
+            self.with_logprobs, self._first = has, where
+        elif has != self.with_logprobs:
+            which = f"has '{self.LOGPROBS}' and {self._first} has none" if has else \
+                f"has no '{self.LOGPROBS}' and {self._first} has them"
+            raise DistillError(f"{where}: {which}; every record must carry them or none (generate writes them all)")
+        if has and (not isinstance(logprobs, list) or len(logprobs) != len(ids["completion_ids"])
+                    or not all(type(v) in (int, float) and math.isfinite(v) for v in logprobs)):
+            raise DistillError(f"{where}: '{self.LOGPROBS}' is not a list of finite numbers, one per completion id")
+        return IdsExample(where, ids["prompt_ids"], ids["completion_ids"], logprobs)

@@ -118,6 +118,65 @@ class RowPacker:
         return arrays
 
 
+class ExampleRows:
+    """Examples of token ids (``prepare --format ids``) → shards of ``rows_per_shard`` rows, **one example
+    per row**: the example from position 0, the rest of the row EOS (flag 0), so that no position has
+    another example in its context. Rows do not overlap: position t predicts token t+1 of its own row,
+    and the last position (always EOS padding or the example's last token) has no target.
+
+    Each shard is a dict of ``input_ids [rows, seq_len]`` int64, ``loss_mask [rows, seq_len]`` uint8
+    (position t is 1 where token t+1 is a completion token) and, when examples carry the policy's
+    log-probs, ``behaviour_logprob [rows, seq_len]`` float32 (position t: token t+1's log-prob where
+    ``loss_mask`` is 1, else 0). Counts as :class:`RowPacker`'s (``dropped_tokens`` stays 0)."""
+
+    def __init__(self, seq_len: int, rows_per_shard: int, eos_token_id: int, logprobs: bool):
+        self.row_len = seq_len
+        self.stride = seq_len - 1  # targets per row, as in an overlapping store
+        self.rows_per_shard = rows_per_shard
+        self.eos = eos_token_id
+        self.logprobs = logprobs
+        self.total_tokens = 0
+        self.padding_tokens = 0
+        self.dropped_tokens = 0
+        self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+
+    def add(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],
+            completion_logprobs: Sequence[float] | None = None) -> None:
+        """One example as its own row; the caller has checked that it fits (``len ≤ seq_len``)."""
+        n_prompt, n = len(prompt_ids), len(prompt_ids) + len(completion_ids)
+        if n > self.row_len:
+            raise ValueError(f"an example of {n} tokens does not fit a row of {self.row_len}")
+        ids = np.full(self.row_len, self.eos, dtype=np.int64)
+        ids[:n_prompt], ids[n_prompt:n] = prompt_ids, completion_ids
+        # position t predicts token t+1: positions first … n−2 predict the completion's tokens (without a
+        # prompt, the completion's first token is no position's target)
+        first, skip = max(n_prompt - 1, 0), int(n_prompt == 0)
+        mask = np.zeros(self.row_len, dtype=np.uint8)
+        mask[first:n - 1] = 1
+        behaviour = None
+        if self.logprobs:
+            behaviour = np.zeros(self.row_len, dtype=np.float32)
+            behaviour[first:n - 1] = np.asarray(completion_logprobs, dtype=np.float64)[skip:]
+        self._rows.append((ids, mask, behaviour))
+        self.total_tokens += self.row_len
+        self.padding_tokens += self.row_len - n
+
+    def full_shards(self) -> Iterator[dict[str, np.ndarray]]:
+        while len(self._rows) >= self.rows_per_shard:
+            yield self._shard(self.rows_per_shard)
+
+    def finish(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._rows:
+            yield self._shard(len(self._rows))
+
+    def _shard(self, rows: int) -> dict[str, np.ndarray]:
+        taken, self._rows = self._rows[:rows], self._rows[rows:]
+        arrays = {"input_ids": np.stack([r[0] for r in taken]), "loss_mask": np.stack([r[1] for r in taken])}
+        if self.logprobs:
+            arrays["behaviour_logprob"] = np.stack([r[2] for r in taken])
+        return arrays
+
+
 def loss_mask_rows(flags: np.ndarray, rows: int, row_len: int) -> np.ndarray:
     """``loss_mask [rows, row_len]`` uint8 of the rows cut with stride ``row_len − 1`` from a stream whose
     tokens' response flags are ``flags``: position t of row r is the flag of its target, stream token

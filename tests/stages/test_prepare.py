@@ -161,3 +161,70 @@ def test_chat_records_train_on_assistant_turns(tmp_path):
     # the assistant contents and their end-of-turn marker; the headers, other turns and the final EOS
     # (the conversation ends with the user) are not
     assert tokenizer.decode(stream[on_target == 1]) == "Paris.<|endoftext|>\nMadrid.<|endoftext|>\n"
+
+
+def write_ids_records(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+IDS_RECORDS = [  # EOS (0) closes the first and third completions, as generate writes a record that ended at EOS
+    {"id": 0, "prompt_ids": [0, 5, 6], "completion_ids": [7, 8, 0], "completion_logprobs": [-0.5, -1.25, -2.0]},
+    {"id": 1, "prompt_ids": [0, 9], "completion_ids": [10, 11, 12, 13, 14], "completion_logprobs": [-1, -2, -3, -4, -5]},
+    {"id": 2, "prompt_ids": [0], "completion_ids": [15, 0], "completion_logprobs": [-0.125, -0.25]},
+]
+
+
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+def test_ids_records_are_stored_as_given_one_per_row(tmp_path, backend):
+    """--format ids: each record from position 0 of its own row, EOS after it, nothing re-tokenized and no
+    EOS appended; loss_mask 1 where token t+1 is a completion token; behaviour_logprob that token's
+    log-prob there and 0 elsewhere."""
+    records = write_ids_records(tmp_path / "gen.jsonl", IDS_RECORDS)
+    result = run_cli("prepare", "--input", records, "--out", tmp_path / "s", "--tokenizer", TOKENIZER, "--format", "ids",
+                     "--seq-len", "8", "--rows-per-shard", "2", "--chunk-rows", "1", "--backend", backend)
+    assert result.exit_code == 0, result.output
+    s = open_store(tmp_path / "s", kind="tokens")
+    data = s.read_rows(0, s.rows)
+    assert s.rows == 3 and len(s.shards) == 2 and s.params["format"] == "ids"
+    assert s.index["arrays"]["behaviour_logprob"] == {"dtype": "float32", "shape": [8]}
+    np.testing.assert_array_equal(data["input_ids"], [[0, 5, 6, 7, 8, 0, 0, 0],
+                                                      [0, 9, 10, 11, 12, 13, 14, 0],
+                                                      [0, 15, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(data["loss_mask"], [[0, 0, 1, 1, 1, 0, 0, 0],
+                                                      [0, 1, 1, 1, 1, 1, 0, 0],
+                                                      [1, 1, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(data["behaviour_logprob"], [[0, 0, -0.5, -1.25, -2.0, 0, 0, 0],
+                                                              [0, -1, -2, -3, -4, -5, 0, 0],
+                                                              [-0.125, -0.25, 0, 0, 0, 0, 0, 0]])
+    assert data["behaviour_logprob"].dtype == np.float32
+    assert s.index["loss_tokens"] == 10 and s.index["padding_tokens"] == 3 * 8 - 6 - 7 - 3
+    assert s.index["target_tokens"] == 3 * 7 and s.index["documents"] == 3
+    # without logprobs: the same rows and mask, no behaviour_logprob
+    plain = [{k: v for k, v in r.items() if k != "completion_logprobs"} for r in IDS_RECORDS]
+    result = run_cli("prepare", "--input", write_ids_records(tmp_path / "plain.jsonl", plain), "--out", tmp_path / "p",
+                     "--tokenizer", TOKENIZER, "--format", "ids", "--seq-len", "8")
+    assert result.exit_code == 0, result.output
+    p = open_store(tmp_path / "p")
+    assert set(p.index["arrays"]) == {"input_ids", "loss_mask"}
+    np.testing.assert_array_equal(p.read_rows(0, 3)["loss_mask"], data["loss_mask"])
+
+
+@pytest.mark.parametrize("records,seq_len,message", [
+    ([IDS_RECORDS[1]], 6, "gen.jsonl:1 (record 1): 7 tokens (2 prompt + 5 completion) do not fit a row of 6"),
+    ([{"prompt_ids": [0, 8192], "completion_ids": [1]}], 8, "'prompt_ids' holds id 8192, outside the tokenizer's "
+                                                             "8192 ids"),
+    ([IDS_RECORDS[0], {"prompt_ids": [0], "completion_ids": [1]}], 8, "gen.jsonl:2: has no 'completion_logprobs' "
+                                                                      "and "),
+    ([{"prompt_ids": [0], "completion_ids": [1, 2], "completion_logprobs": [-1.0]}], 8, "not a list of finite numbers"),
+    ([{"prompt_ids": [0], "completion_ids": []}], 8, "'completion_ids' is empty"),
+    ([{"prompt": "x", "completion_ids": [1]}], 8, "no 'prompt_ids' field"),
+])
+def test_bad_ids_records_are_one_line_and_write_nothing(tmp_path, records, seq_len, message):
+    path = write_ids_records(tmp_path / "gen.jsonl", records)
+    line = one_line_error(run_cli("prepare", "--input", path, "--out", tmp_path / "s", "--tokenizer", TOKENIZER,
+                                  "--format", "ids", "--seq-len", str(seq_len)))
+    assert message in line, line
+    assert not (tmp_path / "s").exists()
+    if "do not fit" in message:
+        assert "raise --seq-len (or lower --max-new-tokens at generate)" in line
