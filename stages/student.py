@@ -541,8 +541,8 @@ def _stored_signal(config: TrainConfig, train_store: Store) -> TeacherSignal:
 def _teacher_source(config: TrainConfig, train_store: Store) -> tuple[str, float]:
     """Where the teacher comes from ('online', 'store' or 'none') and the resolved alpha."""
     if train_store.kind == "target" and config.objective != "policy-gradient":
-        raise DistillError(f"{config.train_store} is a 'target' store: it holds only the teacher's log-prob of each "
-                           "sampled token; train from it with --objective policy-gradient --alpha 0")
+        raise DistillError(f"{config.train_store}: a target store holds only the teacher's log-prob of each token; "
+                           "train with --objective policy-gradient --alpha 0")
     if train_store.kind not in ("tokens", "topk", "sampled", "target"):
         raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; stage two trains from 'topk' or 'tokens'")
     if config.objective == "policy-gradient" and train_store.kind == "tokens":

@@ -211,8 +211,9 @@ def test_masked_positions_contribute_nothing_and_the_loss_is_the_surrogates_mean
 
 
 @pytest.mark.parametrize("store,flags,message", [
-    ("target", (), "a 'target' store: it holds only the teacher's log-prob"),
-    ("target", ("--objective", "reverse-kl"), "a 'target' store"),
+    ("target", (), "a target store holds only the teacher's log-prob of each token; train with --objective "
+                   "policy-gradient --alpha 0"),
+    ("target", ("--objective", "reverse-kl"), "a target store holds only"),
     ("sampled", ("--objective", "reverse-kl"), "is a 'sampled' store; rerun stage one with --kind topk"),
     ("tokens", ("--objective", "policy-gradient", "--alpha", "0"), "the teacher has not scored it"),
     ("topk", ("--objective", "policy-gradient"), "needs --alpha set"),
@@ -250,3 +251,31 @@ def test_a_ratio_that_overflows_stops_clip_with_one_line_and_gate_drops_it(onpol
     lines, _ = train(onpolicy, "overflow", "overflow-gate", "--objective", "policy-gradient", "--alpha", "0",
                      "--ratio", "gate", steps=2)
     assert [r["pg_gated_share"] for r in lines] == [1.0, 1.0] and all(r["kd"] == 0 for r in lines)
+
+
+def test_a_round_from_distill_generate_starts_exactly_on_policy(tmp_path):
+    """The whole chain of a round's data: a student with weights writes completions (distill generate,
+    T = 1, no top-k/top-p, so it samples from its own distribution and records each token's log-prob),
+    prepare --format ids stores them, stage one scores them (--kind target), and stage two, starting
+    from that same student (--model DIR), sees ratio 1 at step 1 and nothing clipped: the sampler's
+    log-prob of token t+1 lines up with the student's at position t."""
+    student = make_teacher(tmp_path / "student", scale=4.0)  # a random model with its weights, not too peaked
+    make_teacher(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("The Lord said unto Moses\nIn the beginning\nOnce upon a time there was\n")
+    steps = [
+        ("generate", "--model", student, "--tokenizer", TOKENIZER, "--prompts", tmp_path / "prompts.txt", "--out",
+         tmp_path / "gen", "--samples-per-prompt", "2", "--max-new-tokens", "12", "--temperature", "1.0"),
+        ("prepare", "--input", tmp_path / "gen" / "generated.jsonl", "--format", "ids", "--tokenizer", TOKENIZER,
+         "--seq-len", "24", "--out", tmp_path / "tokens", *ROWS),
+        ("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", tmp_path / "teacher", "--out",
+         tmp_path / "target", "--kind", "target", *ROWS),
+        ("student", "--train-store", tmp_path / "target", "--model", student, "--out", tmp_path / "round",
+         "--max-steps", "2", "--micro-batch-size", "6", "--device", "cpu", "--log-every", "1", "--warmup-steps", "1",
+         "--objective", "policy-gradient", "--alpha", "0"),
+    ]
+    for args in steps:
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "round" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["pg_ratio"] == pytest.approx(1.0, abs=1e-4) and lines[0]["pg_clipped_share"] == 0
+    assert np.isfinite(lines[1]["loss"]) and lines[1]["pg_ratio"] != pytest.approx(1.0, abs=1e-4)
