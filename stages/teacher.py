@@ -5,8 +5,9 @@ teacher at the cache temperature, as distinct ids with counts, :mod:`pipeline.te
 ``topk`` (the k largest predictions and the exact tail mass), the hybrid, ``topk`` with
 ``--tail-samples M`` (the top-k plus M draws from the rest), and ``target`` (only the teacher's
 log-prob of each next token at the cache temperature: what a policy-gradient objective on sequences
-the student sampled needs, about 4 bytes per token). Each may also hold every drawn id's log-prob (``--sample-logprobs``),
-so stage two can reweight draws to another grid temperature.
+the student sampled needs, about 4 bytes per token). A store that draws may also hold every drawn
+id's log-prob (``--sample-logprobs``), so stage two can reweight draws to another grid temperature.
+Every kind copies the tokens store's ``loss_mask`` and ``behaviour_logprob`` where it has them.
 
 setup → loop → finish. The teacher's body runs on a batch of rows; its output head then runs on
 chunks of ``position_chunk`` positions, and each chunk is reduced on the device to top-k ids and

@@ -37,6 +37,7 @@ KINDS = {
     "topk": ("--kind", "topk", "--top-k", "4"),
     "sampled": ("--kind", "sampled", "--samples", "6", "--sample-logprobs"),
     "hybrid": ("--kind", "topk", "--top-k", "4", "--tail-samples", "5", "--sample-logprobs"),
+    "target": ("--kind", "target"),
 }
 BACKENDS = ("zarr", "arrow")
 FAST_STEP = 7  # the default suite flips every 7th bit of one store
@@ -235,6 +236,19 @@ def test_a_slice_of_bit_flips_and_every_parameter_edit(stores):
     print(f"hybrid/zarr: {tried} parameter edits, {as_saved} refused as saved, {resealed} resealed; "
           f"digest only: {digest_only}")
     assert as_saved == tried > 40 and resealed >= tried - len(digest_only)
+
+
+def test_a_target_store_refuses_flips_and_every_parameter_edit(stores):
+    """The target kind (#25): its grid is the cache temperature alone, so a grid made longer, shorter or
+    moved is refused against the data even resealed, as are the shapes and the shard list."""
+    root = stores("target", "arrow")
+    flips, refused, _ = flip_bits(root, 13, first=5)
+    assert refused == flips > 1000
+    tried, as_saved, resealed, digest_only = check_param_edits(root)
+    print(f"\ntarget/arrow: {tried} parameter edits, {as_saved} refused as saved, {resealed} resealed; "
+          f"digest only: {digest_only}")
+    assert as_saved == tried > 20
+    assert not [label for label in digest_only if "temperature" in label]
 
 
 def test_flipped_digest_key_and_version_cannot_pass_for_an_older_store(stores, tmp_path, capsys):

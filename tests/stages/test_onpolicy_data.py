@@ -157,3 +157,23 @@ def test_stage_two_batches_carry_the_behaviour_and_target_log_probs(onpolicy, tm
     result = run_cli("student", "--train-store", onpolicy / "topk", "--model", onpolicy / "tiny.json", "--out",
                      tmp_path / "trained", "--max-steps", "2", "--micro-batch-size", "4", "--device", "cpu")
     assert result.exit_code == 0, result.output
+
+
+def test_when_the_teacher_writes_at_its_temperature_both_log_probs_agree(onpolicy, tmp_path):
+    """End to end: the teacher writing at T = 1 with no filtering samples exactly the distribution a
+    T = 1 target store scores, so behaviour_logprob (from decoding, on the KV cache) and target_logprob
+    (from stage one's full forward) agree on every scored token, to the logits' float rounding."""
+    result = run_cli("generate", "--model", onpolicy / "teacher", "--tokenizer", TOKENIZER, "--prompts",
+                     onpolicy / "prompts.txt", "--out", tmp_path / "gen", "--max-new-tokens", "10", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    result = run_cli("prepare", "--input", tmp_path / "gen" / "generated.jsonl", "--format", "ids", "--tokenizer",
+                     TOKENIZER, "--seq-len", "24", "--out", tmp_path / "tokens")
+    assert result.exit_code == 0, result.output
+    result = run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", onpolicy / "teacher", "--out",
+                     tmp_path / "target", "--kind", "target")
+    assert result.exit_code == 0, result.output
+    data = open_store(tmp_path / "target").read_rows(0, len(PROMPTS))
+    scored = data["loss_mask"][:, :-1] > 0
+    assert scored.sum() >= 50
+    np.testing.assert_allclose(data["behaviour_logprob"][:, :-1][scored], data["target_logprob"][:, :-1][scored],
+                               rtol=0, atol=1e-4)
