@@ -21,10 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
+from typer.testing import CliRunner
 
 from pipeline.store.contract import open_store
-from tests.conftest import TOKENIZER, make_teacher, run_cli
+from stages.cli import app
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizer"
 
 PROMPTS = ["The Lord said unto Moses", "In the beginning", "Once upon a time", "It is a truth", "He said",
            "A hacker is", "The city", "We"]
@@ -35,16 +38,32 @@ OBJECTIVES = {"policy-gradient clip": ("target", ("--objective", "policy-gradien
 
 
 def ok(*args) -> None:
-    result = run_cli(*args)
+    """``distill ARGS`` in this process; its output where it fails."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
     if result.exit_code != 0:
         raise SystemExit(result.output)
 
 
+def random_llama(path: Path, scale: float) -> Path:
+    """A random 2-layer Llama at the project's vocabulary whose output head is scaled by ``scale``
+    (peaked distributions, as a trained model's), saved with its weights (as tests/conftest.py's
+    make_teacher, seeded alike)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=8192, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                  max_position_embeddings=128, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.save_pretrained(str(path))
+    return path
+
+
 def round_data(root: Path) -> None:
     """The student, the teacher, the student's completions and the teacher's two stores of them."""
-    make_teacher(root / "student", scale=4.0)
+    random_llama(root / "student", scale=4.0)
     torch.manual_seed(1)
-    teacher = AutoModelForCausalLM.from_pretrained(str(make_teacher(root / "teacher", scale=8.0)))
+    teacher = AutoModelForCausalLM.from_pretrained(str(random_llama(root / "teacher", scale=8.0)))
     with torch.no_grad():  # another model than the student
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
