@@ -92,7 +92,8 @@ def test_stage_one_copies_the_behaviour_logprob(onpolicy):
     ("target", ("--objective", "policy-gradient", "--alpha", "0")),
     ("topk", ("--objective", "policy-gradient", "--alpha", "0", "--ratio", "gate")),
     ("topk-t2", ("--objective", "policy-gradient", "--alpha", "0.5", "--ratio-epsilon", "0.1")),
-], ids=["forward-kl", "reverse-kl", "pg-clip-target", "pg-gate-topk", "pg-retempered"])
+    ("sampled", ("--objective", "policy-gradient", "--alpha", "0")),
+], ids=["forward-kl", "reverse-kl", "pg-clip-target", "pg-gate-topk", "pg-retempered", "pg-sampled"])
 def test_each_objective_trains_and_says_what_it_did(onpolicy, store, flags):
     lines, final = train(onpolicy, store, f"run-{store}-{'-'.join(flags)}", *flags)
     assert len(lines) == 3 and all(np.isfinite([r["loss"], r["kd"], r["grad_norm"]]).all() for r in lines)
