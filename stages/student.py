@@ -483,7 +483,8 @@ def setup(config: TrainConfig) -> Run | None:
         if rank == 0:
             print(f"resumed from {resume_from} at step {start_step}")
     fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
-    fields = tuple(dict.fromkeys(fields + position_arrays(train_store.index["arrays"])))
+    if aligner is None:  # across tokenizers the aligner makes the student's rows and their mask
+        fields = tuple(dict.fromkeys(fields + position_arrays(train_store.index["arrays"])))
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
                     config.workers, config.prefetch, fields, config.shuffle_chunks, transform=aligner)
 
