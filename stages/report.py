@@ -79,7 +79,7 @@ def load_run(path: Path) -> dict[str, Any]:
     return data
 
 
-STORE_NAMES = {"topk": "top-k store", "sampled": "sampled store", "hybrid": "hybrid store"}
+STORE_NAMES = {"topk": "top-k store", "sampled": "sampled store", "hybrid": "hybrid store", "target": "target store"}
 
 
 def training_label(run: dict[str, Any]) -> tuple[str, str]:
@@ -103,7 +103,9 @@ def training_label(run: dict[str, Any]) -> tuple[str, str]:
     else:  # metrics.json before store_kind: drawn targets were a sampled store's (or a hybrid's, unrecorded)
         kind = "sampled" if t.get("teacher_signal") == "StoredSampled" else "topk"
         tail = None if kind == "sampled" else t.get("tail", "tail")
-    what = ", ".join(part for part in (tail, STORE_NAMES.get(kind, f"{kind} store")) if part)
+    # an on-policy objective (#25), with the policy gradient's ratio treatment
+    objective = " ".join(str(t[k]) for k in ("objective", "ratio") if t.get(k))
+    what = ", ".join(part for part in (objective, tail, STORE_NAMES.get(kind, f"{kind} store")) if part)
     return f"distilled (α={t['alpha']:g}, {what}){origin}", temperature
 
 

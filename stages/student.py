@@ -530,9 +530,9 @@ def _stored_signal(config: TrainConfig, train_store: Store) -> TeacherSignal:
                                     config.ratio_epsilon, store=root)
     if config.objective == "reverse-kl":
         if train_store.kind != "topk":
-            raise DistillError(f"--objective reverse-kl needs the teacher's probability wherever the student puts mass: "
-                               f"a top-k store's kept ids and exact tail; {root} is a '{train_store.kind}' store; rerun "
-                               "stage one with --kind topk")
+            raise DistillError(f"--objective reverse-kl needs the teacher's probability wherever the student puts "
+                               f"mass: a top-k store's kept ids and exact tail; {root} is a '{train_store.kind}' "
+                               "store; rerun stage one with --kind topk")
         # a hybrid store's exact top-k and tail: its drawn tail ids are not read
         return StoredTopK(train_store.params, config.temperature, "tail", "reverse", store=root)
     return stored_teacher(train_store.kind, train_store.params, config.temperature, config.tail, config.kl_direction,
@@ -542,8 +542,8 @@ def _stored_signal(config: TrainConfig, train_store: Store) -> TeacherSignal:
 def _teacher_source(config: TrainConfig, train_store: Store) -> tuple[str, float]:
     """Where the teacher comes from ('online', 'store' or 'none') and the resolved alpha."""
     if train_store.kind == "target" and config.objective != "policy-gradient":
-        raise DistillError(f"{config.train_store} is a 'target' store: it holds only the teacher's log-prob of each "
-                           "sampled token; train from it with --objective policy-gradient --alpha 0")
+        raise DistillError(f"{config.train_store}: a target store holds only the teacher's log-prob of each token; "
+                           "train with --objective policy-gradient --alpha 0")
     if train_store.kind not in ("tokens", "topk", "sampled", "target"):
         raise DistillError(f"{config.train_store} is a '{train_store.kind}' store; stage two trains from 'topk' or 'tokens'")
     if config.objective == "policy-gradient" and train_store.kind == "tokens":
@@ -673,8 +673,11 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
                     unit="tok", unit_scale=True, dynamic_ncols=True, disable=not run.is_rank0)
     run.model.train()
     t2 = config.temperature ** 2
+    teacher_signal = getattr(wrapped, "module", wrapped).teacher
     for step in range(run.start_step, config.max_steps):
         started = time.perf_counter()
+        if hasattr(teacher_signal, "new_step"):  # its statistics are of the step logged, as the loss is
+            teacher_signal.new_step()
         # CE sum, divergence sum, targets, then a pre-emption flag per signal (this rank)
         sums = torch.zeros(3 + len(preemption.signals), dtype=torch.float64)
         for micro in range(config.grad_accum):
@@ -697,7 +700,8 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
         if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
             progress.close()
             run.loader.close()
-            raise DistillError(non_finite_message(step + 1, sums, grad_norm, alpha, run.out / "checkpoints"))
+            raise DistillError(non_finite_message(step + 1, sums, grad_norm, alpha, run.out / "checkpoints",
+                                                  config.objective))
         lr = run.scheduler.get_last_lr()[0]
         run.optimizer.step()
         run.scheduler.step()
@@ -714,8 +718,9 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
                       "tokens": run.tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
             if alpha < 1.0:
                 record["kd"] = kd
-            if hasattr(signal := getattr(wrapped, "module", wrapped).teacher, "take_stats"):
-                record.update(signal.take_stats())  # cross-tokenizer: the share of positions each term reached
+            if hasattr(teacher_signal, "take_stats"):
+                # cross-tokenizer: the share of positions each term reached; policy gradient: advantage, ratio
+                record.update(teacher_signal.take_stats())
             run.metrics.log(**record)
         if run.eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
             result = evaluate(wrapped, run.eval_store, config.micro_batch_size, config.eval_rows, run.device,
@@ -734,11 +739,15 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
     return stopped
 
 
-def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, alpha: float, ckpt_dir: Path) -> str:
+def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, alpha: float, ckpt_dir: Path,
+                       objective: str = "") -> str:
     """One line: which quantity went non-finite at ``step``, the likely cause, what is intact."""
     ce, kd = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
     if not math.isfinite(ce):
         cause = "the student's logits overflowed (lower --lr, raise --warmup-steps, or train in float32)"
+    elif alpha < 1.0 and not math.isfinite(kd) and objective == "policy-gradient":
+        cause = ("an importance ratio that overflowed: the student moved far from the one that sampled (fewer steps "
+                 "per round, a lower --lr, or --ratio gate, which has no unbounded side)")
     elif alpha < 1.0 and not math.isfinite(kd):
         cause = "a non-finite teacher signal (check the store with distill inspect STORE --verify)"
     else:

@@ -214,10 +214,11 @@ class StoredPolicyGradient:
     ``target`` store) that holds ``behaviour_logprob`` serves; compared with
     :func:`pipeline.train.onpolicy.policy_gradient` at T = 1.
 
-    What a user watches (:meth:`take_stats`, one metrics line since the last; rank 0's positions
-    under DDP): ``pg_advantage`` the mean advantage (≈ minus the per-token reverse KL to the teacher
-    on the sampler's tokens), ``pg_ratio`` the mean importance ratio, and ``pg_clipped_share`` (clip)
-    or ``pg_gated_share`` (gate), the share of positions the band took the gradient from.
+    What a user watches (:meth:`take_stats`: over the positions of the step logged, every micro-batch
+    of it, as the loss is, so a resumed run logs what an uninterrupted one does; rank 0's under DDP):
+    ``pg_advantage`` the mean advantage (≈ minus the per-token reverse KL to the teacher on the
+    sampler's tokens), ``pg_ratio`` the mean importance ratio, and ``pg_clipped_share`` (clip) or
+    ``pg_gated_share`` (gate), the share of positions the band took the gradient from.
     """
 
     temperature = 1.0
@@ -275,12 +276,16 @@ class StoredPolicyGradient:
         return torch.stack([torch.tensor(float(targets.numel()), device=targets.device, dtype=torch.float64),
                             terms.advantage.double().sum(), terms.ratio.double().sum(), terms.outside.double().sum()])
 
+    def new_step(self) -> None:
+        """Forget the statistics of earlier steps (the training loop calls it as each step begins)."""
+        self._sums.zero_()
+
     def add_stats(self, sums: torch.Tensor) -> None:
         """Adds a micro-batch's :meth:`position_stats` (summed over its chunks); one sync per micro-batch."""
         self._sums += sums.detach().double().cpu()
 
     def take_stats(self) -> dict[str, float]:
-        """Means since the last call (see the class docstring); zeros reset."""
+        """Means over the positions since :meth:`new_step` (or the last call); zeros reset."""
         count, advantage, ratio, outside = self._sums.tolist()
         self._sums.zero_()
         n = max(count, 1.0)

@@ -221,3 +221,20 @@ def test_an_option_recorded_empty_groups_with_runs_that_did_not_record_it(tmp_pa
             run("kd-cross-s2", 1_000_000, kd(1.0, seed=2) | {"cross_tokenizer": "both"}, completion(0.4, 20.0, 0.6, 0.3))]
     _, numbers = report(tmp_path, runs, "--teacher", "none")
     assert [g["seeds"] for g in numbers["groups"]] == [[0, 1], [2]]
+
+
+def test_an_on_policy_objective_is_named_and_its_runs_stay_apart(tmp_path):
+    """Runs trained with --objective (#25) say which, and the policy gradient's ratio treatment; they
+    are not seeds of the plain run with the same α and T."""
+    pg = {"alpha": 0.0, "temperature": 1.0, "teacher_source": "store", "step": 100, "tokens": 100, "seed": 0,
+          "teacher_signal": "StoredPolicyGradient", "store_kind": "target", "tail": None,
+          "objective": "policy-gradient", "ratio": "clip", "ratio_epsilon": 0.2}
+    runs = [run("pg-s0", 1_000_000, pg, completion(0.2, 20.0, 0.6, 0.3)),
+            run("rkl-s0", 1_000_000, kd(1.0, seed=0) | {"objective": "reverse-kl", "store_kind": "topk"},
+                completion(0.3, 20.0, 0.6, 0.3)),
+            run("kd-s1", 1_000_000, kd(1.0, seed=1) | {"store_kind": "topk"}, completion(0.4, 20.0, 0.6, 0.3))]
+    md, numbers = report(tmp_path, runs, "--teacher", "none")
+    rows = {r[0]: r for r in table(md, "### Table 1")[1:]}
+    assert rows["pg-s0"][2] == "distilled (α=0, policy-gradient clip, target store)"
+    assert rows["rkl-s0"][2] == "distilled (α=0.5, reverse-kl, tail, top-k store)"
+    assert [g["seeds"] for g in numbers["groups"]] == [[0], [0], [1]]

@@ -80,7 +80,7 @@ def test_a_ratio_that_overflows_outside_the_band_leaves_the_other_gradients_fini
 
 def test_signal_positions_masked_out_contribute_nothing():
     """Through the signal as stage two uses it: a position whose loss_mask is 0 never reaches the
-    loss (DistillStep drops it, tested end to end in tests/stages/test_onpolicy.py); here what the
+    loss (DistillStep drops it, tested end to end in tests/stages/test_student_onpolicy.py); here what the
     signal hands on is one value per position with a next token, the last one dropped, and the
     divergence of a position depends on that position alone."""
     signal = StoredPolicyGradient("topk", {"temperature": 1.0, "temperature_grid": [1.0]},

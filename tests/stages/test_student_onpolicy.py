@@ -3,6 +3,7 @@ log-prob it drew each token with (``behaviour_logprob``), scored by a teacher in
 with --objective forward-kl, reverse-kl and policy-gradient."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -47,16 +48,16 @@ def onpolicy(tmp_path_factory, heldout_docs):
     write_tiny_model_config(root / "tiny.json")
     plain = open_store(root / "plain")
     data = plain.read_rows(0, plain.rows)
-    data["behaviour_logprob"] = np.where(data["loss_mask"] > 0, student_logprobs(root / "tiny.json", data["input_ids"]),
-                                         0.0).astype(np.float32)
+    own = student_logprobs(root / "tiny.json", data["input_ids"])
+    data["behaviour_logprob"] = np.where(data["loss_mask"] > 0, own, 0.0).astype(np.float32)
     (root / "tokens").mkdir()
-    shards, start = [], 0
+    shards, start, backend = [], 0, plain.index["backend"]
     for i, entry in enumerate(plain.shards):
         part = {k: v[start:start + entry["rows"]] for k, v in data.items()}
-        shards.append(write_shard(root / "tokens", shard_name(i, plain.index["backend"]), part, plain.index["backend"], chunk_rows=4))
+        shards.append(write_shard(root / "tokens", shard_name(i, backend), part, backend, chunk_rows=4))
         start += entry["rows"]
     arrays = dict(plain.index["arrays"], behaviour_logprob={"dtype": "float32", "shape": [32]})
-    write_index(root / "tokens", new_index("tokens", plain.index["backend"], plain.params, shards, arrays))
+    write_index(root / "tokens", new_index("tokens", backend, plain.params, shards, arrays))
     make_teacher(root / "teacher")
     for name, flags in (("sampled", ("--samples", "4")), ("topk", ("--kind", "topk", "--top-k", "8")),
                         ("target", ("--kind", "target")),
@@ -91,7 +92,8 @@ def test_stage_one_copies_the_behaviour_logprob(onpolicy):
     ("target", ("--objective", "policy-gradient", "--alpha", "0")),
     ("topk", ("--objective", "policy-gradient", "--alpha", "0", "--ratio", "gate")),
     ("topk-t2", ("--objective", "policy-gradient", "--alpha", "0.5", "--ratio-epsilon", "0.1")),
-], ids=["forward-kl", "reverse-kl", "pg-clip-target", "pg-gate-topk", "pg-retempered"])
+    ("sampled", ("--objective", "policy-gradient", "--alpha", "0")),
+], ids=["forward-kl", "reverse-kl", "pg-clip-target", "pg-gate-topk", "pg-retempered", "pg-sampled"])
 def test_each_objective_trains_and_says_what_it_did(onpolicy, store, flags):
     lines, final = train(onpolicy, store, f"run-{store}-{'-'.join(flags)}", *flags)
     assert len(lines) == 3 and all(np.isfinite([r["loss"], r["kd"], r["grad_norm"]]).all() for r in lines)
@@ -121,6 +123,30 @@ def test_the_first_step_advantage_is_the_teachers_minus_the_samplers_log_prob(on
     lines, _ = train(onpolicy, "target", "all-rows", "--objective", "policy-gradient", "--alpha", "0",
                      "--micro-batch-size", str(target.rows), steps=1)
     assert lines[0]["pg_advantage"] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_resumed_policy_gradient_run_logs_and_ends_as_an_uninterrupted_one(onpolicy):
+    """The pg_* statistics are of the logged step, as the loss is: resumed from a checkpoint between
+    two metrics lines, the run logs the same numbers and ends with the same weights."""
+    flags = ("--objective", "policy-gradient", "--alpha", "0", "--checkpoint-every", "3", "--log-every", "2")
+    result = run_cli("student", "--train-store", onpolicy / "target", "--model", onpolicy / "tiny.json", "--out",
+                     onpolicy / "whole", "--max-steps", "4", "--micro-batch-size", "4", "--device", "cpu", *flags)
+    assert result.exit_code == 0, result.output
+    out = onpolicy / "resumed"
+    shutil.copytree(onpolicy / "whole", out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+    result = run_cli("student", "--train-store", onpolicy / "target", "--model", onpolicy / "tiny.json", "--out",
+                     out, "--max-steps", "4", "--micro-batch-size", "4", "--device", "cpu", "--resume", "auto", *flags)
+    assert result.exit_code == 0 and "resumed from" in result.output, result.output
+    keys = ("step", "loss", "kd", "pg_advantage", "pg_ratio", "pg_clipped_share")
+    logs = [[{k: json.loads(line)[k] for k in keys} for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in (onpolicy / "whole", out)]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == [2, 4]
+    wa = load_file(str(onpolicy / "whole" / "model" / "model.safetensors"))
+    wb = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_forward_kl_is_direction_forward_bit_for_bit(onpolicy):
@@ -186,8 +212,9 @@ def test_masked_positions_contribute_nothing_and_the_loss_is_the_surrogates_mean
 
 
 @pytest.mark.parametrize("store,flags,message", [
-    ("target", (), "a 'target' store: it holds only the teacher's log-prob"),
-    ("target", ("--objective", "reverse-kl"), "a 'target' store"),
+    ("target", (), "a target store holds only the teacher's log-prob of each token; train with --objective "
+                   "policy-gradient --alpha 0"),
+    ("target", ("--objective", "reverse-kl"), "a target store holds only"),
     ("sampled", ("--objective", "reverse-kl"), "is a 'sampled' store; rerun stage one with --kind topk"),
     ("tokens", ("--objective", "policy-gradient", "--alpha", "0"), "the teacher has not scored it"),
     ("topk", ("--objective", "policy-gradient"), "needs --alpha set"),
@@ -203,3 +230,53 @@ def test_bad_combinations_are_one_line(onpolicy, tmp_path, store, flags, message
                      tmp_path / "out", "--max-steps", "1", "--device", "cpu", *flags)
     assert message in one_line_error(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ratio_that_overflows_stops_clip_with_one_line_and_gate_drops_it(onpolicy):
+    """A sampler that gave its tokens log-prob −200 (r = e^200: inf in float32) with negative
+    advantages: PPO's clip leaves that side unbounded, so the step is non-finite and stopped before
+    the weights change, with the cause named; the gate gives those positions nothing and trains."""
+    target = open_store(onpolicy / "target")
+    data = target.read_rows(0, target.rows)
+    data["behaviour_logprob"] = np.where(data["loss_mask"] > 0, -200.0, 0.0).astype(np.float32)
+    root = onpolicy / "overflow"
+    root.mkdir()
+    entry = write_shard(root, shard_name(0, target.index["backend"]), data, target.index["backend"], chunk_rows=4)
+    write_index(root, new_index("target", target.index["backend"], dict(target.params, rows_per_shard=target.rows),
+                                [entry], target.index["arrays"]))
+    result = run_cli("student", "--train-store", root, "--model", onpolicy / "tiny.json", "--out",
+                     onpolicy / "overflow-clip", "--max-steps", "2", "--micro-batch-size", "4", "--device", "cpu",
+                     "--objective", "policy-gradient", "--alpha", "0")
+    line = one_line_error(result)
+    assert "step 1: non-finite" in line and "importance ratio that overflowed" in line
+    lines, _ = train(onpolicy, "overflow", "overflow-gate", "--objective", "policy-gradient", "--alpha", "0",
+                     "--ratio", "gate", steps=2)
+    assert [r["pg_gated_share"] for r in lines] == [1.0, 1.0] and all(r["kd"] == 0 for r in lines)
+
+
+def test_a_round_from_distill_generate_starts_exactly_on_policy(tmp_path):
+    """The whole chain of a round's data: a student with weights writes completions (distill generate,
+    T = 1, no top-k/top-p, so it samples from its own distribution and records each token's log-prob),
+    prepare --format ids stores them, stage one scores them (--kind target), and stage two, starting
+    from that same student (--model DIR), sees ratio 1 at step 1 and nothing clipped: the sampler's
+    log-prob of token t+1 lines up with the student's at position t."""
+    student = make_teacher(tmp_path / "student", scale=4.0)  # a random model with its weights, not too peaked
+    make_teacher(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("The Lord said unto Moses\nIn the beginning\nOnce upon a time there was\n")
+    steps = [
+        ("generate", "--model", student, "--tokenizer", TOKENIZER, "--prompts", tmp_path / "prompts.txt", "--out",
+         tmp_path / "gen", "--samples-per-prompt", "2", "--max-new-tokens", "12", "--temperature", "1.0"),
+        ("prepare", "--input", tmp_path / "gen" / "generated.jsonl", "--format", "ids", "--tokenizer", TOKENIZER,
+         "--seq-len", "24", "--out", tmp_path / "tokens", *ROWS),
+        ("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", tmp_path / "teacher", "--out",
+         tmp_path / "target", "--kind", "target", *ROWS),
+        ("student", "--train-store", tmp_path / "target", "--model", student, "--out", tmp_path / "round",
+         "--max-steps", "2", "--micro-batch-size", "6", "--device", "cpu", "--log-every", "1", "--warmup-steps", "1",
+         "--objective", "policy-gradient", "--alpha", "0"),
+    ]
+    for args in steps:
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "round" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["pg_ratio"] == pytest.approx(1.0, abs=1e-4) and lines[0]["pg_clipped_share"] == 0
+    assert np.isfinite(lines[1]["loss"]) and lines[1]["pg_ratio"] != pytest.approx(1.0, abs=1e-4)
