@@ -12,8 +12,12 @@ Batches are left-padded with an attention mask and explicit position ids, so a p
 same positions as it would alone, and decoding runs one token at a time on the model's KV cache.
 What batching can change is the float rounding of the logits (a matrix product blocks its sums by
 the batch's shape; about 1e-6 here): a drawn token changes only where its uniform lies within that
-distance of a CDF boundary, roughly once in a million tokens, and greedy decoding only at a
-near-tie. Tests compare batch sizes 1 and 4, and 1 and 2 array jobs, record for record.
+distance of a CDF boundary, and greedy decoding only at a near-tie. That is rarer than it is
+negligible: with the shipped teacher at T = 1, 64 held-out prompts × 2 samples of up to 64 tokens,
+batch 8 against batch 1 gave 2 different tokens in 7,822 (2 of 128 records then differ from there
+on), both drawn where p ≈ e⁻¹³. A record is still a pure function of its key for a given batch size
+and device; tests compare batch sizes 1 and 4, and 1 and 2 array jobs, record for record, on a small
+model.
 """
 
 from __future__ import annotations
