@@ -220,3 +220,28 @@ def test_resubmit_after_every_round_finished_submits_nothing(tmp_path, setting, 
     again = run_cli("slurm", "--resubmit", tmp_path / "jobs")
     assert again.exit_code == 0 and "nothing to resubmit" in again.output, again.output
     assert not fake_sbatch.exists()
+
+
+def test_relative_paths_are_the_workdirs(tmp_path, setting, monkeypatch):  # noqa: F811
+    """The rounds' paths, like every stage's, are relative to `workdir`, wherever `distill slurm` runs."""
+    root, teacher, student = setting
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("prompts.jsonl", "heldout.txt"):
+        (work / name).write_text((root / name).read_text())
+    (work / "teacher").symlink_to(teacher)
+    (work / "student").symlink_to(student)
+    body = yaml.safe_load(config_file(root, teacher, student, tmp_path / "absolute").read_text())
+    body |= {"prompts": "prompts.jsonl", "heldout_prompts": "heldout.txt", "teacher": "teacher", "student": "student",
+             "out": "runs/rounds"}
+    (tmp_path / "rounds.yaml").write_text(yaml.safe_dump(body))
+    monkeypatch.chdir(tmp_path)  # not the workdir
+    result = run_cli("slurm", "--config", slurm_config(tmp_path, workdir=str(work)), "--rounds", "rounds.yaml",
+                     "--out", "jobs")
+    assert result.exit_code == 0, result.output
+    assert (work / "runs" / "rounds" / "config.json").is_file() and not (tmp_path / "runs").exists()
+    assert (work / "runs" / "rounds" / "round-001" / "steps" / "student.json").is_file()
+    student_job = (tmp_path / "jobs" / "round-001" / "06-student.sbatch").read_text()
+    assert f"cd {work}\n" in student_job and "--config runs/rounds/round-001/steps/student.json" in student_job
+    assert json.loads((work / "runs" / "rounds" / "round-001" / "steps" / "generate-student.json").read_text())[
+        "model"] == "student"
