@@ -556,16 +556,16 @@ def missing_generate_tasks(gen_out: Path, n: int) -> list[int]:
 
     if (gen_out / generate_stage.SUMMARY).is_file():
         return []
+    progress = [generate_stage.read_progress(generate_stage.index_path(gen_out, job, n)) for job in range(n)]
+    params = next((p["params"] for p in progress if p), None)
+    if params is None:
+        return list(range(n))
+    total = params["prompt_count"] * params["settings"]["samples_per_prompt"]
     owed = []
     for job in range(n):
-        progress = generate_stage.read_progress(generate_stage.index_path(gen_out, job, n))
-        if not progress:
-            owed.append(job)
-            continue
-        p = progress["params"]
-        total = p["prompt_count"] * p["settings"]["samples_per_prompt"]
-        parts = math.ceil(len(range(job, total, n)) / p["records_per_part"])
-        recorded = {e["part"] for e in progress["parts"] if (gen_out / generate_stage.PARTS / e["name"]).exists()}
+        parts = math.ceil(len(range(job, total, n)) / params["records_per_part"])  # 0: the job owns no record
+        recorded = {e["part"] for e in progress[job].get("parts", [])
+                    if (gen_out / generate_stage.PARTS / e["name"]).exists()}
         if set(range(parts)) - recorded:
             owed.append(job)
     return owed or [0]

@@ -245,3 +245,19 @@ def test_relative_paths_are_the_workdirs(tmp_path, setting, monkeypatch):  # noq
     assert f"cd {work}\n" in student_job and "--config runs/rounds/round-001/steps/student.json" in student_job
     assert json.loads((work / "runs" / "rounds" / "round-001" / "steps" / "generate-student.json").read_text())[
         "model"] == "student"
+
+
+def test_generate_tasks_that_own_no_record_owe_nothing(tmp_path, setting):  # noqa: F811
+    from stages.slurm import missing_generate_tasks
+
+    result, out, _ = write(tmp_path, setting, rounds=0, eval_tasks=[])
+    assert result.exit_code == 0, result.output
+    steps, gen = out / "round-000" / "steps" / "heldout-generate.json", out / "round-000" / "eval" / "gen"
+    assert missing_generate_tasks(gen, 6) == [0, 1, 2, 3, 4, 5]  # nothing written: every task
+    for task in (0, 2):
+        done = run_cli("generate", "--config", steps, "--shard-index", str(task), "--num-shards", "6")
+        assert done.exit_code == 0, done.output
+    assert missing_generate_tasks(gen, 6) == [1, 3]  # 4 held-out prompts: tasks 4 and 5 own none
+    for task in (1, 3):
+        assert run_cli("generate", "--config", steps, "--shard-index", str(task), "--num-shards", "6").exit_code == 0
+    assert (gen / "summary.json").is_file() and missing_generate_tasks(gen, 6) == []
