@@ -586,7 +586,7 @@ def round_scripts(plan: RoundsPlan, out: Path, jobs: list[RoundJob]) -> dict[str
 def slurm_rounds(config: SlurmConfig) -> dict[str, str] | None:
     """``distill slurm --rounds``: the scripts of every round's jobs, the step configs where `distill
     rounds` keeps them, and with ``--submit`` the jobs, each after the one before."""
-    from stages.rounds import save_steps
+    from stages.rounds import round_dir, save_steps
 
     out = Path(config.out).resolve()
     plan = resolve_rounds(config, out)
@@ -596,6 +596,7 @@ def slurm_rounds(config: SlurmConfig) -> dict[str, str] | None:
         jobs = round_jobs(plan, by_round)
         for r, steps in by_round.items():  # where `distill rounds` saves them: it finds the same configs
             save_steps(Path(plan.rounds.out), r, steps)
+        finished = {r for r in by_round if (round_dir(Path(plan.rounds.out), r) / "round.json").is_file()}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan.config_file, yaml.safe_dump(body, sort_keys=True, allow_unicode=True))
     for name, text in round_scripts(plan, out, jobs).items():
@@ -611,7 +612,13 @@ def slurm_rounds(config: SlurmConfig) -> dict[str, str] | None:
         print("run it again with --submit to submit them in order (or sbatch each, chained with "
               "--dependency=afterok:ID)")
         return None
-    return submit_rounds(out, [(job, None) for job in jobs])
+    if finished:  # as `distill rounds` skips them (a rerun with more rounds continues after the last)
+        print(f"round(s) {', '.join(map(str, sorted(finished)))} finished already: not submitted")
+    todo = [(job, None) for job in jobs if job.round not in finished]
+    if not todo:
+        print(f"{out}: every round is finished; nothing to submit")
+        return {}
+    return submit_rounds(out, todo)
 
 
 def submit_rounds(out: Path, todo: list[tuple[RoundJob, str | None]]) -> dict[str, str]:

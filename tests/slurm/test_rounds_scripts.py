@@ -212,7 +212,7 @@ def test_submit_chains_every_job_and_resubmit_submits_what_is_not_done(tmp_path,
     assert len(json.loads((tmp_path / "jobs" / "jobs.json").read_text())["history"]) == 4
 
 
-def test_resubmit_after_every_round_finished_submits_nothing(tmp_path, setting, fake_sbatch):  # noqa: F811
+def test_finished_rounds_are_not_submitted_again(tmp_path, setting, fake_sbatch):  # noqa: F811
     result, out, path = write(tmp_path, setting, rounds=0, eval_tasks=[])
     assert result.exit_code == 0, result.output
     done = run_cli("rounds", "--config", path)
@@ -220,6 +220,12 @@ def test_resubmit_after_every_round_finished_submits_nothing(tmp_path, setting, 
     again = run_cli("slurm", "--resubmit", tmp_path / "jobs")
     assert again.exit_code == 0 and "nothing to resubmit" in again.output, again.output
     assert not fake_sbatch.exists()
+    # one more round (a rerun may raise `rounds`): only round 1's jobs go in, the first with no dependency
+    result, _, _ = write(tmp_path, setting, "--submit", rounds=1, eval_tasks=[])
+    assert result.exit_code == 0 and "round(s) 0 finished already" in result.output, result.output
+    calls = submitted(fake_sbatch)
+    assert [c[0] for c in calls][:2] == ["round-001/01-prompts.sbatch", "round-001/02-generate.sbatch"]
+    assert len(calls) == 11 and calls[0][1] is None
 
 
 def test_relative_paths_are_the_workdirs(tmp_path, setting, monkeypatch):  # noqa: F811
