@@ -193,7 +193,8 @@ def _register() -> None:
                   "Size a cluster run before submitting it: the store on disk, stage-one GPU-hours and array size, stage two.")
     stage_command("slurm", slurm.SlurmConfig, slurm.slurm,
                   "Write (and with --submit, submit) the pipeline as SLURM jobs: a stage-one array, merge, "
-                  "stage two under torchrun, eval and report, chained by dependencies.")
+                  "stage two under torchrun, eval and report, chained by dependencies; with --rounds, every step "
+                  "of every round of a `distill rounds` config.")
 
 
 _register()

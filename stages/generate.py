@@ -492,7 +492,8 @@ def merge_generated(out: Path) -> Path:
 
     def write(f) -> None:
         nonlocal records, tokens, last
-        for i, line in heapq.merge(*(job_records(by_job[j]) for j in range(jobs))):
+        # a job that owns no record (more jobs than records) writes no index: nothing of it to merge
+        for i, line in heapq.merge(*(job_records(by_job[j]) for j in sorted(by_job))):
             if i != last + 1:
                 raise DistillError(f"{out}: record {last + 1} is missing from the parts; rerun the job that owns it")
             last = i

@@ -21,6 +21,16 @@ checkpoint, and both exit with status 75 (stage two also writes ``OUT/preempted.
 torchrun does not pass its workers' status on). The script then requeues the job, which resumes.
 torchrun itself is started with USR1 ignored (inherited over ``exec``), so only the workers act on it.
 
+On-policy rounds (``--rounds ROUNDS.yaml``, issue #25): the YAML then holds only resources, and every
+step of every round of that ``distill rounds`` config becomes one job (``OUT/round-RRR/NN-STEP.sbatch``),
+each ``afterok`` the one before: ``rounds --step prompts``, a generate array (``jobs.generate.array``),
+prepare, a stage-one array and its merge, the student under torchrun, the held-out generate array,
+prepare, stage-one array and merge, eval, ``rounds --step finish``. Each stage reads the config that
+``stages.rounds.steps`` gives, saved where ``distill rounds`` saves it, and the rounds config is pinned
+in its OUT first (``_claim``), so ``distill rounds`` there afterwards runs (or skips) the same steps.
+``--resubmit`` skips finished rounds and done steps (``Step.done``) and narrows the first unfinished
+array to the tasks that still owe shards or parts.
+
 CPUs: each job asks for ``--cpus-per-task`` (``cpus``), and its ``srun`` lines ask for it again (since
 SLURM 22.05 a step no longer inherits it from the allocation and would get one CPU per task). Each
 stage sets torch's threads from ``SLURM_CPUS_PER_TASK`` (``pipeline/threads.py``; stage two's
@@ -29,6 +39,7 @@ torchrun processes share the task's CPUs), unless the stage's config sets ``thre
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -40,7 +51,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -52,7 +63,8 @@ from pipeline.preempt import EXIT_PREEMPTED as PREEMPTED  # a stage stopped by t
 IGNORE_USR1 = 'trap "" USR1; exec '  # torchrun then ignores USR1; its workers install their own handler
 RESOURCES = ("partition", "account", "qos", "time", "cpus", "mem", "gpus", "constraint", "signal", "extra")
 JOB_RESOURCES = {"teacher": RESOURCES + ("array",), "merge": RESOURCES,
-                 "student": RESOURCES + ("nodes", "procs_per_node"), "eval": RESOURCES}
+                 "student": RESOURCES + ("nodes", "procs_per_node"), "eval": RESOURCES,
+                 "generate": RESOURCES + ("array",)}  # generate: the --rounds' generate arrays only
 SCRIPTS = {"teacher": "1-teacher.sbatch", "merge": "2-merge.sbatch", "student": "3-student.sbatch",
            "eval": "4-eval.sbatch"}
 
@@ -69,14 +81,17 @@ class SlurmConfig:
                           "OUT/jobs.json.")
     resubmit: str = option("", "A directory `distill slurm --submit` wrote: submit again only what is not done (the "
                            "stage-one tasks whose shards are missing, and the jobs after them).")
+    rounds: str = option("", "A `distill rounds` config file: write its rounds 0 … R as chained jobs (generate "
+                         "array, prepare, stage-one array, merge, student, held-out estimate, finish), instead of "
+                         "the teacher, student, eval and report sections.")
     workdir: str = option("", "Directory every job runs in (default: where distill slurm runs).")
     setup: str = option("", "Shell lines every job runs first, e.g. 'source .venv/bin/activate'.")
     port: int = option(29500, "Port of stage two's c10d rendezvous on the first node (several nodes).")
     defaults: dict = file_option("sbatch resources of every job: partition, account, qos, time (quote it: "
                                  "'04:00:00'), cpus (per task), mem, gpus (per node), constraint, signal "
                                  "(USR1@120), extra (more #SBATCH lines).")
-    jobs: dict = file_option("Resources per job kind (teacher, merge, student, eval) over the defaults; "
-                             "teacher: array (tasks); student: nodes, procs_per_node.")
+    jobs: dict = file_option("Resources per job kind (teacher, merge, student, eval; with --rounds also generate) "
+                             "over the defaults; teacher and generate: array (tasks); student: nodes, procs_per_node.")
     env: dict = file_option("Environment variables every job exports.")
     teacher: dict = file_option("distill teacher options (as in its --config file), without the shard index/count.")
     student: dict = file_option("distill student options; train_store defaults to the teacher's out.")
@@ -95,8 +110,12 @@ class SlurmConfig:
                 problems.append(f"{name} must be a mapping, got {type(value).__name__}")
         if self.eval is not None and not (isinstance(self.eval, list) and all(isinstance(e, dict) for e in self.eval)):
             problems.append("eval must be a list of mappings (one per model)")
-        if not self.resubmit and self.teacher is None:
-            problems.append("no teacher section: what stage one runs")
+        stage_sections = [name for name in ("teacher", "student", "eval", "report") if getattr(self, name) is not None]
+        if self.rounds and stage_sections:
+            problems.append(f"--rounds takes every stage's options from the rounds config: remove the "
+                            f"{', '.join(stage_sections)} section{'s' if len(stage_sections) > 1 else ''}")
+        if not self.resubmit and not self.rounds and self.teacher is None:
+            problems.append("no teacher section: what stage one runs (or --rounds ROUNDS.yaml)")
         check(problems, "slurm")
 
 
@@ -154,14 +173,16 @@ def job_resources(config: SlurmConfig) -> dict[str, dict]:
     _known(defaults, RESOURCES, "defaults")
     jobs = dict(config.jobs or {})
     _known(jobs, tuple(JOB_RESOURCES), "jobs")
+    if "generate" in jobs and not config.rounds:
+        raise DistillError("slurm config: jobs.generate is for --rounds (the rounds' generate arrays); remove it")
     out = {}
     for kind, allowed in JOB_RESOURCES.items():
         own = dict(jobs.get(kind) or {})
         _known(own, allowed, f"jobs.{kind}")
         merged = {"time": "01:00:00", "cpus": 1, "gpus": 0, "extra": []} | defaults | own
         merged["time"] = _time(merged["time"], f"jobs.{kind}.time")
-        if kind == "teacher":
-            merged["array"] = _positive(merged.get("array", 1), "jobs.teacher.array")
+        if kind in ("teacher", "generate"):
+            merged["array"] = _positive(merged.get("array", 1), f"jobs.{kind}.array")
         if kind == "student":
             merged["nodes"] = _positive(merged.get("nodes", 1), "jobs.student.nodes")
             merged["procs_per_node"] = _positive(merged.get("procs_per_node", max(int(merged["gpus"]), 1)),
@@ -223,7 +244,7 @@ def header(name: str, what: str, res: dict, log: Path, array: str | None = None,
     return lines
 
 
-def prologue(plan: Plan) -> list[str]:
+def prologue(plan: Plan | RoundsPlan) -> list[str]:
     lines = ["", "set -euo pipefail", f"cd {shlex.quote(str(plan.workdir))}"]
     lines += [line for line in plan.setup.splitlines() if line.strip()]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())]
@@ -238,6 +259,40 @@ def requeue_on(condition: str, job: str) -> list[str]:
             "fi"]
 
 
+def stage_one_array(config: Path, tasks: int, cpus: int) -> list[str]:
+    """Task i of ``tasks`` runs stage one over shards i, i + tasks, …; a pre-empted task requeues itself."""
+    return ["status=0",
+            f'srun --ntasks=1 --cpus-per-task={cpus} distill teacher --config {shlex.quote(str(config))} '
+            f'--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards {tasks} || status=$?',
+            *requeue_on(f'[ "$status" -eq {PREEMPTED} ]', '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'),
+            'exit "$status"']
+
+
+def merge_store(store: str) -> list[str]:
+    return [f"distill merge {shlex.quote(store)}", f"distill inspect {shlex.quote(store)} --verify"]
+
+
+def torchrun(plan: Plan | RoundsPlan, res: dict, config: Path, preempted: Path) -> list[str]:
+    """Stage two under torchrun on every node of the job; requeued when it was pre-empted."""
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    nodes, procs = res["nodes"], res["procs_per_node"]
+    run = f"-m stages.cli student --config {q(config)}"
+    if nodes == 1:
+        launch = f"python -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node={procs} {run}"
+    else:
+        launch = (f"python -m torch.distributed.run --nnodes={nodes} --nproc_per_node={procs} --rdzv_backend=c10d "
+                  f'--rdzv_endpoint="$head:{plan.port}" --rdzv_id="$SLURM_JOB_ID" {run}')
+    return [
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host',
+        "export head",
+        f"rm -f {q(preempted)}  # written again only if this run is pre-empted",
+        "status=0",
+        "# torchrun ignores USR1 (set before exec, inherited), so the signal reaches only the trainers",
+        f"srun --ntasks-per-node=1 --cpus-per-task={res['cpus']} bash -c {shlex.quote(IGNORE_USR1 + launch)} || status=$?",
+        *requeue_on(f"[ -f {q(preempted)} ]", '"$SLURM_JOB_ID"'),
+        'exit "$status"']
+
+
 def scripts(plan: Plan, out: Path) -> dict[str, str]:
     conf, logs = out / "config", out / "logs"
     q = lambda p: shlex.quote(str(p))  # noqa: E731
@@ -245,36 +300,16 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
     n = res["teacher"]["array"]
     teacher = header("teacher", f"Stage one: {n} array task(s); task i runs the teacher over shards i, i+{n}, … "
                      f"of {plan.teacher.out}.", res["teacher"], logs / "teacher-%A_%a.out", array=f"0-{n - 1}")
-    teacher += prologue(plan) + [
-        "status=0",
-        f'srun --ntasks=1 --cpus-per-task={res["teacher"]["cpus"]} distill teacher --config {q(conf / "teacher.yaml")} '
-        f'--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards {n} || status=$?',
-        *requeue_on(f'[ "$status" -eq {PREEMPTED} ]', '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'),
-        'exit "$status"']
+    teacher += prologue(plan) + stage_one_array(conf / "teacher.yaml", n, res["teacher"]["cpus"])
     merge = header("merge", "Once every stage-one task succeeded: write index.json, then check every shard.",
                    res["merge"], logs / "merge-%j.out")
-    merge += prologue(plan) + [f"distill merge {q(plan.teacher.out)}", f"distill inspect {q(plan.teacher.out)} --verify"]
+    merge += prologue(plan) + merge_store(plan.teacher.out)
 
     s = res["student"]
     nodes, procs = s["nodes"], s["procs_per_node"]
-    run = (f"-m stages.cli student --config {q(conf / 'student.yaml')}")
-    if nodes == 1:
-        launch = f"python -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node={procs} {run}"
-    else:
-        launch = (f"python -m torch.distributed.run --nnodes={nodes} --nproc_per_node={procs} --rdzv_backend=c10d "
-                  f'--rdzv_endpoint="$head:{plan.port}" --rdzv_id="$SLURM_JOB_ID" {run}')
-    preempted = Path(plan.student.out) / "preempted.json"
     student = header("student", f"Stage two: {nodes} node(s) × {procs} process(es) under torchrun, from "
                      f"{plan.student.train_store} to {plan.student.out}.", s, logs / "student-%j.out", nodes=nodes)
-    student += prologue(plan) + [
-        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host',
-        "export head",
-        f"rm -f {q(preempted)}  # written again only if this run is pre-empted",
-        "status=0",
-        "# torchrun ignores USR1 (set before exec, inherited), so the signal reaches only the trainers",
-        f"srun --ntasks-per-node=1 --cpus-per-task={s['cpus']} bash -c {shlex.quote(IGNORE_USR1 + launch)} || status=$?",
-        *requeue_on(f"[ -f {q(preempted)} ]", '"$SLURM_JOB_ID"'),
-        'exit "$status"']
+    student += prologue(plan) + torchrun(plan, s, conf / "student.yaml", Path(plan.student.out) / "preempted.json")
     evals = header("eval", "Evaluate every model, then compare them in a report.", res["eval"], logs / "eval-%j.out")
     evals += prologue(plan)
     evals += [f"distill eval --config {q(conf / f'eval-{i}.yaml')}" for i in range(len(plan.evals))]
@@ -334,11 +369,14 @@ def submit(out: Path, kinds: list[str], array: str | None = None) -> dict[str, s
 def missing_tasks(plan: Plan) -> list[int]:
     """Stage-one tasks whose shards are not all recorded in their partial index (all of them when
     the store has none yet)."""
+    return missing_shard_tasks(_abs(plan, plan.teacher.out), plan.resources["teacher"]["array"])
+
+
+def missing_shard_tasks(root: Path, n: int) -> list[int]:
+    """The tasks of an n-task stage-one array into the store ``root`` that owe shards (none once the
+    store has its index)."""
     from pipeline.store import contract as store_lib
 
-    root, n = Path(plan.teacher.out), plan.resources["teacher"]["array"]
-    if not root.is_absolute():
-        root = plan.workdir / root
     if (root / store_lib.INDEX).exists():
         return []
     tasks = []
@@ -359,6 +397,8 @@ def resubmit(out: Path) -> dict[str, str]:
     if not (out / "slurm.json").is_file():
         raise DistillError(f"{out} holds no slurm.json: pass the --out of an earlier `distill slurm` run")
     raw = json.loads((out / "slurm.json").read_text())
+    if raw.get("rounds"):
+        return resubmit_rounds(out, load_config(SlurmConfig, None, **{**raw, "out": str(out)}))
     plan = resolve(load_config(SlurmConfig, None, **{**raw, "out": str(out)}))
     tasks = missing_tasks(plan)
     student_out = Path(plan.student.out) if Path(plan.student.out).is_absolute() else plan.workdir / plan.student.out
@@ -374,6 +414,256 @@ def resubmit(out: Path) -> dict[str, str]:
     print(f"{out}: resubmitting {', '.join(kinds)}" + (f" (stage-one tasks {array})" if array else ""))
     return submit(out, kinds, array)
 
+# ------------------------------------------------------------------------------------------------
+# on-policy rounds (--rounds): every step of every round one job, each stage's config from
+# stages.rounds.steps(), saved where `distill rounds` saves it
+
+
+@dataclass
+class RoundsPlan:
+    """What the rounds' scripts are made of: the rounds config (its paths relative to the workdir), the
+    row length it pinned in its OUT, and each job kind's resources."""
+
+    rounds: Any  # stages.rounds.RoundsConfig, round and step unset
+    config_file: Path  # SLURM_OUT/config/rounds.yaml: that config, as the jobs' `distill rounds` reads it
+    seq_len: int
+    resources: dict[str, dict]
+    env: dict[str, str]
+    setup: str
+    workdir: Path
+    port: int
+
+
+@dataclass
+class RoundJob:
+    """One job of the chain: what it runs after the prologue, and how to tell that it is done."""
+
+    name: str  # round-RRR/NN-STEP: the script is SLURM_OUT/NAME.sbatch, the key in jobs.json is NAME
+    round: int
+    kind: str  # whose resources it asks for: generate, teacher, merge, student or eval
+    what: str  # the script's first comment
+    lines: list[str]
+    done: Callable[[], bool]
+    tasks: int = 0  # array tasks (0: not an array)
+    missing: Callable[[], list[int]] | None = None  # an array's tasks that still owe work
+
+
+def resolve_rounds(config: SlurmConfig, out: Path) -> RoundsPlan:
+    """Load the rounds config as `distill rounds` would and pin it in its OUT (``_claim``: the jobs and
+    any later `distill rounds` on that OUT must use the same options)."""
+    from pipeline.models import has_weights
+    from stages import rounds as rounds_stage
+
+    try:
+        rounds = load_config(rounds_stage.RoundsConfig, config.rounds)
+    except DistillError as e:
+        raise DistillError(f"slurm --rounds {config.rounds}: {e}") from None
+    if rounds.round or rounds.step:
+        raise DistillError(f"slurm --rounds {config.rounds}: round and step are each job's own; remove them")
+    resources = job_resources(config)
+    env = {str(k): str(v) for k, v in (config.env or {}).items()}
+    workdir = Path(config.workdir or os.getcwd()).resolve()
+    with contextlib.chdir(workdir):  # the rounds' paths, like every stage's, are relative to the workdir
+        if not has_weights(Path(rounds.student)):
+            raise DistillError(f"student {rounds.student} is not a local Hugging Face directory with weights; "
+                               "pretrain one first (make pretrain-student, or distill train)")
+        seq_len = rounds_stage._claim(rounds, Path(rounds.out))
+    return RoundsPlan(rounds, out / "config" / "rounds.yaml", seq_len, resources, env, config.setup, workdir,
+                      config.port)
+
+
+def round_steps(plan: RoundsPlan) -> dict[int, list]:
+    """The steps of rounds 0 … R (``stages.rounds.steps``). Call it inside the workdir: each step's
+    ``done`` looks at paths relative to it."""
+    from stages.rounds import steps
+
+    return {r: steps(plan.rounds, Path(plan.rounds.out), r, plan.seq_len) for r in range(plan.rounds.rounds + 1)}
+
+
+def round_jobs(plan: RoundsPlan, by_round: dict[int, list]) -> list[RoundJob]:
+    """Every job of rounds 0 … R, in the order they run."""
+    return [job for r, steps in by_round.items() for job in one_round(plan, r, steps)]
+
+
+ROUND_STEPS = {"prompts": "the round's prompts, split by λ between the student and the teacher.",
+               "finish": "round.json from the held-out estimate (and the eval), the teacher tokens so far; "
+                         "rounds.json and rounds.md over the finished rounds."}
+
+
+def one_round(plan: RoundsPlan, r: int, steps: list) -> list[RoundJob]:
+    """Round ``r``'s jobs from its steps: the generate steps of the round share one array job, stage one
+    is an array then a merge, stage two runs under torchrun, the rest are one command each."""
+    from stages.rounds import round_dir
+
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    res, jobs = plan.resources, []
+    conf = round_dir(Path(plan.rounds.out), r) / "steps"
+
+    def add(step: str, kind: str, what: str, lines: list[str], done, tasks=0, missing=None) -> None:
+        jobs.append(RoundJob(f"round-{r:03d}/{len(jobs) + 1:02d}-{step}", r, kind, f"Round {r}: {what}", lines, done,
+                             tasks, missing))
+
+    groups: list[list] = []  # consecutive generate steps (the student's and the teacher's) form one job
+    for step in steps:
+        if step.stage == "generate" and groups and groups[-1][0].stage == "generate":
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    for group in groups:
+        step = group[0]
+        if step.stage == "rounds":
+            add(step.name, "merge", ROUND_STEPS[step.name],
+                [f"distill rounds --config {q(plan.config_file)} --round {r} --step {step.name}"], step.done)
+        elif step.stage == "generate":
+            n, outs = res["generate"]["array"], [Path(s.config.out) for s in group]
+            if step.name == "heldout-generate":
+                who = f"round {r}'s student completes the held-out prompts (T = 1)"
+            else:
+                who = " and ".join(f"the {s.name.removeprefix('generate-')}" for s in group) + " complete their prompts"
+            add("heldout-generate" if step.name == "heldout-generate" else "generate", "generate",
+                f"{who}, as {n} array task(s): task i writes records i, i+{n}, …; the last task to finish merges "
+                "the parts.",
+                [f"srun --ntasks=1 --cpus-per-task={res['generate']['cpus']} distill generate --config "
+                 f"{q(conf / f'{s.name}.json')} --shard-index \"$SLURM_ARRAY_TASK_ID\" --num-shards {n}" for s in group],
+                lambda group=group: all(s.done() for s in group), n,
+                lambda outs=outs, n=n: sorted(set().union(*(missing_generate_tasks(o, n) for o in outs))))
+        elif step.stage == "teacher":
+            n, store = res["teacher"]["array"], step.config.out
+            add(step.name, "teacher", f"stage one ({step.config.kind}) as {n} array task(s); task i runs the teacher "
+                f"over shards i, i+{n}, … of {store}.", stage_one_array(conf / f"{step.name}.json", n, res["teacher"]["cpus"]),
+                step.done, n, lambda store=store, n=n: missing_shard_tasks(Path(store), n))
+            add(step.name.replace("teacher", "merge"), "merge", f"once every stage-one task succeeded: write "
+                f"{store}/index.json, then check every shard.", merge_store(store), step.done)
+        elif step.stage == "student":
+            s = res["student"]
+            add(step.name, "student", f"stage two, {s['nodes']} node(s) × {s['procs_per_node']} process(es) under "
+                f"torchrun, from {step.config.model} on {step.config.train_store} to {step.config.out}.",
+                torchrun(plan, s, conf / "student.json", Path(step.config.out) / "preempted.json"), step.done)
+        else:  # prepare, heldout-prepare, eval
+            kind = "eval" if step.stage == "eval" else "merge"
+            what = {"prepare": "the generated records as a token store, one example per row, the prompt masked.",
+                    "heldout-prepare": "the held-out completions as a token store.",
+                    "eval": f"distill eval of round {r}'s student."}[step.name]
+            add(step.name, kind, what, [f"distill {step.stage} --config {q(conf / f'{step.name}.json')}"], step.done)
+    return jobs
+
+
+def missing_generate_tasks(gen_out: Path, n: int) -> list[int]:
+    """The tasks of an n-task generate array into ``gen_out`` whose progress index does not yet record
+    all their parts. Once every part is recorded but not merged (the merging task was stopped), task 0
+    alone: rerunning any task merges."""
+    from stages import generate as generate_stage
+
+    if (gen_out / generate_stage.SUMMARY).is_file():
+        return []
+    progress = [generate_stage.read_progress(generate_stage.index_path(gen_out, job, n)) for job in range(n)]
+    params = next((p["params"] for p in progress if p), None)
+    if params is None:
+        return list(range(n))
+    total = params["prompt_count"] * params["settings"]["samples_per_prompt"]
+    owed = []
+    for job in range(n):
+        parts = math.ceil(len(range(job, total, n)) / params["records_per_part"])  # 0: the job owns no record
+        recorded = {e["part"] for e in progress[job].get("parts", [])
+                    if (gen_out / generate_stage.PARTS / e["name"]).exists()}
+        if set(range(parts)) - recorded:
+            owed.append(job)
+    return owed or [0]
+
+
+def round_scripts(plan: RoundsPlan, out: Path, jobs: list[RoundJob]) -> dict[str, str]:
+    scripts = {}
+    for job in jobs:
+        flat = job.name.replace("/", "-")
+        log = out / "logs" / (f"{flat}-%A_%a.out" if job.tasks else f"{flat}-%j.out")
+        res = plan.resources[job.kind]
+        lines = header(flat, job.what, res, log, array=f"0-{job.tasks - 1}" if job.tasks else None,
+                       nodes=res.get("nodes", 1) if job.kind == "student" else 1)
+        scripts[f"{job.name}.sbatch"] = "\n".join(lines + prologue(plan) + job.lines) + "\n"
+    return scripts
+
+
+def slurm_rounds(config: SlurmConfig) -> dict[str, str] | None:
+    """``distill slurm --rounds``: the scripts of every round's jobs, the step configs where `distill
+    rounds` keeps them, and with ``--submit`` the jobs, each after the one before."""
+    from stages.rounds import round_dir, save_steps
+
+    out = Path(config.out).resolve()
+    plan = resolve_rounds(config, out)
+    body = {k: v for k, v in to_dict(plan.rounds).items() if v is not None and k not in ("round", "step")}
+    with contextlib.chdir(plan.workdir):
+        by_round = round_steps(plan)
+        jobs = round_jobs(plan, by_round)
+        for r, steps in by_round.items():  # where `distill rounds` saves them: it finds the same configs
+            save_steps(Path(plan.rounds.out), r, steps)
+        finished = {r for r in by_round if (round_dir(Path(plan.rounds.out), r) / "round.json").is_file()}
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plan.config_file, yaml.safe_dump(body, sort_keys=True, allow_unicode=True))
+    for name, text in round_scripts(plan, out, jobs).items():
+        atomic_write_text(out / name, text)
+        os.chmod(out / name, 0o755)
+    raw = {k: v for k, v in to_dict(config).items() if k not in ("out", "submit", "resubmit")}
+    raw |= {"workdir": str(plan.workdir), "rounds": str(plan.config_file)}
+    atomic_write_text(out / "slurm.json", json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    print(f"{out}: wrote {len(jobs)} job scripts for rounds 0 … {plan.rounds.rounds} into {plan.rounds.out} "
+          f"(round-RRR/NN-STEP.sbatch; generate: {plan.resources['generate']['array']} tasks, stage one: "
+          f"{plan.resources['teacher']['array']})")
+    if not config.submit:
+        print("run it again with --submit to submit them in order (or sbatch each, chained with "
+              "--dependency=afterok:ID)")
+        return None
+    if finished:  # as `distill rounds` skips them (a rerun with more rounds continues after the last)
+        print(f"round(s) {', '.join(map(str, sorted(finished)))} finished already: not submitted")
+    todo = [(job, None) for job in jobs if job.round not in finished]
+    if not todo:
+        print(f"{out}: every round is finished; nothing to submit")
+        return {}
+    return submit_rounds(out, todo)
+
+
+def submit_rounds(out: Path, todo: list[tuple[RoundJob, str | None]]) -> dict[str, str]:
+    """Submit the jobs in order, each after the one before (an array's tasks narrowed where given);
+    record the ids in jobs.json."""
+    ids, arrays, previous = {}, {}, None
+    for job, array in todo:
+        previous = ids[job.name] = sbatch(out / f"{job.name}.sbatch", previous, array)
+        if array:
+            arrays[job.name] = array
+    history = json.loads((out / "jobs.json").read_text()).get("history", []) if (out / "jobs.json").exists() else []
+    record = {"jobs": ids, "arrays": arrays, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(out / "jobs.json", json.dumps({**record, "history": history + [record]}, indent=2) + "\n")
+    for name, job in ids.items():
+        print(f"{name:>28}  job {job}" + (f"  (tasks {arrays[name]})" if name in arrays else ""))
+    return ids
+
+
+def resubmit_rounds(out: Path, config: SlurmConfig) -> dict[str, str]:
+    """Skip the finished rounds and, in the first unfinished one, the jobs done; submit the rest in order,
+    an array narrowed to its tasks that still owe work (one whose tasks all finished is left out: the
+    job after it completes it)."""
+    from stages.rounds import round_dir
+
+    plan = resolve_rounds(config, out)
+    todo: list[tuple[RoundJob, str | None]] = []
+    with contextlib.chdir(plan.workdir):
+        for job in round_jobs(plan, round_steps(plan)):
+            if (round_dir(Path(plan.rounds.out), job.round) / "round.json").is_file() or (not todo and job.done()):
+                continue
+            array = None
+            if job.missing is not None:
+                tasks = job.missing()
+                if not tasks:
+                    continue
+                array = ",".join(map(str, tasks)) if len(tasks) < job.tasks else None
+            todo.append((job, array))
+    if not todo:
+        print(f"{out}: every round is finished; nothing to resubmit")
+        return {}
+    narrowed = "; ".join(f"{job.name} tasks {array}" for job, array in todo if array)
+    print(f"{out}: resubmitting {len(todo)} jobs from {todo[0][0].name}" + (f" ({narrowed})" if narrowed else ""))
+    return submit_rounds(out, todo)
+
+
 
 def _abs(plan: Plan, path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else plan.workdir / path
@@ -382,6 +672,8 @@ def _abs(plan: Plan, path: str) -> Path:
 def slurm(config: SlurmConfig) -> dict[str, str] | None:
     if config.resubmit:
         return resubmit(Path(config.resubmit))
+    if config.rounds:
+        return slurm_rounds(config)
     plan = resolve(config)
     out = Path(config.out).resolve()
     raw = {k: v for k, v in to_dict(config).items() if k not in ("out", "submit", "resubmit")}

@@ -156,6 +156,18 @@ def test_batch_size_and_array_jobs_do_not_change_a_record(teacher, prompts, tmp_
     assert parts == [f"job-0000{j}-of-00002.part-0000{k}" for j in range(2) for k in range(3)]
 
 
+def test_an_array_of_more_jobs_than_records_merges(teacher, tmp_path):
+    """Jobs 2 and 3 of 4 own no record of two prompts: they write no progress index, and the merge (by
+    job 1, the last with records, and again by the empty ones) needs none from them."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("In the beginning\nA hacker is\n")
+    common = ("--prompts", path, "--max-new-tokens", "4")
+    generate(teacher, tmp_path / "one", *common)
+    for job in range(4):
+        generate(teacher, tmp_path / "jobs", *common, "--num-shards", "4", "--shard-index", str(job))
+    assert [strip_logprobs(r) for r in records(tmp_path / "jobs")] == [strip_logprobs(r) for r in records(tmp_path / "one")]
+
+
 def test_greedy_equals_transformers_generate(teacher, tmp_path):
     """Temperature 0 is argmax decoding on the KV cache: the same tokens as model.generate, for
     prompts of different lengths decoded in one left-padded batch."""
