@@ -16,7 +16,9 @@ import yaml
 from tests.conftest import run_cli
 from tests.stages.test_rounds import config_file, setting, weights  # noqa: F401 (setting is a fixture)
 
-pytestmark = pytest.mark.slurm
+# about 3 minutes of chained jobs: with the slow tests (make test-slow), so that make test stays within CI's budget;
+# the scripts themselves are checked in make test (tests/slurm/test_rounds_scripts.py)
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def round_numbers(out: Path, r: int) -> dict:
