@@ -224,7 +224,7 @@ if triton is not None:
                 e_rest = tl.exp((z - rest_max.to(tl.float64))[None, :] * inv_t[:, None])
                 all64 += tl.sum(e_all, 1)
                 rest64 += tl.sum(tl.where((z < kth)[None, :], e_rest, 0.0), 1)
-            rest64 += tied_outside.to(tl.float64) * tl.exp((kth - rest_max).to(tl.float64) * inv_t)
+            rest64 += tl.where(tied_outside > 0, tied_outside.to(tl.float64), 0.0)  # rest_max is kth then: exp(0)
             exact = (rest_max.to(tl.float64) * inv_t + tl.log(rest64)) - (top.to(tl.float64) * inv_t + tl.log(all64))
             tail = tl.where(rest_max > ninf, exact, ninf)
         # ---- outputs: what the store keeps

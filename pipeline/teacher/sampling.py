@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import DistillError
-from pipeline.teacher import native
+from pipeline.teacher import fused_gpu, native
 from pipeline.teacher.topk import warn_once, resolve_kernel
 
 MASK32 = 0xFFFFFFFF
@@ -109,22 +109,34 @@ def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys:
     ``[P, S]`` with ``S = samples``: the distinct drawn ids in ascending order, then padding (id 0,
     count 0); the counts of a row sum to ``samples`` (or 0 as above).
 
-    ``kernel``: ``native`` is the fused CPU kernel, ``torch`` is torch operations (any device;
-    memory: two float64 ``[rows, V]`` buffers of at most 128 MiB each, 2 MiB on a CPU), ``auto`` the kernel
-    for CPU logits where it builds, else torch (:func:`pipeline.teacher.topk.resolve_kernel`). Both draw the
-    same ids but where a uniform is within ~1e-16 of a CDF boundary. A position whose sampled
-    logits hold NaN or +inf is an error.
+    ``kernel``: ``native`` is the fused kernel of the logits' device (C on the CPU, Triton on CUDA:
+    :mod:`pipeline.teacher.fused_gpu`), ``torch`` is torch operations (any device; memory: two float64
+    ``[rows, V]`` buffers of at most 128 MiB each, 2 MiB on a CPU), ``auto`` the fused kernel where it
+    builds and agrees, else torch (:func:`pipeline.teacher.topk.resolve_kernel`). The C kernel draws the
+    torch path's ids but where a uniform is within ~1e-16 of a CDF boundary; the Triton kernel draws
+    exactly the torch path's ids on the CPU (it redraws the rare rows it cannot decide there); torch on
+    a GPU rounds its parallel cumulative sum differently, the same rare boundary cases. A position
+    whose sampled logits hold NaN or +inf is an error.
     """
     if samples < 1:
         raise DistillError(f"--samples must be at least 1, got {samples}")
     if not temperature > 0:
         raise DistillError(f"the sampling temperature must be positive, got {temperature}")
-    z = logits.float()
-    vocab = z.shape[-1]
+    vocab = logits.shape[-1]
     if exclude is not None and exclude.numel() and (int(exclude.min()) < 0 or int(exclude.max()) >= vocab):
         raise ValueError(f"exclude holds ids outside [0, {vocab})")
-    draws = uniforms(keys.to(z.device), samples)
-    if resolve_kernel(kernel, z.device) == "native" and (fused := fused_kernel(kernel))[0] is not None:
+    draws = uniforms(keys.to(logits.device), samples)
+    resolved = resolve_kernel(kernel, logits.device)
+    if resolved == "triton" and not fused_gpu.load(logits.device, _gpu_agrees):
+        return _fused_gpu_sample(logits, temperature, draws, exclude)
+    if resolved == "triton" and kernel != "auto":
+        raise DistillError(f"the fused GPU kernels' sampling is unavailable on {logits.device} "
+                           f"({fused_gpu.load(logits.device, _gpu_agrees)}); use --kernel torch")
+    if resolved == "triton":
+        warn_once(f"distill: the fused GPU kernels' sampling is unavailable ({fused_gpu.load(logits.device, _gpu_agrees)}); "
+                  "stage one draws with torch")
+    z = logits.float()
+    if resolved == "native" and (fused := fused_kernel(kernel))[0] is not None:
         ids, counts, bad_rows = native.sample_rows(z, 1.0 / temperature, draws, exclude, kernel=fused[0])
     else:
         out = torch_sample_teacher(z, 1.0 / temperature, draws, None if exclude is None else exclude.to(z.device))
@@ -173,6 +185,26 @@ def torch_sample_teacher(z: torch.Tensor, inverse_temperature: float, draws: tor
     return {**unique_counts(drawn, live), "bad_rows": bad}
 
 
+def _fused_gpu_sample(logits: torch.Tensor, temperature: float, draws: torch.Tensor,
+                      exclude: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """:func:`sample_teacher` by the Triton kernel; rows with a target within rounding of a CDF boundary
+    are redrawn by :func:`torch_sample_teacher` on the CPU (the reference: a sequential cumulative sum)."""
+    ids, counts, status = fused_gpu.sample_rows(logits, 1.0 / temperature, draws, exclude)
+    flags = status.cpu()  # the one synchronisation
+    bad_rows = int((flags & fused_gpu.STATUS_BAD).count_nonzero())
+    if bad_rows:
+        raise DistillError(f"the teacher's logits hold NaN or infinity at {bad_rows} of {logits.shape[0]} positions; "
+                           "check its weights, or run it in float32 (--dtype float32)")
+    redo = (flags & fused_gpu.STATUS_REDO).nonzero().squeeze(-1)
+    if redo.numel():
+        on_device = redo.to(logits.device)
+        again = torch_sample_teacher(logits[on_device].float().cpu(), 1.0 / temperature, draws[on_device].cpu(),
+                                     None if exclude is None else exclude[on_device].cpu())
+        ids[on_device] = again["sample_ids"].to(ids.device)
+        counts[on_device] = again["sample_counts"].to(counts.device)
+    return {"sample_ids": ids, "sample_counts": counts}
+
+
 def unique_counts(drawn: torch.Tensor, live: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per row of ``drawn [P, n]`` ids: the distinct ids ascending with their counts, then id 0
     count 0 — ``sample_ids [P, n]`` int64, ``sample_counts [P, n]`` int32 — without a loop over
@@ -217,6 +249,30 @@ def fused_kernel(kernel: str = "auto") -> tuple[native.Kernel | None, str]:
             raise DistillError(f"the fused CPU kernel's sampling is unavailable ({why}); use --kernel torch")
         warn_once(f"distill: the fused CPU kernel's sampling is unavailable ({why}); stage one draws with torch")
     return fused, why
+
+
+def _gpu_agrees(device: torch.device) -> str:
+    """An empty string where the Triton kernel on ``device`` draws exactly the ids and counts that
+    :func:`torch_sample_teacher` draws on the CPU (its undecided rows redrawn there), in float32 and
+    bf16, with and without excluded ids, else what differs."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 1000, generator=generator) * 4  # few rows: the interpreter is slow
+    logits[5, 100:] = float("-inf")
+    logits[6, :] = 1.5  # all tied
+    exclude = torch.topk(logits, 8, dim=-1).indices
+    exclude[7] = torch.arange(992, 1000)
+    logits[7, :992] = float("-inf")  # nothing outside the excluded ids
+    draws = uniforms(torch.arange(9, dtype=torch.int64) * 7919, 50)
+    for dtype in (torch.float32,) if fused_gpu.interpreted() else (torch.float32, torch.bfloat16):
+        z = logits.to(dtype)
+        for temperature, excluded in ((1.0, None), (0.7, exclude)):
+            got = _fused_gpu_sample(z.to(device), temperature, draws.to(device),
+                                    None if excluded is None else excluded.to(device))
+            reference = torch_sample_teacher(z.float(), 1.0 / temperature, draws, excluded)
+            if not (torch.equal(got["sample_ids"].cpu(), reference["sample_ids"])
+                    and torch.equal(got["sample_counts"].cpu(), reference["sample_counts"])):
+                return f"sampled ids or counts differ at T = {temperature} ({dtype})"
+    return ""
 
 
 def _agrees(kernel: native.Kernel) -> str:
