@@ -185,6 +185,21 @@ def torch_sample_teacher(z: torch.Tensor, inverse_temperature: float, draws: tor
     return {**unique_counts(drawn, live), "bad_rows": bad}
 
 
+def sample_teacher_deferred(logits: torch.Tensor, samples: int, temperature: float, keys: torch.Tensor,
+                            exclude: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`sample_teacher` by the fused GPU kernel, without waiting for the device: the draws and
+    ``status [P]`` int32 on the device; where it is nonzero, call :func:`sample_teacher` again (it
+    raises on NaN or +inf, and redraws undecided rows on the CPU). Arguments as there, checked there."""
+    ids, counts, status = fused_gpu.sample_rows(logits, 1.0 / temperature, uniforms(keys.to(logits.device), samples),
+                                                exclude)
+    return {"sample_ids": ids, "sample_counts": counts}, status
+
+
+def fused_gpu_problem(device: torch.device) -> str:
+    """"" where the fused GPU kernel draws on ``device`` exactly what the torch path draws (checked once), else why not."""
+    return fused_gpu.load(device, _gpu_agrees)
+
+
 def _fused_gpu_sample(logits: torch.Tensor, temperature: float, draws: torch.Tensor,
                       exclude: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """:func:`sample_teacher` by the Triton kernel; rows with a target within rounding of a CDF boundary

@@ -163,6 +163,16 @@ def torch_sparse_teacher(z: torch.Tensor, k: int, grid: tuple[float, ...], stabl
             "logsumexp": torch.stack(lse, dim=-1), "tail_logmass": torch.stack(tail, dim=-1)}
 
 
+def sparse_teacher_deferred(logits: torch.Tensor, k: int, temperature: float, grid: tuple[float, ...],
+                            targets: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`sparse_teacher` by the fused GPU kernels, without waiting for the device: the outputs and
+    ``status [P]`` int32 on the device. Where the status, read later, is nonzero at some row, the
+    outputs of that row are not to be used: call :func:`sparse_teacher` on those logits again (it
+    raises on NaN or +inf, and redoes the rows the kernel left). For callers that resolve kernels
+    with :func:`resolve_kernel` first (``"triton"``)."""
+    return fused_gpu.sparse_rows(logits, k, temperature, grid, targets)
+
+
 def _fused_gpu_sparse_teacher(logits: torch.Tensor, k: int, temperature: float, grid: tuple[float, ...],
                               targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """:func:`sparse_teacher` by the Triton kernel: bf16 or float32 logits read once per pass, no float32
