@@ -5,7 +5,9 @@ Side by side in one process, alternating, medians over repeats (the machine is s
 - ``bare``: ``model(input_ids).logits`` over the same rows and batch size, nothing else;
 - ``stage one``: ``distill teacher`` end to end (chunked head, top-k, log-sum-exp at each grid
   temperature, exact tail, writer thread, compression, renames), loop time without model loading,
-  once per reduction kernel (``--kernels``: the fused CPU kernel and torch operations) and per
+  once per reduction kernel (``--kernels``: the fused kernel of the device, ``native`` — C on a CPU,
+  Triton on CUDA — and torch operations; ``KERNEL+overlap`` times it with ``--overlap``, the copy
+  stream of CUDA, which plain names leave off so that older results stay comparable) and per
   store (``--stores``: top-64, sampled N = 32 (the default store), N = 50, the hybrid top-4 + 24 tail
   draws, …).
 
@@ -93,8 +95,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--size-rows", type=int, default=64)
-    parser.add_argument("--kernels", default="", help="stage one's --kernel values to time, comma-separated "
-                        "(default: native,torch on a CPU, torch on a GPU)")
+    parser.add_argument("--kernels", default="", help="stage one's --kernel values to time, comma-separated, each "
+                        "optionally +overlap (default: native,torch on a CPU, torch on a GPU)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--position-chunk", type=int, default=0, help="stage one's --position-chunk (0 = its default)")
@@ -114,10 +116,11 @@ def main() -> None:
 
     def stage_one(store_kind: str, backend: str, name: str, kernel: str, n_rows: int,
                   ragged: bool = False) -> tuple[float, float]:
+        kernel, _, overlap = kernel.partition("+")
         config = load_config(TeacherConfig, tokens_store=str(work / "tokens-all"), max_rows=n_rows, teacher=args.teacher,
                              out=str(work / name), backend=backend, batch_size=args.batch_size,
                              device=str(device), dtype=args.dtype, rows_per_shard=min(args.rows_per_shard, n_rows),
-                             overwrite=True, kernel=kernel, **STORES[store_kind],
+                             overwrite=True, kernel=kernel, overlap=overlap == "overlap", **STORES[store_kind],
                              **({"position_chunk": args.position_chunk} if args.position_chunk else {}))
         run = run_teacher(config)
         store = open_store(work / name)
@@ -159,6 +162,7 @@ def main() -> None:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
+        "triton": _triton_version(),
         "teacher": args.teacher,
         "tokens_per_run": int(rows.size),
         "rows_per_shard": args.rows_per_shard,
@@ -175,6 +179,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ setup → loop → finish. The teacher's body runs on a batch of rows; its outpu
 chunks of ``position_chunk`` positions, and each chunk is reduced on the device to top-k ids and
 log-probs (top-1 for a sampled store), log-sum-exp at every grid temperature, the exact tail mass
 and the true token's log-prob (:func:`pipeline.teacher.topk.sparse_teacher`), and drawn from
-(:func:`pipeline.teacher.sampling.sample_teacher`). A ``[B, L, V]`` float32 logit tensor never exists, so a
-150k vocabulary and long rows fit. A writer thread compresses and renames each finished shard while
-the next one is computed.
+(:func:`pipeline.teacher.sampling.sample_teacher`): by the fused C kernel on a CPU, the fused Triton
+kernels on CUDA (:mod:`pipeline.teacher.fused_gpu`), or torch. A ``[B, L, V]`` float32 logit tensor
+never exists, so a 150k vocabulary and long rows fit. A writer thread compresses and renames each
+finished shard while the next one is computed; on CUDA each batch's outputs are also copied to
+pinned host memory on a second stream and waited for only once the next batch is queued.
 
 Parallel and idempotent: the store's shards are fixed row ranges; job ``i`` of ``n`` writes shards
 ``i, i+n, i+2n, …`` and records each finished one in its own partial index

@@ -11,8 +11,8 @@ passes, and writes only what the store keeps.
 1. block maxima of 32 logits, the row's maximum, NaN and +inf;
 2. a lower bound on the k-th largest logit by bisection on the block maxima (the CPU kernel's
    prefilter), then the logits at or above it gathered as keys ``(value, −id)`` into a scratch row
-   of ``CAP`` slots, sorted there: the top-k, largest first, ties to the lower id (the CPU kernel's
-   rule; ``torch.topk`` leaves tied order unspecified);
+   of ``CAP`` slots, each ranked among them by comparisons: the top-k, largest first, ties to the
+   lower id (the CPU kernel's rule; ``torch.topk`` leaves tied order unspecified);
 3. ``exp((z − top)/T_g)`` at every grid temperature in one pass, summed over the logits not kept
    (the tail, never 1 − kept), with the kept mass added from the k kept values;
 4. only where a row's tail is under ``e^−45`` at some temperature (or −inf, with k < V): its tail
@@ -28,17 +28,19 @@ recomputed by torch with a stable sort (the same ties); so is nothing else.
 
 1. the maximum over the ids not excluded, NaN and +inf, and the total weight ``Σ exp((z − max)/T)``
    in float64, rescaled online as the maximum grows;
-2. the CDF in float64 tile by tile (a parallel scan plus the carry), and for each draw ``u`` the
-   number of CDF entries below ``u · total``: the inverse-CDF draw of the CPU paths (the first id
-   whose cumulative weight reaches the target). The distinct ids and their counts are written in
-   ascending order, as :func:`pipeline.teacher.sampling.unique_counts` writes them.
+2. the weights in float64 tile by tile, and for each draw ``u`` the number of CDF entries below
+   ``u · total``: the inverse-CDF draw of the CPU paths (the first id whose cumulative weight
+   reaches the target). A tile whose cumulative range holds no target counts whole (or not at
+   all); only the tiles that hold one take a parallel scan and compare it with their targets. The
+   distinct ids and their counts are written in ascending order, as
+   :func:`pipeline.teacher.sampling.unique_counts` writes them.
 
 The CPU paths add the weights one by one in id order; a parallel scan rounds differently. The
 draws stay those of the torch path on the CPU bit for bit anyway: every cumulative value and target
 here is within ``(8V + 64)·2⁻⁵³·total`` of the sequential one (float64 summation error, plus an
 ulp of difference between the GPU's and the CPU's exp), so a draw whose target is farther than that
-from every cumulative value is the same draw; a row with a target that close (about 2·10⁻⁶ of the
-draws at V = 32k) is flagged and redrawn by :func:`pipeline.teacher.sampling.torch_sample_teacher`
+from every cumulative value is the same draw; a row with a target that close (at most about 2·10⁻⁶
+of the draws at V = 32k, by that bound) is flagged and redrawn by :func:`pipeline.teacher.sampling.torch_sample_teacher`
 on the CPU, which is the reference. The uniforms are :func:`pipeline.teacher.sampling.uniforms`,
 exact integer arithmetic on any device.
 
@@ -150,7 +152,7 @@ if triton is not None:
             top = tl.maximum(top, tl.max(z, 0))
         bad = (nan > 0) | (top == float("inf")) | (top == ninf)
         tl.debug_barrier()
-        # ---- 2: a bound on the k-th largest (bisection on block maxima), the candidates above it, sorted
+        # ---- 2: a bound on the k-th largest (bisection on block maxima), the candidates above it, ranked
         maxima = tl.load(block_max + row * block_max_stride + tl.arange(0, NB),
                          mask=tl.arange(0, NB) < tl.cdiv(V, BLOCK_V) * (BLOCK_V // 32), other=ninf)
         lowest_finite = tl.min(tl.where(maxima > ninf, maxima, float("inf")), 0)
@@ -275,20 +277,29 @@ if triton is not None:
         below = tl.zeros([NP], tl.int64)
         near = tl.zeros([NP], tl.int32)
         if live:
-            # ---- 2: the CDF tile by tile; per draw, how many cumulative values lie below its target
+            # ---- 2: the CDF tile by tile; per draw, how many cumulative values lie below its target.
+            # A tile whose range (± margin) holds no target adds all of its ids to the draws above it
+            # and nothing else: the scan and the [BLOCK_V, NP] comparisons run only in tiles that hold
+            # a target, at most N of a row's V / BLOCK_V.
             carry = tl.zeros([], tl.float64)
+            wanted = draw < N
             for start in range(0, V, BLOCK_V):
                 ids = start + columns
                 inside = ids < V
                 z = tl.load(z_row + ids, mask=inside, other=ninf).to(tl.float32).to(tl.float64)
                 out = tl.sum((ids[:, None] == excluded_ids[None, :]).to(tl.int32), 1) > 0
                 w = tl.where(out | (z != z), 0.0, tl.exp((z - top) * inverse_temperature))
-                cdf = carry + tl.cumsum(w, 0)
-                pair = inside[:, None] & (draw[None, :] < N)
-                below += tl.sum((pair & (cdf[:, None] < targets[None, :])).to(tl.int64), 0)
-                near = tl.maximum(near, tl.max((pair & (tl.abs(cdf[:, None] - targets[None, :]) <= margin))
-                                               .to(tl.int32), 0))
-                carry = tl.max(tl.where(inside, cdf, 0.0), 0)
+                tile_sum = tl.sum(w, 0)
+                beyond = wanted & (targets > carry + tile_sum + margin)
+                below += tl.where(beyond, tl.sum(inside.to(tl.int64), 0), 0)
+                hit = wanted & (targets > carry - margin) & (beyond == 0)
+                if tl.max(hit.to(tl.int32), 0) > 0:
+                    cdf = carry + tl.cumsum(w, 0)
+                    pair = inside[:, None] & hit[None, :]
+                    below += tl.sum((pair & (cdf[:, None] < targets[None, :])).to(tl.int64), 0)
+                    near = tl.maximum(near, tl.max((pair & (tl.abs(cdf[:, None] - targets[None, :]) <= margin))
+                                                   .to(tl.int32), 0))
+                carry += tile_sum
         drawn = tl.minimum(below, V - 1)
         valid = (draw < N) & (live.to(tl.int32) + tl.zeros([NP], tl.int32) > 0)
         # distinct ids ascending with counts: no sort, pairwise comparisons of NP draws

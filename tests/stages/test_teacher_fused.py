@@ -1,7 +1,8 @@
 """Stage one's shard loop with the fused GPU kernels and the overlapped copies, on the CPU.
 
-The kernels run under Triton's interpreter (tests/conftest.py); the copy stream, which needs CUDA,
-is replaced by a copy that records when it happens. What is checked: a shard written by the fused
+Without a GPU the kernels run under Triton's interpreter (tests/conftest.py) and the copy stream,
+which needs CUDA, is replaced by a copy that records when it happens; on a GPU (bench/gpu_session.sh
+runs this file there) the kernels are compiled and the last test uses the real copy stream. What is checked: a shard written by the fused
 kernels (statuses read a batch late, flagged chunks recomputed) equals the torch path's, draws bit for
 bit; batches are finished in order, each one after the next one's copy was queued; bad logits are
 still a one-line error.
@@ -18,6 +19,7 @@ from stages import teacher as stage
 from stages.teacher import TeacherConfig, stored_arrays, teacher_shard
 
 VOCAB, SEQ_LEN = 200, 4
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class LinearHead:
@@ -25,8 +27,8 @@ class LinearHead:
 
     def __init__(self, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
-        self.embed = torch.randn(VOCAB, 16, generator=generator)
-        self.weight = torch.randn(VOCAB, 16, generator=generator) * 2
+        self.embed = torch.randn(VOCAB, 16, generator=generator).to(DEVICE)
+        self.weight = (torch.randn(VOCAB, 16, generator=generator) * 2).to(DEVICE)
 
     def hidden(self, batch):
         return self.embed[batch]
@@ -48,8 +50,7 @@ def shard(kernel: str, head: LinearHead | None = None, **options) -> dict[str, n
                          **options)
     arrays = stored_arrays(config, SEQ_LEN, {"input_ids": {"dtype": "uint16", "shape": [SEQ_LEN]}}, VOCAB)
     input_ids = np.random.default_rng(0).integers(0, VOCAB, (3, SEQ_LEN)).astype(np.uint16)
-    return teacher_shard(head or LinearHead(), input_ids, 5, config, arrays, VOCAB, torch.device("cpu"), kernel,
-                         Progress())
+    return teacher_shard(head or LinearHead(), input_ids, 5, config, arrays, VOCAB, DEVICE, kernel, Progress())
 
 
 def assert_same_store(fused: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
@@ -115,3 +116,10 @@ def test_bad_logits_are_an_error_when_their_batch_is_finished(overlapped):
     head.weight[7] = float("nan")
     with pytest.raises(DistillError, match="NaN or infinity at 3 of 3 positions"):
         shard("triton", head, kind="sampled", samples=8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the real copy stream (bench/gpu_session.sh runs it)")
+@pytest.mark.parametrize("kernel", ["triton", "torch"])
+def test_the_copy_stream_changes_nothing(kernel):
+    options = dict(kind="topk", top_k=4, tail_samples=6)
+    assert_same_store(shard(kernel, overlap=True, **options), shard(kernel, overlap=False, **options))
