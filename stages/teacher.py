@@ -479,7 +479,9 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
     for start in range(0, rows, config.batch_size):
         if abandon is not None and abandon():
             return None
-        batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64)).to(device)
+        batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64))
+        # from pinned memory without waiting on CUDA: a plain copy would wait for the batch still computing
+        batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
         b = batch.shape[0]
         hidden = head.hidden(batch).reshape(b * seq_len, -1)
         if buffer is None:
@@ -487,8 +489,8 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
         # Position t's target is token t+1; the last position has none in its row (it is the next
         # row's first token), so its target log-prob is stored as NaN.
         targets = torch.cat([batch[:, 1:], batch[:, :1]], dim=1).reshape(-1)
-        keys = position_keys(config.seed, torch.arange(first_row + start, first_row + start + b), seq_len)
-        keys = keys.reshape(-1).to(device)
+        keys = position_keys(config.seed, torch.arange(first_row + start, first_row + start + b, device=device),
+                             seq_len).reshape(-1)
         results: dict[str, list[torch.Tensor]] = {name: [] for name in out if name != "input_ids"}
         statuses = []
         for p0 in range(0, b * seq_len, config.position_chunk):

@@ -106,6 +106,13 @@ def load(device: torch.device, check: Callable[[torch.device], str]) -> str:
     return f"the Triton kernels disagree with torch on {device} ({mismatch})" if mismatch else ""
 
 
+@functools.lru_cache(maxsize=64)
+def _on_device(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float64 constants on ``device``, made once: a tensor built from a list per call would copy from
+    pageable memory and wait for the device, the wait stage one's loop avoids."""
+    return torch.tensor(values, dtype=torch.float64).to(device)
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -343,7 +350,7 @@ def sparse_rows(logits: torch.Tensor, k: int, temperature: float, grid: tuple[fl
         return ({**out, "target_logprob": target_logprob} if targets is not None else out), status
     block_max = torch.empty(rows, n_blocks, dtype=torch.float32, device=device)
     candidates = torch.empty(rows, cap, dtype=torch.int64, device=device)
-    inverse = torch.tensor([1.0 / t for t in grid], dtype=torch.float64, device=device)
+    inverse = _on_device(tuple(1.0 / t for t in grid), device)
     has_targets = targets is not None
     target_ids = targets.to(device=device, dtype=torch.int64).contiguous() if has_targets else status
     _sparse_kernel[(rows,)](
@@ -382,8 +389,67 @@ def sample_rows(logits: torch.Tensor, inverse_temperature: float, draws: torch.T
     n_pad = _next_power_of_2(n)
     block_v = max(16, min(256, 8192 // n_pad))  # the [BLOCK_V, n] comparison tile stays ~8k values
     _sample_kernel[(rows,)](
-        logits, logits.stride(0), vocab, torch.tensor([inverse_temperature], dtype=torch.float64, device=device),
+        logits, logits.stride(0), vocab, _on_device((float(inverse_temperature),), device),
         draws, n, excluded, k_ex,
         ids, counts, status, float(NEAR_ULPS_PER_ID * vocab + NEAR_ULPS),
         BLOCK_V=block_v, NP=n_pad, KEP=_next_power_of_2(max(k_ex, 1)), num_warps=4)
     return ids, counts, status
+
+
+def compile_for(capability: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict[str, int]:
+    """Compile both kernels to a cubin for CUDA compute ``capability`` (90: H100/H200) with Triton's own
+    ptxas, without a GPU: what the interpreter cannot show (a construct with no lowering, a register
+    spill). Returns each build's registers and spilled bytes per thread, by name. Needs triton's
+    compiled mode (``TRITON_INTERPRET`` unset)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target, usage = GPUTarget("cuda", capability, 32), {}
+    sparse = dict(row_stride="i64", V="i32", K="i32", inverse_temperatures="*fp64", G="i32", cache_index="i32",
+                  temperature="fp32", targets="*i64", block_max="*fp32", block_max_stride="i64", candidates="*i64",
+                  candidates_stride="i64", top_ids="*i64", topk_logprobs="*fp32", logsumexp="*fp32",
+                  tail_logmass="*fp32", target_logprob="*fp32", status="*i32")
+    sample = dict(row_stride="i64", V="i32", inverse_temperature_ptr="*fp64", uniforms="*fp64", N="i32",
+                  exclude="*i64", K_EX="i32", sample_ids="*i64", sample_counts="*i32", status="*i32", near_ulps="fp32")
+    builds = []
+    for dtype in dtypes:  # stage one's shapes at V = 32k: top-64 and top-1, 32 draws, 48 tail draws beside 8 kept
+        for k in (64, 1):
+            builds.append((f"sparse {dtype} k={k}", _sparse_kernel, {"logits": f"*{dtype}", **sparse},
+                           dict(HAS_TARGETS=True, BLOCK_V=1024, NB=1024, RB=32, CAP=max(256, 8 * k), GP=2), 8))
+        for n_pad, k_ex in ((32, 1), (64, 8)):
+            builds.append((f"sample {dtype} n={n_pad} exclude={k_ex}", _sample_kernel, {"logits": f"*{dtype}", **sample},
+                           dict(BLOCK_V=max(16, min(256, 8192 // n_pad)), NP=n_pad, KEP=k_ex), 4))
+    for name, kernel, signature, constants, warps in builds:
+        signature = {**signature, **{key: "constexpr" for key in constants}}
+        names = list(signature)
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(key),): value for key, value in constants.items()})
+        compiled = triton.compile(source, target=target, options={"num_warps": warps})
+        usage[name] = _resource_usage(compiled.asm["cubin"])
+    return usage
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers and local memory (spills) per thread of a cubin, by the cuobjdump that ships with triton."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True,
+                              timeout=60).stdout
+    found = {key: re.search(rf"{key}:(\d+)", text) for key in ("REG", "LOCAL")}
+    return {"registers": int(found["REG"].group(1)) if found["REG"] else -1,
+            "spilled_bytes": int(found["LOCAL"].group(1)) if found["LOCAL"] else -1}
+
+
+if __name__ == "__main__":  # python -m pipeline.teacher.fused_gpu: compile for an H100/H200 here, GPU or not
+    import json
+    import sys
+
+    if triton is None or interpreted():
+        sys.exit(f"cannot compile: {IMPORT_ERROR or 'TRITON_INTERPRET=1 is set'}")
+    print(json.dumps(compile_for(int(sys.argv[1]) if len(sys.argv) > 1 else 90)))

@@ -181,3 +181,21 @@ def test_the_cpu_keeps_its_kernels():
     assert resolve_kernel("torch", torch.device("cpu")) == "torch"
     if DEVICE.type == "cpu":
         assert resolve_kernel("triton", DEVICE) == "triton"  # asked for by name: the interpreter
+
+
+def test_kernels_compile_for_an_h100_without_a_gpu():
+    """The interpreter runs the kernels in numpy, so it cannot show a construct that has no GPU lowering:
+    compile both, in bf16 and float32, for compute capability 9.0 with triton's own ptxas (no device
+    needed), in a process where triton is not interpreted. None may spill registers to local memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.teacher.fused_gpu", "90"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    usage = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(usage) == 8
+    assert all(0 < build["registers"] <= 255 and build["spilled_bytes"] == 0 for build in usage.values()), usage
