@@ -3,14 +3,17 @@
 #
 # SESSION=fused (the default; issue #26), sized for 8 minutes on an H200 including set-up:
 #   1. the fused kernels' tests compiled on the GPU, not interpreted (tests/pipeline/teacher/test_fused_gpu.py,
-#      tests/stages/test_teacher_fused.py with the real copy stream): ~1-2 min, mostly Triton compiles;
+#      tests/stages/test_teacher_fused.py with the real copy stream): ~1-2 min, mostly Triton compiles of
+#      ~30 small specialisations at ~2 s each;
 #   2. stage one at a realistic size (bench/realistic.py --stage-one-only): a ~135M Llama teacher in bf16, a 32k
 #      BPE vocabulary trained on the corpus (~1 min), 512 rows x 256 tokens = 131k tokens per run, batch 32;
 #      per repeat a bare forward, then top-64 and sampled-32 each under torch, the fused kernels (native) and the
 #      fused kernels with the copy stream (native+overlap), then a bare forward again; 3 repeats, medians.
-#      Six runs of ~1.5 s each per repeat (stage one at <= 2.2x a 6 us/token forward), plus warm-ups and the
-#      first compiles: ~2-3 min. Writes $OUT/stage_one_<gpu>_fused.json (gpu: h200, h100, ...).
-#   Timeouts: 150 s and 330 s; at worst the session ends within 8 minutes with what finished.
+#      Sized from the last H200 session (gpu_session_h200.log: tokenizer, 9 stage-one runs and stage two took
+#      206 s): here 24 stage-one runs (6 variants x (3 repeats + a warm-up)) of 131k tokens at <= 2.2x a
+#      ~3-6 us/token forward, each ~5 s with its set-up (weights hash, model load), and ~10 Triton compiles:
+#      ~4 min. Writes $OUT/stage_one_<gpu>_fused.json (gpu: h200, h100, ...).
+#   Timeouts: 120 s and 330 s, set-up ~30 s: at worst the session ends within 8 minutes with what finished.
 # SESSION=quality: the earlier session, the quality benchmark and both realistic stages.
 # zarr and its codecs are not on the machine's image: carry them as wheels in .whl (docs/BENCHMARKS.md).
 # Locally, a dry run on CPU with tiny sizes checks every step:  DRY=1 bash bench/gpu_session.sh
@@ -31,7 +34,7 @@ if [ "${DRY:-0}" = 1 ]; then
   DEVICE=cpu; GPU=cpu; Q="--steps 3 --micro-batch-size 2 --seeds 0,1 --kl-rows 4 --parallel 2"; R="--tiny"; QT=900; RT=900; TT=900
 else
   DEVICE=cuda; Q="--steps 300 --seeds 0,1,2 --parallel 11"; R=""
-  QT=${QUALITY_TIMEOUT:-330}; RT=${REALISTIC_TIMEOUT:-200}; TT=${TEST_TIMEOUT:-150}
+  QT=${QUALITY_TIMEOUT:-330}; RT=${REALISTIC_TIMEOUT:-200}; TT=${TEST_TIMEOUT:-120}
   nvidia-smi --query-gpu=name,memory.total --format=csv
   GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/^NVIDIA //; s/[^A-Za-z0-9]+.*$//' | tr 'A-Z' 'a-z')
 fi
