@@ -250,15 +250,27 @@ if triton is not None:
         tl.store(status + row, bad.to(tl.int32) * 1 + overflow.to(tl.int32) * 2)
 
     @triton.jit
+    def _excluded(exclude_row, K_EX, ids, HAS_EXCLUDE: tl.constexpr, EXCLUDE_CHUNK: tl.constexpr):
+        """Which of ``ids`` are among the row's ``K_EX`` excluded ids (int32 comparisons, EXCLUDE_CHUNK at a time)."""
+        out = ids < 0
+        if HAS_EXCLUDE:
+            for first in range(0, K_EX, EXCLUDE_CHUNK):
+                chunk = first + tl.arange(0, EXCLUDE_CHUNK)
+                excluded = tl.load(exclude_row + chunk, mask=chunk < K_EX, other=-1).to(tl.int32)
+                out |= tl.sum((ids[:, None] == excluded[None, :]).to(tl.int32), 1) > 0
+        return out
+
+    @triton.jit
     def _sample_kernel(logits, row_stride, V, inverse_temperature_ptr, uniforms, N, exclude, K_EX,
                        sample_ids, sample_counts, status, near_ulps,
-                       BLOCK_V: tl.constexpr, NP: tl.constexpr, KEP: tl.constexpr):
+                       BLOCK_V: tl.constexpr, SUB: tl.constexpr, NP: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+                       EXCLUDE_CHUNK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         z_row = logits + row * row_stride
+        exclude_row = exclude + row * K_EX
         columns = tl.arange(0, BLOCK_V)
         ninf = float("-inf")
         inverse_temperature = tl.load(inverse_temperature_ptr)  # float64 (a scalar argument would be float32)
-        excluded_ids = tl.load(exclude + row * K_EX + tl.arange(0, KEP), mask=tl.arange(0, KEP) < K_EX, other=-1)
         # ---- 1: maximum over the ids not excluded, NaN, +inf, and the total weight (rescaled online)
         nan = tl.zeros([], tl.int32)
         top = tl.full([], ninf, tl.float64)
@@ -266,8 +278,7 @@ if triton is not None:
         for start in range(0, V, BLOCK_V):
             ids = start + columns
             z = tl.load(z_row + ids, mask=ids < V, other=ninf).to(tl.float32).to(tl.float64)
-            out = tl.sum((ids[:, None] == excluded_ids[None, :]).to(tl.int32), 1) > 0
-            z = tl.where(out, ninf, z)
+            z = tl.where(_excluded(exclude_row, K_EX, ids, HAS_EXCLUDE, EXCLUDE_CHUNK), ninf, z)
             nan = tl.maximum(nan, tl.max((z != z).to(tl.int32), 0))
             z = tl.where(z != z, ninf, z)
             new_top = tl.maximum(top, tl.max(z, 0))
@@ -284,28 +295,36 @@ if triton is not None:
         below = tl.zeros([NP], tl.int64)
         near = tl.zeros([NP], tl.int32)
         if live:
-            # ---- 2: the CDF tile by tile; per draw, how many cumulative values lie below its target.
+            # ---- 2: the weights tile by tile; per draw, how many cumulative values lie below its target.
             # A tile whose range (± margin) holds no target adds all of its ids to the draws above it
-            # and nothing else: the scan and the [BLOCK_V, NP] comparisons run only in tiles that hold
-            # a target, at most N of a row's V / BLOCK_V.
+            # and nothing else; a tile that holds one is read again in SUB-wide pieces, scanned and
+            # compared with its targets ([SUB, NP]): at most N of a row's V / BLOCK_V tiles.
             carry = tl.zeros([], tl.float64)
             wanted = draw < N
             for start in range(0, V, BLOCK_V):
                 ids = start + columns
                 inside = ids < V
                 z = tl.load(z_row + ids, mask=inside, other=ninf).to(tl.float32).to(tl.float64)
-                out = tl.sum((ids[:, None] == excluded_ids[None, :]).to(tl.int32), 1) > 0
+                out = _excluded(exclude_row, K_EX, ids, HAS_EXCLUDE, EXCLUDE_CHUNK)
                 w = tl.where(out | (z != z), 0.0, tl.exp((z - top) * inverse_temperature))
                 tile_sum = tl.sum(w, 0)
                 beyond = wanted & (targets > carry + tile_sum + margin)
                 below += tl.where(beyond, tl.sum(inside.to(tl.int64), 0), 0)
                 hit = wanted & (targets > carry - margin) & (beyond == 0)
                 if tl.max(hit.to(tl.int32), 0) > 0:
-                    cdf = carry + tl.cumsum(w, 0)
-                    pair = inside[:, None] & hit[None, :]
-                    below += tl.sum((pair & (cdf[:, None] < targets[None, :])).to(tl.int64), 0)
-                    near = tl.maximum(near, tl.max((pair & (tl.abs(cdf[:, None] - targets[None, :]) <= margin))
-                                                   .to(tl.int32), 0))
+                    running = carry
+                    for piece in range(start, start + BLOCK_V, SUB):
+                        sub_ids = piece + tl.arange(0, SUB)
+                        sub_inside = sub_ids < V
+                        sub_z = tl.load(z_row + sub_ids, mask=sub_inside, other=ninf).to(tl.float32).to(tl.float64)
+                        sub_out = _excluded(exclude_row, K_EX, sub_ids, HAS_EXCLUDE, EXCLUDE_CHUNK)
+                        sub_w = tl.where(sub_out | (sub_z != sub_z), 0.0, tl.exp((sub_z - top) * inverse_temperature))
+                        cdf = running + tl.cumsum(sub_w, 0)
+                        pair = sub_inside[:, None] & hit[None, :]
+                        below += tl.sum((pair & (cdf[:, None] < targets[None, :])).to(tl.int64), 0)
+                        near = tl.maximum(near, tl.max((pair & (tl.abs(cdf[:, None] - targets[None, :]) <= margin))
+                                                       .to(tl.int32), 0))
+                        running += tl.sum(sub_w, 0)
                 carry += tile_sum
         drawn = tl.minimum(below, V - 1)
         valid = (draw < N) & (live.to(tl.int32) + tl.zeros([NP], tl.int32) > 0)
@@ -357,7 +376,7 @@ def sparse_rows(logits: torch.Tensor, k: int, temperature: float, grid: tuple[fl
         logits, logits.stride(0), vocab, k, inverse, len(grid), grid.index(temperature), float(temperature),
         target_ids, block_max, block_max.stride(0), candidates, candidates.stride(0),
         out["topk_ids"], out["topk_logprobs"], out["logsumexp"], out["tail_logmass"], target_logprob, status,
-        HAS_TARGETS=has_targets, BLOCK_V=block_v, NB=n_blocks, RB=min(cap, 32), CAP=cap,
+        HAS_TARGETS=has_targets, BLOCK_V=block_v, NB=n_blocks, RB=min(cap, 16), CAP=cap,
         GP=_next_power_of_2(len(grid)), num_warps=4 if block_v <= 512 else 8)
     if has_targets:
         out["target_logprob"] = target_logprob
@@ -387,12 +406,11 @@ def sample_rows(logits: torch.Tensor, inverse_temperature: float, draws: torch.T
     excluded = (exclude.to(device=device, dtype=torch.int64).contiguous() if k_ex
                 else torch.full((1,), -1, dtype=torch.int64, device=device))
     n_pad = _next_power_of_2(n)
-    block_v = max(16, min(256, 8192 // n_pad))  # the [BLOCK_V, n] comparison tile stays ~8k values
     _sample_kernel[(rows,)](
         logits, logits.stride(0), vocab, _on_device((float(inverse_temperature),), device),
-        draws, n, excluded, k_ex,
-        ids, counts, status, float(NEAR_ULPS_PER_ID * vocab + NEAR_ULPS),
-        BLOCK_V=block_v, NP=n_pad, KEP=_next_power_of_2(max(k_ex, 1)), num_warps=4)
+        draws, n, excluded, k_ex, ids, counts, status, float(NEAR_ULPS_PER_ID * vocab + NEAR_ULPS),
+        BLOCK_V=min(512, max(16, _next_power_of_2(vocab))), SUB=max(16, 2048 // n_pad), NP=n_pad,
+        HAS_EXCLUDE=k_ex > 0, EXCLUDE_CHUNK=8, num_warps=4)
     return ids, counts, status
 
 
@@ -415,10 +433,10 @@ def compile_for(capability: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")
     for dtype in dtypes:  # stage one's shapes at V = 32k: top-64 and top-1, 32 draws, 48 tail draws beside 8 kept
         for k in (64, 1):
             builds.append((f"sparse {dtype} k={k}", _sparse_kernel, {"logits": f"*{dtype}", **sparse},
-                           dict(HAS_TARGETS=True, BLOCK_V=1024, NB=1024, RB=32, CAP=max(256, 8 * k), GP=2), 8))
-        for n_pad, k_ex in ((32, 1), (64, 8)):
+                           dict(HAS_TARGETS=True, BLOCK_V=1024, NB=1024, RB=16, CAP=max(256, 8 * k), GP=2), 8))
+        for n_pad, k_ex in ((32, 0), (64, 8)):
             builds.append((f"sample {dtype} n={n_pad} exclude={k_ex}", _sample_kernel, {"logits": f"*{dtype}", **sample},
-                           dict(BLOCK_V=max(16, min(256, 8192 // n_pad)), NP=n_pad, KEP=k_ex), 4))
+                           dict(BLOCK_V=512, SUB=2048 // n_pad, NP=n_pad, HAS_EXCLUDE=k_ex > 0, EXCLUDE_CHUNK=8), 4))
     for name, kernel, signature, constants, warps in builds:
         signature = {**signature, **{key: "constexpr" for key in constants}}
         names = list(signature)
