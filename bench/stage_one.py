@@ -172,6 +172,8 @@ def main() -> None:
         "bare_forward_us_per_token_median": statistics.median(bare) * 1e6,
         "stage_one_us_per_token_median": {name: statistics.median(v) * 1e6 for name, v in stage.items()},
         "stage_one_over_bare_median": {name: statistics.median(v) for name, v in ratio.items()},
+        "stage_one_tokens_per_s_median": {name: 1.0 / statistics.median(v) for name, v in stage.items()},
+        "dtype": args.dtype,
         "stage_one_over_bare_each": ratio,
         "bytes_per_token": sizes,
         "naive_int32_fp16_bytes_per_token_k64": 64 * 6,

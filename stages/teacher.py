@@ -30,6 +30,7 @@ its lock and exits with status 75; the same command continues.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import queue
@@ -402,9 +403,11 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                  ) -> tuple[int, float, tuple[str, str | None] | None]:
     """The loop: compute each shard this job owns and hand it to a writer thread, which compresses
     and renames shard j while the teacher computes shard j+1. The queue holds at most one finished
-    shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds, stopped):
-    stopped is None, or (signal, the shard abandoned or None) when a pre-emption signal ended the
-    loop before every shard was written; the shards handed over by then are written and recorded."""
+    shard, so memory stays at two shards of outputs (three on CUDA with ``--overlap``, where shard j
+    is held until shard j+1's first batch is queued, and only then is its last batch waited for and
+    the shard handed over). Returns (tokens computed, seconds, stopped): stopped is None, or
+    (signal, the shard abandoned or None) when a pre-emption signal ended the loop before every
+    shard was written; the shards handed over by then are written and recorded."""
     config, out = job.config, job.out
     seq_len = job.params["seq_len"]
     jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -419,6 +422,15 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                 job.record(store_lib.write_shard(out, name, arrays, config.backend, config.chunk_rows))
             except BaseException as e:  # surfaced by the main thread
                 failure.append(e)
+
+    held: list[tuple[str, dict[str, np.ndarray], Callable[[], None]]] = []  # a shard whose last batch is on the device
+
+    def hand_over() -> None:
+        """Wait for the held shard's last batch, then give the shard to the writer."""
+        while held:
+            name, arrays, finish = held.pop()
+            finish()
+            jobs.put((name, arrays))
 
     signalled = (preemption or preempt.Preemption()).agreed  # one never entered is never signalled
     abandon = signalled if config.on_preempt == "abandon" else None
@@ -436,15 +448,26 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                     break
                 lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
                 rows = job.tokens.read_rows(lo, hi)
-                arrays = teacher_shard(job.head, rows["input_ids"], lo, config, job.arrays, job.vocab, job.device,
-                                       job.kernel, progress, abandon)
+                computed = teacher_shard(job.head, rows["input_ids"], lo, config, job.arrays, job.vocab, job.device,
+                                         job.kernel, progress, abandon, after_first_batch=hand_over)
                 if failure:
                     raise failure[0]
-                if arrays is None:
+                if computed is None:
                     stopped = (signalled(), store_lib.shard_name(j, config.backend))
                     break
+                arrays, finish = computed
                 arrays |= {name: rows[name] for name in COPIED if name in job.arrays}
-                jobs.put((store_lib.shard_name(j, config.backend), arrays))
+                if finish is None:
+                    jobs.put((store_lib.shard_name(j, config.backend), arrays))
+                else:
+                    held.append((store_lib.shard_name(j, config.backend), arrays, finish))
+            hand_over()
+    except BaseException:
+        try:  # the shard before the one that failed is whole: still write it
+            hand_over()
+        except BaseException:
+            pass
+        raise
     finally:
         jobs.put(None)
         thread.join()
@@ -456,14 +479,19 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
 @torch.no_grad()
 def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, config: TeacherConfig,
                   arrays: dict[str, dict], vocab: int, device: torch.device, kernel: str,
-                  progress, abandon: Callable[[], Any] | None = None) -> dict[str, np.ndarray] | None:
+                  progress, abandon: Callable[[], Any] | None = None,
+                  after_first_batch: Callable[[], None] | None = None
+                  ) -> tuple[dict[str, np.ndarray], Callable[[], None] | None] | None:
     """All stored arrays (``arrays``: dtype and per-row shape of each) for one shard of rows
-    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws);
-    None if ``abandon()``, asked before each batch, said to drop the shard.
+    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws),
+    and None or a function to call before they are complete; None if ``abandon()``, asked before
+    each batch, said to drop the shard. ``after_first_batch()`` is called once the first batch is
+    queued (the previous shard's hand-over, :func:`write_shards`).
 
     On CUDA with ``--overlap`` (the default) a batch's outputs go to pinned host memory on a copy
     stream, and the host waits for them (and converts them to the store's dtypes) only after the
-    next batch's forward is queued, so the copy and the host's work overlap the GPU's. With the
+    next batch's forward is queued, so the copy and the host's work overlap the GPU's; the last
+    batch's wait is the returned function, which the caller runs once the next shard is queued. With the
     fused kernels (``kernel == "triton"``) nothing waits per chunk either: each chunk's status (bad
     or undecided rows) travels with its outputs and is read then; a chunk with such rows is
     recomputed from the kept hidden states by the checked path, which raises or redoes them."""
@@ -509,10 +537,12 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
             if pending is not None:
                 _finish_batch(pending, out, arrays, config, vocab, kernel, head)
             pending = done
+        if start == 0 and after_first_batch is not None:
+            after_first_batch()
         progress.update(b * seq_len)
-    if pending is not None:
-        _finish_batch(pending, out, arrays, config, vocab, kernel, head)
-    return out
+    if pending is None:
+        return out, None
+    return out, functools.partial(_finish_batch, pending, out, arrays, config, vocab, kernel, head)
 
 
 def _copy_stream(config: TeacherConfig, device: torch.device) -> Any:

@@ -8,15 +8,21 @@ bit; batches are finished in order, each one after the next one's copy was queue
 still a one-line error.
 """
 
+import gzip
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import load_config
 from pipeline.errors import DistillError
+from pipeline.store.contract import open_store
 from pipeline.teacher import fused_gpu
 from stages import teacher as stage
 from stages.teacher import TeacherConfig, stored_arrays, teacher_shard
+from tests.conftest import ROOT, TOKENIZER, make_teacher, run_cli
 
 VOCAB, SEQ_LEN = 200, 4
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,7 +56,10 @@ def shard(kernel: str, head: LinearHead | None = None, **options) -> dict[str, n
                          **options)
     arrays = stored_arrays(config, SEQ_LEN, {"input_ids": {"dtype": "uint16", "shape": [SEQ_LEN]}}, VOCAB)
     input_ids = np.random.default_rng(0).integers(0, VOCAB, (3, SEQ_LEN)).astype(np.uint16)
-    return teacher_shard(head or LinearHead(), input_ids, 5, config, arrays, VOCAB, DEVICE, kernel, Progress())
+    out, finish = teacher_shard(head or LinearHead(), input_ids, 5, config, arrays, VOCAB, DEVICE, kernel, Progress())
+    if finish is not None:  # the last batch, waited for when the next shard is queued
+        finish()
+    return out
 
 
 def assert_same_store(fused: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
@@ -79,7 +88,7 @@ def overlapped(monkeypatch):
         events.append(("finish", done.rows.start))
         finish(done, *args)
 
-    monkeypatch.setattr(stage, "_copy_stream", lambda config, device: "copy stream")
+    monkeypatch.setattr(stage, "_copy_stream", lambda config, device: "copy stream" if config.overlap else None)
     monkeypatch.setattr(stage._Batch, "to_host", to_host)
     monkeypatch.setattr(stage, "_finish_batch", logged_finish)
     return events
@@ -123,3 +132,40 @@ def test_bad_logits_are_an_error_when_their_batch_is_finished(overlapped):
 def test_the_copy_stream_changes_nothing(kernel):
     options = dict(kind="topk", top_k=4, tail_samples=6)
     assert_same_store(shard(kernel, overlap=True, **options), shard(kernel, overlap=False, **options))
+
+
+def test_a_shard_is_handed_over_once_the_next_one_is_queued(tmp_path, monkeypatch, overlapped):
+    """Across shards (``distill teacher``, torch kernel, the copy stream replaced as above): shard j is
+    written only after shard j+1's first batch was queued, and the store is the one written without
+    the overlap, row for row."""
+    with gzip.open(ROOT / "data" / "corpus" / "heldout.jsonl.gz", "rt") as f:
+        docs = [json.loads(line)["text"] for _, line in zip(range(6), f)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    assert run_cli("prepare", "--input", tmp_path / "corpus.jsonl", "--out", tmp_path / "tokens", "--tokenizer",
+                   TOKENIZER, "--seq-len", "16", "--rows-per-shard", "40").exit_code == 0
+    make_teacher(tmp_path / "teacher")
+    write_shard = stage.store_lib.write_shard
+
+    def logged_write(out, name, *args, **kwargs):
+        overlapped.append(("write", name))
+        return write_shard(out, name, *args, **kwargs)
+
+    monkeypatch.setattr(stage.store_lib, "write_shard", logged_write)
+    stores = {}
+    for name, flag in (("overlap", "--overlap"), ("plain", "--no-overlap")):
+        result = run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", tmp_path / "teacher",
+                         "--out", tmp_path / name, "--kind", "sampled", "--samples", "8", "--rows-per-shard", "6",
+                         "--batch-size", "4", "--max-rows", "18", "--kernel", "torch", flag)
+        assert result.exit_code == 0, result.output
+        stores[name] = open_store(Path(tmp_path / name))
+        if name == "overlap":
+            log = list(overlapped)
+    assert not any(event[0] == "copy" for event in overlapped[len(log):])  # --no-overlap: no copy stream
+    writes = [i for i, event in enumerate(log) if event[0] == "write"]
+    assert len(writes) == 3
+    for j, at in enumerate(writes[:-1]):  # shard j waits for shard j+1's first batch (rows 0..3 of it)
+        assert sum(event == ("copy", 0) for event in log[:at]) >= j + 2, log
+    a, b = (stores[name].read_rows(0, 18) for name in ("overlap", "plain"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -73,6 +73,24 @@ def test_confident_teacher_tails_are_exact(temperature):
     assert tail == pytest.approx(log_tail - math.log(4 + math.exp(log_tail)), rel=1e-6)
 
 
+@pytest.mark.parametrize("k", [1, 256])
+def test_k_extremes_at_low_temperature_match_float64(k):
+    """k = 1 and k = V on a confident teacher at T = 0.1: kept log-probs, log-sum-exps and tails (finite
+    for k = 1, −inf for k = V) as a dense float64 reference gives them."""
+    logits = lm_like_logits(4, 256, seed=5, scale=6.0)
+    got = fused(logits, k, 0.1, (0.1, 1.0))
+    ref = dense_reference(logits, k, 0.1, (0.1, 1.0))
+    if k == 1:
+        assert torch.isfinite(got["tail_logmass"]).all()
+        torch.testing.assert_close(got["tail_logmass"].double(), ref["tail_logmass"], rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.isneginf(got["tail_logmass"]).all()
+    torch.testing.assert_close(got["logsumexp"].double(), ref["logsumexp"], rtol=1e-6, atol=1e-4)
+    assert torch.equal(logits.gather(-1, got["topk_ids"]), logits.gather(-1, ref["topk_ids"]))
+    torch.testing.assert_close(got["topk_logprobs"].double(), ref["logprobs"].gather(-1, got["topk_ids"]),
+                               rtol=0, atol=2e-4)
+
+
 def test_ties_go_to_the_lower_id_and_minus_inf_is_a_zero():
     """Ties at the k-th logit keep the lower ids (the CPU kernel's rule) and put the others in the tail;
     −inf logits weigh nothing; a row of ties wider than the candidate slots is redone by torch, stably."""
