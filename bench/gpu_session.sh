@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (see the device tool), each part written to $OUT as it finishes.
 #
-# SESSION=fused (the default; issue #26), sized for 8 minutes on an H200 including set-up:
-#   1. the fused kernels' tests compiled on the GPU, not interpreted (tests/pipeline/teacher/test_fused_gpu.py,
-#      tests/stages/test_teacher_fused.py with the real copy stream): ~1-2 min, mostly Triton compiles of
-#      ~30 small specialisations at ~2 s each;
-#   2. stage one at a realistic size (bench/realistic.py --stage-one-only): a ~135M Llama teacher in bf16, a 32k
+# SESSION=fused (the default; issue #26), sized for 8 minutes on an H200 including set-up; the measurement first,
+# so that a slow test step cannot cost it (stage one checks the kernels against torch as it loads them anyway):
+#   1. stage one at a realistic size (bench/realistic.py --stage-one-only): a ~135M Llama teacher in bf16, a 32k
 #      BPE vocabulary trained on the corpus (~1 min), 512 rows x 256 tokens = 131k tokens per run, batch 32;
 #      per repeat a bare forward, then top-64 and sampled-32 each under torch, the fused kernels (native) and the
 #      fused kernels with the copy stream (native+overlap), then a bare forward again; 3 repeats, medians.
 #      Sized from the last H200 session (gpu_session_h200.log: tokenizer, 9 stage-one runs and stage two took
 #      206 s): here 24 stage-one runs (6 variants x (3 repeats + a warm-up)) of 131k tokens at <= 2.2x a
 #      ~3-6 us/token forward, each ~5 s with its set-up (weights hash, model load), and ~10 Triton compiles:
-#      ~4 min. Writes $OUT/stage_one_<gpu>_fused.json (gpu: h200, h100, ...).
-#   Timeouts: 120 s and 330 s, set-up ~30 s: at worst the session ends within 8 minutes with what finished.
+#      ~4 min. Writes $OUT/stage_one_<gpu>_fused.json (gpu: h200, h100, ...);
+#   2. the fused kernels' tests compiled on the GPU, not interpreted (tests/pipeline/teacher/test_fused_gpu.py,
+#      tests/stages/test_teacher_fused.py with the real copy stream): ~1-2 min, mostly Triton compiles of
+#      ~40 small specialisations; writes $OUT/fused_tests_<gpu>.log.
+#   Timeouts: 330 s and 120 s, set-up ~30 s: at worst the session ends within 8 minutes with what finished.
 # SESSION=quality: the earlier session, the quality benchmark and both realistic stages.
 # zarr and its codecs are not on the machine's image: carry them as wheels in .whl (docs/BENCHMARKS.md).
 # Locally, a dry run on CPU with tiny sizes checks every step:  DRY=1 bash bench/gpu_session.sh
@@ -42,6 +43,12 @@ $PY -c "import torch, sys; import triton; print('torch', torch.__version__, 'tri
   || $PY -c "import torch; print('torch', torch.__version__, 'no triton')"
 
 if [ "$SESSION" = fused ]; then
+  log "stage one, realistic size: torch, fused, fused + copy stream"
+  timeout ${RT_FUSED:-330} $PY bench/realistic.py --device $DEVICE $R --stage-one-only --dtype bfloat16 --repeats 3 \
+      --kernels torch,native,native+overlap --stores topk64,sampled32 --work "$W/realistic" --out-dir "$OUT" \
+      --suffix "${GPU}_fused" 2>&1 | tr '\r' '\n' | grep -vE '^(teacher|prepare|train|Loading)' \
+      | tee "$OUT/stage_one_${GPU}_fused.log" | tail -40
+  grep -E "^distill:|not timed|Error" "$OUT/stage_one_${GPU}_fused.log" | head -5
   log "fused kernels' tests, compiled"
   if $PY -c "import pytest" 2>/dev/null; then
     timeout $TT $PY -m pytest -q -p no:cacheprovider -W ignore tests/pipeline/teacher/test_fused_gpu.py \
@@ -49,10 +56,6 @@ if [ "$SESSION" = fused ]; then
   else
     log "no pytest on this machine: the kernels are still checked against torch when stage one loads them"
   fi
-  log "stage one, realistic size: torch, fused, fused + copy stream"
-  timeout ${RT_FUSED:-330} $PY bench/realistic.py --device $DEVICE $R --stage-one-only --dtype bfloat16 --repeats 3 \
-      --kernels torch,native,native+overlap --stores topk64,sampled32 --work "$W/realistic" --out-dir "$OUT" \
-      --suffix "${GPU}_fused" 2>&1 | tr '\r' '\n' | grep -vE '^(teacher|prepare|train|Loading)' | tail -40
   log done
   exit 0
 fi

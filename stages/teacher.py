@@ -109,7 +109,8 @@ class TeacherConfig:
                          "device), or 'auto' (native where it builds and agrees with torch, else torch). All write "
                          "the same store to float32 rounding, and the same draws.")
     overlap: bool = option(True, "On CUDA: copy each batch's outputs to pinned host memory on a second stream, and "
-                           "wait for them only once the next batch is queued (off: wait at once; the store is the same).")
+                           "wait for them only once the next batch is queued (off: wait at once; the store is the "
+                           "same).")
     logprob_dtype: str = option("float16", "dtype of the stored log-probs (top-k, and drawn ids' with "
                                 "--sample-logprobs): float16 (compact) or float32 (exact, for checking losses "
                                 "against an online teacher).")
@@ -491,10 +492,10 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
     On CUDA with ``--overlap`` (the default) a batch's outputs go to pinned host memory on a copy
     stream, and the host waits for them (and converts them to the store's dtypes) only after the
     next batch's forward is queued, so the copy and the host's work overlap the GPU's; the last
-    batch's wait is the returned function, which the caller runs once the next shard is queued. With the
-    fused kernels (``kernel == "triton"``) nothing waits per chunk either: each chunk's status (bad
-    or undecided rows) travels with its outputs and is read then; a chunk with such rows is
-    recomputed from the kept hidden states by the checked path, which raises or redoes them."""
+    batch's wait is the returned function, which the caller runs once the next shard is queued.
+    With the fused kernels (``kernel == "triton"``) nothing waits per chunk either: each chunk's
+    status (bad or undecided rows) travels with its outputs and is read then; a chunk with such rows
+    is recomputed from the kept hidden states by the checked path, which raises or redoes them."""
     rows, seq_len = input_ids.shape
     out = {name: np.empty((rows, *spec["shape"]), dtype=np.dtype(spec["dtype"]))
            for name, spec in arrays.items() if name not in COPIED}

@@ -435,8 +435,8 @@ def compile_for(capability: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")
             builds.append((f"sparse {dtype} k={k}", _sparse_kernel, {"logits": f"*{dtype}", **sparse},
                            dict(HAS_TARGETS=True, BLOCK_V=1024, NB=1024, RB=16, CAP=max(256, 8 * k), GP=2), 8))
         for n_pad, k_ex in ((32, 0), (64, 8)):
-            builds.append((f"sample {dtype} n={n_pad} exclude={k_ex}", _sample_kernel, {"logits": f"*{dtype}", **sample},
-                           dict(BLOCK_V=512, SUB=2048 // n_pad, NP=n_pad, HAS_EXCLUDE=k_ex > 0, EXCLUDE_CHUNK=8), 4))
+            builds.append((f"sample {dtype} n={n_pad} exclude={k_ex}", _sample_kernel,
+                           {"logits": f"*{dtype}", **sample}, dict(BLOCK_V=512, SUB=2048 // n_pad, NP=n_pad, HAS_EXCLUDE=k_ex > 0, EXCLUDE_CHUNK=8), 4))
     for name, kernel, signature, constants, warps in builds:
         signature = {**signature, **{key: "constexpr" for key in constants}}
         names = list(signature)

@@ -127,14 +127,14 @@ def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys:
         raise ValueError(f"exclude holds ids outside [0, {vocab})")
     draws = uniforms(keys.to(logits.device), samples)
     resolved = resolve_kernel(kernel, logits.device)
-    if resolved == "triton" and not fused_gpu.load(logits.device, _gpu_agrees):
-        return _fused_gpu_sample(logits, temperature, draws, exclude)
-    if resolved == "triton" and kernel != "auto":
-        raise DistillError(f"the fused GPU kernels' sampling is unavailable on {logits.device} "
-                           f"({fused_gpu.load(logits.device, _gpu_agrees)}); use --kernel torch")
     if resolved == "triton":
-        warn_once(f"distill: the fused GPU kernels' sampling is unavailable ({fused_gpu.load(logits.device, _gpu_agrees)}); "
-                  "stage one draws with torch")
+        why = fused_gpu_problem(logits.device)
+        if not why:
+            return _fused_gpu_sample(logits, temperature, draws, exclude)
+        if kernel != "auto":
+            raise DistillError(f"the fused GPU kernels' sampling is unavailable on {logits.device} ({why}); "
+                               "use --kernel torch")
+        warn_once(f"distill: the fused GPU kernels' sampling is unavailable ({why}); stage one draws with torch")
     z = logits.float()
     if resolved == "native" and (fused := fused_kernel(kernel))[0] is not None:
         ids, counts, bad_rows = native.sample_rows(z, 1.0 / temperature, draws, exclude, kernel=fused[0])
@@ -196,7 +196,8 @@ def sample_teacher_deferred(logits: torch.Tensor, samples: int, temperature: flo
 
 
 def fused_gpu_problem(device: torch.device) -> str:
-    """"" where the fused GPU kernel draws on ``device`` exactly what the torch path draws (checked once), else why not."""
+    """"" where the fused GPU kernel draws on ``device`` exactly what the torch path draws (checked
+    once), else why not."""
     return fused_gpu.load(device, _gpu_agrees)
 
 

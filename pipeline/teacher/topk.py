@@ -231,7 +231,8 @@ def _gpu_agrees(device: torch.device) -> str:
         out = _fused_gpu_sparse_teacher(z.to(device), 64, 1.0, grid, targets.to(device))  # the tied row: redone
         out = {name: value.cpu() for name, value in out.items()}
         reference = torch_sparse_teacher(z.float(), 64, grid, stable=True)
-        reference["tail_logmass"] = _exact_small_tails(z.float(), reference["topk_ids"], reference["tail_logmass"], grid)
+        reference["tail_logmass"] = _exact_small_tails(z.float(), reference["topk_ids"], reference["tail_logmass"],
+                                                       grid)
         lse = reference["logsumexp"][:, 0]
         if not torch.equal(out["topk_ids"], reference["topk_ids"]):
             return f"top-k ids differ ({dtype})"

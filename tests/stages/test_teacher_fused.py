@@ -1,11 +1,14 @@
-"""Stage one's shard loop with the fused GPU kernels and the overlapped copies, on the CPU.
+"""Stage one's shard loop with the fused GPU kernels and the overlapped copies.
 
 Without a GPU the kernels run under Triton's interpreter (tests/conftest.py) and the copy stream,
 which needs CUDA, is replaced by a copy that records when it happens; on a GPU (bench/gpu_session.sh
-runs this file there) the kernels are compiled and the last test uses the real copy stream. What is checked: a shard written by the fused
-kernels (statuses read a batch late, flagged chunks recomputed) equals the torch path's, draws bit for
-bit; batches are finished in order, each one after the next one's copy was queued; bad logits are
-still a one-line error.
+runs this file there) the kernels are compiled and `test_the_copy_stream_changes_nothing` uses the
+real copy stream.
+What is checked: a shard written by the fused kernels (statuses read a batch late, flagged chunks
+recomputed) equals the torch path's, draws bit for bit; batches are finished in order, each one
+after the next one's copy was queued; a shard is handed to the writer after the next shard's first
+batch was queued, and the store is the same without the overlap; bad logits are still a one-line
+error.
 """
 
 import gzip
@@ -127,7 +130,8 @@ def test_bad_logits_are_an_error_when_their_batch_is_finished(overlapped):
         shard("triton", head, kind="sampled", samples=8)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the real copy stream (bench/gpu_session.sh runs it)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: the real copy stream (bench/gpu_session.sh runs it)")
 @pytest.mark.parametrize("kernel", ["triton", "torch"])
 def test_the_copy_stream_changes_nothing(kernel):
     options = dict(kind="topk", top_k=4, tail_samples=6)
