@@ -19,12 +19,15 @@ passes, and writes only what the store keeps.
    again in float64, shifted by the largest non-kept logit, as
    :func:`pipeline.teacher.topk._exact_small_tails` does on the CPU.
 
-Passes 2 to 4 need the row's maximum and the k-th key of the pass before them: these are the
-passes the algorithm needs, not re-reads that a fused loop could avoid. A row whose candidates
+Each pass needs what the one before it found: the bound needs every block maximum, the tail sums
+need the row's maximum and the k-th key, the float64 pass needs the tail. These are the passes
+the algorithm needs, not re-reads that a fused loop could avoid; a row of 32k bf16 logits (64 KB)
+is read from memory once and from the L2 cache after. A row whose candidates
 overflow ``CAP`` (thousands of logits tied at the k-th, or fewer finite logits than k) is flagged and
 recomputed by torch with a stable sort (the same ties); so is nothing else.
 
-:func:`sample_rows` (``_sample_kernel``), per row, two passes:
+:func:`sample_rows` (``_sample_kernel``), per row, two passes (the targets ``u · total`` need the
+total before the CDF can be searched; the tiles that hold a target are read a third time):
 
 1. the maximum over the ids not excluded, NaN and +inf, and the total weight ``Σ exp((z − max)/T)``
    in float64, rescaled online as the maximum grows;
@@ -40,12 +43,14 @@ draws stay those of the torch path on the CPU bit for bit anyway: every cumulati
 here is within ``(8V + 64)·2⁻⁵³·total`` of the sequential one (float64 summation error, plus an
 ulp of difference between the GPU's and the CPU's exp), so a draw whose target is farther than that
 from every cumulative value is the same draw; a row with a target that close (at most about 2·10⁻⁶
-of the draws at V = 32k, by that bound) is flagged and redrawn by :func:`pipeline.teacher.sampling.torch_sample_teacher`
-on the CPU, which is the reference. The uniforms are :func:`pipeline.teacher.sampling.uniforms`,
-exact integer arithmetic on any device.
+of the draws at V = 32k, by that bound) is flagged and redrawn on the CPU by
+:func:`pipeline.teacher.sampling.torch_sample_teacher`, the reference. The uniforms are
+:func:`pipeline.teacher.sampling.uniforms`, exact integer arithmetic on any device.
 
 Both kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is
-imported) on CPU tensors, which is how ``make test`` checks them without a GPU. This module is the
+imported) on CPU tensors, which is how ``make test`` checks them without a GPU, and
+``python -m pipeline.teacher.fused_gpu`` compiles them for an H100/H200 without one
+(:func:`compile_for`: registers, spills). ``DISTILL_TRITON=0`` turns them off. This module is the
 binding: :mod:`pipeline.teacher.topk` and :mod:`pipeline.teacher.sampling` choose it and check it
 once against their torch path (:func:`load`).
 """
@@ -436,7 +441,8 @@ def compile_for(capability: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")
                            dict(HAS_TARGETS=True, BLOCK_V=1024, NB=1024, RB=16, CAP=max(256, 8 * k), GP=2), 8))
         for n_pad, k_ex in ((32, 0), (64, 8)):
             builds.append((f"sample {dtype} n={n_pad} exclude={k_ex}", _sample_kernel,
-                           {"logits": f"*{dtype}", **sample}, dict(BLOCK_V=512, SUB=2048 // n_pad, NP=n_pad, HAS_EXCLUDE=k_ex > 0, EXCLUDE_CHUNK=8), 4))
+                           {"logits": f"*{dtype}", **sample},
+                           dict(BLOCK_V=512, SUB=2048 // n_pad, NP=n_pad, HAS_EXCLUDE=k_ex > 0, EXCLUDE_CHUNK=8), 4))
     for name, kernel, signature, constants, warps in builds:
         signature = {**signature, **{key: "constexpr" for key in constants}}
         names = list(signature)
