@@ -57,6 +57,7 @@ once against their torch path (:func:`load`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -116,6 +117,12 @@ def _on_device(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """float64 constants on ``device``, made once: a tensor built from a list per call would copy from
     pageable memory and wait for the device, the wait stage one's loop avoids."""
     return torch.tensor(values, dtype=torch.float64).to(device)
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the logits' (a --device-map teacher's head may
+    sit on another GPU than the first)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _next_power_of_2(n: int) -> int:
@@ -377,12 +384,13 @@ def sparse_rows(logits: torch.Tensor, k: int, temperature: float, grid: tuple[fl
     inverse = _on_device(tuple(1.0 / t for t in grid), device)
     has_targets = targets is not None
     target_ids = targets.to(device=device, dtype=torch.int64).contiguous() if has_targets else status
-    _sparse_kernel[(rows,)](
-        logits, logits.stride(0), vocab, k, inverse, len(grid), grid.index(temperature), float(temperature),
-        target_ids, block_max, block_max.stride(0), candidates, candidates.stride(0),
-        out["topk_ids"], out["topk_logprobs"], out["logsumexp"], out["tail_logmass"], target_logprob, status,
-        HAS_TARGETS=has_targets, BLOCK_V=block_v, NB=n_blocks, RB=min(cap, 16), CAP=cap,
-        GP=_next_power_of_2(len(grid)), num_warps=4 if block_v <= 512 else 8)
+    with _on(device):
+        _sparse_kernel[(rows,)](
+            logits, logits.stride(0), vocab, k, inverse, len(grid), grid.index(temperature), float(temperature),
+            target_ids, block_max, block_max.stride(0), candidates, candidates.stride(0),
+            out["topk_ids"], out["topk_logprobs"], out["logsumexp"], out["tail_logmass"], target_logprob, status,
+            HAS_TARGETS=has_targets, BLOCK_V=block_v, NB=n_blocks, RB=min(cap, 16), CAP=cap,
+            GP=_next_power_of_2(len(grid)), num_warps=4 if block_v <= 512 else 8)
     if has_targets:
         out["target_logprob"] = target_logprob
     return out, status
@@ -411,15 +419,16 @@ def sample_rows(logits: torch.Tensor, inverse_temperature: float, draws: torch.T
     excluded = (exclude.to(device=device, dtype=torch.int64).contiguous() if k_ex
                 else torch.full((1,), -1, dtype=torch.int64, device=device))
     n_pad = _next_power_of_2(n)
-    _sample_kernel[(rows,)](
-        logits, logits.stride(0), vocab, _on_device((float(inverse_temperature),), device),
-        draws, n, excluded, k_ex, ids, counts, status, float(NEAR_ULPS_PER_ID * vocab + NEAR_ULPS),
-        BLOCK_V=min(512, max(16, _next_power_of_2(vocab))), SUB=max(16, 2048 // n_pad), NP=n_pad,
-        HAS_EXCLUDE=k_ex > 0, EXCLUDE_CHUNK=8, num_warps=4)
+    with _on(device):
+        _sample_kernel[(rows,)](
+            logits, logits.stride(0), vocab, _on_device((float(inverse_temperature),), device),
+            draws, n, excluded, k_ex, ids, counts, status, float(NEAR_ULPS_PER_ID * vocab + NEAR_ULPS),
+            BLOCK_V=min(512, max(16, _next_power_of_2(vocab))), SUB=max(16, 2048 // n_pad), NP=n_pad,
+            HAS_EXCLUDE=k_ex > 0, EXCLUDE_CHUNK=8, num_warps=4)
     return ids, counts, status
 
 
-def compile_for(capability: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict[str, int]:
+def compile_for(capability: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict[str, dict[str, int]]:
     """Compile both kernels to a cubin for CUDA compute ``capability`` (90: H100/H200) with Triton's own
     ptxas, without a GPU: what the interpreter cannot show (a construct with no lowering, a register
     spill). Returns each build's registers and spilled bytes per thread, by name. Needs triton's
