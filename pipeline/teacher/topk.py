@@ -47,8 +47,9 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
             return "triton"
         if kernel != "auto":
             raise DistillError(f"the fused GPU kernels are unavailable on {device} ({why}); use --kernel torch")
-        warn_once(f"distill: the fused GPU kernels are unavailable ({why}); stage one reduces the logits with torch "
-                  "operations, about 1.7-2.2× a bare forward on an H200")
+        if device.type == "cuda":  # elsewhere (mps, …) torch is the only path, as it always was: no warning
+            warn_once(f"distill: the fused GPU kernels are unavailable ({why}); stage one reduces the logits with "
+                      "torch operations, about 1.7-2.2× a bare forward on an H200")
         return "torch"
     fused, why = fused_kernel()
     if fused is None:
