@@ -14,8 +14,10 @@ array job or on another device. Given the uniforms, the draw is the inverse CDF 
 (:func:`sample_teacher`); the fused CPU kernel and the torch path compute that CDF with the same
 float64 operations in the same order, so they draw the same ids except where a uniform falls
 within an ulp or so (~1e-16 relative) of a CDF boundary, since their float64 ``exp`` may differ in
-the last bit. A GPU's parallel cumulative sum rounds differently again: the same kind of rare
-boundary disagreement, not a different distribution.
+the last bit. torch's parallel cumulative sum on a GPU rounds differently again: the same kind of
+rare boundary disagreement, not a different distribution. The fused GPU kernel
+(:mod:`pipeline.teacher.fused_gpu`) has none: it finds every draw it can decide within its rounding
+bound, and the torch path on the CPU redraws the rest, so its draws are the CPU torch path's exactly.
 """
 
 from __future__ import annotations
