@@ -217,3 +217,21 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
     usage = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(usage) == 8
     assert all(0 < build["registers"] <= 255 and build["spilled_bytes"] == 0 for build in usage.values()), usage
+
+
+def test_a_realistic_row_bf16_32k():
+    """Two rows at stage one's realistic size (bf16, V = 32768: the prefilter's bisection over 1024
+    block maxima, candidates ranked in 512 slots, 64 tiles of draws most of which are counted whole):
+    the stable torch path's top-64, log-sum-exps and tails, and its draws from beyond the top-64 (the
+    hybrid store's; the plain draws are the same walk without the exclusion)."""
+    logits = lm_like_logits(2, 32768, seed=9, scale=4.0).bfloat16()
+    got = fused(logits, 64, 1.0, (1.0, 2.0), torch.tensor([5, 6]))
+    reference = torch_sparse_teacher(logits.float(), 64, (1.0, 2.0), stable=True)
+    assert torch.equal(got["topk_ids"], reference["topk_ids"])
+    torch.testing.assert_close(got["logsumexp"], reference["logsumexp"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["tail_logmass"], reference["tail_logmass"], rtol=0, atol=1e-5)
+    keys = torch.arange(2) * 31 + 1
+    drawn, expected = draw_both(logits, 32, 0.7, keys, reference["topk_ids"])
+    assert torch.equal(drawn["sample_ids"], expected["sample_ids"])
+    assert torch.equal(drawn["sample_counts"], expected["sample_counts"])
+    assert (drawn["sample_counts"].sum(-1) == 32).all()
