@@ -16,7 +16,9 @@
 #      ~40 small specialisations; writes $OUT/fused_tests_<gpu>.log.
 #   Timeouts: 330 s and 120 s, set-up ~30 s: at worst the session ends within 8 minutes with what finished.
 # SESSION=quality: the earlier session, the quality benchmark and both realistic stages.
-# zarr and its codecs are not on the machine's image: carry them as wheels in .whl (docs/BENCHMARKS.md).
+# zarr and its codecs are not on the machine's image: carry them as wheels in .whl (zarr 3.1, numcodecs, donfig,
+# google-crc32c, for the machine's Python), e.g.  pip download --only-binary=:all: --no-deps --python-version 3.X \
+#   -d .whl zarr numcodecs donfig google-crc32c   ; pytest is optional (without it step 2 is skipped, said so).
 # Locally, a dry run on CPU with tiny sizes checks every step:  DRY=1 bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/distill-out}; mkdir -p "$OUT"
