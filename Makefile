@@ -8,6 +8,9 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
+# the Triton that torch 2.13's CUDA wheels pin: the fused GPU kernels (tests run them interpreted on the CPU);
+# a 198 MB wheel, about 8 s to download and install here
+TRITON_SPEC ?= triton==3.7.1; platform_system == "Linux"
 BIN         := $(VENV)/bin
 DISTILL     := $(BIN)/distill
 export HF_HUB_OFFLINE := 1
@@ -58,7 +61,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so that the project's `torch>=` requirement installs nothing bigger
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" '$(TRITON_SPEC)'
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 

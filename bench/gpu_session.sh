@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (see the device tool), two parts, each written to $OUT as
-# it finishes:
-#   1. the quality benchmark (bench/quality.py): every teacher signal — CE, online, top-64 with
-#      each tail mode, sampled N = 32 (the default) and 50, two hybrids, T = 2 for online and N = 32 — over
-#      3 seeds with the shipped teacher, 300 steps each, several runs at once on the one GPU;
-#   2. stage one and stage two at a realistic size (bench/realistic.py): a ~135M teacher and a ~23M
-#      student at a 32k vocabulary, built from configs.
-# zarr and its codecs are not on the machine's image: carry them as wheels in .whl (docs/BENCHMARKS.md).
+# One prepared run on a lent GPU machine (see the device tool), each part written to $OUT as it finishes.
+#
+# SESSION=fused (the default; issue #26), sized for 8 minutes on an H200 including set-up; the measurement first,
+# so that a slow test step cannot cost it (stage one checks the kernels against torch as it loads them anyway):
+#   1. stage one at a realistic size (bench/realistic.py --stage-one-only): a ~135M Llama teacher in bf16, a 32k
+#      BPE vocabulary trained on the corpus (~1 min), 512 rows x 256 tokens = 131k tokens per run, batch 32;
+#      per repeat a bare forward, then top-64 and sampled-32 each under torch, the fused kernels (native) and the
+#      fused kernels with the copy stream (native+overlap), then a bare forward again; 3 repeats, medians.
+#      Sized from the last H200 session (gpu_session_h200.log: tokenizer, 9 stage-one runs and stage two took
+#      206 s): here 24 stage-one runs (6 variants x (3 repeats + a warm-up)) of 131k tokens at <= 2.2x a
+#      ~3-6 us/token forward, each ~5 s with its set-up (weights hash, model load), and ~10 Triton compiles:
+#      ~4 min. Writes $OUT/stage_one_<gpu>_fused.json (gpu: h200, h100, ...);
+#   2. the fused kernels' tests compiled on the GPU, not interpreted (tests/pipeline/teacher/test_fused_gpu.py,
+#      tests/stages/test_teacher_fused.py with the real copy stream): ~1-2 min, mostly Triton compiles of
+#      ~40 small specialisations; writes $OUT/fused_tests_<gpu>.log.
+#   Timeouts: 330 s and 120 s, set-up ~30 s: at worst the session ends within 8 minutes with what finished.
+# SESSION=quality: the earlier session, the quality benchmark and both realistic stages.
+# zarr and its codecs are not on the machine's image: carry them as wheels in .whl (zarr 3.1, numcodecs, donfig,
+# google-crc32c, for the machine's Python), e.g.  pip download --only-binary=:all: --no-deps --python-version 3.X \
+#   -d .whl zarr numcodecs donfig google-crc32c   ; pytest is optional (without it step 2 is skipped, said so).
 # Locally, a dry run on CPU with tiny sizes checks every step:  DRY=1 bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/distill-out}; mkdir -p "$OUT"
@@ -20,11 +32,34 @@ fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 log() { echo "[$(date +%T)] $*"; }
+SESSION=${SESSION:-fused}
 if [ "${DRY:-0}" = 1 ]; then
-  DEVICE=cpu; Q="--steps 3 --micro-batch-size 2 --seeds 0,1 --kl-rows 4 --parallel 2"; R="--tiny"; QT=900; RT=900
+  DEVICE=cpu; GPU=cpu; Q="--steps 3 --micro-batch-size 2 --seeds 0,1 --kl-rows 4 --parallel 2"; R="--tiny"; QT=900; RT=900; TT=900
 else
-  DEVICE=cuda; Q="--steps 300 --seeds 0,1,2 --parallel 11"; R=""; QT=${QUALITY_TIMEOUT:-330}; RT=${REALISTIC_TIMEOUT:-200}
+  DEVICE=cuda; Q="--steps 300 --seeds 0,1,2 --parallel 11"; R=""
+  QT=${QUALITY_TIMEOUT:-330}; RT=${REALISTIC_TIMEOUT:-200}; TT=${TEST_TIMEOUT:-120}
   nvidia-smi --query-gpu=name,memory.total --format=csv
+  GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | sed -E 's/^NVIDIA //; s/[^A-Za-z0-9]+.*$//' | tr 'A-Z' 'a-z')
+fi
+$PY -c "import torch, sys; import triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  || $PY -c "import torch; print('torch', torch.__version__, 'no triton')"
+
+if [ "$SESSION" = fused ]; then
+  log "stage one, realistic size: torch, fused, fused + copy stream"
+  timeout ${RT_FUSED:-330} $PY bench/realistic.py --device $DEVICE $R --stage-one-only --dtype bfloat16 --repeats 3 \
+      --kernels torch,native,native+overlap --stores topk64,sampled32 --work "$W/realistic" --out-dir "$OUT" \
+      --suffix "${GPU}_fused" 2>&1 | tr '\r' '\n' | grep -vE '^(teacher|prepare|train|Loading)' \
+      | tee "$OUT/stage_one_${GPU}_fused.log" | tail -40
+  grep -E "^distill:|not timed|Error" "$OUT/stage_one_${GPU}_fused.log" | head -5
+  log "fused kernels' tests, compiled"
+  if $PY -c "import pytest" 2>/dev/null; then
+    timeout $TT $PY -m pytest -q -p no:cacheprovider -W ignore tests/pipeline/teacher/test_fused_gpu.py \
+        tests/stages/test_teacher_fused.py 2>&1 | tail -25 | tee "$OUT/fused_tests_$GPU.log"
+  else
+    log "no pytest on this machine: the kernels are still checked against torch when stage one loads them"
+  fi
+  log done
+  exit 0
 fi
 
 log "quality benchmark"

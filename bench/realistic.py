@@ -8,6 +8,9 @@ bytes per token) and ``bench/stage_two.py`` (offline ÷ CE, offline ÷ online) w
 
     python bench/realistic.py --device cuda --out-dir bench/results
     python bench/realistic.py --tiny --device cpu      # every step, at toy sizes (a dry run)
+    # stage one alone, torch against the fused kernels (bench/gpu_session.sh):
+    python bench/realistic.py --device cuda --stage-one-only --kernels torch,native,native+overlap \
+        --stores topk64,sampled32 --dtype bfloat16 --suffix h200_fused
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def main() -> None:
     parser.add_argument("--work", default="")
     parser.add_argument("--out-dir", default="bench/results")
     parser.add_argument("--suffix", default="gpu_realistic")
+    parser.add_argument("--stage-one-only", action="store_true", help="skip stage two")
+    parser.add_argument("--kernels", default="", help="bench/stage_one.py --kernels (default: its own)")
+    parser.add_argument("--stores", default="topk64,sampled50,hybrid-k8-m48")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", help="the teacher's dtype in stage one")
     args = parser.parse_args()
 
     import torch
@@ -83,18 +91,26 @@ def main() -> None:
     rows = 32 if args.tiny else args.stage_one_rows
     run("bench/stage_one.py", "--teacher", str(teacher_dir), "--tokenizer", str(tokenizer), "--device", args.device,
         "--rows", str(rows), "--rows-per-shard", str(min(rows, 128)), "--size-rows", "16" if args.tiny else "0",
-        "--batch-size", "8" if args.tiny else "32", "--repeats", "2", "--stores", "topk64,sampled50,hybrid-k8-m48",
+        "--batch-size", "8" if args.tiny else "32", "--repeats", str(args.repeats), "--stores", args.stores,
+        "--dtype", args.dtype, *(["--kernels", args.kernels] if args.kernels else []),
         "--out", str(out / f"stage_one_{args.suffix}.json"), timeout=900)
+    if args.stage_one_only:
+        _annotate(out, ["stage_one"], args.suffix, n_teacher, n_student, vocab)
+        return
     steps = 3 if args.tiny else args.stage_two_steps
     run("bench/stage_two.py", "--teacher", str(teacher_dir), "--student", str(student_json), "--tokenizer",
         str(tokenizer), "--device", args.device, "--steps", str(steps), "--micro-batch-size", "4" if args.tiny else "16",
         "--modes", "ce,offline-tail,offline-sampled,offline-hybrid,online", "--work", str(work / "b2"),
         "--train-corpus", "data/corpus/heldout.jsonl.gz",  # speed only: the smaller corpus prepares faster
         "--out", str(out / f"stage_two_{args.suffix}.json"), timeout=900)
-    for name in ("stage_one", "stage_two"):
-        data = json.loads((out / f"{name}_{args.suffix}.json").read_text())
+    _annotate(out, ["stage_one", "stage_two"], args.suffix, n_teacher, n_student, vocab)
+
+
+def _annotate(out: Path, names: list[str], suffix: str, n_teacher: int, n_student: int, vocab: int) -> None:
+    for name in names:
+        data = json.loads((out / f"{name}_{suffix}.json").read_text())
         data |= {"teacher_parameters": n_teacher, "student_parameters": n_student, "vocab_size": vocab}
-        (out / f"{name}_{args.suffix}.json").write_text(json.dumps(data, indent=2) + "\n")
+        (out / f"{name}_{suffix}.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Side by side in one process, alternating, medians over repeats (the machine is s
 - ``bare``: ``model(input_ids).logits`` over the same rows and batch size, nothing else;
 - ``stage one``: ``distill teacher`` end to end (chunked head, top-k, log-sum-exp at each grid
   temperature, exact tail, writer thread, compression, renames), loop time without model loading,
-  once per reduction kernel (``--kernels``: the fused CPU kernel and torch operations) and per
+  once per reduction kernel (``--kernels``: the fused kernel of the device, ``native`` — C on a CPU,
+  Triton on CUDA — and torch operations; ``KERNEL+overlap`` times it with ``--overlap``, the copy
+  stream of CUDA, which plain names leave off so that older results stay comparable) and per
   store (``--stores``: top-64, sampled N = 32 (the default store), N = 50, the hybrid top-4 + 24 tail
   draws, …).
 
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
+from pipeline.errors import DistillError
 from pipeline.models import load_model, resolve_device
 from pipeline.store.contract import open_store
 from stages.prepare import PrepareConfig, prepare
@@ -93,8 +96,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--rows-per-shard", type=int, default=64)
     parser.add_argument("--size-rows", type=int, default=64)
-    parser.add_argument("--kernels", default="", help="stage one's --kernel values to time, comma-separated "
-                        "(default: native,torch on a CPU, torch on a GPU)")
+    parser.add_argument("--kernels", default="", help="stage one's --kernel values to time, comma-separated, each "
+                        "optionally +overlap (default: native,torch on a CPU, torch on a GPU)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--position-chunk", type=int, default=0, help="stage one's --position-chunk (0 = its default)")
@@ -114,10 +117,11 @@ def main() -> None:
 
     def stage_one(store_kind: str, backend: str, name: str, kernel: str, n_rows: int,
                   ragged: bool = False) -> tuple[float, float]:
+        kernel, _, overlap = kernel.partition("+")
         config = load_config(TeacherConfig, tokens_store=str(work / "tokens-all"), max_rows=n_rows, teacher=args.teacher,
                              out=str(work / name), backend=backend, batch_size=args.batch_size,
                              device=str(device), dtype=args.dtype, rows_per_shard=min(args.rows_per_shard, n_rows),
-                             overwrite=True, kernel=kernel, **STORES[store_kind],
+                             overwrite=True, kernel=kernel, overlap=overlap == "overlap", **STORES[store_kind],
                              **({"position_chunk": args.position_chunk} if args.position_chunk else {}))
         run = run_teacher(config)
         store = open_store(work / name)
@@ -131,8 +135,14 @@ def main() -> None:
     timed = [(kernel, store) for store in args.stores.split(",") for kernel in kernels]
     label = {(kernel, store): kernel if store == "topk64" else f"{kernel}/{store}" for kernel, store in timed}
     bare_forward(model, rows[: args.batch_size], args.batch_size, device)  # warm-up: allocator, threads
-    for kernel, store in timed:  # warm-up: kernel build, zarr imports
-        stage_one(store, "zarr", "warm-up", kernel, args.batch_size)
+    unavailable = {}
+    for kernel, store in list(timed):  # warm-up: kernel build, zarr imports
+        try:
+            stage_one(store, "zarr", "warm-up", kernel, args.batch_size)
+        except DistillError as error:  # a kernel that cannot run here (--kernel native without it): time the rest
+            print(f"{label[(kernel, store)]}: not timed: {error}", flush=True)
+            unavailable[label[(kernel, store)]] = str(error)
+            timed.remove((kernel, store))
     bare, stage, ratio = [], {label[t]: [] for t in timed}, {label[t]: [] for t in timed}
     for repeat in range(args.repeats):
         before = bare_forward(model, rows, args.batch_size, device)
@@ -159,6 +169,7 @@ def main() -> None:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
+        "triton": _triton_version(),
         "teacher": args.teacher,
         "tokens_per_run": int(rows.size),
         "rows_per_shard": args.rows_per_shard,
@@ -168,13 +179,24 @@ def main() -> None:
         "bare_forward_us_per_token_median": statistics.median(bare) * 1e6,
         "stage_one_us_per_token_median": {name: statistics.median(v) * 1e6 for name, v in stage.items()},
         "stage_one_over_bare_median": {name: statistics.median(v) for name, v in ratio.items()},
+        "stage_one_tokens_per_s_median": {name: 1.0 / statistics.median(v) for name, v in stage.items()},
+        "dtype": args.dtype,
         "stage_one_over_bare_each": ratio,
         "bytes_per_token": sizes,
+        "not_timed": unavailable,
         "naive_int32_fp16_bytes_per_token_k64": 64 * 6,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 if __name__ == "__main__":

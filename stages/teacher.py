@@ -13,9 +13,11 @@ setup → loop → finish. The teacher's body runs on a batch of rows; its outpu
 chunks of ``position_chunk`` positions, and each chunk is reduced on the device to top-k ids and
 log-probs (top-1 for a sampled store), log-sum-exp at every grid temperature, the exact tail mass
 and the true token's log-prob (:func:`pipeline.teacher.topk.sparse_teacher`), and drawn from
-(:func:`pipeline.teacher.sampling.sample_teacher`). A ``[B, L, V]`` float32 logit tensor never exists, so a
-150k vocabulary and long rows fit. A writer thread compresses and renames each finished shard while
-the next one is computed.
+(:func:`pipeline.teacher.sampling.sample_teacher`): by the fused C kernel on a CPU, the fused Triton
+kernels on CUDA (:mod:`pipeline.teacher.fused_gpu`), or torch. A ``[B, L, V]`` float32 logit tensor
+never exists, so a 150k vocabulary and long rows fit. A writer thread compresses and renames each
+finished shard while the next one is computed; on CUDA each batch's outputs are also copied to
+pinned host memory on a second stream and waited for only once the next batch is queued.
 
 Parallel and idempotent: the store's shards are fixed row ranges; job ``i`` of ``n`` writes shards
 ``i, i+n, i+2n, …`` and records each finished one in its own partial index
@@ -30,6 +32,7 @@ its lock and exits with status 75; the same command continues.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import queue
@@ -53,8 +56,9 @@ from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check
                              device_map_problems, device_problems, execution_device, has_weights, hf_config, load_model,
                              max_positions, parse_max_memory, placement, read_device_map, resolve_device)
 from pipeline.store import contract as store_lib
-from pipeline.teacher.sampling import position_keys, sample_teacher, sampled_logprobs
-from pipeline.teacher.topk import KERNELS, resolve_kernel, sparse_teacher
+from pipeline.teacher.sampling import (fused_gpu_problem, position_keys, sample_teacher, sample_teacher_deferred,
+                                      sampled_logprobs)
+from pipeline.teacher.topk import KERNELS, resolve_kernel, sparse_teacher, sparse_teacher_deferred
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 
@@ -108,9 +112,13 @@ class TeacherConfig:
     max_memory: tuple[str, ...] = option((), "With a --device-map preset: memory each device may hold, e.g. "
                                          "0=70GiB,1=70GiB,cpu=200GiB.")
     dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16 (reductions are float32).")
-    kernel: str = option("auto", "Top-k/log-sum-exp reductions and draws: 'native' (fused CPU kernel, built with "
-                         "the system C compiler on first use), 'torch' (any device), or 'auto' (native for a CPU "
-                         "teacher where it builds, else torch). Both write the same store to float32 rounding.")
+    kernel: str = option("auto", "Top-k/log-sum-exp reductions and draws: 'native' (the fused kernel of the device: "
+                         "C on a CPU, built with the system C compiler on first use; Triton on CUDA), 'torch' (any "
+                         "device), or 'auto' (native where it builds and agrees with torch, else torch). All write "
+                         "the same store to float32 rounding, and the same draws.")
+    overlap: bool = option(True, "On CUDA: copy each batch's outputs to pinned host memory on a second stream, and "
+                           "wait for them only once the next batch is queued (off: wait at once; the store is the "
+                           "same).")
     logprob_dtype: str = option("float16", "dtype of the stored log-probs (top-k, and drawn ids' with "
                                 "--sample-logprobs): float16 (compact) or float32 (exact, for checking losses "
                                 "against an online teacher).")
@@ -419,9 +427,11 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                  ) -> tuple[int, float, tuple[str, str | None] | None]:
     """The loop: compute each shard this job owns and hand it to a writer thread, which compresses
     and renames shard j while the teacher computes shard j+1. The queue holds at most one finished
-    shard, so memory stays at two shards of outputs. Returns (tokens computed, seconds, stopped):
-    stopped is None, or (signal, the shard abandoned or None) when a pre-emption signal ended the
-    loop before every shard was written; the shards handed over by then are written and recorded."""
+    shard, so memory stays at two shards of outputs (three on CUDA with ``--overlap``, where shard j
+    is held until shard j+1's first batch is queued, and only then is its last batch waited for and
+    the shard handed over). Returns (tokens computed, seconds, stopped): stopped is None, or
+    (signal, the shard abandoned or None) when a pre-emption signal ended the loop before every
+    shard was written; the shards handed over by then are written and recorded."""
     config, out = job.config, job.out
     seq_len = job.params["seq_len"]
     jobs: queue.Queue = queue.Queue(maxsize=1)
@@ -436,6 +446,15 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                 job.record(store_lib.write_shard(out, name, arrays, config.backend, config.chunk_rows))
             except BaseException as e:  # surfaced by the main thread
                 failure.append(e)
+
+    held: list[tuple[str, dict[str, np.ndarray], Callable[[], None]]] = []  # a shard whose last batch is on the device
+
+    def hand_over() -> None:
+        """Wait for the held shard's last batch, then give the shard to the writer."""
+        while held:
+            name, arrays, finish = held.pop()
+            finish()
+            jobs.put((name, arrays))
 
     signalled = (preemption or preempt.Preemption()).agreed  # one never entered is never signalled
     abandon = signalled if config.on_preempt == "abandon" else None
@@ -453,15 +472,26 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                     break
                 lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
                 rows = job.tokens.read_rows(lo, hi)
-                arrays = teacher_shard(job.head, rows["input_ids"], lo, config, job.arrays, job.vocab, job.device,
-                                       job.kernel, progress, abandon)
+                computed = teacher_shard(job.head, rows["input_ids"], lo, config, job.arrays, job.vocab, job.device,
+                                         job.kernel, progress, abandon, after_first_batch=hand_over)
                 if failure:
                     raise failure[0]
-                if arrays is None:
+                if computed is None:
                     stopped = (signalled(), store_lib.shard_name(j, config.backend))
                     break
+                arrays, finish = computed
                 arrays |= {name: rows[name] for name in COPIED if name in job.arrays}
-                jobs.put((store_lib.shard_name(j, config.backend), arrays))
+                if finish is None:
+                    jobs.put((store_lib.shard_name(j, config.backend), arrays))
+                else:
+                    held.append((store_lib.shard_name(j, config.backend), arrays, finish))
+            hand_over()
+    except BaseException:
+        try:  # the shard before the one that failed is whole: still write it
+            hand_over()
+        except BaseException:
+            pass
+        raise
     finally:
         jobs.put(None)
         thread.join()
@@ -473,24 +503,37 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
 @torch.no_grad()
 def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, config: TeacherConfig,
                   arrays: dict[str, dict], vocab: int, device: torch.device, kernel: str,
-                  progress, abandon: Callable[[], Any] | None = None) -> dict[str, np.ndarray] | None:
+                  progress, abandon: Callable[[], Any] | None = None,
+                  after_first_batch: Callable[[], None] | None = None
+                  ) -> tuple[dict[str, np.ndarray], Callable[[], None] | None] | None:
     """All stored arrays (``arrays``: dtype and per-row shape of each) for one shard of rows
-    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws);
-    None if ``abandon()``, asked before each batch, said to drop the shard."""
+    ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws),
+    and None or a function to call before they are complete; None if ``abandon()``, asked before
+    each batch, said to drop the shard. ``after_first_batch()`` is called once the first batch is
+    queued (the previous shard's hand-over, :func:`write_shards`).
+
+    On CUDA with ``--overlap`` (the default) a batch's outputs go to pinned host memory on a copy
+    stream, and the host waits for them (and converts them to the store's dtypes) only after the
+    next batch's forward is queued, so the copy and the host's work overlap the GPU's; the last
+    batch's wait is the returned function, which the caller runs once the next shard is queued.
+    With the fused kernels (``kernel == "triton"``) nothing waits per chunk either: each chunk's
+    status (bad or undecided rows) travels with its outputs and is read then; a chunk with such rows
+    is recomputed from the kept hidden states by the checked path, which raises or redoes them."""
     rows, seq_len = input_ids.shape
-    grid = config.grid
     out = {name: np.empty((rows, *spec["shape"]), dtype=np.dtype(spec["dtype"]))
            for name, spec in arrays.items() if name not in COPIED}
     out["input_ids"] = input_ids
+    copy_stream = _copy_stream(config, device)
     draws = config.samples if config.kind == "sampled" else config.tail_samples
-    prefix = "sample" if config.kind == "sampled" else "tail_sample"
-    # top-k of 1 for a sampled or target store: only its log-sum-exp and target log-prob are kept
-    k = config.top_k if config.kind == "topk" else 1
-    buffer = None
+    # the fused kernels without a wait per chunk, where both their reductions and their draws run here
+    deferred = kernel == "triton" and not (draws and fused_gpu_problem(device))
+    buffer, pending = None, None
     for start in range(0, rows, config.batch_size):
         if abandon is not None and abandon():
             return None
-        batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64)).to(device)
+        batch = torch.from_numpy(input_ids[start:start + config.batch_size].astype(np.int64))
+        # from pinned memory without waiting on CUDA: a plain copy would wait for the batch still computing
+        batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
         b = batch.shape[0]
         hidden = head.hidden(batch).reshape(b * seq_len, -1)
         if buffer is None:
@@ -498,39 +541,124 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
         # Position t's target is token t+1; the last position has none in its row (it is the next
         # row's first token), so its target log-prob is stored as NaN.
         targets = torch.cat([batch[:, 1:], batch[:, :1]], dim=1).reshape(-1)
-        keys = position_keys(config.seed, torch.arange(first_row + start, first_row + start + b), seq_len)
-        keys = keys.reshape(-1).to(device)
+        keys = position_keys(config.seed, torch.arange(first_row + start, first_row + start + b, device=device),
+                             seq_len).reshape(-1)
         results: dict[str, list[torch.Tensor]] = {name: [] for name in out if name != "input_ids"}
+        statuses = []
         for p0 in range(0, b * seq_len, config.position_chunk):
             chunk = slice(p0, p0 + config.position_chunk)
-            logits = head.logits(hidden[chunk], buffer)
-            if logits.shape[-1] > vocab:  # padded output rows: drop them, but never silently
-                if (logits.argmax(dim=-1) >= vocab).any():
-                    raise DistillError(f"the teacher's argmax fell on a padded output row (id >= {vocab}); "
-                                       "its output rows do not match the tokenizer")
-                logits = logits[:, :vocab]
-            summary = sparse_teacher(logits, k, config.temperature, grid, targets[chunk], kernel)
-            if draws:
-                exclude = summary["topk_ids"] if config.kind == "topk" else None
-                drawn = sample_teacher(logits, draws, config.temperature, keys[chunk], exclude, kernel)
-                summary[f"{prefix}_ids"], summary[f"{prefix}_counts"] = drawn["sample_ids"], drawn["sample_counts"]
-                if config.sample_logprobs:
-                    summary[f"{prefix}_logprobs"] = sampled_logprobs(logits, drawn["sample_ids"], drawn["sample_counts"],
-                                                                       config.temperature)
+            summary, status = _reduce_chunk(head, hidden[chunk], buffer, targets[chunk], keys[chunk], config, vocab,
+                                            kernel, deferred)
+            statuses.append(status)
             for name in results:
                 results[name].append(summary[name])
-        view = slice(start, start + b)
-        for name, parts in results.items():
-            value = _np(parts).reshape(b, *arrays[name]["shape"])
-            if name == "target_logprob":
-                value[:, -1] = np.nan
-            out[name][view] = value.astype(out[name].dtype)
+        done = _Batch(slice(start, start + b), {name: torch.cat(parts) for name, parts in results.items()},
+                      torch.cat(statuses) if deferred else None, hidden, buffer, targets, keys)
+        if copy_stream is None:
+            _finish_batch(done, out, arrays, config, vocab, kernel, head)
+        else:  # finish the previous batch while this one computes
+            done.to_host(copy_stream)
+            if pending is not None:
+                _finish_batch(pending, out, arrays, config, vocab, kernel, head)
+            pending = done
+        if start == 0 and after_first_batch is not None:
+            after_first_batch()
         progress.update(b * seq_len)
-    return out
+    if pending is None:
+        return out, None
+    return out, functools.partial(_finish_batch, pending, out, arrays, config, vocab, kernel, head)
 
 
-def _np(parts: list[torch.Tensor]) -> np.ndarray:
-    return torch.cat(parts).cpu().numpy()
+def _copy_stream(config: TeacherConfig, device: torch.device) -> Any:
+    """The stream a batch's outputs are copied to the host on, or None: copy at once (the CPU, --no-overlap)."""
+    return torch.cuda.Stream(device) if config.overlap and device.type == "cuda" else None
+
+
+def _reduce_chunk(head: OutputHead, hidden: torch.Tensor, buffer: torch.Tensor | None, targets: torch.Tensor,
+                  keys: torch.Tensor, config: TeacherConfig, vocab: int, kernel: str, deferred: bool
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """One chunk of positions: its logits and what the store keeps of them, on the device. ``deferred``
+    (the fused GPU kernels): also the chunk's status ``[P]`` int32, read later (nonzero: recompute the
+    chunk with ``deferred=False``); otherwise the status is None, already checked."""
+    logits = head.logits(hidden, buffer)
+    if logits.shape[-1] > vocab:  # padded output rows: drop them, but never silently
+        if (logits.argmax(dim=-1) >= vocab).any():
+            raise DistillError(f"the teacher's argmax fell on a padded output row (id >= {vocab}); "
+                               "its output rows do not match the tokenizer")
+        logits = logits[:, :vocab]
+    draws = config.samples if config.kind == "sampled" else config.tail_samples
+    prefix = "sample" if config.kind == "sampled" else "tail_sample"
+    # top-k of 1 for a sampled or target store: only its log-sum-exp and target log-prob are kept
+    k = config.top_k if config.kind == "topk" else 1
+    status = None
+    if deferred:
+        summary, status = sparse_teacher_deferred(logits, k, config.temperature, config.grid, targets)
+    else:
+        summary = sparse_teacher(logits, k, config.temperature, config.grid, targets, kernel)
+    if draws:
+        exclude = summary["topk_ids"] if config.kind == "topk" else None
+        if deferred:
+            drawn, draw_status = sample_teacher_deferred(logits, draws, config.temperature, keys, exclude)
+            status |= draw_status
+        else:
+            drawn = sample_teacher(logits, draws, config.temperature, keys, exclude, kernel)
+        summary[f"{prefix}_ids"], summary[f"{prefix}_counts"] = drawn["sample_ids"], drawn["sample_counts"]
+        if config.sample_logprobs:
+            summary[f"{prefix}_logprobs"] = sampled_logprobs(logits, drawn["sample_ids"], drawn["sample_counts"],
+                                                               config.temperature)
+    return summary, status
+
+
+@dataclass
+class _Batch:
+    """One batch's outputs on the device (``values``, by array name, positions flattened), on their way
+    to the shard's rows ``rows``; what a chunk needs to be recomputed is kept until then."""
+
+    rows: slice
+    values: dict[str, torch.Tensor]
+    status: torch.Tensor | None  # [positions] int32 (deferred kernels), nonzero where a chunk must be redone
+    hidden: torch.Tensor
+    buffer: torch.Tensor | None
+    targets: torch.Tensor
+    keys: torch.Tensor
+    ready: Any = None  # the copy stream's event, once :meth:`to_host` has queued the copies
+
+    def to_host(self, stream: torch.cuda.Stream) -> None:
+        """Queue the copies to pinned host memory on ``stream``, after what the compute stream has queued."""
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            for name, value in [*self.values.items(), *([("status", self.status)] if self.status is not None else [])]:
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                host.copy_(value, non_blocking=True)
+                value.record_stream(stream)  # the allocator must not reuse it before the copy
+                if name == "status":
+                    self.status = host
+                else:
+                    self.values[name] = host
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+
+def _finish_batch(done: _Batch, out: dict[str, np.ndarray], arrays: dict[str, dict], config: TeacherConfig,
+                  vocab: int, kernel: str, head: OutputHead) -> None:
+    """Wait for a batch's outputs, redo its flagged chunks, and write it into the shard's arrays."""
+    if done.ready is not None:
+        done.ready.synchronize()
+    values = {name: value.cpu() for name, value in done.values.items()}
+    if done.status is not None and bool(done.status.cpu().any()):
+        flagged = done.status.cpu().nonzero().squeeze(-1)
+        for p0 in sorted({int(p) // config.position_chunk * config.position_chunk for p in flagged}):
+            chunk = slice(p0, p0 + config.position_chunk)
+            summary, _ = _reduce_chunk(head, done.hidden[chunk], done.buffer, done.targets[chunk], done.keys[chunk],
+                                       config, vocab, kernel, deferred=False)
+            for name in values:
+                values[name][chunk] = summary[name].cpu()
+    b = done.rows.stop - done.rows.start
+    for name, value in values.items():
+        value = value.numpy().reshape(b, *arrays[name]["shape"])
+        if name == "target_logprob":
+            value[:, -1] = np.nan
+        out[name][done.rows] = value.astype(out[name].dtype)
 
 
 # ---------------------------------------------------------------------- merge

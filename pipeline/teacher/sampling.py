@@ -14,8 +14,10 @@ array job or on another device. Given the uniforms, the draw is the inverse CDF 
 (:func:`sample_teacher`); the fused CPU kernel and the torch path compute that CDF with the same
 float64 operations in the same order, so they draw the same ids except where a uniform falls
 within an ulp or so (~1e-16 relative) of a CDF boundary, since their float64 ``exp`` may differ in
-the last bit. A GPU's parallel cumulative sum rounds differently again: the same kind of rare
-boundary disagreement, not a different distribution.
+the last bit. torch's parallel cumulative sum on a GPU rounds differently again: the same kind of
+rare boundary disagreement, not a different distribution. The fused GPU kernel
+(:mod:`pipeline.teacher.fused_gpu`) has none: it finds every draw it can decide within its rounding
+bound, and the torch path on the CPU redraws the rest, so its draws are the CPU torch path's exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import DistillError
-from pipeline.teacher import native
+from pipeline.teacher import fused_gpu, native
 from pipeline.teacher.topk import warn_once, resolve_kernel
 
 MASK32 = 0xFFFFFFFF
@@ -109,22 +111,34 @@ def sample_teacher(logits: torch.Tensor, samples: int, temperature: float, keys:
     ``[P, S]`` with ``S = samples``: the distinct drawn ids in ascending order, then padding (id 0,
     count 0); the counts of a row sum to ``samples`` (or 0 as above).
 
-    ``kernel``: ``native`` is the fused CPU kernel, ``torch`` is torch operations (any device;
-    memory: two float64 ``[rows, V]`` buffers of at most 128 MiB each, 2 MiB on a CPU), ``auto`` the kernel
-    for CPU logits where it builds, else torch (:func:`pipeline.teacher.topk.resolve_kernel`). Both draw the
-    same ids but where a uniform is within ~1e-16 of a CDF boundary. A position whose sampled
-    logits hold NaN or +inf is an error.
+    ``kernel``: ``native`` is the fused kernel of the logits' device (C on the CPU, Triton on CUDA:
+    :mod:`pipeline.teacher.fused_gpu`), ``torch`` is torch operations (any device; memory: two float64
+    ``[rows, V]`` buffers of at most 128 MiB each, 2 MiB on a CPU), ``auto`` the fused kernel where it
+    builds and agrees, else torch (:func:`pipeline.teacher.topk.resolve_kernel`). The C kernel draws the
+    torch path's ids but where a uniform is within ~1e-16 of a CDF boundary; the Triton kernel draws
+    exactly the torch path's ids on the CPU (it redraws the rare rows it cannot decide there); torch on
+    a GPU rounds its parallel cumulative sum differently, the same rare boundary cases. A position
+    whose sampled logits hold NaN or +inf is an error.
     """
     if samples < 1:
         raise DistillError(f"--samples must be at least 1, got {samples}")
     if not temperature > 0:
         raise DistillError(f"the sampling temperature must be positive, got {temperature}")
-    z = logits.float()
-    vocab = z.shape[-1]
+    vocab = logits.shape[-1]
     if exclude is not None and exclude.numel() and (int(exclude.min()) < 0 or int(exclude.max()) >= vocab):
         raise ValueError(f"exclude holds ids outside [0, {vocab})")
-    draws = uniforms(keys.to(z.device), samples)
-    if resolve_kernel(kernel, z.device) == "native" and (fused := fused_kernel(kernel))[0] is not None:
+    draws = uniforms(keys.to(logits.device), samples)
+    resolved = resolve_kernel(kernel, logits.device)
+    if resolved == "triton":
+        why = fused_gpu_problem(logits.device)
+        if not why:
+            return _fused_gpu_sample(logits, temperature, draws, exclude)
+        if kernel != "auto":
+            raise DistillError(f"the fused GPU kernels' sampling is unavailable on {logits.device} ({why}); "
+                               "use --kernel torch")
+        warn_once(f"distill: the fused GPU kernels' sampling is unavailable ({why}); stage one draws with torch")
+    z = logits.float()
+    if resolved == "native" and (fused := fused_kernel(kernel))[0] is not None:
         ids, counts, bad_rows = native.sample_rows(z, 1.0 / temperature, draws, exclude, kernel=fused[0])
     else:
         out = torch_sample_teacher(z, 1.0 / temperature, draws, None if exclude is None else exclude.to(z.device))
@@ -173,6 +187,42 @@ def torch_sample_teacher(z: torch.Tensor, inverse_temperature: float, draws: tor
     return {**unique_counts(drawn, live), "bad_rows": bad}
 
 
+def sample_teacher_deferred(logits: torch.Tensor, samples: int, temperature: float, keys: torch.Tensor,
+                            exclude: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`sample_teacher` by the fused GPU kernel, without waiting for the device: the draws and
+    ``status [P]`` int32 on the device; where it is nonzero, call :func:`sample_teacher` again (it
+    raises on NaN or +inf, and redraws undecided rows on the CPU). Arguments as there, checked there."""
+    ids, counts, status = fused_gpu.sample_rows(logits, 1.0 / temperature, uniforms(keys.to(logits.device), samples),
+                                                exclude)
+    return {"sample_ids": ids, "sample_counts": counts}, status
+
+
+def fused_gpu_problem(device: torch.device) -> str:
+    """"" where the fused GPU kernel draws on ``device`` exactly what the torch path draws (checked
+    once), else why not."""
+    return fused_gpu.load(device, _gpu_agrees)
+
+
+def _fused_gpu_sample(logits: torch.Tensor, temperature: float, draws: torch.Tensor,
+                      exclude: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """:func:`sample_teacher` by the Triton kernel; rows with a target within rounding of a CDF boundary
+    are redrawn by :func:`torch_sample_teacher` on the CPU (the reference: a sequential cumulative sum)."""
+    ids, counts, status = fused_gpu.sample_rows(logits, 1.0 / temperature, draws, exclude)
+    flags = status.cpu()  # the one synchronisation
+    bad_rows = int((flags & fused_gpu.STATUS_BAD).count_nonzero())
+    if bad_rows:
+        raise DistillError(f"the teacher's logits hold NaN or infinity at {bad_rows} of {logits.shape[0]} positions; "
+                           "check its weights, or run it in float32 (--dtype float32)")
+    redo = (flags & fused_gpu.STATUS_REDO).nonzero().squeeze(-1)
+    if redo.numel():
+        on_device = redo.to(logits.device)
+        again = torch_sample_teacher(logits[on_device].float().cpu(), 1.0 / temperature, draws[on_device].cpu(),
+                                     None if exclude is None else exclude[on_device].cpu())
+        ids[on_device] = again["sample_ids"].to(ids.device)
+        counts[on_device] = again["sample_counts"].to(counts.device)
+    return {"sample_ids": ids, "sample_counts": counts}
+
+
 def unique_counts(drawn: torch.Tensor, live: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per row of ``drawn [P, n]`` ids: the distinct ids ascending with their counts, then id 0
     count 0 — ``sample_ids [P, n]`` int64, ``sample_counts [P, n]`` int32 — without a loop over
@@ -217,6 +267,31 @@ def fused_kernel(kernel: str = "auto") -> tuple[native.Kernel | None, str]:
             raise DistillError(f"the fused CPU kernel's sampling is unavailable ({why}); use --kernel torch")
         warn_once(f"distill: the fused CPU kernel's sampling is unavailable ({why}); stage one draws with torch")
     return fused, why
+
+
+def _gpu_agrees(device: torch.device) -> str:
+    """An empty string where the Triton kernel on ``device`` draws exactly the ids and counts that
+    :func:`torch_sample_teacher` draws on the CPU (its undecided rows redrawn there), in float32 and
+    bf16, with and without excluded ids, else what differs."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = 300 if fused_gpu.interpreted() else 5000  # interpreted (slow), a short row
+    logits = torch.randn(9, vocab, generator=generator) * 4
+    logits[5, 100:] = float("-inf")
+    logits[6, :] = 1.5  # all tied
+    exclude = torch.topk(logits, 8, dim=-1).indices
+    exclude[7] = torch.arange(vocab - 8, vocab)
+    logits[7, :vocab - 8] = float("-inf")  # nothing outside the excluded ids
+    draws = uniforms(torch.arange(9, dtype=torch.int64) * 7919, 50)
+    for dtype in (torch.float32,) if fused_gpu.interpreted() else (torch.float32, torch.bfloat16):
+        z = logits.to(dtype)
+        for temperature, excluded in ((1.0, None), (0.7, exclude)):
+            got = _fused_gpu_sample(z.to(device), temperature, draws.to(device),
+                                    None if excluded is None else excluded.to(device))
+            reference = torch_sample_teacher(z.float(), 1.0 / temperature, draws, excluded)
+            if not (torch.equal(got["sample_ids"].cpu(), reference["sample_ids"])
+                    and torch.equal(got["sample_counts"].cpu(), reference["sample_counts"])):
+                return f"sampled ids or counts differ at T = {temperature} ({dtype})"
+    return ""
 
 
 def _agrees(kernel: native.Kernel) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import DistillError
-from pipeline.teacher import native
+from pipeline.teacher import fused_gpu, native
 from pipeline.teacher.topk import resolve_kernel, retemper, sparse_teacher
 
 KERNELS = ["torch", "native"]
@@ -196,9 +196,16 @@ def test_portable_build_matches_the_native_one():
 
 def test_kernel_choice(monkeypatch, capsys):
     assert resolve_kernel("torch", torch.device("cpu")) == "torch"
-    assert resolve_kernel("auto", torch.device("cuda", 0)) == "torch"
-    with pytest.raises(DistillError, match="runs on the CPU"):
+    assert resolve_kernel("torch", torch.device("cuda", 0)) == "torch"
+    # on CUDA, native and auto mean the Triton kernels where they load and agree with torch
+    monkeypatch.setattr(fused_gpu, "load", lambda device, check: "")
+    assert resolve_kernel("auto", torch.device("cuda", 0)) == "triton"
+    assert resolve_kernel("native", torch.device("cuda", 0)) == "triton"
+    monkeypatch.setattr(fused_gpu, "load", lambda device, check: "triton does not import (No module named 'triton')")
+    with pytest.raises(DistillError, match="GPU kernels are unavailable on cuda:0 .triton does not import.*--kernel torch"):
         resolve_kernel("native", torch.device("cuda", 0))
+    assert resolve_kernel("auto", torch.device("cuda", 0)) == "torch"
+    assert "reduces the logits with torch operations" in capsys.readouterr().err
     monkeypatch.setattr(native, "load", lambda check=None: (None, "no C compiler found (set CC or install gcc)"))
     with pytest.raises(DistillError, match="unavailable .no C compiler.*use --kernel torch"):
         resolve_kernel("native", torch.device("cpu"))
