@@ -55,7 +55,7 @@ STORE_KIND = {"forward-kl": "sampled", "reverse-kl": "topk", "policy-gradient": 
 STEPS = ("prompts", "generate-student", "generate-teacher", "prepare", "teacher", "student",
          "heldout-generate", "heldout-prepare", "heldout-teacher", "eval", "finish")
 # options a rerun may change without changing what any round computes
-RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit", "eval_options")
+RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit", "eval_options", "reference")
 COUNTS = ("tokens", "bytes", "documents", "items", "seconds")  # eval facts that are not scores
 STAGE_OPTIONS = ("generate_options", "teacher_options", "student_options", "eval_options")
 
@@ -100,6 +100,8 @@ class RoundsConfig:
     heldout_samples: int = option(1, "Completions per held-out prompt for the reverse-KL estimate.")
     eval_tasks: tuple[str, ...] = option(("heldout",), "`distill eval` tasks after each round (empty: none).")
     eval_limit: int = option(0, "At most this many items per eval task (0 = all).")
+    reference: tuple[str, ...] = option((), "OUT directories of other rounds runs (e.g. λ = 0, off-policy) whose curves "
+                                        "rounds.png draws beside this one's.")
     seed: int = option(0, "Seed: prompt split, generation keys, stage-one draws and data order follow from it.")
     round: int = option(0, "Run only this round (with --step: one step of it; SLURM's jobs do this).")
     step: str = option("", f"Run only this step of --round: {', '.join(STEPS)}.")
@@ -483,7 +485,31 @@ def summarize(config: RoundsConfig, out: Path) -> list[dict[str, Any]]:
         lines.append(f"| {res['round']} | {res['teacher_tokens_total']} | {res['reverse_kl_per_token']:.4f} ± "
                      f"{res['reverse_kl_stderr']:.4f} | " + " | ".join(cells) + " |")
     atomic_write_text(out / "rounds.md", "\n".join(lines) + "\n")
+    curves = {f"{config.objective}, λ = {config.student_fraction:g} (this run)": results}
+    for other in config.reference:
+        done = Path(other) / "rounds.json"
+        if not done.is_file():
+            raise DistillError(f"--reference {other} holds no rounds.json; pass the OUT of a finished `distill rounds`")
+        theirs = json.loads(done.read_text())
+        curves[f"{theirs[0]['objective']}, λ = {theirs[0]['student_fraction']:g} ({other})"] = theirs
+    figure(curves, out / "rounds.png")
     return results
+
+
+def figure(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Held-out reverse KL (± its standard error) against teacher-scored tokens, one curve per run."""
+    from stages.report import pyplot, save_png
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    for label, results in curves.items():
+        ax.errorbar([r["teacher_scored_total"] / 1e3 for r in results], [r["reverse_kl_per_token"] for r in results],
+                    yerr=[r["reverse_kl_stderr"] for r in results], marker="o", ms=3, capsize=2, label=label)
+    ax.set_xlabel("teacher-scored tokens (thousands)")
+    ax.set_ylabel("held-out reverse KL to the teacher\n(nats/token, ± s.e.)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_png(fig, path)
 
 
 def rounds_command(config: RoundsConfig) -> None:

@@ -140,6 +140,11 @@ def test_a_rerun_skips_finished_rounds_and_more_rounds_continue(setting, tmp_pat
     assert second["teacher_tokens_total"] == json.loads(first)["teacher_tokens_total"] + second["teacher_scored_tokens"]
     changed = run_cli("rounds", "--config", config, "--lr", "1e-2")
     assert "lr" in one_line_error(changed)
+    missing = run_cli("rounds", "--config", config, "--rounds", "2", "--reference", tmp_path / "nothing")
+    assert "no rounds.json" in one_line_error(missing)
+    drawn = run_cli("rounds", "--config", config, "--rounds", "2", "--reference", out)
+    assert drawn.exit_code == 0, drawn.output
+    assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_lambda_zero_forward_kl_is_todays_off_policy_pipeline(setting, tmp_path):
