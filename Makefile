@@ -191,11 +191,11 @@ onpolicy-start: setup
 onpolicy: onpolicy-start
 	$(DISTILL) rounds --config $(ONPOLICY_CONFIG) --student $(ONPOLICY_START) --out $(ONPOLICY_RUN)/rounds $(ROUNDS_ARGS)
 
-# On-policy against off-policy at equal teacher-scored tokens: each arm (bench/onpolicy.py) × 3 seeds × 4 rounds
-# from the same start, two runs at once; about an hour on 2 cores (results: bench/results/onpolicy_cpu.json)
+# On-policy against off-policy at equal teacher-scored tokens: each arm (bench/onpolicy.py) × 3 seeds × 3 rounds
+# from the same start, two runs at once; about 40 minutes on 2 cores (results: bench/results/onpolicy_cpu.json)
 ONPOLICY_ARMS ?= ce,offpolicy-fkl,onpolicy-fkl,onpolicy-rkl,onpolicy-pg
 bench-onpolicy: onpolicy-start
-	$(BIN)/python bench/onpolicy.py --student $(ONPOLICY_START) --arms $(ONPOLICY_ARMS) --seeds 0,1,2 --rounds 4 \
+	$(BIN)/python bench/onpolicy.py --student $(ONPOLICY_START) --arms $(ONPOLICY_ARMS) --seeds 0,1,2 --rounds 3 --prompts-per-round 192 --steps-per-round 24 \
 		--jobs 2 --work $(ONPOLICY_RUN)/bench --out bench/results/onpolicy_cpu.json --figure docs/img/onpolicy_cpu.png
 
 # ---- evaluation: any local HF model -> one JSON of metrics; the report compares several ----
@@ -238,7 +238,7 @@ bench-bytes: setup
 	$(BIN)/python bench/store_bytes.py --teacher $(TEACHER) --rows 128 --out bench/results/store_bytes_cpu.json
 
 # Which teacher signal recovers most of online distillation's gain over CE: each mode, 3 seeds,
-# 300 steps (about an hour on 2 cores for these four; run it in the background). More modes, e.g.
+# 300 steps (about 40 minutes on 2 cores for these four; run it in the background). More modes, e.g.
 # QUALITY_MODES=ce,online,topk-tail,topk-renorm,sampled-n32,hybrid-k4-m24,online@t2,sampled-n32@t2,
 # take about 2.5 hours here; on a GPU all of them take minutes (bench/gpu_session.sh).
 QUALITY_MODES ?= ce,online,topk-tail,sampled-n32

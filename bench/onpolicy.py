@@ -54,7 +54,7 @@ def run_arm(arm: str, seed: int, args, work: Path) -> list[dict]:
     config = load_config(RoundsConfig, args.config, student=args.student, teacher=args.teacher,
                          out=str(work / f"{arm}-s{seed}"), seed=seed, rounds=args.rounds,
                          prompts_per_round=args.prompts_per_round, steps_per_round=args.steps_per_round,
-                         lr=args.lr, eval_limit=args.eval_limit, device=args.device,
+                         lr=args.lr, warmup_steps=args.warmup_steps, eval_limit=args.eval_limit, device=args.device,
                          threads=1 if args.jobs > 1 else 0, **ARMS[arm])
     return run_rounds(config)
 
@@ -134,7 +134,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--prompts-per-round", type=int, default=256)
     parser.add_argument("--steps-per-round", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup-steps", type=int, default=4)
     parser.add_argument("--eval-limit", type=int, default=32, help="held-out documents for perplexity")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one thread each (2 on a 2-core machine)")
     parser.add_argument("--device", default="auto")
