@@ -165,9 +165,9 @@ def test_sigkill_resume_equals_uninterrupted(stage1, tmp_path):
 
 def test_torchrun_ddp_and_fsdp_match_one_process(stage1, tmp_path):
     steps = 6
-    one = spawn(kd_args(stage1, tmp_path / "one", steps, "--micro-batch-size", "8", "--eval-every", "0"))
-    output, _ = one.communicate(timeout=300)
-    assert one.returncode == 0, output
+    # the one-process run in this process: the curves are compared to 1e-4, not bit for bit
+    one = run_cli(*kd_args(stage1, tmp_path / "one", steps, "--micro-batch-size", "8", "--eval-every", "0"))
+    assert one.exit_code == 0, one.output
     two = spawn(kd_args(stage1, tmp_path / "two", steps, "--micro-batch-size", "4", "--eval-every", "0"),
                 torchrun=True)
     output, _ = two.communicate(timeout=300)
