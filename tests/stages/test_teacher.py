@@ -29,9 +29,11 @@ def setup(tmp_path_factory):
 
 
 def teacher_args(setup, out, *extra):
+    """The first 48 of the 262 rows (4 shards of 12, batches of 5, position chunks of 37); a later flag in
+    ``extra`` wins (click keeps the last value)."""
     return ["teacher", "--tokens-store", setup / "tokens", "--teacher", setup / "teacher", "--out", out,
             "--kind", "topk", "--top-k", "16", "--rows-per-shard", "12", "--batch-size", "5", "--position-chunk", "37",
-            *map(str, extra)]
+            "--max-rows", "48", *map(str, extra)]
 
 
 def reference(setup, rows):
