@@ -51,7 +51,7 @@ def test_k_equal_vocab_offline_equals_online(stage1, tmp_path):
     make_teacher(tmp_path / "teacher", scale=8.0)  # logits of a trained LM's spread
     result = run_cli("teacher", "--tokens-store", stage1 / "tokens", "--teacher", tmp_path / "teacher", "--out",
                      tmp_path / "full", "--kind", "topk", "--top-k", "8192", "--logprob-dtype", "float32", "--rows-per-shard", "8",
-                     "--temperature-grid", "1", "--temperature-grid", "2")
+                     "--max-rows", "8", "--temperature-grid", "1", "--temperature-grid", "2")  # 4 of them are read
     assert result.exit_code == 0, result.output
     batch = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind == "u" else v)
              for k, v in open_store(tmp_path / "full").read_rows(0, 4).items()}
