@@ -24,8 +24,11 @@ def stage1(tmp_path_factory):
     with gzip.open(ROOT / "data" / "corpus" / "heldout.jsonl.gz", "rt") as f:
         docs = [json.loads(line)["text"] for _, line in zip(range(30), f)]
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    for name, seq in (("tokens", "32"), ("long", "256")):
-        result = run_cli("prepare", "--input", root / "corpus.jsonl", "--out", root / name, "--tokenizer", TOKENIZER,
+    # the held-out store every run evaluates on at its end, whole: 4 documents, 71 rows (was the
+    # ~650-row tokens store), still more than the 16 a periodic evaluation reads
+    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:4]))
+    for name, corpus, seq in (("tokens", "corpus", "32"), ("long", "corpus", "256"), ("heldout", "heldout", "32")):
+        result = run_cli("prepare", "--input", root / f"{corpus}.jsonl", "--out", root / name, "--tokenizer", TOKENIZER,
                          "--seq-len", seq, "--rows-per-shard", "64", "--chunk-rows", "8")
         assert result.exit_code == 0, result.output
     make_teacher(root / "teacher")
@@ -40,7 +43,7 @@ def stage1(tmp_path_factory):
 
 
 def kd_args(root, out, steps, *extra):
-    return ["student", "--train-store", root / "topk", "--eval-store", root / "tokens", "--model",
+    return ["student", "--train-store", root / "topk", "--eval-store", root / "heldout", "--model",
             root / "student.json", "--out", out, "--max-steps", str(steps), "--micro-batch-size", "4",
             "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1", "--eval-rows", "16", *map(str, extra)]
 
