@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.train import checkpoint
-from tests.conftest import kill_when, one_line_error, run_cli, spawn, tree_digest
+from tests.conftest import kill_when, one_line_error, run_cli, spawn, tree_digest, write_tiny_model_config
 
 pytestmark = pytest.mark.faults
 
@@ -49,10 +49,18 @@ def ckpt_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-@pytest.fixture
-def reference(student_stores, tiny_model_config):
+@pytest.fixture(scope="module")
+def student_stores(module_student_stores):
+    """The tokens stores, shared by the module: every test reads them and writes under a name of its own."""
+    return module_student_stores
+
+
+@pytest.fixture(scope="module")
+def reference(student_stores):
     """The uninterrupted run, and how long its parts take (seconds): start-up (to the metrics log),
-    a step, the final evaluation (last checkpoint to the model's temp directory) and all of it."""
+    a step, the final evaluation (last checkpoint to the model's temp directory) and all of it. One
+    per module: every test compares with it and none writes to it."""
+    tiny_model_config = write_tiny_model_config(student_stores / "tiny.json")
     out = student_stores / "reference"
     events = {"log": out / "metrics.jsonl", "last checkpoint": out / "checkpoints" / ckpt_name(STEPS),
               "saving": out / ".model.tmp", "done": out / "metrics.json"}

@@ -275,9 +275,17 @@ def _kill_and_resume(teacher, prompts, tmp_path, moments):
 
 
 def _quiet_cli(*args):
+    """The run to kill, in the fork: output discarded, and tqdm given a write lock of its own. tqdm's
+    default lock holds a multiprocessing semaphore that a fork shares with this process; a child
+    SIGKILLed while it holds it (a progress bar refreshing as a part is written) leaves it taken for
+    good, and the rerun here, in this process, waited forever on its first progress bar."""
     import os
     import sys
+    import threading
 
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     sys.stdout = sys.stderr = open(os.devnull, "w")
     run_cli(*args)
 

@@ -364,7 +364,8 @@ def test_a_signal_while_stage_two_imports_torch_is_a_requeue(data, launcher, sig
     assert lines == [f"distill: preempted by {sig.name} at step 0; no step had run, so no checkpoint; rerun with "
                      "--resume auto to start"], output
     assert "Traceback" not in output and "error:" not in output
-    ran(student_args(data, out, 3))
+    requeued = run_cli(*student_args(data, out, 3))  # in this process: what is tested is the signalled start
+    assert requeued.exit_code == 0, requeued.output
     assert (out / "model" / "model.safetensors").is_file() and not (out / "preempted.json").exists()
 
 

@@ -5,16 +5,22 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import TOKENIZER, kill_when, one_line_error, run_cli, spawn
+from tests.conftest import TOKENIZER, kill_when, one_line_error, run_cli, spawn, write_corpus
 
 
-@pytest.fixture
-def stores(tmp_path, small_corpus):
-    for name, seq in (("train", "64"), ("heldout", "64"), ("long", "256")):
-        result = run_cli("prepare", "--input", small_corpus, "--out", tmp_path / name, "--tokenizer", TOKENIZER,
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, heldout_docs):
+    """Tokens stores of 60 held-out documents (``heldout``: the first 6 of them, 55 rows, which
+    every run's final evaluation reads whole), made once for the module: tests only read them and write
+    their runs to directories of their own names beside them."""
+    root = tmp_path_factory.mktemp("student")
+    corpus = write_corpus(root / "corpus.jsonl", heldout_docs[:60])
+    few = write_corpus(root / "few.jsonl", heldout_docs[:6])
+    for name, docs, seq in (("train", corpus, "64"), ("heldout", few, "64"), ("long", corpus, "256")):
+        result = run_cli("prepare", "--input", docs, "--out", root / name, "--tokenizer", TOKENIZER,
                          "--seq-len", seq, "--rows-per-shard", "100")
         assert result.exit_code == 0, result.output
-    return tmp_path
+    return root
 
 
 def train_args(stores, model, out, steps, *extra):
@@ -48,6 +54,11 @@ def test_loss_goes_down_and_model_loads_with_plain_transformers(stores, tiny_mod
     assert loss < 9.0  # below the uniform 9.01 nats: the weights are the trained ones
 
 
+# The kill family's representative in make test is tests/faults/test_kill_student.py's fast case (the same
+# CE run on a tokens store, killed mid-checkpoint and mid-final-save, resumed to the same weights and log):
+# this one, three 60-step processes, runs in make test-faults and make test-slow.
+@pytest.mark.slow
+@pytest.mark.faults
 def test_sigkill_and_resume_auto_equals_uninterrupted(stores, tiny_model_config):
     steps = 60
     reference = spawn(train_args(stores, tiny_model_config, stores / "ref", steps, "--eval-every", "20"))
@@ -128,13 +139,13 @@ def _poison_step(monkeypatch, at_call: int, where: str) -> list:
 
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
-def test_non_finite_step_stops_before_the_weights_change(stores, tiny_model_config, monkeypatch, where):
+def test_non_finite_step_stops_before_the_weights_change(stores, tiny_model_config, monkeypatch, tmp_path, where):
     """A non-finite loss or gradient norm at step 5: one line naming the step and the likely cause,
     exit 2; the weights are those of the step-4 checkpoint (the optimizer never ran), which equals
     an unpoisoned run's; no model and no metrics.json are written."""
     from pipeline.train import checkpoint
 
-    reference = stores / "reference"
+    reference = tmp_path / "reference"
     assert run_cli(*train_args(stores, tiny_model_config, reference, 8, "--checkpoint-every", "2",
                                "--keep-checkpoints", "4")).exit_code == 0
     out = stores / f"nan-{where}"

@@ -29,9 +29,11 @@ def setup(tmp_path_factory):
 
 
 def teacher_args(setup, out, *extra):
+    """The first 48 of the 262 rows (4 shards of 12, batches of 5, position chunks of 37); a later flag in
+    ``extra`` wins (click keeps the last value)."""
     return ["teacher", "--tokens-store", setup / "tokens", "--teacher", setup / "teacher", "--out", out,
             "--kind", "topk", "--top-k", "16", "--rows-per-shard", "12", "--batch-size", "5", "--position-chunk", "37",
-            *map(str, extra)]
+            "--max-rows", "48", *map(str, extra)]
 
 
 def reference(setup, rows):
@@ -100,16 +102,30 @@ def hashes(path):
     return [s["sha256"] for s in open_store(path).shards]
 
 
-def test_sigkill_rerun_and_parallel_jobs_match_one_run(setup, tmp_path):
-    args = teacher_args(setup, tmp_path / "one", "--rows-per-shard", "2")
-    one = spawn(args)
+def small_shards_args(setup, out, *extra):
+    """32 rows in 16 shards of 2: moments enough to kill a run in, and two jobs of 8 shards each."""
+    return teacher_args(setup, out, "--rows-per-shard", "2", "--max-rows", "32", *extra)
+
+
+@pytest.fixture(scope="module")
+def one_run(setup):
+    """The shard hashes of one uninterrupted process (as the killed and parallel runs are processes)."""
+    one = spawn(small_shards_args(setup, setup / "one"))
     output, _ = one.communicate(timeout=300)
     assert one.returncode == 0, output
-    want = hashes(tmp_path / "one")
-    assert len(want) > 4
+    want = hashes(setup / "one")
+    assert len(want) == 16
+    return want
 
-    # Killed mid-way: every shard visible under its name is complete; the rerun finishes the rest.
-    killed_args = teacher_args(setup, tmp_path / "killed", "--rows-per-shard", "2")
+
+# The stage-one kill family's representative in make test is tests/faults/test_stage_one_faults.py's
+# 2-kills case (kills at random moments, a reader watching throughout, reruns equal shard for shard).
+@pytest.mark.slow
+@pytest.mark.faults
+def test_sigkill_and_rerun_match_one_run(setup, one_run, tmp_path):
+    """Killed mid-way: every shard visible under its name is complete; the rerun finishes the rest."""
+    want = one_run
+    killed_args = small_shards_args(setup, tmp_path / "killed")
     part = tmp_path / "killed" / "index.part-00000-of-00001.json"
     kill_when(spawn(killed_args), lambda: part.exists() and len(json.loads(part.read_text())["shards"]) >= 2)
     assert not (tmp_path / "killed" / "index.json").exists()
@@ -124,15 +140,17 @@ def test_sigkill_rerun_and_parallel_jobs_match_one_run(setup, tmp_path):
     assert rerun.returncode == 0, output
     assert hashes(tmp_path / "killed") == want
 
-    # Two concurrent jobs of an array, then merge.
-    jobs = [spawn(teacher_args(setup, tmp_path / "two", "--rows-per-shard", "2", "--num-shards", "2",
-                               "--shard-index", str(i))) for i in (0, 1)]
+
+def test_parallel_jobs_then_merge_match_one_run(setup, one_run, tmp_path):
+    """Two concurrent jobs of an array, then merge: the store one process writes."""
+    jobs = [spawn(small_shards_args(setup, tmp_path / "two", "--num-shards", "2", "--shard-index", str(i)))
+            for i in (0, 1)]
     for job in jobs:
         output, _ = job.communicate(timeout=300)
         assert job.returncode == 0, output
     merged = run_cli("merge", tmp_path / "two")
     assert merged.exit_code == 0, merged.output
-    assert hashes(tmp_path / "two") == want
+    assert hashes(tmp_path / "two") == one_run
 
 
 def test_merge_names_missing_shards(setup, tmp_path):

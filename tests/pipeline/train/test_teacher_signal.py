@@ -53,16 +53,24 @@ def test_stored_topk_with_every_id_kept_equals_the_online_teacher(temperature):
     assert (sparse_kd(student, *stored_parts, targets) > 0).all()
 
 
-def _drawn_batch(logits: torch.Tensor, draws: int, seed: int, k: int = 0, kernel: str = "torch") -> dict[str, torch.Tensor]:
+def _drawn_batch(logits: torch.Tensor, draws: int, seed: int, k: int = 0, kernel: str = "torch",
+                 seeds: range | None = None) -> dict[str, torch.Tensor]:
     """What a sampled (k = 0) or hybrid (top-k + draws from the tail) store holds for ``logits
-    [B, L, V]``, drawn at T = 1 with per-id log-probs, grid (1, 2), by stage one's ``kernel``."""
+    [B, L, V]``, drawn at T = 1 with per-id log-probs, grid (1, 2), by stage one's ``kernel``. With
+    ``seeds`` (``logits`` of one row): one row per seed, row i what ``seed = seeds[i]`` gives (the
+    draws of a position are a function of its key alone)."""
     from pipeline.teacher.sampling import position_keys, sample_teacher, sampled_logprobs
     from pipeline.teacher.topk import sparse_teacher
 
     b, length, vocab = logits.shape
+    if seeds is None:
+        keys = position_keys(seed, torch.arange(b), length).reshape(-1)
+    else:
+        assert b == 1, "one row, drawn once per seed"
+        keys = torch.cat([position_keys(s, torch.arange(1), length).reshape(-1) for s in seeds])
+        logits, b = logits.expand(len(seeds), length, vocab), len(seeds)
     z = logits.reshape(-1, vocab).float()
     summary = sparse_teacher(z, max(k, 1), 1.0, (1.0, 2.0), kernel=kernel)
-    keys = position_keys(seed, torch.arange(b), length).reshape(-1)
     drawn = sample_teacher(z, draws, 1.0, keys, summary["topk_ids"] if k else None, kernel=kernel)
     prefix = "tail_sample" if k else "sample"
     batch = {f"{prefix}_ids": drawn["sample_ids"], f"{prefix}_counts": drawn["sample_counts"],
@@ -88,12 +96,19 @@ def test_drawn_targets_estimate_the_teacher(kind, temperature, importance):
     params = {"temperature": 1.0, "temperature_grid": [1.0, 2.0], "sample_logprobs": True,
               **({"tail_samples": 8} if k else {"samples": 8})}
     signal = StoredSampled("topk" if k else "sampled", params, temperature, importance=importance)
-    total = torch.zeros_like(p)
-    for seed in range(3000):
-        ids, weights = signal.positions(None, _drawn_batch(logits, 8, seed, k))
-        if temperature == 1.0 or importance == "self-normalised":
-            torch.testing.assert_close(weights.sum(-1).double(), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-5)
-        total += torch.zeros_like(p).scatter_add(-1, ids, weights.double())
+    # 3000 seeds' draws as one batch of 3000 rows (one call, not 3000): row i is what seed i alone gives
+    batch = _drawn_batch(logits, 8, 0, k, seeds=range(3000))
+    for seed in (0, 1, 2999):
+        alone = _drawn_batch(logits, 8, seed, k)
+        for name, value in alone.items():
+            width = value.shape[-1] if name.endswith(("_ids", "_counts", "_logprobs")) else None
+            assert torch.equal(batch[name][seed:seed + 1, ..., :width], value), (seed, name)
+    ids, weights = signal.positions(None, batch)  # [3000·2, M]: position-major, two positions per row
+    if temperature == 1.0 or importance == "self-normalised":
+        torch.testing.assert_close(weights.sum(-1).double(), torch.ones(3000 * 2, dtype=torch.float64), rtol=0,
+                                   atol=1e-5)
+    total = torch.zeros(3000 * 2, p.shape[-1], dtype=torch.float64).scatter_add(-1, ids, weights.double())
+    total = total.reshape(3000, 2, -1).sum(0)
     tolerance = 0.05 if importance == "self-normalised" else 0.01  # N = 8: a visible O(1/N) bias
     torch.testing.assert_close(total / 3000, p, rtol=0, atol=tolerance)
 
