@@ -75,7 +75,8 @@ class RoundsConfig:
     teacher: str = option("data/models/teacher", "Local Hugging Face teacher directory (with weights).")
     student: str = option("", "The starting student: a local Hugging Face directory with weights (round 0).")
     tokenizer: str = option("", "Tokenizer directory shared by teacher and student (default: the teacher's).")
-    rounds: int = option(3, "Rounds R (0: only the starting student's held-out eval; a rerun with a larger R continues after the last finished round).")
+    rounds: int = option(3, "Rounds R (0: only the starting student's held-out eval; a rerun with a larger R "
+                         "continues after the last finished round).")
     prompts_per_round: int = option(0, "Training prompts per round, taken in order and cycling (0 = all, every round).")
     student_fraction: float = option(1.0, "λ: the share of a round's prompts the student completes (the rest the "
                                      "teacher writes); 1 = on-policy, 0 = teacher-written text (off-policy).")
@@ -100,8 +101,8 @@ class RoundsConfig:
     heldout_samples: int = option(1, "Completions per held-out prompt for the reverse-KL estimate.")
     eval_tasks: tuple[str, ...] = option(("heldout",), "`distill eval` tasks after each round (empty: none).")
     eval_limit: int = option(0, "At most this many items per eval task (0 = all).")
-    reference: tuple[str, ...] = option((), "OUT directories of other rounds runs (e.g. λ = 0, off-policy) whose curves "
-                                        "rounds.png draws beside this one's.")
+    reference: tuple[str, ...] = option((), "OUT directories of other rounds runs (e.g. λ = 0, off-policy) whose "
+                                        "curves rounds.png draws beside this one's.")
     seed: int = option(0, "Seed: prompt split, generation keys, stage-one draws and data order follow from it.")
     round: int = option(0, "Run only this round (with --step: one step of it; SLURM's jobs do this).")
     step: str = option("", f"Run only this step of --round: {', '.join(STEPS)}.")
@@ -455,7 +456,8 @@ def run_rounds(config: RoundsConfig) -> list[dict[str, Any]]:
         if not config.step:
             result = json.loads((d / "round.json").read_text())
             print(f"round {r}: reverse KL to the teacher {result['reverse_kl_per_token']:.4f} ± "
-                  f"{result['reverse_kl_stderr']:.4f} nats/token; teacher tokens so far {result['teacher_tokens_total']}")
+                  f"{result['reverse_kl_stderr']:.4f} nats/token; teacher tokens so far "
+                  f"{result['teacher_tokens_total']}")
     return summarize(config, out)
 
 
