@@ -128,7 +128,7 @@ class RoundsConfig:
                      "samples", "top_k", "heldout_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("rounds", "prompts_per_round", "seq_len", "warmup_steps", "eval_limit", "round"):
+        for name in ("rounds", "prompts_per_round", "seq_len", "warmup_steps", "eval_limit", "round", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.generation_temperature > 0 or not self.temperature > 0 or not self.lr > 0:
@@ -172,10 +172,17 @@ class Step:
     done: Callable[[], bool]
 
 
+# the held-out estimate must sample the student's own distribution at T = 1 and store only the teacher's
+# log-probs: of the user's generate and teacher options it takes those that change neither
+HELDOUT_GENERATE_DROPS = ("top_k", "top_p", "rules", "max_attempts")
+HELDOUT_TEACHER_KEEPS = ("batch_size", "position_chunk", "rows_per_shard", "chunk_rows", "backend", "dtype", "kernel",
+                         "device_map", "max_memory", "trust_remote_code", "on_preempt", "overlap")
+
+
 def _stage(cls, options: dict | None, **values) -> Any:
     """A stage's config from this round's values, the user's extra options for that stage on top."""
     extra = dict(options or {})
-    clash = sorted(set(extra) & set(values) - {"batch_size"})
+    clash = sorted(set(extra) & set(values))
     if clash:
         raise DistillError(f"rounds: {', '.join(clash)} in the stage options are set by the rounds themselves; "
                            "set them through the rounds config instead")
@@ -195,23 +202,30 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
     tokenizer = config.tokenizer or config.teacher
     result: list[Step] = []
 
-    def generate(name, prompts, field, model, gen_out, seed, temperature, samples):
+    def generate(name, prompts, field, model, gen_out, seed, temperature, samples, heldout=False):
+        options = {k: v for k, v in (config.generate_options or {}).items()
+                   if not (heldout and k in HELDOUT_GENERATE_DROPS)}
         return Step(name, "generate", _stage(
-            GenerateConfig, config.generate_options, prompts=str(prompts), prompt_field=field, model=model,
+            GenerateConfig, options, prompts=str(prompts), prompt_field=field, model=model,
             tokenizer=tokenizer, temperature=temperature, max_new_tokens=config.max_new_tokens,
             samples_per_prompt=samples, seed=seed, out=str(gen_out), **common),
             lambda: (gen_out / "summary.json").is_file())
 
     def stage_one(name, tokens, store, kind):
+        # draws are made at the distillation temperature (a sampled store re-tempers only with stored
+        # log-probs); a top-k store caches at 1 and re-tempers exactly to any T of its grid
+        cache = float(config.temperature) if kind == "sampled" else 1.0
         values = {"tokens_store": str(tokens), "teacher": config.teacher, "tokenizer": tokenizer, "kind": kind,
-                  "out": str(store), "seed": config.seed * 1000 + r, "temperature": 1.0}
+                  "out": str(store), "seed": config.seed * 1000 + r, "temperature": cache}
         grid = sorted({1.0, float(config.temperature)}) if kind != "target" else [1.0]
         values["temperature_grid"] = tuple(grid)
         if kind == "sampled":
             values["samples"] = config.samples
         if kind == "topk":
             values["top_k"] = config.top_k
-        return Step(name, "teacher", _stage(TeacherConfig, config.teacher_options, **values, **common),
+        options = {k: v for k, v in (config.teacher_options or {}).items()
+                   if kind != "target" or name != "heldout-teacher" or k in HELDOUT_TEACHER_KEEPS}
+        return Step(name, "teacher", _stage(TeacherConfig, options, **values, **common),
                     lambda: (store / "index.json").is_file())
 
     def prepare(name, inputs, tokens):
@@ -249,7 +263,7 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
     model = student_model(config, out, r)
     ev = d / "eval"
     result.append(generate("heldout-generate", Path(config.heldout_prompts), config.prompt_field, model, ev / "gen",
-                           config.seed * 1000 + 999, 1.0, config.heldout_samples))
+                           config.seed * 1000 + 999, 1.0, config.heldout_samples, heldout=True))
     result.append(prepare("heldout-prepare", [ev / "gen" / "generated.jsonl"], ev / "tokens"))
     result.append(stage_one("heldout-teacher", ev / "tokens", ev / "store", "target"))
     if config.eval_tasks:
@@ -284,7 +298,7 @@ def _split(config: RoundsConfig, r: int) -> dict[str, list[int]]:
     total = len(read_prompts(config.prompts, config.prompt_field))
     chosen = _slice(config, r, total)
     order = np.random.default_rng([config.seed, r]).permutation(len(chosen))
-    n_student = round(config.student_fraction * len(chosen))
+    n_student = math.floor(config.student_fraction * len(chosen) + 0.5)  # halves up, not to even
     to_student = set(order[:n_student].tolist())
     return {"student": [chosen[i] for i in range(len(chosen)) if i in to_student],
             "teacher": [chosen[i] for i in range(len(chosen)) if i not in to_student]}
@@ -297,35 +311,43 @@ def write_prompts(config: RoundsConfig, out: Path, r: int) -> None:
     for who, indices in split.items():
         text = "".join(json.dumps({"prompt": prompts[i], "index": i}, ensure_ascii=False) + "\n" for i in indices)
         atomic_write_text(d / f"prompts-{who}.jsonl", text)
+    if config.student_fraction > 0 and not split["student"]:
+        print(f"round {r}: warning: λ = {config.student_fraction:g} of {sum(map(len, split.values()))} prompts rounds "
+              "to none for the student; this round is teacher-written only")
     atomic_write_text(d / "prompts.json", json.dumps({k: len(v) for k, v in split.items()}, indent=2) + "\n")
 
 
-def reverse_kl_estimate(store_path: Path) -> dict[str, float]:
+def reverse_kl_estimate(store_path: Path, samples_per_prompt: int = 1) -> dict[str, Any]:
     """Per-token reverse KL of the sampler to the teacher from a ``target`` store of the sampler's own
-    completions: the mean of ``behaviour_logprob − target_logprob`` over completion tokens (an unbiased
-    estimate of E_t KL(π_t ‖ p_t) per token when the completions were drawn at T = 1 without
-    filtering), with its standard error over sequences; and the per-sequence sum's mean."""
+    completions (one row per record, records in order: prompt · S + sample): the mean of
+    ``behaviour_logprob − target_logprob`` over completion tokens, a consistent (ratio) estimate of
+    E_t KL(π_t ‖ p_t) per token when the completions were drawn at T = 1 without filtering; its
+    standard error over prompts (a prompt's S completions and a sequence's tokens are not independent;
+    None with fewer than two prompts); and the per-sequence sum's mean."""
     from pipeline.store.contract import open_store
 
     store = open_store(store_path)
-    per_seq, tokens = [], []
+    per_row, tokens = [], []
     for i in range(len(store.index["shards"])):
         arrays = store.read_shard(i)
         mask = arrays["loss_mask"].astype(bool)
         diff = np.where(mask, arrays["behaviour_logprob"].astype(np.float64) - arrays["target_logprob"], 0.0)
-        per_seq.extend(diff.sum(axis=1)[mask.any(axis=1)].tolist())
-        tokens.extend(mask.sum(axis=1)[mask.any(axis=1)].tolist())
-    seq, n = np.asarray(per_seq), np.asarray(tokens, dtype=np.float64)
-    if not len(seq):
+        per_row.extend(diff.sum(axis=1).tolist())
+        tokens.extend(mask.sum(axis=1).tolist())
+    row_sum, row_n = np.asarray(per_row), np.asarray(tokens, dtype=np.float64)
+    if not row_n.sum():
         raise DistillError(f"{store_path}: no completion tokens to estimate the reverse KL from; "
                            "raise --max-new-tokens or check the held-out prompts")
+    groups = np.arange(len(row_sum)) // samples_per_prompt  # a prompt's completions are one cluster
+    seq, n = np.bincount(groups, row_sum), np.bincount(groups, row_n)
+    seq, n = seq[n > 0], n[n > 0]
     per_token = float(seq.sum() / n.sum())
-    # ratio estimator's standard error over sequences (the tokens of a sequence are not independent)
-    resid = seq - per_token * n
-    stderr = float(math.sqrt((resid ** 2).sum() / max(len(seq) - 1, 1) / len(seq)) / n.mean())
+    resid = seq - per_token * n  # the ratio estimator's linearised residuals, per prompt
+    stderr = float(math.sqrt((resid ** 2).sum() / (len(seq) - 1) / len(seq)) / n.mean()) if len(seq) > 1 else None
+    sequences = row_n > 0
     return {"reverse_kl_per_token": per_token, "reverse_kl_stderr": stderr,
-            "reverse_kl_per_sequence": float(seq.mean()), "heldout_sequences": int(len(seq)),
-            "heldout_tokens": int(n.sum())}
+            "reverse_kl_per_sequence": float(row_sum[sequences].mean()), "heldout_sequences": int(sequences.sum()),
+            "heldout_prompts": int(len(seq)), "heldout_tokens": int(row_n.sum())}
 
 
 def generated_tokens(path: Path) -> tuple[int, int]:
@@ -346,7 +368,8 @@ def finish_round(config: RoundsConfig, out: Path, r: int, started: float) -> dic
     d = round_dir(out, r)
     result: dict[str, Any] = {"round": r, "objective": config.objective, "student_fraction": config.student_fraction,
                               "seed": config.seed, "model": student_model(config, out, r)}
-    result |= reverse_kl_estimate(d / "eval" / "store")
+    result |= reverse_kl_estimate(d / "eval" / "store", config.heldout_samples)
+    result["eval"] = {"tasks": list(config.eval_tasks), "limit": config.eval_limit}
     if (d / "eval" / "tasks.json").is_file():
         tasks = json.loads((d / "eval" / "tasks.json").read_text())
         result["tasks"] = tasks["tasks"]
@@ -435,6 +458,9 @@ def run_rounds(config: RoundsConfig) -> list[dict[str, Any]]:
                            "pretrain one first (make pretrain-student, or distill train)")
     seq_len = _claim(config, out)
     wanted = [config.round] if config.round or config.step else range(config.rounds + 1)
+    if config.round and not (round_dir(out, config.round - 1) / "round.json").is_file():
+        raise DistillError(f"--round {config.round}: round {config.round - 1} is not finished in {out} "
+                           f"(no round-{config.round - 1:03d}/round.json); run the rounds before it first")
     for r in wanted:
         d = round_dir(out, r)
         if (d / "round.json").is_file() and not config.step:
@@ -455,10 +481,14 @@ def run_rounds(config: RoundsConfig) -> list[dict[str, Any]]:
             print(f"round {r}: {step.name} took {time.time() - t0:.1f} s", flush=True)
         if not config.step:
             result = json.loads((d / "round.json").read_text())
-            print(f"round {r}: reverse KL to the teacher {result['reverse_kl_per_token']:.4f} ± "
-                  f"{result['reverse_kl_stderr']:.4f} nats/token; teacher tokens so far "
+            print(f"round {r}: reverse KL to the teacher {_estimate(result)} nats/token; teacher tokens so far "
                   f"{result['teacher_tokens_total']}")
     return summarize(config, out)
+
+
+def _estimate(result: dict[str, Any]) -> str:
+    stderr = result["reverse_kl_stderr"]
+    return f"{result['reverse_kl_per_token']:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
 def summarize(config: RoundsConfig, out: Path) -> list[dict[str, Any]]:
@@ -484,8 +514,7 @@ def summarize(config: RoundsConfig, out: Path) -> list[dict[str, Any]]:
             task, metric = tm.split("/", 1)
             value = res.get("tasks", {}).get(task, {}).get(metric)
             cells.append("" if value is None else f"{value:.4g}")
-        lines.append(f"| {res['round']} | {res['teacher_tokens_total']} | {res['reverse_kl_per_token']:.4f} ± "
-                     f"{res['reverse_kl_stderr']:.4f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {res['round']} | {res['teacher_tokens_total']} | {_estimate(res)} | " + " | ".join(cells) + " |")
     atomic_write_text(out / "rounds.md", "\n".join(lines) + "\n")
     curves = {f"{config.objective}, λ = {config.student_fraction:g} (this run)": results}
     for other in config.reference:
@@ -506,7 +535,7 @@ def figure(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
     for label, results in curves.items():
         ax.errorbar([r["teacher_scored_total"] / 1e3 for r in results], [r["reverse_kl_per_token"] for r in results],
-                    yerr=[r["reverse_kl_stderr"] for r in results], marker="o", ms=3, capsize=2, label=label)
+                    yerr=[r["reverse_kl_stderr"] or 0.0 for r in results], marker="o", ms=3, capsize=2, label=label)
     ax.set_xlabel("teacher-scored tokens (thousands)")
     ax.set_ylabel("held-out reverse KL to the teacher\n(nats/token, ± s.e.)")
     ax.grid(alpha=0.3)

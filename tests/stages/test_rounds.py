@@ -182,6 +182,8 @@ def test_lambda_zero_forward_kl_is_todays_off_policy_pipeline(setting, tmp_path)
     (["--student-fraction", "1.5"], "student_fraction"),
     (["--step", "student"], "needs --round"),
     (["--objective", "policy-gradient", "--temperature", "2"], "T = 1"),
+    (["--seed", "-1"], "seed must not be negative"),
+    (["--round", "2"], "round 1 is not finished"),
 ])
 def test_bad_options_are_one_line(setting, tmp_path, args, words):
     root, teacher, student = setting
@@ -194,3 +196,35 @@ def test_a_student_without_weights_is_one_line(setting, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("rounds", "--config", config_file(root, teacher, tmp_path / "empty", tmp_path / "out"))
     assert "pretrain one first" in one_line_error(result)
+
+
+def test_the_held_out_steps_keep_the_estimate_unfiltered_and_forward_kl_draws_at_its_temperature(setting, tmp_path):
+    """User options reach the training steps; the held-out ones sample the student at T = 1 unfiltered and
+    store only the teacher's log-probs, whatever they say. A sampled store draws at the distillation T."""
+    root, teacher, student = setting
+    config = rounds.RoundsConfig(prompts=str(root / "prompts.jsonl"), heldout_prompts=str(root / "heldout.txt"),
+                                 student=str(student), out=str(tmp_path), objective="forward-kl", temperature=2.0,
+                                 generate_options={"top_p": 0.5, "batch_size": 2},
+                                 teacher_options={"tail_samples": 0, "sample_logprobs": True, "rows_per_shard": 4})
+    by_name = {step.name: step.config for step in rounds.steps(config, tmp_path, 1, 64)}
+    assert by_name["generate-student"].top_p == 0.5 and by_name["heldout-generate"].top_p == 1.0
+    assert by_name["heldout-generate"].batch_size == 2 and by_name["heldout-generate"].temperature == 1.0
+    assert by_name["teacher"].temperature == 2.0 and tuple(by_name["teacher"].temperature_grid) == (1.0, 2.0)
+    assert by_name["teacher"].sample_logprobs and not by_name["heldout-teacher"].sample_logprobs
+    assert by_name["heldout-teacher"].rows_per_shard == 4 and by_name["heldout-teacher"].kind == "target"
+    assert by_name["student"].temperature == 2.0
+    half = rounds.RoundsConfig(**{**config.__dict__, "prompts_per_round": 1, "student_fraction": 0.5})
+    assert len(rounds._split(half, 1)["student"]) == 1  # halves round up, not to even
+
+
+def test_the_standard_error_counts_a_prompts_completions_as_one(setting, tmp_path):
+    root, teacher, student = setting
+    out = tmp_path / "out"
+    result = run_cli("rounds", "--config", config_file(root, teacher, student, out, rounds=0, heldout_samples=3))
+    assert result.exit_code == 0, result.output
+    got = json.loads((out / "round-000" / "round.json").read_text())
+    assert got["heldout_sequences"] == 3 * len(HELDOUT) and got["heldout_prompts"] == len(HELDOUT)
+    # the same rows as 12 independent sequences: the clustered error is not the naive one
+    naive = rounds.reverse_kl_estimate(out / "round-000" / "eval" / "store", 1)
+    assert naive["reverse_kl_per_token"] == pytest.approx(got["reverse_kl_per_token"])
+    assert naive["reverse_kl_stderr"] != pytest.approx(got["reverse_kl_stderr"])
