@@ -6,7 +6,7 @@ differ only in who writes the text and what the student learns from it:
 
 - ``ce``: the teacher writes (λ = 0), the student learns its completions by cross-entropy;
 - ``offpolicy-fkl``: the teacher writes (λ = 0), forward KL from a sampled store of the teacher's
-  predictions on that text (the paper's FD step; α = 0);
+  predictions on that text (the paper's FD step, here with α = 0: KD alone, as in every arm but ce);
 - ``onpolicy-fkl`` / ``onpolicy-rkl`` / ``onpolicy-pg``: the student writes (λ = 1), forward KL,
   reverse KL (top-k + tail store) or the policy gradient (the teacher's log-prob of each sampled
   token only);
@@ -82,22 +82,47 @@ def summarise(runs: dict[str, dict[int, list[dict]]]) -> dict:
     return summary
 
 
-def verdict(summary: dict) -> list[str]:
-    """Each on-policy arm's last round against off-policy KD's: the difference of seed means, and
-    whether it is beyond the spread (the two ranges [mean ± std] do not overlap)."""
+def x_of(arm: str) -> str:
+    """The teacher tokens an arm is compared at: those stage one scored, or, for ce (which has stage
+    one score nothing), those the teacher wrote."""
+    return "teacher_tokens_total" if arm == "ce" else "teacher_scored_total"
+
+
+def interpolate(rows: list[dict], arm: str, x: float) -> float:
+    """A seed's held-out reverse KL at ``x`` teacher tokens, linear between its rounds."""
+    xs = [r[x_of(arm)] for r in rows]
+    ys = [r["reverse_kl_per_token"] for r in rows]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise ValueError(f"{x} outside {xs[0]}..{xs[-1]}")
+
+
+def verdict(runs: dict[str, dict[int, list[dict]]]) -> list[str]:
+    """Each arm against off-policy KD at equal teacher tokens: every seed's curve interpolated at the
+    largest token count both arms reached in every seed; the difference of seed means, and whether it
+    is beyond the spread (mean ± sd ranges that do not overlap)."""
     lines = []
-    ref = summary.get("offpolicy-fkl")
+    ref = runs.get("offpolicy-fkl")
     if not ref:
         return lines
-    base = ref[-1]["reverse_kl"]
-    for arm, per_round in summary.items():
+    for arm, by_seed in runs.items():
         if arm == "offpolicy-fkl":
             continue
-        last = per_round[-1]["reverse_kl"]
-        beyond = last["mean"] + last["std"] < base["mean"] - base["std"]
-        lines.append(f"{arm}: reverse KL {last['mean']:.4f} ± {last['std']:.4f} vs off-policy "
-                     f"{base['mean']:.4f} ± {base['std']:.4f} after round {per_round[-1]['round']} "
-                     f"({'lower, beyond the seed spread' if beyond else 'not lower beyond the spread'})")
+        x = min(min(rows[-1][x_of(arm)] for rows in by_seed.values()),
+                min(rows[-1]["teacher_scored_total"] for rows in ref.values()))
+        if x <= 0:
+            continue
+        mine = spread([interpolate(rows, arm, x) for rows in by_seed.values()])
+        base = spread([interpolate(rows, "offpolicy-fkl", x) for rows in ref.values()])
+        if mine["mean"] + mine["std"] < base["mean"] - base["std"]:
+            word = "lower, beyond the seed spread"
+        elif mine["mean"] - mine["std"] > base["mean"] + base["std"]:
+            word = "higher, beyond the seed spread"
+        else:
+            word = "within the seed spread"
+        lines.append(f"{arm}: reverse KL {mine['mean']:.4f} ± {mine['std']:.4f} vs off-policy "
+                     f"{base['mean']:.4f} ± {base['std']:.4f} at {x:,.0f} teacher tokens ({word})")
     return lines
 
 
@@ -107,7 +132,7 @@ def figure(summary: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     for arm, per_round in summary.items():
-        x = [e["teacher_scored_total"]["mean"] / 1e3 for e in per_round]
+        x = [e[x_of(arm)]["mean"] / 1e3 for e in per_round]
         for ax, key in zip(axes, ("reverse_kl", "heldout_perplexity")):
             if all(key in e for e in per_round):
                 y = [e[key]["mean"] for e in per_round]
@@ -117,7 +142,7 @@ def figure(summary: dict, path: Path) -> None:
     axes[0].set_ylabel("held-out reverse KL to the teacher (nats/token)")
     axes[1].set_ylabel("held-out perplexity")
     for ax in axes:
-        ax.set_xlabel("teacher-scored tokens (thousands)")
+        ax.set_xlabel("teacher tokens (thousands): scored by stage one; ce: written")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("on-policy vs off-policy distillation (mean ± sd over seeds)", fontsize=9)
@@ -163,7 +188,7 @@ def main() -> None:
     summary = summarise(runs)
     result = {"settings": {k: v for k, v in vars(args).items()}, "arms": {a: ARMS[a] for a in arms},
               "machine": {"platform": platform.platform(), "python": platform.python_version()},
-              "seconds": round(time.time() - started), "summary": summary, "verdict": verdict(summary),
+              "seconds": round(time.time() - started), "summary": summary, "verdict": verdict(runs),
               "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
