@@ -339,6 +339,14 @@ demo: setup
 #   prepare ~0.3 min, report and process start-ups ~0.5 min, the first make real-teacher ~0.5 min
 # = about 22 min with 3 seeds (11.5 of them stage two); each seed more adds ~4.6 min. 60 steps of 8
 # rows read each of the 256 rows about twice, as make demo's students read its 512.
+# Across tokenizers (issue #23): per seed of REAL_CROSS_SEEDS (default REAL_SEEDS; empty turns them off) a
+# student with the project's own tokenizer (REAL_CROSS_TOKENIZER, 8192 ids; REAL_CROSS_STUDENT: the same shape
+# at that vocabulary, 1.8M parameters) distilled from the same SmolLM2 store with --cross-tokenizer
+# REAL_CROSS_MODE (both: best of the modes in bench/results/cross_tokenizer_cpu.json), and its CE twin (alpha = 1,
+# the store's rows retokenized the same way), both evaluated like the others: held-out bits per byte is
+# what compares them with the SmolLM2-tokenizer students. Their 8192-wide head makes them cheap: 60 steps of
+# the distilled one took 47-51 s of CPU (user + sys, OMP_NUM_THREADS=1, load ~6), its twin 44-47 s, each
+# evaluation 15-17 s: about 2.1 min per seed, so ~6 min more with 3 seeds (~28 min in all by the estimate above).
 REAL_RUN    ?= runs/demo-real
 REAL_ROWS   ?= 256
 REAL_STEPS  ?= 60
@@ -347,11 +355,21 @@ REAL_SEEDS  ?= 0 1 2
 REAL_LIMIT  ?= 50
 REAL_AGREEMENT_ROWS ?= 32
 REAL_STUDENT ?= data/models/student-smollm2.json
-real_train = STEPS=$(REAL_STEPS) STUDENT_EVAL= STUDENT_MODEL=$(REAL_STUDENT) \
-	TRAIN_ARGS="--micro-batch-size $(REAL_BATCH) --checkpoint-every 30 --warmup-steps 6 --seed $(1) $(TRAIN_ARGS)"
+REAL_CROSS_SEEDS ?= $(REAL_SEEDS)
+REAL_CROSS_TOKENIZER ?= data/tokenizer
+REAL_CROSS_STUDENT ?= data/models/student.json
+REAL_CROSS_MODE ?= both
+# $(call real_train,SEED[,STUDENT CONFIG,EXTRA STAGE-TWO FLAGS]): stage two's make variables for one demo-real student
+real_train = STEPS=$(REAL_STEPS) STUDENT_EVAL= STUDENT_MODEL=$(or $(2),$(REAL_STUDENT)) \
+	TRAIN_ARGS="--micro-batch-size $(REAL_BATCH) --checkpoint-every 30 --warmup-steps 6 --seed $(1) $(3) $(TRAIN_ARGS)"
+# the store's SmolLM2 rows retokenized for the student (the CE twin needs a mode only to be given the rows)
+real_cross = --tokenizer $(REAL_CROSS_TOKENIZER) --cross-tokenizer $(1)
 REAL_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
 	EVAL_ARGS="--limit $(REAL_LIMIT) --agreement $(REAL_RUN)/topk-heldout $(EVAL_ARGS)"
-REAL_STUDENTS = $(REAL_SEEDS:%=2-student-kd-s%) $(REAL_SEEDS:%=3-student-ce-s%)
+# an evaluation's name without its order prefix: the run directory it scores (4-student-cross-kd-s0 -> student-cross-kd-s0)
+real_run_dir = $(patsubst 2-%,%,$(patsubst 3-%,%,$(patsubst 4-%,%,$(patsubst 5-%,%,$(1)))))
+REAL_STUDENTS = $(REAL_SEEDS:%=2-student-kd-s%) $(REAL_SEEDS:%=3-student-ce-s%) \
+	$(REAL_CROSS_SEEDS:%=4-student-cross-kd-s%) $(REAL_CROSS_SEEDS:%=5-student-cross-ce-s%)
 demo-real: real-teacher
 	$(MAKE) prepare prepare-heldout RUN=$(REAL_RUN) TOKENIZER=$(REAL_TEACHER)
 	$(MAKE) teacher RUN=$(REAL_RUN) TEACHER=$(REAL_TEACHER) TEMPERATURE=1 MAX_ROWS=$(REAL_ROWS)
@@ -361,17 +379,24 @@ demo-real: real-teacher
 		STUDENT_OUT=$(REAL_RUN)/student-kd-s$(s) $(call real_train,$(s)) && ) true
 	$(foreach s,$(REAL_SEEDS),$(MAKE) student-ce RUN=$(REAL_RUN) CE_OUT=$(REAL_RUN)/student-ce-s$(s) \
 		$(call real_train,$(s)) && ) true
+	$(foreach s,$(REAL_CROSS_SEEDS),$(MAKE) student RUN=$(REAL_RUN) TEMPERATURE=1 ALPHA=0.5 \
+		STUDENT_OUT=$(REAL_RUN)/student-cross-kd-s$(s) \
+		$(call real_train,$(s),$(REAL_CROSS_STUDENT),$(call real_cross,$(REAL_CROSS_MODE))) && ) true
+	$(foreach s,$(REAL_CROSS_SEEDS),$(MAKE) student-ce RUN=$(REAL_RUN) CE_OUT=$(REAL_RUN)/student-cross-ce-s$(s) \
+		$(call real_train,$(s),$(REAL_CROSS_STUDENT),$(call real_cross,exact)) && ) true
 	$(MAKE) eval RUN=$(REAL_RUN) MODEL=$(REAL_TEACHER) EVAL_OUT=$(REAL_RUN)/eval/1-teacher.json $(REAL_EVAL)
-	$(foreach m,$(REAL_STUDENTS),$(MAKE) eval RUN=$(REAL_RUN) MODEL=$(REAL_RUN)/$(patsubst 2-%,%,$(patsubst 3-%,%,$(m)))/model \
+	$(foreach m,$(REAL_STUDENTS),$(MAKE) eval RUN=$(REAL_RUN) MODEL=$(REAL_RUN)/$(call real_run_dir,$(m))/model \
 		EVAL_OUT=$(REAL_RUN)/eval/$(m).json $(REAL_EVAL) && ) true
 	$(MAKE) report RUN=$(REAL_RUN) RUNS="$(addprefix $(REAL_RUN)/eval/,1-teacher.json $(REAL_STUDENTS:%=%.json))" \
-		REPORT_ARGS="--title 'A real teacher: SmolLM2-135M-Instruct, distilled and CE-only students' $(REPORT_ARGS)"
+		REPORT_ARGS="--title 'A real teacher: SmolLM2-135M-Instruct, distilled and CE-only students$(if $(REAL_CROSS_SEEDS), of its tokenizer and of the project'\''s)' $(REPORT_ARGS)"
 	@echo
 	@echo "demo-real done, everything under $(REAL_RUN)/:"
 	@echo "  teacher            $(REAL_TEACHER) (source.json: where it came from)"
 	@echo "  stores             $(REAL_RUN)/tokens/{train,heldout}, $(REAL_RUN)/store (sampled, T = 1), $(REAL_RUN)/topk-heldout"
 	@echo "  students           $(REAL_RUN)/student-kd-sSEED/model (distilled), $(REAL_RUN)/student-ce-sSEED/model (CE only),"
 	@echo "                     SEED in $(REAL_SEEDS)"
+	$(if $(REAL_CROSS_SEEDS),@echo "  across tokenizers  $(REAL_RUN)/student-cross-kd-sSEED/model (distilled: --cross-tokenizer $(REAL_CROSS_MODE)) and")
+	$(if $(REAL_CROSS_SEEDS),@echo "                     $(REAL_RUN)/student-cross-ce-sSEED/model (CE only): $(REAL_CROSS_TOKENIZER)'s ids; SEED in $(REAL_CROSS_SEEDS)")
 	@echo "  report             $(REAL_RUN)/report/report.md"
 
 # The paper's whole process (docs/PROCESS.md) on the embedded default, on CPU in about 10 minutes:
