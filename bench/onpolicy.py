@@ -142,10 +142,11 @@ def figure(summary: dict, path: Path) -> None:
     axes[0].set_ylabel("held-out reverse KL to the teacher (nats/token)")
     axes[1].set_ylabel("held-out perplexity")
     for ax in axes:
-        ax.set_xlabel("teacher tokens (thousands): scored by stage one; ce: written")
+        ax.set_xlabel("teacher tokens (thousands)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("on-policy vs off-policy distillation (mean ± sd over seeds)", fontsize=9)
+    fig.suptitle("on-policy vs off-policy distillation (mean ± sd over seeds); teacher tokens: scored by stage "
+                 "one (ce: written by the teacher)", fontsize=8)
     save_png(fig, path)
 
 
