@@ -297,17 +297,6 @@ def masks(arrays: dict, device=None) -> dict:
     return {k: v if device is None else v.to(device) for k, v in arrays.items() if k == "loss_mask"}
 
 
-# Per-position arrays a batch carries whenever the store has them, whatever the teacher signal reads:
-# the loss mask, and for an on-policy objective the sampling policy's log-prob of each sampled token and
-# the teacher's (position t: token t+1's; ``target_logprob`` is NaN at a row's last position).
-POSITION_ARRAYS = ("loss_mask", "behaviour_logprob", "target_logprob")
-
-
-def position_arrays(arrays: dict) -> tuple[str, ...]:
-    """The names of :data:`POSITION_ARRAYS` among a store's arrays."""
-    return tuple(name for name in POSITION_ARRAYS if name in arrays)
-
-
 @torch.no_grad()
 def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast,
              stop: Callable[[], Any] | None = None) -> dict[str, float] | None:
@@ -484,7 +473,7 @@ def setup(config: TrainConfig) -> Run | None:
             print(f"resumed from {resume_from} at step {start_step}")
     fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
     if aligner is None:  # across tokenizers the aligner makes the student's rows and their mask
-        fields = tuple(dict.fromkeys(fields + position_arrays(train_store.index["arrays"])))
+        fields += tuple(masks(train_store.index["arrays"]))
     loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
                     config.workers, config.prefetch, fields, config.shuffle_chunks, transform=aligner)
 

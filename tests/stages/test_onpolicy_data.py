@@ -137,16 +137,22 @@ def test_stage_two_refuses_a_target_store_in_one_line(onpolicy, tmp_path):
 
 
 def test_stage_two_batches_carry_the_behaviour_and_target_log_probs(onpolicy, tmp_path):
-    """The loader hands each batch the store's per-position arrays beside the teacher's (how an on-policy
-    objective gets them), row for row as stored; a topk store of the same rows trains as before."""
-    config = TrainConfig(train_store=str(onpolicy / "topk"), model=str(onpolicy / "tiny.json"), out=str(tmp_path / "s"),
-                         max_steps=1, micro_batch_size=4, device="cpu", shuffle_chunks=1)
-    run = setup(config)
-    try:
-        batch = next(run.loader)
-    finally:
-        run.loader.close()
-    assert {"loss_mask", "behaviour_logprob", "target_logprob", "topk_ids"} <= set(batch)
+    """Under --objective policy-gradient the loader hands each batch the store's behaviour and target
+    log-probs, row for row as stored; another objective's batches do not read them; a topk store of the
+    same rows trains as before."""
+    def first_batch(out, **objective):
+        config = TrainConfig(train_store=str(onpolicy / "topk"), model=str(onpolicy / "tiny.json"), out=str(out),
+                             max_steps=1, micro_batch_size=4, device="cpu", shuffle_chunks=1, **objective)
+        run = setup(config)
+        try:
+            return next(run.loader)
+        finally:
+            run.loader.close()
+
+    plain = first_batch(tmp_path / "plain")
+    assert {"loss_mask", "topk_ids"} <= set(plain) and not {"behaviour_logprob", "target_logprob"} & set(plain)
+    batch = first_batch(tmp_path / "pg", objective="policy-gradient", alpha=0.0)
+    assert {"loss_mask", "behaviour_logprob", "target_logprob"} <= set(batch)
     assert batch["behaviour_logprob"].dtype == torch.float32 and batch["target_logprob"].dtype == torch.float32
     stored = open_store(onpolicy / "topk").read_rows(0, open_store(onpolicy / "topk").rows)
     for row in range(4):  # find each batch row in the store by its ids
