@@ -475,7 +475,7 @@ def eval_agreement_across(scorer: Scorer, config: EvalConfig, store, teacher) ->
     from pipeline.text.align import RowAligner, check_byte_level, token_bytes, vocab_map
     from pipeline.train.cross_signal import CrossTokenizer
 
-    store_tokenizer = load_tokenizer(store.params["tokenizer"])
+    store_tokenizer = load_tokenizer(store.params["tokenizer"], config.trust_remote_code)
     check_byte_level(scorer.tokenizer, "model", config.model)
     teacher_bytes, model_bytes = token_bytes(store_tokenizer), token_bytes(scorer.tokenizer)
     mapping, _ = vocab_map(teacher_bytes, model_bytes)
@@ -534,7 +534,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     check_task_files(config)
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir), config.trust_remote_code)
     # ids of another tokenizer mean other tokens, even where there are as many of them: such a store is
     # compared across tokenizers, over 1:1 chunks (eval_agreement_across); one of this tokenizer must fit
     if agreement and agreement[0].params.get("tokenizer_hash") == tokenizer_hash(tokenizer):

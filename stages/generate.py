@@ -205,7 +205,7 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
         raise DistillError(f"model {teacher_dir} is not a local Hugging Face model directory with weights; pass "
                            "--teacher (or --model) a directory written by save_pretrained (config.json and "
                            "model.safetensors)")
-    tokenizer = load_tokenizer(config.tokenizer or teacher_dir)
+    tokenizer = load_tokenizer(config.tokenizer or teacher_dir, config.trust_remote_code)
     vocab = vocab_size(tokenizer)
     teacher_config = hf_config(teacher_dir, config.trust_remote_code)
     check_output_rows("teacher", teacher_dir, teacher_config.vocab_size, vocab,

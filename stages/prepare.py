@@ -74,6 +74,7 @@ class PrepareConfig:
     chunk_rows: int = option(64, "Rows per compressed chunk inside a shard (the unit a reader decodes).")
     batch_documents: int = option(512, "Documents tokenized per batch.")
     overwrite: bool = option(False, "Replace an existing store built with different parameters.")
+    trust_remote_code: bool = option(False, "Allow the tokenizer directory's own code to run.")
 
     def __post_init__(self):
         problems = required(self, "inputs", "out")
@@ -100,7 +101,7 @@ class PrepareConfig:
 def prepare(config: PrepareConfig) -> Path:
     # --- setup: inputs, tokenizer, and what decides the store's content ---
     files = expand_inputs(config.inputs)
-    tokenizer = load_tokenizer(config.tokenizer)
+    tokenizer = load_tokenizer(config.tokenizer, config.trust_remote_code)
     examples = config.format != "text"
     if examples:
         _check_example_inputs(config, files, tokenizer)

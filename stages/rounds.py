@@ -400,7 +400,8 @@ def derive_seq_len(config: RoundsConfig) -> int:
     from pipeline.text.tokenizer import load_tokenizer
     from stages.generate import tokenize_prompts
 
-    tokenizer = load_tokenizer(config.tokenizer or config.teacher)
+    tokenizer = load_tokenizer(config.tokenizer or config.teacher,
+                               bool((config.generate_options or {}).get("trust_remote_code", False)))
     longest = 0
     for path in (config.prompts, config.heldout_prompts):
         ids = tokenize_prompts(read_prompts(path, config.prompt_field), tokenizer, add_bos=True)

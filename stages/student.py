@@ -424,7 +424,7 @@ def setup(config: TrainConfig) -> Run | None:
     resume_from = _claim_out(config, out, rank)
     train_store = open_store(config.train_store)
     teacher_source, alpha = _teacher_source(config, train_store)
-    tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"])
+    tokenizer = load_tokenizer(config.tokenizer or train_store.params["tokenizer"], config.trust_remote_code)
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
     teacher: TeacherSignal | None = None
     if teacher_source == "store" and alpha < 1.0:  # at α = 1 only the store's tokens are read: its T does not matter
@@ -559,7 +559,7 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
     if "loss_mask" in train_store.index["arrays"]:
         raise DistillError(f"{train_store.root} is a store of task examples; --cross-tokenizer does not yet carry a "
                            "loss mask across tokenizers")
-    store_tokenizer = load_tokenizer(train_store.params["tokenizer"])
+    store_tokenizer = load_tokenizer(train_store.params["tokenizer"], config.trust_remote_code)
     if tokenizer_hash(store_tokenizer) != train_store.params.get("tokenizer_hash"):
         raise DistillError(f"the tokenizer at {train_store.params['tokenizer']} is no longer the one {train_store.root} "
                            "was made with (its hash differs); the teacher's bytes cannot be recovered from another")

@@ -295,7 +295,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     """Check the inputs, settle what lies in OUT already, load the teacher; None when nothing is left to do."""
     threads = set_threads(config.threads)  # before anything runs torch: see pipeline/threads.py
     tokens = store_lib.open_store(config.tokens_store, kind="tokens")
-    tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"])
+    tokenizer = load_tokenizer(config.tokenizer or tokens.params["tokenizer"], config.trust_remote_code)
     tok_hash, vocab = tokenizer_hash(tokenizer), vocab_size(tokenizer)
     check_store_fits(tokens, "tokens store", tokenizer_hash=tok_hash)
     if config.kind == "topk" and config.top_k > vocab:

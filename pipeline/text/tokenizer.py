@@ -11,21 +11,47 @@ from pipeline.errors import DistillError
 EOS = "<|endoftext|>"
 
 
-def load_tokenizer(path: str | Path):
-    """A local Hugging Face tokenizer (never downloaded); it must have an EOS token for packing."""
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """A local Hugging Face tokenizer (never downloaded); it must have an EOS token for packing.
+
+    ``trust_remote_code`` is passed explicitly (never left unset): a tokenizer directory whose
+    ``tokenizer_config.json`` has an ``auto_map`` (its own Python code, which may come from a store's
+    params or a shared config) would otherwise get transformers' interactive prompt. Without it, such a
+    directory is one line saying so; no code from it runs."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
         raise DistillError(f"tokenizer path {path} does not exist; pass a local Hugging Face tokenizer directory")
+    if not trust_remote_code and (custom := _custom_code(path)):
+        raise DistillError(f"tokenizer at {path} runs its own code ({custom}); pass --trust-remote-code only if "
+                           "you trust that directory, or use a tokenizer without custom code")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise DistillError(f"cannot load a tokenizer from {path} ({' '.join(str(e).split())[:200]}); pass a "
                            "Hugging Face tokenizer directory (tokenizer.json or tokenizer_config.json)") from None
     if tokenizer.eos_token_id is None:
         raise DistillError(f"tokenizer at {path} has no EOS token; documents cannot be separated")
     return tokenizer
+
+
+def _custom_code(path: Path) -> str:
+    """The custom classes a tokenizer directory asks for (its ``auto_map`` in tokenizer_config.json or
+    config.json), or "" for none."""
+    import json
+
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            body = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = body.get("auto_map") if isinstance(body, dict) else None
+        if isinstance(auto_map, dict) and (entry := auto_map.get("AutoTokenizer")):
+            classes = [c for c in (entry if isinstance(entry, list) else [entry]) if isinstance(c, str)]
+            return f"auto_map AutoTokenizer → {', '.join(classes) or entry!r} in {name}"
+    return ""
 
 
 def tokenizer_hash(tokenizer) -> str:
