@@ -9,8 +9,11 @@ each row while it is in cache. Rows run on torch's own OpenMP pool where the bui
 ``torch.get_num_threads()`` Python threads (ctypes releases the GIL).
 
 The shared library is compiled with the system C compiler (``$CC``, else ``cc``) into
-``$DISTILL_CACHE`` (default ``~/.cache/distill``) under a name hashed from the source, compiler,
-flags and CPU, written to a temporary name and renamed, so concurrent jobs never load half a file.
+``$DISTILL_CACHE/native`` (default ``~/.cache/distill/native``) under a name hashed from the source,
+compiler, flags and CPU, written to a temporary name and renamed, so concurrent jobs never load half a
+file. Loading a library runs its constructors, so the directory must be this user's alone (created
+0700; owner, mode and links checked, and the file's too), else the fallback ``$TMPDIR/distill-native-<uid>``
+under the same checks, else no kernel: a name anyone can predict in a shared ``/tmp`` is never trusted.
 This module is the binding alone: it builds and loads, and knows nothing of the torch paths. Each
 caller brings the check of the function it uses (:func:`load`): :mod:`pipeline.teacher.topk` and
 :mod:`pipeline.teacher.sampling` check the kernel once against their torch path on random logits, so the
@@ -31,6 +34,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -84,11 +88,21 @@ def build(flags: tuple[str, ...]) -> tuple[Kernel | None, str]:
         return None, f"C compiler {compiler} does not run: {e}"
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(),
                                       platform.machine().encode(), _cpu_id().encode()])).hexdigest()[:16]
-    path = _cache_dir() / f"sparse_teacher-{key}.so"
-    if not path.exists():
+    directory, error = _cache_dir()
+    if directory is None:
+        return None, error
+    path = directory / f"sparse_teacher-{key}.so"
+    if os.path.lexists(path) and _own_file(path):
+        try:  # not a file this user wrote: never loaded; compiled afresh in its place
+            path.unlink()
+        except OSError as e:
+            return None, f"refusing to load {_own_file(path)}, and cannot remove it ({e.strerror})"
+    if not os.path.lexists(path):
         error = _compile(compiler, flags, path)
         if error:
             return None, error
+    if error := _own_file(path):
+        return None, f"refusing to load {error}"
     try:
         library = ctypes.CDLL(str(path))
     except OSError as e:
@@ -106,19 +120,62 @@ def build(flags: tuple[str, ...]) -> tuple[Kernel | None, str]:
     return Kernel(function, sample, bool(library.sparse_teacher_openmp()), path), ""
 
 
-def _cache_dir() -> Path:
+def _cache_dir() -> tuple[Path | None, str]:
+    """Where compiled kernels live: ``$DISTILL_CACHE/native`` (default ``~/.cache/distill/native``),
+    else ``$TMPDIR/distill-native-<uid>``; each used only when :func:`_private_dir` finds it ours.
+    (None, why) when neither is: the caller then uses torch operations rather than load a library
+    another user could have put there."""
     root = os.environ.get("DISTILL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "distill")
-    path = Path(root) / "native"
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    problems = []
+    for path in (Path(root) / "native", Path(tempfile.gettempdir()) / f"distill-native-{uid}"):
+        problem = _private_dir(path)
+        if not problem:
+            return path, ""
+        problems.append(problem)
+    return None, "no private directory for the compiled kernel (" + "; ".join(problems) + ")"
+
+
+def _private_dir(path: Path) -> str:
+    """"" when ``path`` is a directory only this user can write (created 0700 when missing), inside a
+    parent that no other user can swap it out of; else what is wrong with it. The library loaded from
+    it runs its constructors in this process, so a directory another user controls is never used."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if os.access(path, os.W_OK):
-            return path
-    except OSError:
-        pass
-    path = Path(tempfile.gettempdir()) / f"distill-native-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        info, parent = os.lstat(path), os.stat(path.parent)
+    except OSError as e:
+        return f"{path}: {e.strerror or e}"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{path} is not a directory" + (" (a symbolic link)" if stat.S_ISLNK(info.st_mode) else "")
+    uid = os.getuid() if hasattr(os, "getuid") else info.st_uid
+    if info.st_uid != uid:
+        return f"{path} belongs to uid {info.st_uid}, not to this user ({uid})"
+    if info.st_mode & 0o022:  # ours, made under a lax umask: close it (each library in it is checked too)
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            return f"{path} is writable by other users and cannot be closed ({e.strerror})"
+    if parent.st_mode & 0o002 and not parent.st_mode & stat.S_ISVTX:
+        return f"{path.parent} is writable by every user without the sticky bit, so {path.name} can be replaced"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return ""
+
+
+def _own_file(path: Path) -> str:
+    """"" when ``path`` is a regular file of this user's that no one else can write; else what it is."""
+    info = os.lstat(path)
+    uid = os.getuid() if hasattr(os, "getuid") else info.st_uid
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file"
+    if info.st_uid != uid or info.st_mode & 0o022:
+        return f"{path} belongs to uid {info.st_uid} or is writable by others (mode {stat.S_IMODE(info.st_mode):o})"
+    return ""
 
 
 def _cpu_id() -> str:
@@ -142,6 +199,7 @@ def _compile(compiler: str, flags: tuple[str, ...], path: Path) -> str:
         tmp.unlink(missing_ok=True)
         first = (result.stderr.strip().splitlines() or ["no message"])[0]
         return f"{compiler} {' '.join(flags)} failed: {first}"
+    os.chmod(tmp, 0o755)  # whatever the umask: a library others could write is never loaded (_own_file)
     os.replace(tmp, path)
     return ""
 
