@@ -79,6 +79,11 @@ import yaml
 from pipeline.errors import DistillError
 
 RULES = ("banned", "required", "regex", "charset", "vocabulary", "max_tokens", "max_words")
+# A rule file is shared like a config, and a backtracking engine takes exponential time on nested
+# repetition ("(a|aa)+b" on 40 a's): every match is bounded, and so is one decoding step's walk of the
+# vocabulary (thousands of matches), so a bad pattern is one line instead of a stalled job.
+MATCH_SECONDS = 1.0
+STEP_SECONDS = 60.0
 WORD = regex.compile(r"\w+(?:'\w+)*")
 NOT_IN_WORD = regex.compile(r"[^\w']")  # a character no word contains: words on either side are separate
 
@@ -210,7 +215,7 @@ def violations(spec: RuleSpec, completion: str, n_tokens: int, before: str = "")
     for phrase in spec.required:
         if phrase not in completion:
             found.append(f"required: {phrase!r} missing")
-    if spec.regex is not None and regex.fullmatch(spec.regex, completion) is None:
+    if spec.regex is not None and bounded_fullmatch(regex.compile(spec.regex), completion) is None:
         found.append("regex: no full match")
     if spec.charset is not None and not _charset_matcher(spec.charset, spec.source).fullmatch(completion):
         others = sorted({c for c in completion if not _charset_matcher(spec.charset, spec.source).fullmatch(c)})
@@ -485,7 +490,7 @@ class Rules:
             return False
         if any(phrase not in text for phrase in self.required):
             return False
-        if self.pattern is not None and self.pattern.fullmatch(decoded) is None:
+        if self.pattern is not None and bounded_fullmatch(self.pattern, decoded) is None:
             return False
         if self.vocabulary and not self._vocabulary_ok(decoded, final=True):
             return False
@@ -605,6 +610,9 @@ class Rules:
         """Token ids whose bytes, appended, leave a completion that can still satisfy ``regex`` and
         ``vocabulary`` (with ``final``: that satisfies them as it stands). A depth-first walk of the
         vocabulary's trie that stops at the first prefix that cannot."""
+        import time
+
+        deadline = time.monotonic() + STEP_SECONDS
 
         def viable(prefix: bytes, final: bool) -> bool:
             if not pending and prefix.isascii():
@@ -620,7 +628,7 @@ class Rules:
                 if open_bytes and not self._vocabulary_char_fits(tail + added, open_bytes):
                     return False
             if self.pattern is not None:
-                match = self.pattern.fullmatch(head + tail + added, partial=not final)
+                match = bounded_fullmatch(self.pattern, head + tail + added, partial=not final, deadline=deadline)
                 if match is None or (final and match.partial):
                     return False
             return True
@@ -663,6 +671,25 @@ class Rules:
         keep = bool(allowed[token])
         allowed[:] = False
         allowed[token] = keep
+
+
+def bounded_fullmatch(pattern: regex.Pattern, text: str, partial: bool = False, deadline: float | None = None):
+    """``pattern.fullmatch(text, partial=partial)``, stopped after :data:`MATCH_SECONDS` (or at
+    ``deadline``, a ``time.monotonic()`` value): then a one-line error naming the pattern."""
+    import time
+
+    step_bound = deadline is not None and deadline - time.monotonic() < MATCH_SECONDS
+    seconds = deadline - time.monotonic() if step_bound else MATCH_SECONDS
+    try:
+        if seconds <= 0:
+            raise TimeoutError
+        return pattern.fullmatch(text, partial=partial, timeout=seconds)
+    except TimeoutError:
+        what = (f"took over {STEP_SECONDS:g} s to choose one token" if step_bound
+                else f"took over {MATCH_SECONDS:g} s to match {len(text)} characters")
+        raise DistillError(f"the rule file's regex {pattern.pattern!r} {what}; nested repetition such as (a|aa)+ "
+                           "takes exponential time: rewrite it without repeated groups that can match the same "
+                           "text in several ways") from None
 
 
 def _matches_ascii_only(pattern: str) -> bool:

@@ -420,3 +420,28 @@ def test_eval_reports_qa_answers_with_and_without_the_rules(tmp_path):
     line = one_line_error(run_cli("eval", "--model", model, "--out", tmp_path / "bad.json", "--tasks", "nq", "--nq",
                                   fixtures / "nq_open.jsonl", "--rules", tmp_path / "missing.yaml"))
     assert "rule file" in line and not (tmp_path / "bad.json").exists()
+
+
+def test_a_pattern_that_backtracks_exponentially_is_one_line_not_a_stall(tokenizer, monkeypatch):
+    """A shared rule file's "(a|aa)+b" on a run of a's takes exponential time in a backtracking engine:
+    each match is bounded (MATCH_SECONDS), and so is a decoding step's whole walk of the vocabulary."""
+    import time
+
+    from pipeline.decode import rules as rules_module
+
+    monkeypatch.setattr(rules_module, "MATCH_SECONDS", 0.2)
+    r = rules(tokenizer, regex="(a|aa)+b")
+    started = time.monotonic()
+    with pytest.raises(DistillError, match=r"regex '\(a\|aa\)\+b' took over 0.2 s to match \d+ characters; "
+                                           "nested repetition") as e:
+        r.allowed(RuleState(text=b"a" * 40))
+    assert "\n" not in str(e.value) and time.monotonic() - started < 30
+    with pytest.raises(DistillError, match="took over 0.2 s"):
+        violations(parse_rules({"regex": "(a|aa)+b"}, "test.yaml"), "a" * 40, 40)
+    # a walk of many matches each under the bound still stops: at the step's deadline
+    monkeypatch.setattr(rules_module, "MATCH_SECONDS", 5.0)
+    monkeypatch.setattr(rules_module, "STEP_SECONDS", 0.3)
+    slow = rules(tokenizer, regex="(a|aa)+b")
+    with pytest.raises(DistillError, match="took over 0.3 s to choose one token"):
+        slow.allowed(RuleState(text=b"a" * 30))
+    assert r.allowed(RuleState(text=b"a" * 3)).any()  # short runs still match in time: the rules still work
