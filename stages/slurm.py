@@ -35,6 +35,13 @@ CPUs: each job asks for ``--cpus-per-task`` (``cpus``), and its ``srun`` lines a
 SLURM 22.05 a step no longer inherits it from the allocation and would get one CPU per task). Each
 stage sets torch's threads from ``SLURM_CPUS_PER_TASK`` (``pipeline/threads.py``; stage two's
 torchrun processes share the task's CPUs), unless the stage's config sets ``threads``.
+
+Hostile values: a shared YAML file must not run commands through the scripts. Every resource is checked
+by type before anything is written (``SlurmConfig``: counts are whole numbers; time, memory, signal,
+partition/account/qos names and constraints by SLURM's grammar; env keys are shell names; extra lines
+are '--' options), no value that lands in a script (those, env values, paths in commands and comments)
+may hold a control character, and each is quoted where it is interpolated: ``shlex.quote`` in shell
+lines and in #SBATCH lines (sbatch reads those with the same quoting). ``setup`` alone is shell by design.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import re
 import shlex
 import subprocess
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -89,7 +97,7 @@ class SlurmConfig:
     port: int = option(29500, "Port of stage two's c10d rendezvous on the first node (several nodes).")
     defaults: dict = file_option("sbatch resources of every job: partition, account, qos, time (quote it: "
                                  "'04:00:00'), cpus (per task), mem, gpus (per node), constraint, signal "
-                                 "(USR1@120), extra (more #SBATCH lines).")
+                                 "(USR1@120), extra (more sbatch options, one '--…' per line).")
     jobs: dict = file_option("Resources per job kind (teacher, merge, student, eval; with --rounds also generate) "
                              "over the defaults; teacher and generate: array (tasks); student: nodes, procs_per_node.")
     env: dict = file_option("Environment variables every job exports.")
@@ -116,6 +124,16 @@ class SlurmConfig:
                             f"{', '.join(stage_sections)} section{'s' if len(stage_sections) > 1 else ''}")
         if not self.resubmit and not self.rounds and self.teacher is None:
             problems.append("no teacher section: what stage one runs (or --rounds ROUNDS.yaml)")
+        for name in ("out", "resubmit", "rounds", "workdir"):
+            problems += _text_problems(getattr(self, name), "--" + name if name != "workdir" else name)
+        if any(_control(c) for c in self.setup.replace("\n", "").replace("\t", "")):
+            problems.append(f"setup must not hold control characters other than newlines and tabs, got {self.setup!r}")
+        if not 1 <= self.port <= 65535:
+            problems.append(f"port must be a TCP port, 1 … 65535, got {self.port}")
+        if isinstance(self.defaults, dict | None) and isinstance(self.jobs, dict | None):
+            problems += resource_problems(self.defaults or {}, self.jobs or {}, bool(self.rounds))
+        if isinstance(self.env, dict):
+            problems += env_problems(self.env)
         check(problems, "slurm")
 
 
@@ -150,6 +168,8 @@ def resolve(config: SlurmConfig) -> Plan:
     student = section(TrainConfig, "student", {"train_store": teacher.out, "resume": "auto"} | (config.student or {}))
     if student.resume != "auto":
         raise DistillError("slurm config: student.resume must be 'auto' (a requeued job continues its checkpoint)")
+    _check_paths({"teacher.out": teacher.out, "student.out": student.out, "student.train_store": student.train_store},
+                 "slurm config")  # in the scripts' commands and comments
     evals = [section(EvalConfig, f"eval[{i}]", {"model": str(Path(student.out) / "model")} | e)
              for i, e in enumerate(config.eval or [{"out": str(Path(student.out) / "eval.json")}])]
     report = section(ReportConfig, "report", {"runs": [e.out for e in evals]} | (config.report or {}))
@@ -169,52 +189,143 @@ def section(cls: type, name: str, values: dict) -> Any:
 
 
 def job_resources(config: SlurmConfig) -> dict[str, dict]:
-    defaults = dict(config.defaults or {})
-    _known(defaults, RESOURCES, "defaults")
-    jobs = dict(config.jobs or {})
-    _known(jobs, tuple(JOB_RESOURCES), "jobs")
-    if "generate" in jobs and not config.rounds:
-        raise DistillError("slurm config: jobs.generate is for --rounds (the rounds' generate arrays); remove it")
+    """Each job kind's resources: its own over the defaults over distill's (checked by ``SlurmConfig``)."""
+    defaults, jobs = dict(config.defaults or {}), dict(config.jobs or {})
     out = {}
-    for kind, allowed in JOB_RESOURCES.items():
-        own = dict(jobs.get(kind) or {})
-        _known(own, allowed, f"jobs.{kind}")
-        merged = {"time": "01:00:00", "cpus": 1, "gpus": 0, "extra": []} | defaults | own
-        merged["time"] = _time(merged["time"], f"jobs.{kind}.time")
+    for kind in JOB_RESOURCES:
+        merged = {"time": "01:00:00", "cpus": 1, "gpus": 0, "extra": []} | defaults | dict(jobs.get(kind) or {})
+        merged["time"] = _time(merged["time"])
+        if not isinstance(merged["extra"], list):  # one line, or none
+            merged["extra"] = [merged["extra"]] if merged["extra"] else []
         if kind in ("teacher", "generate"):
-            merged["array"] = _positive(merged.get("array", 1), f"jobs.{kind}.array")
+            merged.setdefault("array", 1)
         if kind == "student":
-            merged["nodes"] = _positive(merged.get("nodes", 1), "jobs.student.nodes")
-            merged["procs_per_node"] = _positive(merged.get("procs_per_node", max(int(merged["gpus"]), 1)),
-                                                 "jobs.student.procs_per_node")
+            merged.setdefault("nodes", 1)
+            merged.setdefault("procs_per_node", max(merged["gpus"], 1))
         if kind in ("teacher", "student"):
             merged.setdefault("signal", "USR1@120")
         out[kind] = merged
     return out
 
 
-def _known(values: dict, allowed: tuple[str, ...], where: str) -> None:
+# What sbatch accepts for each resource, as SLURM's manual writes it, and nothing a shell or sbatch's
+# own #SBATCH parser (whitespace splits, quotes and backslashes group, # starts a comment) reads more into.
+COUNTS = {"cpus": 1, "gpus": 0, "nodes": 1, "procs_per_node": 1, "array": 1}  # whole numbers ≥ this
+GRAMMAR = {
+    "partition": (r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*",
+                  "SLURM names: letters, digits and _ . - (a comma between partitions)"),
+    "account": (r"[A-Za-z0-9_.\-]+", "a SLURM name: letters, digits and _ . -"),
+    "qos": (r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*", "SLURM names: letters, digits and _ . - (a comma between QOS)"),
+    # --time: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit
+    "time": (r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|(?i:unlimited|infinite)",
+             "a SLURM time such as '04:00:00' or '1-00:00:00' (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, "
+             "UNLIMITED) or a number of seconds"),
+    "mem": (r"\d+[KMGTkmgt]?", "<number>[K|M|G|T] (megabytes without a unit), e.g. 32G"),
+    # --signal=[{R|B}:]<sig_num>[@sig_time]: a number or a name (USR1, SIGUSR1), seconds before the end
+    "signal": (r"([RB]{1,2}:)?(\d{1,2}|[A-Za-z][A-Za-z0-9]{0,15})(@\d{1,5})?",
+               "[R:|B:]SIGNAL[@SECONDS], e.g. USR1@120 or B:TERM@60"),
+    # --constraint: features (letters, digits, _ . : = + -) joined by & | , with *COUNT, [ ] and ( )
+    "constraint": (r"[A-Za-z0-9_.:=+\-&|,*!\[\]()]+",
+                   "node features (letters, digits, _ . : = + -) joined by & | , with *COUNT, [ ] and ( )"),
+}
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def resource_problems(defaults: dict, jobs: dict, rounds: bool) -> list[str]:
+    """Everything wrong with the defaults and each job kind's resources, each named where it is set."""
+    problems = _unknown(defaults, RESOURCES, "defaults") + _unknown(jobs, tuple(JOB_RESOURCES), "jobs")
+    if "generate" in jobs and not rounds:
+        problems.append("jobs.generate is for --rounds (the rounds' generate arrays); remove it")
+    sections = [("defaults", defaults)]
+    for kind in JOB_RESOURCES:
+        own = jobs.get(kind)
+        if own is not None and not isinstance(own, dict):
+            problems.append(f"jobs.{kind} must be a mapping of resources, got {own!r}")
+            continue
+        problems += _unknown(own or {}, JOB_RESOURCES[kind], f"jobs.{kind}")
+        sections.append((f"jobs.{kind}", own or {}))
+    for where, values in sections:
+        for key, value in values.items():
+            if key in RESOURCES + ("array", "nodes", "procs_per_node"):
+                problems += _resource_problems(key, value, f"{where}.{key}")
+    return problems
+
+
+def _resource_problems(key: str, value: Any, where: str) -> list[str]:
+    if key in COUNTS:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= COUNTS[key]:
+            return []
+        return [f"{where} must be a whole number ≥ {COUNTS[key]}, got {value!r}"]
+    if key == "extra":
+        lines = [value] if isinstance(value, str) else [] if value is None else value
+        if not isinstance(lines, list):
+            return [f"{where} must be a list of sbatch options (each a line such as '--exclusive'), got {value!r}"]
+        problems = []
+        for line in lines:
+            if not isinstance(line, str) or not line.startswith("--"):
+                problems.append(f"{where}: each line must be one sbatch option and start with '--' "
+                                f"(e.g. '--exclusive'), got {line!r}")
+            else:
+                problems += _text_problems(line, where)
+        return problems
+    if key in ("time", "mem") and isinstance(value, int) and not isinstance(value, bool) and value >= (key == "time"):
+        return []  # seconds (YAML reads an unquoted 04:00:00 as 14400), megabytes
+    if key not in ("time",) and value in (None, ""):
+        return []  # not asked for (signal: no pre-emption warning)
+    pattern, allowed = GRAMMAR[key]
+    if isinstance(value, str | int) and not isinstance(value, bool) and re.fullmatch(pattern, str(value)):
+        return []
+    return [f"{where} must be {allowed}, got {value!r}"]
+
+
+def env_problems(env: dict) -> list[str]:
+    problems = []
+    for key, value in env.items():
+        if not (isinstance(key, str) and ENV_KEY.fullmatch(key)):
+            problems.append(f"env key {key!r} must be a shell name: letters, digits and _, not starting with a digit")
+        elif not isinstance(value, str | int | float | bool):
+            problems.append(f"env.{key} must be a string or a number, got {value!r}")
+        else:
+            problems += _text_problems(str(value), f"env.{key}")
+    return problems
+
+
+def _control(char: str) -> bool:
+    return unicodedata.category(char) == "Cc"  # C0 (newline, return, NUL, escape, tab …), DEL and C1
+
+
+def _text_problems(value: Any, where: str) -> list[str]:
+    """A value the scripts quote (a path, an env value, an #SBATCH line): any text but control characters,
+    which would end a comment or an #SBATCH line and start a shell line."""
+    if isinstance(value, str) and any(_control(c) for c in value):
+        return [f"{where} must not hold control characters (newline, carriage return, NUL, tab, escape …), "
+                f"got {value!r}"]
+    return []
+
+
+def _check_paths(paths: dict[str, Any], where: str) -> None:
+    """Refuse, in one line, every path of a stage's config that lands in a script with a control character."""
+    problems = [p for name, path in paths.items() for p in _text_problems(str(path), name)]
+    if problems:
+        raise DistillError(f"{where}: " + "; ".join(problems))
+
+
+def _unknown(values: dict, allowed: tuple[str, ...], where: str) -> list[str]:
+    problems = []
     for key in values:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(allowed)}"
-            raise DistillError(f"slurm config: unknown key '{key}' in {where} ({hint})")
+            problems.append(f"unknown key {str(key)!r} in {where} ({hint})")
+    return problems
 
 
-def _positive(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise DistillError(f"slurm config: {where} must be a whole number ≥ 1, got {value!r}")
-    return value
-
-
-def _time(value: Any, where: str) -> str:
-    """SLURM's [D-]HH:MM:SS. YAML reads an unquoted 04:00:00 as 14400 (base 60): take it as seconds."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+def _time(value: str | int) -> str:
+    """A checked SLURM time; YAML reads an unquoted 04:00:00 as 14400 (base 60): taken as seconds."""
+    if isinstance(value, int):
         h, rest = divmod(value, 3600)
         return f"{h:02d}:{rest // 60:02d}:{rest % 60:02d}"
-    if isinstance(value, str) and re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", value):
-        return value
-    raise DistillError(f"slurm config: {where} must be a SLURM time such as '04:00:00' or '1-00:00:00', got {value!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,31 +334,43 @@ def _time(value: Any, where: str) -> str:
 
 def header(name: str, what: str, res: dict, log: Path, array: str | None = None, nodes: int = 1,
            tasks_per_node: int = 1) -> list[str]:
-    lines = ["#!/bin/bash", f"# {what}", "# Written by `distill slurm`; change the YAML and run it again rather than edit this.",
-             f"#SBATCH --job-name=distill-{name}"]
+    """The #SBATCH lines. Each value was checked against what sbatch accepts and is quoted as sbatch reads
+    its #SBATCH lines (as a shell would: quotes group, # starts a comment), so a path with a space is one
+    option; the lines are comments to bash."""
+    def sbatch(flag: str, value: Any) -> str:
+        return f"#SBATCH --{flag}={shlex.quote(str(value))}"
+
+    lines = ["#!/bin/bash", comment(what), "# Written by `distill slurm`; change the YAML and run it again rather than edit this.",
+             sbatch("job-name", f"distill-{name}")]
     if array:
-        lines.append(f"#SBATCH --array={array}")
-    for key, flag in (("partition", "partition"), ("account", "account"), ("qos", "qos"), ("constraint", "constraint")):
+        lines.append(sbatch("array", array))
+    for key in ("partition", "account", "qos", "constraint"):
         if res.get(key):
-            lines.append(f"#SBATCH --{flag}={res[key]}")
-    lines += [f"#SBATCH --time={res['time']}", f"#SBATCH --nodes={nodes}", f"#SBATCH --ntasks-per-node={tasks_per_node}",
-              f"#SBATCH --cpus-per-task={res['cpus']}"]
+            lines.append(sbatch(key, res[key]))
+    lines += [sbatch("time", res["time"]), sbatch("nodes", int(nodes)), sbatch("ntasks-per-node", int(tasks_per_node)),
+              sbatch("cpus-per-task", int(res["cpus"]))]
     if res.get("mem"):
-        lines.append(f"#SBATCH --mem={res['mem']}")
+        lines.append(sbatch("mem", res["mem"]))
     if int(res.get("gpus") or 0):
-        lines.append(f"#SBATCH --gres=gpu:{int(res['gpus'])}")
+        lines.append(sbatch("gres", f"gpu:{int(res['gpus'])}"))
     if res.get("signal"):
-        lines += [f"#SBATCH --signal={res['signal']}   # the pre-emption warning: stop cleanly, exit {PREEMPTED}",
+        lines += [f"{sbatch('signal', res['signal'])}   # the pre-emption warning: stop cleanly, exit {PREEMPTED}",
                   "#SBATCH --requeue", "#SBATCH --open-mode=append   # a requeued run adds to the log"]
-    lines.append(f"#SBATCH --output={log}")
-    lines += [f"#SBATCH {line}" for line in res.get("extra") or []]
+    lines.append(sbatch("output", log))
+    lines += [f"#SBATCH {line}" for line in res.get("extra") or []]  # sbatch options, checked: '--…', one line
     return lines
+
+
+def comment(text: str) -> str:
+    """A script comment line: a control character (refused in every value before this) is written escaped,
+    so nothing in ``text`` can end the comment and start a shell line."""
+    return "# " + "".join(c.encode("unicode_escape").decode() if _control(c) else c for c in text)
 
 
 def prologue(plan: Plan | RoundsPlan) -> list[str]:
     lines = ["", "set -euo pipefail", f"cd {shlex.quote(str(plan.workdir))}"]
     lines += [line for line in plan.setup.splitlines() if line.strip()]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())]  # k: a checked shell name
     return lines + ['echo "$(date -Is) ${SLURM_JOB_NAME} job ${SLURM_JOB_ID} on $(hostname)"']
 
 
@@ -262,8 +385,8 @@ def requeue_on(condition: str, job: str) -> list[str]:
 def stage_one_array(config: Path, tasks: int, cpus: int) -> list[str]:
     """Task i of ``tasks`` runs stage one over shards i, i + tasks, …; a pre-empted task requeues itself."""
     return ["status=0",
-            f'srun --ntasks=1 --cpus-per-task={cpus} distill teacher --config {shlex.quote(str(config))} '
-            f'--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards {tasks} || status=$?',
+            f'srun --ntasks=1 --cpus-per-task={int(cpus)} distill teacher --config {shlex.quote(str(config))} '
+            f'--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards {int(tasks)} || status=$?',
             *requeue_on(f'[ "$status" -eq {PREEMPTED} ]', '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'),
             'exit "$status"']
 
@@ -275,20 +398,20 @@ def merge_store(store: str) -> list[str]:
 def torchrun(plan: Plan | RoundsPlan, res: dict, config: Path, preempted: Path) -> list[str]:
     """Stage two under torchrun on every node of the job; requeued when it was pre-empted."""
     q = lambda p: shlex.quote(str(p))  # noqa: E731
-    nodes, procs = res["nodes"], res["procs_per_node"]
+    nodes, procs = int(res["nodes"]), int(res["procs_per_node"])
     run = f"-m stages.cli student --config {q(config)}"
     if nodes == 1:
         launch = f"python -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node={procs} {run}"
     else:
         launch = (f"python -m torch.distributed.run --nnodes={nodes} --nproc_per_node={procs} --rdzv_backend=c10d "
-                  f'--rdzv_endpoint="$head:{plan.port}" --rdzv_id="$SLURM_JOB_ID" {run}')
+                  f'--rdzv_endpoint="$head:{int(plan.port)}" --rdzv_id="$SLURM_JOB_ID" {run}')
     return [
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the rendezvous host',
         "export head",
         f"rm -f {q(preempted)}  # written again only if this run is pre-empted",
         "status=0",
         "# torchrun ignores USR1 (set before exec, inherited), so the signal reaches only the trainers",
-        f"srun --ntasks-per-node=1 --cpus-per-task={res['cpus']} bash -c {shlex.quote(IGNORE_USR1 + launch)} || status=$?",
+        f"srun --ntasks-per-node=1 --cpus-per-task={int(res['cpus'])} bash -c {shlex.quote(IGNORE_USR1 + launch)} || status=$?",
         *requeue_on(f"[ -f {q(preempted)} ]", '"$SLURM_JOB_ID"'),
         'exit "$status"']
 
@@ -299,7 +422,7 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
     res = plan.resources
     n = res["teacher"]["array"]
     teacher = header("teacher", f"Stage one: {n} array task(s); task i runs the teacher over shards i, i+{n}, … "
-                     f"of {plan.teacher.out}.", res["teacher"], logs / "teacher-%A_%a.out", array=f"0-{n - 1}")
+                     f"of {q(plan.teacher.out)}.", res["teacher"], logs / "teacher-%A_%a.out", array=f"0-{n - 1}")
     teacher += prologue(plan) + stage_one_array(conf / "teacher.yaml", n, res["teacher"]["cpus"])
     merge = header("merge", "Once every stage-one task succeeded: write index.json, then check every shard.",
                    res["merge"], logs / "merge-%j.out")
@@ -308,7 +431,8 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
     s = res["student"]
     nodes, procs = s["nodes"], s["procs_per_node"]
     student = header("student", f"Stage two: {nodes} node(s) × {procs} process(es) under torchrun, from "
-                     f"{plan.student.train_store} to {plan.student.out}.", s, logs / "student-%j.out", nodes=nodes)
+                     f"{q(plan.student.train_store)} to {q(plan.student.out)}.", s, logs / "student-%j.out",
+                     nodes=nodes)
     student += prologue(plan) + torchrun(plan, s, conf / "student.yaml", Path(plan.student.out) / "preempted.json")
     evals = header("eval", "Evaluate every model, then compare them in a report.", res["eval"], logs / "eval-%j.out")
     evals += prologue(plan)
@@ -460,6 +584,7 @@ def resolve_rounds(config: SlurmConfig, out: Path) -> RoundsPlan:
         raise DistillError(f"slurm --rounds {config.rounds}: {e}") from None
     if rounds.round or rounds.step:
         raise DistillError(f"slurm --rounds {config.rounds}: round and step are each job's own; remove them")
+    _check_paths({"out": rounds.out, "student": rounds.student}, f"slurm --rounds {config.rounds}")  # in the scripts
     resources = job_resources(config)
     env = {str(k): str(v) for k, v in (config.env or {}).items()}
     workdir = Path(config.workdir or os.getcwd()).resolve()
@@ -523,21 +648,21 @@ def one_round(plan: RoundsPlan, r: int, steps: list) -> list[RoundJob]:
             add("heldout-generate" if step.name == "heldout-generate" else "generate", "generate",
                 f"{who}, as {n} array task(s): task i writes records i, i+{n}, …; the last task to finish merges "
                 "the parts.",
-                [f"srun --ntasks=1 --cpus-per-task={res['generate']['cpus']} distill generate --config "
-                 f"{q(conf / f'{s.name}.json')} --shard-index \"$SLURM_ARRAY_TASK_ID\" --num-shards {n}" for s in group],
+                [f"srun --ntasks=1 --cpus-per-task={int(res['generate']['cpus'])} distill generate --config "
+                 f"{q(conf / f'{s.name}.json')} --shard-index \"$SLURM_ARRAY_TASK_ID\" --num-shards {int(n)}" for s in group],
                 lambda group=group: all(s.done() for s in group), n,
                 lambda outs=outs, n=n: sorted(set().union(*(missing_generate_tasks(o, n) for o in outs))))
         elif step.stage == "teacher":
             n, store = res["teacher"]["array"], step.config.out
             add(step.name, "teacher", f"stage one ({step.config.kind}) as {n} array task(s); task i runs the teacher "
-                f"over shards i, i+{n}, … of {store}.", stage_one_array(conf / f"{step.name}.json", n, res["teacher"]["cpus"]),
+                f"over shards i, i+{n}, … of {q(store)}.", stage_one_array(conf / f"{step.name}.json", n, res["teacher"]["cpus"]),
                 step.done, n, lambda store=store, n=n: missing_shard_tasks(Path(store), n))
             add(step.name.replace("teacher", "merge"), "merge", f"once every stage-one task succeeded: write "
-                f"{store}/index.json, then check every shard.", merge_store(store), step.done)
+                f"{q(Path(store) / 'index.json')}, then check every shard.", merge_store(store), step.done)
         elif step.stage == "student":
             s = res["student"]
             add(step.name, "student", f"stage two, {s['nodes']} node(s) × {s['procs_per_node']} process(es) under "
-                f"torchrun, from {step.config.model} on {step.config.train_store} to {step.config.out}.",
+                f"torchrun, from {q(step.config.model)} on {q(step.config.train_store)} to {q(step.config.out)}.",
                 torchrun(plan, s, conf / "student.json", Path(step.config.out) / "preempted.json"), step.done)
         else:  # prepare, heldout-prepare, eval
             kind = "eval" if step.stage == "eval" else "merge"

@@ -122,6 +122,22 @@ def test_bad_rounds_configs_are_one_line_and_write_no_scripts(tmp_path, setting,
     assert not (tmp_path / "jobs").exists()
 
 
+@pytest.mark.parametrize("field, char", [(f, c) for f in ("out", "student") for c in ("\n", "\r", "\x00", "\x1b")],
+                         ids=lambda v: repr(v).strip("'"))
+def test_rounds_paths_with_control_characters_are_refused_before_anything_is_written(tmp_path, setting, field,
+                                                                                    char):  # noqa: F811
+    """The rounds' out and student land in the scripts (their paths and comments): a newline there would
+    start a shell line. Refused before the rounds OUT is claimed."""
+    root, teacher, student = setting
+    path = config_file(root, teacher, student, tmp_path / "out")
+    hostile = {"out": str(tmp_path / f"rounds{char}touch CANARY"), "student": f"{student}{char}touch CANARY"}[field]
+    path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {field: hostile}))
+    result = run_cli("slurm", "--config", slurm_config(tmp_path), "--rounds", path, "--out", tmp_path / "jobs")
+    line = one_line_error(result)
+    assert f"--rounds {path}: {field} must not hold control characters" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.yaml", "slurm.yaml"]
+
+
 def test_generate_jobs_are_for_rounds_only(tmp_path):
     body = yaml.safe_load((ROOT / "data" / "configs" / "slurm-demo.yaml").read_text())
     body["jobs"]["generate"] = {"array": 2}

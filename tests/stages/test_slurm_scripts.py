@@ -1,7 +1,10 @@
 """`distill slurm` without a cluster: the scripts it writes, and what it refuses (one line, nothing written)."""
 
 import json
+import os
+import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -81,3 +84,215 @@ def test_submit_without_sbatch_says_where_to_run_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     line = one_line_error(run_cli("slurm", "--config", DEMO, "--out", tmp_path / "out", "--submit"))
     assert "sbatch is not on PATH" in line
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile inputs: a shared YAML file must not be able to run commands through the scripts it makes
+
+INJECT = "$(touch CANARY)"
+CONTROL = {"newline": "\n", "return": "\r", "nul": "\x00", "escape": "\x1b", "tab": "\t", "del": "\x7f"}
+WHOLE, FROM_ZERO = "a whole number ≥ 1", "a whole number ≥ 0"
+NAMES = "letters, digits and _ . -"
+NO_CONTROL = "must not hold control characters"
+
+HOSTILE = [  # (id, changes, the field the one line names, what it says is allowed)
+    ("cpus-subst", {"defaults__cpus": f"8 {INJECT}"}, "defaults.cpus", WHOLE),
+    ("cpus-newline", {"jobs": {"teacher": {"cpus": "8\ntouch CANARY"}}}, "jobs.teacher.cpus", WHOLE),
+    ("cpus-zero", {"defaults__cpus": 0}, "defaults.cpus", WHOLE),
+    ("cpus-without-defaults", {"defaults": None, "jobs": {"eval": {"cpus": f"1 {INJECT}"}}}, "jobs.eval.cpus", WHOLE),
+    ("cpus-bool", {"defaults__cpus": True}, "defaults.cpus", WHOLE),
+    ("gpus-semicolon", {"defaults__gpus": "1; touch CANARY"}, "defaults.gpus", FROM_ZERO),
+    ("gpus-negative", {"defaults__gpus": -1}, "defaults.gpus", FROM_ZERO),
+    ("nodes-backtick", {"jobs": {"student": {"nodes": "2`touch CANARY`"}}}, "jobs.student.nodes", WHOLE),
+    ("procs-and", {"jobs": {"student": {"procs_per_node": "4 && touch CANARY"}}}, "jobs.student.procs_per_node", WHOLE),
+    ("array-subst", {"jobs": {"teacher": {"array": f"4{INJECT}"}}}, "jobs.teacher.array", WHOLE),
+    ("time-newline", {"defaults__time": "01:00:00\ntouch CANARY"}, "defaults.time", "SLURM time"),
+    ("time-semicolon", {"defaults__time": "1:00:00; touch CANARY"}, "defaults.time", "SLURM time"),
+    ("time-backtick", {"jobs": {"merge": {"time": "`touch CANARY`"}}}, "jobs.merge.time", "SLURM time"),
+    ("mem-newline", {"defaults__mem": "32G\ntouch CANARY"}, "defaults.mem", "<number>[K|M|G|T]"),
+    ("mem-subst", {"defaults__mem": f"32G {INJECT}"}, "defaults.mem", "<number>[K|M|G|T]"),
+    ("mem-words", {"defaults__mem": "32 GB"}, "defaults.mem", "<number>[K|M|G|T]"),
+    ("signal-newline", {"jobs": {"teacher": {"signal": "USR1@120\ntouch CANARY"}}}, "jobs.teacher.signal",
+     "[R:|B:]SIGNAL[@SECONDS]"),
+    ("signal-semicolon", {"defaults__signal": "USR1@120;touch CANARY"}, "defaults.signal", "[R:|B:]SIGNAL[@SECONDS]"),
+    ("signal-subst", {"defaults__signal": f"USR1@{INJECT}"}, "defaults.signal", "[R:|B:]SIGNAL[@SECONDS]"),
+    ("partition-newline", {"defaults__partition": "gpu\ntouch CANARY"}, "defaults.partition", NAMES),
+    ("partition-return", {"defaults__partition": "gpu\rtouch CANARY"}, "defaults.partition", NAMES),
+    ("partition-space", {"defaults__partition": "gpu touch"}, "defaults.partition", NAMES),
+    ("partition-quote", {"defaults__partition": "gpu'"}, "defaults.partition", NAMES),
+    ("account-nul", {"defaults__account": "acct\x00"}, "defaults.account", NAMES),
+    ("account-subst", {"defaults__account": f"a{INJECT}"}, "defaults.account", NAMES),
+    ("qos-backtick", {"defaults__qos": "normal`touch CANARY`"}, "defaults.qos", NAMES),
+    ("qos-escape", {"jobs": {"eval": {"qos": "normal\x1b[31m"}}}, "jobs.eval.qos", NAMES),
+    ("constraint-newline", {"defaults__constraint": "a100\ntouch CANARY"}, "defaults.constraint", "features"),
+    ("constraint-subst", {"defaults__constraint": f"a100{INJECT}"}, "defaults.constraint", "features"),
+    ("constraint-semicolon", {"defaults__constraint": "a100;touch"}, "defaults.constraint", "features"),
+    ("constraint-quote", {"defaults__constraint": 'a100"'}, "defaults.constraint", "features"),
+    ("extra-newline", {"defaults__extra": ["--exclusive\ntouch CANARY"]}, "defaults.extra", NO_CONTROL),
+    ("extra-return", {"jobs": {"merge": {"extra": ["--comment=a\rtouch CANARY"]}}}, "jobs.merge.extra", NO_CONTROL),
+    ("extra-not-an-option", {"defaults__extra": ["touch CANARY"]}, "defaults.extra", "start with '--'"),
+    ("extra-string-newline", {"defaults__extra": "--exclusive\ntouch CANARY"}, "defaults.extra", NO_CONTROL),
+    ("extra-mapping", {"defaults__extra": [{"exclusive": True}]}, "defaults.extra", "start with '--'"),
+    ("env-key-space", {"env": {"A B": "1"}}, "env key 'A B'", "a shell name"),
+    ("env-key-semicolon", {"env": {"X;touch CANARY;Y": "1"}}, "env key", "a shell name"),
+    ("env-key-digit", {"env": {"1X": "1"}}, "env key '1X'", "a shell name"),
+    ("env-key-newline", {"env": {"A\ntouch CANARY": "1"}}, "env key", "a shell name"),
+    ("env-key-subst", {"env": {INJECT: "1"}}, "env key", "a shell name"),
+    ("env-value-newline", {"env": {"A": "1\ntouch CANARY"}}, "env.A", NO_CONTROL),
+    ("env-value-nul", {"env": {"A": "a\x00b"}}, "env.A", NO_CONTROL),
+    ("env-value-list", {"env": {"A": ["x"]}}, "env.A", "a string or a number"),
+    ("workdir-newline", {"workdir": "work\ntouch CANARY"}, "workdir", NO_CONTROL),
+    ("setup-nul", {"setup": "true\x00touch CANARY"}, "setup", "control characters"),
+    ("setup-return", {"setup": "true\rtouch CANARY"}, "setup", "control characters"),
+    ("port-subst", {"port": f"29500{INJECT}"}, "port", "int"),
+    ("port-range", {"port": 70000}, "port", "1 … 65535"),
+    ("teacher-out-newline", {"teacher__out": "runs/store\ntouch CANARY"}, "teacher.out", NO_CONTROL),
+    ("student-out-newline", {"student__out": "runs/kd\ntouch CANARY"}, "student.out", NO_CONTROL),
+    ("train-store-return", {"student__train_store": "runs/store\rtouch CANARY"}, "student.train_store", NO_CONTROL),
+] + [(f"teacher-out-{name}", {"teacher__out": f"runs/store{char}x"}, "teacher.out", NO_CONTROL)
+     for name, char in CONTROL.items()] \
+  + [(f"partition-{name}", {"defaults__partition": f"gpu{char}x"}, "defaults.partition", NAMES)
+     for name, char in CONTROL.items()]
+
+
+@pytest.mark.parametrize("changes, field, allowed", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_hostile_values_are_refused_in_one_line_naming_the_field(tmp_path, changes, field, allowed):
+    path = config(tmp_path, **changes)
+    line = one_line_error(run_cli("slurm", "--config", path, "--out", tmp_path / "out"))
+    assert field in line and allowed in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slurm.yaml"]  # no script, no config, no canary
+
+
+@pytest.mark.parametrize("name, char", CONTROL.items(), ids=list(CONTROL))
+def test_an_out_with_control_characters_is_refused(tmp_path, name, char):
+    line = one_line_error(run_cli("slurm", "--config", DEMO, "--out", tmp_path / f"out{char}x"))
+    assert "--out" in line and NO_CONTROL in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_problem_is_named_at_once(tmp_path):
+    path = config(tmp_path, defaults__cpus="8 x", defaults__mem="lots", env={"A B": "1"})
+    line = one_line_error(run_cli("slurm", "--config", path, "--out", tmp_path / "out"))
+    assert "defaults.cpus" in line and "defaults.mem" in line and "env key 'A B'" in line, line
+
+
+@pytest.mark.parametrize("resources", [
+    {"time": "30"}, {"time": "30:00"}, {"time": "4:00:00"}, {"time": "2-12"}, {"time": "2-12:30"},
+    {"time": "2-12:30:00"}, {"time": "UNLIMITED"}, {"time": "infinite"}, {"time": 14400},
+    {"mem": "500M"}, {"mem": "1t"}, {"mem": 32000}, {"mem": "0"},
+    {"signal": "B:USR1@60"}, {"signal": "R:10"}, {"signal": "SIGTERM"}, {"signal": ""},
+    {"partition": "gpu,gpu-long"}, {"account": "proj.x_1"}, {"qos": "high-prio"},
+    {"constraint": "[rack1*2&rack2*4]"}, {"constraint": "(a100|h100)&nvlink"}, {"constraint": "intel,ib"},
+    {"extra": ["--exclusive", "--mail-type=END,FAIL", '--comment="two words"']}, {"extra": "--exclusive"},
+    {"extra": None},
+], ids=lambda r: f"{next(iter(r))}={next(iter(r.values()))!r}")
+def test_what_slurm_accepts_is_accepted(tmp_path, resources):
+    path = config(tmp_path, **{f"defaults__{k}": v for k, v in resources.items()})
+    result = run_cli("slurm", "--config", path, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    for name in ("1-teacher.sbatch", "3-student.sbatch"):
+        assert subprocess.run(["bash", "-n", str(tmp_path / "out" / name)]).returncode == 0, name
+
+
+# ------------------------------------------------------------------------------------------------
+# awkward but legal values: the scripts, run with stand-ins for SLURM and distill, pass every value
+# on as one argument and run nothing else
+
+STUB = """#!/bin/bash
+{{ printf '%q ' "$(basename "$0")" "$@"; echo; }} >> {log}
+{body}
+"""
+STUB_BODIES = {
+    "srun": 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"',  # run the step's command as srun would
+    "sbatch": 'echo $((100 + $(wc -l < {log})))',
+    "scontrol": 'if [ "$1" = show ]; then echo node-1; fi',
+    "squeue": "true",
+    "distill": 'printf "%s\\n" "$AWKWARD" >> {env_log}',
+    "python": 'printf "%s\\n" "$AWKWARD" >> {env_log}',
+}
+
+
+def stubs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A bin directory of stand-ins that each append their argv (``printf %q``) to one log."""
+    bin_dir, log, env_log = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "env.log"
+    bin_dir.mkdir()
+    for name, body in STUB_BODIES.items():
+        stub = bin_dir / name
+        stub.write_text(STUB.format(log=shlex.quote(str(log)),
+                                    body=body.format(log=shlex.quote(str(log)), env_log=shlex.quote(str(env_log)))))
+        stub.chmod(0o755)
+    return bin_dir, log, env_log
+
+
+def calls(log: Path) -> list[list[str]]:
+    return [shlex.split(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def sbatch_lines(script: str) -> dict[str, list[str]]:
+    """Each ``#SBATCH`` line as sbatch reads it (quotes and backslashes as in a shell, ``#`` starts a
+    comment: SLURM's ``_get_argument``), keyed by its option."""
+    found = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH "):
+            words = shlex.split(line.removeprefix("#SBATCH "), comments=True)
+            found[words[0].split("=")[0]] = words
+    return found
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_awkward_legal_values_reach_the_commands_as_one_argument_and_run_nothing(tmp_path, monkeypatch):
+    awkward = tmp_path / "it's a $dir"
+    work, out = awkward / "work $HOME", awkward / f"jobs {INJECT}"
+    work.mkdir(parents=True)
+    teacher_out = f"runs/store {INJECT} `touch CANARY`; touch CANARY"
+    student_out = "runs/kd 'q' \"dq\" $PATH"
+    env_value = "it's \"quoted\" $HOME `touch CANARY` $(touch CANARY)"
+    path = config(tmp_path, workdir=str(work), setup="", env={"AWKWARD": env_value},
+                  teacher__out=teacher_out, student__out=student_out,
+                  defaults__constraint="(a100|h100)&nvlink", defaults__extra=["--comment=\"two words\""])
+    bin_dir, log, env_log = stubs(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    submitted = run_cli("slurm", "--config", path, "--out", out, "--submit")
+    assert submitted.exit_code == 0, submitted.output
+    conf, logs = out / "config", out / "logs"
+    assert calls(log) == [["sbatch", "--parsable", str(out / "1-teacher.sbatch")],
+                          ["sbatch", "--parsable", "--dependency=afterok:101", str(out / "2-merge.sbatch")],
+                          ["sbatch", "--parsable", "--dependency=afterok:102", str(out / "3-student.sbatch")],
+                          ["sbatch", "--parsable", "--dependency=afterok:103", str(out / "4-eval.sbatch")]]
+
+    texts = {name: (out / name).read_text() for name in ("1-teacher.sbatch", "2-merge.sbatch", "3-student.sbatch",
+                                                          "4-eval.sbatch")}
+    teacher = sbatch_lines(texts["1-teacher.sbatch"])  # as sbatch splits them: one word per option
+    assert teacher["--output"] == [f"--output={logs}/teacher-%A_%a.out"]
+    assert teacher["--constraint"] == ["--constraint=(a100|h100)&nvlink"]
+    assert teacher["--comment"] == ["--comment=two words"]
+    assert teacher["--signal"] == ["--signal=USR1@120"]
+
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": "/nonexistent-home", "SLURM_JOB_NAME": "distill-x",
+           "SLURM_JOB_ID": "7", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_NODELIST": "node-1"}
+    log.unlink()
+    before = tree(tmp_path)
+    for name, text in texts.items():
+        done = subprocess.run(["bash", str(out / name)], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, (name, done.stderr)
+    assert tree(tmp_path) - before == {"calls.log", "env.log"}, "the scripts made files they should not"
+    assert not any(Path(p).name == "CANARY" for p in tree(tmp_path))  # the touch in the values never ran
+    student = "python -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=4 -m stages.cli student"
+    assert calls(log) == [
+        ["srun", "--ntasks=1", "--cpus-per-task=8", "distill", "teacher", "--config", str(conf / "teacher.yaml"),
+         "--shard-index", "0", "--num-shards", "4"],
+        ["distill", "teacher", "--config", str(conf / "teacher.yaml"), "--shard-index", "0", "--num-shards", "4"],
+        ["distill", "merge", teacher_out],
+        ["distill", "inspect", teacher_out, "--verify"],
+        ["scontrol", "show", "hostnames", "node-1"],
+        ["srun", "--ntasks-per-node=1", "--cpus-per-task=8", "bash", "-c",
+         f"trap \"\" USR1; exec {student} --config {shlex.quote(str(conf / 'student.yaml'))}"],
+        [*student.split(), "--config", str(conf / "student.yaml")],
+        ["distill", "eval", "--config", str(conf / "eval-0.yaml")],
+        ["distill", "eval", "--config", str(conf / "eval-1.yaml")],
+        ["distill", "report", "--config", str(conf / "report.yaml")],
+    ]
+    assert env_log.read_text().splitlines() == [env_value] * 7  # every stage sees the value as written
