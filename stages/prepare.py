@@ -31,9 +31,12 @@ longer than a row is refused. The tokenizer gives the store's tokenizer hash, vo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +48,7 @@ from pipeline.config import check, flag, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
 from pipeline.store import contract as store_lib
-from pipeline.text.corpus import DocumentReader, corpus_fingerprint, expand_inputs
+from pipeline.text.corpus import ACCEPTED, BLOCK, DocumentReader, corpus_fingerprint, find_inputs, input_kind
 from pipeline.text.examples import FORMATS, ExampleReader, IdsReader, chat_template_sha256, require_chat_template
 from pipeline.text.packing import ExampleRows, RowPacker
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
@@ -53,7 +56,8 @@ from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    inputs: tuple[str, ...] = option((), "Corpus files or directories (txt, txt.gz, jsonl, jsonl.gz); repeat --input.")
+    inputs: tuple[str, ...] = option((), f"Corpus files or directories ({ACCEPTED}), or - for standard input (JSON "
+                                     "lines or text); repeat --input.")
     out: str = option("", "Directory of the tokens store to write.")
     tokenizer: str = option("data/tokenizer", "Local Hugging Face tokenizer directory.")
     seq_len: int = option(256, "Tokens per row (the model's context length for training).")
@@ -66,7 +70,9 @@ class PrepareConfig:
     response_field: str = option("", "JSONL field of the response (--format prompt-response; default 'response').")
     messages_field: str = option("", "JSONL field of the list of {role, content} messages (--format chat; default "
                                  "'messages'); 'assistant' messages are the responses.")
-    text_field: str = option("text", "JSONL field that holds the document text.")
+    text_field: str = option("text", "JSONL field, or Parquet/Arrow column, that holds the document text.")
+    skip_unknown: bool = option(False, "Leave out files under an --input directory that are of no kind distill "
+                                "reads (listed in the index as skipped_inputs) instead of stopping.")
     txt_documents: str = option("file", "How .txt files split into documents: 'file' or 'paragraph' (blank lines).")
     skip_bad_utf8: bool = option(False, "Skip (and count) lines that are not UTF-8 instead of stopping.")
     backend: str = option("zarr", "Store backend: 'zarr' (v3, sharded, zstd) or 'arrow' (IPC, zstd).")
@@ -99,8 +105,18 @@ class PrepareConfig:
 
 
 def prepare(config: PrepareConfig) -> Path:
+    with _stdin_spooled(config) as paths:
+        return _prepare(config, paths)
+
+
+def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
     # --- setup: inputs, tokenizer, and what decides the store's content ---
-    files = expand_inputs(config.inputs)
+    inputs = find_inputs(paths, skip_unknown=config.skip_unknown)
+    files = inputs.files
+    if inputs.skipped:
+        shown = ", ".join(map(str, inputs.skipped[:3])) + (f" and {len(inputs.skipped) - 3} more"
+                                                           if len(inputs.skipped) > 3 else "")
+        print(f"prepare: left out {len(inputs.skipped)} file(s) of no kind distill reads (--skip-unknown): {shown}")
     tokenizer = load_tokenizer(config.tokenizer, config.trust_remote_code)
     examples = config.format != "text"
     if examples:
@@ -112,7 +128,7 @@ def prepare(config: PrepareConfig) -> Path:
         return out
 
     if config.format == "ids":
-        return _prepare_ids(config, files, tokenizer, params, out)
+        return _prepare_ids(config, files, tokenizer, params, out, inputs.skipped)
 
     # --- loop: stream documents (or examples) → token stream → rows → shards ---
     reader = _reader(config, files, tokenizer)
@@ -144,7 +160,7 @@ def prepare(config: PrepareConfig) -> Path:
 
     # --- finish: index last, then the whole store renamed into place ---
     index = writer.index(params, packer, documents=reader.stats.documents, skipped_lines=reader.stats.skipped_lines,
-                         examples=examples)
+                         examples=examples, skipped_inputs=inputs.skipped)
     writer.commit(index, config)
     rows = index["rows"]
     skipped = f", skipped {reader.stats.skipped_lines} non-UTF-8 lines" if reader.stats.skipped_lines else ""
@@ -154,7 +170,8 @@ def prepare(config: PrepareConfig) -> Path:
     return out
 
 
-def _prepare_ids(config: PrepareConfig, files: list[Path], tokenizer, params: dict, out: Path) -> Path:
+def _prepare_ids(config: PrepareConfig, files: list[Path], tokenizer, params: dict, out: Path,
+                 skipped_inputs: list[Path]) -> Path:
     """``--format ids``: each record's ids in a row of its own, checked and stored as they are."""
     reader = IdsReader(files, params["vocab_size"], config.skip_bad_utf8)
     records = iter(reader)
@@ -181,7 +198,7 @@ def _prepare_ids(config: PrepareConfig, files: list[Path], tokenizer, params: di
         writer.discard()
         raise
     index = writer.index(params, packer, documents=reader.stats.documents, skipped_lines=reader.stats.skipped_lines,
-                         examples=True)
+                         examples=True, skipped_inputs=skipped_inputs)
     writer.commit(index, config)
     with_logprobs = " and behaviour_logprob" if reader.with_logprobs else ""
     print(f"{out}: {index['rows']} rows x {config.seq_len} tokens, one per record of {reader.stats.documents} "
@@ -252,7 +269,8 @@ class _ShardWriter:
             name = store_lib.shard_name(len(self.shards), self.backend)
             self.shards.append(store_lib.write_shard(self.tmp, name, arrays, self.backend, self.chunk_rows))
 
-    def index(self, params: dict, packer: RowPacker, documents: int, skipped_lines: int, examples: bool) -> dict:
+    def index(self, params: dict, packer: RowPacker, documents: int, skipped_lines: int, examples: bool,
+              skipped_inputs: list[Path]) -> dict:
         rows = sum(s["rows"] for s in self.shards)
         arrays = {"input_ids": {"dtype": self.dtype.name, "shape": [packer.row_len]}}
         facts = {}
@@ -261,6 +279,8 @@ class _ShardWriter:
             if self.behaviour:
                 arrays["behaviour_logprob"] = {"dtype": "float32", "shape": [packer.row_len]}
             facts = {"loss_tokens": self.loss_tokens, "padding_tokens": packer.padding_tokens}
+        if skipped_inputs:  # (--skip-unknown) what was left out is on record, never a silent skip
+            facts["skipped_inputs"] = [str(p) for p in skipped_inputs]
         return store_lib.new_index(
             "tokens", self.backend, params, self.shards,
             arrays=arrays,
@@ -308,10 +328,41 @@ def _reading_options(config: PrepareConfig) -> dict:
 
 def _check_example_inputs(config: PrepareConfig, files: list[Path], tokenizer) -> None:
     """Example formats read JSONL records, and chat needs a template: refused before anything is written."""
-    text_files = [f for f in files if not f.name.endswith((".jsonl", ".jsonl.gz"))]
+    text_files = [f for f in files if (input_kind(f) or ("",))[0] != "jsonl"]
     if text_files:
         what = "no token ids" if config.format == "ids" else "no prompts or responses to mask"
-        raise DistillError(f"--format {config.format} reads JSONL records, and {text_files[0]} is plain text "
+        raise DistillError(f"--format {config.format} reads JSONL records, and {text_files[0]} is not JSON lines "
                            f"({what}); pass .jsonl files, or --format text to train on every token")
     if config.format == "chat":
         require_chat_template(tokenizer, config.tokenizer)
+
+
+@contextlib.contextmanager
+def _stdin_spooled(config: PrepareConfig) -> Iterator[tuple[str, ...]]:
+    """``--input -``: standard input copied (a block at a time) to a private temp file beside OUT,
+    read like any file and removed after, so that the store's corpus fingerprint is the content's (a
+    rerun of the same text finds the store done) and a pipe is read once. JSON lines when its first
+    character other than blank space is ``{``, else text. Yields the inputs with ``-`` replaced by that
+    file (the saved config keeps ``-``)."""
+    if "-" not in config.inputs:
+        yield config.inputs
+        return
+    if config.inputs.count("-") > 1:
+        raise DistillError("--input - (standard input) is given more than once; pass it once")
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spool = Path(tempfile.mkdtemp(prefix=f".{out.name}.stdin-", dir=out.parent))
+    try:
+        source = sys.stdin.buffer
+        head = source.read(BLOCK)
+        first = head.lstrip()[:1]
+        path = spool / ("stdin.jsonl" if first == b"{" else "stdin.txt")
+        with open(path, "wb") as f:
+            while head:
+                f.write(head)
+                head = source.read(BLOCK)
+        if path.stat().st_size == 0:
+            raise DistillError("--input -: standard input is empty; pipe JSON lines or text into distill prepare")
+        yield tuple(str(path) if item == "-" else item for item in config.inputs)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
