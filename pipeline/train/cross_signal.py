@@ -29,7 +29,8 @@ import torch
 
 from pipeline.errors import DistillError
 from pipeline.teacher.topk import retemper
-from pipeline.train.cross_losses import bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, merge_duplicates
+from pipeline.train.cross_losses import (bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, merge_duplicates,
+                                         unmapped_student_ids)
 from pipeline.train.teacher_signal import StoredSampled, StoredTopK
 
 MODES = ("exact", "chunk", "both")
@@ -61,6 +62,7 @@ class CrossTokenizer:
         # positions() gives the 1:1 flag, then the base signal's tensors (ids first) when exact
         self._parts = 1 + ((3 if isinstance(base, StoredTopK) else 2) if self.exact else 0)
         self._counts = torch.zeros(5, dtype=torch.float64)
+        self._bucket: dict[tuple[int, torch.device], torch.Tensor] = {}  # the unmapped student ids, per (V_s, device)
 
     # -- what the training loop logs ------------------------------------------------------------
     def take_stats(self) -> dict[str, float]:
@@ -141,8 +143,15 @@ class CrossTokenizer:
             loss = bucketed_sparse_kd(student_logprobs, student_ids, topk_logprobs, tail_logmass, self.base.direction)
         else:
             (weights,) = rest
-            loss = bucketed_sampled_kd(student_logprobs, student_ids, weights)
+            loss = bucketed_sampled_kd(student_logprobs, student_ids, weights, self._bucket_ids(student_logprobs))
         return torch.where(one_to_one, loss, 0.0)
+
+    def _bucket_ids(self, student_logprobs: torch.Tensor) -> torch.Tensor:
+        """The student ids no teacher id maps to, over the width of ``student_logprobs`` (built once)."""
+        key = (student_logprobs.shape[-1], student_logprobs.device)
+        if key not in self._bucket:
+            self._bucket[key] = unmapped_student_ids(self.map, key[0]).to(key[1])
+        return self._bucket[key]
 
     def sequence_divergence(self, student_target_logprobs: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
         """The chunk term, summed (nats, weighted): ``student_target_logprobs [P]`` are the student's
