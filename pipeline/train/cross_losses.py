@@ -16,7 +16,7 @@ positions by bytes. Two terms (issue #23):
 - **chunk** (ALM, arXiv 2503.20083), on every kept chunk: the teacher's log-probability of the
   chunk's bytes (the sum of its stored ``target_logprob`` over its tokens in the chunk) against the
   student's (the sum over its own tokens), compared as two Bernoulli distributions — the
-  binarised KL of :func:`chunk_kd`.
+  binarised KL of :func:`chunk_kd`, forward or reverse.
 
 Both are per position (or per chunk) and summed by the caller, as the same-tokenizer losses are.
 """
@@ -150,19 +150,29 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def chunk_kd(teacher_logprob: torch.Tensor, student_logprob: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:
+def chunk_kd(teacher_logprob: torch.Tensor, student_logprob: torch.Tensor, margin: float = 1e-6,
+             direction: str = "forward") -> torch.Tensor:
     """ALM's chunk term as a binarised KL, ``[C]`` nats.
 
     teacher_logprob, student_logprob: ``[C]`` log-probabilities of each chunk's bytes (the sum of
     each side's own next-token log-probs over its tokens in the chunk, at T). With ``p = exp(a)``
-    and ``q = exp(b)``: ``p·log(p/q) + (1−p)·log((1−p)/(1−q))`` — KL between Bernoulli(p) and
-    Bernoulli(q): zero iff the chunk is as likely under both, finite for any teacher. The student's
-    log-prob is capped at ``log(1 − margin)`` so that ``1 − q`` never rounds to zero (its gradient
-    there is then zero; the teacher's is capped at 0, which rounding can exceed).
+    and ``q = exp(b)``, ``forward`` is KL(Bernoulli(p) ‖ Bernoulli(q)) =
+    ``p·log(p/q) + (1−p)·log((1−p)/(1−q))``, ``reverse`` KL(Bernoulli(q) ‖ Bernoulli(p)) =
+    ``q·log(q/p) + (1−q)·log((1−q)/(1−p))``: zero iff the chunk is as likely under both. The
+    student's log-prob is capped at ``log(1 − margin)`` so that ``1 − q`` never rounds to zero (its
+    gradient there is then zero). The teacher's is capped at 0 (rounding can exceed it) forward,
+    where a certain teacher is finite, and at ``log(1 − margin)`` reverse, where ``1 − p = 0``
+    against ``1 − q > 0`` would be infinite (a float32 log-prob of a confident teacher rounds to 0).
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}")
+    cap = float(torch.log1p(torch.tensor(-margin, dtype=torch.float64)))
+    b = student_logprob.clamp(max=cap).double()
+    if direction == "reverse":
+        a = teacher_logprob.double().clamp(max=cap)
+        q = b.exp()
+        return (q * (b - a) + (1 - q) * (_log1mexp(b) - _log1mexp(a))).to(student_logprob.dtype)
     a = teacher_logprob.double().clamp(max=0.0)
-    b = student_logprob.clamp(max=float(torch.log1p(torch.tensor(-margin, dtype=torch.float64))))
-    b = b.double()
     p = a.exp()
     one_minus_a, one_minus_b = _log1mexp(a), _log1mexp(b)
     rest = 1 - p

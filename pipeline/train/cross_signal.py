@@ -14,7 +14,8 @@ positions:
 - ``chunk``: ALM's term, which needs whole chunks: the student's own target log-probs at T are
   gathered over all positions (``sequence_term``; ``DistillStep`` collects them across its chunks
   of positions) and summed per chunk, then compared with the teacher's chunk log-prob (its stored
-  ``target_logprob`` re-tempered to T, summed over its targets in the chunk) by :func:`chunk_kd`;
+  ``target_logprob`` re-tempered to T, summed over its targets in the chunk) by :func:`chunk_kd`,
+  in the base signal's direction (``--direction``);
 - ``both``: the sum, the chunk term weighted by ``chunk_weight``.
 
 Per-position teacher tensors refer to chunks by the index of the chunk's first student target
@@ -50,6 +51,7 @@ class CrossTokenizer:
             raise DistillError(f"--cross-tokenizer compares a top-k teacher with one bucket for the mass it cannot map; "
                                f"--tail {base.tail} has no such bucket; use --tail tail")
         self.base, self.mode, self.chunk_weight = base, mode, chunk_weight
+        self.direction = getattr(base, "direction", "forward")  # drawn targets are forward only (StoredSampled)
         self.temperature, self.grid = base.temperature, base.grid
         self.map = torch.from_numpy(np.asarray(vocab_map, dtype=np.int64))
         mapped = self.map[self.map >= 0]
@@ -161,4 +163,5 @@ class CrossTokenizer:
         student_chunks = torch.zeros_like(student_target_logprobs).index_add(
             0, owner[inside], student_target_logprobs[inside])
         owners = is_owner.nonzero().squeeze(-1)
-        return self.chunk_weight * chunk_kd(teacher_at_owner[owners], student_chunks[owners]).sum()
+        return self.chunk_weight * chunk_kd(teacher_at_owner[owners], student_chunks[owners],
+                                            direction=self.direction).sum()

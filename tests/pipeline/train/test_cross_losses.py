@@ -188,11 +188,13 @@ def test_permuting_the_students_ids_changes_nothing():
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("scale,t", [(3.0, 1.0), (60.0, 0.1), (1.0, 2.0)])
-def test_chunk_kd_equals_dense_chunk_likelihoods(scale, t):
+def test_chunk_kd_equals_dense_chunk_likelihoods(scale, t, direction):
     """Explicit alignment of one row: teacher tokens [a][b][c d][e] vs student tokens [a][b c][d e]
     as chunks (by position) — chunk 0: teacher position 0 / student 0; chunk 1: teacher 1, 2, 3 /
-    student 1, 2. The teacher's chunk log-prob is the sum of its full distributions at the target ids."""
+    student 1, 2. The teacher's chunk log-prob is the sum of its full distributions at the target ids;
+    the two distributions over {chunk, not chunk} are compared by the dense KL, in either direction."""
     g = torch.Generator().manual_seed(int(scale))
     teacher_logits = torch.randn(4, VT, generator=g, dtype=torch.float64) * scale
     student = (torch.randn(3, VS, generator=g, dtype=torch.float64) * 2).requires_grad_()
@@ -202,9 +204,14 @@ def test_chunk_kd_equals_dense_chunk_likelihoods(scale, t):
     s_lp = torch.log_softmax(student / t, -1).gather(-1, student_targets[:, None]).squeeze(-1)
     a = torch.stack([t_lp[c].sum() for c in teacher_chunks])
     b = torch.stack([s_lp[c].sum() for c in student_chunks])
-    got = chunk_kd(a.float(), b.float())
-    p, q = a.exp(), b.exp()
-    want = p * (a - b) + (1 - p) * (torch.log1p(-p) - torch.log1p(-q))
+    got = chunk_kd(a.float(), b.float(), direction=direction)
+    if direction == "reverse":  # a teacher certain of a chunk to within 1e-6 is capped there (else infinite)
+        a = a.clamp(max=math.log1p(-1e-6))
+    # log-probabilities of {chunk, not chunk} (a chunk's can be below float64's smallest probability)
+    teacher = torch.stack([a, torch.log1p(-a.exp())], -1)
+    student_events = torch.stack([b, torch.log1p(-b.exp())], -1)
+    first, second = (teacher, student_events) if direction == "forward" else (student_events, teacher)
+    want = (first.exp() * (first - second)).sum(-1)
     assert torch.all(want >= -1e-12)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     (grad_got,) = torch.autograd.grad(got.sum(), student, retain_graph=True)
@@ -212,13 +219,27 @@ def test_chunk_kd_equals_dense_chunk_likelihoods(scale, t):
     torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-4, atol=1e-6)
 
 
-def test_chunk_kd_is_zero_when_equal_and_finite_at_certainty():
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_chunk_kd_is_zero_when_equal_and_finite_at_certainty(direction):
     x = torch.tensor([-3.0, -0.5, -1e-9, 0.0, 1e-7], requires_grad=True)
-    assert torch.allclose(chunk_kd(x.detach().clamp(max=-1e-5), x.clamp(max=-1e-5)), torch.zeros(5), atol=1e-7)
-    out = chunk_kd(torch.tensor([0.0, 0.0, -1e-12, -50.0, -1e-3]), x)  # a certain teacher; a student at q = 1
+    assert torch.allclose(chunk_kd(x.detach().clamp(max=-1e-5), x.clamp(max=-1e-5), direction=direction),
+                          torch.zeros(5), atol=1e-7)
+    # a certain teacher; a student at q = 1
+    out = chunk_kd(torch.tensor([0.0, 0.0, -1e-12, -50.0, -1e-3]), x, direction=direction)
     assert torch.isfinite(out).all() and torch.all(out >= 0)
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert torch.isfinite(grad).all()
+
+
+def test_reverse_chunk_kd_gradient_is_zero_at_the_teacher():
+    """KL(Bernoulli(q) ‖ Bernoulli(p)) has d/d log q = q·(logit q − logit p): zero at q = p, pushing q
+    towards p from either side."""
+    a = torch.tensor([-2.0, -0.3, -0.3, -2.0], dtype=torch.float64)
+    b = torch.tensor([-2.0, -0.3, -1.0, -0.5], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(chunk_kd(a, b, direction="reverse").sum(), b)
+    q, p = b.detach().exp(), a.exp()
+    torch.testing.assert_close(grad, q * (torch.logit(q) - torch.logit(p)), rtol=1e-12, atol=1e-12)
+    assert grad[:2].abs().max() < 1e-12 and grad[2] < 0 < grad[3]
 
 
 @pytest.mark.parametrize("kind", ["topk", "sampled"])
