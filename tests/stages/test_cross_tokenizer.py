@@ -83,6 +83,18 @@ def test_resume_continues_to_the_same_weights(root, tmp_path):
     assert [{k: v for k, v in json.loads(r).items() if k not in ("tokens_per_s", "step_s")} for r in again] == strip
 
 
+def test_reverse_direction_reaches_the_chunk_term(root, tmp_path):
+    """--direction reverse with --cross-tokenizer chunk (a top-k store): the run trains, and what
+    metrics.json records is the direction both terms used (pipeline/train/cross_signal.py)."""
+    args = student_args(root, tmp_path / "run", "--cross-tokenizer", "chunk", "--direction", "reverse",
+                        "--max-steps", "1", "--eval-every", "0")
+    at = args.index("--train-store") + 1
+    args[at] = str(root / "agreement")
+    assert (result := run_cli(*args)).exit_code == 0, result.output
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (final["direction"], final["store_kind"], final["tail"]) == ("reverse", "topk", "tail")
+
+
 def test_bad_inputs_are_one_line(root, tmp_path):
     from tests.pipeline.text.test_align import sentencepiece_tokenizer
     from tokenizers import normalizers
