@@ -292,6 +292,14 @@ class DistillStep(torch.nn.Module):
         return ce_sum, kd_sum, targets.numel()
 
 
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """The positions of a batch that :class:`DistillStep` trains on (its third output), from the batch
+    alone: those whose ``loss_mask`` is 1, else every position with a next token."""
+    if "loss_mask" in batch:
+        return int(batch["loss_mask"][:, :-1].count_nonzero())
+    return batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+
+
 def masks(arrays: dict, device=None) -> dict:
     """The ``loss_mask`` among a store's arrays (or a batch's tensors, moved to ``device``), if it has one."""
     return {k: v if device is None else v.to(device) for k, v in arrays.items() if k == "loss_mask"}
@@ -669,15 +677,24 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
             teacher_signal.new_step()
         # CE sum, divergence sum, targets, then a pre-emption flag per signal (this rank)
         sums = torch.zeros(3 + len(preemption.signals), dtype=torch.float64)
-        for micro in range(config.grad_accum):
-            batch = {k: v.to(run.device, non_blocking=True) for k, v in next(run.loader).items()}
+        # The step's loss is the mean over every rank's and micro-batch's targets. Their counts differ
+        # where rows are masked or retokenized (task stores, --cross-tokenizer), so they are counted
+        # before the first backward and summed over the ranks; DDP/FSDP then average the gradients of
+        # the ranks' sums over (global count / world), which is the global sum over the global count.
+        micro_batches = [next(run.loader) for _ in range(config.grad_accum)]  # on the host until used
+        step_targets = torch.tensor([sum(target_count(b) for b in micro_batches)], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(step_targets)
+        per_rank_targets = max(step_targets.item(), 1) / world  # c · grad_accum exactly where counts are equal
+        for micro, host_batch in enumerate(micro_batches):
+            batch = {k: v.to(run.device, non_blocking=True) for k, v in host_batch.items()}
             sync_now = micro == config.grad_accum - 1
             # DDP all-reduces gradients on the last micro-batch of a step only.
             context = wrapped.no_sync() if (world > 1 and not config.fsdp and not sync_now) else contextlib.nullcontext()
             with context:
                 with run.autocast():
                     ce_sum, kd_sum, count = wrapped(batch["input_ids"], batch)
-                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / (max(count, 1) * config.grad_accum)
+                loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / per_rank_targets
                 loss.backward()
             sums[:3] += torch.tensor([ce_sum.item(), kd_sum.item(), count], dtype=torch.float64)
         sums[3:] = torch.tensor(preemption.flags(), dtype=torch.float64)  # read as late as possible
@@ -778,9 +795,14 @@ def signal_facts(teacher: TeacherSignal | None, train_store: Store) -> dict[str,
     'none'), ``store_kind`` ('topk', 'sampled' or 'hybrid' — a ``topk`` store with drawn tails —;
     None for an online teacher or none) and ``tail`` (the top-k tail treatment applied; None where
     there is none: drawn targets of a ``sampled`` store, an online teacher, CE alone). A hybrid
-    store under ``--tail tail`` is read as draws, its tail mass spread over them: ``tail`` then."""
+    store under ``--tail tail`` is read as draws, its tail mass spread over them: ``tail`` then. Across
+    tokenizers the store's kind and tail are those of the signal it reads through the alignment."""
+    from pipeline.train.cross_signal import CrossTokenizer
+
     facts = {"teacher_signal": type(teacher).__name__ if teacher is not None else "none", "store_kind": None,
              "tail": None}
+    if isinstance(teacher, CrossTokenizer):  # the store's own signal, read across tokenizers
+        teacher = teacher.base
     if isinstance(teacher, (StoredSampled, StoredTopK, StoredPolicyGradient)):
         hybrid = train_store.kind == "topk" and bool(train_store.params.get("tail_samples"))
         facts["store_kind"] = "hybrid" if hybrid else train_store.kind

@@ -10,12 +10,13 @@ positions by bytes. Two terms (issue #23):
   the kept ids that have no student id; the student's is its mass outside the mapped kept ids —
   today's ``tail`` mode of :func:`pipeline.train.losses.sparse_kd` with a coarser bucket. For drawn
   targets (:func:`bucketed_sampled_kd`) the teacher's bucket is the weight of drawn ids without a
-  student id; the student's its mass outside the mapped drawn ids. With identical tokenizers the
-  map is the identity, the teacher's bucket is exactly today's, and so is the loss.
+  student id; the student's its mass on the student ids that no teacher id maps to — fixed by the
+  map, not by the draws, so the loss is an unbiased estimate of one divergence. With identical
+  tokenizers the map is the identity, the teacher's bucket is exactly today's, and so is the loss.
 - **chunk** (ALM, arXiv 2503.20083), on every kept chunk: the teacher's log-probability of the
   chunk's bytes (the sum of its stored ``target_logprob`` over its tokens in the chunk) against the
   student's (the sum over its own tokens), compared as two Bernoulli distributions — the
-  binarised KL of :func:`chunk_kd`.
+  binarised KL of :func:`chunk_kd`, forward or reverse.
 
 Both are per position (or per chunk) and summed by the caller, as the same-tokenizer losses are.
 """
@@ -75,17 +76,28 @@ def bucketed_sparse_kd(student_logprobs: torch.Tensor, student_ids: torch.Tensor
     return _xlogy_diff(p, q) if direction == "forward" else _reverse_kl(q, p)
 
 
-def bucketed_sampled_kd(student_logprobs: torch.Tensor, student_ids: torch.Tensor,
-                        weights: torch.Tensor) -> torch.Tensor:
+def bucketed_sampled_kd(student_logprobs: torch.Tensor, student_ids: torch.Tensor, weights: torch.Tensor,
+                        bucket_ids: torch.Tensor) -> torch.Tensor:
     """Forward KL against drawn targets across vocabularies, ``[P]`` nats.
 
     student_logprobs: ``[P, V_s]`` float32 at T; student_ids: ``[P, S]`` int64, the student id of
     each drawn teacher id (−1 where it has none); weights: ``[P, S]`` the estimated teacher
-    probabilities (0 at padding), as :func:`pipeline.train.losses.sampled_kd` takes them. Returns
-    ``Σ_mapped w·(log w − log q) + w_U·(log w_U − log q_rest)`` with ``w_U`` the weight of drawn ids
-    without a student id and ``q_rest`` the student's mass outside the mapped drawn ids. Where
-    ``w_U = 0`` (identical tokenizers) this is ``sampled_kd``; otherwise the gradient spreads
-    ``w_U`` over the student's other ids by its own probabilities, as the top-k tail bucket does.
+    probabilities (0 at padding), as :func:`pipeline.train.losses.sampled_kd` takes them;
+    bucket_ids: ``[U]`` int64, the student ids that no teacher id maps to (the complement of the
+    map's image, :func:`unmapped_student_ids`). Returns
+    ``Σ_mapped w·(log w − log q) + w_U·(log w_U − log q_U)`` with ``w_U`` the weight of drawn ids
+    without a student id and ``q_U`` the student's mass on ``bucket_ids``.
+
+    The events are the map's image and one bucket U, the same on both sides at every position
+    whatever was drawn: the teacher's ``p̄`` (mass of the teacher ids mapping to each student id;
+    U: the unmapped ids) against the student's ``q̄`` (its own probabilities; U: its mass on
+    ``bucket_ids``). The gradient with respect to the student's logits is linear in ``w``, so with
+    ``E[w] = p`` its expectation is that of KL(p̄ ‖ q̄): zero exactly at ``q̄ = p̄``. (A bucket of
+    "the ids outside the mapped *drawn* ids" moves with the draws; its expected gradient is no
+    divergence's, and one draw drives the student's unmapped ids to 0.) Where ``bucket_ids`` is
+    empty (every student id spelled by some teacher id) U has no student event and its term is
+    left out: the expected gradient is then that of ``Σ_image p̄·log(p̄/q)``, zero at ``q`` ∝ ``p̄``
+    over the image. With identical tokenizers ``w_U = 0`` and this is ``sampled_kd``.
     """
     w = weights.float()
     mapped = (student_ids >= 0) & (w > 0)
@@ -93,13 +105,22 @@ def bucketed_sampled_kd(student_logprobs: torch.Tensor, student_ids: torch.Tenso
     q = torch.where(mapped, student_logprobs.gather(-1, ids), 0.0)
     log_w = torch.where(mapped, w, 1.0).log()
     per_id = (torch.where(mapped, w, 0.0) * torch.where(mapped, log_w - q, 0.0)).sum(-1)
-    w_rest = torch.where(mapped, 0.0, w).sum(-1)
-    if not bool((w_rest > 0).any()):
+    if bucket_ids.numel() == 0:
         return per_id
-    q_rest = _student_rest(student_logprobs, ids, mapped, torch.where(mapped, q, NEG_INF)).squeeze(-1)
+    w_rest = torch.where(mapped, 0.0, w).sum(-1)
+    q_bucket = torch.logsumexp(student_logprobs.index_select(-1, bucket_ids), dim=-1)  # [P]: finite, U non-empty
     used = w_rest > 0
     rest = torch.where(used, w_rest, 1.0)
-    return per_id + torch.where(used, rest * (rest.log() - torch.where(used, q_rest, 0.0)), 0.0)
+    return per_id + torch.where(used, rest * (rest.log() - q_bucket), 0.0)
+
+
+def unmapped_student_ids(vocab_map: torch.Tensor, student_vocab: int) -> torch.Tensor:
+    """``[U]`` int64: the student ids in ``[0, student_vocab)`` that no teacher id maps to
+    (``vocab_map [V_t]``: student id per teacher id, −1 for none) — the student's side of the
+    unmapped bucket of :func:`bucketed_sampled_kd`, fixed by the map."""
+    image = torch.zeros(student_vocab, dtype=torch.bool, device=vocab_map.device)
+    image[vocab_map[vocab_map >= 0]] = True
+    return (~image).nonzero().squeeze(-1)
 
 
 def merge_duplicates(student_ids: torch.Tensor, logprobs: torch.Tensor | None = None,
@@ -129,19 +150,29 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def chunk_kd(teacher_logprob: torch.Tensor, student_logprob: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:
+def chunk_kd(teacher_logprob: torch.Tensor, student_logprob: torch.Tensor, margin: float = 1e-6,
+             direction: str = "forward") -> torch.Tensor:
     """ALM's chunk term as a binarised KL, ``[C]`` nats.
 
     teacher_logprob, student_logprob: ``[C]`` log-probabilities of each chunk's bytes (the sum of
     each side's own next-token log-probs over its tokens in the chunk, at T). With ``p = exp(a)``
-    and ``q = exp(b)``: ``p·log(p/q) + (1−p)·log((1−p)/(1−q))`` — KL between Bernoulli(p) and
-    Bernoulli(q): zero iff the chunk is as likely under both, finite for any teacher. The student's
-    log-prob is capped at ``log(1 − margin)`` so that ``1 − q`` never rounds to zero (its gradient
-    there is then zero; the teacher's is capped at 0, which rounding can exceed).
+    and ``q = exp(b)``, ``forward`` is KL(Bernoulli(p) ‖ Bernoulli(q)) =
+    ``p·log(p/q) + (1−p)·log((1−p)/(1−q))``, ``reverse`` KL(Bernoulli(q) ‖ Bernoulli(p)) =
+    ``q·log(q/p) + (1−q)·log((1−q)/(1−p))``: zero iff the chunk is as likely under both. The
+    student's log-prob is capped at ``log(1 − margin)`` so that ``1 − q`` never rounds to zero (its
+    gradient there is then zero). The teacher's is capped at 0 (rounding can exceed it) forward,
+    where a certain teacher is finite, and at ``log(1 − margin)`` reverse, where ``1 − p = 0``
+    against ``1 − q > 0`` would be infinite (a float32 log-prob of a confident teacher rounds to 0).
     """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}")
+    cap = float(torch.log1p(torch.tensor(-margin, dtype=torch.float64)))
+    b = student_logprob.clamp(max=cap).double()
+    if direction == "reverse":
+        a = teacher_logprob.double().clamp(max=cap)
+        q = b.exp()
+        return (q * (b - a) + (1 - q) * (_log1mexp(b) - _log1mexp(a))).to(student_logprob.dtype)
     a = teacher_logprob.double().clamp(max=0.0)
-    b = student_logprob.clamp(max=float(torch.log1p(torch.tensor(-margin, dtype=torch.float64))))
-    b = b.double()
     p = a.exp()
     one_minus_a, one_minus_b = _log1mexp(a), _log1mexp(b)
     rest = 1 - p

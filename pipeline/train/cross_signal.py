@@ -14,7 +14,8 @@ positions:
 - ``chunk``: ALM's term, which needs whole chunks: the student's own target log-probs at T are
   gathered over all positions (``sequence_term``; ``DistillStep`` collects them across its chunks
   of positions) and summed per chunk, then compared with the teacher's chunk log-prob (its stored
-  ``target_logprob`` re-tempered to T, summed over its targets in the chunk) by :func:`chunk_kd`;
+  ``target_logprob`` re-tempered to T, summed over its targets in the chunk) by :func:`chunk_kd`,
+  in the base signal's direction (``--direction``);
 - ``both``: the sum, the chunk term weighted by ``chunk_weight``.
 
 Per-position teacher tensors refer to chunks by the index of the chunk's first student target
@@ -29,7 +30,8 @@ import torch
 
 from pipeline.errors import DistillError
 from pipeline.teacher.topk import retemper
-from pipeline.train.cross_losses import bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, merge_duplicates
+from pipeline.train.cross_losses import (bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, merge_duplicates,
+                                         unmapped_student_ids)
 from pipeline.train.teacher_signal import StoredSampled, StoredTopK
 
 MODES = ("exact", "chunk", "both")
@@ -49,6 +51,7 @@ class CrossTokenizer:
             raise DistillError(f"--cross-tokenizer compares a top-k teacher with one bucket for the mass it cannot map; "
                                f"--tail {base.tail} has no such bucket; use --tail tail")
         self.base, self.mode, self.chunk_weight = base, mode, chunk_weight
+        self.direction = getattr(base, "direction", "forward")  # drawn targets are forward only (StoredSampled)
         self.temperature, self.grid = base.temperature, base.grid
         self.map = torch.from_numpy(np.asarray(vocab_map, dtype=np.int64))
         mapped = self.map[self.map >= 0]
@@ -61,6 +64,7 @@ class CrossTokenizer:
         # positions() gives the 1:1 flag, then the base signal's tensors (ids first) when exact
         self._parts = 1 + ((3 if isinstance(base, StoredTopK) else 2) if self.exact else 0)
         self._counts = torch.zeros(5, dtype=torch.float64)
+        self._bucket: dict[tuple[int, torch.device], torch.Tensor] = {}  # the unmapped student ids, per (V_s, device)
 
     # -- what the training loop logs ------------------------------------------------------------
     def take_stats(self) -> dict[str, float]:
@@ -141,8 +145,15 @@ class CrossTokenizer:
             loss = bucketed_sparse_kd(student_logprobs, student_ids, topk_logprobs, tail_logmass, self.base.direction)
         else:
             (weights,) = rest
-            loss = bucketed_sampled_kd(student_logprobs, student_ids, weights)
+            loss = bucketed_sampled_kd(student_logprobs, student_ids, weights, self._bucket_ids(student_logprobs))
         return torch.where(one_to_one, loss, 0.0)
+
+    def _bucket_ids(self, student_logprobs: torch.Tensor) -> torch.Tensor:
+        """The student ids no teacher id maps to, over the width of ``student_logprobs`` (built once)."""
+        key = (student_logprobs.shape[-1], student_logprobs.device)
+        if key not in self._bucket:
+            self._bucket[key] = unmapped_student_ids(self.map, key[0]).to(key[1])
+        return self._bucket[key]
 
     def sequence_divergence(self, student_target_logprobs: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
         """The chunk term, summed (nats, weighted): ``student_target_logprobs [P]`` are the student's
@@ -152,4 +163,5 @@ class CrossTokenizer:
         student_chunks = torch.zeros_like(student_target_logprobs).index_add(
             0, owner[inside], student_target_logprobs[inside])
         owners = is_owner.nonzero().squeeze(-1)
-        return self.chunk_weight * chunk_kd(teacher_at_owner[owners], student_chunks[owners]).sum()
+        return self.chunk_weight * chunk_kd(teacher_at_owner[owners], student_chunks[owners],
+                                            direction=self.direction).sum()

@@ -146,6 +146,9 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     for mode in ("exact", "chunk"):
         signal = CrossTokenizer(stored_teacher("topk", store.params, t), mapping, mode)
         got[mode] = step_loss(model, 4096, signal, batch, 40)[1]
+    # --direction reverse: the chunk term is KL(student ‖ teacher) on {chunk, not chunk}
+    signal = CrossTokenizer(stored_teacher("topk", store.params, t, "tail", "reverse"), mapping, "chunk")
+    got["chunk-reverse"] = step_loss(model, 4096, signal, batch, 40)[1]
 
     with torch.no_grad():
         logq = F.log_softmax(model(input_ids=batch["input_ids"]).logits.double() / t, -1).numpy()
@@ -156,7 +159,7 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     def at_t(logprob, r, j):  # a stored log-prob re-tempered from the cache temperature to t
         return (cache / t) * (logprob + lse[r, j, grid.index(cache)]) - lse[r, j, grid.index(t)]
 
-    exact = chunk = 0.0
+    exact = chunk = chunk_reverse = 0.0
     ids = arrays["input_ids"]
     for r in range(ROWS):
         for i in range(ids.shape[1] - 1):
@@ -184,9 +187,12 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
         for c in student_chunks:
             a, b = math.exp(teacher_chunks[c]), math.exp(student_chunks[c])
             chunk += a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
+            a = min(a, 1 - 1e-6)  # reverse: a teacher certain of a chunk is capped as the student is
+            chunk_reverse += b * math.log(b / a) + (1 - b) * math.log((1 - b) / (1 - a))
     assert 0.2 < arrays["cross_counts"][:, 1].sum() / arrays["cross_counts"][:, 0].sum() < 1.0
     assert got["exact"] == pytest.approx(exact, rel=1e-5)
     assert got["chunk"] == pytest.approx(chunk, rel=1e-5)
+    assert got["chunk-reverse"] == pytest.approx(chunk_reverse, rel=1e-5) and chunk_reverse != pytest.approx(chunk)
 
 
 @pytest.mark.parametrize("kind", ["topk", "sampled"])
