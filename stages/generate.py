@@ -23,8 +23,11 @@ the model saw and drew (record format 2): ``prompt_ids`` (BOS included where add
 ``completion_ids`` (the EOS included where the record ended at it, finish 'eos') and
 ``completion_logprobs``, the natural log of the probability each id was drawn with under the
 distribution actually sampled (temperature, top-k / top-p renormalised, rules-masked; 0.0 when
-greedy). ``prepare --format ids`` stores them as they are. ``--model`` names the writer when it is
-the student (``--teacher`` is the same option).
+greedy). ``settings`` says which distribution that was (temperature, ``greedy``, top-k, top-p, the
+rules' digest) beside the seed and budgets. ``prepare --format ids`` stores the ids and log-probs as
+they are and the sampler in the store's params; ``--objective policy-gradient`` refuses a sampler its
+ratio cannot correct. ``--model`` names the writer when it is the student (``--teacher`` is the same
+option).
 """
 
 from __future__ import annotations
@@ -328,8 +331,12 @@ def generate_params(config: GenerateConfig, prompts: list[str], rules: Rules | N
 
 
 def record_settings(config: GenerateConfig, rules: Rules | None) -> dict:
-    """The sampling settings every record carries."""
-    return {"seed": config.seed, "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+    """The sampling settings every record carries: among them the sampler, everything that shapes the
+    distribution its ``completion_logprobs`` are log-probs of (temperature, ``greedy``, top-k, top-p,
+    the rules' digest: :func:`pipeline.decode.generation.sampler_of`), which ``prepare --format ids``
+    carries into the store for ``--objective policy-gradient`` to check."""
+    return {"seed": config.seed, "temperature": config.temperature, "greedy": config.temperature == 0,
+            "top_k": config.top_k, "top_p": config.top_p,
             "max_new_tokens": config.max_new_tokens, "samples_per_prompt": config.samples_per_prompt,
             "rules": rules.spec.source if rules else None, "rules_sha256": rules.spec.sha256 if rules else None,
             "max_attempts": config.max_attempts if rules else None}

@@ -72,6 +72,33 @@ def test_the_tokens_store_holds_the_records_ids_and_logprobs(onpolicy):
                                       np.float32(r["completion_logprobs"]))
 
 
+SAMPLER = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "greedy": False, "rules_sha256": None}  # the fixture's
+
+
+def test_the_stores_say_which_sampler_drew_the_records(onpolicy, tmp_path):
+    """prepare --format ids records the samplers the records' settings name, and stage one copies them,
+    so stage two can tell what behaviour_logprob is a log-prob of. Records of several samplers give the
+    set (each row's log-prob is its own sampler's), sorted, with null for records that do not say; an
+    older record without 'greedy' reads it from its temperature."""
+    assert open_store(onpolicy / "tokens").params["samplers"] == [SAMPLER]
+    assert all(open_store(onpolicy / kind).params["samplers"] == [SAMPLER] for kind in ("target", "topk"))
+    lines = []
+    for i, r in enumerate(records(onpolicy)):
+        if i % 4 == 1:
+            r["settings"]["top_k"] = 0
+        elif i % 4 == 2:
+            del r["settings"]
+        elif i % 4 == 3:
+            del r["settings"]["greedy"]
+        lines.append(json.dumps(r) + "\n")
+    (tmp_path / "mixed.jsonl").write_text("".join(lines))
+    args = ("prepare", "--input", tmp_path / "mixed.jsonl", "--format", "ids", "--tokenizer", TOKENIZER, "--seq-len",
+            "24", "--out", tmp_path / "tokens")
+    assert run_cli(*args).exit_code == 0
+    assert open_store(tmp_path / "tokens").params["samplers"] == [None, dict(SAMPLER, top_k=0), SAMPLER]
+    assert "nothing to do" in run_cli(*args).output  # the same records: the same params
+
+
 def test_a_target_store_is_the_teachers_log_prob_of_each_next_token(onpolicy):
     """target_logprob equals a fresh forward of the teacher (log-softmax at the true next tokens, at the
     cache temperature); loss_mask and behaviour_logprob are copied exactly; nothing else is stored."""
