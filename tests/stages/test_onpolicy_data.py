@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pipeline.errors import DistillError
 from pipeline.store.contract import open_store
 from stages.student import TrainConfig, setup
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli, write_tiny_model_config
@@ -178,7 +179,9 @@ def test_stage_two_batches_carry_the_behaviour_and_target_log_probs(onpolicy, tm
 
     plain = first_batch(tmp_path / "plain")
     assert {"loss_mask", "topk_ids"} <= set(plain) and not {"behaviour_logprob", "target_logprob"} & set(plain)
-    batch = first_batch(tmp_path / "pg", objective="policy-gradient", alpha=0.0)
+    with pytest.raises(DistillError, match="top-k 50 of 8192 ids"):  # the fixture's writer truncated
+        first_batch(tmp_path / "refused", objective="policy-gradient", alpha=0.0)
+    batch = first_batch(tmp_path / "pg", objective="policy-gradient", alpha=0.0, allow_biased_sampler=True)
     assert {"loss_mask", "behaviour_logprob", "target_logprob"} <= set(batch)
     assert batch["behaviour_logprob"].dtype == torch.float32 and batch["target_logprob"].dtype == torch.float32
     stored = open_store(onpolicy / "topk").read_rows(0, open_store(onpolicy / "topk").rows)
