@@ -23,8 +23,11 @@ the model saw and drew (record format 2): ``prompt_ids`` (BOS included where add
 ``completion_ids`` (the EOS included where the record ended at it, finish 'eos') and
 ``completion_logprobs``, the natural log of the probability each id was drawn with under the
 distribution actually sampled (temperature, top-k / top-p renormalised, rules-masked; 0.0 when
-greedy). ``prepare --format ids`` stores them as they are. ``--model`` names the writer when it is
-the student (``--teacher`` is the same option).
+greedy). ``settings`` says which distribution that was (temperature, ``greedy``, top-k, top-p, the
+rules' digest) beside the seed and budgets. ``prepare --format ids`` stores the ids and log-probs as
+they are and the sampler in the store's params; ``--objective policy-gradient`` refuses a sampler its
+ratio cannot correct. ``--model`` names the writer when it is the student (``--teacher`` is the same
+option).
 """
 
 from __future__ import annotations
@@ -328,7 +331,10 @@ def generate_params(config: GenerateConfig, prompts: list[str], rules: Rules | N
 
 
 def record_settings(config: GenerateConfig, rules: Rules | None) -> dict:
-    """The sampling settings every record carries."""
+    """The sampling settings every record carries (plus ``greedy``, :func:`make_record`): among them the
+    sampler, everything that shapes the distribution its ``completion_logprobs`` are log-probs of
+    (temperature, top-k, top-p, the rules' digest: :func:`pipeline.decode.generation.sampler_of`), which
+    ``prepare --format ids`` carries into the store for ``--objective policy-gradient`` to check."""
     return {"seed": config.seed, "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
             "max_new_tokens": config.max_new_tokens, "samples_per_prompt": config.samples_per_prompt,
             "rules": rules.spec.source if rules else None, "rules_sha256": rules.spec.sha256 if rules else None,
@@ -437,9 +443,12 @@ def make_record(job: GenerateJob, i: int, decoded: Decoded, completion: str, bro
     prompt_index, sample_index = divmod(i, config.samples_per_prompt)
     prompt = job.prompts[prompt_index]
     completion_ids, completion_logprobs = decoded.completion(job.tokenizer.eos_token_id)
+    # greedy is said outright, though temperature 0 implies it; it is not in the params, so an output
+    # written before records said it still resumes
+    settings = {**job.params["settings"], "greedy": config.temperature == 0}
     record = {"id": i, "prompt_index": prompt_index, "sample_index": sample_index, "prompt": prompt,
               "completion": completion, "text": prompt + completion if config.text == "prompt+completion" else completion,
-              "teacher": job.params["teacher"], "settings": job.params["settings"],
+              "teacher": job.params["teacher"], "settings": settings,
               "completion_tokens": len(decoded.tokens), "finish_reason": decoded.finish,
               # what the model saw and drew: prepare --format ids stores these as they are, for on-policy stages
               "prompt_ids": job.prompt_ids[prompt_index], "completion_ids": completion_ids,

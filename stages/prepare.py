@@ -26,7 +26,9 @@ go in **one example per row** instead (:class:`pipeline.text.packing.ExampleRows
 ``prompt_ids + completion_ids`` from position 0 of its own row, the rest EOS, so no position sees
 another example; the loss mask marks the completion's tokens (the EOS generate drew included, none
 added), and records carrying ``completion_logprobs`` also give ``behaviour_logprob``. An example
-longer than a row is refused. The tokenizer gives the store's tokenizer hash, vocabulary and EOS.
+longer than a row is refused. The tokenizer gives the store's tokenizer hash, vocabulary and EOS;
+the records' ``settings`` give the ``samplers`` param (the set of distinct samplers, None for records
+that do not say), which stage one copies and ``--objective policy-gradient`` checks.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from pipeline.errors import DistillError
 from pipeline.io import replace_dir
 from pipeline.store import contract as store_lib
 from pipeline.text.corpus import ACCEPTED, BLOCK, DocumentReader, corpus_fingerprint, find_inputs, input_kind
-from pipeline.text.examples import FORMATS, ExampleReader, IdsReader, chat_template_sha256, require_chat_template
+from pipeline.text.examples import (FORMATS, ExampleReader, IdsReader, chat_template_sha256, read_samplers,
+                                    require_chat_template)
 from pipeline.text.packing import ExampleRows, RowPacker
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
@@ -224,6 +227,8 @@ def _store_params(config: PrepareConfig, files: list[Path], tokenizer) -> dict:
         params["format"] = config.format
         if config.format == "chat":
             params["chat_template_sha256"] = chat_template_sha256(tokenizer)
+        if config.format == "ids":  # which distributions behaviour_logprob is of: the policy gradient checks them
+            params["samplers"] = read_samplers(files, config.skip_bad_utf8)
     return params
 
 

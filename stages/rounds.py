@@ -141,8 +141,29 @@ class RoundsConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
                 problems.append(f"{name} must be a mapping of option: value, got {type(value).__name__}")
+        problems += self._sampler_problems()
         problems += device_problems(self.device) + threads_problems(self.threads)
         check(problems, "rounds")
+
+    def _sampler_problems(self) -> list[str]:
+        """The policy gradient's ratio corrects only a sampler with full support (docs/DESIGN.md; stage two
+        refuses any other store): generate options that truncate or constrain the round's writers are
+        refused here, before a round spends a generate and a stage-one pass, unless the student's
+        ``allow_biased_sampler`` says to train on them anyway."""
+        generate, student = self.generate_options, self.student_options
+        if self.objective != "policy-gradient" or not isinstance(generate, dict) \
+                or isinstance(student, dict) and student.get("allow_biased_sampler"):
+            return []
+        biased = [f"{name} {generate[name]:g}" for name, off in (("top_p", 1), ("top_k", 0))
+                  if type(generate.get(name)) in (int, float) and generate[name] != off]
+        if generate.get("rules"):
+            biased.append(f"rules {generate['rules']}")
+        if not biased:
+            return []
+        return [f"--objective policy-gradient cannot correct a sampler with generate_options {', '.join(biased)} "
+                "(its ratio reweights only what the sampler can draw); drop them (top_p 1, top_k 0, no rules), or "
+                "use --objective reverse-kl, or set student_options allow_biased_sampler: true to train on them "
+                "anyway"]
 
     @property
     def alpha_value(self) -> float:

@@ -62,7 +62,7 @@ from pipeline.train.init import init_from_teacher_layers
 from pipeline.train.loader import Loader, sequential
 from pipeline.train.losses import DIRECTIONS, TAIL_MODES, chunked_sum
 from pipeline.train.metrics import MetricsLog
-from pipeline.train.onpolicy import RATIO_MODES
+from pipeline.train.onpolicy import RATIO_MODES, sampler_bias
 from pipeline.train.teacher_signal import (OnlineTeacher, StoredPolicyGradient, StoredSampled, StoredTopK,
                                            TeacherSignal, stored_teacher)
 
@@ -103,6 +103,10 @@ class TrainConfig:
                         "sampling student, 'clip' (PPO: -min(r·A, clip(r)·A)) or 'gate' (no gradient where r is "
                         "outside the band).")
     ratio_epsilon: float = option(0.2, "--objective policy-gradient: the band 1-eps <= r <= 1+eps of --ratio.")
+    allow_biased_sampler: bool = option(False, "--objective policy-gradient: train from a store whose sampler the "
+                                        "importance ratio cannot correct (top-k below the vocabulary, top-p < 1, "
+                                        "greedy, --rules, or not recorded), which is refused otherwise: the "
+                                        "gradient is then biased (docs/DESIGN.md).")
     importance: str = option("unbiased", "Drawn targets at a temperature other than the store's: 'unbiased' "
                              "importance weights, or 'self-normalised' (lower variance; biased, about 0.25/N on "
                              "the shipped teacher from T=1 to 2, docs/DESIGN.md).")
@@ -211,6 +215,9 @@ class TrainConfig:
             if self.teacher or self.cross_tokenizer:
                 problems.append("--objective policy-gradient reads the teacher's and the sampler's log-probs from the "
                                 "store; drop --teacher and --cross-tokenizer")
+        if self.allow_biased_sampler and self.objective != "policy-gradient":
+            problems.append("--allow-biased-sampler is for --objective policy-gradient (no other objective divides "
+                            "by the sampler's log-probs); drop it")
         return problems
 
     @property
@@ -437,6 +444,8 @@ def setup(config: TrainConfig) -> Run | None:
     teacher: TeacherSignal | None = None
     if teacher_source == "store" and alpha < 1.0:  # at α = 1 only the store's tokens are read: its T does not matter
         teacher = _stored_signal(config, train_store)
+        if config.objective == "policy-gradient":
+            _check_sampler(config, train_store, print if rank == 0 else lambda line: None)
 
     device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
     if device.type == "cuda":
@@ -534,6 +543,29 @@ def _stored_signal(config: TrainConfig, train_store: Store) -> TeacherSignal:
         return StoredTopK(train_store.params, config.temperature, "tail", "reverse", store=root)
     return stored_teacher(train_store.kind, train_store.params, config.temperature, config.tail, config.kl_direction,
                           config.importance, store=root)
+
+
+def _check_sampler(config: TrainConfig, train_store: Store, say: Callable[[str], None]) -> None:
+    """Refuse (or, with --allow-biased-sampler, warn about) a store whose ``behaviour_logprob`` came from
+    a sampler the policy gradient's ratio cannot correct: the ``samplers`` that ``prepare --format ids``
+    recorded from the records and stage one copied (absent from a store prepared before they were
+    recorded: unknown). Full support at any temperature passes (docs/DESIGN.md)."""
+    samplers = train_store.params.get("samplers")
+    vocab = train_store.params["vocab_size"]
+    reasons = [sampler_bias(s, vocab) for s in samplers] if isinstance(samplers, list) and samplers else \
+        ["unknown (the store records no sampler: prepared before distill recorded them, or not from distill "
+         "generate's records)"]
+    reasons = list(dict.fromkeys(r for r in reasons if r))
+    if not reasons:
+        return
+    what = (f"{train_store.root}: --objective policy-gradient cannot correct the sampler that wrote these records, "
+            f"{'; '.join(reasons)}: its ratio π_θ/π_b reweights only what the sampler could draw, so the gradient is "
+            "biased whatever the clipped share")
+    if config.allow_biased_sampler:
+        say(f"warning: {what}; training anyway (--allow-biased-sampler)")
+        return
+    raise DistillError(f"{what}; regenerate with --top-p 1 --top-k 0 (any --temperature > 0) and no --rules, or use "
+                       "--objective reverse-kl, or pass --allow-biased-sampler to train on it anyway")
 
 
 def _teacher_source(config: TrainConfig, train_store: Store) -> tuple[str, float]:
@@ -832,6 +864,7 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
              **({"objective": config.objective} if config.objective else {}),
              **({"ratio": config.ratio, "ratio_epsilon": config.ratio_epsilon}
                 if config.objective == "policy-gradient" else {}),
+             **({"allow_biased_sampler": True} if config.allow_biased_sampler else {}),
              **({"cross_tokenizer": config.cross_tokenizer} if config.cross_tokenizer else {}),
              **signal_facts(getattr(run.wrapped, "module", run.wrapped).teacher, run.train_store)}
     if run.eval_store is not None:

@@ -417,6 +417,8 @@ def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: i
         "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
         "corpus_fingerprint": tokens.params["corpus_fingerprint"],
         **({"format": tokens.params["format"]} if "format" in tokens.params else {}),
+        # the samplers of --format ids records: --objective policy-gradient reads them from this store
+        **({"samplers": tokens.params["samplers"]} if "samplers" in tokens.params else {}),
         "rows": n_rows,
         "rows_per_shard": config.rows_per_shard,
         "chunk_rows": config.chunk_rows,

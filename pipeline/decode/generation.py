@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -50,6 +51,26 @@ class Sampling:
     top_p: float  # 1 = off
 
 
+def sampler_of(settings: Any) -> dict | None:
+    """The sampler a ``distill generate`` record's ``settings`` describe, as ``prepare --format ids``
+    stores it (docs/FORMAT.md, ``samplers``): ``temperature``, ``top_k``, ``top_p``, ``greedy`` and
+    ``rules_sha256`` (the rule file's digest, None without ``--rules``) — everything that shapes the
+    distribution a record's ``completion_logprobs`` are log-probs of (nothing else does: no repetition
+    penalty, no minimum length; EOS is masked only by rules). None where the settings do not say
+    (records of another writer, or of a generate before record format 2); ``greedy``, written since
+    the sampler is checked, is ``temperature == 0`` in records before it."""
+    if not isinstance(settings, dict):
+        return None
+    temperature, top_k, top_p = settings.get("temperature"), settings.get("top_k"), settings.get("top_p")
+    rules, greedy = settings.get("rules_sha256", ""), settings.get("greedy", temperature == 0)
+    if (type(temperature) not in (int, float) or not temperature >= 0 or type(top_k) is not int or top_k < 0
+            or type(top_p) not in (int, float) or not 0 < top_p <= 1 or type(greedy) is not bool
+            or not (rules is None or isinstance(rules, str) and rules)):
+        return None
+    return {"temperature": float(temperature), "top_k": top_k, "top_p": float(top_p), "greedy": greedy,
+            "rules_sha256": rules}
+
+
 def choose(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """int64 ``[B]`` next tokens from ``logits [B, V]`` (masked ids at ``-inf``) and uniforms ``u [B]``
     (float64, in (0, 1)).
@@ -69,6 +90,19 @@ def choose_with_logprob(logits: torch.Tensor, u: torch.Tensor, sampling: Samplin
     if sampling.temperature == 0:
         ids = logits.argmax(dim=-1)
         return ids, torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
+    probs, order = _filtered(logits, sampling)
+    cdf = probs.cumsum(dim=-1)
+    target = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
+    index = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)
+    # the chosen id's share of the kept mass (top-p zeroes what it drops, so cdf[:, -1] is the kept mass)
+    logprob = probs.gather(-1, index).log().squeeze(-1) - cdf[:, -1].log()
+    return (order.gather(-1, index) if order is not None else index).squeeze(-1), logprob
+
+
+def _filtered(logits: torch.Tensor, sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float64 ``[B, V]`` kept probabilities (not renormalised: top-p zeroes what it drops) and, under
+    top-p, the sort ``order`` they are in (None: id order). Temperature, then top-k (ties at the k-th
+    value kept), then top-p by a stable sort: what :func:`choose_with_logprob` draws from."""
     scaled = logits.double() / sampling.temperature
     if sampling.top_k and sampling.top_k < scaled.shape[-1]:
         kth = scaled.topk(sampling.top_k, dim=-1).values[:, -1:]
@@ -79,12 +113,19 @@ def choose_with_logprob(logits: torch.Tensor, u: torch.Tensor, sampling: Samplin
         probs, order = probs.sort(dim=-1, descending=True, stable=True)
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_before >= sampling.top_p, 0.0)
-    cdf = probs.cumsum(dim=-1)
-    target = (u.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(-1)
-    index = torch.searchsorted(cdf, target).clamp_(max=cdf.shape[-1] - 1)
-    # the chosen id's share of the kept mass (top-p zeroes what it drops, so cdf[:, -1] is the kept mass)
-    logprob = probs.gather(-1, index).log().squeeze(-1) - cdf[:, -1].log()
-    return (order.gather(-1, index) if order is not None else index).squeeze(-1), logprob
+    return probs, order
+
+
+def behaviour_distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """float64 ``[B, V]``, id order: the distribution :func:`choose` draws each row's token from (what
+    a record's ``completion_logprobs`` are log-probs of): temperature-scaled, top-k / top-p filtered
+    and renormalised, masked ids (``-inf`` logits) 0; greedy, one-hot at the argmax. For checks and
+    enumeration: the sampler itself never forms it in id order."""
+    if sampling.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).double()
+    probs, order = _filtered(logits, sampling)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs if order is None else torch.zeros_like(probs).scatter_(-1, order, probs)
 
 
 @dataclass

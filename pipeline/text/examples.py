@@ -14,7 +14,8 @@ Three JSONL record formats (``distill prepare --format``):
 - ``ids``: token ids as a model saw and drew them (``distill generate``'s records): ``prompt_ids``
   and ``completion_ids`` (lists of ids, the completion non-empty) and optionally
   ``completion_logprobs`` (one float per completion id: the log-prob the sampling policy drew it
-  with). Nothing is re-tokenized; :class:`IdsReader` yields one :class:`IdsExample` per record.
+  with). Nothing is re-tokenized; :class:`IdsReader` yields one :class:`IdsExample` per record, and
+  :func:`read_samplers` gives the distinct samplers the records' ``settings`` name.
 
 :class:`ExampleReader` yields one list of ``(text, is_response)`` pieces per record. The packer
 (``stages/prepare.py``) tokenizes each piece on its own, so no token straddles a prompt/response
@@ -25,11 +26,13 @@ with no assistant turn) is a one-line error naming the file and line.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.decode.generation import sampler_of
 from pipeline.errors import DistillError
 from pipeline.text.corpus import ReadStats, jsonl_values, read_lines
 
@@ -201,3 +204,19 @@ class IdsReader:
                     or not all(type(v) in (int, float) and math.isfinite(v) for v in logprobs)):
             raise DistillError(f"{where}: '{self.LOGPROBS}' is not a list of finite numbers, one per completion id")
         return IdsExample(where, ids["prompt_ids"], ids["completion_ids"], logprobs)
+
+
+def read_samplers(files: list[Path], skip_bad_utf8: bool = False) -> list[dict | None]:
+    """The distinct samplers of ``--format ids`` records (:func:`pipeline.decode.generation.sampler_of`
+    of each record's ``settings``; None for a record that does not say), sorted by their JSON, None
+    first: ``prepare``'s ``samplers`` param. A pass of its own before the records are stored, since
+    the params decide whether the store is there already. Records of several samplers are recorded
+    as the set, not refused: every row's ``behaviour_logprob`` is its own sampler's, so each row's
+    ratio is right, and whether a sampler is acceptable is the objective's to say."""
+    seen: dict[str, dict | None] = {}
+    for path in files:
+        for _, record in jsonl_values(read_lines(path, ReadStats() if skip_bad_utf8 else None), path):
+            if isinstance(record, dict):  # anything else is refused when the records are read
+                sampler = sampler_of(record.get("settings"))
+                seen.setdefault(json.dumps(sampler, sort_keys=True), sampler)
+    return [seen[key] for key in sorted(seen)]

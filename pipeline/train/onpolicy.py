@@ -24,11 +24,19 @@ Two ways to keep the ratio near 1 as the student moves away from the sampler:
 
 Outside the band ``l`` enters without gradient, so a ratio that overflows cannot put a NaN into
 the gradient of the positions that are kept.
+
+The identity needs ``π_b(x) > 0`` wherever ``π_θ(x) > 0``: the expectation over the sampler's draws
+reaches only the ids it can draw. A truncated sampler (top-k below the vocabulary, top-p < 1), a
+rule-constrained one (masked ids; redrawn records the per-token log-probs do not see) or greedy
+decoding (one id, stored log-prob 0) leaves the rest out, and no ratio restores it: the estimate is
+biased however small the logged clipped share (at a round's first step with top-p, every ratio is
+the kept mass, inside the band). :func:`sampler_bias` says which samplers stage two accepts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,3 +83,24 @@ def policy_gradient(student_logprob: torch.Tensor, behaviour_logprob: torch.Tens
     else:
         loss = torch.where(outside, torch.zeros_like(r), -r * advantage)
     return PolicyGradientTerms(loss, advantage, ratio_now, outside.to(dtype))
+
+
+def sampler_bias(sampler: Any, vocab_size: int) -> str | None:
+    """Why the importance ratio cannot correct the sampler a store's records were drawn with, or None
+    where it can. ``sampler``: one entry of a ``--format ids`` store's ``samplers`` param
+    (docs/FORMAT.md: ``temperature``, ``top_k``, ``top_p``, ``greedy``, ``rules_sha256``), None where
+    the records did not say. Any temperature > 0 with full support is exact (the stored log-probs are
+    the tempered distribution's, and the ratio divides by them); ``top_k`` at or above the vocabulary
+    keeps every id."""
+    keys = ("temperature", "top_k", "top_p", "greedy", "rules_sha256")
+    if not isinstance(sampler, dict) or any(k not in sampler for k in keys):
+        return "unknown (its records do not say how they were drawn)"
+    if sampler["greedy"] or sampler["temperature"] == 0:
+        return "greedy (one id per position, stored log-prob 0)"
+    if sampler["rules_sha256"]:
+        return "rule-constrained (--rules masks ids and redraws records, which per-token log-probs do not see)"
+    if sampler["top_p"] < 1:
+        return f"top-p {sampler['top_p']:g} (truncated: the ids past p are never drawn)"
+    if 0 < sampler["top_k"] < vocab_size:
+        return f"top-k {sampler['top_k']} of {vocab_size} ids (truncated: the rest are never drawn)"
+    return None

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.decode.generation import sampler_of
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli
 
 PROMPTS = ["The Lord said unto Moses", "A hacker is", "In the beginning", "Once upon a time there was",
@@ -80,6 +81,10 @@ def test_records_carry_ids_and_the_log_prob_each_token_was_drawn_with(tmp_path, 
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     temperature, top_k = float(flags[1]), int(flags[3]) if len(flags) > 2 else 0
     got = records(tmp_path / "out")
+    # the sampler each record was drawn with, as prepare --format ids carries it into the store
+    assert {json.dumps(sampler_of(r["settings"])) for r in got} == {json.dumps(
+        {"temperature": temperature, "top_k": top_k, "top_p": 1.0, "greedy": temperature == 0, "rules_sha256": None})}
+    assert all(r["settings"]["greedy"] == (temperature == 0) for r in got)
     finishes = [r["finish_reason"] for r in got]
     assert finishes.count("eos") >= 2 and (finishes.count("length") >= 1 or temperature == 0), finishes
     for r in got:
@@ -126,7 +131,8 @@ def test_records_follow_the_seed_and_are_complete(teacher, prompts, tmp_path):
     assert [(r["prompt_index"], r["sample_index"]) for r in a] == [(p, s) for p in range(len(PROMPTS)) for s in range(3)]
     assert all(r["prompt"] == PROMPTS[r["prompt_index"]] and r["text"] == r["prompt"] + r["completion"] for r in a)
     assert all(1 <= r["completion_tokens"] <= 12 and r["finish_reason"] in ("eos", "length") for r in a)
-    assert a[0]["settings"] == {"seed": 7, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 12,
+    assert a[0]["settings"] == {"seed": 7, "temperature": 1.0, "greedy": False, "top_k": 0, "top_p": 1.0,
+                                "max_new_tokens": 12,
                                 "samples_per_prompt": 3, "rules": None, "rules_sha256": None, "max_attempts": None}
     # samples of one prompt differ from each other, and another seed gives other completions
     assert len({r["completion"] for r in a[:3]}) == 3

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pipeline.errors import DistillError
 from pipeline.store.contract import open_store
 from stages.student import TrainConfig, setup
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli, write_tiny_model_config
@@ -70,6 +71,33 @@ def test_the_tokens_store_holds_the_records_ids_and_logprobs(onpolicy):
         assert data["loss_mask"][row].tolist() == [0] * (p - 1) + [1] * (n - p) + [0] * (24 - n + 1)
         np.testing.assert_array_equal(data["behaviour_logprob"][row, p - 1:n - 1],
                                       np.float32(r["completion_logprobs"]))
+
+
+SAMPLER = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "greedy": False, "rules_sha256": None}  # the fixture's
+
+
+def test_the_stores_say_which_sampler_drew_the_records(onpolicy, tmp_path):
+    """prepare --format ids records the samplers the records' settings name, and stage one copies them,
+    so stage two can tell what behaviour_logprob is a log-prob of. Records of several samplers give the
+    set (each row's log-prob is its own sampler's), sorted, with null for records that do not say; an
+    older record without 'greedy' reads it from its temperature."""
+    assert open_store(onpolicy / "tokens").params["samplers"] == [SAMPLER]
+    assert all(open_store(onpolicy / kind).params["samplers"] == [SAMPLER] for kind in ("target", "topk"))
+    lines = []
+    for i, r in enumerate(records(onpolicy)):
+        if i % 4 == 1:
+            r["settings"]["top_k"] = 0
+        elif i % 4 == 2:
+            del r["settings"]
+        elif i % 4 == 3:
+            del r["settings"]["greedy"]
+        lines.append(json.dumps(r) + "\n")
+    (tmp_path / "mixed.jsonl").write_text("".join(lines))
+    args = ("prepare", "--input", tmp_path / "mixed.jsonl", "--format", "ids", "--tokenizer", TOKENIZER, "--seq-len",
+            "24", "--out", tmp_path / "tokens")
+    assert run_cli(*args).exit_code == 0
+    assert open_store(tmp_path / "tokens").params["samplers"] == [None, dict(SAMPLER, top_k=0), SAMPLER]
+    assert "nothing to do" in run_cli(*args).output  # the same records: the same params
 
 
 def test_a_target_store_is_the_teachers_log_prob_of_each_next_token(onpolicy):
@@ -151,7 +179,9 @@ def test_stage_two_batches_carry_the_behaviour_and_target_log_probs(onpolicy, tm
 
     plain = first_batch(tmp_path / "plain")
     assert {"loss_mask", "topk_ids"} <= set(plain) and not {"behaviour_logprob", "target_logprob"} & set(plain)
-    batch = first_batch(tmp_path / "pg", objective="policy-gradient", alpha=0.0)
+    with pytest.raises(DistillError, match="top-k 50 of 8192 ids"):  # the fixture's writer truncated
+        first_batch(tmp_path / "refused", objective="policy-gradient", alpha=0.0)
+    batch = first_batch(tmp_path / "pg", objective="policy-gradient", alpha=0.0, allow_biased_sampler=True)
     assert {"loss_mask", "behaviour_logprob", "target_logprob"} <= set(batch)
     assert batch["behaviour_logprob"].dtype == torch.float32 and batch["target_logprob"].dtype == torch.float32
     stored = open_store(onpolicy / "topk").read_rows(0, open_store(onpolicy / "topk").rows)

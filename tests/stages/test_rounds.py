@@ -191,6 +191,27 @@ def test_bad_options_are_one_line(setting, tmp_path, args, words):
     assert words in one_line_error(result)
 
 
+@pytest.mark.parametrize("options,words", [
+    ({"top_p": 0.9}, "top_p 0.9"), ({"top_k": 50}, "top_k 50"), ({"rules": "rules.yaml"}, "rules"),
+    ({"top_p": 0.9, "top_k": 50}, "top_p 0.9, top_k 50"),
+])
+def test_the_policy_gradient_refuses_a_sampler_it_cannot_correct_before_a_round(setting, tmp_path, options, words):
+    """generate_options that truncate or constrain the round's sampler are refused up-front in one line,
+    before a round spends anything (stage two would refuse the store after generate and stage one), and
+    pass with the student's --allow-biased-sampler, or under another objective."""
+    root, teacher, student = setting
+    out = tmp_path / "out"
+    line = one_line_error(run_cli("rounds", "--config", config_file(root, teacher, student, out,
+                                                                    objective="policy-gradient",
+                                                                    generate_options=options)))
+    assert words in line and "--objective reverse-kl" in line and "allow_biased_sampler" in line, line
+    assert not out.exists()
+    common = {"prompts": str(root / "prompts.jsonl"), "heldout_prompts": str(root / "heldout.txt"),
+              "student": str(student), "out": str(out), "generate_options": options}
+    rounds.RoundsConfig(objective="policy-gradient", student_options={"allow_biased_sampler": True}, **common)
+    rounds.RoundsConfig(objective="reverse-kl", **common)
+
+
 def test_a_student_without_weights_is_one_line(setting, tmp_path):
     root, teacher, _ = setting
     (tmp_path / "empty").mkdir()

@@ -15,10 +15,11 @@ from pipeline.store.contract import new_index, open_store, shard_name, write_ind
 from pipeline.train.onpolicy import policy_gradient
 from pipeline.train.teacher_signal import StoredPolicyGradient
 from stages.student import DistillStep
-from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli, write_tiny_model_config
+from tests.conftest import TOKENIZER, make_teacher, one_line_error, reseal_index, run_cli, write_tiny_model_config
 from tests.stages.test_finetune import batch_of, task_records
 
 ROWS = ("--rows-per-shard", "16", "--chunk-rows", "4")
+FULL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "greedy": False, "rules_sha256": None}
 
 
 def student_logprobs(model_config, input_ids: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -57,7 +58,9 @@ def onpolicy(tmp_path_factory, heldout_docs):
         shards.append(write_shard(root / "tokens", shard_name(i, backend), part, backend, chunk_rows=4))
         start += entry["rows"]
     arrays = dict(plain.index["arrays"], behaviour_logprob={"dtype": "float32", "shape": [32]})
-    write_index(root / "tokens", new_index("tokens", backend, plain.params, shards, arrays))
+    # the student sampling itself at T = 1 with full support, as prepare --format ids would record it
+    params = dict(plain.params, samplers=[FULL])
+    write_index(root / "tokens", new_index("tokens", backend, params, shards, arrays))
     make_teacher(root / "teacher")
     for name, flags in (("sampled", ("--samples", "4")), ("topk", ("--kind", "topk", "--top-k", "8")),
                         ("target", ("--kind", "target")),
@@ -224,6 +227,8 @@ def test_masked_positions_contribute_nothing_and_the_loss_is_the_surrogates_mean
     ("topk", ("--objective", "policy-gradient", "--alpha", "0", "--ratio", "trust"), "ratio must be one of clip, gate"),
     ("topk", ("--objective", "policy-gradient", "--alpha", "0", "--ratio-epsilon", "1.5"), "ratio_epsilon must be"),
     ("topk", ("--objective", "kl"), "objective must be one of forward-kl, reverse-kl, policy-gradient"),
+    ("topk", ("--objective", "reverse-kl", "--allow-biased-sampler"), "--allow-biased-sampler is for --objective "
+                                                                      "policy-gradient"),
 ])
 def test_bad_combinations_are_one_line(onpolicy, tmp_path, store, flags, message):
     result = run_cli("student", "--train-store", onpolicy / store, "--model", onpolicy / "tiny.json", "--out",
@@ -280,3 +285,53 @@ def test_a_round_from_distill_generate_starts_exactly_on_policy(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "round" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["pg_ratio"] == pytest.approx(1.0, abs=1e-4) and lines[0]["pg_clipped_share"] == 0
     assert np.isfinite(lines[1]["loss"]) and lines[1]["pg_ratio"] != pytest.approx(1.0, abs=1e-4)
+
+
+def with_samplers(onpolicy, path, samplers):
+    """A copy of the fixture's target store whose params name ``samplers`` ('absent': no such param, a
+    store prepared before they were recorded)."""
+    shutil.copytree(onpolicy / "target", path)
+
+    def edit(body):
+        body["params"].pop("samplers")
+        if samplers != "absent":
+            body["params"]["samplers"] = samplers
+
+    reseal_index(path / "index.json", edit)
+    return path
+
+
+@pytest.mark.parametrize("samplers,reason", [
+    ([dict(FULL, top_p=0.9)], "top-p 0.9"),
+    ([FULL, dict(FULL, top_k=50)], "top-k 50 of 8192 ids"),
+    ([dict(FULL, temperature=0.0, greedy=True)], "greedy"),
+    ([dict(FULL, rules_sha256="ab" * 32)], "rule-constrained"),
+    ([None, FULL], "unknown"),
+    ("absent", "unknown"),
+], ids=["top-p", "top-k", "greedy", "rules", "records-that-do-not-say", "store-before-samplers"])
+def test_a_sampler_the_ratio_cannot_correct_is_refused_in_one_line(onpolicy, tmp_path, samplers, reason):
+    """The ratio corrects only a sampler with full support (DESIGN.md): any other the store names, or a
+    store that names none, is refused before anything is written, saying why and what to do."""
+    store = with_samplers(onpolicy, tmp_path / "store", samplers)
+    line = one_line_error(run_cli("student", "--train-store", store, "--model", onpolicy / "tiny.json", "--out",
+                                  tmp_path / "out", "--max-steps", "1", "--device", "cpu",
+                                  "--objective", "policy-gradient", "--alpha", "0"))
+    assert reason in line and "--top-p 1 --top-k 0" in line and "--objective reverse-kl" in line \
+        and "--allow-biased-sampler" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tempered_sampler_trains_and_the_override_trains_any(onpolicy, tmp_path):
+    """Temperature ≠ 1 with full support is exact (behaviour_logprob is the tempered distribution's):
+    it trains. --allow-biased-sampler trains a refused store, says so, and metrics.json records it."""
+    with_samplers(onpolicy, onpolicy / "tempered", [FULL, dict(FULL, temperature=0.7)])
+    lines, final = train(onpolicy, "tempered", "run-tempered", "--objective", "policy-gradient", "--alpha", "0",
+                         steps=1)
+    assert np.isfinite(lines[0]["loss"]) and "allow_biased_sampler" not in final
+    with_samplers(onpolicy, onpolicy / "top-p", [dict(FULL, top_p=0.9)])
+    result = run_cli("student", "--train-store", onpolicy / "top-p", "--model", onpolicy / "tiny.json", "--out",
+                     tmp_path / "out", "--max-steps", "1", "--device", "cpu", "--objective", "policy-gradient",
+                     "--alpha", "0", "--allow-biased-sampler")
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.output and "top-p 0.9" in result.output
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["allow_biased_sampler"] is True

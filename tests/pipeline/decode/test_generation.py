@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.decode.generation import Sampling, choose, choose_with_logprob
+from pipeline.decode.generation import Sampling, behaviour_distribution, choose, choose_with_logprob
 
 
 def reference_logprobs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -50,3 +50,24 @@ def test_greedy_draws_nothing():
     logits = torch.randn(5, 9)
     ids, logprob = choose_with_logprob(logits, torch.full((5,), 0.5, dtype=torch.float64), Sampling(0.0, 0, 1.0))
     assert torch.equal(ids, logits.argmax(-1)) and torch.equal(logprob, torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0, 0, 1.0), Sampling(0.7, 0, 1.0), Sampling(1.3, 3, 1.0),
+                                      Sampling(1.0, 0, 0.6), Sampling(0.8, 4, 0.9), Sampling(0.0, 0, 1.0)])
+def test_behaviour_distribution_is_what_choose_draws_from(sampling):
+    """behaviour_distribution ``[B, V]`` (id order) is the distribution choose samples: the reference's,
+    zero on every id truncation or a rule excludes, one-hot at the argmax when greedy; at the drawn ids
+    its log is choose_with_logprob's (greedy: log 1 = 0, what generate stores)."""
+    torch.manual_seed(1)
+    logits = torch.randn(32, 7) * 2
+    logits[::3, 2] = -math.inf
+    u = torch.rand(32, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    probs = behaviour_distribution(logits, sampling)
+    assert probs.dtype == torch.float64 and probs.shape == logits.shape
+    torch.testing.assert_close(probs.sum(-1), torch.ones(32, dtype=torch.float64), rtol=0, atol=1e-12)
+    if sampling.temperature == 0:
+        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 7).double())
+    else:
+        torch.testing.assert_close(probs, reference_logprobs(logits, sampling).exp(), rtol=0, atol=1e-12)
+    ids, logprob = choose_with_logprob(logits, u, sampling)
+    torch.testing.assert_close(probs.gather(-1, ids[:, None])[:, 0].log(), logprob, rtol=0, atol=1e-12)

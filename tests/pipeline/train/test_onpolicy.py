@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.decode.generation import Sampling, behaviour_distribution
 from pipeline.errors import DistillError
 from pipeline.teacher.topk import sparse_teacher
-from pipeline.train.onpolicy import policy_gradient
+from pipeline.train.losses import sparse_kd
+from pipeline.train.onpolicy import policy_gradient, sampler_bias
 from pipeline.train.teacher_signal import StoredPolicyGradient, StoredTopK
 
 EPS = 0.2
@@ -208,3 +210,88 @@ def test_a_cache_at_another_temperature_is_re_tempered_to_one():
                                         "logsumexp": lse.float()})
     want = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)[:, :-1].reshape(-1)
     torch.testing.assert_close(teacher.double(), want, atol=1e-5, rtol=0)
+
+
+def enumerated_expectation(theta, log_p, sampling, eps):
+    """The policy gradient's expectation over the sampler's draws, enumerated over the vocabulary: the
+    student (logits θ ``[V]``) writes with generate's ``sampling`` — a round's first step — so
+    π_b = behaviour_distribution(θ, sampling) and b = log π_b(x), what a record stores (greedy: 0).
+    Returns (Σ_x π_b(x) ∇_θ(−r·A)(x) ``[V]``, the probability mass of draws the clip took)."""
+    probs = behaviour_distribution(theta[None], sampling)[0]
+    x = probs.nonzero()[:, 0]
+    per_draw = theta.expand(len(x), len(theta)).clone().requires_grad_()
+    own = torch.log_softmax(per_draw, -1).gather(-1, x[:, None]).squeeze(-1)
+    terms = policy_gradient(own, probs[x].log(), log_p[x], "clip", eps)
+    (probs[x] * terms.loss).sum().backward()
+    return per_draw.grad.sum(0), float((probs[x] * terms.outside).sum())
+
+
+def test_the_ratio_corrects_a_full_support_sampler_at_any_temperature_and_no_truncated_one():
+    """Exact expectations, no draws (V = 8, float64): with full support (top-k 0 or V, top-p 1) at
+    T = 0.5, 1 and 2 the expected policy gradient is ∇_θ KL(π_θ ‖ p) to 1e-6 (no band: at T ≠ 1 the
+    first step's ratios π_θ/π_T are far from 1). Truncated, the tail's terms are simply missing:
+    top-p 0.9 and top-k 4 are off by 21% and 22% of the gradient's norm while the default band clips
+    nothing (at T = 1 every ratio is the kept mass, ≈ 0.9: inside it), so the logged clipped share
+    cannot reveal the bias. Greedy (b = 0, r = π_θ(x*)) gives no estimate of the gradient at all."""
+    v = 8
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(v, generator=gen, dtype=torch.float64) * 1.5
+    log_p = torch.log_softmax(torch.randn(v, generator=gen, dtype=torch.float64) * 1.5, -1)
+    t = theta.clone().requires_grad_()
+    q = torch.softmax(t, -1)
+    (reference,) = torch.autograd.grad((q * (q.log() - log_p)).sum(), t)
+
+    def relative_error(sampling, eps):
+        grad, clipped = enumerated_expectation(theta, log_p, sampling, eps)
+        return float((grad - reference).abs().max()), float((grad - reference).norm() / reference.norm()), clipped
+
+    for sampling in (Sampling(0.5, 0, 1.0), Sampling(1.0, 0, 1.0), Sampling(2.0, 0, 1.0), Sampling(1.0, v, 1.0),
+                     Sampling(1.3, v, 1.0)):
+        largest, _, clipped = relative_error(sampling, 1e6)
+        assert largest < 1e-6 and clipped == 0, sampling
+    assert relative_error(Sampling(1.0, 0, 1.0), EPS)[0] < 1e-6  # on policy at T = 1: r = 1, nothing clipped
+    for sampling, low, high in ((Sampling(1.0, 0, 0.9), 0.2, 0.22), (Sampling(1.0, 4, 1.0), 0.21, 0.23)):
+        _, error, clipped = relative_error(sampling, EPS)
+        assert clipped == 0 and low < error < high, (sampling, error, clipped)
+    _, error, clipped = relative_error(Sampling(0.0, 0, 1.0), EPS)
+    assert clipped == 1.0 and error == pytest.approx(1.0)  # every draw clipped: no gradient
+    _, error, _ = relative_error(Sampling(0.0, 0, 1.0), 1e6)
+    assert error > 0.5
+
+
+FULL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "greedy": False, "rules_sha256": None}
+
+
+@pytest.mark.parametrize("sampler,reason", [
+    (FULL, None), ({**FULL, "temperature": 0.7}, None), ({**FULL, "temperature": 2.0}, None),
+    ({**FULL, "top_k": 8192}, None), ({**FULL, "top_k": 9000}, None),
+    ({**FULL, "top_p": 0.9}, "top-p 0.9"), ({**FULL, "top_k": 50}, "top-k 50 of 8192"),
+    ({**FULL, "temperature": 0.0, "greedy": True}, "greedy"), ({**FULL, "temperature": 0.0}, "greedy"),
+    ({**FULL, "rules_sha256": "ab" * 32}, "rule-constrained"), (None, "unknown"),
+    ({"temperature": 1.0}, "unknown"), ("T=1", "unknown"),
+])
+def test_which_samplers_the_ratio_corrects(sampler, reason):
+    """Full support at any temperature > 0 is exact (the stored log-probs are the tempered
+    distribution's); truncation, greedy, rules and a sampler nobody recorded are named."""
+    got = sampler_bias(sampler, 8192)
+    assert got is None if reason is None else reason in got, got
+
+
+def test_reverse_kl_from_top_k_and_tail_barely_sees_mass_on_one_tail_token():
+    """The reverse-kl objective compares the student's tail mass with the teacher's as one bucket: a
+    student that matches the teacher's top-k and puts the whole tail mass (0.05) on one tail id, which
+    the teacher gives 0.05/992, scores 0 there, while KL(q ‖ p) is 0.05·log 992 = 0.345 nats, and the
+    policy gradient's per-token estimate E_{x∼q}[log q(x) − log p(x)] is that KL exactly."""
+    v, k = 1000, 8
+    head = torch.softmax(torch.linspace(2.0, 0.0, k, dtype=torch.float64), -1) * 0.95
+    p = torch.cat([head, torch.full((v - k,), 0.05 / (v - k), dtype=torch.float64)])
+    q = torch.cat([head, torch.zeros(v - k, dtype=torch.float64)])
+    q[k + 17] = 0.05
+    log_q = q.log()[None].float()
+    ids = torch.arange(k)[None]
+    bucket = sparse_kd(log_q, ids, p[:k].log()[None].float(), torch.tensor([0.05]).log(), ids[:, 0], "tail",
+                       "reverse")
+    support = q > 0
+    exact = float((q[support] * (q[support].log() - p[support].log())).sum())
+    assert exact == pytest.approx(0.05 * math.log(v - k), rel=1e-9)
+    assert abs(float(bucket)) < 1e-6
