@@ -51,13 +51,14 @@ def test_a_student_of_another_tokenizer_trains_and_logs_each_terms_share(root, t
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 4 and all(r["kd"] > 0 for r in steps)
-    for r in steps:
-        assert 0.3 < r["cross_exact_share"] < r["cross_chunk_share"] < 1.0
+    for r in steps:  # the next-token term reaches every chunk start (the default), 1:1 or not
+        assert 0.3 < r["cross_exact_share"] < r["cross_start_share"] < r["cross_chunk_share"] < 1.0
         assert r["cross_dropped_chunks"] >= 4 and r["cross_unaligned_rows"] == 0  # at least each row's first
     facts = json.loads((out / "config.json").read_text())
     cross = facts["cross_tokenizer"]
     assert cross["mode"] == "both" and len(cross["vocab_map_sha256"]) == 64 and cross["teacher_vocab"] == 8192
-    assert len(list((tmp_path / "cache").glob("vocab-map-*.npy"))) == 1
+    assert cross["unmapped"] == "first" and cross["positions"] == "starts" and cross["teacher_ids_mapped"] > 8000
+    assert [p.name.split("-")[-1] for p in (tmp_path / "cache").glob("vocab-map-*.npy")] == ["first.npy"]
     final = json.loads((out / "metrics.json").read_text())
     assert final["teacher_signal"] == "CrossTokenizer" and final["heldout_loss"] > 0
 
@@ -149,3 +150,24 @@ def test_two_processes_train_like_one(root, tmp_path):
     a, b = curve(tmp_path / "one"), curve(tmp_path / "two")
     assert len(a) == len(b) == 3 and abs(a[0] - b[0]) < 1e-4  # step 1: the same weights, the same rows
     assert all(abs(x - y) < 0.05 * x for x, y in zip(a, b))
+
+
+def test_a_teacher_tokenizer_that_loses_bytes_is_refused_in_one_line(root, tmp_path):
+    """The store's own tokenizer is checked too: byte tokens registered as specials would drop the
+    bytes they stand for from every teacher row."""
+    from tests.pipeline.text.test_align import byte_fallback_as_specials
+
+    tokenizer = byte_fallback_as_specials()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    make_teacher(tmp_path / "teacher", vocab=len(tokenizer))
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": "Hello World " * 40}) + "\n")
+    result = run_cli("prepare", "--input", tmp_path / "corpus.jsonl", "--out", tmp_path / "tokens", "--tokenizer",
+                     tmp_path / "tokenizer", "--seq-len", "32", "--rows-per-shard", "64", "--chunk-rows", "8")
+    assert result.exit_code == 0, result.output
+    result = run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", tmp_path / "teacher", "--out",
+                     tmp_path / "store", "--max-rows", "4", "--kind", "sampled", "--samples", "4")
+    assert result.exit_code == 0, result.output
+    args = student_args(root, tmp_path / "x", "--cross-tokenizer", "exact", "--max-steps", "1")
+    args[args.index("--train-store") + 1] = str(tmp_path / "store")
+    line = one_line_error(run_cli(*args))
+    assert line.startswith("error: teacher tokenizer") and "special added tokens" in line
