@@ -28,8 +28,11 @@ non-zero width, predicted by the positions just before them. A chunk is dropped 
 A chunk with one target on each side is *1:1*: the teacher's and the student's next-token
 distributions at the positions before it are conditioned on the same bytes and predict the same
 bytes, so they can be compared id by id through the vocabulary map (:func:`vocab_map`), the ids of
-both tokenizers that spell the same bytes. Every kept chunk, 1:1 or not, can be compared by its
-likelihood (the ALM term).
+both tokenizers that spell the same bytes. At the *start* of any kept chunk, 1:1 or not, both
+sides have read the same bytes and predict a token that begins at the same byte: with the
+first-token map (each teacher id to the student's own first token of its bytes, rule ``first``)
+their distributions compare there too. Every kept chunk can be compared by its likelihood (the
+ALM term).
 
 With identical tokenizers (equal hashes) the student's tokens are the teacher's own: every target
 but the first is a 1:1 chunk, the map is the identity, and nothing is dropped.

@@ -369,6 +369,13 @@ def test_a_teacher_token_shorter_than_the_students_goes_to_the_students_first_to
         mapping = build_vocab_map(t_side, token_bytes(student), "first", student)
         assert mapping[id_of(teacher, " destroy")] == id_of(student, expected)
         assert mapping[id_of(teacher, "s")] == id_of(student, "s")
+    # what the comparison then teaches: the teacher's " destroy" (followed by "s" or not) is the
+    # student's " destroy"; its " destroys" has no teacher slot and goes with the rest (here empty)
+    mapping = build_vocab_map(t_side, token_bytes(with_it), "first", with_it)
+    ids = [id_of(teacher, " destroy"), id_of(teacher, " and")]
+    q = optimum(mapping, ids, [.7, .3], len(token_bytes(with_it).pieces), sampled=False)
+    assert float(q[id_of(with_it, " destroy")]) == pytest.approx(0.70, abs=2e-3)
+    assert float(q[id_of(with_it, " destroys")]) < 1e-3
 
 
 def reference_first(teacher: TokenBytes, student_tokenizer, exact: np.ndarray) -> np.ndarray:
