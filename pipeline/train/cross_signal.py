@@ -138,17 +138,17 @@ class CrossTokenizer:
         return [owner, teacher_at_owner, is_owner]
 
     def divergence(self, student_logprobs: torch.Tensor, targets: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
-        """``[P]`` nats of the exact term (zero off the compared positions, and everywhere in ``chunk`` mode)."""
+        """``[P]`` nats of the exact term (zero off 1:1 chunks, and everywhere in ``chunk`` mode)."""
         if not self.exact:
             return torch.zeros(student_logprobs.shape[0], device=student_logprobs.device)
-        compared, student_ids, *rest = parts[:self._parts]
+        one_to_one, student_ids, *rest = parts[:self._parts]
         if isinstance(self.base, StoredTopK):
             topk_logprobs, tail_logmass = rest
             loss = bucketed_sparse_kd(student_logprobs, student_ids, topk_logprobs, tail_logmass, self.base.direction)
         else:
             (weights,) = rest
             loss = bucketed_sampled_kd(student_logprobs, student_ids, weights)
-        return torch.where(compared, loss, 0.0)
+        return torch.where(one_to_one, loss, 0.0)
 
     def sequence_divergence(self, student_target_logprobs: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
         """The chunk term, summed (nats, weighted): ``student_target_logprobs [P]`` are the student's
