@@ -99,7 +99,8 @@ def byte_problem(tokenizer) -> str | None:
     """Why ``tokenizer``'s tokens do not spell the bytes of the text they encode (None when they do).
 
     Checked from its definition (a normaliser that changes text, a prefix space it adds, a model
-    other than BPE/Unigram, byte tokens ``<0xNN>`` registered as specials) and on a probe text (CJK, emoji, accents, ligatures, mixed whitespace)."""
+    other than BPE/Unigram, byte tokens ``<0xNN>`` registered as specials) and on a probe text
+    (CJK, emoji, accents, ligatures, mixed whitespace)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "it is a slow (Python) tokenizer; pass a directory with tokenizer.json"

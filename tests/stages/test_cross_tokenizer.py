@@ -63,6 +63,17 @@ def test_a_student_of_another_tokenizer_trains_and_logs_each_terms_share(root, t
     assert final["teacher_signal"] == "CrossTokenizer" and final["heldout_loss"] > 0
 
 
+def test_the_term_as_first_built_is_still_there_for_comparison(root, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*student_args(root, out, "--cross-tokenizer", "exact", "--max-steps", "2", "--unmapped", "bucket",
+                                   "--cross-positions", "1to1", "--eval-every", "0"))
+    assert result.exit_code == 0, result.output
+    cross = json.loads((out / "config.json").read_text())["cross_tokenizer"]
+    assert cross["unmapped"] == "bucket" and cross["positions"] == "1to1" and cross["teacher_ids_mapped"] < 8192
+    (cached,) = (tmp_path / "cache").glob("vocab-map-*.npy")
+    assert not cached.name.endswith(("-first.npy", "-prefix.npy"))  # the bucket map's name, as before
+
+
 def test_resume_continues_to_the_same_weights(root, tmp_path):
     import shutil
 
@@ -98,6 +109,8 @@ def test_bad_inputs_are_one_line(root, tmp_path):
     line = one_line_error(run_cli(*[a for a in args if a not in ("--cross-tokenizer", "exact")]))
     assert "made with another tokenizer" in line and "--cross-tokenizer" in line
     assert "exact, chunk or both" in one_line_error(run_cli(*args[:-4], "--cross-tokenizer", "bytes"))
+    line = one_line_error(run_cli(*args, "--unmapped", "longest", "--cross-positions", "all"))
+    assert "unmapped must be first, bucket or prefix" in line and "cross_positions must be starts or 1to1" in line
     at = args.index("--train-store") + 1
     renorm = args[:at] + [str(root / "agreement")] + args[at + 1:] + ["--tail", "renorm"]
     assert "use --tail tail" in one_line_error(run_cli(*renorm))
