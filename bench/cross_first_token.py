@@ -37,11 +37,15 @@ def map_numbers(teacher, student, student_tokenizer) -> tuple[dict, np.ndarray]:
     has_bytes = np.array([bool(p) for p in teacher.pieces])
     unmapped = (maps["bucket"] < 0) & has_bytes
     student_pieces = [p for p in student.pieces if p]
-    extends = {}
-    for p in student_pieces:  # every strict prefix of a student token
+    teacher_pieces = {p for p in teacher.pieces if p}
+    extends, extends_unspelt = set(), set()
+    for p in student_pieces:  # every strict prefix of a student token (of one the teacher cannot spell)
         for n in range(1, len(p)):
-            extends[p[:n]] = True
+            extends.add(p[:n])
+            if p not in teacher_pieces:
+                extends_unspelt.add(p[:n])
     strict_prefix = [t for t in np.nonzero(has_bytes)[0] if teacher.pieces[t] in extends]
+    ambiguous = [t for t in strict_prefix if teacher.pieces[t] in extends_unspelt]
     numbers = {
         "teacher_vocab": len(teacher.pieces), "student_vocab": len(student.pieces),
         "teacher_ids_with_bytes": int(has_bytes.sum()),
@@ -52,6 +56,8 @@ def map_numbers(teacher, student, student_tokenizer) -> tuple[dict, np.ndarray]:
         "prefix_differs_from_bucket": int((maps["prefix"] != maps["bucket"]).sum()),
         "teacher_ids_strict_prefix_of_a_student_token": len(strict_prefix),
         "of_which_the_student_also_spells": int((maps["bucket"][strict_prefix] >= 0).sum()),
+        # the ambiguous ones: the teacher writes that longer student token as this one + more
+        "teacher_ids_strict_prefix_of_a_student_token_the_teacher_lacks": len(ambiguous),
     }
     return numbers, maps["first"]
 
