@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from pipeline.text.align import RowAligner, align, build_vocab_map, token_bytes
+from pipeline.text.align import RowAligner, align, build_vocab_map, check_byte_level, token_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     teacher_tok, student_tok = (AutoTokenizer.from_pretrained(p) for p in (args.teacher_tokenizer,
                                                                           args.student_tokenizer))
+    check_byte_level(teacher_tok, "teacher", args.teacher_tokenizer)
+    check_byte_level(student_tok, "student", args.student_tokenizer)
     teacher, student = token_bytes(teacher_tok), token_bytes(student_tok)
     vocabulary, first = map_numbers(teacher, student, student_tok)
     with gzip.open(args.heldout, "rt") as f:
