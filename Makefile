@@ -245,9 +245,11 @@ QUALITY_MODES ?= ce,online,topk-tail,sampled-n32
 # cross-tokenizer distillation (issue #23): same-tokenizer vs data/tokenizer-4096 students from one
 # sampled store, CE and each --cross-tokenizer mode over 3 seeds, held-out bits per byte. This size
 # (100 steps of 8 rows of 128 tokens, 9 modes × 3 seeds) took 41 minutes on a shared 2-core CPU: it
-# checks the path and measures the early gain, not the converged one. Run it in the background.
+# checks the path and measures the early gain, not the converged one; the 11 modes below take about
+# 50 minutes. Run it in the background.
+# cross-*-bucket: the next-token term as first measured (bucket map, 1:1 chunks), beside the defaults.
 CROSS_STEPS ?= 100
-CROSS_MODES ?= same-ce,same-kd,same-both,cross-ce,cross-exact,cross-chunk,cross-both,cross-exact-prefix,cross-both-prefix
+CROSS_MODES ?= same-ce,same-kd,same-both,cross-ce,cross-exact,cross-chunk,cross-both,cross-exact-bucket,cross-both-bucket,cross-exact-prefix,cross-both-prefix
 bench-cross: setup
 	$(BIN)/python bench/cross_tokenizer.py --teacher $(TEACHER) --steps $(CROSS_STEPS) --seeds 0,1,2 \
 		--modes $(CROSS_MODES) --out bench/results/cross_tokenizer_cpu.json

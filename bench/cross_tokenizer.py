@@ -9,8 +9,11 @@ half as large). Every run reads the same store rows — the same bytes — for t
 - ``same-ce`` / ``same-kd``: the teacher's tokenizer, α = 1 / α = 0.5 (today's path);
 - ``cross-ce``: the other tokenizer, α = 1 (its own tokenization of the store's rows, CE only);
 - ``cross-exact`` / ``cross-chunk`` / ``cross-both``: the other tokenizer, α = 0.5, each
-  ``--cross-tokenizer`` mode; ``-prefix`` after one (``cross-exact-prefix``) adds ``--unmapped
-  prefix`` (teacher ids the student cannot spell go to its longest token beginning their bytes);
+  ``--cross-tokenizer`` mode with today's defaults (``--unmapped first --cross-positions starts``);
+  ``-bucket`` after one (``cross-exact-bucket``) runs the next-token term as it was first measured
+  (``--unmapped bucket --cross-positions 1to1``: what ``bench/results/cross_tokenizer_cpu.json``'s
+  plain ``cross-*`` modes ran), ``-prefix`` adds ``--unmapped prefix`` there instead (teacher ids the
+  student cannot spell go to its longest token beginning their bytes);
 - ``same-both``: a control, the teacher's tokenizer through ``--cross-tokenizer both`` (identity
   map): whether the chunk term helps whatever the tokenizers.
 
@@ -38,7 +41,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("same-ce", "same-kd", "cross-ce", "cross-exact", "cross-chunk", "cross-both")
-CROSS = ("cross-exact", "cross-chunk", "cross-both", "cross-exact-prefix", "cross-both-prefix")
+CROSS = ("cross-exact", "cross-chunk", "cross-both", "cross-exact-prefix", "cross-both-prefix", "cross-exact-bucket",
+         "cross-both-bucket")
+OLD_TERM = {"-bucket": ["--unmapped", "bucket", "--cross-positions", "1to1"],
+            "-prefix": ["--unmapped", "prefix", "--cross-positions", "1to1"]}
 
 
 def distill(*args: str, log: Path) -> None:
@@ -56,10 +62,11 @@ def student_flags(mode: str, work: Path) -> list[str]:
     if mode == "same-both":
         flags += ["--cross-tokenizer", "both"]
     if not same:
-        term = mode.removeprefix("cross-").removesuffix("-prefix")
+        suffix = next((s for s in OLD_TERM if mode.endswith(s)), "")
+        term = mode.removeprefix("cross-").removesuffix(suffix) if suffix else mode.removeprefix("cross-")
         flags += ["--tokenizer", ROOT / "data" / "tokenizer-4096",
                   "--cross-tokenizer", "exact" if mode == "cross-ce" else term]
-        flags += ["--unmapped", "prefix"] if mode.endswith("-prefix") else []
+        flags += OLD_TERM.get(suffix, [])
     return flags + ["--alpha", "1" if mode.endswith("-ce") else "0.5"]
 
 
@@ -70,7 +77,8 @@ def summarise(runs: dict) -> dict:
         modes[mode] = {"seeds": len(bpb), "bits_per_byte_mean": statistics.fmean(bpb),
                        "bits_per_byte_spread": max(bpb) - min(bpb),
                        **{k: statistics.fmean(r[k] for r in by_seed.values())
-                          for k in ("cross_exact_share", "cross_chunk_share") if all(k in r for r in by_seed.values())}}
+                          for k in ("cross_exact_share", "cross_start_share", "cross_chunk_share")
+                          if all(k in r for r in by_seed.values())}}
     if {"same-ce", "same-kd", "cross-ce"} <= modes.keys():
         same_gain = modes["same-ce"]["bits_per_byte_mean"] - modes["same-kd"]["bits_per_byte_mean"]
         modes["same-kd"]["gain_over_ce"] = same_gain
@@ -145,7 +153,8 @@ def main() -> None:
                 heldout = json.loads((work / f"{mode}-{seed}.json").read_text())["tasks"]["heldout"]
                 logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                 shares = {k: statistics.fmean(r[k] for r in logged if k in r)
-                          for k in ("cross_exact_share", "cross_chunk_share") if any(k in r for r in logged)}
+                          for k in ("cross_exact_share", "cross_start_share", "cross_chunk_share")
+                          if any(k in r for r in logged)}
                 runs.setdefault(mode, {})[str(seed)] = {"bits_per_byte": heldout["bits_per_byte"],
                                                         "heldout_loss_per_token": heldout["loss"],
                                                         "train_s": train_s, **shares}

@@ -476,6 +476,7 @@ def eval_agreement_across(scorer: Scorer, config: EvalConfig, store, teacher) ->
     from pipeline.train.cross_signal import CrossTokenizer
 
     store_tokenizer = load_tokenizer(store.params["tokenizer"], config.trust_remote_code)
+    check_byte_level(store_tokenizer, "teacher", store.params["tokenizer"])
     check_byte_level(scorer.tokenizer, "model", config.model)
     teacher_bytes, model_bytes = token_bytes(store_tokenizer), token_bytes(scorer.tokenizer)
     mapping, _ = vocab_map(teacher_bytes, model_bytes)

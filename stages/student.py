@@ -69,9 +69,10 @@ from pipeline.train.teacher_signal import (OnlineTeacher, StoredPolicyGradient, 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
                 "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight",
-                "unmapped", "objective", "ratio", "ratio_epsilon")
+                "unmapped", "cross_positions", "objective", "ratio", "ratio_epsilon")
 # resume-fixed options that older checkpoints do not record
 ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket",
+               "cross_positions": "1to1",
                "objective": "", "ratio": "clip", "ratio_epsilon": 0.2}
 OBJECTIVES = ("forward-kl", "reverse-kl", "policy-gradient")
 PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be continued (preempt.py)
@@ -115,8 +116,12 @@ class TrainConfig:
                                   "(next-token KL on 1:1 byte chunks through the vocabulary map), 'chunk' (ALM "
                                   "chunk likelihoods, every chunk) or 'both'. Empty: the tokenizers must match.")
     chunk_weight: float = option(1.0, "Weight of the chunk term under --cross-tokenizer chunk or both.")
-    unmapped: str = option("bucket", "Cross-tokenizer exact term, teacher ids no student id spells: 'bucket' (one "
-                           "bucket each side) or 'prefix' (to the student's longest token beginning their bytes).")
+    unmapped: str = option("first", "Cross-tokenizer exact term, teacher ids no student id spells: 'first' (to the "
+                           "student's own first token of their bytes), 'bucket' (one bucket each side) or 'prefix' "
+                           "(to the student's longest token beginning their bytes).")
+    cross_positions: str = option("starts", "Cross-tokenizer exact term, where it compares the two next-token "
+                                  "distributions: 'starts' (the first token of every chunk, 1:1 or not) or '1to1' "
+                                  "(1:1 chunks only, as before).")
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
     micro_batch_size: int = option(16, "Rows per forward/backward pass, per process.")
@@ -163,8 +168,10 @@ class TrainConfig:
         problems += self._objective_problems()
         if self.cross_tokenizer not in ("", "exact", "chunk", "both"):
             problems.append(f"cross_tokenizer must be exact, chunk or both, got {self.cross_tokenizer!r}")
-        if self.unmapped not in ("bucket", "prefix"):
-            problems.append(f"unmapped must be bucket or prefix, got {self.unmapped!r}")
+        if self.unmapped not in ("first", "bucket", "prefix"):
+            problems.append(f"unmapped must be first, bucket or prefix, got {self.unmapped!r}")
+        if self.cross_positions not in ("starts", "1to1"):
+            problems.append(f"cross_positions must be starts or 1to1, got {self.cross_positions!r}")
         if not self.chunk_weight >= 0:
             problems.append(f"chunk_weight must not be negative, got {self.chunk_weight}")
         if self.init not in ("auto", "scratch", "teacher-layers"):
@@ -603,18 +610,21 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
     if tokenizer_hash(store_tokenizer) != train_store.params.get("tokenizer_hash"):
         raise DistillError(f"the tokenizer at {train_store.params['tokenizer']} is no longer the one {train_store.root} "
                            "was made with (its hash differs); the teacher's bytes cannot be recovered from another")
+    check_byte_level(store_tokenizer, "teacher", train_store.params["tokenizer"])
     check_byte_level(tokenizer, "student", config.tokenizer or train_store.params["tokenizer"])
     teacher_bytes, student_bytes = token_bytes(store_tokenizer), token_bytes(tokenizer)
-    mapping, digest = vocab_map(teacher_bytes, student_bytes, config.unmapped)
+    mapping, digest = vocab_map(teacher_bytes, student_bytes, config.unmapped, tokenizer)
     backend = tokenizer.backend_tokenizer
 
     def encode(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
-    aligner = RowAligner(teacher_bytes, student_bytes, encode, positions, tokenizer.eos_token_id)
+    aligner = RowAligner(teacher_bytes, student_bytes, encode, positions, tokenizer.eos_token_id,
+                         positions=config.cross_positions)
     if teacher is not None:
         teacher = CrossTokenizer(teacher, mapping, config.cross_tokenizer, config.chunk_weight)
     facts = {"cross_tokenizer": {"mode": config.cross_tokenizer, "unmapped": config.unmapped,
+                                 "positions": config.cross_positions,
                                  "teacher_tokenizer_hash": teacher_bytes.tokenizer_hash,
                                  "vocab_map_sha256": digest, "teacher_ids_mapped": int((mapping >= 0).sum()),
                                  "teacher_vocab": len(mapping)}}

@@ -28,8 +28,11 @@ non-zero width, predicted by the positions just before them. A chunk is dropped 
 A chunk with one target on each side is *1:1*: the teacher's and the student's next-token
 distributions at the positions before it are conditioned on the same bytes and predict the same
 bytes, so they can be compared id by id through the vocabulary map (:func:`vocab_map`), the ids of
-both tokenizers that spell the same bytes. Every kept chunk, 1:1 or not, can be compared by its
-likelihood (the ALM term).
+both tokenizers that spell the same bytes. At the *start* of any kept chunk, 1:1 or not, both
+sides have read the same bytes and predict a token that begins at the same byte: with the
+first-token map (each teacher id to the student's own first token of its bytes, rule ``first``)
+their distributions compare there too. Every kept chunk can be compared by its likelihood (the
+ALM term).
 
 With identical tokenizers (equal hashes) the student's tokens are the teacher's own: every target
 but the first is a 1:1 chunk, the map is the identity, and nothing is dropped.
@@ -96,7 +99,8 @@ def byte_problem(tokenizer) -> str | None:
     """Why ``tokenizer``'s tokens do not spell the bytes of the text they encode (None when they do).
 
     Checked from its definition (a normaliser that changes text, a prefix space it adds, a model
-    other than BPE/Unigram) and on a probe text (CJK, emoji, accents, ligatures, mixed whitespace)."""
+    other than BPE/Unigram, byte tokens ``<0xNN>`` registered as specials) and on a probe text
+    (CJK, emoji, accents, ligatures, mixed whitespace)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "it is a slow (Python) tokenizer; pass a directory with tokenizer.json"
@@ -113,6 +117,11 @@ def byte_problem(tokenizer) -> str | None:
             return "it adds a space before the text (add_prefix_space / prepend), a byte the text does not have"
     if definition.get("model", {}).get("type") not in ("BPE", "Unigram"):
         return f"its model is {definition.get('model', {}).get('type')}, not BPE or Unigram"
+    byte_specials = [t["content"] for t in definition.get("added_tokens", []) if t.get("special")
+                     and len(t["content"]) == 6 and t["content"].startswith("<0x") and t["content"].endswith(">")]
+    if byte_specials:
+        return (f"its {len(byte_specials)} byte token(s) ({byte_specials[0]}, …) are special added tokens, "
+                "so the bytes they stand for would be read as specials and lost")
     bytes_of = token_bytes(tokenizer)
     ids = backend.encode(PROBE_TEXT, add_special_tokens=False).ids
     spelt = b"".join(bytes_of.pieces[i] or b"" for i in ids)
@@ -158,10 +167,63 @@ def token_bytes(tokenizer) -> TokenBytes:
     return TokenBytes(tuple(pieces), specials, frozenset(fallback), scheme, tokenizer_hash(tokenizer))
 
 
-MAP_RULES = ("bucket", "prefix")
+MAP_RULES = ("bucket", "prefix", "first")
+POSITIONS = ("starts", "1to1")  # where the next-token term compares the two (RowAligner)
 
 
-def build_vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucket") -> np.ndarray:
+def first_tokens(student_tokenizer, pieces: list[bytes]) -> list[int]:
+    """The student's first token of each byte string, as its tokenizer cuts that string alone.
+
+    The context is the one a chunk boundary gives: both sides start a token there, and what follows
+    is these bytes. Each string is encoded as a text of its own (no specials; the student's
+    normaliser, pre-tokenizer and model, as :class:`RowAligner` encodes a row), so it starts a
+    pre-token, as it does in a row wherever the boundary is one of the student's pre-token
+    boundaries, and it ends one, as if the next byte began another word. Bytes that are not whole
+    UTF-8 characters (a byte-level teacher's piece of 世) are no text: a byte-level student's BPE
+    runs on them alone (they lie inside one pre-token in any row), any other student takes its
+    longest token that begins them. −1 where the student spells nothing (empty bytes)."""
+    backend = student_tokenizer.backend_tokenizer
+    vocab = backend.get_vocab(with_added_tokens=True)
+    specials = set(student_tokenizer.all_special_ids)
+    texts, where = [], []
+    out = [-1] * len(pieces)
+    rest = []
+    for k, piece in enumerate(pieces):
+        try:
+            texts.append(piece.decode("utf-8"))
+            where.append(k)
+        except UnicodeDecodeError:
+            rest.append(k)
+    for k, encoding in zip(where, backend.encode_batch(texts, add_special_tokens=False) if texts else []):
+        if encoding.ids and encoding.ids[0] not in specials:  # a text that spells a special's name: below
+            out[k] = encoding.ids[0]
+        else:
+            rest.append(k)
+    definition = json.loads(backend.to_str())
+    byte_level = "ByteLevel" in {n.get("type") for n in _components(definition, "pre_tokenizer")}
+    char = {b: c for c, b in _unicode_to_byte().items()}
+    student = None
+    for k in rest:
+        if not pieces[k]:
+            continue
+        if byte_level:
+            tokens = backend.model.tokenize("".join(char[b] for b in pieces[k]))
+            out[k] = vocab[tokens[0].value]
+            continue
+        if student is None:  # the ids it emits first (not a byte fallback), then the lowest
+            student, spelt = token_bytes(student_tokenizer), {}
+            for i in sorted(range(len(student.pieces)), key=lambda i: (i in student.fallback, i)):
+                if student.pieces[i]:
+                    spelt.setdefault(student.pieces[i], i)
+        for size in range(len(pieces[k]), 0, -1):
+            if pieces[k][:size] in spelt:
+                out[k] = spelt[pieces[k][:size]]
+                break
+    return out
+
+
+def build_vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucket",
+                    student_tokenizer=None) -> np.ndarray:
     """``[V_teacher]`` int32: the student id that spells the same bytes as each teacher id, −1 for none.
 
     Specials pair by role (EOS with EOS, BOS with BOS), or by content. Injective: where several
@@ -169,10 +231,15 @@ def build_vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucke
     tokenizer emits (not a fallback; then the lowest id) is paired and the others stay unmapped,
     so their mass goes to the bucket and never counts twice.
 
-    ``rule="prefix"``: a teacher id no student id spells goes to the student's longest token that
-    begins its bytes (the student's first token of those bytes, as a greedy tokenizer would cut
-    them). Not injective: the teacher's mass on ``Ġhello`` and ``Ġhel`` both land on the student's
-    ``Ġhel``; the loss adds them up (:func:`pipeline.train.cross_losses.merge_duplicates`)."""
+    The other rules also map the teacher ids no student id spells, to a student token that begins
+    their bytes; the map is then many-to-one and the loss adds up the teacher's slots of one student
+    id (:func:`pipeline.train.cross_losses.merge_duplicates`):
+
+    - ``first``: the student's own first token of those bytes (:func:`first_tokens`; needs
+      ``student_tokenizer``): the token the student emits first where the teacher's token is next.
+      Identical tokenizers (equal hashes) map to the identity.
+    - ``prefix``: the student's longest token that begins them (a greedy cut, often longer than
+      what its BPE emits: ``Ġinstruction`` → ``Ġinstruct`` where the student writes ``Ġinstru``)."""
     def canonical(side: TokenBytes) -> dict[bytes | str, int]:
         best: dict[bytes | str, int] = {}
         order = sorted(range(len(side.pieces)), key=lambda i: (i in side.fallback, i))
@@ -184,16 +251,22 @@ def build_vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucke
 
     if rule not in MAP_RULES:
         raise ValueError(f"rule must be one of {MAP_RULES}")
+    if rule == "first" and student_tokenizer is None:
+        raise ValueError("rule 'first' needs the student tokenizer (its first token of each teacher token's bytes)")
+    if rule == "first" and teacher.tokenizer_hash == student.tokenizer_hash:
+        return np.arange(len(teacher.pieces), dtype=np.int32)
     student_of = canonical(student)
     mapping = np.full(len(teacher.pieces), -1, dtype=np.int32)
     for key, teacher_id in canonical(teacher).items():
         if key in student_of:
             mapping[teacher_id] = student_of[key]
-    if rule == "prefix":
+    todo = [t for t, piece in enumerate(teacher.pieces) if mapping[t] < 0 and piece]
+    if rule == "first":
+        mapping[todo] = first_tokens(student_tokenizer, [teacher.pieces[t] for t in todo])
+    elif rule == "prefix":
         longest = max((len(k) for k in student_of if isinstance(k, bytes)), default=0)
-        for teacher_id, piece in enumerate(teacher.pieces):
-            if mapping[teacher_id] >= 0 or not piece:
-                continue
+        for teacher_id in todo:
+            piece = teacher.pieces[teacher_id]
             for size in range(min(len(piece), longest), 0, -1):
                 if piece[:size] in student_of:
                     mapping[teacher_id] = student_of[piece[:size]]
@@ -205,12 +278,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
 
 
-def vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucket") -> tuple[np.ndarray, str]:
+def vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucket",
+              student_tokenizer=None) -> tuple[np.ndarray, str]:
     """The teacher→student id map and its sha256 (over the int32 array's bytes), built once per
-    pair of tokenizer hashes (and rule) and cached in ``$DISTILL_CACHE`` (default
-    ``~/.cache/distill``) under ``vocab-map-v{version}-{teacher hash}-{student hash}.npy`` (with
-    ``-prefix`` before ``.npy`` for that rule); a cached file is rebuilt when it does not read back
-    as a map of the teacher's size."""
+    pair of tokenizer hashes and rule (:func:`build_vocab_map`; ``first`` needs
+    ``student_tokenizer``) and cached in ``$DISTILL_CACHE`` (default ``~/.cache/distill``) under
+    ``vocab-map-v{version}-{teacher hash}-{student hash}.npy`` (``-{rule}`` before ``.npy`` for a
+    rule other than ``bucket``); a cached file is rebuilt when it does not read back as a map of the
+    teacher's size."""
     suffix = "" if rule == "bucket" else f"-{rule}"
     path = cache_dir() / f"vocab-map-v{VOCAB_MAP_VERSION}-{teacher.tokenizer_hash}-{student.tokenizer_hash}{suffix}.npy"
     mapping = None
@@ -222,7 +297,7 @@ def vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucket") ->
         if mapping is not None and (mapping.shape != (len(teacher.pieces),) or mapping.dtype != np.int32):
             mapping = None
     if mapping is None:
-        mapping = build_vocab_map(teacher, student, rule)
+        mapping = build_vocab_map(teacher, student, rule, student_tokenizer)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -251,11 +326,14 @@ class Alignment:
     """Where a row's chunks are, for both sides (row-local indices).
 
     exact: ``[(student position, teacher position)]`` of 1:1 chunks (the positions predicting the
-    chunk's token); student_chunk ``[M]``/teacher_chunk ``[L]``: per *position* t, the kept chunk
+    chunk's token); starts: the same for every kept chunk, 1:1 or not (the positions predicting its
+    first token on each side: both predict a token that begins at the chunk's first byte, after the
+    same bytes); student_chunk ``[M]``/teacher_chunk ``[L]``: per *position* t, the kept chunk
     its target (token t+1) lies in, −1 if none; chunks: number of kept chunks; dropped: chunks
     dropped at a row's ends."""
 
     exact: np.ndarray
+    starts: np.ndarray
     student_chunk: np.ndarray
     teacher_chunk: np.ndarray
     chunks: int
@@ -303,16 +381,19 @@ def align(teacher: Spans, student: Spans, cut_at_end: bool) -> Alignment:
 
     t_pos, s_pos = position_chunks(t_chunk), position_chunks(s_chunk)
     one_to_one = np.nonzero(valid & (t_count == 1) & (s_count == 1))[0]
-    # the one target token of each such chunk, on each side: its position is one before it
+    # the first target token of each chunk, on each side: its position is one before it
     t_first = np.full(n_common, -1, dtype=np.int64)
     s_first = np.full(n_common, -1, dtype=np.int64)
     t_idx = np.nonzero((t_chunk >= 0) & (t_chunk < n_common))[0]
     s_idx = np.nonzero((s_chunk >= 0) & (s_chunk < n_common))[0]
     t_first[t_chunk[t_idx][::-1]] = t_idx[::-1]
     s_first[s_chunk[s_idx][::-1]] = s_idx[::-1]
-    exact = np.stack([s_first[one_to_one] - 1, t_first[one_to_one] - 1], axis=1) if len(one_to_one) else \
-        np.zeros((0, 2), dtype=np.int64)
-    return Alignment(exact.astype(np.int64), s_pos, t_pos, int(valid.sum()), dropped)
+
+    def pairs(chunks: np.ndarray) -> np.ndarray:
+        return np.stack([s_first[chunks] - 1, t_first[chunks] - 1], axis=1).astype(np.int64) if len(chunks) else \
+            np.zeros((0, 2), dtype=np.int64)
+
+    return Alignment(pairs(one_to_one), pairs(np.nonzero(valid)[0]), s_pos, t_pos, int(valid.sum()), dropped)
 
 
 def _valid_utf8_span(data: bytes) -> tuple[int, int]:
@@ -341,11 +422,16 @@ class RowAligner:
 
     teacher, student: :class:`TokenBytes`; encode: the student tokenizer's batch encoder,
     ``list[str] → list[list[int]]`` (no specials added); max_length: the longest student row (its
-    model's positions); a longer one is cut there (and its last chunk dropped)."""
+    model's positions); a longer one is cut there (and its last chunk dropped); positions: where the
+    next-token term compares the two (``cross_exact``): ``1to1`` chunks only, or every kept chunk's
+    ``starts``."""
 
-    def __init__(self, teacher: TokenBytes, student: TokenBytes, encode, max_length: int, eos_id: int):
+    def __init__(self, teacher: TokenBytes, student: TokenBytes, encode, max_length: int, eos_id: int,
+                 positions: str = "1to1"):
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}")
         self.teacher, self.student, self.encode = teacher, student, encode
-        self.max_length, self.eos_id = max_length, eos_id
+        self.max_length, self.eos_id, self.starts = max_length, eos_id, positions == "starts"
         self.same = teacher.tokenizer_hash == student.tokenizer_hash
         student_special = {role: i for i, role in student.specials.items()}
         # a teacher special becomes the student's special of the same role (or content), else nothing
@@ -409,11 +495,12 @@ class RowAligner:
 
         ``input_ids [B, M]`` (student ids, EOS-padded to the longest row), ``loss_mask [B, M]``
         (1 where position t's target is a real student token), ``teacher_input_ids [B, L]``,
-        ``cross_exact [B, M]`` (the teacher position compared with student position t in a 1:1
-        chunk, −1 if none), ``cross_student_chunk [B, M]`` and ``cross_teacher_chunk [B, L]`` (per
-        position, the row-local id of its target's kept chunk, −1 if none) and ``cross_counts
-        [B, 5]`` (student targets, 1:1 chunks, student targets in kept chunks, chunks dropped at
-        row ends, and 1 for a row whose student tokens do not spell its bytes: it trains nothing)."""
+        ``cross_exact [B, M]`` (the teacher position compared with student position t by the
+        next-token term, at a 1:1 chunk or a chunk's start by ``positions``; −1 if none),
+        ``cross_student_chunk [B, M]`` and ``cross_teacher_chunk [B, L]`` (per position, the
+        row-local id of its target's kept chunk, −1 if none) and ``cross_counts [B, 6]`` (student
+        targets, 1:1 chunks, student targets in kept chunks, chunks dropped at row ends, 1 for a
+        row whose student tokens do not spell its bytes: it trains nothing, and kept chunks)."""
         teacher_rows = batch["input_ids"]
         rows = []
         for r in range(teacher_rows.shape[0]):
@@ -431,7 +518,7 @@ class RowAligner:
         exact = np.full((b, width), -1, dtype=np.int64)
         s_chunk = np.full((b, width), -1, dtype=np.int64)
         t_chunk = np.full((b, length), -1, dtype=np.int64)
-        counts = np.zeros((b, 5), dtype=np.int64)
+        counts = np.zeros((b, 6), dtype=np.int64)
         for r, (s, a) in enumerate(rows):
             if s is None:  # unaligned: the row trains nothing, and is counted
                 counts[r, 4] = 1
@@ -439,11 +526,12 @@ class RowAligner:
             m = len(s.ids)
             ids[r, :m] = s.ids
             mask[r, :m - 1] = 1
-            if len(a.exact):
-                exact[r, a.exact[:, 0]] = a.exact[:, 1]
+            compared = a.starts if self.starts else a.exact
+            if len(compared):
+                exact[r, compared[:, 0]] = compared[:, 1]
             s_chunk[r, :m] = a.student_chunk
             t_chunk[r] = a.teacher_chunk
-            counts[r] = (m - 1, len(a.exact), int((a.student_chunk >= 0).sum()), a.dropped, 0)
+            counts[r] = (m - 1, len(a.exact), int((a.student_chunk >= 0).sum()), a.dropped, 0, len(a.starts))
         out.update(input_ids=ids, loss_mask=mask, cross_exact=exact, cross_student_chunk=s_chunk,
                    cross_teacher_chunk=t_chunk, cross_counts=counts)
         return out

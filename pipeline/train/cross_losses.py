@@ -3,9 +3,11 @@
 The teacher and the student have different vocabularies; ``pipeline/text/align.py`` pairs their
 positions by bytes. Two terms (issue #23):
 
-- **exact**, on 1:1 chunks (one token on each side, same bytes, same context): the teacher's
-  stored next-token distribution against the student's, id by id through the vocabulary map
-  (teacher id → student id spelling the same bytes, −1 for none), with one bucket each for the
+- **exact**, at chunk starts (by default every kept chunk's first student token; with
+  ``--cross-positions 1to1`` only chunks of one token on each side): the teacher's stored
+  next-token distribution against the student's, id by id through the vocabulary map (teacher
+  id → the student id spelling the same bytes, or under ``--unmapped first`` the student's first
+  token of them, or under ``bucket`` −1 for none), with one bucket each for the
   rest. For a top-k store (:func:`bucketed_sparse_kd`) the teacher's bucket is its exact tail plus
   the kept ids that have no student id; the student's is its mass outside the mapped kept ids —
   today's ``tail`` mode of :func:`pipeline.train.losses.sparse_kd` with a coarser bucket. For drawn
@@ -125,7 +127,7 @@ def unmapped_student_ids(vocab_map: torch.Tensor, student_vocab: int) -> torch.T
 
 def merge_duplicates(student_ids: torch.Tensor, logprobs: torch.Tensor | None = None,
                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher slots that a many-to-one map (``--unmapped prefix``) sends to one student id, added up.
+    """Teacher slots that a many-to-one map (``--unmapped first`` or ``prefix``) sends to one student id, added up.
 
     student_ids: ``[P, n]`` (−1 for none); logprobs ``[P, n]`` (top-k) or weights ``[P, n]`` (draws).
     Returns (student_ids, logprobs or weights) ``[P, n]``: each student id's first slot holds the sum

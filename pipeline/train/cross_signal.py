@@ -8,9 +8,11 @@ The loader has already turned each teacher row into the student's row and their 
 position tensors, as every signal does, so the student's head and losses still run in chunks of
 positions:
 
-- ``exact``: at each student position that begins a 1:1 chunk, the teacher's stored signal at the
-  matching teacher position, its ids mapped to student ids (−1 where none), compared by
-  :func:`bucketed_sparse_kd` (top-k + tail) or :func:`bucketed_sampled_kd` (drawn targets);
+- ``exact``: at each student position the aligner pairs with a teacher position (``cross_exact``:
+  the start of every kept chunk, or of 1:1 chunks only, by ``RowAligner(positions=...)``), the
+  teacher's stored signal there, its ids mapped to student ids (−1 where none; several teacher ids
+  of one student id added up), compared by :func:`bucketed_sparse_kd` (top-k + tail) or
+  :func:`bucketed_sampled_kd` (drawn targets);
 - ``chunk``: ALM's term, which needs whole chunks: the student's own target log-probs at T are
   gathered over all positions (``sequence_term``; ``DistillStep`` collects them across its chunks
   of positions) and summed per chunk, then compared with the teacher's chunk log-prob (its stored
@@ -55,29 +57,33 @@ class CrossTokenizer:
         self.temperature, self.grid = base.temperature, base.grid
         self.map = torch.from_numpy(np.asarray(vocab_map, dtype=np.int64))
         mapped = self.map[self.map >= 0]
-        self.many_to_one = len(torch.unique(mapped)) < len(mapped)  # --unmapped prefix: slots to add up
+        self.many_to_one = len(torch.unique(mapped)) < len(mapped)  # --unmapped first|prefix: slots to add up
         self.exact = mode in ("exact", "both")
         self.sequence_term = mode in ("chunk", "both")  # DistillStep gathers the student's target log-probs
         fields = base.fields if self.exact else ()
         fields += ("target_logprob", "logsumexp") if self.sequence_term else ()
         self.fields = tuple(dict.fromkeys(fields))
-        # positions() gives the 1:1 flag, then the base signal's tensors (ids first) when exact
+        # positions() gives the compared flag, then the base signal's tensors (ids first) when exact
         self._parts = 1 + ((3 if isinstance(base, StoredTopK) else 2) if self.exact else 0)
-        self._counts = torch.zeros(5, dtype=torch.float64)
+        self._counts = torch.zeros(6, dtype=torch.float64)
         self._bucket: dict[tuple[int, torch.device], torch.Tensor] = {}  # the unmapped student ids, per (V_s, device)
 
     # -- what the training loop logs ------------------------------------------------------------
     def take_stats(self) -> dict[str, float]:
-        """Shares of the student's targets that got each term since the last call, and what was
-        dropped (chunks at row ends, rows whose bytes the student's tokens did not spell)."""
-        targets, exact, chunked, dropped, unaligned = self._counts.tolist()
+        """Shares of the student's targets since the last call that are 1:1 chunks
+        (``cross_exact_share``), chunk starts (``cross_start_share``: where the next-token term
+        compares under ``--cross-positions starts``) and in kept chunks (``cross_chunk_share``: the
+        chunk term), and what was dropped (chunks at row ends, rows whose bytes the student's tokens
+        did not spell)."""
+        targets, exact, chunked, dropped, unaligned, starts = self._counts.tolist()
         self._counts.zero_()
-        return {"cross_exact_share": exact / max(targets, 1), "cross_chunk_share": chunked / max(targets, 1),
-                "cross_dropped_chunks": int(dropped), "cross_unaligned_rows": int(unaligned)}
+        return {"cross_exact_share": exact / max(targets, 1), "cross_start_share": starts / max(targets, 1),
+                "cross_chunk_share": chunked / max(targets, 1), "cross_dropped_chunks": int(dropped),
+                "cross_unaligned_rows": int(unaligned)}
 
     # -- the signal -----------------------------------------------------------------------------
     def positions(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Per student position (leading dim ``P = B·(M−1)``): (1:1 flag ``[P]``, then the base
+        """Per student position (leading dim ``P = B·(M−1)``): (compared flag ``[P]``, then the base
         signal's tensors at the matching teacher position with ids mapped to the student's, when
         ``exact``; then chunk owner ``[P]`` int64, the teacher's chunk log-prob at owners ``[P]``
         float32 and an owner flag ``[P]``, when ``chunk``)."""
@@ -87,15 +93,15 @@ class CrossTokenizer:
         self._counts += batch["cross_counts"].sum(0).double().cpu()
         parts: list[torch.Tensor] = []
         teacher_position = batch["cross_exact"][:, :-1]
-        one_to_one = (teacher_position >= 0).reshape(-1)
-        parts.append(one_to_one)
+        compared = (teacher_position >= 0).reshape(-1)
+        parts.append(compared)
         if self.exact:
             rows = torch.arange(b, device=input_ids.device)[:, None] * (length - 1)
             flat = (rows + teacher_position.clamp_min(0)).reshape(-1)
             base_parts = self.base.positions(teacher_ids, batch)
             ids = base_parts[0][flat]
             mapping = self.map.to(ids.device)
-            student_ids = torch.where(one_to_one[:, None], mapping[ids], -1)
+            student_ids = torch.where(compared[:, None], mapping[ids], -1)
             rest = [part[flat] for part in base_parts[1:]]
             if self.many_to_one:  # top-k: (log-probs, tail); draws: (weights,)
                 if isinstance(self.base, StoredTopK):
@@ -136,7 +142,7 @@ class CrossTokenizer:
         return [owner, teacher_at_owner, is_owner]
 
     def divergence(self, student_logprobs: torch.Tensor, targets: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
-        """``[P]`` nats of the exact term (zero off 1:1 chunks, and everywhere in ``chunk`` mode)."""
+        """``[P]`` nats of the exact term (zero off the compared positions, and everywhere in ``chunk`` mode)."""
         if not self.exact:
             return torch.zeros(student_logprobs.shape[0], device=student_logprobs.device)
         one_to_one, student_ids, *rest = parts[:self._parts]

@@ -4,6 +4,7 @@ the vocabulary map, and the refusal of tokenizers that do not spell their text."
 import random
 
 import numpy as np
+import torch
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -157,6 +158,22 @@ def random_spans(rng: random.Random, n: int, start: int = 0, stop: int | None = 
     return Spans(ids, np.array([a for a, _ in spans]), np.array([b for _, b in spans]))
 
 
+def reference_starts(t: Spans, s: Spans, cut: bool):
+    """(student position, teacher position) before each kept chunk's first target, 1:1 or not."""
+    def wide(side):
+        return [(j, a, b) for j, (a, b) in enumerate(zip(side.starts.tolist(), side.ends.tolist())) if b > a]
+
+    starts = []
+    exact, s_chunk, t_chunk, chunks = reference_alignment(t, s, cut)
+    for k in range(chunks):
+        ss = [i + 1 for i, c in enumerate(s_chunk) if c == k]
+        tt = [j + 1 for j, c in enumerate(t_chunk) if c == k]
+        starts.append((min(ss) - 1, min(tt) - 1))
+    assert set(exact) <= set(starts)
+    assert all(b > a for i, _ in starts for j, a, b in wide(s) if j == i + 1)
+    return starts
+
+
 def test_chunks_equal_a_brute_force_reference_on_random_tokenizations():
     rng = random.Random(0)
     for case in range(400):
@@ -170,6 +187,7 @@ def test_chunks_equal_a_brute_force_reference_on_random_tokenizations():
         assert [tuple(p) for p in got.exact.tolist()] == exact, case
         assert got.student_chunk.tolist() == s_chunk and got.teacher_chunk.tolist() == t_chunk, case
         assert got.chunks == chunks
+        assert [tuple(p) for p in got.starts.tolist()] == reference_starts(t, s, cut), case
 
 
 def test_identical_tokenizers_align_every_target_one_to_one(tokenizers):
@@ -180,7 +198,10 @@ def test_identical_tokenizers_align_every_target_one_to_one(tokenizers):
     assert np.array_equal(batch["input_ids"][0], row)
     assert np.array_equal(batch["cross_exact"][0, :-1], np.arange(len(row) - 1))  # position t ↔ position t
     counts = batch["cross_counts"][0]
-    assert counts.tolist() == [len(row) - 1, len(row) - 1, len(row) - 1, 1, 0]  # only the first token's chunk
+    n = len(row) - 1
+    assert counts.tolist() == [n, n, n, 1, 0, n]  # only the first token's chunk; every chunk 1:1
+    starts = RowAligner(side, side, encoder(tokenizers["bpe8192"]), 10_000, 0, positions="starts")
+    assert np.array_equal(starts({"input_ids": row[None]})["cross_exact"], batch["cross_exact"])
 
 
 def test_different_tokenizers_share_most_targets_and_count_what_they_drop(tokenizers):
@@ -189,9 +210,16 @@ def test_different_tokenizers_share_most_targets_and_count_what_they_drop(tokeni
     ids = stream(teacher, TEXTS * 3)
     rows = np.array([ids[r * 31: r * 31 + 32] for r in range(len(ids) // 31 - 1)])
     batch = aligner({"input_ids": rows})
-    targets, exact, in_chunks, dropped, unaligned = batch["cross_counts"].sum(0)
+    targets, exact, in_chunks, dropped, unaligned, starts = batch["cross_counts"].sum(0)
     assert unaligned == 0 and dropped >= len(rows)  # every row's first chunk, and the cut last ones
-    assert 0.3 < exact / targets < 1.0 and exact < in_chunks < targets
+    assert 0.3 < exact / targets < 1.0 and exact < starts < in_chunks < targets
+    # positions="starts": the next-token term at every kept chunk's first target, 1:1 or not
+    wide = RowAligner(token_bytes(teacher), token_bytes(student), encoder(student), 10_000, 0, positions="starts")
+    at_starts = wide({"input_ids": rows})
+    assert np.array_equal(at_starts["cross_counts"], batch["cross_counts"])
+    assert (at_starts["cross_exact"] >= 0).sum() == starts and (batch["cross_exact"] >= 0).sum() == exact
+    one_to_one = batch["cross_exact"] >= 0
+    assert np.array_equal(at_starts["cross_exact"][one_to_one], batch["cross_exact"][one_to_one])
     # the student's ids are its own tokenization of each row's bytes (padding masked)
     for r in range(len(rows)):
         m = int(batch["loss_mask"][r].sum()) + 1
@@ -246,3 +274,183 @@ def test_prefix_map_sends_each_unspelt_teacher_id_to_its_longest_student_prefix(
         assert piece.startswith(chosen) and len(chosen) < len(piece)
         assert not any(piece[:n] in student_pieces for n in range(len(chosen) + 1, len(piece) + 1))
     assert np.array_equal(build_vocab_map(big, big, "prefix"), np.arange(len(big.pieces)))
+
+
+# ---------------------------------------------------------------- the first-token map (--unmapped first)
+
+def byte_bpe(words: list[str], merges: list[tuple[str, str]] = ()) -> PreTrainedTokenizerFast:
+    """A tiny byte-level BPE (GPT-2's pre-tokenizer, no prefix space): the 256 bytes, each word of
+    ``words`` built left to right (" and" = " "+"a", " a"+"n", " an"+"d"), then ``merges``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from pipeline.text.align import _unicode_to_byte
+
+    char = {b: c for c, b in _unicode_to_byte().items()}
+
+    def spell(text: str) -> str:
+        return "".join(char[b] for b in text.encode("utf-8"))
+
+    pairs = [(w[:i], w[i]) for w in words for i in range(1, len(w))] + list(merges)
+    vocab = {"<|endoftext|>": 0} | {char[b]: b + 1 for b in range(256)}
+    merge_list = []
+    for a, b in pairs:
+        if (spell(a), spell(b)) not in merge_list:
+            merge_list.append((spell(a), spell(b)))
+            vocab.setdefault(spell(a + b), len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merge_list))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def id_of(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def optimum(mapping: np.ndarray, teacher_ids: list[int], teacher_probs: list[float], student_vocab: int,
+            sampled: bool) -> torch.Tensor:
+    """The student distribution that minimises the bucketed loss against one teacher position
+    (top-k with an empty tail, or the same probabilities as drawn weights), merged as
+    CrossTokenizer merges a many-to-one map."""
+    from pipeline.train.cross_losses import (bucketed_sampled_kd, bucketed_sparse_kd, merge_duplicates,
+                                             unmapped_student_ids)
+
+    bucket_ids = unmapped_student_ids(torch.from_numpy(mapping.astype(np.int64)), student_vocab)
+    student_ids = torch.from_numpy(mapping[np.array(teacher_ids)].astype(np.int64))[None]
+    probs = torch.tensor([teacher_probs], dtype=torch.float32)
+    if sampled:
+        student_ids, weights = merge_duplicates(student_ids, weights=probs)
+    else:
+        student_ids, logprobs = merge_duplicates(student_ids, logprobs=probs.log())
+    logits = torch.zeros(1, student_vocab, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.3)
+    for _ in range(400):
+        opt.zero_grad()
+        logq = torch.log_softmax(logits, -1)
+        loss = bucketed_sampled_kd(logq, student_ids, weights, bucket_ids) if sampled else \
+            bucketed_sparse_kd(logq, student_ids, logprobs, torch.tensor([-float("inf")]))
+        loss.sum().backward()
+        opt.step()
+    return torch.softmax(logits.detach(), -1)[0]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_first_rule_gives_a_longer_teacher_token_to_the_students_first_token_of_it(sampled):
+    """Teacher p(" destroys") = .5, p(" destroy") = .3, p(" and") = .2; the student writes
+    " destroys" as " destroy" + "s". Its next token is " destroy" with probability .8; the bucket
+    rule teaches .3 (" destroys" goes to the bucket with the student's "s"-less rest)."""
+    teacher, student = byte_bpe([" destroys", " and"]), byte_bpe([" destroy", " and"])
+    assert student(" destroys", add_special_tokens=False)["input_ids"] == [id_of(student, " destroy"),
+                                                                         id_of(student, "s")]
+    t_side, s_side = token_bytes(teacher), token_bytes(student)
+    ids = [id_of(teacher, w) for w in (" destroys", " destroy", " and")]
+    destroy = id_of(student, " destroy")
+    first = build_vocab_map(t_side, s_side, "first", student)
+    assert first[ids].tolist() == [destroy, destroy, id_of(student, " and")]
+    q = optimum(first, ids, [.5, .3, .2], len(s_side.pieces), sampled)
+    assert float(q[destroy]) == pytest.approx(0.80, abs=2e-3)
+    q = optimum(build_vocab_map(t_side, s_side, "bucket"), ids, [.5, .3, .2], len(s_side.pieces), sampled)
+    # top-k: .3, the rest of the student's mass is its bucket; drawn targets: the student's bucket is its
+    # ids outside the map's image, and here the teacher spells every student token, so there is none and
+    # the target is the mapped mass renormalised, .3 / .5. Neither is the byte-consistent .8.
+    assert float(q[destroy]) == pytest.approx(0.60 if sampled else 0.30, abs=2e-3)
+
+
+def test_a_teacher_token_shorter_than_the_students_goes_to_the_students_first_token_of_its_own_bytes():
+    """The strict-prefix case: the teacher writes " destroys" as " destroy" + "s", the student as
+    " destroys". Teacher " destroy" goes to the student's first token of " destroy" alone: " destroy"
+    where the student has it (so the teacher's mass on " destroy" + "s" teaches q(" destroy"), not
+    q(" destroys")), else the shorter token its BPE cuts first (" des")."""
+    teacher = byte_bpe([" destroy", " and"])
+    with_it = byte_bpe([" destroys", " and"])  # " destroy" is one of its merges on the way
+    without = byte_bpe([" des", "troys", " and"], merges=[(" des", "troys")])
+    assert id_of(with_it, " destroys") and id_of(without, " destroys")
+    assert [without.decode([i]) for i in without(" destroy", add_special_tokens=False)["input_ids"]] == \
+        [" des", "troy"]
+    t_side = token_bytes(teacher)
+    for student, expected in ((with_it, " destroy"), (without, " des")):
+        mapping = build_vocab_map(t_side, token_bytes(student), "first", student)
+        assert mapping[id_of(teacher, " destroy")] == id_of(student, expected)
+        assert mapping[id_of(teacher, "s")] == id_of(student, "s")
+    # what the comparison then teaches: the teacher's " destroy" (followed by "s" or not) is the
+    # student's " destroy"; its " destroys" has no teacher slot and goes with the rest (here empty)
+    mapping = build_vocab_map(t_side, token_bytes(with_it), "first", with_it)
+    ids = [id_of(teacher, " destroy"), id_of(teacher, " and")]
+    q = optimum(mapping, ids, [.7, .3], len(token_bytes(with_it).pieces), sampled=False)
+    assert float(q[id_of(with_it, " destroy")]) == pytest.approx(0.70, abs=2e-3)
+    assert float(q[id_of(with_it, " destroys")]) < 1e-3
+
+
+def reference_first(teacher: TokenBytes, student_tokenizer, exact: np.ndarray) -> np.ndarray:
+    """The student's first token of each teacher id's bytes, from the student tokenizer's own
+    encode of those bytes as a text of their own (the pairs of equal bytes kept first)."""
+    backend = student_tokenizer.backend_tokenizer
+    out = exact.copy()
+    for t, piece in enumerate(teacher.pieces):
+        if out[t] >= 0 or not piece:
+            continue
+        try:
+            ids = backend.encode(piece.decode("utf-8"), add_special_tokens=False).ids
+        except UnicodeDecodeError:  # part of a character
+            student = token_bytes(student_tokenizer)
+            if student.scheme == "byte-level":  # the student's BPE of those bytes alone
+                from pipeline.text.align import _unicode_to_byte
+
+                char = {b: c for c, b in _unicode_to_byte().items()}
+                tokens = backend.model.tokenize("".join(char[b] for b in piece))
+                ids = [backend.token_to_id(x.value) for x in tokens]
+            else:  # its longest token beginning them (a byte fallback <0xNN> only where nothing else)
+                ids = [max((i for i, p in enumerate(student.pieces) if p and piece.startswith(p)),
+                           key=lambda i: (len(student.pieces[i]), i not in student.fallback, -i))]
+        out[t] = ids[0]
+    return out
+
+
+@pytest.mark.parametrize("teacher_name,student_name", [("bpe8192", "bpe4096"), ("bpe4096", "bpe8192"),
+                                                       ("sentencepiece", "bpe4096"), ("bpe4096", "sentencepiece")])
+def test_first_map_is_the_students_first_token_of_each_teacher_tokens_bytes(tokenizers, teacher_name,
+                                                                             student_name):
+    teacher, student = token_bytes(tokenizers[teacher_name]), token_bytes(tokenizers[student_name])
+    exact = build_vocab_map(teacher, student)
+    first = build_vocab_map(teacher, student, "first", tokenizers[student_name])
+    assert np.array_equal(first[exact >= 0], exact[exact >= 0])  # pairs of equal bytes unchanged: 1:1 as before
+    assert np.array_equal(first, reference_first(teacher, tokenizers[student_name], exact))
+    has_bytes = np.array([bool(p) for p in teacher.pieces])
+    assert (first[has_bytes] >= 0).all()
+    for t in np.nonzero(has_bytes)[0]:
+        assert teacher.pieces[t].startswith(student.pieces[first[t]])  # always a prefix of its bytes
+    if teacher_name == "bpe8192":
+        prefix = build_vocab_map(teacher, student, "prefix")
+        assert (first != prefix).sum() > 100  # the longest prefix is often not what BPE emits
+
+
+def test_first_map_of_identical_tokenizers_is_the_identity_and_is_cached_by_rule(tokenizers, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    for name in ("bpe8192", "sentencepiece"):
+        side = token_bytes(tokenizers[name])
+        assert np.array_equal(build_vocab_map(side, side, "first", tokenizers[name]), np.arange(len(side.pieces)))
+    big, small = token_bytes(tokenizers["bpe8192"]), token_bytes(tokenizers["bpe4096"])
+    maps = {rule: vocab_map(big, small, rule, tokenizers["bpe4096"]) for rule in ("bucket", "prefix", "first")}
+    assert len(list(tmp_path.glob("vocab-map-*.npy"))) == 3 and len({d for _, d in maps.values()}) == 3
+    again, digest = vocab_map(big, small, "first", tokenizers["bpe4096"])
+    assert digest == maps["first"][1] and np.array_equal(again, maps["first"][0])
+    with pytest.raises(ValueError, match="student tokenizer"):
+        build_vocab_map(big, small, "first")
+
+
+def byte_fallback_as_specials() -> PreTrainedTokenizerFast:
+    """The SentencePiece-style tokenizer with its <0xNN> byte tokens registered as special added
+    tokens (as some conversions do): its bytes are lost when read back as text."""
+    tokenizer = sentencepiece_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [f"<0x{b:02X}>" for b in range(256)]})
+    return tokenizer
+
+
+def test_byte_tokens_registered_as_specials_are_refused_on_either_side():
+    tokenizer = byte_fallback_as_specials()
+    assert "special" in byte_problem(tokenizer)
+    with pytest.raises(DistillError) as e:
+        check_byte_level(tokenizer, "teacher", "store-tokenizer")
+    assert "\n" not in str(e.value) and str(e.value).startswith("teacher tokenizer store-tokenizer cannot be aligned")

@@ -80,15 +80,20 @@ def test_identical_tokenizers_give_todays_loss_and_gradients(root, tmp_path, kin
     kind = store.kind  # the hybrid is a topk store with tail draws (read as drawn targets)
     today = stored_teacher(kind, store.params, temperature)
     ce, kd, n, grads = step_loss(model, 8192, today, tensors(rows), loss_chunk)
-    aligner = RowAligner(side, side, encoder(tokenizer), 10_000, tokenizer.eos_token_id)
-    cross = CrossTokenizer(stored_teacher(kind, store.params, temperature), np.arange(8192), "exact")
-    batch = tensors(aligner(rows))
-    ce2, kd2, n2, grads2 = step_loss(model, 8192, cross, batch, loss_chunk)
-    assert n2 == n == ROWS * 31 and kd > 0.01
-    assert abs(ce2 - ce) / n < 1e-6 and abs(kd2 - kd) / n < 1e-6
-    for name in grads:
-        torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=1e-6)
-    assert cross.take_stats()["cross_exact_share"] == 1.0
+    # the identity map at 1:1 chunks, and the default: the first-token map at every chunk start
+    first, _ = vocab_map(side, side, "first", tokenizer)
+    assert np.array_equal(first, np.arange(8192))
+    for mapping, positions in ((np.arange(8192), "1to1"), (first, "starts")):
+        aligner = RowAligner(side, side, encoder(tokenizer), 10_000, tokenizer.eos_token_id, positions=positions)
+        cross = CrossTokenizer(stored_teacher(kind, store.params, temperature), mapping, "exact")
+        batch = tensors(aligner(rows))
+        ce2, kd2, n2, grads2 = step_loss(model, 8192, cross, batch, loss_chunk)
+        assert n2 == n == ROWS * 31 and kd > 0.01
+        assert abs(ce2 - ce) / n < 1e-6 and abs(kd2 - kd) / n < 1e-6
+        for name in grads:
+            torch.testing.assert_close(grads2[name], grads[name], rtol=0, atol=1e-6)
+        stats = cross.take_stats()
+        assert stats["cross_exact_share"] == stats["cross_start_share"] == 1.0
 
 
 def permuted(side: TokenBytes, perm: np.ndarray, name: str) -> TokenBytes:
@@ -130,14 +135,19 @@ def test_renaming_the_students_ids_changes_nothing(root, tmp_path, mode, monkeyp
     assert ce_b == pytest.approx(ce_a, rel=1e-6) and kd_b == pytest.approx(kd_a, rel=1e-6)
 
 
-def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rule,positions", [("bucket", "1to1"), ("first", "starts")])
+def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root, tmp_path, monkeypatch, rule,
+                                                                          positions):
+    """The old 1:1-only term with the bucket map, and the default: every chunk start, the teacher's
+    ids through the first-token map (several teacher ids of one student id added up)."""
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     store = open_store(root / "topk")
     rows = store.read_rows(0, ROWS)
     teacher_tok, student_tok = AutoTokenizer.from_pretrained(str(TOKENIZER)), AutoTokenizer.from_pretrained(str(SECOND))
     teacher_side, student_side = token_bytes(teacher_tok), token_bytes(student_tok)
-    mapping, _ = vocab_map(teacher_side, student_side)
-    aligner = RowAligner(teacher_side, student_side, encoder(student_tok), 10_000, student_tok.eos_token_id)
+    mapping, _ = vocab_map(teacher_side, student_side, rule, student_tok)
+    aligner = RowAligner(teacher_side, student_side, encoder(student_tok), 10_000, student_tok.eos_token_id,
+                         positions=positions)
     arrays = aligner(rows)
     batch = tensors(arrays)
     model = tiny_model(tmp_path / "student.json", 4096)
@@ -170,12 +180,12 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
             rest = math.exp(arrays["tail_logmass"][r, j, grid.index(t)])
             for tid, lp in zip(arrays["topk_ids"][r, j], arrays["topk_logprobs"][r, j].astype(np.float64)):
                 if mapping[tid] >= 0:
-                    p[int(mapping[tid])] = math.exp(at_t(lp, r, j))
+                    p[int(mapping[tid])] = p.get(int(mapping[tid]), 0.0) + math.exp(at_t(lp, r, j))
                 else:
                     rest += math.exp(at_t(lp, r, j))
             q = {s: math.exp(logq[r, i, s]) for s in p}
             q_rest = 1 - sum(q.values())
-            exact += sum(p[s] * math.log(p[s] / q[s]) for s in p) + rest * math.log(rest / q_rest)
+            exact += sum(p[s] * math.log(p[s] / q[s]) for s in p) + (rest * math.log(rest / q_rest) if rest else 0.0)
         student_chunks, teacher_chunks = {}, {}
         for i, c in enumerate(arrays["cross_student_chunk"][r]):
             if c >= 0:
@@ -189,7 +199,9 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
             chunk += a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
             a = min(a, 1 - 1e-6)  # reverse: a teacher certain of a chunk is capped as the student is
             chunk_reverse += b * math.log(b / a) + (1 - b) * math.log((1 - b) / (1 - a))
-    assert 0.2 < arrays["cross_counts"][:, 1].sum() / arrays["cross_counts"][:, 0].sum() < 1.0
+    targets, one_to_one, starts = (arrays["cross_counts"][:, c].sum() for c in (0, 1, 5))
+    assert 0.2 < one_to_one / targets < starts / targets < 1.0
+    assert (arrays["cross_exact"] >= 0).sum() == (starts if positions == "starts" else one_to_one)
     assert got["exact"] == pytest.approx(exact, rel=1e-5)
     assert got["chunk"] == pytest.approx(chunk, rel=1e-5)
     assert got["chunk-reverse"] == pytest.approx(chunk_reverse, rel=1e-5) and chunk_reverse != pytest.approx(chunk)
