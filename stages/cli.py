@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 
 from pipeline.config import field_types, flag, load_config, split_list
 from pipeline.errors import DistillError
+from pipeline.hub import resolve_model_paths
 from pipeline.io import disk_full, disk_full_message
 from pipeline.preempt import start_stage
 
@@ -92,9 +93,10 @@ def _option_type(hint: Any) -> Any:
 
 
 def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: str,
-                  positional: tuple[str, ...] = ()) -> None:
+                  positional: tuple[str, ...] = (), models: bool = True) -> None:
     """Register ``distill NAME``: flags from ``config_cls`` fields (``positional`` ones as
-    arguments), then ``run(config)``."""
+    arguments), then ``run(config)``; with ``models``, options naming a model or tokenizer may be Hub
+    ids, resolved from the local cache first (:mod:`pipeline.hub`)."""
     params = [inspect.Parameter(
         "config_file", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
         default=typer.Option(None, "--config", help="YAML or JSON file of options; flags override it."),
@@ -121,7 +123,8 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
                      for k, v in flags.items() if v is not None and v != []}
         start_stage(run, name)  # a pre-emption signal that came while distill was starting (preempt.py)
         try:
-            run(load_config(config_cls, config_file, **overrides))
+            config = load_config(config_cls, config_file, **overrides)
+            run(resolve_model_paths(config) if models else config)
         except DistillError as e:
             _close_progress_bars()
             typer.echo(f"error: {e}", err=True)
@@ -184,7 +187,7 @@ def _register() -> None:
     stage_command("report", report.ReportConfig, report.make_report,
                   "Tables and figures comparing evaluated models: a row per run, the paper's tables over seed "
                   "groups (teacher, students, CE-only, rules), metric-vs-T/α curves.",
-                  positional=("runs",))
+                  positional=("runs",), models=False)  # its --teacher names a run, not a model
     stage_command("rounds", rounds.RoundsConfig, rounds.rounds_command,
                   "On-policy distillation in rounds: the student writes completions, the teacher scores them "
                   "offline (stage one), the student trains on them; R rounds, each step resumable, a held-out "
