@@ -50,7 +50,8 @@ from pipeline.config import check, flag, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
 from pipeline.store import contract as store_lib
-from pipeline.text.corpus import ACCEPTED, BLOCK, DocumentReader, corpus_fingerprint, find_inputs, input_kind
+from pipeline.text.corpus import ACCEPTED, BLOCK, DocumentReader, Inputs, corpus_fingerprint, find_inputs, input_kind
+from pipeline.text.mixture import Mixture, MixtureReader, mixture_files, read_sources
 from pipeline.text.examples import (FORMATS, ExampleReader, IdsReader, chat_template_sha256, read_samplers,
                                     require_chat_template)
 from pipeline.text.packing import ExampleRows, RowPacker
@@ -82,11 +83,18 @@ class PrepareConfig:
     rows_per_shard: int = option(4096, "Rows per store shard.")
     chunk_rows: int = option(64, "Rows per compressed chunk inside a shard (the unit a reader decodes).")
     batch_documents: int = option(512, "Documents tokenized per batch.")
+    sources: str = option("", "Instead of --input: a YAML list of weighted sources, {path, weight} or {path, tokens} "
+                          "each, interleaved so that each source's share of the store's tokens is its weight "
+                          "(pipeline/text/mixture.py).")
     overwrite: bool = option(False, "Replace an existing store built with different parameters.")
     trust_remote_code: bool = option(False, "Allow the tokenizer directory's own code to run.")
 
     def __post_init__(self):
-        problems = required(self, "inputs", "out")
+        problems = required(self, "out")
+        if bool(self.inputs) == bool(self.sources):
+            problems.append("pass --input FILE_OR_DIR (repeatable) or --sources MIX.yaml, one of the two")
+        if self.sources and self.format != "text":
+            problems.append(f"--sources mixes documents (--format text); --format {self.format} reads --input alone")
         if self.seq_len < 2:
             problems.append(f"seq_len must be at least 2, got {self.seq_len}")
         if self.format not in FORMATS:
@@ -114,7 +122,12 @@ def prepare(config: PrepareConfig) -> Path:
 
 def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
     # --- setup: inputs, tokenizer, and what decides the store's content ---
-    inputs = find_inputs(paths, skip_unknown=config.skip_unknown)
+    mixture = read_sources(config.sources) if config.sources else None
+    if mixture is not None:
+        source_files, left_out = mixture_files(mixture, config.skip_unknown)
+        inputs = Inputs([f for files in source_files for f in files], left_out)
+    else:
+        inputs = find_inputs(paths, skip_unknown=config.skip_unknown)
     files = inputs.files
     if inputs.skipped:
         shown = ", ".join(map(str, inputs.skipped[:3])) + (f" and {len(inputs.skipped) - 3} more"
@@ -124,7 +137,7 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
     examples = config.format != "text"
     if examples:
         _check_example_inputs(config, files, tokenizer)
-    params = _store_params(config, files, tokenizer)
+    params = _store_params(config, files, tokenizer, mixture)
     out = Path(config.out)
     if store_lib.existing_store(out, "tokens", config.backend, params, config.overwrite) == "done":
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
@@ -134,10 +147,14 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
         return _prepare_ids(config, files, tokenizer, params, out, inputs.skipped)
 
     # --- loop: stream documents (or examples) → token stream → rows → shards ---
-    reader = _reader(config, files, tokenizer)
+    encode = batch_encoder(tokenizer)
+    if mixture is not None:  # documents come tokenized: the mixture counts tokens to keep the shares
+        reader = MixtureReader(mixture, source_files, encode, config.text_field, config.txt_documents,
+                               config.skip_bad_utf8, config.batch_documents)
+    else:
+        reader = _reader(config, files, tokenizer)
     packer = RowPacker(config.seq_len, config.rows_per_shard, tokenizer.eos_token_id, flags=examples)
     writer = _ShardWriter(out, config.backend, config.chunk_rows, store_lib.token_dtype(params["vocab_size"]))
-    encode = batch_encoder(tokenizer)
     documents = iter(reader)
     try:
         # The bar is closed before any error propagates, so the error prints on a line of its own.
@@ -149,7 +166,7 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
                     for pieces in batch:
                         packer.add_example([next(encoded) for _ in pieces], [response for _, response in pieces])
                 else:
-                    for ids in encode(batch):
+                    for ids in (batch if mixture is not None else encode(batch)):
                         packer.add_document(ids)
                 progress.update(packer.total_tokens - before)
                 writer.write(packer.full_shards())
@@ -164,7 +181,11 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
     # --- finish: index last, then the whole store renamed into place ---
     index = writer.index(params, packer, documents=reader.stats.documents, skipped_lines=reader.stats.skipped_lines,
                          examples=examples, skipped_inputs=inputs.skipped)
+    if mixture is not None:
+        index["mixture"] = reader.facts()
     writer.commit(index, config)
+    if mixture is not None:
+        print(reader.summary())
     rows = index["rows"]
     skipped = f", skipped {reader.stats.skipped_lines} non-UTF-8 lines" if reader.stats.skipped_lines else ""
     trained = f"; {writer.loss_tokens} response targets in the loss, {packer.padding_tokens} padding" if examples else ""
@@ -209,7 +230,7 @@ def _prepare_ids(config: PrepareConfig, files: list[Path], tokenizer, params: di
     return out
 
 
-def _store_params(config: PrepareConfig, files: list[Path], tokenizer) -> dict:
+def _store_params(config: PrepareConfig, files: list[Path], tokenizer, mixture: Mixture | None = None) -> dict:
     """What decides the store's content: a rerun with the same params finds the store done."""
     vocab = vocab_size(tokenizer)
     params = {
@@ -219,10 +240,13 @@ def _store_params(config: PrepareConfig, files: list[Path], tokenizer) -> dict:
         "eos_token_id": tokenizer.eos_token_id,
         "seq_len": config.seq_len,
         "stride": config.seq_len - 1,
-        "corpus_fingerprint": corpus_fingerprint(files, **_reading_options(config)),
+        "corpus_fingerprint": corpus_fingerprint(files, **_reading_options(config),
+                                                 **(mixture.params() if mixture is not None else {})),
         "rows_per_shard": config.rows_per_shard,
         "chunk_rows": config.chunk_rows,
     }
+    if mixture is not None:  # (a store of one input keeps the params it always had)
+        params |= mixture.params()
     if config.format != "text":  # (a plain-text store keeps the params it always had)
         params["format"] = config.format
         if config.format == "chat":

@@ -72,7 +72,7 @@ DIGEST = "index_sha256"
 # the top-level keys of an index: always there, and the facts a stage may add (nothing else)
 INDEX_KEYS = frozenset({"format_version", "kind", "backend", "codec", "params", "arrays", "rows", "bytes", "shards"})
 INDEX_FACTS = frozenset({"documents", "tokens", "target_tokens", "dropped_tokens", "skipped_lines", "loss_tokens",
-                         "padding_tokens", "skipped_inputs"})
+                         "padding_tokens", "skipped_inputs", "mixture"})
 ENTRY_KEYS_V1 = frozenset({"name", "rows", "bytes", "sha256"})
 ENTRY_KEYS = ENTRY_KEYS_V1 | {"chunk_rows", "crc32"}
 PARTIAL_KEYS = frozenset({"params", "backend", "arrays", "shards"})
