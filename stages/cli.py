@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from rich.markup import escape as rich_escape
 from typer.core import TyperGroup
 
 from pipeline.config import field_types, flag, load_config, split_list
@@ -107,10 +108,11 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
             continue
         option_flag = flag(field.name)
         decls = [f"{option_flag}/--no-{option_flag[2:]}"] if types[field.name] is bool else [option_flag]
-        default = field.default if not isinstance(field.default, tuple) else list(field.default)
         help_text = field.metadata.get("help", "")
-        if default not in ("", None, []):
-            help_text += f"  [default: {default}]"
+        # the option's own default is None (unset: the config file's value or the field's stands), so the
+        # field's default goes into the help text, escaped: rich read "[default: …]" as markup and dropped it
+        if (shown := _shown_default(field.default, types[field.name] is bool, option_flag)) is not None:
+            help_text += "  " + rich_escape(f"[default: {shown}]")
         if field.name in positional:
             default = typer.Argument(None, help=help_text, show_default=False)
         else:
@@ -139,6 +141,16 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
     app.command(name, help=help)(command)
+
+
+def _shown_default(default: Any, boolean: bool, option_flag: str) -> str | None:
+    """What ``--help`` shows as an option's default: the field's value (a flag's spelling for a bool),
+    or nothing for an empty default (whose help says what empty means)."""
+    if boolean:
+        return option_flag if default else f"--no-{option_flag[2:]}"
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    return None if default in ("", None) else str(default)
 
 
 def _close_progress_bars() -> None:
