@@ -28,7 +28,11 @@ policy-gradient objective needs, about 4 bytes per token).
 Backends: ``zarr`` (a zarr v3 group per shard, one sharding-codec shard per array, zstd) and
 ``arrow`` (an Arrow IPC file per shard, zstd; an array of shape ``[N, *S]`` is a column of
 fixed-size lists of ``prod(S)`` values with ``S`` in the field metadata under ``shape``). Each
-backend has one reader (:class:`ShardReader`), for whole shards and for the chunks the loader reads.
+backend has one reader (:class:`ShardReader`), for whole shards and for the chunks the loader reads. It
+decodes no more than the index declares (a zarr chunk into exactly its rows' bytes, an Arrow batch
+only after its metadata says it holds the chunk's rows and no buffer decodes to more) and opens only
+regular files of the store's own (:func:`store_file`: no link, FIFO or device), so a store from
+someone else cannot exhaust memory, hang a read or be read through a link.
 
 A store built in place by parallel jobs (stage one) has one partial index per job
 (``index.part-JJJJJ-of-NNNNN.json``: params, backend, arrays and the job's finished shards);
