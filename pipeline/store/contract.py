@@ -28,7 +28,11 @@ policy-gradient objective needs, about 4 bytes per token).
 Backends: ``zarr`` (a zarr v3 group per shard, one sharding-codec shard per array, zstd) and
 ``arrow`` (an Arrow IPC file per shard, zstd; an array of shape ``[N, *S]`` is a column of
 fixed-size lists of ``prod(S)`` values with ``S`` in the field metadata under ``shape``). Each
-backend has one reader (:class:`ShardReader`), for whole shards and for the chunks the loader reads.
+backend has one reader (:class:`ShardReader`), for whole shards and for the chunks the loader reads. It
+decodes no more than the index declares (a zarr chunk into exactly its rows' bytes, an Arrow batch
+only after its metadata says it holds the chunk's rows and no buffer decodes to more) and opens only
+regular files of the store's own (:func:`store_file`: no link, FIFO or device), so a store from
+someone else cannot exhaust memory, hang a read or be read through a link.
 
 A store built in place by parallel jobs (stage one) has one partial index per job
 (``index.part-JJJJJ-of-NNNNN.json``: params, backend, arrays and the job's finished shards);
@@ -45,6 +49,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import zlib
@@ -56,6 +61,7 @@ import numpy as np
 
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, dir_bytes
+from pipeline.store import arrow_ipc
 
 # 4: index.json (and each partial index) carries index_sha256, a sha256 of its own canonical body, and
 # every top-level key and shard-entry key is known; the loss_mask array needs no version of its own any
@@ -163,47 +169,272 @@ def _write_arrow(path: Path, arrays: dict[str, np.ndarray], chunk_rows: int) -> 
 WRITERS = {"zarr": _write_zarr, "arrow": _write_arrow}
 
 
+# Reading a shard: what a shard's files may be and decode to is what the index declares. Every file is
+# opened through store_file (a regular file of the store's own, never a link, FIFO or device), every
+# zarr chunk is decoded into exactly the bytes its rows make, and every Arrow record batch's decoded
+# buffer lengths are checked against its rows before pyarrow allocates them (docs/RELIABILITY.md,
+# "Stores from someone else").
+
+ZARR_META_LIMIT = 1 << 20  # an array's zarr.json is about 1 KB; a larger one is not a writer's
+ZARR_EMPTY = 2 ** 64 - 1  # a sharding index entry (offset and length) for a chunk that was never written
+
+
+class _Refused(ValueError):
+    """A shard that claims more than its index declares, or is laid out otherwise than a writer lays
+    it out: ``str`` is the problem, for :meth:`ShardReader._guard`'s one line."""
+
+
+def zstd_bound(size: int) -> int:
+    """The most bytes zstd stores ``size`` bytes in (``ZSTD_COMPRESSBOUND``): a chunk stored in more
+    is not one zstd made."""
+    return size + (size >> 8) + (((128 << 10) - size) >> 11 if size < 128 << 10 else 0)
+
+
+def _zarr_chunk_rows(meta: Any, rows: int, chunk_rows: int, spec: dict[str, Any]) -> int:
+    """The rows of each inner chunk of an array's ``zarr.json``, which must be what :func:`_write_zarr`
+    writes for the index's rows, chunk_rows, dtype and shape: any other codec (gzip, blosc: decoders
+    this reader does not bound), chunk or shard shape, dtype or fill would decide how much a chunk
+    decodes to instead of the index."""
+    chunk = min(chunk_rows, rows)
+    shape = list(spec["shape"])
+    little = {"name": "bytes", "configuration": {"endian": "little"}}
+    wanted = {
+        "zarr_format": 3, "node_type": "array", "shape": [rows, *shape], "data_type": spec["dtype"],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [-(-rows // chunk) * chunk, *shape]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+    }
+    if not isinstance(meta, dict):
+        raise _Refused("is not a JSON object")
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            raise _Refused(f"has {key} {_short(meta.get(key))}, the index makes it {_short(value)}")
+    if meta.get("fill_value") not in (0, 0.0) or isinstance(meta.get("fill_value"), bool):
+        raise _Refused(f"has fill_value {_short(meta.get('fill_value'))}, a writer's is 0")
+    if meta.get("storage_transformers", []) != []:
+        raise _Refused("has storage_transformers, which a writer never adds")
+    codecs = meta.get("codecs")
+    sharding = codecs[0].get("configuration") if isinstance(codecs, list) and len(codecs) == 1 and \
+        isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed" else None
+    inner = sharding.get("codecs") if isinstance(sharding, dict) else None
+    if not (isinstance(inner, list) and len(inner) == 2 and inner[0] in (little, {"name": "bytes"})
+            and isinstance(inner[1], dict) and inner[1].get("name") == "zstd"
+            and sharding.get("index_codecs") == [little, {"name": "crc32c"}]
+            and sharding.get("index_location") == "end"):
+        raise _Refused(f"has codecs {_short(codecs)}, not a sharding codec of zstd chunks as a writer writes")
+    if sharding.get("chunk_shape") != [chunk, *shape]:
+        raise _Refused(f"has chunk_shape {_short(sharding.get('chunk_shape'))}, the index makes it {[chunk, *shape]}")
+    return chunk
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _ZarrArray:
+    """One array of a zarr shard (one sharding-codec shard file), read without zarr: the shard's own
+    index of chunk offsets is read once, then each chunk's stored bytes (no more than zstd makes of the
+    chunk's rows) are decompressed into exactly the bytes the index's rows × dtype × shape make."""
+
+    def __init__(self, root: Path, shard: str, name: str, spec: dict[str, Any], rows: int, chunk_rows: int):
+        self.name = name
+        meta = read_store_json(root, shard, name, "zarr.json", limit=ZARR_META_LIMIT)
+        try:
+            self.chunk = _zarr_chunk_rows(meta, rows, chunk_rows, spec)
+        except _Refused as e:
+            raise _Refused(f"{name}/zarr.json {e}") from None
+        self.dtype, self.shape, self.rows = np.dtype(spec["dtype"]), tuple(spec["shape"]), rows
+        self.chunk_bytes = self.chunk * math.prod(self.shape) * self.dtype.itemsize
+        chunks = -(-rows // self.chunk)
+        # one shard spans every row, so its key is c/0/…/0; no file at all is a shard of empty chunks
+        self.fd = store_file(root, shard, name, "c", *["0"] * (1 + len(self.shape)), missing_ok=True)
+        self.offsets = np.full((chunks, 2), ZARR_EMPTY, np.uint64)
+        try:
+            self._read_shard_index(name, chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_shard_index(self, name: str, chunks: int) -> None:
+        if self.fd is not None:
+            size, table_bytes = os.fstat(self.fd).st_size, 16 * chunks + 4
+            if size < table_bytes:
+                raise _Refused(f"{name}'s shard file has {size} bytes, less than its index of {chunks} chunks")
+            table = os.pread(self.fd, table_bytes, size - table_bytes)
+            import google_crc32c  # what zarr checks the shard index with (a dependency of zarr)
+
+            if google_crc32c.value(table[:-4]) != int.from_bytes(table[-4:], "little"):
+                raise _Refused(f"{name}'s shard index fails its crc32c")
+            self.offsets = np.frombuffer(table[:-4], "<u8").reshape(chunks, 2)
+            self.data_end = size - table_bytes
+
+    def _chunk(self, c: int) -> np.ndarray:
+        """Inner chunk ``c``, all ``self.chunk`` rows (the last one padded with the fill, as written)."""
+        offset, stored = (int(v) for v in self.offsets[c])
+        if offset == stored == ZARR_EMPTY:
+            return np.zeros((self.chunk, *self.shape), self.dtype)
+        most = zstd_bound(self.chunk_bytes)
+        if stored > most:
+            raise _Refused(f"stores {stored} bytes of {self.name}, past zstd's bound of {most} for the "
+                           f"{self.chunk_bytes} bytes its rows decode to")
+        if offset + stored > self.data_end:
+            raise _Refused(f"lies past the end of {self.name}'s shard data")
+        raw = os.pread(self.fd, stored, offset)
+        try:  # bounded: pyarrow decompresses into exactly chunk_bytes, refusing a frame that makes more or less
+            decoded = _zstd().decompress(raw, decompressed_size=self.chunk_bytes)
+        except (OSError, ValueError) as e:
+            raise _Refused(f"does not decode to the {self.chunk_bytes} bytes of {self.name} its rows make "
+                           f"({str(e).splitlines()[0][:80]})") from None
+        return np.frombuffer(decoded, self.dtype.newbyteorder("<")).reshape(self.chunk, *self.shape)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        first, last = lo // self.chunk, -(-hi // self.chunk)
+        if last - first == 1:
+            base = first * self.chunk
+            return self._chunk(first)[lo - base:hi - base]
+        out = np.empty((hi - lo, *self.shape), self.dtype)
+        for c in range(first, last):
+            base = c * self.chunk
+            a, b = max(lo, base), min(hi, base + self.chunk)
+            try:
+                out[a - lo:b - lo] = self._chunk(c)[a - base:b - base]
+            except _Refused as e:  # a whole-shard read names the chunk, as a chunk read does
+                raise _Refused(f"chunk {c} {e}") from None
+        return out
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@functools.cache
+def _zstd():
+    import pyarrow as pa
+
+    return pa.Codec("zstd")
+
+
 class _ZarrShard:
-    """A zarr shard opened for reading; chunk ``c`` is rows ``[c·chunk_rows, (c+1)·chunk_rows)``."""
+    """A zarr shard opened for reading: the index's arrays (or ``fields``), each checked against the
+    index as it opens; chunk ``c`` is rows ``[c·chunk_rows, (c+1)·chunk_rows)``."""
 
-    def __init__(self, path: Path, fields: tuple[str, ...] | None):
-        import zarr
-
-        group = zarr.open_group(str(path), mode="r")
-        names = fields or [name for name, _ in group.arrays()]
-        self.arrays = {name: group[name] for name in names}
+    def __init__(self, root: Path, index: dict[str, Any], entry: dict[str, Any], chunk_rows: int,
+                 fields: tuple[str, ...] | None):
+        self.rows, self.arrays = entry["rows"], {}
+        try:
+            for name in fields or index["arrays"]:
+                if name not in index["arrays"]:
+                    raise _Refused(f"is asked for an array '{name}' the index does not list")
+                self.arrays[name] = _ZarrArray(root, entry["name"], name, index["arrays"][name], self.rows, chunk_rows)
+        except BaseException:
+            self.close()
+            raise
 
     def read_all(self) -> dict[str, np.ndarray]:
-        return {name: np.asarray(array[...]) for name, array in self.arrays.items()}
+        return {name: array.read(0, self.rows) for name, array in self.arrays.items()}
 
     def read_chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray]:
         lo = chunk * chunk_rows
-        return {name: np.asarray(array[lo:lo + chunk_rows]) for name, array in self.arrays.items()}
+        if not 0 <= lo < self.rows:
+            raise _Refused(f"has no chunk {chunk}")
+        return {name: array.read(lo, min(lo + chunk_rows, self.rows)) for name, array in self.arrays.items()}
 
     def close(self) -> None:
-        pass
+        for array in self.arrays.values():
+            array.close()
 
 
 class _ArrowShard:
-    """An Arrow IPC shard opened for reading; chunk ``c`` is record batch ``c``."""
+    """An Arrow IPC shard opened for reading; chunk ``c`` is record batch ``c``. The file's footer and
+    schema are checked as it opens, each batch's metadata (:mod:`pipeline.store.arrow_ipc`) before
+    pyarrow decodes it: its rows are the index's, and no buffer decodes to more than they make."""
 
-    def __init__(self, path: Path, fields: tuple[str, ...] | None):
+    def __init__(self, root: Path, index: dict[str, Any], entry: dict[str, Any], chunk_rows: int,
+                 fields: tuple[str, ...] | None):
         import pyarrow as pa
 
-        self.source = pa.memory_map(str(path), "r")
-        self.file = pa.ipc.open_file(self.source)
-        self.fields = list(fields) if fields else None
+        os.close(store_file(root, entry["name"]))  # a regular file of the store's own, before it is mapped
+        self.source = pa.memory_map(str(root / entry["name"]), "r")
+        try:
+            self.data = memoryview(self.source.read_buffer())  # the mapping itself: nothing is copied
+            self.blocks = arrow_ipc.record_batch_blocks(self.data)
+            self.rows, self.chunk_rows = entry["rows"], chunk_rows
+            if len(self.blocks) != -(-self.rows // chunk_rows):
+                raise _Refused(f"holds {len(self.blocks)} record batches, its {self.rows} rows in chunks of "
+                               f"{chunk_rows} make {-(-self.rows // chunk_rows)}")
+            self.file = pa.ipc.open_file(self.source)
+            self.layout = _arrow_layout(self.file.schema, index["arrays"])
+            self.fields = list(fields) if fields else None
+            self.checked: set[int] = set()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, chunk: int) -> None:
+        if chunk not in self.checked:
+            rows = min(self.chunk_rows, self.rows - chunk * self.chunk_rows)
+            nodes, caps = [], []
+            # pyarrow's writer may keep up to Arrow's 64-byte padding of a sliced buffer (a small column is
+            # written whole in each batch), never more: measured over 40,360 batches of every dtype and width
+            padded = lambda size: -(-size // 64) * 64  # noqa: E731
+            for name, width, itemsize in self.layout:
+                if width is not None:
+                    nodes += [rows, rows * width]
+                    caps += [(f"{name} validity", padded(-(-rows // 8))),
+                             (f"{name} validity", padded(-(-rows * width // 8))), (name, padded(rows * width * itemsize))]
+                else:
+                    nodes.append(rows)
+                    caps += [(f"{name} validity", padded(-(-rows // 8))), (name, padded(rows * itemsize))]
+            arrow_ipc.check_batch(arrow_ipc.read_batch(self.data, self.blocks[chunk]), rows, nodes, caps)
+            self.checked.add(chunk)
 
     def read_all(self) -> dict[str, np.ndarray]:
+        for chunk in range(len(self.blocks)):
+            try:
+                self._check(chunk)
+            except arrow_ipc.IpcError as e:
+                raise _Refused(f"chunk {chunk} {e}") from None
         table = self.file.read_all()
         return _arrow_arrays(table.select(self.fields) if self.fields else table)
 
     def read_chunk(self, chunk: int, chunk_rows: int) -> dict[str, np.ndarray]:
+        if not 0 <= chunk < len(self.blocks):
+            raise _Refused(f"has no chunk {chunk}")
+        self._check(chunk)
         batch = self.file.get_batch(chunk)
         return _arrow_arrays(batch.select(self.fields) if self.fields else batch)
 
     def close(self) -> None:
+        self.data = None
         self.source.close()
+
+
+def _arrow_layout(schema, arrays: dict[str, Any]) -> list[tuple[str, int | None, int]]:
+    """Each field of an IPC file's schema as ``(name, list width or None, itemsize)``: the index's
+    arrays, each a column of its dtype (a fixed-size list of ``prod(shape)`` of them, ``shape`` being
+    the index's per-row shape, also in the field's metadata), nothing else."""
+    import pyarrow as pa
+
+    names = [field.name for field in schema]
+    if sorted(names) != sorted(arrays):
+        raise _Refused(f"holds arrays {_short(names)}, the index lists {_short(sorted(arrays))}")
+    layout = []
+    for field in schema:
+        spec = arrays[field.name]
+        value = pa.from_numpy_dtype(np.dtype(spec["dtype"]))
+        inner = list(spec["shape"])  # per row
+        width = math.prod(inner) if inner else None
+        shape = json.loads(field.metadata[b"shape"]) if field.metadata and b"shape" in field.metadata else None
+        kind = field.type
+        ok = (shape or []) == inner and (
+            (width is None and kind == value) or
+            (width is not None and pa.types.is_fixed_size_list(kind) and kind.list_size == width
+             and kind.value_type == value))
+        if not ok:
+            raise _Refused(f"holds {field.name} as {kind} of shape {shape}, the index says {spec['dtype']}{spec['shape']}")
+        layout.append((field.name, width, value.bit_width // 8))
+    return layout
 
 
 def _arrow_arrays(data) -> dict[str, np.ndarray]:
@@ -223,12 +454,18 @@ OPENERS = {"zarr": _ZarrShard, "arrow": _ArrowShard}
 
 
 def read_shard_file(path: Path, backend: str) -> dict[str, np.ndarray]:
-    """Every array of one shard file, with no index (what a plain reader sees)."""
-    shard = OPENERS[backend](Path(path), None)
-    try:
-        return shard.read_all()
-    finally:
-        shard.close()
+    """Every array of one shard file, with no index, read the way a plain zarr or pyarrow user reads
+    it: nothing bounds the decode, so this is for files this process wrote (the tests' and stage
+    one's own checks); a store from elsewhere is read through :class:`ShardReader`."""
+    if backend == "zarr":
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r")
+        return {name: np.asarray(array[...]) for name, array in group.arrays()}
+    import pyarrow as pa
+
+    with pa.memory_map(str(path), "r") as source:
+        return _arrow_arrays(pa.ipc.open_file(source).read_all())
 
 
 READERS = {backend: functools.partial(read_shard_file, backend=backend) for backend in BACKENDS}
@@ -259,9 +496,10 @@ class ShardReader:
         self.grid = params.get("temperature_grid")
         self.temperature = params.get("temperature")
         path = safe_child(self.root, self.name)
-        if not path.exists():
+        if not os.path.lexists(path):  # a dangling link is not missing: store_file refuses it as a link
             raise DistillError(f"store {self.root}: shard {self.name} is missing; {repair_hint(self.root, index)}")
-        self._shard = self._guard(None, OPENERS[index["backend"]], path, fields)
+        self._shard = self._guard(None, OPENERS[index["backend"]], self.root, index, self.entry, self.chunk_rows,
+                                  fields)
 
     def read_all(self) -> dict[str, np.ndarray]:
         arrays = self._guard(None, self._shard.read_all)
@@ -357,10 +595,15 @@ class ShardReader:
                 f"{param} = {draws}")
 
     def _guard(self, chunk: int | None, fn, *args):
+        where = f" chunk {chunk}" if chunk is not None else ""
         try:
             return fn(*args)
+        except DistillError:  # a file that is not the store's own (store_file) says so itself
+            raise
+        except (_Refused, arrow_ipc.IpcError) as e:  # claims more than the index declares, or another layout
+            raise DistillError(f"store {self.root}: shard {self.name}{where} {e}: the file is corrupt or not what a "
+                               f"writer writes; {repair_hint(self.root, self.index)}") from None
         except Exception as e:  # any decoder error means the bytes on disk are not what was written
-            where = f" chunk {chunk}" if chunk is not None else ""
             raise DistillError(f"store {self.root}: shard {self.name}{where} is corrupt ({type(e).__name__}); "
                                f"{repair_hint(self.root, self.index)}") from None
 
@@ -427,9 +670,9 @@ def _fsync_tree(path: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
-    elif path.exists():
+    elif os.path.lexists(path):  # a link is removed itself, never what it points to
         path.unlink()
 
 
@@ -461,7 +704,7 @@ def read_sealed(path: Path, what: str, hint: str | Callable[[], str]) -> tuple[d
         return DistillError(f"{what} {problem}; {hint() if callable(hint) else hint}")
 
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_store_file(path.parent, path.name, limit=INDEX_LIMIT).decode("utf-8")  # no link, FIFO or device
         body = json.loads(text)
     except UnicodeDecodeError:
         raise refuse("is not UTF-8 (damaged)") from None
@@ -567,10 +810,10 @@ class Store:
         contents are checked chunk by chunk as they are read)."""
         for i, entry in enumerate(self.shards):
             path = self.shard_path(i)
-            if not path.exists():
+            if not os.path.lexists(path):
                 raise DistillError(f"store {self.root}: shard {entry['name']} is missing; "
                                    f"{repair_hint(self.root, self.index)}")
-            size = dir_bytes(path)
+            size = shard_bytes(self.root, entry["name"])  # also refuses a link, FIFO or device anywhere in it
             if size != entry["bytes"]:
                 raise DistillError(f"store {self.root}: shard {entry['name']} has {size} bytes on disk, the index "
                                    f"records {entry['bytes']} (truncated or changed); {repair_hint(self.root, self.index)}")
@@ -584,7 +827,8 @@ class Store:
                 Store(self.root, {**self.index, "shards": [entry]}).check_files()
                 self.read_shard(i, verify=True)
             except DistillError as e:
-                bad[entry["name"]] = str(e).replace(f"store {self.root}: shard {entry['name']} ", "").split("; ")[0]
+                why = str(e).replace(f"store {self.root}: shard {entry['name']} ", "").split("; ")[0]
+                bad[entry["name"]] = why.replace(f"store {self.root}: {entry['name']}/", "").replace(f"store {self.root}: ", "")
         return bad
 
     def verify(self) -> None:
@@ -606,6 +850,94 @@ def safe_child(root: Path, name: str) -> Path:
     return root / name
 
 
+# What lstat says a store's entry is, where it is not what a writer leaves (a regular file or directory).
+_NOT_OWN = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+INDEX_LIMIT = 1 << 30  # bytes of an index or partial index: ~80 million chunk checksums, far past any store
+
+
+def _not_own(root: Path, relative: str, mode: int, wanted: str) -> DistillError:
+    what = next((name for test, name in _NOT_OWN if test(mode)), "not a regular file")
+    return DistillError(f"store {root}: {relative} is {what}, not a {wanted}; a store holds only its own regular files "
+                        "and directories: do not use it as it is (replace a link with a copy of what it points to, "
+                        "or rebuild the store from its source)")
+
+
+def store_file(root: Path, *parts: str, missing_ok: bool = False) -> int | None:
+    """A read-only file descriptor for ``root/parts…``, opened only if it is what a writer leaves:
+    every part a plain name, every directory on the way a real directory and the file a regular file
+    (``lstat``: a link is refused, not followed, so nothing outside the store is read through one),
+    then opened with ``O_NOFOLLOW | O_NONBLOCK`` and checked again (``fstat``), so a FIFO swapped in
+    meanwhile never blocks. The one way a reader opens a file of a store; ``None`` for a file that is
+    not there where ``missing_ok``. Anything else is one line naming the file."""
+    root, path = Path(root), Path(root)
+    for i, part in enumerate(parts):
+        safe_child(root, part)
+        path = path / part
+        relative = "/".join(parts[:i + 1])
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise DistillError(f"store {root}: {relative} is missing; the store is incomplete or damaged: "
+                               "rebuild it from its source") from None
+        wanted_dir = i < len(parts) - 1
+        if not (stat.S_ISDIR(mode) if wanted_dir else stat.S_ISREG(mode)):
+            raise _not_own(root, relative, mode, "directory" if wanted_dir else "regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_own(root, "/".join(parts), mode, "regular file")
+    return fd
+
+
+def read_store_file(root: Path, *parts: str, limit: int) -> bytes:
+    """The bytes of ``root/parts…`` (:func:`store_file`), refused unread where there are more than ``limit``."""
+    fd = store_file(root, *parts)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise DistillError(f"store {root}: {'/'.join(parts)} has {size} bytes, more than the {limit} such a file "
+                               "may have; the store is damaged or not one distill wrote: rebuild it from its source")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit)  # bounded even if it grew since fstat
+    finally:
+        os.close(fd)
+
+
+def read_store_json(root: Path, *parts: str, limit: int) -> Any:
+    try:
+        return json.loads(read_store_file(root, *parts, limit=limit))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise _Refused(f"{'/'.join(parts[1:])} does not parse") from None
+
+
+def shard_bytes(root: Path, name: str) -> int:
+    """A shard's bytes on disk, every entry under it looked at with ``lstat``: one that is not a real
+    directory or regular file (a link, wherever it points; a FIFO; a device) is refused, naming it."""
+    path = safe_child(root, name)
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode):
+        return os.lstat(path).st_size
+    if not stat.S_ISDIR(mode):
+        raise _not_own(root, name, mode, "regular file or directory")
+    total, pending = 0, [(path, name)]
+    while pending:
+        directory, relative = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):
+                    pending.append((Path(entry.path), f"{relative}/{entry.name}"))
+                elif stat.S_ISREG(mode):
+                    total += entry.stat(follow_symlinks=False).st_size
+                else:
+                    raise _not_own(root, f"{relative}/{entry.name}", mode, "regular file or directory")
+    return total
+
+
 def open_store(path: str | os.PathLike, kind: str | None = None, check: bool = True) -> Store:
     """A committed store, its index checked (its digest, its keys, its shard list, and its parameters
     against the arrays they describe: :func:`check_index`); ``check`` also checks every shard file's
@@ -614,7 +946,7 @@ def open_store(path: str | os.PathLike, kind: str | None = None, check: bool = T
     index_path = root / INDEX
     if not root.is_dir():
         raise DistillError(f"store {root} does not exist; run the stage that writes it first")
-    if not index_path.is_file():
+    if not os.path.lexists(index_path):
         raise DistillError(f"store {root} has no {INDEX} (unfinished or not a store); rerun the stage that writes it")
     index, sealed = read_sealed(index_path, f"store {root}: {INDEX}", lambda: index_hint(root))
     check_index(root, index, sealed)
