@@ -975,6 +975,31 @@ def existing_store(out: Path, kind: str, backend: str, params: dict[str, Any], o
     return "replace"
 
 
+def _open_lock(path: Path) -> int:
+    """A descriptor of the lock file at ``path``, created if missing: never through a link
+    (``O_NOFOLLOW``), and only a regular file of this user with one name, so that the truncate and
+    write that follow cannot reach a file someone planted the lock's name on."""
+    import errno
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        what = {errno.ELOOP: "is a symbolic link", errno.EISDIR: "is a directory"}.get(e.errno, f"cannot be opened "
+                                                                                               f"({e.strerror})")
+        raise DistillError(f"lock {path} {what}: distill did not write it; check what it is and remove it, "
+                           "then rerun") from None
+    st = os.fstat(fd)
+    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
+               else f"belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})" if st.st_uid != os.getuid()
+               else f"has {st.st_nlink} names (a hard link to another file)" if st.st_nlink != 1 else None)
+    if problem is not None:
+        os.close(fd)
+        raise DistillError(f"lock {path} {problem}: distill did not write it; check what it is and remove it, "
+                           "then rerun")
+    return fd
+
+
 class JobLock:
     """Job ``job`` of ``jobs`` holds ``.lock.part-JJJJJ-of-NNNNN`` in the store (an exclusive
     ``flock``) while it writes, so a second process started for the same job (a resubmitted array
@@ -988,7 +1013,7 @@ class JobLock:
         import time
 
         self.path = Path(root) / f".lock.part-{job:05d}-of-{jobs:05d}"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = _open_lock(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1002,10 +1027,13 @@ class JobLock:
 
     def remove_stale_temps(self, names: list[str]) -> int:
         """Delete what killed earlier runs of this job left under temp names (``.NAME.tmp-PID…``) for
-        the files it owns: safe only while the lock is held. Returns how many were removed."""
+        the files it owns: safe only while the lock is held. Returns how many were removed (a link
+        among them is unlinked, never followed)."""
+        from pipeline.outdir import remove_entry
+
         stale = [p for name in names for p in self.path.parent.glob(f".{name}.tmp-*")]
         for path in stale:
-            _remove(path)
+            remove_entry(path)
         return len(stale)
 
     def release(self) -> None:
