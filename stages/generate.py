@@ -49,6 +49,7 @@ from pipeline.decode.rules import Rules, load_rules, violations
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256
 from pipeline.models import DTYPES, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.outdir import GENERATED, claim, clear
 from pipeline.store.contract import JobLock, param_differences
 from pipeline.text.corpus import jsonl_values, read_lines
 from pipeline.text.tokenizer import load_tokenizer, vocab_size
@@ -241,13 +242,12 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if decision == "replace":  # only now that the teacher has loaded
-        for path in out.iterdir():
-            if path.name != PARTS:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        for path in (out / PARTS).iterdir():
-            if path != lock.path:
-                path.unlink()
+    if decision == "replace":  # only now that the teacher has loaded; only what generate writes (checked again)
+        try:
+            clear(out, GENERATED, keep=(lock.path,))
+        except BaseException:
+            lock.release()
+            raise
 
     progress_file = index_path(out, config.shard_index, config.num_shards)
     progress = read_progress(progress_file)
@@ -337,7 +337,9 @@ def record_settings(config: GenerateConfig, rules: Rules | None) -> dict:
 
 def existing_output(out: Path, params: dict, overwrite: bool) -> str:
     """'done' (a merged output with these params), 'resume' (none, or parts with these params) or
-    'replace' (other params, with --overwrite); other params without --overwrite are refused."""
+    'replace' (other params, with --overwrite); other params without --overwrite are refused, and so is,
+    with or without it, anything in OUT that generate does not write (:data:`GENERATED`)."""
+    claim(out, GENERATED, overwrite)
     summary = read_progress(out / SUMMARY)
     if summary and summary.get("params") == params and (out / OUTPUT).is_file() \
             and file_sha256(out / OUTPUT) == summary.get("sha256"):

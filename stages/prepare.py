@@ -44,6 +44,7 @@ from tqdm import tqdm
 from pipeline.config import check, flag, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
+from pipeline.outdir import STORE, claim
 from pipeline.store import contract as store_lib
 from pipeline.text.corpus import DocumentReader, corpus_fingerprint, expand_inputs
 from pipeline.text.examples import FORMATS, ExampleReader, IdsReader, chat_template_sha256, require_chat_template
@@ -274,6 +275,11 @@ class _ShardWriter:
     def commit(self, index: dict, config: PrepareConfig) -> None:
         save_resolved(config, self.tmp / "config.json")
         store_lib.write_index(self.tmp, index)
+        try:  # OUT was checked before the corpus was read; whatever was put there since is not replaced either
+            claim(self.out, STORE, config.overwrite)
+        except DistillError:
+            self.discard()
+            raise
         replace_dir(self.tmp, self.out)
 
     def discard(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
+from pipeline.outdir import TOKENIZER, claim
 from pipeline.text.corpus import DocumentReader, expand_inputs
 
 
@@ -30,8 +31,8 @@ class TokenizerConfig:
 
 def train_tokenizer(config: TokenizerConfig) -> Path:
     out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise DistillError(f"{out} already exists; pass --overwrite to replace it")
+    if claim(out, TOKENIZER, config.overwrite) and not config.overwrite:  # anything else there is refused
+        raise DistillError(f"{out} already holds a tokenizer; pass --overwrite to replace it")
     reader = DocumentReader(expand_inputs(config.inputs), text_field=config.text_field)
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +45,11 @@ def train_tokenizer(config: TokenizerConfig) -> Path:
         save_resolved(config, tmp / "distill_config.json", {"documents": reader.stats.documents})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made is left beside OUT
+        raise
+    try:  # only a tokenizer distill wrote (or nothing) is replaced: checked again, the corpus took a while
+        claim(out, TOKENIZER, config.overwrite)
+    except DistillError:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out)
     return out

@@ -934,7 +934,8 @@ def write_partial_index(path: Path, params: dict[str, Any], backend: str, arrays
 
 
 def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
-    """What already lies in ``out``, as ``kind``/``backend``/params to compare; None for nothing."""
+    """What already lies in ``out`` (which :func:`outdir.claim` found to hold nothing but what a store
+    writes), as ``kind``/``backend``/params to compare; None for nothing to compare."""
     if (out / INDEX).exists():
         store = open_store(out, check=False)
         return {"kind": store.kind, "backend": store.index["backend"], **store.params}
@@ -943,9 +944,6 @@ def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
             body = read_partial_index(path)
             if body:
                 return {"kind": kind, "backend": body.get("backend"), **body["params"]}
-        if any(p for p in out.iterdir() if not p.name.startswith((".", "config.part-"))):
-            raise DistillError(f"{out} exists and is not an empty directory or a store; "
-                               "choose another --out or pass --overwrite")
     return None
 
 
@@ -954,9 +952,15 @@ def existing_store(out: Path, kind: str, backend: str, params: dict[str, Any], o
 
     - ``"done"``: a complete ``kind`` store with this backend and these params is there; nothing to do;
     - ``"write"``: nothing there, or unfinished work of the same params to continue;
-    - ``"replace"``: something else is there and ``overwrite`` says to replace it;
+    - ``"replace"``: another store (or a damaged one) is there and ``overwrite`` says to replace it;
     - otherwise a one-line error saying what differs (nothing is touched).
+
+    Anything in ``out`` that a store does not hold (:data:`outdir.STORE`) is refused first, with or
+    without ``overwrite``: ``--overwrite`` replaces a store, never a directory of someone's files.
     """
+    from pipeline.outdir import STORE, claim
+
+    claim(out, STORE, overwrite)
     try:
         found = _found(out, kind, backend)
     except DistillError:
