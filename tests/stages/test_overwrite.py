@@ -1,6 +1,7 @@
 """--overwrite still replaces what distill wrote: a store of other parameters, complete or unfinished,
 a training run, generated records, a tokenizer. (What it refuses, someone else's files and planted
-links, is in tests/test_bad_inputs.py.)"""
+links, is in tests/test_bad_inputs.py.) And names read off disk (a generate progress index's part
+names) stay inside OUT."""
 
 import json
 import os
@@ -105,13 +106,24 @@ def generate(inputs, out, *flags):
                    "--device", "cpu", *flags)
 
 
-def test_generate_overwrite_replaces_records(inputs, tmp_path, one_thread):
+def test_generate_overwrite_replaces_records_and_part_names_stay_in_out(inputs, tmp_path, one_thread):
     out = tmp_path / "gen"
     ok(generate(inputs, out, "--seed", "0"))
     ok(generate(inputs, out, "--seed", "1", "--overwrite"))
     assert json.loads((out / "summary.json").read_text())["params"]["settings"]["seed"] == 1
     assert names(out / "parts") == [".lock.part-00000-of-00001", "index.job-00000-of-00001.json",
                                     "job-00000-of-00001.part-00000", "job-00000-of-00001.part-00001"]
+    # a progress index naming a part outside parts/ (damaged or hostile) is refused, never read or written
+    canary = tmp_path / "canary.txt"
+    canary.write_text("a user's file\n")
+    index = out / "parts" / "index.job-00000-of-00001.json"
+    body = json.loads(index.read_text())
+    body["parts"][0]["name"] = "../../canary.txt"
+    index.write_text(json.dumps(body))
+    (out / "summary.json").unlink()  # so the rerun resumes and merges again
+    line = one_line_error(generate(inputs, out, "--seed", "1"))
+    assert "names part '../../canary.txt', which is not a plain file name" in line
+    assert canary.read_text() == "a user's file\n"
 
 
 def test_tokenizer_overwrite_replaces_a_tokenizer_distill_wrote(inputs, tmp_path):
