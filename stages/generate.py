@@ -52,7 +52,8 @@ from pipeline.decode.rules import Rules, load_rules, violations
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256
 from pipeline.models import DTYPES, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
-from pipeline.store.contract import JobLock, param_differences
+from pipeline.outdir import GENERATED, claim, clear
+from pipeline.store.contract import JobLock, param_differences, safe_child
 from pipeline.text.corpus import jsonl_values, read_lines
 from pipeline.text.tokenizer import load_tokenizer, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
@@ -178,6 +179,18 @@ def index_path(out: Path, job: int, jobs: int) -> Path:
     return out / PARTS / f"index.job-{job:05d}-of-{jobs:05d}.json"
 
 
+def part_path(out: Path, entry: dict) -> Path:
+    """Where the part a progress entry records lies: a plain name in ``OUT/parts``, as shard names
+    in a store (:func:`safe_child`), so a progress index read off disk never points elsewhere."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    try:
+        return safe_child(out / PARTS, name if isinstance(name, str) else "")
+    except DistillError:
+        raise DistillError(f"a progress index in {out / PARTS} names part {name!r}, which is not a plain file name: "
+                           "the index is damaged or hostile; delete that job's index.job-*.json and rerun the "
+                           "job") from None
+
+
 def generate(config: GenerateConfig) -> Path:
     job = setup(config)
     if job is None:
@@ -244,19 +257,18 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if decision == "replace":  # only now that the teacher has loaded
-        for path in out.iterdir():
-            if path.name != PARTS:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        for path in (out / PARTS).iterdir():
-            if path != lock.path:
-                path.unlink()
+    if decision == "replace":  # only now that the teacher has loaded; only what generate writes (checked again)
+        try:
+            clear(out, GENERATED, keep=(lock.path,))
+        except BaseException:
+            lock.release()
+            raise
 
     progress_file = index_path(out, config.shard_index, config.num_shards)
     progress = read_progress(progress_file)
     if progress and progress["params"] != params:  # another run's parts: refused above unless --overwrite
         progress = {}
-    done = {e["name"]: e for e in progress.get("parts", []) if (out / PARTS / e["name"]).exists()}
+    done = {e["name"]: e for e in progress.get("parts", []) if part_path(out, e).exists()}
     n_records = len(range(config.shard_index, len(prompts) * config.samples_per_prompt, config.num_shards))
     n_parts = math.ceil(n_records / config.records_per_part)
     names = [part_name(config.shard_index, config.num_shards, k) for k in range(n_parts)]
@@ -343,7 +355,9 @@ def record_settings(config: GenerateConfig, rules: Rules | None) -> dict:
 
 def existing_output(out: Path, params: dict, overwrite: bool) -> str:
     """'done' (a merged output with these params), 'resume' (none, or parts with these params) or
-    'replace' (other params, with --overwrite); other params without --overwrite are refused."""
+    'replace' (other params, with --overwrite); other params without --overwrite are refused, and so is,
+    with or without it, anything in OUT that generate does not write (:data:`GENERATED`)."""
+    claim(out, GENERATED, overwrite)
     summary = read_progress(out / SUMMARY)
     if summary and summary.get("params") == params and (out / OUTPUT).is_file() \
             and file_sha256(out / OUTPUT) == summary.get("sha256"):
@@ -489,7 +503,7 @@ def merge_generated(out: Path) -> Path:
 
     def job_records(index: dict) -> Iterator[tuple[int, str]]:
         for entry in sorted(index["parts"], key=lambda e: e["part"]):
-            path = out / PARTS / entry["name"]
+            path = part_path(out, entry)
             data = path.read_bytes() if path.is_file() else b""
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise DistillError(f"{path} is missing or changed since it was written; delete it and rerun job "

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from pipeline.config import check, flag, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
+from pipeline.outdir import STORE, claim
 from pipeline.store import contract as store_lib
 from pipeline.text.corpus import ACCEPTED, BLOCK, DocumentReader, Inputs, corpus_fingerprint, find_inputs, input_kind
 from pipeline.text.mixture import Mixture, MixtureReader, mixture_files, read_sources
@@ -324,6 +325,11 @@ class _ShardWriter:
     def commit(self, index: dict, config: PrepareConfig) -> None:
         save_resolved(config, self.tmp / "config.json")
         store_lib.write_index(self.tmp, index)
+        try:  # OUT was checked before the corpus was read; whatever was put there since is not replaced either
+            claim(self.out, STORE, config.overwrite)
+        except DistillError:
+            self.discard()
+            raise
         replace_dir(self.tmp, self.out)
 
     def discard(self) -> None:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -54,6 +53,7 @@ from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, disk_full_is_an_error, remove_leftovers, removed_if_failed, replace_dir
 from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.outdir import RUN, claim, clear
 from pipeline.store.contract import Store, open_store
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
@@ -508,7 +508,7 @@ def setup(config: TrainConfig) -> Run | None:
     metrics = None
     if rank == 0:
         if config.overwrite and out.exists():
-            shutil.rmtree(out)
+            clear(out, RUN)  # what a run writes, nothing else (checked again: nothing else appeared meanwhile)
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(config, out / "config.json", facts)
         metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None)
@@ -520,9 +520,11 @@ def setup(config: TrainConfig) -> Run | None:
 
 
 def _claim_out(config: TrainConfig, out: Path, rank: int = 0) -> Path | None:
-    """The checkpoint to resume from; refuse to mix two runs in OUT. With ``--overwrite`` there is
-    none: OUT is removed at the end of setup, once every check has passed, so a run refused for a
-    bad input leaves the earlier one intact."""
+    """The checkpoint to resume from; refuse to mix two runs in OUT, and refuse an OUT holding anything a
+    run does not write (:data:`RUN`), with or without ``--overwrite``. With ``--overwrite`` there is no
+    checkpoint: the earlier run is removed at the end of setup, once every check has passed, so a run
+    refused for a bad input leaves it intact."""
+    claim(out, RUN, config.overwrite)
     if config.overwrite:
         return None
     ckpt_dir = out / "checkpoints"

@@ -55,6 +55,7 @@ from pipeline.io import file_sha256
 from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check_device_map, check_devices,
                              device_map_problems, device_problems, execution_device, has_weights, hf_config, load_model,
                              max_positions, parse_max_memory, placement, read_device_map, resolve_device)
+from pipeline.outdir import STORE, clear
 from pipeline.store import contract as store_lib
 from pipeline.teacher.sampling import (fused_gpu_problem, position_keys, sample_teacher, sample_teacher_deferred,
                                       sampled_logprobs)
@@ -340,10 +341,12 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if decision == "replace":  # only now that the teacher has loaded
-        for path in out.iterdir():
-            if path != lock.path:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if decision == "replace":  # only now that the teacher has loaded; only what a store holds (checked again)
+        try:
+            clear(out, STORE, keep=(lock.path,))
+        except BaseException:
+            lock.release()
+            raise
 
     n_total = math.ceil(n_rows / config.rows_per_shard)
     part_path = store_lib.partial_index_path(out, config.shard_index, config.num_shards)

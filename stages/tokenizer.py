@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import replace_dir
+from pipeline.outdir import TOKENIZER, claim
 from pipeline.text.corpus import DocumentReader, expand_inputs
 
 
@@ -30,8 +31,7 @@ class TokenizerConfig:
 
 def train_tokenizer(config: TokenizerConfig) -> Path:
     out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise DistillError(f"{out} already exists; pass --overwrite to replace it")
+    _check_out(out, config.overwrite)
     reader = DocumentReader(expand_inputs(config.inputs), text_field=config.text_field)
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -45,5 +45,17 @@ def train_tokenizer(config: TokenizerConfig) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-made is left beside OUT
         raise
+    try:  # checked again: training took a while, and OUT may hold something else by now
+        _check_out(out, config.overwrite)
+    except DistillError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out)
     return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """OUT may be missing or empty, or, with ``overwrite``, a tokenizer distill wrote; anything else
+    there is refused in one line (:func:`claim`)."""
+    if claim(out, TOKENIZER, overwrite) and not overwrite:
+        raise DistillError(f"{out} already holds a tokenizer; pass --overwrite to replace it")

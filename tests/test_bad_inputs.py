@@ -9,6 +9,7 @@ output path does not exist (or, where it did, is byte-identical).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -96,6 +97,11 @@ class Case:
     def eval_args(self, *flags, model: Path | None = None) -> list:
         return ["eval", "--model", model or self.model, "--out", self.out, "--device", "cpu", *flags]
 
+    def generate_args(self, *flags) -> list:
+        return ["generate", "--teacher", self.teacher, "--tokenizer", TOKENIZER, "--prompts",
+                self.write("prompts.txt", "Once upon a time\n"), "--out", self.out, "--max-new-tokens", "2",
+                "--device", "cpu", *flags]
+
 
 def without_weights(s: Case) -> Path:
     """The teacher's directory with its config but no weight files."""
@@ -131,10 +137,25 @@ CHAT = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant",
 
 
 def student_rerun(s: Case, *flags) -> list:
-    """distill student into an OUT holding an earlier run (a checkpoint, metrics), which must stay as it was."""
+    """distill student into an OUT holding an earlier run (its config, a checkpoint, metrics), which must
+    stay as it was."""
+    s.write("out/config.json", json.dumps({"stage": "TrainConfig", "config": {"out": str(s.out)}}))
     s.write("out/checkpoints/step-00000002/state.pt", b"an earlier run")
     s.write("out/metrics.jsonl", '{"step": 2}\n')
     return s.student_args(*flags)
+
+
+def planted_lock(s: Case, where: str, store: str = "") -> Case:
+    """OUT (a copy of shared ``store``, or nothing) with a link under job 0's lock name, in OUT/``where``,
+    to a user's file: opening the lock through it would truncate and write that file."""
+    if store:
+        shutil.copytree(s.shared / store, s.out)
+    canary = s.write("canary.txt", "a user's file: byte for byte the same afterwards\n")
+    lock = s.out / where / ".lock.part-00000-of-00001"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.unlink(missing_ok=True)  # the lock the store's writer left: replaced by the link
+    os.symlink(canary, lock)
+    return s
 
 
 CASES = [
@@ -183,8 +204,10 @@ CASES = [
                  ("holds no documents", "check --input"), id="tokenizer-empty-corpus"),
     pytest.param(lambda s: ["tokenizer", "--input", s.corpus, "--out", s.out, "--vocab-size", "100"],
                  ("vocab_size must be at least 257",), id="tokenizer-vocab-too-small"),
-    pytest.param(lambda s: ["tokenizer", "--input", s.corpus, "--out", s.write("out/x", "keep")],
-                 ("already exists; pass --overwrite",), id="tokenizer-out-exists"),
+    pytest.param(lambda s: ["tokenizer", "--input", s.corpus, "--out", s.write("out/x", "keep"), "--overwrite"],
+                 ("is a file, not a directory; choose another --out",), id="tokenizer-out-is-a-file"),
+    pytest.param(lambda s: ["tokenizer", "--input", s.corpus, "--out", s.copy("other-tokenizer")],
+                 ("already holds a tokenizer; pass --overwrite to replace it",), id="tokenizer-out-holds-a-tokenizer"),
     # ---- prepare
     pytest.param(lambda s: ["prepare", "--input", s.tmp / "nope.jsonl", "--out", s.out],
                  ("corpus path", "does not exist; check --input"), id="prepare-missing-corpus"),
@@ -318,6 +341,12 @@ CASES = [
                             "--max-rows", "16", *ROWS, "--samples", "8"],
                  ("already holds a store built differently", "samples: 4 vs 8", "pass --overwrite"),
                  id="teacher-out-holds-other-store"),
+    pytest.param(lambda s: planted_lock(s, ".").teacher_args(),
+                 (".lock.part-00000-of-00001 (a symbolic link), which distill did not write",),
+                 id="teacher-lock-is-a-planted-link"),
+    pytest.param(lambda s: planted_lock(s, ".", store="sampled").teacher_args("--samples", "8", "--overwrite"),
+                 (".lock.part-00000-of-00001 (a symbolic link), which distill did not write",
+                  "--overwrite replaces only a store distill wrote"), id="teacher-overwrite-store-with-a-planted-lock"),
     pytest.param(lambda s: s.teacher_args("--device-map", "auto"),
                  ("--device-map auto spreads the model over CUDA devices and none is visible", "drop --device-map"),
                  id="teacher-device-map-auto-without-gpu",
@@ -406,6 +435,10 @@ CASES = [
                  ("not in the store's grid",), id="student-overwrite-keeps-old-run-on-error"),
     pytest.param(lambda s: student_rerun(s),
                  ("already holds a run", "--resume auto", "--overwrite"), id="student-out-holds-run"),
+    # ---- generate
+    pytest.param(lambda s: planted_lock(s, "parts").generate_args(),
+                 ("parts/.lock.part-00000-of-00001 (a symbolic link), which distill did not write",),
+                 id="generate-lock-is-a-planted-link"),
     # ---- eval
     pytest.param(lambda s: s.eval_args(model=s.tmp / "nope"), ("not a local Hugging Face directory with weights",
                                                              "check the path"), id="eval-missing-model"),
@@ -495,10 +528,45 @@ def test_bad_input_is_one_line_and_touches_nothing(shared, shared_digest, tmp_pa
     assert tree_digest(shared) == shared_digest
 
 
+def foreign_out(s: Case) -> Path:
+    """An OUT holding what distill did not write: a thesis, a source tree and a git directory."""
+    s.write("out/thesis.tex", "\\documentclass{article}\n")
+    s.write("out/src/main.c", "int main(void) { return 0; }\n")
+    s.write("out/.git/HEAD", "ref: refs/heads/main\n")
+    return s.out
+
+
+FOREIGN = {  # each stage that takes --overwrite, writing into s.out
+    "prepare": lambda s: ["prepare", "--input", s.corpus, "--out", s.out, "--seq-len", "32", *ROWS],
+    "teacher": lambda s: s.teacher_args(),
+    "student": lambda s: s.student_args(),
+    "generate": lambda s: s.generate_args(),
+    "tokenizer": lambda s: ["tokenizer", "--input", s.corpus, "--out", s.out, "--vocab-size", "300"],
+}
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("stage", sorted(FOREIGN))
+def test_an_out_of_someone_elses_files_is_refused_and_never_deleted(shared, shared_digest, tmp_path, stage, overwrite):
+    """--overwrite once deleted thesis.tex and src/ from OUT; now every stage refuses
+    such an OUT in one line naming what is there, with or without --overwrite, without telling the
+    user to pass --overwrite, and every foreign byte stays."""
+    case = Case(shared, tmp_path)
+    foreign_out(case)
+    args = [*FOREIGN[stage](case), *(["--overwrite"] if overwrite else [])]
+    before = snapshot(tmp_path)
+    message = one_line_error(run_cli(*args))
+    assert f"{case.out} holds src, thesis.tex and .git, which distill did not write" in message, message
+    assert "choose another --out" in message and "pass --overwrite" not in message
+    assert ("--overwrite replaces only" in message) == overwrite
+    assert snapshot(tmp_path) == before
+    assert tree_digest(shared) == shared_digest
+
+
 def test_at_least_34_cases_cover_every_command():
     assert len(CASES) >= 34
     ids = [c.id for c in CASES]
     assert len(set(ids)) == len(ids)
-    for command in ("cli", "config", "tokenizer", "prepare", "teacher", "merge", "inspect", "student", "train",
-                    "eval", "plan", "report"):
+    for command in ("cli", "config", "tokenizer", "prepare", "teacher", "generate", "merge", "inspect", "student",
+                    "train", "eval", "plan", "report"):
         assert any(i.startswith(command + "-") for i in ids), command

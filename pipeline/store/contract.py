@@ -1266,7 +1266,8 @@ def write_partial_index(path: Path, params: dict[str, Any], backend: str, arrays
 
 
 def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
-    """What already lies in ``out``, as ``kind``/``backend``/params to compare; None for nothing."""
+    """What already lies in ``out`` (which :func:`outdir.claim` found to hold nothing but what a store
+    writes), as ``kind``/``backend``/params to compare; None for nothing to compare."""
     if (out / INDEX).exists():
         store = open_store(out, check=False)
         return {"kind": store.kind, "backend": store.index["backend"], **store.params}
@@ -1275,9 +1276,6 @@ def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
             body = read_partial_index(path)
             if body:
                 return {"kind": kind, "backend": body.get("backend"), **body["params"]}
-        if any(p for p in out.iterdir() if not p.name.startswith((".", "config.part-"))):
-            raise DistillError(f"{out} exists and is not an empty directory or a store; "
-                               "choose another --out or pass --overwrite")
     return None
 
 
@@ -1286,9 +1284,15 @@ def existing_store(out: Path, kind: str, backend: str, params: dict[str, Any], o
 
     - ``"done"``: a complete ``kind`` store with this backend and these params is there; nothing to do;
     - ``"write"``: nothing there, or unfinished work of the same params to continue;
-    - ``"replace"``: something else is there and ``overwrite`` says to replace it;
+    - ``"replace"``: another store (or a damaged one) is there and ``overwrite`` says to replace it;
     - otherwise a one-line error saying what differs (nothing is touched).
+
+    Anything in ``out`` that a store does not hold (:data:`outdir.STORE`) is refused first, with or
+    without ``overwrite``: ``--overwrite`` replaces a store, never a directory of someone's files.
     """
+    from pipeline.outdir import STORE, claim
+
+    claim(out, STORE, overwrite)
     try:
         found = _found(out, kind, backend)
     except DistillError:
@@ -1307,6 +1311,31 @@ def existing_store(out: Path, kind: str, backend: str, params: dict[str, Any], o
     return "replace"
 
 
+def _open_lock(path: Path) -> int:
+    """A descriptor of the lock file at ``path``, created if missing: never through a link
+    (``O_NOFOLLOW``), and only a regular file of this user with one name, so that the truncate and
+    write that follow cannot reach a file someone planted the lock's name on."""
+    import errno
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        what = {errno.ELOOP: "is a symbolic link", errno.EISDIR: "is a directory"}.get(e.errno, f"cannot be opened "
+                                                                                               f"({e.strerror})")
+        raise DistillError(f"lock {path} {what}: distill did not write it; check what it is and remove it, "
+                           "then rerun") from None
+    st = os.fstat(fd)
+    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
+               else f"belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})" if st.st_uid != os.getuid()
+               else f"has {st.st_nlink} names (a hard link to another file)" if st.st_nlink != 1 else None)
+    if problem is not None:
+        os.close(fd)
+        raise DistillError(f"lock {path} {problem}: distill did not write it; check what it is and remove it, "
+                           "then rerun")
+    return fd
+
+
 class JobLock:
     """Job ``job`` of ``jobs`` holds ``.lock.part-JJJJJ-of-NNNNN`` in the store (an exclusive
     ``flock``) while it writes, so a second process started for the same job (a resubmitted array
@@ -1320,7 +1349,7 @@ class JobLock:
         import time
 
         self.path = Path(root) / f".lock.part-{job:05d}-of-{jobs:05d}"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = _open_lock(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1334,10 +1363,13 @@ class JobLock:
 
     def remove_stale_temps(self, names: list[str]) -> int:
         """Delete what killed earlier runs of this job left under temp names (``.NAME.tmp-PID…``) for
-        the files it owns: safe only while the lock is held. Returns how many were removed."""
+        the files it owns: safe only while the lock is held. Returns how many were removed (a link
+        among them is unlinked, never followed)."""
+        from pipeline.outdir import remove_entry
+
         stale = [p for name in names for p in self.path.parent.glob(f".{name}.tmp-*")]
         for path in stale:
-            _remove(path)
+            remove_entry(path)
         return len(stale)
 
     def release(self) -> None:

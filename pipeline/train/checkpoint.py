@@ -29,6 +29,7 @@ import torch
 
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256, remove_dir, remove_leftovers, removed_if_failed, replace_dir, write_synced
+from pipeline.store.contract import safe_child
 
 PATTERN = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
@@ -83,7 +84,10 @@ def problem(path: Path) -> str | None:
         if name not in listed:
             return f"{MANIFEST} does not list {name}"
     for name, (size, sha256) in sorted(listed.items()):
-        file = path / name
+        try:  # a name read off disk: a plain file name in the checkpoint, as a store's shard names
+            file = safe_child(path, name)
+        except DistillError:
+            return f"{MANIFEST} lists {name!r}, which is not a file name in the checkpoint (damaged or hostile)"
         if not file.is_file():
             return f"{name} is missing"
         if (actual := file.stat().st_size) != size:

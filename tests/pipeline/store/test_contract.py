@@ -137,8 +137,9 @@ def test_existing_store_policy(tmp_path):
     assert store.existing_store(s.root, "tokens", "zarr", {**PARAMS, "seq_len": 10}, True) == "replace"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
-    with pytest.raises(DistillError, match="not an empty directory or a store"):
-        store.existing_store(tmp_path / "other", "tokens", "zarr", PARAMS, False)
+    for overwrite in (False, True):  # someone's files are never replaced, and --overwrite is not suggested for them
+        with pytest.raises(DistillError, match=r"holds notes.txt, which distill did not write; (?!.*pass --overwrite)"):
+            store.existing_store(tmp_path / "other", "tokens", "zarr", PARAMS, overwrite)
     # unfinished work of the same parameters is continued, not refused
     part = store.partial_index_path(tmp_path / "part", 0, 2)
     part.parent.mkdir()

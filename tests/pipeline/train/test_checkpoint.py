@@ -72,3 +72,16 @@ def test_an_explicit_damaged_checkpoint_is_refused_and_a_pre_manifest_one_warned
     assert said == [f"warning: checkpoint {root / 'step-00000001'} has no manifest.json (written before checkpoints "
                     "carried checksums): loading it unchecked"]
     assert checkpoint.load(root / "step-00000001")[1] == {"n": 1}
+
+
+@pytest.mark.parametrize("name", ["../../secret", "/etc/hostname", "sub/state.pt", ""])
+def test_a_manifest_naming_a_file_outside_its_checkpoint_is_damaged(root, tmp_path, name):
+    """Names read off disk stay inside the checkpoint, as a store's shard names do (contract.safe_child):
+    a manifest listing another path is a damaged checkpoint, and nothing outside is read."""
+    path = root / "step-00000003"
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    manifest["files"][name] = {"bytes": 1, "sha256": "0" * 64}
+    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.problem(path) == f"manifest.json lists {name!r}, which is not a file name in the checkpoint " \
+                                       "(damaged or hostile)"
+    assert checkpoint.resolve(root, "auto", say=lambda line: None) == root / "step-00000002"
