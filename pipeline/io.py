@@ -68,10 +68,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def real_out(path: str | os.PathLike) -> Path:
+    """An output path with a symbolic link in its last part replaced by what it points to
+    (``runs/store -> /scratch/store``): a directory built beside it and renamed into place then lands
+    where the user keeps the data, not in place of the link."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished directory ``tmp`` to ``final``; an existing ``final`` is moved aside first and
-    removed only after the new one is in place, so a crash leaves one complete version under a name."""
+    removed only after the new one is in place, so a crash leaves one complete version under a name.
+    ``final`` must not be a link (callers pass :func:`real_out`)."""
     final = Path(final)
+    if final.is_symlink():  # a caller's mistake, not the user's: real_out first
+        raise ValueError(f"replace_dir: {final} is a symbolic link; resolve it with real_out")
     if final.exists():
         old = _aside(final)
         os.replace(final, old)

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from pipeline.config import check, flag, option, required, save_resolved
 from pipeline.errors import DistillError
-from pipeline.io import replace_dir
+from pipeline.io import real_out, replace_dir
 from pipeline.outdir import STORE, claim
 from pipeline.store import contract as store_lib
 from pipeline.text.corpus import ACCEPTED, BLOCK, DocumentReader, Inputs, corpus_fingerprint, find_inputs, input_kind
@@ -139,7 +139,7 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
     if examples:
         _check_example_inputs(config, files, tokenizer)
     params = _store_params(config, files, tokenizer, mixture)
-    out = Path(config.out)
+    out = real_out(config.out)
     if store_lib.existing_store(out, "tokens", config.backend, params, config.overwrite) == "done":
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
         return out

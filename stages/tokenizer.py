@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
-from pipeline.io import replace_dir
+from pipeline.io import real_out, replace_dir
 from pipeline.outdir import TOKENIZER, claim
 from pipeline.text.corpus import DocumentReader, expand_inputs
 
@@ -30,7 +30,7 @@ class TokenizerConfig:
 
 
 def train_tokenizer(config: TokenizerConfig) -> Path:
-    out = Path(config.out)
+    out = real_out(config.out)
     _check_out(out, config.overwrite)
     reader = DocumentReader(expand_inputs(config.inputs), text_field=config.text_field)
     tmp = out.with_name(f".{out.name}.tmp")

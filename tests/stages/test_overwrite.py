@@ -133,3 +133,19 @@ def test_tokenizer_overwrite_replaces_a_tokenizer_distill_wrote(inputs, tmp_path
         run_cli("tokenizer", "--input", inputs / "corpus.jsonl", "--out", out, "--vocab-size", "320"))
     ok(run_cli("tokenizer", "--input", inputs / "corpus.jsonl", "--out", out, "--vocab-size", "320", "--overwrite"))
     assert json.loads((out / "distill_config.json").read_text())["config"]["vocab_size"] == 320
+
+
+def test_an_out_that_is_a_link_to_a_directory_is_written_where_it_points(tmp_path, small_corpus):
+    """runs/tokens -> /scratch/tokens: the store is built beside the target and renamed into it; the
+    link stays a link (it used to be replaced by the new directory, then a traceback)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    link = tmp_path / "tokens"
+    link.symlink_to(scratch / "tokens", target_is_directory=True)
+    for extra in ((), ("--seq-len", "32", "--overwrite")):  # first into the missing target, then replacing it
+        result = run_cli("prepare", "--input", small_corpus, "--out", link, "--tokenizer", TOKENIZER,
+                         *(extra or ("--seq-len", "64")))
+        assert result.exit_code == 0, result.output
+        assert link.is_symlink() and (scratch / "tokens" / "index.json").is_file()
+    assert json.loads((scratch / "tokens" / "index.json").read_text())["params"]["seq_len"] == 32
+    assert not [p for p in (*scratch.iterdir(), *tmp_path.iterdir()) if p.name.startswith(".")]  # no temp left
