@@ -706,7 +706,7 @@ def _job(name: str, job_id: str | None, states: dict[str, dict[str, int]], done:
     counts = states.get(job_id) if job_id else None
     state = _summary_state(counts)
     if state is None:
-        state = "DONE (on disk)" if done else "not submitted" if job_id is None else "unknown (not on disk yet)"
+        state = "DONE (on disk)" if done else "not submitted" if job_id is None else "no queue record; not done on disk"
     return {"name": name, "id": job_id, "state": state, "tasks": counts, "done_on_disk": done}
 
 
