@@ -322,7 +322,8 @@ def stage_one_status(root: Path, now: float) -> dict[str, Any]:
         state = "idle"
     return {"path": str(root), "kind": "stage-one", "state": state, "store_kind": kind, "backend": backend,
             "jobs": jobs,
-            "shards": {"total": total, "done": len(recorded), "in_flight": len(temps), "missing": missing},
+            "shards": {"total": total, "done": len([j for j in recorded if total is None or j < total]),
+                       "in_flight": len(temps), "missing": missing},
             "rows": {"done": done_rows, "total": _int((params or {}).get("rows"))},
             "tokens": {"done": tokens_done,
                        "total": params["rows"] * seq_len if seq_len and _int(params.get("rows")) is not None else None},
@@ -581,9 +582,11 @@ def queue_states(ids: list[str]) -> tuple[dict[str, dict[str, int]], list[str]]:
         sources.append("sacct")
         states.update(_parse_states(acct))
     queue = _run_slurm(["squeue", "--noheader", f"--jobs={joined}", "--format=%i|%T"])
+    if queue is None and shutil.which("squeue"):  # older squeue refuses --jobs naming a job it no longer knows
+        queue = _run_slurm(["squeue", "--noheader", "--me", "--format=%i|%T"])
     if queue is not None:
         sources.append("squeue")
-        live = _parse_states(queue)
+        live = {job_id: counts for job_id, counts in _parse_states(queue).items() if job_id in ids}
         for job_id, counts in live.items():
             if job_id in states:  # an array: tasks squeue shows are live; the ones it does not are sacct's
                 merged = {s: n for s, n in states[job_id].items() if s not in ("PENDING", "RUNNING")}

@@ -355,6 +355,8 @@ CASES = [
                  id="inspect-negative-max-rows"),
     pytest.param(lambda s: ["inspect", s.sampled, "--repair"], ("pass --verify --repair",),
                  id="inspect-repair-without-verify"),
+    # ---- status
+    pytest.param(lambda s: ["status", s.tmp / "nope"], ("does not exist", "distill status reads"), id="status-missing-dir"),
     # ---- student / train (stage two)
     pytest.param(lambda s: s.student_args("--alpha", "-0.1"), ("alpha must be in [0, 1], got -0.1",),
                  id="student-alpha-below-0"),
@@ -499,6 +501,6 @@ def test_at_least_34_cases_cover_every_command():
     assert len(CASES) >= 34
     ids = [c.id for c in CASES]
     assert len(set(ids)) == len(ids)
-    for command in ("cli", "config", "tokenizer", "prepare", "teacher", "merge", "inspect", "student", "train",
-                    "eval", "plan", "report"):
+    for command in ("cli", "config", "tokenizer", "prepare", "teacher", "merge", "inspect", "status", "student",
+                    "train", "eval", "plan", "report"):
         assert any(i.startswith(command + "-") for i in ids), command

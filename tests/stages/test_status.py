@@ -388,3 +388,47 @@ def test_slurm_out_without_slurm_reads_the_disk(tmp_path, half, monkeypatch):
     jobs = {j["name"]: j for j in describe(out)["jobs"]}
     assert jobs["teacher"]["state"] == "DONE (on disk)" and jobs["merge"]["done_on_disk"] is False
     assert jobs["eval"]["state"] == "DONE (on disk)"
+
+
+def test_squeue_that_refuses_a_finished_job_id_is_asked_for_the_users_jobs(tmp_path, half, monkeypatch):
+    """An older squeue exits 1 ("Invalid job id specified") when --jobs names a job it forgot: then
+    ``squeue --me``, keeping only this OUT's jobs."""
+    out = planted_slurm(tmp_path, half)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text('#!/bin/sh\ncase "$*" in *--jobs=*) echo "Invalid job id specified" >&2; exit 1;; '
+                                    'esac\nprintf "100_1|RUNNING\\n999|RUNNING\\n101|PENDING\\n"\n')
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    report = describe(out)
+    assert report["source"] == "squeue"
+    jobs = {j["name"]: j for j in report["jobs"]}
+    assert jobs["teacher"]["tasks"] == {"RUNNING": 1} and jobs["merge"]["state"] == "PENDING"
+    assert jobs["student"]["tasks"] is None and "999" not in json.dumps(report)
+
+
+def test_status_while_a_real_stage_one_job_writes(built, tmp_path):
+    """A stage-one process writing 16 shards of 2 rows while status reads it over and over: every read
+    succeeds, shards done never go down, the job is seen running by its lock, and the end is complete."""
+    from tests.conftest import spawn
+
+    store = tmp_path / "live"
+    job = spawn(["teacher", "--tokens-store", built / "tokens", "--teacher", built / "teacher", "--out", store,
+                 "--kind", "topk", "--top-k", "4", "--rows-per-shard", "2", "--max-rows", "32", "--batch-size", "1"])
+    reports = []
+    try:
+        while job.poll() is None:
+            if store.exists() and any(store.iterdir()):
+                try:
+                    reports.append(describe(store))
+                except DistillError as e:  # only before the job has recorded what the store is
+                    assert "says how many jobs" in str(e) or "holds nothing" in str(e), e
+            time.sleep(0.01)
+    finally:
+        output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output
+    stage_one = [r for r in reports if r["kind"] == "stage-one"]
+    assert stage_one and any(r["state"] == "running" and r["tasks"][0]["lock_held"] for r in stage_one)
+    done = [r["shards"]["done"] for r in stage_one]
+    assert done == sorted(done) and all(r["shards"]["total"] in (16, None) for r in stage_one)
+    assert describe(store)["state"] == "complete"
