@@ -163,7 +163,7 @@ def _close_progress_bars() -> None:
 
 def _register() -> None:
     from stages import eval as eval_stage
-    from stages import generate, inspect_store, plan, prepare, report, rounds, slurm, student, teacher, tokenizer
+    from stages import generate, inspect_store, plan, prepare, report, rounds, slurm, status, student, teacher, tokenizer
 
     stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
                   "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
@@ -184,6 +184,11 @@ def _register() -> None:
                   "Describe a store: rows, bytes per token, kept mass and entropy (top-k) or distinct drawn ids "
                   "(draws); --verify checks every chunk and shard, --repair forgets bad shards.",
                   positional=("store",))
+    stage_command("status", status.StatusConfig, status.status,
+                  "Where a run stands, from what it has written: a stage-one store being filled (shards by task, "
+                  "tokens, rate, ETA), a tokens store being prepared, a student run, a rounds OUT or a `distill "
+                  "slurm` OUT (job states from squeue/sacct). Only reads.",
+                  positional=("path",), models=False)
     # One command, two names: `student` is stage two of the pipeline; `train` says what it does when it
     # trains without a teacher (the shipped teacher, the CE-only baseline).
     stage_command("student", student.TrainConfig, student.train,

@@ -5,12 +5,15 @@ shards so that rerunning stage one recomputes just those."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import check, option
-from pipeline.store.contract import open_store, repair
+from pipeline.errors import DistillError
+from pipeline.store.contract import INDEX, PARTIAL_NAME, open_store, repair
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,18 @@ class InspectConfig:
         check(problems, "inspect")
 
 
+def unfinished_store(path: str) -> None:
+    """A store still being written (partial indexes, no index.json yet) is status's, not inspect's."""
+    root = Path(path)
+    if root.is_dir() and not os.path.lexists(root / INDEX) and any(PARTIAL_NAME.match(p.name) for p in root.iterdir()):
+        raise DistillError(f"store {root} has no {INDEX} yet: its stage-one jobs are still writing it (or stopped "
+                           f"before the end); 'distill status {root}' shows its progress")
+    if not os.path.lexists(root) and root.parent.is_dir() and any(
+            p.name.startswith(f".{root.name}.tmp-") for p in root.parent.iterdir()):
+        raise DistillError(f"store {root} does not exist yet: distill prepare is writing it (or was stopped); "
+                           f"'distill status {root}' shows its progress")
+
+
 def percentiles(values: np.ndarray) -> dict[str, float]:
     qs = (1, 5, 25, 50, 75, 95, 99)
     return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(values, qs))} | {"mean": float(values.mean())}
@@ -41,6 +56,7 @@ def percentiles(values: np.ndarray) -> dict[str, float]:
 def inspect_store(config: InspectConfig) -> dict:
     if config.repair:
         return repair_store(config)
+    unfinished_store(config.store)
     store = open_store(config.store, check=not config.verify)  # --verify names every bad shard at once
     if config.verify:
         store.verify()

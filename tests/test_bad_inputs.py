@@ -384,6 +384,8 @@ CASES = [
                  id="inspect-negative-max-rows"),
     pytest.param(lambda s: ["inspect", s.sampled, "--repair"], ("pass --verify --repair",),
                  id="inspect-repair-without-verify"),
+    # ---- status
+    pytest.param(lambda s: ["status", s.tmp / "nope"], ("does not exist", "distill status reads"), id="status-missing-dir"),
     # ---- student / train (stage two)
     pytest.param(lambda s: s.student_args("--alpha", "-0.1"), ("alpha must be in [0, 1], got -0.1",),
                  id="student-alpha-below-0"),
@@ -567,6 +569,7 @@ def test_at_least_34_cases_cover_every_command():
     assert len(CASES) >= 34
     ids = [c.id for c in CASES]
     assert len(set(ids)) == len(ids)
-    for command in ("cli", "config", "tokenizer", "prepare", "teacher", "generate", "merge", "inspect", "student",
+    for command in ("cli", "config", "tokenizer", "prepare", "teacher", "generate", "merge", "inspect", "status",
+                    "student",
                     "train", "eval", "plan", "report"):
         assert any(i.startswith(command + "-") for i in ids), command
