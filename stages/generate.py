@@ -345,7 +345,7 @@ def generate_params(config: GenerateConfig, prompts: list[str], rules: Rules | N
 def record_settings(config: GenerateConfig, rules: Rules | None) -> dict:
     """The sampling settings every record carries (plus ``greedy``, :func:`make_record`): among them the
     sampler, everything that shapes the distribution its ``completion_logprobs`` are log-probs of
-    (temperature, top-k, top-p, the rules' digest: :func:`pipeline.decode.generation.sampler_of`), which
+    (temperature, top-k, top-p, the rules' digest: :func:`pipeline.text.examples.sampler_of`), which
     ``prepare --format ids`` carries into the store for ``--objective policy-gradient`` to check."""
     return {"seed": config.seed, "temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
             "max_new_tokens": config.max_new_tokens, "samples_per_prompt": config.samples_per_prompt,

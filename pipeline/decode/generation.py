@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -49,26 +48,6 @@ class Sampling:
     temperature: float  # 0 = greedy (argmax)
     top_k: int  # 0 = off
     top_p: float  # 1 = off
-
-
-def sampler_of(settings: Any) -> dict | None:
-    """The sampler a ``distill generate`` record's ``settings`` describe, as ``prepare --format ids``
-    stores it (docs/FORMAT.md, ``samplers``): ``temperature``, ``top_k``, ``top_p``, ``greedy`` and
-    ``rules_sha256`` (the rule file's digest, None without ``--rules``) — everything that shapes the
-    distribution a record's ``completion_logprobs`` are log-probs of (nothing else does: no repetition
-    penalty, no minimum length; EOS is masked only by rules). None where the settings do not say
-    (records of another writer, or of a generate before record format 2); ``greedy``, written since
-    the sampler is checked, is ``temperature == 0`` in records before it."""
-    if not isinstance(settings, dict):
-        return None
-    temperature, top_k, top_p = settings.get("temperature"), settings.get("top_k"), settings.get("top_p")
-    rules, greedy = settings.get("rules_sha256", ""), settings.get("greedy", temperature == 0)
-    if (type(temperature) not in (int, float) or not temperature >= 0 or type(top_k) is not int or top_k < 0
-            or type(top_p) not in (int, float) or not 0 < top_p <= 1 or type(greedy) is not bool
-            or not (rules is None or isinstance(rules, str) and rules)):
-        return None
-    return {"temperature": float(temperature), "top_k": top_k, "top_p": float(top_p), "greedy": greedy,
-            "rules_sha256": rules}
 
 
 def choose(logits: torch.Tensor, u: torch.Tensor, sampling: Sampling) -> torch.Tensor:

@@ -30,9 +30,8 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from pipeline.decode.generation import sampler_of
 from pipeline.errors import DistillError
 from pipeline.text.corpus import ReadStats, jsonl_values, read_lines
 
@@ -206,8 +205,28 @@ class IdsReader:
         return IdsExample(where, ids["prompt_ids"], ids["completion_ids"], logprobs)
 
 
+def sampler_of(settings: Any) -> dict | None:
+    """The sampler a ``distill generate`` record's ``settings`` describe, as ``prepare --format ids``
+    stores it (docs/FORMAT.md, ``samplers``): ``temperature``, ``top_k``, ``top_p``, ``greedy`` and
+    ``rules_sha256`` (the rule file's digest, None without ``--rules``) — everything that shapes the
+    distribution a record's ``completion_logprobs`` are log-probs of (nothing else does: no repetition
+    penalty, no minimum length; EOS is masked only by rules). None where the settings do not say
+    (records of another writer, or of a generate before record format 2); ``greedy``, written since
+    the sampler is checked, is ``temperature == 0`` in records before it."""
+    if not isinstance(settings, dict):
+        return None
+    temperature, top_k, top_p = settings.get("temperature"), settings.get("top_k"), settings.get("top_p")
+    rules, greedy = settings.get("rules_sha256", ""), settings.get("greedy", temperature == 0)
+    if (type(temperature) not in (int, float) or not temperature >= 0 or type(top_k) is not int or top_k < 0
+            or type(top_p) not in (int, float) or not 0 < top_p <= 1 or type(greedy) is not bool
+            or not (rules is None or isinstance(rules, str) and rules)):
+        return None
+    return {"temperature": float(temperature), "top_k": top_k, "top_p": float(top_p), "greedy": greedy,
+            "rules_sha256": rules}
+
+
 def read_samplers(files: list[Path], skip_bad_utf8: bool = False) -> list[dict | None]:
-    """The distinct samplers of ``--format ids`` records (:func:`pipeline.decode.generation.sampler_of`
+    """The distinct samplers of ``--format ids`` records (:func:`sampler_of`
     of each record's ``settings``; None for a record that does not say), sorted by their JSON, None
     first: ``prepare``'s ``samplers`` param. A pass of its own before the records are stored, since
     the params decide whether the store is there already. Records of several samplers are recorded

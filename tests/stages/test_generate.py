@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decode.generation import sampler_of
+from pipeline.text.examples import sampler_of
 from tests.conftest import TOKENIZER, make_teacher, one_line_error, run_cli
 
 PROMPTS = ["The Lord said unto Moses", "A hacker is", "In the beginning", "Once upon a time there was",
