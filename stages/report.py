@@ -321,10 +321,6 @@ class Group:
             return str(next(iter(shots.values()), "–"))
         return ", ".join(f"{t}: {n}" for t, n in sorted(shots.items()))
 
-    @staticmethod
-    def harness_versions(groups: list["Group"]) -> list[str]:
-        return sorted({str(r["harness"].get("lm_eval_version")) for g in groups for r in g.runs if r.get("harness")})
-
     def formats(self) -> str:
         """The QA prompt format(s) behind the exact-match numbers (the eval result's `format`)."""
         found = {task: r["tasks"][task]["format"] for r in self.runs for task in QA_NAMES
@@ -332,6 +328,11 @@ class Group:
         if len(set(found.values())) <= 1:
             return next(iter(found.values()), "–")
         return ", ".join(f"{QA_NAMES[t]}: {f}" for t, f in sorted(found.items()))
+
+
+def harness_versions(groups: list[Group]) -> list[str]:
+    """The lm_eval versions behind the groups' harness numbers."""
+    return sorted({str(r["harness"].get("lm_eval_version")) for g in groups for r in g.runs if r.get("harness")})
 
 
 def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
@@ -551,7 +552,7 @@ def paper_sections(groups: list[Group], teacher: Group | None, teacher_note: str
     if harness:
         lines += ["### Table 3 — lm-evaluation-harness tasks (`distill eval --harness`)", ""]
         lines += paper_table(groups, teacher, harness, {"shots": Group.harness_shots}) + [""]
-        lines += ["Scored by lm-evaluation-harness itself (lm_eval " + ", ".join(Group.harness_versions(groups))
+        lines += ["Scored by lm-evaluation-harness itself (lm_eval " + ", ".join(harness_versions(groups))
                   + "); `shots`: its n-shot per task. lm-eval's own stderr of each number is in the eval JSON.", ""]
     groups_json = []
     for g in groups:
