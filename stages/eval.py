@@ -5,14 +5,16 @@ HellaSwag and StoryCloze (log-likelihood multiple choice, ``acc`` and ``acc_norm
 TriviaQA and WebQuestions (exact match, zero/one/few-shot), a custom QA task (``--custom``), with
 ``--rules`` the QA answers under rules as well (:func:`pipeline.decode.generation.qa_under_rules`), and
 agreement with a stored teacher (top-1 agreement and KL from a ``topk`` store made with the model's
-tokenizer). The completion tasks follow lm-evaluation-harness's
+tokenizer), and with ``--harness`` any lm-evaluation-harness task (MMLU, ARC, ...) run by lm_eval's own
+``simple_evaluate`` on the loaded model (:func:`eval_harness`). The completion tasks follow lm-evaluation-harness's
 prompts and scoring; the QA tasks follow its ``nq_open``, ``triviaqa`` and ``webqs`` under
 ``--qa-format lm-eval`` (the default; webqs zero-shot only) or GPT-3's prompts under ``gpt3`` (see
 :mod:`pipeline.evaluate.tasks`). ``tests/stages/test_lm_eval.py`` checks the agreement: same prompts,
 predictions and metrics on the same files.
 
 One JSON file comes out: the model, its parameters, how it was trained (when it was trained by
-``distill student``), every task's metrics and the resolved config. ``distill report`` reads it.
+``distill student``), every task's metrics, the harness's results under ``harness`` and the resolved
+config. ``distill report`` reads it.
 """
 
 from __future__ import annotations
@@ -94,16 +96,31 @@ class EvalConfig:
     threads: int = option(0, THREADS_HELP)
     dtype: str = option("float32", "Weights and activations: float32, bfloat16 or float16.")
     trust_remote_code: bool = option(False, "Allow the model directory's own code to run.")
+    harness: tuple[str, ...] = option((), "lm-evaluation-harness tasks, groups or tags, comma-separated (e.g. "
+                                      "mmlu,arc_easy,arc_challenge,hellaswag): run by lm_eval's simple_evaluate on "
+                                      "the loaded model after --tasks, with --limit, --batch-size, --device, "
+                                      "--dtype and --seed; needs pip install 'distill[lmeval]'.")
+    harness_include: tuple[str, ...] = option((), "Directories of lm-eval task YAMLs for --harness besides lm_eval's "
+                                              "own (e.g. data/lm_eval; a local dataset_path reads no network).")
+    harness_fewshot: int = option(-1, "Few-shot examples per --harness task (lm_eval's num_fewshot); -1 = each "
+                                  "task's own default.")
 
     def __post_init__(self):
         split = split_list(self.tasks)  # a config file's "a,b" too
         object.__setattr__(self, "tasks", split)
+        object.__setattr__(self, "harness", split_list(self.harness))
+        object.__setattr__(self, "harness_include", split_list(self.harness_include))
         problems = required(self, "model", "out")
         unknown = [t for t in split if t not in TASKS]
         if unknown:
             problems.append(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-        if not split:
-            problems.append("no --tasks given")
+        if not split and not self.harness:
+            problems.append("no --tasks or --harness given")
+        if self.harness_fewshot < -1:
+            problems.append("harness_fewshot must be -1 (each task's default) or at least 0")
+        if (self.harness_include or self.harness_fewshot >= 0) and not self.harness:
+            problems.append("--harness-include and --harness-fewshot apply to --harness tasks; name them with "
+                            "--harness TASKS")
         for name in QA_TASKS:
             if name in split and not getattr(self, name):
                 problems.append(f"task {name} needs --{name} FILE (a local JSONL file; nothing is downloaded)")
@@ -509,6 +526,105 @@ def eval_agreement_across(scorer: Scorer, config: EvalConfig, store, teacher) ->
 
 
 # ------------------------------------------------------------------------------------------------
+# lm-evaluation-harness, as a library
+
+
+def harness_tasks(config: EvalConfig):
+    """lm_eval's TaskManager over its own tasks and ``--harness-include``, with every ``--harness`` name
+    found in it: checked before the model loads (indexing lm_eval's ~15k task names takes seconds)."""
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise DistillError("--harness needs lm-evaluation-harness, which is not installed: pip install "
+                           "'distill[lmeval]'") from None
+    missing = [d for d in config.harness_include if not Path(d).is_dir()]
+    if missing:
+        raise DistillError(f"--harness-include {', '.join(missing)}: no such directory; pass directories of lm-eval "
+                           "task YAMLs")
+    manager = TaskManager(include_path=list(config.harness_include) or None)
+    known = set(manager.all_tasks)
+    unknown = [t for t in config.harness if t not in known and not Path(t).is_file()]
+    if unknown:
+        import difflib
+
+        close = {t: difflib.get_close_matches(t, manager.all_tasks, n=3, cutoff=0.6) for t in unknown}
+        named = "; ".join(f"{t} (did you mean {', '.join(close[t])}?)" if close[t] else t for t in unknown)
+        where = f" or in {', '.join(config.harness_include)}" if config.harness_include else ""
+        raise DistillError(f"unknown lm-eval task(s): {named}; lm_eval has no such task{where} "
+                           "(python -m lm_eval ls tasks lists them; --harness-include DIR adds your own YAMLs)")
+    return manager
+
+
+def _config_hash(task_config: dict) -> str:
+    """sha256 of a task's resolved lm-eval config (prompt, dataset, metrics, few-shot split): two
+    results with the same hash and version ran the same task."""
+    import hashlib
+
+    text = json.dumps(task_config, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def harness_section(results: dict[str, Any], requested: tuple[str, ...], version: str,
+                    options: dict[str, Any]) -> dict[str, Any]:
+    """The eval JSON's ``harness`` section from what ``lm_eval.simple_evaluate`` returned: per task or
+    group, ``metrics`` {name: {value, stderr}} (lm-eval's ``acc,none`` becomes ``acc``; another filter
+    stays ``exact_match,strict-match``), higher_is_better, n_shot, version, config_hash and samples
+    (lm-eval's n-samples: original and effective)."""
+    tasks_out: dict[str, Any] = {}
+    for name, row in results["results"].items():
+        metrics: dict[str, dict[str, float | None]] = {}
+        for key, value in row.items():
+            if "," not in key or "_stderr," in key:
+                continue
+            metric, filter_name = key.split(",", 1)
+            stderr = row.get(f"{metric}_stderr,{filter_name}")
+            label = metric if filter_name == "none" else key
+            metrics[label] = {"value": float(value) if isinstance(value, (int, float)) else None,
+                              "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+        better = results.get("higher_is_better", {}).get(name, {})
+        entry = {"metrics": metrics,
+                 "higher_is_better": {m: better.get(m.split(",")[0], True) for m in metrics},
+                 "n_shot": results.get("n-shot", {}).get(name), "version": results.get("versions", {}).get(name),
+                 "samples": results.get("n-samples", {}).get(name)}
+        if name in results.get("configs", {}):
+            entry["config_hash"] = _config_hash(results["configs"][name])
+        if name in results.get("group_subtasks", {}):
+            entry["subtasks"] = list(results["group_subtasks"][name])
+        tasks_out[name] = entry
+    return {"lm_eval_version": version, "requested": list(requested), "tasks": tasks_out, "options": options}
+
+
+def eval_harness(model, tokenizer, config: EvalConfig, manager, max_length: int) -> dict[str, Any]:
+    """``config.harness`` run by lm_eval's own ``simple_evaluate`` on the model distill loaded (weights
+    once; its dtype, device and trust_remote_code as distill's options say), through lm_eval's ``HFLM``;
+    the eval JSON's ``harness`` section (:func:`harness_section`). Runs after the paper's tasks: lm_eval
+    reseeds Python's, numpy's and torch's global generators."""
+    from importlib.metadata import version
+
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, max_length=max_length,
+              trust_remote_code=config.trust_remote_code)
+    num_fewshot = None if config.harness_fewshot < 0 else config.harness_fewshot
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness), num_fewshot=num_fewshot,
+                                          limit=config.limit or None, task_manager=manager, log_samples=False,
+                                          fewshot_random_seed=config.seed)
+    except ValueError as e:
+        if not str(e).startswith("Duplicate task"):
+            raise
+        raise DistillError(f"--harness {','.join(config.harness)}: {e} (lm_eval runs a task once); drop the "
+                           "task or the group that holds it") from None
+    options = {"tasks": list(config.harness), "include_path": list(config.harness_include),
+               "num_fewshot": num_fewshot, "limit": config.limit or None, "batch_size": config.batch_size,
+               "device": str(model.device), "dtype": config.dtype, "max_length": max_length,
+               "fewshot_random_seed": config.seed}
+    return harness_section(results, config.harness, version("lm_eval"), options)
+
+
+# ------------------------------------------------------------------------------------------------
 # the command
 
 
@@ -533,6 +649,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         raise DistillError(f"model {model_dir} is not a local Hugging Face directory with weights; check the path")
     out = Path(config.out)
     check_task_files(config)
+    harness_manager = harness_tasks(config) if config.harness else None
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
     tokenizer = load_tokenizer(str(model_dir), config.trust_remote_code)
@@ -571,11 +688,17 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             results[task] = eval_agreement(scorer, config, samples, *agreement)
         print(f"{task}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in results[task].items()))
+    harness = eval_harness(model, tokenizer, config, harness_manager, scorer.max_length) if config.harness else None
+    for task, entry in (harness or {}).get("tasks", {}).items():
+        print(f"harness/{task}: " + "  ".join(f"{m} {v['value']:.4f}" for m, v in entry["metrics"].items()
+                                              if v["value"] is not None))
     name = config.name or (model_dir.resolve().parent.name if model_dir.name == "model" else model_dir.resolve().name)
     report = {"name": name, "model": str(model_dir), "parameters": count_parameters(model),
               "tokenizer_hash": tokenizer_hash(tokenizer),  # distill report compares across tokenizers by bytes
               "training": training_facts(model_dir), "tasks": results, "seconds": time.time() - started,
               "config": to_dict(config)}
+    if harness is not None:
+        report["harness"] = harness
     report |= threads  # the number torch used, and where it came from
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2, sort_keys=True) + "\n")

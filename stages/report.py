@@ -5,7 +5,8 @@ and PNG bar charts like the paper's Figures 1–5; then the paper's layout over 
 (mean ± sample sd): Table 1 (completion tasks) and Table 2 (QA exact match at 0, 1 and k shots) with
 a "kept of teacher" column per metric, each distilled student against the same-size CE-only one
 (difference and whether it exceeds the seed spread), QA under rules where the results have rule
-metrics, and — when distilled runs differ only in T or only in α — the temperature study's curves
+metrics, the lm-evaluation-harness tasks of ``distill eval --harness`` (Table 3, metrics named
+``harness/TASK`` ``METRIC``), and — when distilled runs differ only in T or only in α — the temperature study's curves
 (``sweep_temperature.png``, ``sweep_alpha.png``). Everything goes to DIR, the numbers also to
 ``report.json``.
 """
@@ -76,7 +77,52 @@ def load_run(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "tasks" not in data or "name" not in data:
         raise DistillError(f"{path}: not a `distill eval` result (no 'name' and 'tasks'); pass the files "
                            "distill eval wrote")
+    data["tasks"] = {**data["tasks"], **harness_metrics(data)}
     return data
+
+
+HARNESS = "harness/"  # the prefix of lm-evaluation-harness tasks among a run's tasks
+HARNESS_PERCENT = ("acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "mc1", "mc2")
+
+
+def harness_shown(harness: dict[str, Any]) -> list[str]:
+    """The harness tasks a report shows: each requested task or group that has metrics (a group
+    with an aggregate, like mmlu, is one task), else its subtasks; a tag's tasks (a tag is not in
+    the results) are every task that is no group's subtask."""
+    tasks = harness.get("tasks", {})
+    subtasks = {s for e in tasks.values() for s in e.get("subtasks", ())}
+    shown: list[str] = []
+    for name in harness.get("requested", ()):
+        entry = tasks.get(name)
+        if entry and entry.get("metrics"):
+            names = [name]
+        elif entry:
+            names = list(entry.get("subtasks", ()))
+        else:
+            names = [t for t in tasks if t not in subtasks]
+        shown += [t for t in names if t not in shown and tasks.get(t, {}).get("metrics")]
+    return shown
+
+
+def harness_metrics(run: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """A run's shown harness results as tasks like any other: ``harness/TASK`` → {metric: value}."""
+    harness = run.get("harness") or {}
+    return {HARNESS + t: {m: v["value"] for m, v in harness["tasks"][t]["metrics"].items()}
+            for t in harness_shown(harness)}
+
+
+def harness_columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool]]:
+    """(harness/TASK, metric, title, higher is better) for every harness metric any run shows, in the
+    order the runs name them; the direction is lm-eval's higher_is_better."""
+    cols: dict[tuple[str, str], tuple[str, str, str, bool]] = {}
+    for r in runs:
+        harness = r.get("harness") or {}
+        for task in harness_shown(harness):
+            entry = harness["tasks"][task]
+            for metric in entry["metrics"]:
+                better = bool(entry.get("higher_is_better", {}).get(metric, True))
+                cols.setdefault((HARNESS + task, metric), (HARNESS + task, metric, f"{task} {metric}", better))
+    return list(cols.values())
 
 
 STORE_NAMES = {"topk": "top-k store", "sampled": "sampled store", "hybrid": "hybrid store", "target": "target store"}
@@ -123,13 +169,13 @@ def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str, bool]]:
         keys = sorted({k for r in runs for k in r["tasks"].get(task, {}) if k.startswith("em_")},
                       key=lambda k: int(k[3:-4]))
         cols += [(task, k, f"{title} EM {k[3:-4]}-shot", True) for k in keys]
-    return cols
+    return cols + harness_columns(runs)
 
 
 def _fmt(value: Any, metric: str) -> str:
     if value is None:
         return "–"
-    if metric in ("acc", "acc_norm", "top1", "top1_1to1") or metric.startswith("em_"):
+    if _percent(metric):
         return f"{100 * value:.1f}"
     return f"{value:.2f}" if value >= 10 else f"{value:.3f}"
 
@@ -267,6 +313,14 @@ class Group:
         sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
         return Stat(mean, sd, min(values), max(values), n)
 
+    def harness_shots(self) -> str:
+        """lm-eval's n-shot of the group's harness tasks: one number when they agree, else per task."""
+        shots = {t: e.get("n_shot") for r in self.runs for t, e in (r.get("harness") or {}).get("tasks", {}).items()
+                 if HARNESS + t in r["tasks"]}
+        if len(set(shots.values())) <= 1:
+            return str(next(iter(shots.values()), "–"))
+        return ", ".join(f"{t}: {n}" for t, n in sorted(shots.items()))
+
     def formats(self) -> str:
         """The QA prompt format(s) behind the exact-match numbers (the eval result's `format`)."""
         found = {task: r["tasks"][task]["format"] for r in self.runs for task in QA_NAMES
@@ -274,6 +328,11 @@ class Group:
         if len(set(found.values())) <= 1:
             return next(iter(found.values()), "–")
         return ", ".join(f"{QA_NAMES[t]}: {f}" for t, f in sorted(found.items()))
+
+
+def harness_versions(groups: list[Group]) -> list[str]:
+    """The lm_eval versions behind the groups' harness numbers."""
+    return sorted({str(r["harness"].get("lm_eval_version")) for g in groups for r in g.runs if r.get("harness")})
 
 
 def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
@@ -334,7 +393,8 @@ def ce_baseline(g: Group, groups: list[Group], teacher: Group | None) -> Group |
 
 def _percent(metric: str) -> bool:
     return metric in ("acc", "acc_norm", "top1", "top1_1to1") or metric.startswith(("em_", "rules_em_", "violating_",
-                                                                        "rules_violating_", "rules_unsatisfiable_"))
+                                                                        "rules_violating_", "rules_unsatisfiable_")) \
+        or metric.split(",")[0] in HARNESS_PERCENT  # lm-eval's: exact_match,strict-match
 
 
 def _num(value: float, metric: str) -> str:
@@ -488,13 +548,19 @@ def paper_sections(groups: list[Group], teacher: Group | None, teacher_note: str
         lines += ["### Table 2 — open-domain QA, exact match by shots (the paper's Tables 2 and 4)", ""]
         lines += paper_table(groups, teacher, qa, {"QA format": Group.formats}) + [""]
         lines += ["`QA format`: the prompt format the eval result names for its QA numbers (– when it names none).", ""]
+    harness = [c for c in cols if c[0].startswith(HARNESS)]
+    if harness:
+        lines += ["### Table 3 — lm-evaluation-harness tasks (`distill eval --harness`)", ""]
+        lines += paper_table(groups, teacher, harness, {"shots": Group.harness_shots}) + [""]
+        lines += ["Scored by lm-evaluation-harness itself (lm_eval " + ", ".join(harness_versions(groups))
+                  + "); `shots`: its n-shot per task. lm-eval's own stderr of each number is in the eval JSON.", ""]
     groups_json = []
     for g in groups:
         metrics = {f"{t}.{m}": s.as_dict() for t, m, _, _ in cols + qa if (s := g.stat(t, m)) is not None}
         entry = {"name": g.name, "runs": [r["name"] for r in g.runs], "seeds": g.seeds, "parameters": g.parameters,
                  "training": g.training, "distilled": g.distilled, "metrics": metrics}
         if teacher is not None and g is not teacher:
-            entry["kept_of_teacher"] = {f"{t}.{m}": k for t, m, _, b in completion + qa
+            entry["kept_of_teacher"] = {f"{t}.{m}": k for t, m, _, b in completion + qa + harness
                                         if (k := kept(g.stat(t, m), teacher.stat(t, m), b)) is not None}
         groups_json.append(entry)
     numbers["groups"] = groups_json
@@ -508,7 +574,7 @@ def paper_sections(groups: list[Group], teacher: Group | None, teacher_note: str
                   "| distilled | CE-only | metric | distilled | CE-only | Δ | spread | beyond spread |",
                   "|---|---|---|---|---|---|---|---|"]
         for g, ce in pairs:
-            for task, metric, title, better in [c for c in cols if (c[0], c[1]) in COMPARED] + qa:
+            for task, metric, title, better in [c for c in cols if (c[0], c[1]) in COMPARED] + qa + harness:
                 d = difference(g.stat(task, metric), ce.stat(task, metric))
                 if d is None:
                     continue
@@ -578,6 +644,8 @@ def make_report(config: ReportConfig) -> Path:
         ("qa.png", "Open-domain QA", "exact match (%)", True, [c for c in cols if c[1].startswith("em_")]),
         ("agreement.png", "Agreement with the teacher", "top-1 agreement (%)", True,
          [c for c in cols if c[1] == "top1"]),
+        ("harness.png", "lm-evaluation-harness", "score (%)", True,
+         [c for c in cols if c[0].startswith(HARNESS) and _percent(c[1])]),
     )
     for name, title, ylabel, percent, chosen in charts:
         if chosen:
