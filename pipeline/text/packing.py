@@ -63,8 +63,16 @@ class RowRule:
         """The rule a store's params record (absent keys: the rows as cut, causal attention)."""
         if "attention" not in params:
             return cls()
-        return cls(params["document_start"], params["row_start"], params["attention"], params.get("bos_token_id"),
-                   params["eos_token_id"])
+        rule = cls(params.get("document_start"), params.get("row_start"), params["attention"],
+                   params.get("bos_token_id"), params.get("eos_token_id"))
+        if (rule.document_start not in DOCUMENT_STARTS or rule.row_start not in DOCUMENT_STARTS
+                or rule.attention not in ATTENTIONS or not isinstance(rule.eos_token_id, int)
+                or (rule.bos_token_id is None) != ("bos" not in (rule.document_start, rule.row_start))):
+            from pipeline.errors import DistillError
+
+            raise DistillError(f"the store's row rule is not one distill writes ({rule.describe()}, BOS "
+                               f"{rule.bos_token_id}, EOS {rule.eos_token_id}); prepare the store again")
+        return rule
 
     def params(self) -> dict[str, Any]:
         """The keys a store records for this rule; none for the default, so such a store is byte for

@@ -70,3 +70,12 @@ def test_defaults_follow_the_tokenizer_and_the_default_records_nothing(tmp_path)
         row_rule(project, "bos", "", "causal", text=True)
     with pytest.raises(DistillError, match="--format text"):
         row_rule(llama, "", "", "document", text=False)
+
+
+def test_a_row_rule_distill_does_not_write_is_refused():
+    good = {"document_start": "bos", "row_start": "none", "attention": "document", "eos_token_id": EOS,
+            "bos_token_id": BOS}
+    assert RowRule.of(good) == RowRule("bos", "none", "document", BOS, EOS)
+    for bad in ({"attention": "documents"}, {"bos_token_id": None}, {"row_start": None}, {"eos_token_id": None}):
+        with pytest.raises(DistillError, match="row rule is not one distill writes"):
+            RowRule.of(good | bad)
