@@ -459,7 +459,7 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, tea
         for batch in sequential(store, config.batch_size, rows):
             batch = {k: v.to(scorer.device) for k, v in batch.items()}
             ids = batch["input_ids"]
-            hidden = scorer.head.hidden(ids, rule.position_ids(ids))[:, :-1]
+            hidden = scorer.head.hidden(ids, **rule.hidden_kwargs(ids))[:, :-1]
             logits = scorer.head.logits(hidden).float()[..., :scorer.vocab]
             n = logits.shape[0] * logits.shape[1]
             logits = logits.reshape(n, -1)

@@ -273,7 +273,7 @@ class DistillStep(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor], ce_only: bool = False):
         model, b, length = self.model, input_ids.shape[0], input_ids.shape[1]
-        hidden = self.output.hidden(input_ids, self.rule.position_ids(input_ids))  # [B, L, H]
+        hidden = self.output.hidden(input_ids, **self.rule.hidden_kwargs(input_ids))  # [B, L, H]
         hidden = hidden[:, :-1].reshape(b * (length - 1), -1)
         targets = input_ids[:, 1:].reshape(-1)
         head, teacher = self.output.logits, self.teacher
@@ -693,6 +693,8 @@ def _row_rule(config: TrainConfig, train_store: Store, eval_store: Store | None,
     if rule.attention == "document" and config.cross_tokenizer:
         raise DistillError(f"train store {train_store.root} keeps attention within documents, which --cross-tokenizer "
                            "does not carry over to the student's rows; prepare the store with --attention causal")
+    if config.cross_tokenizer:  # the rule's ids are the teacher's; the aligner makes the student's rows and mask
+        return RowRule()
     if rule.attention == "document":
         check_document_attention(model, rule.eos_token_id, f"student {config.model}")
     return rule

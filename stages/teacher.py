@@ -551,7 +551,7 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
         # from pinned memory without waiting on CUDA: a plain copy would wait for the batch still computing
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
         b = batch.shape[0]
-        hidden = head.hidden(batch, rule.position_ids(batch)).reshape(b * seq_len, -1)
+        hidden = head.hidden(batch, **rule.hidden_kwargs(batch)).reshape(b * seq_len, -1)
         if buffer is None:
             buffer = head.logits_buffer(min(config.position_chunk, b * seq_len), hidden)
         # Position t's target is token t+1; the last position has none in its row (it is the next

@@ -106,6 +106,12 @@ class RowRule:
         start = torch.where(after_eos, index, torch.zeros_like(index)).cummax(dim=1).values
         return index - start
 
+    def hidden_kwargs(self, input_ids) -> dict:
+        """``{"position_ids": …}`` for :meth:`pipeline.models.OutputHead.hidden` under document
+        attention, else ``{}`` (the call of every stage before the rule)."""
+        position_ids = self.position_ids(input_ids)
+        return {} if position_ids is None else {"position_ids": position_ids}
+
     def target_mask(self, input_ids):
         """``[B, L−1]`` bool, False where position t's target (token t+1) is a BOS, or None when
         the rule puts no BOS in the rows."""

@@ -117,8 +117,8 @@ class OnlineTeacher:
     def positions(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(the teacher's hidden states ``[P, H]``): its output head runs per chunk in :meth:`divergence`."""
         b, length = input_ids.shape
-        position_ids = self.rule.position_ids(input_ids) if self.rule is not None else None
-        return (self.head.hidden(input_ids, position_ids)[:, :-1].reshape(b * (length - 1), -1),)
+        documents = self.rule.hidden_kwargs(input_ids) if self.rule is not None else {}
+        return (self.head.hidden(input_ids, **documents)[:, :-1].reshape(b * (length - 1), -1),)
 
     def divergence(self, student_logprobs: torch.Tensor, targets: torch.Tensor,
                    hidden: torch.Tensor) -> torch.Tensor:
