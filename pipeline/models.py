@@ -350,12 +350,18 @@ class OutputHead:
     def split(self) -> bool:
         return self.mode != "full"
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states ``[B, L, H]``; with ``position_ids`` (``RowRule.position_ids``: reset at each
+        document) and no cache, each token attends within its own document only (see
+        :func:`check_document_attention`)."""
         if self.input_device is not None:
             input_ids = input_ids.to(self.input_device)
+        documents = {} if position_ids is None else {"position_ids": position_ids.to(input_ids.device),
+                                                     "use_cache": False}
         if self.split:
-            return self._here(self.body(input_ids=input_ids).last_hidden_state)
-        return self._here(self.model(input_ids=input_ids).logits)  # fallback: the full logits are the "hidden" state
+            return self._here(self.body(input_ids=input_ids, **documents).last_hidden_state)
+        # fallback: the full logits are the "hidden" state
+        return self._here(self.model(input_ids=input_ids, **documents).logits)
 
     def _own_forward(self, hidden_chunk: torch.Tensor) -> torch.Tensor:
         """``model.forward`` on ``[P, H]`` hidden states, its decoder swapped out for the duration."""
@@ -388,3 +394,32 @@ class OutputHead:
         if not plain or self.head.weight.dtype != hidden.dtype or self.head.weight.device != hidden.device:
             return None
         return torch.empty(positions, self.head.weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+
+@torch.no_grad()
+def check_document_attention(model, eos_token_id: int, what: str) -> None:
+    """Refuse (one line) a model that does not keep attention inside each document when given
+    per-document ``position_ids``: transformers builds a block-diagonal mask from them (its
+    packed-sequence masks, sliding windows included) or takes flash-attention's variable-length path,
+    but a model with its own attention code may ignore them and let documents see each other. Checked
+    on a probe: the second of two packed documents must score as it does alone."""
+    from pipeline.text.packing import RowRule
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    first = [i % vocab for i in (11, 12, 13, 14, eos_token_id)]
+    second = [i % vocab for i in (21, 22, 23, 24, 25)]
+    packed = torch.tensor([first + second], device=device)
+    rule = RowRule(attention="document", eos_token_id=eos_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        together = model(input_ids=packed, position_ids=rule.position_ids(packed), use_cache=False).logits
+        alone = model(input_ids=packed[:, len(first):], use_cache=False).logits
+    finally:
+        model.train(was_training)
+    tolerance = 1e-3 if together.dtype == torch.float32 else 5e-2  # (a leak moves logits by far more)
+    if not torch.allclose(together[:, len(first):].float(), alone.float(), rtol=tolerance, atol=tolerance):
+        raise DistillError(f"{what} ({type(model).__name__}) lets packed documents see each other even with "
+                           "per-document position ids, so --attention document cannot be kept with it; prepare "
+                           "the store with --attention causal, or use a model whose attention transformers builds")

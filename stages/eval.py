@@ -41,8 +41,10 @@ from pipeline.decode.rules import Rules, load_rules
 from pipeline.errors import DistillError
 from pipeline.evaluate import tasks
 from pipeline.io import atomic_write_text
-from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device
+from pipeline.models import (DTYPES, OutputHead, check_document_attention, count_parameters, device_problems,
+                             has_weights, load_model, max_positions, resolve_device)
 from pipeline.text.corpus import DocumentReader, expand_inputs
+from pipeline.text.packing import RowRule, tokenizer_adds_bos
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 
@@ -164,6 +166,9 @@ class Scorer:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.batch_size, self.max_length = batch_size, max_length
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        # what a whole document is scored after: BOS where the tokenizer begins a text with one (as
+        # the model was trained, and as ``distill prepare`` packs by default), else EOS
+        self.document_start = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else self.eos
         self.vocab = len(tokenizer)
         probe = torch.tensor([[self.eos, self.eos]], device=device)
         self.head = OutputHead(model, probe)
@@ -290,7 +295,7 @@ def eval_heldout(scorer: Scorer, config: EvalConfig, samples: list) -> dict[str,
         raise DistillError(f"no held-out text in {', '.join(config.heldout)}")
     requests, owner = [], []
     for d, text in enumerate(docs):
-        for window in tasks.rolling_windows(scorer.encode(text), scorer.eos, scorer.max_length):
+        for window in tasks.rolling_windows(scorer.encode(text), scorer.document_start, scorer.max_length):
             requests.append(window)
             owner.append(d)
     scored = scorer.score(requests, "held-out")
@@ -461,6 +466,9 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, tea
     if params.get("tokenizer_hash") != tokenizer_hash(scorer.tokenizer):
         return eval_agreement_across(scorer, config, store, teacher)
     check_store_fits(store, "agreement store", tokenizer_hash(scorer.tokenizer), scorer.vocab, scorer.max_length)
+    rule = RowRule.of(params)  # the model reads the rows as stage one's teacher did
+    if rule.attention == "document":
+        check_document_attention(scorer.model, rule.eos_token_id, f"model {config.model}")
     rows = config.limit or store.rows
     agree = kl = positions = 0.0
     with tqdm(total=min(rows, store.rows) * params["seq_len"], desc="agreement", unit="tok", unit_scale=True,
@@ -468,14 +476,20 @@ def eval_agreement(scorer: Scorer, config: EvalConfig, samples: list, store, tea
         for batch in sequential(store, config.batch_size, rows):
             batch = {k: v.to(scorer.device) for k, v in batch.items()}
             ids = batch["input_ids"]
-            hidden = scorer.head.hidden(ids)[:, :-1]
+            hidden = scorer.head.hidden(ids, **rule.hidden_kwargs(ids))[:, :-1]
             logits = scorer.head.logits(hidden).float()[..., :scorer.vocab]
             n = logits.shape[0] * logits.shape[1]
             logits = logits.reshape(n, -1)
             teacher_ids, teacher_logprobs, tail = teacher.positions(ids, batch)
+            targets = ids[:, 1:].reshape(n)
+            if (scored := rule.target_mask(ids)) is not None:  # a BOS is not predicted: no score there
+                keep = scored.reshape(-1).nonzero().squeeze(-1)
+                logits, targets, teacher_ids, teacher_logprobs, tail = (
+                    x[keep] for x in (logits, targets, teacher_ids, teacher_logprobs, tail))
+                n = len(keep)
             student = F.log_softmax(logits / t, dim=-1)
             agree += float((logits.argmax(-1) == teacher_ids[:, 0]).sum())
-            kl += float(teacher.divergence(student, ids[:, 1:].reshape(n), teacher_ids, teacher_logprobs, tail).sum())
+            kl += float(teacher.divergence(student, targets, teacher_ids, teacher_logprobs, tail).sum())
             positions += n
             bar.update(ids.numel())
     return {"top1": agree / positions, "kl": kl / positions, "temperature": t, "tokens": int(positions)}
@@ -492,6 +506,10 @@ def eval_agreement_across(scorer: Scorer, config: EvalConfig, store, teacher) ->
     from pipeline.text.align import RowAligner, check_byte_level, token_bytes, vocab_map
     from pipeline.train.cross_signal import CrossTokenizer
 
+    if RowRule.of(store.params).attention == "document":
+        raise DistillError(f"agreement store {config.agreement} keeps attention within documents, which the "
+                           "comparison across tokenizers does not carry over; use a store prepared with --attention "
+                           "causal")
     store_tokenizer = load_tokenizer(store.params["tokenizer"], config.trust_remote_code)
     check_byte_level(store_tokenizer, "teacher", store.params["tokenizer"])
     check_byte_level(scorer.tokenizer, "model", config.model)

@@ -55,7 +55,7 @@ from pipeline.text.corpus import ACCEPTED, BLOCK, DocumentReader, Inputs, corpus
 from pipeline.text.mixture import Mixture, MixtureReader, mixture_files, read_sources
 from pipeline.text.examples import (FORMATS, ExampleReader, IdsReader, chat_template_sha256, read_samplers,
                                     require_chat_template)
-from pipeline.text.packing import ExampleRows, RowPacker
+from pipeline.text.packing import ATTENTIONS, DOCUMENT_STARTS, ExampleRows, RowPacker, RowRule, row_rule
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 
 
@@ -80,6 +80,13 @@ class PrepareConfig:
                                 "reads (listed in the index as skipped_inputs) instead of stopping.")
     txt_documents: str = option("file", "How .txt files split into documents: 'file' or 'paragraph' (blank lines).")
     skip_bad_utf8: bool = option(False, "Skip (and count) lines that are not UTF-8 instead of stopping.")
+    document_start: str = option("", "What each document begins with: 'bos' (the tokenizer's BOS) or 'none'; "
+                                 "default what the tokenizer itself does (a BOS where it adds one). --format text.")
+    row_start: str = option("", "What a row that begins inside a document begins with: 'bos' (in place of the "
+                            "token it shares with the row before) or 'none'; default as --document-start.")
+    attention: str = option("causal", "'causal' (a token sees everything before it in its row) or 'document' (only "
+                            "its own document, positions counted from its start): recorded in the store, and "
+                            "stage one, stage two and eval attend so.")
     backend: str = option("zarr", "Store backend: 'zarr' (v3, sharded, zstd) or 'arrow' (IPC, zstd).")
     rows_per_shard: int = option(4096, "Rows per store shard.")
     chunk_rows: int = option(64, "Rows per compressed chunk inside a shard (the unit a reader decodes).")
@@ -108,6 +115,11 @@ class PrepareConfig:
                                 f"pass --format {wanted} or drop {flag(name)}")
         if self.txt_documents not in ("file", "paragraph"):
             problems.append(f"txt_documents must be 'file' or 'paragraph', got {self.txt_documents!r}")
+        for name, allowed in (("document_start", ("", *DOCUMENT_STARTS)), ("row_start", ("", *DOCUMENT_STARTS)),
+                              ("attention", ATTENTIONS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(a for a in allowed if a)}, "
+                                f"got {getattr(self, name)!r}")
         if self.backend not in store_lib.BACKENDS:
             problems.append(f"backend must be one of {', '.join(store_lib.BACKENDS)}, got {self.backend!r}")
         for name in ("rows_per_shard", "chunk_rows", "batch_documents"):
@@ -138,7 +150,8 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
     examples = config.format != "text"
     if examples:
         _check_example_inputs(config, files, tokenizer)
-    params = _store_params(config, files, tokenizer, mixture)
+    rule = row_rule(tokenizer, config.document_start, config.row_start, config.attention, not examples)
+    params = _store_params(config, files, tokenizer, mixture) | rule.params()
     out = real_out(config.out)
     if store_lib.existing_store(out, "tokens", config.backend, params, config.overwrite) == "done":
         print(f"{out}: complete store with the same parameters already exists; nothing to do")
@@ -151,10 +164,12 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
     encode = batch_encoder(tokenizer)
     if mixture is not None:  # documents come tokenized: the mixture counts tokens to keep the shares
         reader = MixtureReader(mixture, source_files, encode, config.text_field, config.txt_documents,
-                               config.skip_bad_utf8, config.batch_documents)
+                               config.skip_bad_utf8, config.batch_documents,
+                               tokens_around=1 + (rule.document_start == "bos"))
     else:
         reader = _reader(config, files, tokenizer)
-    packer = RowPacker(config.seq_len, config.rows_per_shard, tokenizer.eos_token_id, flags=examples)
+    packer = RowPacker(config.seq_len, config.rows_per_shard, tokenizer.eos_token_id, flags=examples,
+                       **_packer_starts(rule))
     writer = _ShardWriter(out, config.backend, config.chunk_rows, store_lib.token_dtype(params["vocab_size"]))
     documents = iter(reader)
     try:
@@ -255,6 +270,12 @@ def _store_params(config: PrepareConfig, files: list[Path], tokenizer, mixture: 
         if config.format == "ids":  # which distributions behaviour_logprob is of: the policy gradient checks them
             params["samplers"] = read_samplers(files, config.skip_bad_utf8)
     return params
+
+
+def _packer_starts(rule: RowRule) -> dict:
+    """The packer's document-start and row-start tokens under ``rule`` (None: nothing added)."""
+    return {"document_start_id": rule.bos_token_id if rule.document_start == "bos" else None,
+            "row_start_id": rule.bos_token_id if rule.row_start == "bos" else None}
 
 
 def _reader(config: PrepareConfig, files: list[Path], tokenizer) -> DocumentReader | ExampleReader:

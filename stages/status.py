@@ -31,7 +31,6 @@ import re
 import shlex
 import shutil
 import socket
-import stat
 import subprocess
 import time
 from dataclasses import dataclass

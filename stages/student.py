@@ -52,9 +52,11 @@ from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, disk_full_is_an_error, remove_leftovers, removed_if_failed, replace_dir
-from pipeline.models import DTYPES, OutputHead, count_parameters, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.models import (DTYPES, OutputHead, check_document_attention, count_parameters, device_problems,
+                             has_weights, hf_config, load_model, max_positions, resolve_device)
 from pipeline.outdir import RUN, claim, clear
 from pipeline.store.contract import Store, open_store
+from pipeline.text.packing import ATTENTIONS, RowRule
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
 from pipeline.train import checkpoint
@@ -122,6 +124,8 @@ class TrainConfig:
     cross_positions: str = option("starts", "Cross-tokenizer exact term, where it compares the two next-token "
                                   "distributions: 'starts' (the first token of every chunk, 1:1 or not) or '1to1' "
                                   "(1:1 chunks only, as before).")
+    attention: str = option("", "What a token attends to: 'causal' or 'document', which must be what the train "
+                            "store records (distill prepare --attention); empty: as the store says.")
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
     micro_batch_size: int = option(16, "Rows per forward/backward pass, per process.")
@@ -170,6 +174,8 @@ class TrainConfig:
             problems.append(f"cross_tokenizer must be exact, chunk or both, got {self.cross_tokenizer!r}")
         if self.unmapped not in ("first", "bucket", "prefix"):
             problems.append(f"unmapped must be first, bucket or prefix, got {self.unmapped!r}")
+        if self.attention not in ("", *ATTENTIONS):
+            problems.append(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.cross_positions not in ("starts", "1to1"):
             problems.append(f"cross_positions must be starts or 1to1, got {self.cross_positions!r}")
         if not self.chunk_weight >= 0:
@@ -251,12 +257,15 @@ class DistillStep(torch.nn.Module):
     the batch has one (task fine-tuning: the positions whose target is a response token; the others
     never reach the output head, so they add nothing to the loss, its gradient or the target count).
     ``teacher`` (a :class:`pipeline.train.teacher_signal.TeacherSignal`) gives the divergence term; None
-    trains with CE alone.
+    trains with CE alone. ``rule`` (the store's :class:`pipeline.text.packing.RowRule`): with
+    ``attention == "document"`` each token attends within its own document; positions whose target
+    is a BOS are out of the loss, as a task store's masked positions are.
     """
 
     def __init__(self, model, vocab: int, alpha: float, loss_chunk: int, teacher: TeacherSignal | None = None, *,
-                 output: OutputHead):
+                 output: OutputHead, rule: RowRule = RowRule()):
         super().__init__()
+        self.rule = rule
         self.model = model
         self.output = output  # the student's logits as its own forward computes them (post-head transforms)
         self.vocab, self.alpha, self.loss_chunk = vocab, alpha, loss_chunk
@@ -264,14 +273,16 @@ class DistillStep(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor], ce_only: bool = False):
         model, b, length = self.model, input_ids.shape[0], input_ids.shape[1]
-        hidden = self.output.hidden(input_ids)[:, :-1].reshape(b * (length - 1), -1)
+        hidden = self.output.hidden(input_ids, **self.rule.hidden_kwargs(input_ids))  # [B, L, H]
+        hidden = hidden[:, :-1].reshape(b * (length - 1), -1)
         targets = input_ids[:, 1:].reshape(-1)
         head, teacher = self.output.logits, self.teacher
         distill = self.alpha < 1.0 and not ce_only and teacher is not None
         t = teacher.temperature if distill else 1.0
         teacher_positions = teacher.positions(input_ids, batch) if distill else ()
-        if "loss_mask" in batch:
-            keep = batch["loss_mask"][:, :-1].reshape(-1).nonzero().squeeze(-1)
+        trained = trained_positions(input_ids, batch, self.rule)
+        if trained is not None:
+            keep = trained.reshape(-1).nonzero().squeeze(-1)
             hidden, targets = hidden[keep], targets[keep]
             teacher_positions = tuple(part[keep] for part in teacher_positions)
         # a term over whole chunks of positions (cross-tokenizer, pipeline/train/cross_signal.py) needs
@@ -306,11 +317,22 @@ class DistillStep(torch.nn.Module):
         return ce_sum, kd_sum, targets.numel()
 
 
-def target_count(batch: dict[str, torch.Tensor]) -> int:
+def trained_positions(input_ids: torch.Tensor, batch: dict[str, torch.Tensor], rule: RowRule) -> torch.Tensor | None:
+    """``[B, L−1]`` bool, the positions with a next token that are trained on: those whose ``loss_mask``
+    is 1 and whose target is not a BOS (:meth:`RowRule.target_mask`); None where every one is."""
+    trained = batch["loss_mask"][:, :-1] > 0 if "loss_mask" in batch else None
+    not_bos = rule.target_mask(input_ids)
+    if not_bos is None:
+        return trained
+    return not_bos if trained is None else trained & not_bos
+
+
+def target_count(batch: dict[str, torch.Tensor], rule: RowRule = RowRule()) -> int:
     """The positions of a batch that :class:`DistillStep` trains on (its third output), from the batch
-    alone: those whose ``loss_mask`` is 1, else every position with a next token."""
-    if "loss_mask" in batch:
-        return int(batch["loss_mask"][:, :-1].count_nonzero())
+    alone: those whose ``loss_mask`` is 1 and whose target is no BOS, else every position with a next token."""
+    trained = trained_positions(batch["input_ids"], batch, rule)
+    if trained is not None:
+        return int(trained.count_nonzero())
     return batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
 
 
@@ -475,15 +497,17 @@ def setup(config: TrainConfig) -> Run | None:
     eval_store = open_store(config.eval_store) if config.eval_store else None
     if eval_store is not None:
         check_store_fits(eval_store, "eval store", tok_hash, vocab, positions)
+    rule = _row_rule(config, train_store, eval_store, model)
     if teacher_source == "online" and alpha < 1.0:
-        teacher = _online_teacher(config, train_store, vocab, device)
+        teacher = _online_teacher(config, train_store, vocab, device, rule)
 
     loss_chunk = config.loss_chunk or max(1, (1 << 26) // model.config.vocab_size)
     probe_rows = train_store.read_rows(0, 1)["input_ids"]
     probe_rows = aligner({"input_ids": probe_rows})["input_ids"] if aligner is not None else probe_rows
     probe = torch.from_numpy(probe_rows.astype("int64")).to(device)
     output = OutputHead(model, probe)
-    wrapped = _wrap(DistillStep(model, vocab, alpha, loss_chunk, teacher, output=output), config, world, device)
+    wrapped = _wrap(DistillStep(model, vocab, alpha, loss_chunk, teacher, output=output, rule=rule), config, world,
+                    device)
     optimizer, scheduler = _optimizer(model, config, device)
     epoch, offset, start_step, tokens_seen = 0, 0, 0, 0
     if resume_from is not None:
@@ -643,14 +667,39 @@ def _student(config: TrainConfig, train_store: Store) -> torch.nn.Module:
     return load_model(model_path, trust_remote_code=config.trust_remote_code)
 
 
-def _online_teacher(config: TrainConfig, train_store: Store, vocab: int, device: torch.device) -> OnlineTeacher:
+def _online_teacher(config: TrainConfig, train_store: Store, vocab: int, device: torch.device,
+                    rule: RowRule) -> OnlineTeacher:
     teacher_model = load_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device).eval()
     teacher_model.requires_grad_(False)
     check_output_rows("teacher", config.teacher, teacher_model.config.vocab_size, vocab,
                       "use a teacher of the student's tokenizer")
+    if rule.attention == "document":
+        check_document_attention(teacher_model, rule.eos_token_id, f"teacher {config.teacher}")
     probe = train_store.read_rows(0, 1)["input_ids"].astype("int64")
     return OnlineTeacher(OutputHead(teacher_model, torch.from_numpy(probe).to(device)), vocab,
-                         config.temperature, config.kl_direction)
+                         config.temperature, config.kl_direction, rule)
+
+
+def _row_rule(config: TrainConfig, train_store: Store, eval_store: Store | None, model) -> RowRule:
+    """How the rows start and attend, as the train store records it (stage one computed the teacher's
+    predictions so): ``--attention`` must agree, and so must the eval store; one line otherwise."""
+    rule = RowRule.of(train_store.params)
+    if config.attention and config.attention != rule.attention:
+        raise DistillError(f"--attention {config.attention}, but train store {train_store.root} was prepared (and its "
+                           f"teacher predictions computed) with attention {rule.attention}; drop --attention or "
+                           f"prepare the store with --attention {config.attention}")
+    if eval_store is not None and RowRule.of(eval_store.params) != rule:
+        raise DistillError(f"eval store {eval_store.root} has {RowRule.of(eval_store.params).describe()}, train store "
+                           f"{train_store.root} has {rule.describe()}; prepare both with the same --document-start, "
+                           "--row-start and --attention")
+    if rule.attention == "document" and config.cross_tokenizer:
+        raise DistillError(f"train store {train_store.root} keeps attention within documents, which --cross-tokenizer "
+                           "does not carry over to the student's rows; prepare the store with --attention causal")
+    if config.cross_tokenizer:  # the rule's ids are the teacher's; the aligner makes the student's rows and mask
+        return RowRule()
+    if rule.attention == "document":
+        check_document_attention(model, rule.eos_token_id, f"student {config.model}")
+    return rule
 
 
 def _wrap(step_module: DistillStep, config: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
@@ -715,6 +764,7 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
     run.model.train()
     t2 = config.temperature ** 2
     teacher_signal = getattr(wrapped, "module", wrapped).teacher
+    rule = getattr(wrapped, "module", wrapped).rule
     for step in range(run.start_step, config.max_steps):
         started = time.perf_counter()
         if hasattr(teacher_signal, "new_step"):  # its statistics are of the step logged, as the loss is
@@ -726,7 +776,7 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
         # before the first backward and summed over the ranks; DDP/FSDP then average the gradients of
         # the ranks' sums over (global count / world), which is the global sum over the global count.
         micro_batches = [next(run.loader) for _ in range(config.grad_accum)]  # on the host until used
-        step_targets = torch.tensor([sum(target_count(b) for b in micro_batches)], dtype=torch.float64)
+        step_targets = torch.tensor([sum(target_count(b, rule) for b in micro_batches)], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(step_targets)
         per_rank_targets = max(step_targets.item(), 1) / world  # c · grad_accum exactly where counts are equal

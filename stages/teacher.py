@@ -53,10 +53,12 @@ from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256
 from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check_device_map, check_devices,
-                             device_map_problems, device_problems, execution_device, has_weights, hf_config, load_model,
-                             max_positions, parse_max_memory, placement, read_device_map, resolve_device)
+                             check_document_attention, device_map_problems, device_problems, execution_device,
+                             has_weights, hf_config, load_model, max_positions, parse_max_memory, placement,
+                             read_device_map, resolve_device)
 from pipeline.outdir import STORE, clear
 from pipeline.store import contract as store_lib
+from pipeline.text.packing import RowRule
 from pipeline.teacher.sampling import (fused_gpu_problem, position_keys, sample_teacher, sample_teacher_deferred,
                                       sampled_logprobs)
 from pipeline.teacher.topk import KERNELS, resolve_kernel, sparse_teacher, sparse_teacher_deferred
@@ -253,6 +255,7 @@ class TeacherJob:
     device: torch.device
     kernel: str
     lock: store_lib.JobLock  # held until the job's last shard is recorded
+    rule: RowRule = RowRule()  # how the tokens store's rows attend (its params; docs/FORMAT.md)
 
     def record(self, entry: dict) -> None:
         """Called by the writer thread alone, after the shard is renamed into place."""
@@ -341,6 +344,15 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    rule = RowRule.of(tokens.params)
+    try:
+        if rule.attention == "document":  # before anything in OUT is replaced
+            check_document_attention(model, rule.eos_token_id, f"teacher {teacher_dir}")
+    except BaseException:
+        lock.release()
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if decision == "replace":  # only now that the teacher has loaded; only what a store holds (checked again)
         try:
             clear(out, STORE, keep=(lock.path,))
@@ -366,7 +378,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     save_resolved(config, out / f"config.part-{config.shard_index:05d}.json", facts)
     probe = torch.from_numpy(tokens.read_rows(0, 1)["input_ids"].astype(np.int64)).to(device)
     return TeacherJob(config, out, tokens, params, arrays, vocab, n_rows, todo, done, OutputHead(model, probe),
-                      device, kernel, lock)
+                      device, kernel, lock, rule)
 
 
 def stored_arrays(config: TeacherConfig, seq_len: int, tokens_arrays: dict[str, dict], vocab: int) -> dict[str, dict]:
@@ -422,6 +434,8 @@ def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: i
         **({"format": tokens.params["format"]} if "format" in tokens.params else {}),
         # the samplers of --format ids records: --objective policy-gradient reads them from this store
         **({"samplers": tokens.params["samplers"]} if "samplers" in tokens.params else {}),
+        # how the rows start and attend (none in a default store): stage two and eval read them as stage one did
+        **RowRule.of(tokens.params).params(),
         "rows": n_rows,
         "rows_per_shard": config.rows_per_shard,
         "chunk_rows": config.chunk_rows,
@@ -478,7 +492,7 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
                 lo, hi = j * config.rows_per_shard, min((j + 1) * config.rows_per_shard, job.n_rows)
                 rows = job.tokens.read_rows(lo, hi)
                 computed = teacher_shard(job.head, rows["input_ids"], lo, config, job.arrays, job.vocab, job.device,
-                                         job.kernel, progress, abandon, after_first_batch=hand_over)
+                                         job.kernel, progress, abandon, after_first_batch=hand_over, rule=job.rule)
                 if failure:
                     raise failure[0]
                 if computed is None:
@@ -509,13 +523,14 @@ def write_shards(job: TeacherJob, preemption: preempt.Preemption | None = None
 def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, config: TeacherConfig,
                   arrays: dict[str, dict], vocab: int, device: torch.device, kernel: str,
                   progress, abandon: Callable[[], Any] | None = None,
-                  after_first_batch: Callable[[], None] | None = None
+                  after_first_batch: Callable[[], None] | None = None, rule: RowRule = RowRule()
                   ) -> tuple[dict[str, np.ndarray], Callable[[], None] | None] | None:
     """All stored arrays (``arrays``: dtype and per-row shape of each) for one shard of rows
     ``input_ids [R, L]``, the first of which is row ``first_row`` of the store (it keys the draws),
     and None or a function to call before they are complete; None if ``abandon()``, asked before
     each batch, said to drop the shard. ``after_first_batch()`` is called once the first batch is
-    queued (the previous shard's hand-over, :func:`write_shards`).
+    queued (the previous shard's hand-over, :func:`write_shards`). ``rule``: the tokens store's
+    :class:`RowRule`; with ``attention == "document"`` each token sees only its own document.
 
     On CUDA with ``--overlap`` (the default) a batch's outputs go to pinned host memory on a copy
     stream, and the host waits for them (and converts them to the store's dtypes) only after the
@@ -540,7 +555,7 @@ def teacher_shard(head: OutputHead, input_ids: np.ndarray, first_row: int, confi
         # from pinned memory without waiting on CUDA: a plain copy would wait for the batch still computing
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
         b = batch.shape[0]
-        hidden = head.hidden(batch).reshape(b * seq_len, -1)
+        hidden = head.hidden(batch, **rule.hidden_kwargs(batch)).reshape(b * seq_len, -1)
         if buffer is None:
             buffer = head.logits_buffer(min(config.position_chunk, b * seq_len), hidden)
         # Position t's target is token t+1; the last position has none in its row (it is the next

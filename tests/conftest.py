@@ -151,3 +151,43 @@ def kill_when(process: subprocess.Popen, ready) -> None:
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+# A tokenizer that begins every text with its BOS, as Llama 3's and Gemma's do (``style``: their
+# special tokens' names; Gemma's also has a pad token), built from the project's vocabulary.
+BOS_STYLES = {"llama": ("<|begin_of_text|>", "<|end_of_text|>", []),
+              "gemma": ("<bos>", "<eos>", ["<pad>"])}
+
+
+def bos_tokenizer(path: Path, style: str = "llama") -> Path:
+    """The project's byte-level BPE with ``style``'s BOS and EOS added and a post-processor that puts
+    the BOS before every text (``encode("x")`` begins with it); saved as a Hugging Face directory."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, extra = BOS_STYLES[style]
+    tokenizer = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    tokenizer.add_special_tokens([bos, eos, *extra])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos,
+                                      pad_token=extra[0] if extra else None)
+    wrapped.save_pretrained(str(path))
+    return path
+
+
+def make_model(path: Path, arch: str, vocab: int, **extra) -> Path:
+    """A small random causal LM of ``arch`` (``llama`` or ``gemma2``: soft-capped logits and attention,
+    every other layer a sliding window of 4 so that the window is exercised in short rows)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "gemma2":
+        common |= dict(head_dim=16, sliding_window=4, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                       layer_types=["sliding_attention", "full_attention"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **(common | extra)))
+    model.save_pretrained(str(path))
+    return path

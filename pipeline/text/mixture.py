@@ -12,7 +12,8 @@ The order is a pure function of the sources and the seed. Each source is read in
 batch of documents tokenized at a time; the next document comes from the source furthest below its
 share of the tokens so far (``weight·total − tokens``, the largest deficit; ties to the seed's
 order of sources), so every share stays within one document of its target all along, not only on
-average. Tokens count as the packer will store them (each document and its EOS).
+average. Tokens count as the packer will store them (each document, its EOS, and its BOS where
+documents start with one).
 
 When a weighted source without ``repeat`` runs out, the mixture stops there, so that the shares
 hold, and says which source it was; with budgets, a source that runs out short is reported and the
@@ -160,6 +161,7 @@ class MixtureReader:
     txt_documents: str = "file"
     skip_bad_utf8: bool = False
     batch_documents: int = 512
+    tokens_around: int = 1  # the tokens the packer adds to each document: EOS, and a BOS before it where it starts one
     tally: list[SourceTally] = field(default_factory=list)
     stopped_by: int | None = None  # the weighted source whose running out ended the mixture
 
@@ -194,8 +196,8 @@ class MixtureReader:
             ids = queues[i].popleft()
             tally = self.tally[i]
             tally.documents += 1
-            tally.tokens += len(ids) + 1  # and the EOS the packer puts after it
-            total += len(ids) + 1
+            tally.tokens += len(ids) + self.tokens_around  # as the packer stores it (EOS, BOS)
+            total += len(ids) + self.tokens_around
             if budgets[i] is not None and tally.tokens >= budgets[i]:
                 live.discard(i)
             yield ids

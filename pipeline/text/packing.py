@@ -11,15 +11,113 @@ token t+1, is flagged. An example that fits in a row but not in what is left of 
 starts the next row, the rest of this one padded with EOS (flag 0); the last row is padded too, so
 no example is dropped.
 
+How a row starts and what it attends to (``distill prepare --document-start``, ``--row-start``,
+``--attention``; :class:`RowRule`, recorded in the store's params, docs/FORMAT.md): with
+``document_start == "bos"`` each document is ``BOS, its tokens, EOS`` in the stream; with
+``row_start == "bos"`` a row that begins *inside* a document (its first two tokens in one document)
+holds BOS at position 0 in place of the token it shares with the row before. Position 0 is never a
+target (it is the previous row's last token), so every token after the first is still a target
+exactly once; only the first prediction's context changes, from one token of the document to BOS.
+A document begins at position 0 of a row and after every EOS, so ``--attention document`` is
+derived from ``input_ids`` alone (:meth:`RowRule.position_ids`).
+
 :class:`RowPacker` holds only the stream not yet cut into a full shard of rows, so memory is bounded
 by one shard plus what the caller appends between two calls of :meth:`RowPacker.full_shards`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+DOCUMENT_STARTS = ("bos", "none")
+ATTENTIONS = ("causal", "document")
+
+
+@dataclass(frozen=True)
+class RowRule:
+    """How a ``tokens`` store's rows begin and attend: what every reader of its rows (stage one, stage
+    two, eval) must do alike. A store whose params do not say (every store before this rule, and a
+    default store of a tokenizer that adds no BOS) is ``none``/``none``/``causal``: rows as cut.
+
+    - ``document_start``: ``bos`` — each document begins with ``bos_token_id`` in the stream;
+    - ``row_start``: ``bos`` — a row that begins inside a document holds ``bos_token_id`` at position 0;
+    - ``attention``: ``document`` — each token attends only within its own document of the row (a
+      document begins at position 0 and after every EOS), with positions counted from its start.
+
+    A BOS is never a target: it is not predicted, so the positions whose target is ``bos_token_id``
+    (the EOS before each document start) are out of the loss and the scores (:meth:`target_mask`).
+    """
+
+    document_start: str = "none"
+    row_start: str = "none"
+    attention: str = "causal"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> "RowRule":
+        """The rule a store's params record (absent keys: the rows as cut, causal attention)."""
+        if "attention" not in params:
+            return cls()
+        rule = cls(params.get("document_start"), params.get("row_start"), params["attention"],
+                   params.get("bos_token_id"), params.get("eos_token_id"))
+        if (rule.document_start not in DOCUMENT_STARTS or rule.row_start not in DOCUMENT_STARTS
+                or rule.attention not in ATTENTIONS or not isinstance(rule.eos_token_id, int)
+                or (rule.bos_token_id is None) != ("bos" not in (rule.document_start, rule.row_start))):
+            from pipeline.errors import DistillError
+
+            raise DistillError(f"the store's row rule is not one distill writes ({rule.describe()}, BOS "
+                               f"{rule.bos_token_id}, EOS {rule.eos_token_id}); prepare the store again")
+        return rule
+
+    def params(self) -> dict[str, Any]:
+        """The keys a store records for this rule; none for the default, so such a store is byte for
+        byte the one a distill before the rule wrote."""
+        if (self.document_start, self.row_start, self.attention) == ("none", "none", "causal"):
+            return {}
+        keys = {"document_start": self.document_start, "row_start": self.row_start, "attention": self.attention,
+                "eos_token_id": self.eos_token_id}
+        return keys | ({"bos_token_id": self.bos_token_id} if self.bos_token_id is not None else {})
+
+    def describe(self) -> str:
+        return f"document start {self.document_start}, row start {self.row_start}, attention {self.attention}"
+
+    @property
+    def masks_bos(self) -> bool:
+        return self.bos_token_id is not None and "bos" in (self.document_start, self.row_start)
+
+    def position_ids(self, input_ids):
+        """``[B, L]`` positions counted from each document's start (0 at position 0 and after every
+        EOS) for ``attention == "document"``, else None (the model's own ``0 … L−1``). A Hugging Face
+        model given these, no attention mask and no cache attends within each document alone
+        (transformers' packed-sequence masks; flash-attention's variable-length path)."""
+        if self.attention != "document":
+            return None
+        import torch
+
+        length = input_ids.shape[1]
+        index = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+        after_eos = torch.zeros_like(input_ids, dtype=torch.bool)
+        after_eos[:, 1:] = input_ids[:, :-1] == self.eos_token_id
+        start = torch.where(after_eos, index, torch.zeros_like(index)).cummax(dim=1).values
+        return index - start
+
+    def hidden_kwargs(self, input_ids) -> dict:
+        """``{"position_ids": …}`` for :meth:`pipeline.models.OutputHead.hidden` under document
+        attention, else ``{}`` (the call of every stage before the rule)."""
+        position_ids = self.position_ids(input_ids)
+        return {} if position_ids is None else {"position_ids": position_ids}
+
+    def target_mask(self, input_ids):
+        """``[B, L−1]`` bool, False where position t's target (token t+1) is a BOS, or None when
+        the rule puts no BOS in the rows."""
+        if not self.masks_bos:
+            return None
+        return input_ids[:, 1:] != self.bos_token_id
 
 
 class RowPacker:
@@ -30,13 +128,19 @@ class RowPacker:
     ``padding_tokens`` (EOS added for examples) and, after :meth:`finish`, ``dropped_tokens``.
     """
 
-    def __init__(self, seq_len: int, rows_per_shard: int, eos_token_id: int, flags: bool = False):
+    def __init__(self, seq_len: int, rows_per_shard: int, eos_token_id: int, flags: bool = False,
+                 document_start_id: int | None = None, row_start_id: int | None = None):
+        """``document_start_id``: a token (BOS) put before each document; ``row_start_id``: the token
+        that replaces position 0 of a row beginning inside a document (module docstring)."""
         self.row_len = seq_len
         self.stride = seq_len - 1
         self.rows_per_shard = rows_per_shard
         self.shard_tokens = rows_per_shard * self.stride + 1  # tokens that fill one shard of overlapping rows
         self.eos = np.array([eos_token_id], dtype=np.int64)
         self.flags = flags
+        self.document_start = None if document_start_id is None else np.array([document_start_id], dtype=np.int64)
+        self.row_start_id = row_start_id
+        self._before: int | None = None  # the stream token before the pending buffer (None: the stream's start)
         self.total_tokens = 0
         self.padding_tokens = 0
         self.dropped_tokens = 0
@@ -47,7 +151,9 @@ class RowPacker:
     # ---- appending to the stream ----
 
     def add_document(self, ids: Sequence[int]) -> None:
-        """A document's tokens, then EOS."""
+        """A document's tokens (after the document-start token, if any), then EOS."""
+        if self.document_start is not None:
+            self._append(self.document_start)
         self._append(np.asarray(ids, dtype=np.int64))
         self._append(self.eos)
 
@@ -83,6 +189,7 @@ class RowPacker:
         buffer, flags = self._joined()
         while len(buffer) >= self.shard_tokens:
             yield self._rows(buffer, flags, self.rows_per_shard)
+            self._before = int(buffer[self.rows_per_shard * self.stride - 1])
             buffer = buffer[self.rows_per_shard * self.stride:]
             flags = None if flags is None else flags[self.rows_per_shard * self.stride:]
         self._keep(buffer, flags)
@@ -95,6 +202,7 @@ class RowPacker:
         rows = (len(buffer) - 1) // self.stride if len(buffer) >= self.row_len else 0
         if rows:
             yield self._rows(buffer, flags, rows)
+            self._before = int(buffer[rows * self.stride - 1])
             buffer = buffer[rows * self.stride:]
         self.dropped_tokens = int(len(buffer) - 1) if len(buffer) else 0
         self._keep(np.zeros(0, dtype=np.int64), None)
@@ -113,6 +221,13 @@ class RowPacker:
     def _rows(self, buffer: np.ndarray, flags: np.ndarray | None, rows: int) -> dict[str, np.ndarray]:
         starts = np.arange(rows) * self.stride
         arrays = {"input_ids": buffer[starts[:, None] + np.arange(self.row_len)]}
+        if self.row_start_id is not None:
+            ids = arrays["input_ids"]
+            # the stream token before each row's first: EOS (or the stream's start) makes it a document start
+            before = np.concatenate([[-1 if self._before is None else self._before], buffer[starts[1:] - 1]])
+            eos = self.eos[0]
+            inside = (before != eos) & (before != -1) & (ids[:, 0] != eos)
+            ids[inside, 0] = self.row_start_id
         if flags is not None:
             arrays["loss_mask"] = loss_mask_rows(flags, rows, self.row_len)
         return arrays
@@ -186,3 +301,37 @@ def loss_mask_rows(flags: np.ndarray, rows: int, row_len: int) -> np.ndarray:
     mask = np.zeros((rows, row_len), dtype=np.uint8)
     mask[:, :-1] = flags[np.arange(rows)[:, None] * stride + np.arange(1, row_len)]
     return mask
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Does the tokenizer itself begin a text with a BOS (Llama 3, Gemma), one distinct from its EOS?"""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or bos == tokenizer.eos_token_id:
+        return False
+    ids = tokenizer("x")["input_ids"]  # with the special tokens the tokenizer adds by itself
+    return bool(ids) and ids[0] == bos
+
+
+def row_rule(tokenizer, document_start: str, row_start: str, attention: str, text: bool) -> RowRule:
+    """The rule ``distill prepare`` packs by: ``document_start`` "" is what the tokenizer does (BOS
+    where it adds one), ``row_start`` "" follows the document start. Only ``text`` documents take
+    one; task examples and token ids keep their rows as they are. Raises DistillError (one line)."""
+    from pipeline.errors import DistillError
+
+    chosen = [f"--{name.replace('_', '-')} {value}" for name, value in
+              (("document_start", document_start), ("row_start", row_start), ("attention", attention))
+              if value and value not in ("none", "causal")]
+    if not text:
+        if chosen:
+            raise DistillError(f"{chosen[0]} is for --format text (documents); task examples and token ids keep "
+                               "their rows as they are: drop it")
+        return RowRule()
+    document_start = document_start or ("bos" if tokenizer_adds_bos(tokenizer) else "none")
+    row_start = row_start or document_start
+    bos, eos = getattr(tokenizer, "bos_token_id", None), tokenizer.eos_token_id
+    if "bos" in (document_start, row_start) and (bos is None or bos == eos):
+        what = "has no BOS token" if bos is None else "'s BOS is its EOS, which already separates documents"
+        which = "--document-start" if document_start == "bos" else "--row-start"
+        raise DistillError(f"{which} bos: the tokenizer{'' if bos == eos else ' '}{what}; pass {which} none")
+    return RowRule(document_start, row_start, attention or "causal",
+                   bos if "bos" in (document_start, row_start) else None, eos)

@@ -109,14 +109,16 @@ class OnlineTeacher:
 
     fields: tuple[str, ...] = ()
 
-    def __init__(self, head, vocab: int, temperature: float, direction: str = "forward"):
+    def __init__(self, head, vocab: int, temperature: float, direction: str = "forward", rule=None):
         self.head, self.vocab, self.temperature, self.direction = head, vocab, temperature, direction
+        self.rule = rule  # the rows' RowRule (pipeline/text/packing.py): the teacher attends as the student does
 
     @torch.no_grad()
     def positions(self, input_ids: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(the teacher's hidden states ``[P, H]``): its output head runs per chunk in :meth:`divergence`."""
         b, length = input_ids.shape
-        return (self.head.hidden(input_ids)[:, :-1].reshape(b * (length - 1), -1),)
+        documents = self.rule.hidden_kwargs(input_ids) if self.rule is not None else {}
+        return (self.head.hidden(input_ids, **documents)[:, :-1].reshape(b * (length - 1), -1),)
 
     def divergence(self, student_logprobs: torch.Tensor, targets: torch.Tensor,
                    hidden: torch.Tensor) -> torch.Tensor:

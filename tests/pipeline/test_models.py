@@ -94,3 +94,27 @@ def test_output_head_of_a_model_offloaded_to_disk(tmp_path):
         assert head.logits_buffer(16, hidden) is None
         chunks = torch.cat([head.logits(hidden[i:i + 16]) for i in range(0, hidden.shape[0], 16)])
         assert torch.equal(chunks, plain(input_ids=input_ids).logits.reshape(-1, 8192))
+
+
+def test_document_attention_check_refuses_a_model_that_ignores_position_ids(tmp_path):
+    """The probe before --attention document: transformers' Llama keeps packed documents apart from
+    per-document position ids; a model that drops them lets them see each other, and is refused."""
+    import torch
+
+    from pipeline.errors import DistillError
+    from pipeline.models import check_document_attention, load_model
+    from tests.conftest import make_model
+
+    model = load_model(make_model(tmp_path / "llama", "llama", 300)).eval()
+    check_document_attention(model, 7, "teacher")
+
+    class IgnoresPositions(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, use_cache=False)
+
+    with pytest.raises(DistillError, match="lets packed documents see each other"):
+        check_document_attention(IgnoresPositions(model), 7, "teacher")

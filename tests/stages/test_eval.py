@@ -389,3 +389,53 @@ def test_rules_end_answers_at_every_stop_sequence():
         assert rules.stops[i] == piece[:min(piece.index(s) for s in (b"\n", b".", b",") if s in piece)]
     newline_only = Rules(spec, tokenizer, 8, stop="\n")
     assert set(newline_only.stops) == {i for i, piece in enumerate(rules.pieces) if b"\n" in piece}
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory):
+    """A tiny Gemma 2 (soft-capping, a sliding window of 4) with a Gemma-style tokenizer: BOS before every text."""
+    from tests.conftest import bos_tokenizer, make_model
+
+    root = tmp_path_factory.mktemp("gemma")
+    tokenizer = AutoTokenizer.from_pretrained(str(bos_tokenizer(root / "tok", "gemma")))
+    path = make_model(root / "model", "gemma2", len(tokenizer))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def test_heldout_documents_start_from_bos_where_the_tokenizer_adds_one(gemma_dir, tmp_path):
+    docs = ["The cat sat on the mat. It was warm.", "A second document with more words in it, and a few more."]
+    text = tmp_path / "heldout.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    report, _ = run_eval(gemma_dir, tmp_path / "h.json", "--tasks", "heldout", "--heldout", text)
+    ref = Reference(gemma_dir)
+    nats = tokens = 0
+    for d in docs:
+        ids = [ref.tok.bos_token_id] + ref.encode(d)  # the first token predicted from BOS, as the model was trained
+        with torch.no_grad():
+            logprobs = torch.log_softmax(ref.model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+        nats -= float(logprobs.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+        tokens += len(ids) - 1
+    assert report["tasks"]["heldout"]["tokens"] == tokens
+    assert report["tasks"]["heldout"]["loss"] == pytest.approx(nats / tokens, abs=1e-5)
+
+
+def test_agreement_reads_a_document_attention_store_as_stage_one_wrote_it(gemma_dir, tmp_path, heldout_docs):
+    """The model scored against its own store of packed documents (--attention document): it agrees
+    everywhere, which it does only if eval attends within documents as stage one did; positions whose
+    target is a BOS are not scored."""
+    from pipeline.store.contract import open_store
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "c.jsonl", [" ".join(d.split()[:n]) for d, n in zip(heldout_docs, [6, 20, 9] * 4)])
+    assert run_cli("prepare", "--input", corpus, "--out", tmp_path / "tokens", "--tokenizer", gemma_dir,
+                   "--seq-len", "48", "--attention", "document").exit_code == 0
+    result = run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", gemma_dir, "--out",
+                     tmp_path / "topk", "--kind", "topk", "--top-k", "16", "--logprob-dtype", "float32")
+    assert result.exit_code == 0, result.output
+    report, _ = run_eval(gemma_dir, tmp_path / "a.json", "--tasks", "agreement", "--agreement", tmp_path / "topk")
+    store = open_store(tmp_path / "topk")
+    ids = store.read_rows(0, store.rows)["input_ids"]
+    got = report["tasks"]["agreement"]
+    assert got["tokens"] == store.rows * 47 - int((ids[:, 1:] == store.params["bos_token_id"]).sum())
+    assert got["top1"] == 1.0 and abs(got["kl"]) < 1e-5

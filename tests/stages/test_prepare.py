@@ -5,7 +5,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.store.contract import open_store
-from tests.conftest import TOKENIZER, chat_tokenizer, one_line_error, run_cli, tree_digest
+from pipeline.text.packing import RowRule
+from tests.conftest import (ROOT, TOKENIZER, bos_tokenizer, chat_tokenizer, one_line_error, run_cli, tree_digest,
+                            write_corpus)
 
 
 def prepare(corpus, out, *extra):
@@ -301,3 +303,61 @@ def test_unknown_files_stop_or_are_listed_and_damaged_files_write_nothing(tmp_pa
     error = one_line_error(prepare(tmp_path / "cut.jsonl.zst", tmp_path / "t"))
     assert "cut.jsonl.zst: cannot read" in error
     assert not (tmp_path / "t").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".t.")]
+
+
+# index_sha256 of `distill prepare --input data/corpus/heldout.jsonl.gz --seq-len 64 --rows-per-shard 512`
+# (the default tokenizer, run from the repository root) at 4eff65f, before --document-start existed
+BASE_HELDOUT_INDEX = "ee70e8f8e4bdde68332e24284da32c88900f274aa0f212a1b04e2fb383b05350"
+
+
+def test_default_store_of_the_shipped_tokenizer_is_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the index records the tokenizer path as given
+    result = run_cli("prepare", "--input", "data/corpus/heldout.jsonl.gz", "--seq-len", "64", "--rows-per-shard",
+                     "512", "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert "document_start" not in index["params"] and "attention" not in index["params"]
+    assert index["index_sha256"] == BASE_HELDOUT_INDEX  # same params, shard hashes and facts: same rows
+
+
+def test_bos_tokenizer_starts_documents_and_mid_document_rows_with_bos(tmp_path, heldout_docs):
+    tokenizer_dir = bos_tokenizer(tmp_path / "tok", "llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    corpus = write_corpus(tmp_path / "c.jsonl", heldout_docs[:8])
+    result = prepare(corpus, tmp_path / "s", "--tokenizer", tokenizer_dir, "--seq-len", "64", "--attention", "document")
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "s")
+    assert {k: store.params[k] for k in ("document_start", "row_start", "attention", "bos_token_id")} == {
+        "document_start": "bos", "row_start": "bos", "attention": "document", "bos_token_id": bos}
+    ids = store.read_rows(0, store.rows)["input_ids"].astype(np.int64)
+    stream = np.concatenate([[bos] + tokenizer(d, add_special_tokens=False)["input_ids"] + [eos]
+                             for d in heldout_docs[:8]])
+    np.testing.assert_array_equal(ids[:, 1:].reshape(-1), stream[1:store.rows * 63 + 1])  # targets as before
+    firsts = stream[np.arange(store.rows) * 63]
+    after_eos = np.r_[True, stream[np.arange(1, store.rows) * 63 - 1] == eos]
+    np.testing.assert_array_equal(ids[:, 0], np.where(after_eos | (firsts == eos), firsts, bos))
+    assert store.index["documents"] == 8 and (ids == bos).sum() > 8
+    # --document-start none: the rows of today, whose index says nothing (read as none, none, causal)
+    result = prepare(corpus, tmp_path / "n", "--tokenizer", tokenizer_dir, "--seq-len", "64", "--document-start",
+                     "none")
+    assert result.exit_code == 0, result.output
+    plain = open_store(tmp_path / "n")
+    assert "document_start" not in plain.params and RowRule.of(plain.params) == RowRule()
+    rows = plain.read_rows(0, plain.rows)["input_ids"]
+    np.testing.assert_array_equal(np.concatenate([rows[0], rows[1:, 1:].reshape(-1)])[:200],
+                                  np.concatenate([tokenizer(d, add_special_tokens=False)["input_ids"] + [eos]
+                                                  for d in heldout_docs[:8]])[:200])
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--document-start", "bos"), "--document-start bos: the tokenizer's BOS is its EOS"),
+    (("--row-start", "bos"), "--row-start bos: the tokenizer's BOS is its EOS"),
+    (("--attention", "documents"), "attention must be one of causal, document"),
+    (("--document-start", "yes"), "document_start must be one of bos, none"),
+    (("--attention", "document", "--format", "prompt-response"), "--attention document is for --format text"),
+])
+def test_bad_start_options_are_one_line_and_write_nothing(tmp_path, small_corpus, args, message):
+    msg = one_line_error(prepare(small_corpus, tmp_path / "s", *args))
+    assert message in msg, msg
+    assert list(tmp_path.iterdir()) == [small_corpus]

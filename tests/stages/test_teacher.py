@@ -286,3 +286,51 @@ def test_device_map_writes_the_store_one_device_writes(setup, tmp_path, monkeypa
     resolved = json.loads((tmp_path / "map" / "config.part-00000.json").read_text())
     assert resolved["config"]["device_map"] == str(tmp_path / "map.json")
     assert resolved["placement"] == DISK_MAP
+
+
+@pytest.mark.parametrize("arch,style", [("llama", "llama"), ("gemma2", "gemma")])
+def test_document_attention_scores_each_packed_document_as_if_alone(tmp_path, arch, style):
+    """A BOS-adding tokenizer and ``--attention document``: the stored predictions for a document packed
+    after another equal a forward over that document alone (its BOS first), to 1e-5; read causally they
+    do not (the first document leaks in)."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import bos_tokenizer, make_model, write_corpus
+
+    tokenizer_dir = bos_tokenizer(tmp_path / "tok", style)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    teacher = make_model(tmp_path / "teacher", arch, len(tokenizer))
+    docs = ["The river ran high that spring, and the mill stood idle.",
+            "She counted the boats twice before the light went out.",
+            "Nobody in the village remembered a winter so mild."] * 3
+    corpus = write_corpus(tmp_path / "c.jsonl", docs)
+    stored = {}
+    for attention in ("document", "causal"):
+        assert run_cli("prepare", "--input", corpus, "--out", tmp_path / f"tokens-{attention}", "--tokenizer",
+                       tokenizer_dir, "--seq-len", "64", "--attention", attention).exit_code == 0
+        result = run_cli("teacher", "--tokens-store", tmp_path / f"tokens-{attention}", "--teacher", teacher,
+                         "--out", tmp_path / f"topk-{attention}", "--kind", "topk", "--top-k", "8",
+                         "--logprob-dtype", "float32", "--batch-size", "2", "--position-chunk", "37")
+        assert result.exit_code == 0, result.output
+        store = open_store(tmp_path / f"topk-{attention}", kind="topk")
+        assert store.params["attention"] == attention and store.params["document_start"] == "bos"
+        stored[attention] = all_rows(store)
+    ids = stored["document"]["input_ids"][0].astype(np.int64)
+    eos = np.flatnonzero(ids == tokenizer.eos_token_id)
+    start, end = eos[0] + 1, eos[1] + 1  # the second document: its BOS … its EOS
+    assert ids[start] == tokenizer.bos_token_id and end - start > 10
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(ids[None, start:end])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    for attention, data in stored.items():
+        gaps = [
+            np.abs(data["logsumexp"][0, start:end, 0] - torch.logsumexp(logits, dim=-1).numpy()).max(),
+            np.abs(data["topk_logprobs"][0, start:end] - logprobs.topk(8, dim=-1).values.numpy()).max(),
+            np.abs(data["target_logprob"][0, start:end - 1]
+                   - logprobs[:-1].gather(-1, torch.from_numpy(ids[start + 1:end, None])).squeeze(-1).numpy()).max(),
+        ]
+        if attention == "document":
+            assert max(gaps) < 1e-5, gaps
+        else:
+            assert max(gaps) > 1e-3, gaps
