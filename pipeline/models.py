@@ -396,6 +396,17 @@ class OutputHead:
         return torch.empty(positions, self.head.weight.shape[0], dtype=hidden.dtype, device=hidden.device)
 
 
+def document_position_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``[B, L]`` positions counted from each document's start: 0 at position 0 and after every EOS
+    (``RowRule.position_ids`` of ``pipeline/text/packing.py``, the rule's home)."""
+    length = input_ids.shape[1]
+    index = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+    after_eos = torch.zeros_like(input_ids, dtype=torch.bool)
+    after_eos[:, 1:] = input_ids[:, :-1] == eos_token_id
+    start = torch.where(after_eos, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start
+
+
 @torch.no_grad()
 def check_document_attention(model, eos_token_id: int, what: str) -> None:
     """Refuse (one line) a model that does not keep attention inside each document when given
@@ -403,18 +414,16 @@ def check_document_attention(model, eos_token_id: int, what: str) -> None:
     packed-sequence masks, sliding windows included) or takes flash-attention's variable-length path,
     but a model with its own attention code may ignore them and let documents see each other. Checked
     on a probe: the second of two packed documents must score as it does alone."""
-    from pipeline.text.packing import RowRule
-
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     first = [i % vocab for i in (11, 12, 13, 14, eos_token_id)]
     second = [i % vocab for i in (21, 22, 23, 24, 25)]
     packed = torch.tensor([first + second], device=device)
-    rule = RowRule(attention="document", eos_token_id=eos_token_id)
     was_training = model.training
     model.eval()
     try:
-        together = model(input_ids=packed, position_ids=rule.position_ids(packed), use_cache=False).logits
+        together = model(input_ids=packed, position_ids=document_position_ids(packed, eos_token_id),
+                         use_cache=False).logits
         alone = model(input_ids=packed[:, len(first):], use_cache=False).logits
     finally:
         model.train(was_training)

@@ -97,14 +97,9 @@ class RowRule:
         (transformers' packed-sequence masks; flash-attention's variable-length path)."""
         if self.attention != "document":
             return None
-        import torch
+        from pipeline.models import document_position_ids
 
-        length = input_ids.shape[1]
-        index = torch.arange(length, device=input_ids.device).expand_as(input_ids)
-        after_eos = torch.zeros_like(input_ids, dtype=torch.bool)
-        after_eos[:, 1:] = input_ids[:, :-1] == self.eos_token_id
-        start = torch.where(after_eos, index, torch.zeros_like(index)).cummax(dim=1).values
-        return index - start
+        return document_position_ids(input_ids, self.eos_token_id)
 
     def hidden_kwargs(self, input_ids) -> dict:
         """``{"position_ids": …}`` for :meth:`pipeline.models.OutputHead.hidden` under document
