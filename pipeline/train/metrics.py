@@ -17,12 +17,12 @@ from pipeline.io import atomic_write_text
 
 class MetricsLog:
     """``path`` as JSON lines. ``resume_step`` None starts it empty; an int keeps the lines of steps up
-    to it (:attr:`kept_at_resume_step`: the records of that step itself) and drops the rest."""
+    to it (:attr:`kept`, as records) and drops the rest."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.kept_at_resume_step: list[dict[str, Any]] = []
+        self.kept: list[dict[str, Any]] = []
         self.dropped = 0  # lines of the run that died, past the checkpoint
         if resume_step is None:
             atomic_write_text(self.path, "")
@@ -33,7 +33,7 @@ class MetricsLog:
             kept = [line for line in lines
                     if (r := json.loads(line)).get("step", 0) <= resume_step and not r.get("final")]
             self.dropped = len(lines) - len(kept)
-            self.kept_at_resume_step = [r for line in kept if (r := json.loads(line)).get("step", 0) == resume_step]
+            self.kept = [json.loads(line) for line in kept]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a")
 

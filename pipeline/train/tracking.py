@@ -11,9 +11,13 @@ Resume, so that a requeued or ``--resume auto`` run continues the same curves wi
 - TensorBoard: the same directory, opened with ``purge_step`` = the resumed step, so that the reader
   hides every event of the dead run from that step on; the log's records *at* that step are written
   again, so what TensorBoard shows is what the log keeps (the last write wins);
-- W&B: the same run (its id is kept in OUT, ``wandb-run.json``, with the last step sent). W&B's history
-  only grows (its server refuses a step below the last), so the steps it already holds are not sent
-  again: there the first write stands. A resume on the same device and seed recomputes the same numbers.
+- W&B: the same run, its id kept in OUT (``wandb-run-id``), opened with ``resume="allow"``. A killed
+  process loses what W&B's service had not yet written (offline, everything since the run began), so
+  the resumed run sends the log's records again from the first step W&B does not hold (``run.step``:
+  the step after the server's last one; 0 offline), then continues. Online, W&B refuses a step below
+  the last it holds, so a step the dead run got there past the checkpoint keeps its first value (the
+  same number where the resume recomputes it exactly: same device and seed); offline, each process
+  writes run files of its own and the last write of a step wins, as ``wandb sync`` replays them.
 
 MFU is the student's model FLOPs over the device's peak: per trained token ``6·N`` (forward and
 backward of every matrix, ``N`` the parameters that multiply: all but an untied input embedding,
@@ -84,27 +88,27 @@ def check_installed(report_to: tuple[str, ...]) -> None:
 class TrackerPaths:
     jsonl: Path  # the metrics log
     tensorboard: Path  # a directory of event files
-    wandb_run: Path  # JSON: the W&B run id and the last step sent to it
+    wandb_run: Path  # the W&B run's id, one line
     wandb_dir: Path  # where W&B's own files go (it makes wandb/ inside)
 
     @classmethod
     def in_dir(cls, out: Path, part: str = "") -> "TrackerPaths":
-        """A run directory's: ``metrics.jsonl``, ``tensorboard/``, ``wandb-run.json``; with ``part`` (a
+        """A run directory's: ``metrics.jsonl``, ``tensorboard/``, ``wandb-run-id``; with ``part`` (a
         stage-one array job, say ``part-00003``) ``metrics.PART.jsonl``, ``tensorboard/PART``,
-        ``wandb-run.PART.json``."""
+        ``wandb-run-id.PART``."""
         out = Path(out)
         dot = f".{part}" if part else ""
         return cls(out / f"metrics{dot}.jsonl", out / "tensorboard" / part if part else out / "tensorboard",
-                   out / f"wandb-run{dot}.json", out)
+                   out / f"wandb-run-id{dot}", out)
 
     @classmethod
     def beside(cls, out_file: Path) -> "TrackerPaths":
         """Beside a stage's one output file (``distill eval``'s ``X.json``): ``X.metrics.jsonl``,
-        ``tensorboard/X``, ``X.wandb-run.json``."""
+        ``tensorboard/X``, ``X.wandb-run-id``."""
         out_file = Path(out_file)
         stem = out_file.with_suffix("")
         return cls(stem.with_name(stem.name + ".metrics.jsonl"), out_file.parent / "tensorboard" / stem.name,
-                   stem.with_name(stem.name + ".wandb-run.json"), out_file.parent)
+                   stem.with_name(stem.name + ".wandb-run-id"), out_file.parent)
 
 
 # ---------------------------------------------------------------------- the sinks
@@ -145,34 +149,27 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """One W&B run for the whole run, resumes included: its id and the last step it holds in a file in OUT."""
+    """One W&B run for the whole run, resumes included: its id in a file in OUT."""
 
-    def __init__(self, state_path: Path, wandb_dir: Path, config: dict[str, Any], fresh: bool, name: str,
-                 group: str | None, job_type: str):
+    def __init__(self, id_path: Path, wandb_dir: Path, config: dict[str, Any], fresh: bool, name: str,
+                 group: str | None, job_type: str, replay: list[tuple[int, dict[str, float]]]):
         import wandb
 
-        self.state_path = state_path
-        state = {} if fresh or not state_path.is_file() else json.loads(state_path.read_text())
-        run_id = state.get("id") or uuid.uuid4().hex[:8]  # W&B ids: lowercase letters and digits
-        self.sent_before = state.get("step", -1)  # steps up to it are in W&B already: never sent again
-        self.last_sent = self.sent_before
-        self._save(run_id)  # before init: a run killed during it comes back to the same id
+        run_id = None if fresh or not id_path.is_file() else id_path.read_text().strip()
+        if not run_id:
+            run_id = uuid.uuid4().hex[:8]  # W&B ids: lowercase letters and digits
+            atomic_write_text(id_path, run_id + "\n")  # before init: a run killed during it keeps the id
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(id=run_id, resume="allow", dir=str(wandb_dir), config=config, name=name,
                               project=os.environ.get("WANDB_PROJECT") or "distill", group=group, job_type=job_type,
                               settings=wandb.Settings(console="off", silent=True))
-        self.run_id = run_id
-
-    def _save(self, run_id: str) -> None:
-        atomic_write_text(self.state_path, json.dumps({"id": run_id, "step": self.last_sent}) + "\n")
+        self.first_step = self.run.step  # W&B holds the steps below it (online); it refuses them again
+        for step, scalars in replay:
+            self.log(step, scalars)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        if step <= self.sent_before:
-            return
-        if step > self.last_sent:  # recorded first: a kill between the two loses a step, never doubles one
-            self.last_sent = step
-            self._save(self.run_id)
-        self.run.log(scalars, step=step)
+        if step >= self.first_step:
+            self.run.log(scalars, step=step)
 
     def close(self, preempted: bool) -> None:
         if preempted:
@@ -197,15 +194,16 @@ class Tracker:
         self.paths = paths
         self.metrics = MetricsLog(paths.jsonl, resume_step=resume_step)
         self.sinks: dict[str, Sink] = {}
-        self._lap = time.perf_counter()
+        self._opened, self._tokens = time.perf_counter(), 0
+        self._step_sent: tuple[int, set[str]] = (-1, set())  # the last step and the names sent at it
         try:
             if "tensorboard" in report_to:
                 start = resume_step or 0
-                replay = [(start, scalars_of(r)) for r in self.metrics.kept_at_resume_step]
+                replay = [(step, s) for step, s in merged_by_step(self.metrics.kept) if step == start]
                 self.sinks["tensorboard"] = TensorBoardSink(paths.tensorboard, config, start, replay)
             if "wandb" in report_to:
                 self.sinks["wandb"] = WandbSink(paths.wandb_run, paths.wandb_dir, config, resume_step is None, name,
-                                                group, job_type)
+                                                group, job_type, merged_by_step(self.metrics.kept))
         except BaseException:
             self.close()
             raise
@@ -214,14 +212,18 @@ class Tracker:
         self.metrics.log(**record)
         if self.sinks:
             step, scalars = int(record.get("step", 0)), scalars_of(record)
+            # a second record at a step (its evaluation) adds names; one it repeats (tokens) is sent once
+            sent = self._step_sent[1] if self._step_sent[0] == step else set()
+            scalars = {k: v for k, v in scalars.items() if k not in sent}
+            self._step_sent = (step, sent | set(scalars))
             for sink in self.sinks.values():
                 sink.log(step, scalars)
 
-    def lap(self) -> float:
-        """Seconds since the tracker opened or the last lap."""
-        now = time.perf_counter()
-        seconds, self._lap = now - self._lap, now
-        return seconds
+    def throughput(self, tokens: int) -> float:
+        """Tokens per second since the tracker opened, ``tokens`` more having been done now: a rate
+        that a pipelined loop's uneven gaps between records do not make jump."""
+        self._tokens += tokens
+        return self._tokens / max(time.perf_counter() - self._opened, 1e-9)
 
     def close(self, preempted: bool = False) -> None:
         if not self.metrics._file.closed:
@@ -229,6 +231,15 @@ class Tracker:
         for sink in self.sinks.values():
             sink.close(preempted)
         self.sinks = {}
+
+
+def merged_by_step(records: list[dict[str, Any]]) -> list[tuple[int, dict[str, float]]]:
+    """The records' scalars merged per step, in step order, each name once a step (its first value)."""
+    merged: dict[int, dict[str, float]] = {}
+    for record in records:
+        at = merged.setdefault(int(record.get("step", 0)), {})
+        at |= {k: v for k, v in scalars_of(record).items() if k not in at}
+    return sorted((step, scalars) for step, scalars in merged.items() if scalars)
 
 
 def scalars_of(record: dict[str, Any]) -> dict[str, float]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import struct
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -79,12 +78,18 @@ def wandb_records(path: Path):
             yield wandb_internal_pb2.Record.FromString(pending)
 
 
-def wandb_history(wandb_dir: Path, run_id: str) -> tuple[list[dict[str, float]], dict[str, object], list[Path]]:
-    """(history rows in the order written across every offline run directory of ``run_id`` — one per
-    process that ran it —, the config, the run files read)."""
+def wandb_history(wandb_dir: Path, run_id: str) -> tuple[list[list[dict[str, float]]], dict[str, object]]:
+    """(the history rows of each offline run file of ``run_id`` — one per process that ran it, in the
+    order they ran —, the run's config)."""
     files = sorted(p for p in (wandb_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    rows, config = [], {}
+    # finish() may return before W&B's service has written the run's last records: wait for its exit record
+    deadline = time.time() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(files[-1])):
+        assert time.time() < deadline, f"{files[-1]} has no exit record"
+        time.sleep(0.1)
+    per_file, config = [], {}
     for file in files:
+        rows = []
         for record in wandb_records(file):
             kind = record.WhichOneof("record_type")
             if kind == "history":
@@ -94,7 +99,19 @@ def wandb_history(wandb_dir: Path, run_id: str) -> tuple[list[dict[str, float]],
                 config |= {u.key: json.loads(u.value_json) for u in record.run.config.update}
             elif kind == "config":
                 config |= {u.key: json.loads(u.value_json) for u in record.config.update}
-    return rows, config, files
+        per_file.append(rows)
+    return per_file, config
+
+
+def last_write_wins(per_file: list[list[dict]]) -> dict[int, dict]:
+    """step → its row as W&B ends up with it (``wandb sync`` replays the files in order); checks first
+    that no file holds a step twice."""
+    rows: dict[int, dict] = {}
+    for file_rows in per_file:
+        steps = [r["_step"] for r in file_rows]
+        assert len(steps) == len(set(steps)), steps
+        rows |= {r["_step"]: r for r in file_rows}
+    return dict(sorted(rows.items()))
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -171,8 +188,9 @@ def test_jsonl_alone_and_the_log_keeps_the_resumed_steps_records(tmp_path):
     log = MetricsLog(paths.jsonl, resume_step=3)
     log.close()
     assert [r["step"] for r in jsonl(paths.jsonl)] == [1, 2, 3] and log.dropped == 3
-    assert log.kept_at_resume_step == [{"step": 3, "loss": round(1 / 3, 6), "note": "text stays in the log"}]
+    assert log.kept[-1] == {"step": 3, "loss": round(1 / 3, 6), "note": "text stays in the log"}
     assert not paths.tensorboard.exists() and not paths.wandb_run.exists()
+    assert [step for step, _ in tracking.merged_by_step(jsonl(paths.jsonl))] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------------- the sinks, read back
@@ -186,7 +204,7 @@ def run_twice(tmp_path: Path, report_to: tuple[str, ...]) -> TrackerPaths:
     for step in range(1, 7):
         first.log(step=step, loss=10.0 + step, tokens=100 * step)
     # what a SIGKILL leaves: the log as written, TensorBoard's records flushed as logged, W&B's run file as far
-    # as its service got (here all of it; ended so that this process may start the next one), nothing closed
+    # as its service got (here all of it: ended, so that this process may start the next run), nothing closed
     first.metrics.close()
     if "wandb" in first.sinks:
         first.sinks["wandb"].run.finish()
@@ -215,27 +233,26 @@ def test_tensorboard_resume_shows_each_step_once_and_the_last_write(tmp_path):
 def test_wandb_resume_continues_the_run_with_each_step_once(tmp_path):
     pytest.importorskip("wandb")
     paths = run_twice(tmp_path, ("jsonl", "wandb"))
-    run_id = json.loads(paths.wandb_run.read_text())["id"]
-    rows, config, files = wandb_history(paths.wandb_dir, run_id)
-    assert len(files) == 2  # the same id from both processes
-    steps = Counter(r["_step"] for r in rows)
-    assert sorted(steps) == list(range(1, 9)) and set(steps.values()) == {1}  # the eval record joined step 6's row
-    by_step = {r["_step"]: r for r in rows}
-    # W&B's history only grows: the steps it held (1…6) keep their first values, 7 and 8 are the new run's
-    assert [by_step[s]["loss"] for s in range(1, 9)] == [11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 27.0, 28.0]
-    assert "heldout_loss" not in by_step[6]  # sent before: not sent again
+    run_id = paths.wandb_run.read_text().strip()
+    per_file, config = wandb_history(paths.wandb_dir, run_id)
+    assert len(per_file) == 2  # the same id from both processes
+    # the first process wrote 1…6; the resumed one sent the log's 1…3 again (offline W&B cannot say what
+    # it holds) and went on from 4; the eval record joined step 6's row
+    assert [[r["_step"] for r in rows] for rows in per_file] == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8]]
+    rows = last_write_wins(per_file)
+    assert [rows[s]["loss"] for s in range(1, 9)] == [11.0, 12.0, 13.0, 24.0, 25.0, 26.0, 27.0, 28.0]
+    assert rows[6]["heldout_loss"] == 5.0 and [s for s in rows if "heldout_loss" in rows[s]] == [6]
     assert config["lr"] == 1e-3 and config["model"] == {"layers": 2}
-    assert json.loads(paths.wandb_run.read_text()) == {"id": run_id, "step": 8}
     fresh = Tracker(paths, ("wandb",), {}, resume_step=None, name="out")  # a fresh run: a new W&B run
     fresh.close()
-    assert json.loads(paths.wandb_run.read_text())["id"] != run_id
+    assert paths.wandb_run.read_text().strip() != run_id
 
 
 def test_beside_an_output_file_and_array_parts(tmp_path):
     paths = TrackerPaths.beside(tmp_path / "eval" / "student.json")
     assert (paths.jsonl, paths.tensorboard, paths.wandb_run) == (
         tmp_path / "eval" / "student.metrics.jsonl", tmp_path / "eval" / "tensorboard" / "student",
-        tmp_path / "eval" / "student.wandb-run.json")
+        tmp_path / "eval" / "student.wandb-run-id")
     part = TrackerPaths.in_dir(tmp_path, "part-00002")
     assert (part.jsonl.name, part.tensorboard.name, part.wandb_run.name) == (
-        "metrics.part-00002.jsonl", "part-00002", "wandb-run.part-00002.json")
+        "metrics.part-00002.jsonl", "part-00002", "wandb-run-id.part-00002")
