@@ -1265,6 +1265,9 @@ def write_partial_index(path: Path, params: dict[str, Any], backend: str, arrays
     atomic_write_text(path, sealed_text(body))
 
 
+RUN_LOGS = ("metrics", "tensorboard", "wandb")  # names a stage-one job's metrics start with
+
+
 def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
     """What already lies in ``out``, as ``kind``/``backend``/params to compare; None for nothing."""
     if (out / INDEX).exists():
@@ -1275,7 +1278,8 @@ def _found(out: Path, kind: str, backend: str) -> dict[str, Any] | None:
             body = read_partial_index(path)
             if body:
                 return {"kind": kind, "backend": body.get("backend"), **body["params"]}
-        if any(p for p in out.iterdir() if not p.name.startswith((".", "config.part-"))):
+        # a job's config and its run logs (pipeline/train/tracking.py) come before its first shard
+        if any(p for p in out.iterdir() if not p.name.startswith((".", "config.part-", *RUN_LOGS))):
             raise DistillError(f"{out} exists and is not an empty directory or a store; "
                                "choose another --out or pass --overwrite")
     return None
