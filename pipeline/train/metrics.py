@@ -15,6 +15,11 @@ from typing import Any
 from pipeline.io import atomic_write_text
 
 
+# numbers of the machine and the moment, not of the computation: two runs of the same steps (a resumed one and
+# an uninterrupted one) log the same records less these
+MACHINE_SCALARS = ("tokens_per_s", "step_s", "model_tflops_per_s", "mfu", "peak_rss_gib", "peak_gpu_memory_gib")
+
+
 class MetricsLog:
     """``path`` as JSON lines. ``resume_step`` None starts it empty; an int keeps the lines of steps up
     to it (:attr:`kept`, as records) and drops the rest."""

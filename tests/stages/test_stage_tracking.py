@@ -210,3 +210,42 @@ def test_a_missing_tracking_package_is_one_line(stores, tmp_path, monkeypatch):
     line = one_line_error(run_cli("student", "--train-store", stores / "train", "--out", tmp_path / "s",
                                   "--report-to", "jsonl,mlflow"))
     assert "unknown sink(s) mlflow" in line
+
+
+def test_a_preempted_student_closes_its_sinks_and_the_requeued_run_continues_them(stores, store, tmp_path,
+                                                                                 monkeypatch):
+    """SIGUSR1 after step 3 is logged: the run stops at a whole step (exit 75) with W&B's run marked as
+    pre-empting and ended (its file complete), TensorBoard closed; the rerun continues both, each step once."""
+    import signal
+    import time
+
+    from tests.pipeline.train.test_tracking import wandb_records
+
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    out = tmp_path / "preempted"
+    process = spawn(student_args(stores, store, out))
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and any(json.loads(x).get("step", 0) >= 3 for x in log.read_text().splitlines()[:-1])):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be signalled"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 75, output
+    stopped = json.loads((out / "preempted.json").read_text())["step"]
+    run_id = (out / "wandb-run-id").read_text().strip()
+    per_file, _ = wandb_history(out, run_id)  # waits for the exit record: the run was ended, not abandoned
+    assert [r["_step"] for r in per_file[0]] == list(range(1, stopped + 1))
+    [first] = sorted((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert "preempting" in {r.WhichOneof("record_type") for r in wandb_records(first)}
+
+    resumed = spawn(student_args(stores, store, out))
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    steps = {r["step"]: r for r in jsonl(log) if "loss" in r}
+    per_file, _ = wandb_history(out, run_id)
+    rows = last_write_wins(per_file)
+    assert len(per_file) == 2 and list(rows) == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows.values()] == [pytest.approx(steps[s]["loss"], rel=1e-5) for s in rows]
+    tb = tensorboard_scalars(out / "tensorboard")
+    assert [s for s, _ in tb["loss"]] == list(range(1, STEPS + 1)) and [s for s, _ in tb["heldout_loss"]] == [4, STEPS]
