@@ -57,8 +57,6 @@ from pipeline.models import DTYPES, OutputHead, count_parameters, device_problem
 from pipeline.store.contract import Store, open_store
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
-from pipeline.train.tracking import (PEAK_TFLOPS_HELP, REPORT_TO_HELP, StepCost, Tracker, TrackerPaths, check_installed,
-                               peak_tflops_problems, report_to_problems, teacher_signal_scalars)
 from pipeline.train import checkpoint
 from pipeline.train.init import init_from_teacher_layers
 from pipeline.train.loader import Loader, sequential
@@ -67,6 +65,8 @@ from pipeline.train.metrics import target_bytes, token_byte_lengths
 from pipeline.train.onpolicy import RATIO_MODES, sampler_bias
 from pipeline.train.teacher_signal import (OnlineTeacher, StoredPolicyGradient, StoredSampled, StoredTopK,
                                            TeacherSignal, stored_teacher)
+from pipeline.train.tracking import (PEAK_TFLOPS_HELP, REPORT_TO_HELP, StepCost, Tracker, TrackerPaths,
+                                     check_installed, peak_tflops_problems, report_to_problems, teacher_signal_scalars)
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",

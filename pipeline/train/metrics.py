@@ -49,6 +49,10 @@ class MetricsLog:
     def close(self) -> None:
         self._file.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
 
 def rounded(record: dict[str, Any]) -> dict[str, Any]:
     """Finite floats to 6 decimals, as the log writes them."""

@@ -160,9 +160,10 @@ class WandbSink:
             run_id = uuid.uuid4().hex[:8]  # W&B ids: lowercase letters and digits
             atomic_write_text(id_path, run_id + "\n")  # before init: a run killed during it keeps the id
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(id=run_id, resume="allow", dir=str(wandb_dir), config=config, name=name,
-                              project=os.environ.get("WANDB_PROJECT") or "distill", group=group, job_type=job_type,
-                              settings=wandb.Settings(console="off", silent=True))
+        # allow_val_change: a resumed run may change options that do not fix what it computes (--max-steps, …)
+        self.run = wandb.init(id=run_id, resume="allow", dir=str(wandb_dir), config=config, allow_val_change=True,
+                              name=name, project=os.environ.get("WANDB_PROJECT") or "distill", group=group,
+                              job_type=job_type, settings=wandb.Settings(console="off", silent=True))
         self.first_step = self.run.step  # W&B holds the steps below it (online); it refuses them again
         for step, scalars in replay:
             self.log(step, scalars)
@@ -226,7 +227,7 @@ class Tracker:
         return self._tokens / max(time.perf_counter() - self._opened, 1e-9)
 
     def close(self, preempted: bool = False) -> None:
-        if not self.metrics._file.closed:
+        if not self.metrics.closed:
             self.metrics.close()
         for sink in self.sinks.values():
             sink.close(preempted)
