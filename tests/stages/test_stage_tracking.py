@@ -95,7 +95,8 @@ def test_student_scalars_read_back_from_tensorboard_and_wandb(stores, store, tmp
     assert all(r["teacher_signal_share"] == 1.0 and r["teacher_temperature"] == 1.0 for r in steps)
     # MFU: 6N + 12·layers·d·seq FLOPs per token at the logged tokens/s, over 1 TFLOP/s
     model_flops = json.loads((out / "metrics.json").read_text())["parameters"] * 6 + 12 * 2 * 32 * 64
-    assert steps[0]["mfu"] == pytest.approx(model_flops * steps[0]["tokens_per_s"] / 1e12, rel=1e-4)
+    # (the log rounds to 6 decimals)
+    assert steps[0]["mfu"] == pytest.approx(model_flops * steps[0]["tokens_per_s"] / 1e12, abs=1e-6)
     held = [r for r in lines if "heldout_loss" in r]
     assert [r["step"] for r in held] == [4, STEPS] and HELDOUT_SCALARS <= set(held[0])
     assert 1 < held[-1]["heldout_bits_per_byte"] < 8  # nats/token over ~3.5 bytes/token of English, untrained
