@@ -52,16 +52,21 @@ class Layout:
         return re.fullmatch(TEMP.format(names=names), name) is not None
 
 
+# what a stage's tracker writes (pipeline/train/tracking.py): metrics.jsonl (metrics.part-JJJJJ.jsonl for a
+# stage-one array job), the W&B run's id, tensorboard/ (a directory per array job inside) and W&B's wandb/
+TRACKING_FILES = (r"metrics(?:\.part-\d{5,})?\.jsonl", r"wandb-run-id(?:\.part-\d{5,})?")
+TRACKING_DIRS = {"tensorboard": None, "wandb": None}
 # distill prepare (stages/prepare.py: shards, config.json, index.json, renamed in whole) and stage one
 # (stages/teacher.py and contract.py: shards, config.part-JJJJJ.json, index.part-JJJJJ-of-NNNNN.json, the
 # job lock, index.json from merge). A shard is a directory (zarr) or a file (arrow).
 STORE = Layout("a store", files=(r"index\.json", rf"index\.part-{JOB}\.json", r"config\.json", r"config\.part-\d{5,}\.json",
-                                 r"shard-\d{5,}\.arrow"),
-               dirs={r"shard-\d{5,}\.zarr": None}, locks=(LOCK,))
+                                 r"shard-\d{5,}\.arrow", *TRACKING_FILES),
+               dirs={r"shard-\d{5,}\.zarr": None, **TRACKING_DIRS}, locks=(LOCK,))
 # distill student / train (stages/student.py): config.json, metrics.jsonl, metrics.json, preempted.json,
 # model/ (save_pretrained, renamed in whole) and checkpoints/step-NNNNNNNN (pipeline/train/checkpoint.py).
-RUN = Layout("a training run", files=(r"config\.json", r"metrics\.jsonl", r"metrics\.json", r"preempted\.json"),
-             dirs={"model": None, "checkpoints": Layout("checkpoints", files=(), dirs={r"step-\d{8}": None})})
+RUN = Layout("a training run", files=(r"config\.json", r"metrics\.json", r"preempted\.json", *TRACKING_FILES),
+             dirs={"model": None, "checkpoints": Layout("checkpoints", files=(), dirs={r"step-\d{8}": None}),
+                   **TRACKING_DIRS})
 # distill generate (stages/generate.py): generated.jsonl, summary.json, config.job-JJJJJ-of-NNNNN.json and
 # parts/ (its parts, its progress indexes and the job locks).
 GENERATED = Layout("generated records", files=(r"generated\.jsonl", r"summary\.json", rf"config\.job-{JOB}\.json"),

@@ -43,6 +43,7 @@ from pipeline.evaluate import tasks
 from pipeline.io import atomic_write_text
 from pipeline.models import (DTYPES, OutputHead, check_document_attention, count_parameters, device_problems,
                              has_weights, load_model, max_positions, resolve_device)
+from pipeline.train.tracking import REPORT_TO_HELP, Tracker, TrackerPaths, check_installed, report_to_problems
 from pipeline.text.corpus import DocumentReader, expand_inputs
 from pipeline.text.packing import RowRule, tokenizer_adds_bos
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
@@ -106,6 +107,8 @@ class EvalConfig:
                                               "own (e.g. data/lm_eval; a local dataset_path reads no network).")
     harness_fewshot: int = option(-1, "Few-shot examples per --harness task (lm_eval's num_fewshot); -1 = each "
                                   "task's own default.")
+    report_to: tuple[str, ...] = option(("jsonl",), REPORT_TO_HELP + " For eval: OUT's X.metrics.jsonl, "
+                                        "tensorboard/X beside it, every task's numbers at the model's training step.")
 
     def __post_init__(self):
         split = split_list(self.tasks)  # a config file's "a,b" too
@@ -149,7 +152,7 @@ class EvalConfig:
         for name in ("limit", "max_length", "max_new_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        problems += device_problems(self.device) + threads_problems(self.threads)
+        problems += device_problems(self.device) + threads_problems(self.threads) + report_to_problems(self.report_to)
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(problems, "eval")
@@ -666,6 +669,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if not has_weights(model_dir):
         raise DistillError(f"model {model_dir} is not a local Hugging Face directory with weights; check the path")
     out = Path(config.out)
+    check_installed(config.report_to)
     check_task_files(config)
     harness_manager = harness_tasks(config) if config.harness else None
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
@@ -723,5 +727,16 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if config.log_samples:
         lines = "".join(json.dumps(s, default=float) + "\n" for s in samples)
         atomic_write_text(out.with_suffix(".samples.jsonl"), lines)
+    tracker = Tracker(TrackerPaths.beside(out), config.report_to, {"stage": "eval", **report["config"], "name": name,
+                      "parameters": report["parameters"], "training": report["training"]},
+                      resume_step=None, name=name, group=name, job_type="eval")
+    tracker.log(step=int(report["training"].get("step", 0)), **task_scalars(results))
+    tracker.close()
     print(f"{out}: {name}, {len(results)} task(s) in {report['seconds']:.0f} s")
     return report
+
+
+def task_scalars(results: dict[str, Any]) -> dict[str, float]:
+    """Every task's numbers as ``task/metric`` (``heldout/bits_per_byte``, ``lambada/acc``, …)."""
+    return {f"{task}/{metric}": value for task, metrics in results.items() if isinstance(metrics, dict)
+            for metric, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}

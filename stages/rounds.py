@@ -49,13 +49,15 @@ from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
 from pipeline.models import device_problems, has_weights
 from pipeline.threads import THREADS_HELP, threads_problems
+from pipeline.train.tracking import REPORT_TO_HELP, Tracker, TrackerPaths, check_installed, report_to_problems
 
 OBJECTIVES = ("forward-kl", "reverse-kl", "policy-gradient", "ce")
 STORE_KIND = {"forward-kl": "sampled", "reverse-kl": "topk", "policy-gradient": "target", "ce": ""}
 STEPS = ("prompts", "generate-student", "generate-teacher", "prepare", "teacher", "student",
          "heldout-generate", "heldout-prepare", "heldout-teacher", "eval", "finish")
 # options a rerun may change without changing what any round computes
-RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit", "eval_options", "reference")
+RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit", "eval_options", "reference",
+              "report_to")
 COUNTS = ("tokens", "bytes", "documents", "items", "seconds")  # eval facts that are not scores
 STAGE_OPTIONS = ("generate_options", "teacher_options", "student_options", "eval_options")
 
@@ -108,6 +110,9 @@ class RoundsConfig:
     step: str = option("", f"Run only this step of --round: {', '.join(STEPS)}.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' for every step.")
     threads: int = option(0, THREADS_HELP)
+    report_to: tuple[str, ...] = option(("jsonl",), REPORT_TO_HELP + " For rounds: a record per finished round "
+                                        "(its step), OUT/metrics.jsonl; each round's training logs to its own "
+                                        "student/ (report_to under student_options).")
     generate_options: Any = _mapping("Config file only: more `distill generate` options for every generate step.")
     teacher_options: Any = _mapping("Config file only: more `distill teacher` options for every stage-one step.")
     student_options: Any = _mapping("Config file only: more `distill student` options for every training step "
@@ -115,7 +120,7 @@ class RoundsConfig:
     eval_options: Any = _mapping("Config file only: more `distill eval` options.")
 
     def __post_init__(self):
-        problems = required(self, "out", "prompts", "heldout_prompts", "student")
+        problems = required(self, "out", "prompts", "heldout_prompts", "student") + report_to_problems(self.report_to)
         if self.objective not in OBJECTIVES:
             problems.append(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not 0.0 <= self.student_fraction <= 1.0:
@@ -478,14 +483,50 @@ def run_rounds(config: RoundsConfig) -> list[dict[str, Any]]:
     if not has_weights(Path(config.student)):
         raise DistillError(f"student {config.student} is not a local Hugging Face directory with weights; "
                            "pretrain one first (make pretrain-student, or distill train)")
+    check_installed(config.report_to)
     seq_len = _claim(config, out)
     wanted = [config.round] if config.round or config.step else range(config.rounds + 1)
     if config.round and not (round_dir(out, config.round - 1) / "round.json").is_file():
         raise DistillError(f"--round {config.round}: round {config.round - 1} is not finished in {out} "
                            f"(no round-{config.round - 1:03d}/round.json); run the rounds before it first")
+    tracker = rounds_tracker(config, out, seq_len) if config.step in ("", "finish") else None
+    try:
+        _run_rounds(config, out, seq_len, wanted, tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    return summarize(config, out)
+
+
+def rounds_tracker(config: RoundsConfig, out: Path, seq_len: int) -> Tracker:
+    """OUT's metrics log and sinks: one record per round at step = the round, continuing after the
+    rounds already finished (a rerun, or a later --rounds)."""
+    finished = -1
+    while (round_dir(out, finished + 1) / "round.json").is_file():
+        finished += 1
+    return Tracker(TrackerPaths.in_dir(out), config.report_to,
+                   {"stage": "rounds", **to_dict(config), "seq_len": seq_len},
+                   resume_step=finished if finished >= 0 else None, name=out.name, job_type="rounds")
+
+
+def round_record(result: dict[str, Any]) -> dict[str, Any]:
+    """A finished round's numbers for the metrics: its reverse KL (and standard error), teacher tokens so
+    far, and every eval task's scores as ``eval/TASK/METRIC``."""
+    keys = ("reverse_kl_per_token", "reverse_kl_stderr", "reverse_kl_per_sequence", "teacher_scored_total",
+            "teacher_tokens_total", "student_written_tokens", "teacher_written_tokens")
+    record = {"step": result["round"], **{k: result[k] for k in keys if result.get(k) is not None}}
+    for task, metrics in result.get("tasks", {}).items():
+        if isinstance(metrics, dict):
+            record |= {f"eval/{task}/{m}": v for m, v in metrics.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and m not in COUNTS}
+    return record
+
+
+def _run_rounds(config: RoundsConfig, out: Path, seq_len: int, wanted, tracker: Tracker | None) -> None:
     for r in wanted:
         d = round_dir(out, r)
-        if (d / "round.json").is_file() and not config.step:
+        finished_before = (d / "round.json").is_file()
+        if finished_before and not config.step:
             print(f"round {r}: finished; skipped")
             continue
         started = time.time()
@@ -501,11 +542,12 @@ def run_rounds(config: RoundsConfig) -> list[dict[str, Any]]:
             t0 = time.time()
             run_step(config, out, r, step, started)
             print(f"round {r}: {step.name} took {time.time() - t0:.1f} s", flush=True)
+        if tracker is not None and not finished_before and (d / "round.json").is_file():  # finished now
+            tracker.log(**round_record(json.loads((d / "round.json").read_text())))
         if not config.step:
             result = json.loads((d / "round.json").read_text())
             print(f"round {r}: reverse KL to the teacher {_estimate(result)} nats/token; teacher tokens so far "
                   f"{result['teacher_tokens_total']}")
-    return summarize(config, out)
 
 
 def _estimate(result: dict[str, Any]) -> str:

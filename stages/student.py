@@ -63,10 +63,12 @@ from pipeline.train import checkpoint
 from pipeline.train.init import init_from_teacher_layers
 from pipeline.train.loader import Loader, sequential
 from pipeline.train.losses import DIRECTIONS, TAIL_MODES, chunked_sum
-from pipeline.train.metrics import MetricsLog
+from pipeline.train.metrics import target_bytes, token_byte_lengths
 from pipeline.train.onpolicy import RATIO_MODES, sampler_bias
 from pipeline.train.teacher_signal import (OnlineTeacher, StoredPolicyGradient, StoredSampled, StoredTopK,
                                            TeacherSignal, stored_teacher)
+from pipeline.train.tracking import (PEAK_TFLOPS_HELP, REPORT_TO_HELP, StepCost, Tracker, TrackerPaths,
+                                     check_installed, peak_tflops_problems, report_to_problems, teacher_signal_scalars)
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
 RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
@@ -145,6 +147,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "Complete checkpoints to keep.")
     resume: str = option("never", "'auto' (newest complete checkpoint in OUT, or start fresh), 'never', or a path.")
     log_every: int = option(10, "Write a metrics line every N steps.")
+    report_to: tuple[str, ...] = option(("jsonl",), REPORT_TO_HELP)
+    peak_tflops: float = option(0.0, PEAK_TFLOPS_HELP)
     workers: int = option(0, "Loader worker processes decoding store chunks ahead (0 = read in the main process).")
     prefetch: int = option(4, "Batches the loader reads ahead.")
     shuffle_chunks: int = option(16, "Store chunks whose rows are shuffled together: each batch mixes rows from up "
@@ -196,6 +200,7 @@ class TrainConfig:
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         problems += device_problems(self.device) + threads_problems(self.threads)
+        problems += report_to_problems(self.report_to) + peak_tflops_problems(self.peak_tflops)
         if self.save_dtype not in DTYPES:
             problems.append(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         check(problems, "student")
@@ -343,15 +348,17 @@ def masks(arrays: dict, device=None) -> dict:
 
 @torch.no_grad()
 def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast,
-             stop: Callable[[], Any] | None = None) -> dict[str, float] | None:
-    """Mean next-token loss (nats) and perplexity over the held-out rows (cross-entropy only); None
-    if ``stop()`` (asked before each batch, on every rank alike) said to stop first.
+             stop: Callable[[], Any] | None = None, byte_lengths: torch.Tensor | None = None
+             ) -> dict[str, float] | None:
+    """Mean next-token loss (nats) and perplexity over the held-out rows (cross-entropy only), and
+    with ``byte_lengths`` (bytes per token id) bits per byte; None if ``stop()`` (asked before each
+    batch, on every rank alike) said to stop first.
 
     Goes through the wrapped step module, so FSDP gathers the parameters it needs."""
     module = getattr(wrapped, "module", wrapped)
     was_training = module.training
     module.eval()
-    total, count = 0.0, 0
+    total, count, nbytes = 0.0, 0, 0
     for batch in sequential(store, batch_rows, max_rows or None):
         if stop is not None and stop():
             module.train(was_training)
@@ -361,9 +368,14 @@ def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast,
             ce_sum, _, n = wrapped(input_ids, masks(batch, device), ce_only=True)
         total += ce_sum.item()
         count += n
+        if byte_lengths is not None:
+            nbytes += target_bytes(batch["input_ids"], batch.get("loss_mask"), byte_lengths)
     module.train(was_training)
     loss = total / max(count, 1)
-    return {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
+    result = {"heldout_loss": loss, "heldout_ppl": math.exp(loss), "heldout_tokens": count}
+    if byte_lengths is not None:
+        result["heldout_bits_per_byte"] = total / math.log(2) / max(nbytes, 1)
+    return result
 
 
 def distributed() -> tuple[int, int, int]:
@@ -399,8 +411,10 @@ class Run:
     start_step: int  # the first step to run (0, or where the resumed checkpoint left off)
     tokens_seen: int
     facts: dict[str, Any]  # saved beside the resolved config and in every checkpoint
-    metrics: MetricsLog | None  # rank 0 only
+    metrics: Tracker | None  # rank 0 only: metrics.jsonl and the --report-to sinks
     saved_step: int | None = None  # the step of the newest checkpoint in OUT this run wrote or resumed from
+    cost: StepCost | None = None  # what a step's tokens cost (MFU) and memory, for the metrics
+    eval_byte_lengths: torch.Tensor | None = None  # bytes per token id: held-out bits per byte
 
     @property
     def is_rank0(self) -> bool:
@@ -463,6 +477,7 @@ def setup(config: TrainConfig) -> Run | None:
     resume position: every check that can fail runs here, before the first step. None when OUT
     holds this run finished (nothing is written then)."""
     threads = set_threads(config.threads)  # before anything runs torch: see pipeline/threads.py
+    check_installed(config.report_to)  # a missing tensorboard or wandb: one line, before anything loads
     rank, world, local_rank = distributed()
     out = Path(config.out)
     resume_from = _claim_out(config, out, rank)
@@ -535,12 +550,16 @@ def setup(config: TrainConfig) -> Run | None:
             clear(out, RUN)  # what a run writes, nothing else (checked again: nothing else appeared meanwhile)
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(config, out / "config.json", facts)
-        metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step if resume_from else None)
+        hyper = {"stage": "student", **to_dict(config), **facts, **signal_facts(teacher, train_store)}
+        metrics = Tracker(TrackerPaths.in_dir(out), config.report_to, hyper, name=out.name, job_type="student",
+                          resume_step=start_step if resume_from else None)
         (out / PREEMPTED).unlink(missing_ok=True)  # this run has taken over from the pre-empted one
     in_out = resume_from is not None and resume_from.resolve() == (out / "checkpoints" / resume_from.name).resolve()
     return Run(config, out, rank, world, device, tokenizer, train_store, eval_store, teacher_source, alpha, model,
                wrapped, optimizer, scheduler, loader, start_step, tokens_seen, facts, metrics,
-               saved_step=start_step if in_out else None)
+               saved_step=start_step if in_out else None,
+               cost=StepCost.of(model, train_store.params["seq_len"], device, config.peak_tflops, world),
+               eval_byte_lengths=token_byte_lengths(tokenizer) if eval_store is not None else None)
 
 
 def _claim_out(config: TrainConfig, out: Path, rank: int = 0) -> Path | None:
@@ -821,10 +840,13 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
             if hasattr(teacher_signal, "take_stats"):
                 # cross-tokenizer: the share of positions each term reached; policy gradient: advantage, ratio
                 record.update(teacher_signal.take_stats())
+            record.update(teacher_signal_scalars(alpha < 1.0 and teacher_signal is not None, config.temperature,
+                                                 record, config.cross_positions))
+            record.update(run.cost.scalars(record["tokens_per_s"]))  # MFU (where a peak is known), peak memory
             run.metrics.log(**record)
         if run.eval_store is not None and config.eval_every and done % config.eval_every == 0 and done < config.max_steps:
             result = evaluate(wrapped, run.eval_store, config.micro_batch_size, config.eval_rows, run.device,
-                              run.autocast)
+                              run.autocast, byte_lengths=run.eval_byte_lengths)
             if run.is_rank0:
                 run.metrics.log(step=done, tokens=run.tokens_seen, **result)
                 progress.write(f"step {done}: held-out loss {result['heldout_loss']:.4f} "
@@ -875,7 +897,7 @@ def leave_preempted(run: Run, step: int, signal_name: str) -> None:
         record = {"step": step, "signal": signal_name, "checkpoint": str(saved) if saved else None,
                   "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         atomic_write_text(run.out / PREEMPTED, json.dumps(record, indent=2, sort_keys=True) + "\n")
-        run.metrics.close()
+        run.metrics.close(preempted=True)
         where = f"checkpoint {saved}; rerun with --resume auto to continue" if saved else \
             "no step had run, so no checkpoint; rerun with --resume auto to start"
         line = f"distill: preempted by {signal_name} at step {step}; {where}"
@@ -930,7 +952,8 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
              **({"cross_tokenizer": config.cross_tokenizer} if config.cross_tokenizer else {}),
              **signal_facts(getattr(run.wrapped, "module", run.wrapped).teacher, run.train_store)}
     if run.eval_store is not None:
-        result = evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast, stop)
+        result = evaluate(run.wrapped, run.eval_store, config.micro_batch_size, 0, run.device, run.autocast, stop,
+                          run.eval_byte_lengths)
         if result is None:  # every rank stopped at the same batch, so each asks once more, alike
             leave_preempted(run, config.max_steps, stop())
         final.update(result)

@@ -64,6 +64,8 @@ from pipeline.teacher.sampling import (fused_gpu_problem, position_keys, sample_
 from pipeline.teacher.topk import KERNELS, resolve_kernel, sparse_teacher, sparse_teacher_deferred
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
+from pipeline.train.tracking import (REPORT_TO_HELP, Tracker, check_installed, peak_memory, report_to_problems,
+                                    stage_one_tracker)
 
 ON_PREEMPT = ("finish", "abandon")
 
@@ -127,6 +129,8 @@ class TeacherConfig:
                                 "against an online teacher).")
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
+    report_to: tuple[str, ...] = option(("jsonl",), REPORT_TO_HELP + " Stage one logs per shard written; an "
+                                        "array job to files of its own (metrics.part-JJJJJ.jsonl, ...).")
     on_preempt: str = option("finish", "On SIGUSR1/SIGTERM (a batch system's warning): 'finish' the shard being "
                              "computed, or 'abandon' it at the next batch (a shard takes longer than the warning "
                              "gives); either way the job then exits with status 75 and a rerun continues.")
@@ -145,7 +149,7 @@ class TeacherConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         problems += device_problems(self.device) + threads_problems(self.threads)
-        problems += placement_problems(self)
+        problems += placement_problems(self) + report_to_problems(self.report_to)
         if self.on_preempt not in ON_PREEMPT:
             problems.append(f"on_preempt must be one of {', '.join(ON_PREEMPT)}, got {self.on_preempt!r}")
         if self.overwrite and self.num_shards > 1:
@@ -256,24 +260,34 @@ class TeacherJob:
     kernel: str
     lock: store_lib.JobLock  # held until the job's last shard is recorded
     rule: RowRule = RowRule()  # how the tokens store's rows attend (its params; docs/FORMAT.md)
+    tracker: Tracker | None = None  # metrics.jsonl and the --report-to sinks: a record per shard written
 
     def record(self, entry: dict) -> None:
         """Called by the writer thread alone, after the shard is renamed into place."""
         self.done[entry["name"]] = entry
         path = store_lib.partial_index_path(self.out, self.config.shard_index, self.config.num_shards)
         store_lib.write_partial_index(path, self.params, self.config.backend, self.arrays, list(self.done.values()))
+        if self.tracker is not None:
+            self.tracker.log(step=len(self.done), shards_done=len(self.done), rows=entry["rows"],
+                             tokens_per_s=self.tracker.throughput(entry["rows"] * self.params["seq_len"]),
+                             shard_bytes=entry["bytes"], **peak_memory(self.device))
 
 
 @preempt.takes_signals
 def run_teacher(config: TeacherConfig) -> TeacherRun:
+    check_installed(config.report_to)  # a missing tensorboard or wandb: one line, before the teacher loads
     with preempt.Preemption() as preemption:  # SIGUSR1 / SIGTERM: stop after (or instead of) the current shard
         job = setup(config)
         if job is None:
             return TeacherRun(Path(config.out), 0, 0.0)
+        stopped = None
         try:
+            job.tracker = stage_one_tracker(config, job.out, job.params, len(job.done))
             total_tokens, loop_seconds, stopped = write_shards(job, preemption)
         finally:
             job.lock.release()
+            if job.tracker is not None:
+                job.tracker.close(preempted=stopped is not None)
     # ------------------------------------------------------------------ finish
     out = job.out
     if stopped is not None:

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from pipeline.train.metrics import MACHINE_SCALARS
 from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli, spawn, write_tiny_model_config
 
 SECOND = ROOT / "data" / "tokenizer-4096"
@@ -91,8 +92,8 @@ def test_resume_continues_to_the_same_weights(root, tmp_path):
     assert (resumed := run_cli(*args, "--resume", "auto")).exit_code == 0, resumed.output
     assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == weights
     again = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    strip = [{k: v for k, v in json.loads(r).items() if k not in ("tokens_per_s", "step_s")} for r in records]
-    assert [{k: v for k, v in json.loads(r).items() if k not in ("tokens_per_s", "step_s")} for r in again] == strip
+    strip = [{k: v for k, v in json.loads(r).items() if k not in MACHINE_SCALARS} for r in records]
+    assert [{k: v for k, v in json.loads(r).items() if k not in MACHINE_SCALARS} for r in again] == strip
 
 
 def test_reverse_direction_reaches_the_chunk_term(root, tmp_path):
