@@ -49,7 +49,7 @@ def test_teacher_overwrite_replaces_a_complete_store_of_other_parameters(inputs,
     store = open_store(out)
     assert store.params["samples"] == 8 and store.rows == 16
     assert names(out) == [".lock.part-00000-of-00001", "config.part-00000.json", "index.json",
-                          "index.part-00000-of-00001.json", "shard-00000.zarr", "shard-00001.zarr"]
+                          "index.part-00000-of-00001.json", "metrics.jsonl", "shard-00000.zarr", "shard-00001.zarr"]
 
 
 def test_teacher_overwrite_replaces_an_unfinished_store_of_other_parameters(inputs, tmp_path):
