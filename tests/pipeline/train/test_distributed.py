@@ -87,6 +87,30 @@ def test_a_replicated_optimizer_state_is_named_as_a_sharded_one():
         assert all(torch.equal(named["state"][name][k], v) for k, v in value.items()), name
 
 
+@pytest.mark.parametrize("form", ["numbered", "named"])
+def test_a_full_checkpoint_resumes_on_one_process(tmp_path, form):
+    """Full states in state.pt load into one process as they are: the optimizer numbered by parameter
+    (one process, DDP) or named (an FSDP run's, from before checkpoints were sharded)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    model, optimizer = build(0)
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    optim_state = optimizer.state_dict() if form == "numbered" else get_optimizer_state_dict(model, optimizer)
+    path = checkpoint.save(tmp_path, 1, {"model": model.state_dict(), "optimizer": optim_state}, {})
+    state, _ = checkpoint.load(path)
+    fresh, fresh_optimizer = build(1)
+    load_checkpoint(path, state, fresh, fresh_optimizer, world=1, sharded=False)
+    for (name, want), got in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(want, got), name
+        assert torch.equal(optimizer.state[want]["exp_avg"], fresh_optimizer.state[got]["exp_avg"]), name
+
+
 def tiny_step(config_path, seed=0):
     """A DistillStep (CE) over the tiny Llama of tests/conftest.py."""
     from pipeline.models import OutputHead, load_model
