@@ -113,7 +113,9 @@ def test_the_global_batch_must_divide_and_is_kept_on_resume(root, tmp_path):
     msg = one_line_error(run_cli(*args(root, tmp_path / "d", "--global-batch-rows", "0", "--grad-accum", "2",
                                        "--global-batch-tokens", "256")))
     assert "drop --grad-accum" in msg
-    assert not any((tmp_path / name).exists() for name in "abcd")
+    assert "--fsdp-offload offloads FSDP's shards; add --fsdp" in one_line_error(
+        run_cli(*args(root, tmp_path / "f", "--fsdp-offload")))
+    assert not any((tmp_path / name).exists() for name in "abcdf")
     # 256 tokens = 8 rows of 32: the same run as --global-batch-rows 8
     out = tmp_path / "tokens"
     one_process(*args(root, out, "--global-batch-rows", "0", "--global-batch-tokens", "256", "--max-steps", "2"))

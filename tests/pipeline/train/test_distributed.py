@@ -2,6 +2,7 @@
 precision and offload, and full checkpoints read into a sharded model (2 processes on gloo)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,13 +159,13 @@ def _worker(rank: int, tmp: str, results: dict) -> None:
     plain(ids, {})[0].backward()
     optimizer.step()
     if rank == 0:
-        checkpoint.save(__import__("pathlib").Path(tmp) / "ckpt", 1, {"model": plain.model.state_dict(),
-                                                                       "optimizer": optimizer.state_dict()}, {})
+        checkpoint.save(Path(tmp) / "ckpt", 1, {"model": plain.model.state_dict(),
+                                                "optimizer": optimizer.state_dict()}, {})
     dist.barrier()
     sharded, _ = tiny_step(config, seed=2)
     wrap(sharded, 2, torch.device("cpu"), fsdp=True)
     sharded_optimizer = torch.optim.AdamW(sharded.model.parameters(), lr=0.1)
-    path = __import__("pathlib").Path(tmp) / "ckpt" / "step-00000001"
+    path = Path(tmp) / "ckpt" / "step-00000001"
     state, _ = checkpoint.load(path)
     load_checkpoint(path, state, sharded.model, sharded_optimizer, world=2, sharded=True)
     loaded = {n: p.full_tensor() for n, p in sharded.model.named_parameters()}
