@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from pipeline.errors import DistillError
 from pipeline.store import contract as store
 from pipeline.train import checkpoint
-from pipeline.train.distributed import (GlobalBatch, global_batch, load_checkpoint, named_optimizer_state,
-                                        saved_global_rows, wrap)
+from pipeline.train.distributed import (GlobalBatch, gather_state, global_batch, load_checkpoint,
+                                        named_optimizer_state, save_checkpoint, saved_global_rows, wrap)
 from pipeline.train.loader import Loader
 from tests.conftest import write_tiny_model_config
 
@@ -153,6 +153,20 @@ def _worker(rank: int, tmp: str, results: dict) -> None:
         error = max((grads[n] - want[n]).abs().max().item() / want[n].abs().max().item() for n in want)
         out[name] = {"compute": str(seen["compute"]), "batch": str(seen["batch"]), "sharded": isinstance(weight, DTensor),
                      "param": str(weight.dtype), "grad": str(weight.grad.dtype), "error": error}
+        if name == "offload":  # offloaded shards: the final model gathers, a DCP checkpoint round-trips
+            optimizer = torch.optim.AdamW(step.model.parameters(), lr=0.1)
+            optimizer.step()
+            full, _ = gather_state(step.model, None, sharded=True)
+            save_checkpoint(Path(tmp) / "offload", 1, step.model, optimizer, {"step": 1}, {}, 2, rank=rank, world=2,
+                            fsdp=True)
+            again, _ = tiny_step(config, seed=3)
+            wrap(again, 2, torch.device("cpu"), fsdp=True, offload=True)
+            again_optimizer = torch.optim.AdamW(again.model.parameters(), lr=0.1)
+            path = Path(tmp) / "offload" / "step-00000001"
+            load_checkpoint(path, checkpoint.load(path)[0], again.model, again_optimizer, world=2, sharded=True)
+            loaded, _ = gather_state(again.model, again_optimizer, sharded=True)
+            out["offload round trip"] = rank > 0 or (full.keys() == loaded.keys() and all(
+                torch.equal(full[k], loaded[k]) for k in full))
     # a full checkpoint (one process or DDP: optimizer numbered by parameter) read into a sharded model
     plain, _ = tiny_step(config, seed=1)
     optimizer = torch.optim.AdamW(plain.model.parameters(), lr=0.1)
@@ -182,7 +196,8 @@ def test_fsdp_in_bf16_reduces_in_float32_and_offload_changes_nothing_on_cpu(tmp_
     one-process ones (float32: to 1e-5; with the CPU offload too; in bf16 to 2e-2), under bf16 the
     layers compute in bf16 while the sharded parameters and their gradients stay float32 and the
     step's float inputs (a teacher's log-probs) are not cast; a full checkpoint whose optimizer is
-    numbered by parameter (one process, DDP, older runs) loads into the sharded model."""
+    numbered by parameter (one process, DDP, older runs) loads into the sharded model; offloaded
+    shards gather for the final model and round-trip through a DCP checkpoint."""
     write_tiny_model_config(tmp_path / "tiny.json")
     with mp.Manager() as manager:
         results = manager.dict()
@@ -197,5 +212,5 @@ def test_fsdp_in_bf16_reduces_in_float32_and_offload_changes_nothing_on_cpu(tmp_
         assert (bf16["compute"], bf16["param"], bf16["grad"], bf16["batch"]) == (
             "torch.bfloat16", "torch.float32", "torch.float32", "torch.float32"), bf16
         assert 1e-6 < bf16["error"] < 2e-2, bf16  # bf16 compute: close, and not float32's exactness
-        assert got["full into sharded"] and got["moments"]
+        assert got["full into sharded"] and got["moments"] and got["offload round trip"]
     assert json.loads((tmp_path / "ckpt" / "step-00000001" / checkpoint.MANIFEST).read_text()).get("weights") is None
