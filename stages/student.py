@@ -19,9 +19,10 @@ where the teacher comes from
 The student's body runs once per micro-batch; its output head and the losses run on chunks of
 positions (recomputed in backward when there is more than one chunk), so memory holds one chunk's
 ``[chunk, V]`` tensors rather than several ``[B, L, V]``. Runs under ``torchrun`` (DDP; ``--fsdp``
-shards the student), each rank reading its own rows. Checkpoints hold model, optimizer, scheduler,
-step, RNG state and data position: ``--resume auto`` continues exactly, and on CPU with the same
-seed a resumed run ends with the same weights as an uninterrupted one.
+shards the student), the ranks splitting each global batch's rows (how: ``pipeline/train/distributed.py``).
+Checkpoints hold model, optimizer, scheduler, step, RNG state and data position: ``--resume auto``
+continues exactly, on CPU with the same seed to the same weights as an uninterrupted run, and on
+another number of processes to the same global batches.
 
 Pre-emption (``pipeline/preempt.py``): on SIGUSR1 or SIGTERM, to any rank, every rank finishes the
 step it is in (the signal rides on the step's all-reduce, so they agree on which), rank 0 writes a
@@ -31,10 +32,8 @@ continues it to the same weights and metrics log as a run never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from pipeline.store.contract import Store, open_store
 from pipeline.text.packing import ATTENTIONS, RowRule
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
 from pipeline.threads import THREADS_HELP, set_threads, threads_problems
-from pipeline.train import checkpoint
+from pipeline.train import checkpoint, distributed
 from pipeline.train.init import init_from_teacher_layers
 from pipeline.train.loader import Loader, sequential
 from pipeline.train.losses import DIRECTIONS, TAIL_MODES, chunked_sum
@@ -71,7 +70,8 @@ from pipeline.train.tracking import (PEAK_TFLOPS_HELP, REPORT_TO_HELP, StepCost,
                                      check_installed, peak_tflops_problems, report_to_problems, teacher_signal_scalars)
 
 # Changing any of these under a checkpoint would silently change what "resume" means.
-RESUME_FIXED = ("train_store", "model", "seed", "micro_batch_size", "grad_accum", "alpha", "temperature",
+# The global batch is fixed too (checked in _resume); micro-batch, accumulation and processes may change.
+RESUME_FIXED = ("train_store", "model", "seed", "alpha", "temperature",
                 "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight",
                 "unmapped", "cross_positions", "objective", "ratio", "ratio_epsilon")
 # resume-fixed options that older checkpoints do not record
@@ -131,7 +131,13 @@ class TrainConfig:
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
     seed: int = option(0, "Seed for initialisation and data order.")
     micro_batch_size: int = option(16, "Rows per forward/backward pass, per process.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step, per process (with a global batch set, it follows).")
+    global_batch_rows: int = option(0, "Rows per optimizer step, all processes together; the gradient accumulation "
+                                    "follows (rows / (micro-batch × processes)), so the run resumes on another "
+                                    "number of processes on the same batches. 0: micro-batch × processes × "
+                                    "--grad-accum.")
+    global_batch_tokens: int = option(0, "As --global-batch-rows, counted in tokens: a multiple of the train "
+                                      "store's sequence length.")
     max_steps: int = option(1000, "Optimizer steps.")
     lr: float = option(1e-3, "Peak learning rate (AdamW).")
     min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of the peak (cosine decay).")
@@ -156,7 +162,12 @@ class TrainConfig:
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' (under torchrun: cuda:LOCAL_RANK).")
     threads: int = option(0, THREADS_HELP)
     dtype: str = option("float32", "Autocast dtype on CUDA: float32 or bfloat16 (weights stay float32).")
-    fsdp: bool = option(False, "Shard the student with FSDP (under torchrun) instead of replicating it (DDP).")
+    fsdp: bool = option(False, "Shard the student with FSDP (under torchrun) instead of replicating it (DDP); "
+                        "bf16 runs compute in bf16 and reduce gradients in float32. Checkpoints are sharded "
+                        "(torch.distributed.checkpoint) and resume on any number of processes.")
+    fsdp_offload: bool = option(False, "With --fsdp under torchrun: keep the sharded parameters, gradients and "
+                                "optimizer state on the CPU (the optimizer steps there); the GPU holds the layers "
+                                "being gathered.")
     save_dtype: str = option("float32", "dtype of the saved final model: float32, bfloat16 or float16.")
     trust_remote_code: bool = option(False, "Allow model directories' own code to run.")
     overwrite: bool = option(False, "Start over in an OUT that already holds a run.")
@@ -190,9 +201,15 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "eval_rows", "checkpoint_every", "keep_checkpoints",
-                     "loss_chunk", "workers"):
+                     "loss_chunk", "workers", "global_batch_rows", "global_batch_tokens"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        if self.global_batch_rows and self.global_batch_tokens:
+            problems.append("pass --global-batch-rows or --global-batch-tokens, not both")
+        if (self.global_batch_rows or self.global_batch_tokens) and self.grad_accum != 1:
+            problems.append("a global batch sets the gradient accumulation; drop --grad-accum")
+        if self.fsdp_offload and not self.fsdp:
+            problems.append("--fsdp-offload offloads FSDP's shards; add --fsdp")
         if not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -378,17 +395,6 @@ def evaluate(wrapped, store, batch_rows: int, max_rows: int, device, autocast,
     return result
 
 
-def distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank), initialising the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    if not dist.is_initialized():
-        # gloo beside NCCL: the step's loss sums are all-reduced as small CPU tensors
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 @dataclass
 class Run:
     """What :func:`setup` builds for the loop and :func:`finish`: one training run's state."""
@@ -412,6 +418,7 @@ class Run:
     tokens_seen: int
     facts: dict[str, Any]  # saved beside the resolved config and in every checkpoint
     metrics: Tracker | None  # rank 0 only: metrics.jsonl and the --report-to sinks
+    batch: distributed.GlobalBatch  # rows per step, per micro-batch, and micro-batches per step
     saved_step: int | None = None  # the step of the newest checkpoint in OUT this run wrote or resumed from
     cost: StepCost | None = None  # what a step's tokens cost (MFU) and memory, for the metrics
     eval_byte_lengths: torch.Tensor | None = None  # bytes per token id: held-out bits per byte
@@ -430,21 +437,20 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def save_checkpoint(self, step: int) -> None:
-        model_state, optim_state = gather_state(self.model, self.optimizer, self.sharded)
+        """Every rank: the checkpoint of ``step`` (DCP shards under --fsdp, else rank 0's state.pt)."""
         self.saved_step = step  # on every rank, so that all decide alike whether a checkpoint is missing
-        if not self.is_rank0:
-            return
         device = self.device
-        state = {
-            "model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-            "step": step, "tokens_seen": self.tokens_seen, "data": self.loader.state(),
+        state = {  # model and optimizer are added as the layout calls for (distributed.save_checkpoint)
+            "scheduler": self.scheduler.state_dict(), "step": step, "tokens_seen": self.tokens_seen,
+            "data": self.loader.state(),
             "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
                                                         if device.type == "cuda" else {})},
         }
         with disk_full_resumes(self.out / "checkpoints" / f"step-{step:08d}"):
-            checkpoint.save(self.out / "checkpoints", step, state,
-                            {"config": to_dict(self.config) | {"alpha": self.alpha}, **self.facts},
-                            self.config.keep_checkpoints)
+            distributed.save_checkpoint(self.out / "checkpoints", step, self.model, self.optimizer, state,
+                                        {"config": to_dict(self.config) | {"alpha": self.alpha}, **self.facts},
+                                        self.config.keep_checkpoints, rank=self.rank, world=self.world,
+                                        fsdp=self.config.fsdp)
 
 
 def disk_full_resumes(path: Path | str):
@@ -478,7 +484,7 @@ def setup(config: TrainConfig) -> Run | None:
     holds this run finished (nothing is written then)."""
     threads = set_threads(config.threads)  # before anything runs torch: see pipeline/threads.py
     check_installed(config.report_to)  # a missing tensorboard or wandb: one line, before anything loads
-    rank, world, local_rank = distributed()
+    rank, world, local_rank = distributed.process_group()
     out = Path(config.out)
     resume_from = _claim_out(config, out, rank)
     train_store = open_store(config.train_store)
@@ -521,12 +527,16 @@ def setup(config: TrainConfig) -> Run | None:
     probe_rows = aligner({"input_ids": probe_rows})["input_ids"] if aligner is not None else probe_rows
     probe = torch.from_numpy(probe_rows.astype("int64")).to(device)
     output = OutputHead(model, probe)
-    wrapped = _wrap(DistillStep(model, vocab, alpha, loss_chunk, teacher, output=output, rule=rule), config, world,
-                    device)
-    optimizer, scheduler = _optimizer(model, config, device)
+    batch = distributed.global_batch(config.global_batch_rows, config.global_batch_tokens, config.micro_batch_size,
+                                     config.grad_accum, world, train_store.params["seq_len"])
+    # bf16 (the resolved --dtype): FSDP gathers and computes in bf16, reduces gradients in float32
+    wrapped = distributed.wrap(DistillStep(model, vocab, alpha, loss_chunk, teacher, output=output, rule=rule),
+                               world, device, fsdp=config.fsdp, offload=config.fsdp_offload,
+                               bf16=config.dtype == "bfloat16")
+    optimizer, scheduler = _optimizer(model, config)
     epoch, offset, start_step, tokens_seen = 0, 0, 0, 0
     if resume_from is not None:
-        epoch, offset, start_step, tokens_seen = _resume(resume_from, config, alpha, world, model, optimizer,
+        epoch, offset, start_step, tokens_seen = _resume(resume_from, config, alpha, batch, model, optimizer,
                                                          scheduler, device)
         if start_step >= config.max_steps and (out / "metrics.json").is_file() and (out / "model").is_dir():
             if rank == 0:  # a rerun of a finished run (make student twice) changes nothing
@@ -537,10 +547,12 @@ def setup(config: TrainConfig) -> Run | None:
     fields = ("input_ids", *teacher.fields) if teacher is not None and alpha < 1.0 else ("input_ids",)
     if aligner is None:  # across tokenizers the aligner makes the student's rows and their mask
         fields += tuple(masks(train_store.index["arrays"]))
-    loader = Loader(train_store, config.micro_batch_size, config.seed, rank, world, epoch, offset,
+    # global step s reads rows s·G … of the seed's order, the ranks splitting them (distributed.py)
+    loader = Loader(train_store, batch.micro_rows, config.seed, rank, world, epoch, offset,
                     config.workers, config.prefetch, fields, config.shuffle_chunks, transform=aligner)
 
     facts = {"parameters": count_parameters(model), "device": str(device), "world_size": world,
+             "global_batch_rows": batch.rows, "grad_accum": batch.accum,
              "tokenizer_hash": tok_hash, "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"],
              "teacher_source": teacher_source, "alpha": alpha, "loss_chunk": loss_chunk,
              "train_store_params": train_store.params, **threads, **cross_facts}
@@ -556,7 +568,7 @@ def setup(config: TrainConfig) -> Run | None:
         (out / PREEMPTED).unlink(missing_ok=True)  # this run has taken over from the pre-empted one
     in_out = resume_from is not None and resume_from.resolve() == (out / "checkpoints" / resume_from.name).resolve()
     return Run(config, out, rank, world, device, tokenizer, train_store, eval_store, teacher_source, alpha, model,
-               wrapped, optimizer, scheduler, loader, start_step, tokens_seen, facts, metrics,
+               wrapped, optimizer, scheduler, loader, start_step, tokens_seen, facts, metrics, batch,
                saved_step=start_step if in_out else None,
                cost=StepCost.of(model, train_store.params["seq_len"], device, config.peak_tflops, world),
                eval_byte_lengths=token_byte_lengths(tokenizer) if eval_store is not None else None)
@@ -721,46 +733,36 @@ def _row_rule(config: TrainConfig, train_store: Store, eval_store: Store | None,
     return rule
 
 
-def _wrap(step_module: DistillStep, config: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
-    """The step module as the processes share it: itself (one process), FSDP-sharded, or under DDP."""
-    if world == 1:
-        return step_module
-    if config.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in step_module.model.get_decoder().layers:
-            fully_shard(layer)
-        fully_shard(step_module)
-        return step_module
-    return torch.nn.parallel.DistributedDataParallel(
-        step_module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _optimizer(model, config: TrainConfig, device: torch.device):
-    """AdamW (weight decay on matrices only) and its warmup-then-cosine schedule."""
+def _optimizer(model, config: TrainConfig):
+    """AdamW (weight decay on matrices only) and its warmup-then-cosine schedule, over the parameters
+    as the wrapper left them (fused where they are on the GPU, not when FSDP offloads them)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    on_gpu = all(p.device.type == "cuda" for p in model.parameters())
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+        lr=config.lr, betas=(config.beta1, config.beta2), fused=on_gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, config.min_lr_ratio))
     return optimizer, scheduler
 
 
-def _resume(resume_from: Path, config: TrainConfig, alpha: float, world: int, model, optimizer, scheduler,
-            device: torch.device) -> tuple[int, int, int, int]:
-    """Load a checkpoint into model, optimizer, scheduler and RNG; returns (epoch, offset, step, tokens seen)."""
+def _resume(resume_from: Path, config: TrainConfig, alpha: float, batch: distributed.GlobalBatch, model, optimizer,
+            scheduler, device: torch.device) -> tuple[int, int, int, int]:
+    """Load a checkpoint into model, optimizer, scheduler and RNG; returns (epoch, offset, step, tokens seen).
+    The number of processes may differ from the checkpoint's, the global batch may not."""
     state, saved_config = checkpoint.load(resume_from, verified=True)  # resolve() checked its manifest
     resolved = to_dict(config) | {"alpha": alpha}
     saved = ADDED_SINCE | saved_config["config"]  # an option newer than the checkpoint had its default then
     changed = [k for k in RESUME_FIXED if saved.get(k) != resolved.get(k)]
-    if saved_config.get("world_size", 1) != world:  # the global batch is micro × world rows
-        changed.append(f"world size ({saved_config.get('world_size', 1)} processes, now {world})")
+    if (rows := distributed.saved_global_rows(saved_config)) != batch.rows:
+        changed.append(f"global batch ({rows} rows a step, now {batch.rows}: pass --global-batch-rows {rows} to "
+                       "keep it on any number of processes)")
     if changed:
         raise DistillError(f"checkpoint {resume_from} was made with other {', '.join(changed)}; "
                            "resume with the same options or pass --overwrite")
-    load_state(model, optimizer, state, config.fsdp and world > 1)
+    distributed.load_checkpoint(resume_from, state, model, optimizer, world=batch.world,
+                                sharded=config.fsdp and batch.world > 1)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if device.type == "cuda" and "cuda" in state["rng"]:
@@ -777,7 +779,7 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
     config, alpha, wrapped, world = run.config, run.alpha, run.wrapped, run.world
     preemption = preemption or preempt.Preemption()  # one never entered is never signalled
     stopped = None
-    tokens_per_step = config.micro_batch_size * world * config.grad_accum * (run.train_store.params["seq_len"] - 1)
+    tokens_per_step = run.batch.rows * (run.train_store.params["seq_len"] - 1)
     progress = tqdm(total=config.max_steps * tokens_per_step, initial=run.start_step * tokens_per_step, desc="train",
                     unit="tok", unit_scale=True, dynamic_ncols=True, disable=not run.is_rank0)
     run.model.train()
@@ -794,17 +796,15 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
         # where rows are masked or retokenized (task stores, --cross-tokenizer), so they are counted
         # before the first backward and summed over the ranks; DDP/FSDP then average the gradients of
         # the ranks' sums over (global count / world), which is the global sum over the global count.
-        micro_batches = [next(run.loader) for _ in range(config.grad_accum)]  # on the host until used
+        # this rank's share of global step `step`'s rows (distributed.py: the same rows at any world size)
+        micro_batches = [next(run.loader) for _ in range(run.batch.accum)]  # on the host until used
         step_targets = torch.tensor([sum(target_count(b, rule) for b in micro_batches)], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(step_targets)
-        per_rank_targets = max(step_targets.item(), 1) / world  # c · grad_accum exactly where counts are equal
+        per_rank_targets = max(step_targets.item(), 1) / world  # c · accumulation exactly where counts are equal
         for micro, host_batch in enumerate(micro_batches):
             batch = {k: v.to(run.device, non_blocking=True) for k, v in host_batch.items()}
-            sync_now = micro == config.grad_accum - 1
-            # DDP all-reduces gradients on the last micro-batch of a step only.
-            context = wrapped.no_sync() if (world > 1 and not config.fsdp and not sync_now) else contextlib.nullcontext()
-            with context:
+            with distributed.accumulating(wrapped, last=micro == len(micro_batches) - 1):
                 with run.autocast():
                     ce_sum, kd_sum, count = wrapped(batch["input_ids"], batch)
                 loss = (alpha * ce_sum + (1 - alpha) * t2 * kd_sum) / per_rank_targets
@@ -959,7 +959,7 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
         final.update(result)
     if run.device.type == "cuda":
         final["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
-    model_state, _ = gather_state(run.model, None, run.sharded)
+    model_state, _ = distributed.gather_state(run.model, None, run.sharded)
     if run.is_rank0:
         if run.eval_store is not None:
             run.metrics.log(step=config.max_steps, tokens=run.tokens_seen, final=True,
@@ -974,32 +974,6 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     if run.world > 1:
         dist.barrier()
     return out / "model"
-
-
-def gather_state(model, optimizer, sharded: bool):
-    """Full (unsharded) model and optimizer state dicts, on CPU under FSDP."""
-    if not sharded:
-        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-    return model_state, optim_state
-
-
-def load_state(model, optimizer, state: dict, sharded: bool) -> None:
-    if not sharded:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-    set_model_state_dict(model, state["model"], options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
 
 
 def save_model(model, state: dict, tokenizer, path: Path, dtype: str) -> None:

@@ -29,6 +29,13 @@ MAY_IMPORT = {
 }
 
 
+# How the student is spread over processes lives in one module: the process group, DDP/FSDP wrapping
+# and sharded (DCP) checkpoints. Others may run collectives (all_reduce, barrier) but not these.
+SPREAD = "pipeline.train.distributed"
+SPREAD_IMPORTS = ("torch.distributed.fsdp", "torch.distributed.checkpoint", "torch.nn.parallel")
+SPREAD_NAMES = ("init_process_group", "DistributedDataParallel", "fully_shard", "FullyShardedDataParallel")
+
+
 def modules(root: Path = ROOT) -> dict[str, Path]:
     """Dotted module name → source file, for every module of the import packages."""
     found = {}
@@ -126,6 +133,29 @@ def broken_rules(edges: dict[str, set[str]]) -> list[str]:
     return out
 
 
+def spread_outside(root: Path = ROOT) -> list[str]:
+    """Where a module other than :data:`SPREAD` starts a process group, wraps a model for DDP/FSDP or
+    imports torch's FSDP, DCP or DDP (``module: what``)."""
+    out = []
+    for name, path in modules(root).items():
+        if name == SPREAD:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names if a.name.startswith(SPREAD_IMPORTS)]
+            elif isinstance(node, ast.ImportFrom):
+                found = [node.module] if (node.module or "").startswith(SPREAD_IMPORTS) else []
+                found += [a.name for a in node.names if a.name in SPREAD_NAMES]
+            elif isinstance(node, ast.Attribute) and node.attr in SPREAD_NAMES:
+                found = [node.attr]
+            elif isinstance(node, ast.Name) and node.id in SPREAD_NAMES:
+                found = [node.id]
+            else:
+                continue
+            out += [f"{name}: {what} (belongs in {SPREAD})" for what in found]
+    return sorted(set(out))
+
+
 def test_no_import_circle():
     assert circles(graph()) == []
 
@@ -139,6 +169,22 @@ def test_every_package_of_pipeline_is_known_and_says_what_it_owns():
         assert package.name in MAY_IMPORT, f"{package} is not in MAY_IMPORT: say what it may import"
         doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text()))
         assert doc and "import" in doc, f"{package}/__init__.py: a docstring saying what it owns and may import"
+
+
+def test_the_student_is_spread_over_processes_in_one_module():
+    assert spread_outside() == []
+
+
+def test_the_spread_check_finds_wrapping_elsewhere(tmp_path):
+    (tmp_path / "pipeline" / "train").mkdir(parents=True)
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "pipeline" / "train" / "distributed.py").write_text("from torch.distributed.fsdp import fully_shard\n")
+    (tmp_path / "stages" / "student.py").write_text(
+        "import torch.distributed as dist\nfrom torch.distributed.checkpoint import save\n"
+        "def f(m):\n    dist.all_reduce(m)\n    return torch.nn.parallel.DistributedDataParallel(m)\n")
+    assert spread_outside(tmp_path) == [
+        "stages.student: DistributedDataParallel (belongs in pipeline.train.distributed)",
+        "stages.student: torch.distributed.checkpoint (belongs in pipeline.train.distributed)"]
 
 
 def test_the_check_finds_a_circle_and_a_stage_import(tmp_path):
@@ -160,7 +206,7 @@ def test_the_check_finds_a_circle_and_a_stage_import(tmp_path):
 if __name__ == "__main__":
     edges = graph()
     found = circles(edges)
-    broken = broken_rules(edges)
+    broken = broken_rules(edges) + spread_outside()
     for component in found:
         print("circle:", " ↔ ".join(component))
     for line in broken:

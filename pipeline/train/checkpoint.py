@@ -8,6 +8,12 @@ before they are deleted, a failed write removes its temp directory, and temp dir
 killed run left are removed by the next save. States are loaded with
 ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 
+A sharded checkpoint (``--fsdp``, written by ``pipeline/train/distributed.py``) keeps model and
+optimizer out of ``state.pt``: every process writes its own shards with
+``torch.distributed.checkpoint`` (``__RANK_N.distcp`` and ``.metadata`` beside ``state.pt``) into the
+same temp directory, and one process seals it with the manifest, which then lists those files too
+and says ``"weights": "dcp"`` (the ``.metadata`` must be among its files).
+
 The manifest is checked before a checkpoint is loaded: ``torch.load`` refuses a truncated file but
 loads a flipped byte in a tensor's data without complaint. ``--resume auto`` skips a newest
 checkpoint that fails the check (one line says which and why) and resumes from the newest intact
@@ -35,24 +41,42 @@ PATTERN = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 FILES = ("state.pt", "config.json")  # what a checkpoint holds besides its manifest
+DCP_METADATA = ".metadata"  # a sharded checkpoint's index of its shards (torch.distributed.checkpoint)
 
 
 def save(root: Path, step: int, state: dict[str, Any], config: dict[str, Any], keep: int = 2) -> Path:
+    tmp = temp_dir(root, step, os.getpid())
+    with removed_if_failed(tmp):  # a failed write (a full disk) leaves no temp behind
+        return seal(root, tmp, step, state, config, keep)
+
+
+def temp_dir(root: Path, step: int, pid: int) -> Path:
+    """A fresh temp directory for the checkpoint of ``step`` (``pid``: the writing process's, or with
+    several writers the first one's), after removing what killed runs left."""
     root.mkdir(parents=True, exist_ok=True)
     remove_leftovers(root, r"step-\d{8}")  # what killed runs left: partial writes hold disk space
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    tmp = root / f".step-{step:08d}.tmp-{pid}"
     tmp.mkdir()
-    with removed_if_failed(tmp):  # a failed write (a full disk) leaves no temp behind
-        # the bytes are on disk before the directory gets its final name
-        write_synced(tmp / "state.pt", lambda f: torch.save(state, f))
-        write_synced(tmp / "config.json", lambda f: f.write(text.encode()))
-        # hashed as read back, so the manifest vouches for the bytes on disk, not for what was meant
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in FILES}
-        manifest = {"version": MANIFEST_VERSION, "step": step, "files": files}
-        write_synced(tmp / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()))
-        replace_dir(tmp, final)  # a rerun's last checkpoint replaces the same step's: never half of one
+    return tmp
+
+
+def seal(root: Path, tmp: Path, step: int, state: dict[str, Any], config: dict[str, Any], keep: int = 2,
+         shards: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write ``state.pt`` and ``config.json`` into ``tmp``, then the manifest of them and of ``shards``
+    (files other processes already wrote there, name → bytes and sha256; a sharded checkpoint's DCP
+    files), and rename ``tmp`` to ``step-NNNNNNNN``; keep the newest ``keep`` checkpoints."""
+    final = root / f"step-{step:08d}"
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    # the bytes are on disk before the directory gets its final name
+    write_synced(tmp / "state.pt", lambda f: torch.save(state, f))
+    write_synced(tmp / "config.json", lambda f: f.write(text.encode()))
+    # hashed as read back, so the manifest vouches for the bytes on disk, not for what was meant
+    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)} for name in FILES}
+    manifest = {"version": MANIFEST_VERSION, "step": step, "files": {**(shards or {}), **files}}
+    if shards is not None:
+        manifest["weights"] = "dcp"
+    write_synced(tmp / MANIFEST, lambda f: f.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()))
+    replace_dir(tmp, final)  # a rerun's last checkpoint replaces the same step's: never half of one
     for old in complete(root)[:-keep] if keep > 0 else []:
         remove_dir(old)
     return final
@@ -76,11 +100,12 @@ def problem(path: Path) -> str | None:
     if not (path / MANIFEST).is_file():
         return None if (path / "state.pt").is_file() else "state.pt is missing"
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-        listed = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+        manifest = json.loads((path / MANIFEST).read_text())
+        listed = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in manifest["files"].items()}
+        needed = FILES + ((DCP_METADATA,) if manifest.get("weights") == "dcp" else ())
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} does not parse"
-    for name in FILES:
+    for name in needed:
         if name not in listed:
             return f"{MANIFEST} does not list {name}"
     for name, (size, sha256) in sorted(listed.items()):
@@ -149,3 +174,12 @@ def load(path: Path, verified: bool = False) -> tuple[dict[str, Any], dict[str, 
         raise DistillError(f"checkpoint {path} does not load ({type(e).__name__}: {reason}); "
                            "resume from an earlier one") from None
     return state, config
+
+
+def sharded(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` holds its model and optimizer as DCP shards beside
+    ``state.pt`` (its manifest says ``"weights": "dcp"``) rather than in it."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("weights") == "dcp"
+    except (FileNotFoundError, ValueError, AttributeError):
+        return False

@@ -38,11 +38,11 @@ KINDS = {"timed": 2, "start-up": 2, "step": 3, "checkpoint-write": 2, "finish": 
 AIMED = {"checkpoint-write": "checkpoint write", "final-save": "final save"}
 
 
-def student_args(root, model, out):
+def student_args(root, model, out, *extra):
     return ["student", "--train-store", root / "train", "--eval-store", root / "heldout", "--model", model,
             "--out", out, "--max-steps", str(STEPS), "--micro-batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
             "--eval-rows", "32", "--eval-every", "4", "--log-every", "1", "--checkpoint-every", str(EVERY),
-            "--resume", "auto"]
+            "--resume", "auto", *extra]
 
 
 def ckpt_name(step: int) -> str:
@@ -182,7 +182,8 @@ def check_after_kill(out: Path):
             json.loads(line)
 
 
-def kill_and_resume(root: Path, ref: dict, kinds: list[str], chains: list[int], seed: int) -> Counter:
+def kill_and_resume(root: Path, ref: dict, kinds: list[str], chains: list[int], seed: int,
+                    extra: tuple[str, ...] = ()) -> Counter:
     """Kill runs at moments of ``kinds`` (in order), resuming each time, in chains of about the given
     numbers of kills (each chain one OUT, run to the end after its kills; a moment that comes after
     its run ended leaves the rest to the next chain; an aimed moment that missed its instant is tried
@@ -198,7 +199,7 @@ def kill_and_resume(root: Path, ref: dict, kinds: list[str], chains: list[int], 
             latest = checkpoint.complete(out / "checkpoints")
             resumed_at = int(latest[-1].name[5:]) if latest else 0
             stale = metrics_inode(out)
-            process = spawn(student_args(root, ref["model"], out))
+            process = spawn(student_args(root, ref["model"], out, *extra))
             if kill == length:  # the chain's last run goes to the end
                 assert not run_until(process, lambda: False, 0.0)
                 break
@@ -239,6 +240,17 @@ def test_two_kills_mid_checkpoint_and_mid_final_save(student_stores, reference):
     """The fast case (make test): one chain, killed while writing a checkpoint, then while saving the model."""
     landed = kill_and_resume(student_stores, reference, ["checkpoint-write", "final-save"], [2], seed=0)
     assert landed["checkpoint write"] >= 1 and landed["final save"] >= 1, landed
+
+
+def test_two_kills_of_a_sharded_checkpoint_run(student_stores, reference):
+    """The same with --fsdp on one process: checkpoints written through torch.distributed.checkpoint
+    (DCP shards beside state.pt, sealed by the manifest) are as atomic, and the chain ends with the
+    uninterrupted (unsharded) run's weights bit for bit."""
+    landed = kill_and_resume(student_stores, reference, ["checkpoint-write", "final-save"], [2], seed=1,
+                             extra=("--fsdp",))
+    assert landed["checkpoint write"] >= 1 and landed["final save"] >= 1, landed
+    out = next(student_stores.glob("seed1-chain*"))
+    assert all(checkpoint.sharded(path) for path in checkpoint.complete(out / "checkpoints"))
 
 
 @pytest.mark.slow
