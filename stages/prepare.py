@@ -355,10 +355,12 @@ def _prepare_task(config: PrepareConfig, files: list[Path], tokenizer, params: d
             "skipped_inputs": [str(p) for p in skipped_inputs], "owned": [u.number for u in owned]}
     dtype = store_lib.token_dtype(params["vocab_size"])
     arrays = {"input_ids": {"dtype": dtype.name, "shape": [config.seq_len]}}
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = store_lib.JobLock(out, i, n)  # one process per task at a time
+    part_path = store_lib.partial_index_path(out, i, n)
+    done: dict[int, dict] = {}
     try:
-        part_path = store_lib.partial_index_path(out, i, n)
         earlier = store_lib.read_partial_index(part_path).get("pieces") or {}
         same_plan = all(earlier.get(k) == plan[k] for k in ("units", "plan_sha256"))
         done = {e["unit"]: e for e in earlier.get("done", []) if same_plan and (out / e["name"]).is_file()}
@@ -377,6 +379,17 @@ def _prepare_task(config: PrepareConfig, files: list[Path], tokenizer, params: d
             for unit in todo:
                 done[unit.number] = _write_piece(out, unit, files[unit.file], config, encoder, dtype, progress)
                 record()
+    except BaseException as e:
+        # Bad input: the files must change, and with them the corpus fingerprint, so nothing this task
+        # wrote can be used again: it goes. Anything else (a kill, a full disk) keeps what is recorded.
+        if isinstance(e, DistillError) or not done:
+            for path in [*(out / entry["name"] for entry in done.values()), part_path,
+                         out / f"config.part-{i:05d}.json", lock.path]:
+                path.unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if no other task has written there meanwhile
+        raise
     finally:
         lock.release()
     tokens = sum(e["tokens"] for e in done.values())

@@ -176,3 +176,11 @@ def test_standard_input_is_not_shared(tmp_path):
     error = one_line_error(run_cli("prepare", "--input", "-", "--out", tmp_path / "s", "--tokenizer", TOKENIZER,
                                    "--num-shards", "2"))
     assert "standard input" in error and not (tmp_path / "s").exists()
+
+
+def test_bad_input_in_a_task_is_one_line_and_leaves_nothing(tmp_path, mixed_corpus):
+    with open(mixed_corpus / "d.jsonl", "a") as f:
+        f.write("{not json\n")
+    error = one_line_error(prepare(mixed_corpus, tmp_path / "s", "--shard-index", "2", "--num-shards", "3"))
+    assert "d.jsonl:40: not valid JSON" in error  # the line number of a line in a later byte range
+    assert not (tmp_path / "s").exists()
