@@ -21,6 +21,12 @@ going with its tokens. The last row is padded too, so no example is dropped. The
 from one stream with stride ``seq_len - 1``, so everything that reads a tokens store reads these
 the same way.
 
+At scale: ``--workers N`` tokenizes batches in N processes, results kept in order
+(:mod:`pipeline.text.parallel`), so the store is the same. ``--shard-index i --num-shards n`` (a SLURM
+array, ``--format text``) shares the input between n tasks: each tokenizes the units it owns (runs of
+documents of one file, :mod:`pipeline.text.units`) into stream pieces in OUT, and ``distill merge``
+replays them through the same packer into the store one process writes (see "array tasks" below).
+
 Token ids (``--format ids``: ``distill generate``'s records, read as they are, nothing re-tokenized)
 go in **one example per row** instead (:class:`pipeline.text.packing.ExampleRows`): each record's
 ``prompt_ids + completion_ids`` from position 0 of its own row, the rest EOS, so no position sees
@@ -39,7 +45,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,8 +63,8 @@ from pipeline.text.examples import (FORMATS, ExampleReader, IdsReader, chat_temp
                                     require_chat_template)
 from pipeline.text.packing import ExampleRows, RowPacker
 from pipeline.text.parallel import BatchEncoder, encoder
-from pipeline.text.units import Unit, owned_units, plan_digest, plan_units, unit_documents
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.text.units import Unit, owned_units, plan_digest, plan_units, unit_documents
 
 
 @dataclass(frozen=True)
