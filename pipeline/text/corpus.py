@@ -353,10 +353,10 @@ def _column_batches(path: Path, kind: str, text_field: str, row_groups: range | 
 
         parquet = pq.ParquetFile(str(path))  # the footer: a damaged one fails here, before any row
         _check_column(path, parquet.schema_arrow, text_field)
-        if row_groups is not None and not len(row_groups):
-            return
-        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=[text_field],
-                                        row_groups=None if row_groups is None else list(row_groups))
+        # a row group at a time, read and let go: iter_batches kept ~the whole text column of the file
+        # in its memory pool (+77 MiB RSS for a 72 MiB file, where this stays flat)
+        for group in range(parquet.num_row_groups) if row_groups is None else row_groups:
+            yield from parquet.read_row_group(group, columns=[text_field], use_threads=False).to_batches(BATCH_ROWS)
         return
     with pa.memory_map(str(path)) as source:
         is_file = source.read(6) == b"ARROW1"

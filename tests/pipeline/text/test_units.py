@@ -77,3 +77,18 @@ def test_owned_units_balance_by_bytes():
     # more tasks than units: a task's share of the bytes may hold no unit start (it owns none)
     owners = {u.number: i for i in range(20) for u in units_lib.owned_units(plan, i, 20)}
     assert owners == {0: 0, 1: 9, 2: 9, 3: 9, 4: 10, 5: 19, 6: 19, 7: 19}
+
+
+def test_parquet_memory_stays_at_a_row_group(tmp_path):
+    """Peak RSS independent of the file's size: the reader holds one row group's text column, not the
+    file's (pyarrow's iter_batches kept nearly all of it in its pool)."""
+    from pipeline.text.corpus import column_texts
+
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": [f"{i} " + "x" * 10_000 for i in range(3000)]}), path, row_group_size=100)
+    peak, count = 0, 0
+    for count, text in enumerate(column_texts(path, "parquet", "text"), start=1):
+        if count % 50 == 0:
+            peak = max(peak, pa.total_allocated_bytes())
+    assert count == 3000  # 30 MB of text in 30 row groups of 1 MB
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB held while reading"
