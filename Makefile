@@ -237,7 +237,7 @@ bench: setup
 # Tokenization at scale (issue #31): distill prepare's tokens/s and peak RSS on Parquet and .jsonl.zst,
 # 1 and 2 --workers, the shipped 8k tokenizer and a 49k one (SmolLM2's: make real-teacher fetches it), the
 # tokenizer's own threads against worker processes, RSS at 3x the input, and 2 tasks + merge against one
-# process; about 8 minutes on 2 cores (results: bench/results/prepare_cpu.json, docs/BENCHMARKS.md)
+# process; about 8 minutes on 2 free cores, 20 at load 14 (results: bench/results/prepare_cpu.json, docs/BENCHMARKS.md)
 TOKENIZER_49K ?= $(REAL_TEACHER)
 bench-prepare: setup
 	@test -f $(TOKENIZER_49K)/tokenizer.json || { echo "error: make bench-prepare needs a 49k tokenizer in TOKENIZER_49K=$(TOKENIZER_49K) (make real-teacher fetches SmolLM2's)" >&2; exit 2; }
