@@ -55,7 +55,7 @@ REPORT      ?= $(RUN)/report
 
 .PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross sweep clean \
-        onpolicy onpolicy-start bench-onpolicy
+        onpolicy onpolicy-start bench-onpolicy bench-prepare
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -234,6 +234,16 @@ bench: setup
 	$(MAKE) bench-bytes
 
 # compressed bytes per element of every stored array, measured on the shipped teacher: what `distill plan` sizes stores from
+# Tokenization at scale (issue #31): distill prepare's tokens/s and peak RSS on Parquet and .jsonl.zst,
+# 1 and 2 --workers, the shipped 8k tokenizer and a 49k one (SmolLM2's: make real-teacher fetches it), the
+# tokenizer's own threads against worker processes, RSS at 3x the input, and 2 tasks + merge against one
+# process; about 8 minutes on 2 free cores, 20 at load 14 (results: bench/results/prepare_cpu.json, docs/BENCHMARKS.md)
+TOKENIZER_49K ?= $(REAL_TEACHER)
+bench-prepare: setup
+	@test -f $(TOKENIZER_49K)/tokenizer.json || { echo "error: make bench-prepare needs a 49k tokenizer in TOKENIZER_49K=$(TOKENIZER_49K) (make real-teacher fetches SmolLM2's)" >&2; exit 2; }
+	$(BIN)/python bench/prepare.py --tokenizers $(TOKENIZER),$(TOKENIZER_49K) --docs 4000 --scale 3 --repeats 3 \
+		--out bench/results/prepare_cpu.json
+
 bench-bytes: setup
 	$(BIN)/python bench/store_bytes.py --teacher $(TEACHER) --rows 128 --out bench/results/store_bytes_cpu.json
 

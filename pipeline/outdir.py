@@ -56,11 +56,12 @@ class Layout:
 # stage-one array job), the W&B run's id, tensorboard/ (a directory per array job inside) and W&B's wandb/
 TRACKING_FILES = (r"metrics(?:\.part-\d{5,})?\.jsonl", r"wandb-run-id(?:\.part-\d{5,})?")
 TRACKING_DIRS = {"tensorboard": None, "wandb": None}
-# distill prepare (stages/prepare.py: shards, config.json, index.json, renamed in whole) and stage one
+# distill prepare (stages/prepare.py: shards, config.json, index.json, renamed in whole; an array task's
+# piece-UUUUUU.arrow, config.part-JJJJJ.json and partial index until `distill merge`) and stage one
 # (stages/teacher.py and contract.py: shards, config.part-JJJJJ.json, index.part-JJJJJ-of-NNNNN.json, the
 # job lock, index.json from merge). A shard is a directory (zarr) or a file (arrow).
 STORE = Layout("a store", files=(r"index\.json", rf"index\.part-{JOB}\.json", r"config\.json", r"config\.part-\d{5,}\.json",
-                                 r"shard-\d{5,}\.arrow", *TRACKING_FILES),
+                                 r"shard-\d{5,}\.arrow", r"piece-\d{6,}\.arrow", *TRACKING_FILES),
                dirs={r"shard-\d{5,}\.zarr": None, **TRACKING_DIRS}, locks=(LOCK,))
 # distill student / train (stages/student.py): config.json, metrics.jsonl, metrics.json, preempted.json,
 # model/ (save_pretrained, renamed in whole) and checkpoints/step-NNNNNNNN (pipeline/train/checkpoint.py).

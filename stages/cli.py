@@ -178,7 +178,8 @@ def _register() -> None:
                   "position (--kind sampled, the default), the top-k and exact tail mass (--kind topk), or both "
                   "(--kind topk --tail-samples M).")
     stage_command("merge", teacher.MergeConfig, teacher.merge,
-                  "Check that parallel stage-one jobs cover every shard and write index.json.",
+                  "Check that parallel stage-one jobs cover every shard and write index.json; for a tokens store "
+                  "that prepare tasks filled, cut its rows from their pieces.",
                   positional=("store",))
     stage_command("inspect", inspect_store.InspectConfig, inspect_store.inspect_store,
                   "Describe a store: rows, bytes per token, kept mass and entropy (top-k) or distinct drawn ids "

@@ -21,6 +21,12 @@ going with its tokens. The last row is padded too, so no example is dropped. The
 from one stream with stride ``seq_len - 1``, so everything that reads a tokens store reads these
 the same way.
 
+At scale: ``--workers N`` tokenizes batches in N processes, results kept in order
+(:mod:`pipeline.text.parallel`), so the store is the same. ``--shard-index i --num-shards n`` (a SLURM
+array, ``--format text``) shares the input between n tasks: each tokenizes the units it owns (runs of
+documents of one file, :mod:`pipeline.text.units`) into stream pieces in OUT, and ``distill merge``
+replays them through the same packer into the store one process writes (see "array tasks" below).
+
 Token ids (``--format ids``: ``distill generate``'s records, read as they are, nothing re-tokenized)
 go in **one example per row** instead (:class:`pipeline.text.packing.ExampleRows`): each record's
 ``prompt_ids + completion_ids`` from position 0 of its own row, the rest EOS, so no position sees
@@ -39,24 +45,28 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import check, flag, option, required, save_resolved
+from pipeline.config import check, flag, load_config, option, required, save_resolved
 from pipeline.errors import DistillError
-from pipeline.io import real_out, replace_dir
+from pipeline.io import file_sha256, real_out, removed_if_failed, replace_dir
 from pipeline.outdir import STORE, claim
 from pipeline.store import contract as store_lib
-from pipeline.text.corpus import ACCEPTED, BLOCK, DocumentReader, Inputs, corpus_fingerprint, find_inputs, input_kind
-from pipeline.text.mixture import Mixture, MixtureReader, mixture_files, read_sources
+from pipeline.text.corpus import (ACCEPTED, BLOCK, DocumentReader, Inputs, ReadStats, corpus_fingerprint, find_inputs,
+                                  input_kind)
 from pipeline.text.examples import (FORMATS, ExampleReader, IdsReader, chat_template_sha256, read_samplers,
                                     require_chat_template)
+from pipeline.text.mixture import Mixture, MixtureReader, mixture_files, read_sources
 from pipeline.text.packing import ATTENTIONS, DOCUMENT_STARTS, ExampleRows, RowPacker, RowRule, row_rule
+from pipeline.text.parallel import BatchEncoder, encoder
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+from pipeline.text.units import Unit, owned_units, plan_digest, plan_units, unit_documents
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,12 @@ class PrepareConfig:
     sources: str = option("", "Instead of --input: a YAML list of weighted sources, {path, weight} or {path, tokens} "
                           "each, interleaved so that each source's share of the store's tokens is its weight "
                           "(pipeline/text/mixture.py).")
+    workers: int = option(1, "Processes that tokenize batches in parallel (order kept: the store is the same for "
+                          "any number); give each its own core.")
+    shard_index: int = option(0, "This task's index among --num-shards tasks (a SLURM array task id): it tokenizes "
+                              "its share of the input; `distill merge OUT` then writes the store (--format text).")
+    num_shards: int = option(1, "Number of tasks sharing the input; the merged store is the one a single process "
+                             "writes.")
     overwrite: bool = option(False, "Replace an existing store built with different parameters.")
     trust_remote_code: bool = option(False, "Allow the tokenizer directory's own code to run.")
 
@@ -122,9 +138,27 @@ class PrepareConfig:
                                 f"got {getattr(self, name)!r}")
         if self.backend not in store_lib.BACKENDS:
             problems.append(f"backend must be one of {', '.join(store_lib.BACKENDS)}, got {self.backend!r}")
-        for name in ("rows_per_shard", "chunk_rows", "batch_documents"):
+        for name in ("rows_per_shard", "chunk_rows", "batch_documents", "workers", "num_shards"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive")
+        if not 0 <= self.shard_index < max(self.num_shards, 1):
+            problems.append(f"shard_index must be in [0, {self.num_shards}) (one of --num-shards tasks), "
+                            f"got {self.shard_index}")
+        if self.num_shards > 1:
+            if self.overwrite:
+                problems.append("--overwrite with --num-shards > 1 would let each task delete what the others wrote; "
+                                "remove the old store once, then run the tasks without --overwrite")
+            if self.format != "text":
+                problems.append(f"--num-shards is for --format text; --format {self.format} is prepared by one "
+                                "process (with --workers)")
+            if "-" in self.inputs:
+                problems.append("--input - (standard input) cannot be shared between --num-shards tasks; save it "
+                                "to a file first")
+            if self.sources:
+                problems.append("--sources interleaves its sources in one stream, which --num-shards tasks cannot "
+                                "split yet; prepare a mixture in one process (with --workers)")
+        if self.workers > 1 and self.format == "ids":
+            problems.append("--workers tokenizes in parallel, and --format ids tokenizes nothing; drop --workers")
         check(problems, "prepare")
 
 
@@ -159,11 +193,12 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
 
     if config.format == "ids":
         return _prepare_ids(config, files, tokenizer, params, out, inputs.skipped)
+    if config.num_shards > 1:
+        return _prepare_task(config, files, tokenizer, params, out, inputs.skipped)
 
     # --- loop: stream documents (or examples) → token stream → rows → shards ---
-    encode = batch_encoder(tokenizer)
     if mixture is not None:  # documents come tokenized: the mixture counts tokens to keep the shares
-        reader = MixtureReader(mixture, source_files, encode, config.text_field, config.txt_documents,
+        reader = MixtureReader(mixture, source_files, batch_encoder(tokenizer), config.text_field, config.txt_documents,
                                config.skip_bad_utf8, config.batch_documents,
                                tokens_around=1 + (rule.document_start == "bos"))
     else:
@@ -171,18 +206,22 @@ def _prepare(config: PrepareConfig, paths: tuple[str, ...]) -> Path:
     packer = RowPacker(config.seq_len, config.rows_per_shard, tokenizer.eos_token_id, flags=examples,
                        **_packer_starts(rule))
     writer = _ShardWriter(out, config.backend, config.chunk_rows, store_lib.token_dtype(params["vocab_size"]))
-    documents = iter(reader)
+    texts_of = (lambda batch: [text for pieces in batch for text, _ in pieces]) if examples else (lambda batch: batch)
     try:
         # The bar is closed before any error propagates, so the error prints on a line of its own.
-        with tqdm(desc="prepare", unit="tok", unit_scale=True, dynamic_ncols=True) as progress:
-            while batch := list(itertools.islice(documents, config.batch_documents)):
+        with BatchEncoder(tokenizer, config.workers) as encoder, \
+                tqdm(desc="prepare", unit="tok", unit_scale=True, dynamic_ncols=True) as progress:
+            batches = _batches(iter(reader), config.batch_documents)
+            # a mixture's documents come as token ids (it tokenizes to keep its shares): nothing to encode
+            pairs = ((b, b) for b in batches) if mixture is not None else encoder.map(batches, texts_of)
+            for batch, encoded in pairs:
                 before = packer.total_tokens
                 if examples:
-                    encoded = iter(encode([text for pieces in batch for text, _ in pieces]))
+                    encoded = iter(encoded)
                     for pieces in batch:
                         packer.add_example([next(encoded) for _ in pieces], [response for _, response in pieces])
                 else:
-                    for ids in (batch if mixture is not None else encode(batch)):
+                    for ids in encoded:
                         packer.add_document(ids)
                 progress.update(packer.total_tokens - before)
                 writer.write(packer.full_shards())
@@ -286,16 +325,12 @@ def _reader(config: PrepareConfig, files: list[Path], tokenizer) -> DocumentRead
     return DocumentReader(files, config.text_field, config.txt_documents, config.skip_bad_utf8)
 
 
-def batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
-    """texts → token ids without special tokens, in one call of the fast tokenizer where there is one."""
-    backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else None
+batch_encoder = encoder  # texts → token ids without special tokens (pipeline/text/parallel.py)
 
-    def encode(texts: list[str]) -> list[list[int]]:
-        if backend is not None:
-            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-        return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
-    return encode
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    while batch := list(itertools.islice(items, size)):
+        yield batch
 
 
 class _ShardWriter:
@@ -343,8 +378,8 @@ class _ShardWriter:
             **facts,
         )
 
-    def commit(self, index: dict, config: PrepareConfig) -> None:
-        save_resolved(config, self.tmp / "config.json")
+    def commit(self, index: dict, config: PrepareConfig, facts: dict | None = None) -> None:
+        save_resolved(config, self.tmp / "config.json", facts)
         store_lib.write_index(self.tmp, index)
         try:  # OUT was checked before the corpus was read; whatever was put there since is not replaced either
             claim(self.out, STORE, config.overwrite)
@@ -355,6 +390,213 @@ class _ShardWriter:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- array tasks and their merge
+#
+# One token stream is cut into rows with stride seq_len - 1 and shards of rows_per_shard rows, so the
+# row a document lands in depends on every token before it: a task cannot cut its own rows until the
+# tasks before it are done. So a task (``--shard-index i --num-shards n``) only tokenizes: the units
+# it owns (pipeline/text/units.py: files, row-group runs, line ranges) become stream pieces in OUT,
+# one Arrow IPC file per unit (a list of token ids per document), each recorded in the task's partial
+# index once it is renamed into place. ``distill merge OUT`` then replays the pieces, in unit order,
+# through the same RowPacker and shard writer as one process, and swaps the finished store in for OUT:
+# the store is the one a single process writes, byte for byte. Merge re-tokenizes nothing; it reads
+# the pieces once (about 2-4 bytes per token) and holds one shard and one record batch in memory.
+
+PIECE = "piece-{:06d}.arrow"
+
+
+def _prepare_task(config: PrepareConfig, files: list[Path], tokenizer, params: dict, out: Path,
+                  skipped_inputs: list[Path]) -> Path:
+    """Task ``shard_index`` of ``num_shards``: its units as stream pieces, recorded in its partial index."""
+    i, n = config.shard_index, config.num_shards
+    _check_task_count(out, i, n)
+    units = plan_units(files)
+    owned = owned_units(units, i, n)
+    plan = {"units": len(units), "plan_sha256": plan_digest(units),
+            "skipped_inputs": [str(p) for p in skipped_inputs], "owned": [u.number for u in owned]}
+    dtype = store_lib.token_dtype(params["vocab_size"])
+    arrays = {"input_ids": {"dtype": dtype.name, "shape": [config.seq_len]}}
+    existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = store_lib.JobLock(out, i, n)  # one process per task at a time
+    part_path = store_lib.partial_index_path(out, i, n)
+    done: dict[int, dict] = {}
+    try:
+        earlier = store_lib.read_partial_index(part_path).get("pieces") or {}
+        same_plan = all(earlier.get(k) == plan[k] for k in ("units", "plan_sha256"))
+        done = {e["unit"]: e for e in earlier.get("done", []) if same_plan and (out / e["name"]).is_file()}
+        lock.remove_stale_temps([*(PIECE.format(u.number) for u in owned), part_path.name,
+                                 f"config.part-{i:05d}.json"])
+
+        def record() -> None:
+            pieces = {**plan, "done": [done[u] for u in sorted(done)]}
+            store_lib.write_partial_index(part_path, params, config.backend, arrays, [], pieces=pieces)
+
+        record()  # before any piece: OUT reads as a store being built, never as a stranger's directory
+        save_resolved(config, out / f"config.part-{i:05d}.json", {"params": params, "units": plan["owned"]})
+        todo = [u for u in owned if u.number not in done]
+        with BatchEncoder(tokenizer, config.workers) as encoder, \
+                tqdm(desc=f"prepare {i}/{n}", unit="tok", unit_scale=True, dynamic_ncols=True) as progress:
+            for unit in todo:
+                done[unit.number] = _write_piece(out, unit, files[unit.file], config, encoder, dtype, progress)
+                record()
+    except BaseException as e:
+        # Bad input: the files must change, and with them the corpus fingerprint, so nothing this task
+        # wrote can be used again: it goes. Anything else (a kill, a full disk) keeps what is recorded.
+        if isinstance(e, DistillError) or not done:
+            for path in [*(out / entry["name"] for entry in done.values()), part_path,
+                         out / f"config.part-{i:05d}.json", lock.path]:
+                path.unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if no other task has written there meanwhile
+        raise
+    finally:
+        lock.release()
+    tokens = sum(e["tokens"] for e in done.values())
+    print(f"{out}: task {i} of {n} tokenized {len(owned)} of {len(units)} units ({len(todo)} now, {tokens} tokens); "
+          f"once every task has finished, run: distill merge {out}")
+    return out
+
+
+def _check_task_count(out: Path, i: int, n: int) -> None:
+    """Tasks of one store agree on how many they are (each one's share depends on it)."""
+    counts = {int(m.group(2)) for p in out.glob(store_lib.PARTIAL_GLOB) if (m := store_lib.PARTIAL_NAME.match(p.name))}
+    if counts - {n}:
+        raise DistillError(f"{out} is being prepared by {', '.join(map(str, sorted(counts - {n})))} tasks, and this is "
+                           f"task {i} of {n}; run every task with the same --num-shards (or remove {out})")
+
+
+def _write_piece(out: Path, unit: Unit, path: Path, config: PrepareConfig, encoder: BatchEncoder, dtype: np.dtype,
+                 progress: tqdm) -> dict:
+    """One unit's documents, tokenized, as an Arrow IPC file of one ``ids`` column (a list of token ids
+    per document), written under a temp name and renamed. Returns its partial-index entry."""
+    import pyarrow as pa
+
+    name = PIECE.format(unit.number)
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    reader = DocumentReader([path], config.text_field, config.txt_documents, config.skip_bad_utf8)
+    schema = pa.schema([("ids", pa.list_(pa.from_numpy_dtype(dtype)))])
+    tokens = 0
+    with removed_if_failed(tmp):
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as piece:
+            for _, encoded in encoder.map(_batches(unit_documents(unit, path, reader), config.batch_documents),
+                                          lambda batch: batch):
+                lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(offsets[-1]))
+                ids = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(schema.field("ids").type)
+                piece.write_batch(pa.record_batch([ids], schema=schema))
+                tokens += int(offsets[-1])
+                progress.update(int(offsets[-1]) + len(encoded))  # (EOS included, as one process counts)
+        os.replace(tmp, out / name)
+    return {"unit": unit.number, "name": name, "bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name),
+            "documents": reader.stats.documents, "tokens": tokens, "skipped_lines": reader.stats.skipped_lines}
+
+
+def building_tokens(root: Path) -> bool:
+    """Does ``root`` hold the partial indexes of prepare tasks (stream pieces) rather than of stage one?"""
+    return any("pieces" in store_lib.read_partial_index(p) for p in sorted(Path(root).glob(store_lib.PARTIAL_GLOB)))
+
+
+def merge_tokens(root: Path) -> Path:
+    """``distill merge`` of a tokens store the prepare tasks filled: check that their partial indexes
+    agree and cover every unit, then replay the pieces in unit order into the store one process would
+    write, built beside ``root`` and swapped in for it (pieces and partial indexes go with the old)."""
+    root = Path(root)
+    paths = [p for p in sorted(root.glob(store_lib.PARTIAL_GLOB)) if store_lib.PARTIAL_NAME.match(p.name)]
+    parts = {p: store_lib.read_partial_index(p) for p in paths}
+    counts = {int(store_lib.PARTIAL_NAME.match(p.name).group(2)) for p in paths}
+    if len(counts) != 1:
+        raise DistillError(f"{root}: partial indexes of {' and '.join(map(str, sorted(counts)))} tasks; every task "
+                           "must be run with the same --num-shards: remove the store and run them again")
+    n = counts.pop()
+    first = next(iter(parts.values()))
+    for path, body in parts.items():
+        if body["params"] != first["params"] or body["backend"] != first["backend"]:
+            what = "; ".join(store_lib.param_differences(first["params"], body["params"])) or "backend"
+            raise DistillError(f"{root}: {path.name} was written with different parameters ({what}); rerun the odd "
+                               "task with the same options as the others")
+        if body["pieces"]["plan_sha256"] != first["pieces"]["plan_sha256"]:
+            raise DistillError(f"{root}: {path.name} cut the corpus into other units (another distill version, or the "
+                               "files changed); rerun every task with the same distill and files")
+    params, backend = first["params"], first["backend"]
+    locks = []
+    try:
+        for job in range(n):  # no task may be writing while its pieces are read (a running one is named)
+            locks.append(store_lib.JobLock(root, job, n))
+        entries = {}
+        for body in parts.values():
+            for entry in body["pieces"]["done"]:
+                store_lib.safe_child(root, entry["name"])
+                entries[entry["unit"]] = entry
+        units = first["pieces"]["units"]
+        missing = [u for u in range(units) if u not in entries or not (root / entries[u]["name"]).is_file()]
+        ran = {int(store_lib.PARTIAL_NAME.match(p.name).group(1)) for p in paths}
+        if missing or len(ran) < n:
+            owners = sorted({int(store_lib.PARTIAL_NAME.match(p.name).group(1)) for p, b in parts.items()
+                             if set(b["pieces"]["owned"]) & set(missing)} | (set(range(n)) - ran))
+            raise DistillError(f"{root}: {len(missing)} of {units} units are not tokenized yet"
+                               f"{f', and {n - len(ran)} of {n} tasks have not started' if len(ran) < n else ''}; "
+                               f"run (or rerun) task(s) {', '.join(map(str, owners))} of {n}, then merge again")
+        for u in range(units):
+            if file_sha256(root / entries[u]["name"]) != entries[u]["sha256"]:
+                raise DistillError(f"{root}: {entries[u]['name']} does not match its partial index (damaged); delete "
+                                   "it and rerun the task that owns it, then merge again")
+        # the tasks' rule (document-start BOS, row-start BOS) is the params': the rows are cut as one process cuts them
+        packer = RowPacker(params["seq_len"], params["rows_per_shard"], params["eos_token_id"],
+                           **_packer_starts(RowRule.of(params)))
+        writer = _ShardWriter(root, backend, params["chunk_rows"], store_lib.token_dtype(params["vocab_size"]))
+        try:
+            for u in range(units):
+                for documents in _piece_batches(root / entries[u]["name"]):
+                    for ids in documents:
+                        packer.add_document(ids)
+                    writer.write(packer.full_shards())
+            writer.write(packer.finish())
+        except BaseException:
+            writer.discard()
+            raise
+        stats = ReadStats(sum(e["documents"] for e in entries.values()), sum(e["skipped_lines"] for e in entries.values()))
+        if not writer.shards:
+            writer.discard()
+            _raise_too_little(SimpleNamespace(stats=stats), packer)
+        index = writer.index(params, packer, documents=stats.documents, skipped_lines=stats.skipped_lines,
+                             examples=False, skipped_inputs=[Path(p) for p in first["pieces"]["skipped_inputs"]])
+        config = _task_config(root, n)
+        writer.commit(index, config, {"merged_from_tasks": n})
+    finally:
+        for lock in locks:
+            lock.release()
+    print(f"{root}: merged {units} units of {n} tasks into {index['rows']} rows x {params['seq_len']} tokens from "
+          f"{stats.documents} documents ({packer.total_tokens} tokens)")
+    return root
+
+
+def _piece_batches(path: Path) -> Iterator[list[np.ndarray]]:
+    """A piece's documents' token ids, a record batch (a tokenized batch of documents) at a time."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        for b in range(reader.num_record_batches):
+            ids = reader.get_batch(b).column(0)
+            offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
+            yield [values[offsets[d]:offsets[d + 1]] for d in range(len(ids))]
+
+
+def _task_config(root: Path, n: int) -> PrepareConfig:
+    """The config the merged store records: task 0's (the first task's found), as one process would run it."""
+    import json
+
+    for job in range(n):
+        path = root / f"config.part-{job:05d}.json"
+        if path.is_file():
+            body = json.loads(path.read_text())["config"]
+            return load_config(PrepareConfig, None, **{**body, "shard_index": 0, "num_shards": 1})
+    raise DistillError(f"{root}: no task saved its config (config.part-*.json); rerun the tasks")
 
 
 def _raise_too_little(reader: DocumentReader | ExampleReader, packer: RowPacker) -> None:

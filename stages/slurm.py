@@ -4,6 +4,9 @@ One file says what each stage runs (its ``distill`` options, checked here exactl
 would check them) and what each kind of job asks the cluster for. ``distill slurm`` writes, under
 ``--out``, a readable script per job and the resolved config of each stage:
 
+    0a-prepare.sbatch  (with a prepare section) stage 0 as a job array: task i of n tokenizes its share of
+                       the raw files (distill prepare --shard-index i --num-shards n)
+    0b-merge-tokens.sbatch  after every prepare task succeeded: distill merge cuts the tokens store's rows
     1-teacher.sbatch   stage one as a job array: task i of n writes shards i, i+n, … (--shard-index)
     2-merge.sbatch     after every task succeeded: distill merge, then distill inspect --verify
     3-student.sbatch   after the merge: stage two under torchrun (one node, or srun + c10d rendezvous
@@ -11,9 +14,15 @@ would check them) and what each kind of job asks the cluster for. ``distill slur
     4-eval.sbatch      after the student: distill eval of each model, then distill report
 
 ``--submit`` submits them in that order with ``sbatch --parsable``, each depending (``afterok``) on
-the one before, and writes the job ids to ``OUT/jobs.json``. ``--resubmit OUT`` looks at what is
-done — which shards the store lacks, whether the student finished — and submits only what is left:
-the stage-one tasks that own missing shards (stage one is idempotent) and the jobs after them.
+the one before, and writes the job ids to ``OUT/jobs.json``: with a prepare section, a whole run from
+raw files to the report is one ``--submit``. ``--resubmit OUT`` looks at what is done — which units
+the prepare tasks have not tokenized, which shards the store lacks, whether the student finished —
+and submits only what is left: the prepare or stage-one tasks that still owe work (both are
+idempotent) and the jobs after them.
+
+The prepare array asks for no GPU unless ``jobs.prepare.gpus`` says so (``defaults.gpus`` is for the
+model stages) and takes no pre-emption signal: a killed task keeps the units it recorded, and its
+rerun continues from them.
 
 Pre-emption: the teacher and student jobs ask for ``--signal=USR1@SECONDS`` and ``--requeue``. The
 signal reaches every process of the job step; stage one finishes its shard, stage two its step and a
@@ -70,11 +79,13 @@ from pipeline.preempt import EXIT_PREEMPTED as PREEMPTED  # a stage stopped by t
 
 IGNORE_USR1 = 'trap "" USR1; exec '  # torchrun then ignores USR1; its workers install their own handler
 RESOURCES = ("partition", "account", "qos", "time", "cpus", "mem", "gpus", "constraint", "signal", "extra")
-JOB_RESOURCES = {"teacher": RESOURCES + ("array",), "merge": RESOURCES,
+JOB_RESOURCES = {"prepare": tuple(r for r in RESOURCES if r != "signal") + ("array",),
+                 "teacher": RESOURCES + ("array",), "merge": RESOURCES,
                  "student": RESOURCES + ("nodes", "procs_per_node"), "eval": RESOURCES,
                  "generate": RESOURCES + ("array",)}  # generate: the --rounds' generate arrays only
 SCRIPTS = {"teacher": "1-teacher.sbatch", "merge": "2-merge.sbatch", "student": "3-student.sbatch",
            "eval": "4-eval.sbatch"}
+PREPARE_SCRIPTS = {"prepare": "0a-prepare.sbatch", "merge-tokens": "0b-merge-tokens.sbatch"}  # before SCRIPTS
 
 
 def file_option(help: str) -> Any:
@@ -98,9 +109,13 @@ class SlurmConfig:
     defaults: dict = file_option("sbatch resources of every job: partition, account, qos, time (quote it: "
                                  "'04:00:00'), cpus (per task), mem, gpus (per node), constraint, signal "
                                  "(USR1@120), extra (more sbatch options, one '--…' per line).")
-    jobs: dict = file_option("Resources per job kind (teacher, merge, student, eval; with --rounds also generate) "
-                             "over the defaults; teacher and generate: array (tasks); student: nodes, procs_per_node.")
+    jobs: dict = file_option("Resources per job kind (prepare, teacher, merge, student, eval; with --rounds also "
+                             "generate) over the defaults; prepare, teacher and generate: array (tasks); student: "
+                             "nodes, procs_per_node.")
     env: dict = file_option("Environment variables every job exports.")
+    prepare: dict = file_option("distill prepare options, without the shard index/count: the chain then starts "
+                                "from raw files with a prepare array (jobs.prepare.array) and its merge; "
+                                "teacher.tokens_store defaults to its out.")
     teacher: dict = file_option("distill teacher options (as in its --config file), without the shard index/count.")
     student: dict = file_option("distill student options; train_store defaults to the teacher's out.")
     eval: list = file_option("A list of distill eval option sets; model defaults to the student's model.")
@@ -112,13 +127,14 @@ class SlurmConfig:
             problems.append("no --out given")
         if self.out and self.resubmit:
             problems.append("--resubmit DIR reads what DIR holds: pass it without --out")
-        for name in ("defaults", "jobs", "env", "teacher", "student", "report"):
+        for name in ("defaults", "jobs", "env", "prepare", "teacher", "student", "report"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
                 problems.append(f"{name} must be a mapping, got {type(value).__name__}")
         if self.eval is not None and not (isinstance(self.eval, list) and all(isinstance(e, dict) for e in self.eval)):
             problems.append("eval must be a list of mappings (one per model)")
-        stage_sections = [name for name in ("teacher", "student", "eval", "report") if getattr(self, name) is not None]
+        stage_sections = [name for name in ("prepare", "teacher", "student", "eval", "report")
+                          if getattr(self, name) is not None]
         if self.rounds and stage_sections:
             problems.append(f"--rounds takes every stage's options from the rounds config: remove the "
                             f"{', '.join(stage_sections)} section{'s' if len(stage_sections) > 1 else ''}")
@@ -132,6 +148,9 @@ class SlurmConfig:
             problems.append(f"port must be a TCP port, 1 … 65535, got {self.port}")
         if isinstance(self.defaults, dict | None) and isinstance(self.jobs, dict | None):
             problems += resource_problems(self.defaults or {}, self.jobs or {}, bool(self.rounds))
+            if "prepare" in (self.jobs or {}) and self.prepare is None:
+                problems.append("jobs.prepare is for a prepare section (distill prepare's options); add one or "
+                                "remove jobs.prepare")
         if isinstance(self.env, dict):
             problems += env_problems(self.env)
         check(problems, "slurm")
@@ -150,20 +169,45 @@ class Plan:
     setup: str
     workdir: Path
     port: int
+    prepare: Any = None  # PrepareConfig (its num_shards the array's size), or None: the tokens store exists
+
+    def kinds(self) -> list[str]:
+        """The jobs, in the order they run."""
+        return [*(PREPARE_SCRIPTS if self.prepare is not None else ()), *SCRIPTS]
 
 
 def resolve(config: SlurmConfig) -> Plan:
     """Check every section as its stage would, fill in what follows from the stages before it."""
     from stages.eval import EvalConfig
+    from stages.prepare import PrepareConfig
     from stages.report import ReportConfig
     from stages.student import TrainConfig
     from stages.teacher import TeacherConfig
 
     teacher_section = dict(config.teacher or {})
-    for key in ("shard_index", "num_shards"):
-        if key in teacher_section:
-            raise DistillError(f"slurm config: teacher.{key} is set by the job array (jobs.teacher.array); remove it")
+    for name, values in (("prepare", config.prepare or {}), ("teacher", teacher_section)):
+        for key in ("shard_index", "num_shards"):
+            if key in values:
+                raise DistillError(f"slurm config: {name}.{key} is set by the job array (jobs.{name}.array); "
+                                   "remove it")
     resources = job_resources(config)
+    prepare = None
+    if config.prepare is not None:
+        prepare = section(PrepareConfig, "prepare", dict(config.prepare) | {"num_shards": resources["prepare"]["array"]})
+        if "-" in prepare.inputs:
+            raise DistillError("slurm config, prepare: --input - (standard input) has no meaning in a batch job; "
+                               "name the files")
+        if prepare.workers > resources["prepare"]["cpus"]:
+            raise DistillError(f"slurm config: prepare.workers {prepare.workers} is more than the "
+                               f"{resources['prepare']['cpus']} CPUs a prepare task asks for (jobs.prepare.cpus); "
+                               "raise cpus or lower workers")
+        _check_paths({"prepare.out": prepare.out, **{f"prepare.inputs[{i}]": p for i, p in enumerate(prepare.inputs)}},
+                     "slurm config")
+        tokens_store = teacher_section.setdefault("tokens_store", prepare.out)
+        if Path(tokens_store) != Path(prepare.out):
+            raise DistillError(f"slurm config: teacher.tokens_store {tokens_store!r} is not prepare.out "
+                               f"{prepare.out!r}: stage one would not read what prepare writes; drop "
+                               "teacher.tokens_store (it defaults to prepare.out)")
     teacher = section(TeacherConfig, "teacher", teacher_section | {"num_shards": resources["teacher"]["array"]})
     student = section(TrainConfig, "student", {"train_store": teacher.out, "resume": "auto"} | (config.student or {}))
     if student.resume != "auto":
@@ -175,7 +219,7 @@ def resolve(config: SlurmConfig) -> Plan:
     report = section(ReportConfig, "report", {"runs": [e.out for e in evals]} | (config.report or {}))
     env = {str(k): str(v) for k, v in (config.env or {}).items()}
     workdir = Path(config.workdir or os.getcwd()).resolve()
-    return Plan(teacher, student, evals, report, resources, env, config.setup, workdir, config.port)
+    return Plan(teacher, student, evals, report, resources, env, config.setup, workdir, config.port, prepare)
 
 
 def section(cls: type, name: str, values: dict) -> Any:
@@ -194,10 +238,13 @@ def job_resources(config: SlurmConfig) -> dict[str, dict]:
     out = {}
     for kind in JOB_RESOURCES:
         merged = {"time": "01:00:00", "cpus": 1, "gpus": 0, "extra": []} | defaults | dict(jobs.get(kind) or {})
+        if kind == "prepare":  # a CPU stage: no GPU unless it asks, no pre-emption signal it would not handle
+            merged["gpus"] = (jobs.get(kind) or {}).get("gpus", 0)
+            merged.pop("signal", None)
         merged["time"] = _time(merged["time"])
         if not isinstance(merged["extra"], list):  # one line, or none
             merged["extra"] = [merged["extra"]] if merged["extra"] else []
-        if kind in ("teacher", "generate"):
+        if kind in ("prepare", "teacher", "generate"):
             merged.setdefault("array", 1)
         if kind == "student":
             merged.setdefault("nodes", 1)
@@ -391,6 +438,12 @@ def stage_one_array(config: Path, tasks: int, cpus: int) -> list[str]:
             'exit "$status"']
 
 
+def prepare_array(config: Path, tasks: int, cpus: int) -> list[str]:
+    """Task i of ``tasks`` tokenizes its share of the raw files into the tokens store's pieces."""
+    return [f'srun --ntasks=1 --cpus-per-task={int(cpus)} distill prepare --config {shlex.quote(str(config))} '
+            f'--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards {int(tasks)}']
+
+
 def merge_store(store: str) -> list[str]:
     return [f"distill merge {shlex.quote(store)}", f"distill inspect {shlex.quote(store)} --verify"]
 
@@ -438,8 +491,19 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
     evals += prologue(plan)
     evals += [f"distill eval --config {q(conf / f'eval-{i}.yaml')}" for i in range(len(plan.evals))]
     evals += [f"distill report --config {q(conf / 'report.yaml')}"]
-    return {SCRIPTS[k]: "\n".join(v) + "\n" for k, v in
-            (("teacher", teacher), ("merge", merge), ("student", student), ("eval", evals))}
+    jobs = {"teacher": teacher, "merge": merge, "student": student, "eval": evals}
+    if plan.prepare is not None:
+        p = res["prepare"]["array"]
+        prepare = header("prepare", f"Stage 0: {p} array task(s); task i tokenizes its share of the raw files into "
+                         f"{q(plan.prepare.out)} (distill merge then cuts the rows).", res["prepare"],
+                         logs / "prepare-%A_%a.out", array=f"0-{p - 1}")
+        jobs["prepare"] = prepare + prologue(plan) + prepare_array(conf / "prepare.yaml", p, res["prepare"]["cpus"])
+        tokens = header("merge-tokens", "Once every prepare task succeeded: cut the tokens store's rows from their "
+                        "pieces and write its index.json, then check every shard.", res["merge"],
+                        logs / "merge-tokens-%j.out")
+        jobs["merge-tokens"] = tokens + prologue(plan) + merge_store(plan.prepare.out)
+    names = SCRIPTS | PREPARE_SCRIPTS
+    return {names[k]: "\n".join(jobs[k]) + "\n" for k in plan.kinds()}
 
 
 def write(plan: Plan, out: Path, raw: dict) -> None:
@@ -447,8 +511,11 @@ def write(plan: Plan, out: Path, raw: dict) -> None:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     configs = {"teacher.yaml": plan.teacher, "student.yaml": plan.student, "report.yaml": plan.report}
     configs |= {f"eval-{i}.yaml": e for i, e in enumerate(plan.evals)}
+    if plan.prepare is not None:
+        configs["prepare.yaml"] = plan.prepare
     for name, stage in configs.items():
-        body = {k: v for k, v in to_dict(stage).items() if not (name == "teacher.yaml" and k in ("shard_index", "num_shards"))}
+        body = {k: v for k, v in to_dict(stage).items()
+                if not (name in ("teacher.yaml", "prepare.yaml") and k in ("shard_index", "num_shards"))}
         atomic_write_text(out / "config" / name, yaml.safe_dump(body, sort_keys=True))
     for name, text in scripts(plan, out).items():
         atomic_write_text(out / name, text)
@@ -477,16 +544,20 @@ def sbatch(script: Path, dependency: str | None = None, array: str | None = None
     return done.stdout.strip().split(";")[0]
 
 
-def submit(out: Path, kinds: list[str], array: str | None = None) -> dict[str, str]:
-    """Submit ``kinds`` in pipeline order, each after the one before; record the ids in jobs.json."""
-    ids, previous = {}, None
+def submit(out: Path, kinds: list[str], array: str | None = None, prepare_tasks: str | None = None) -> dict[str, str]:
+    """Submit ``kinds`` in pipeline order, each after the one before (the stage-one array narrowed to
+    ``array``, the prepare array to ``prepare_tasks``, where given); record the ids in jobs.json."""
+    ids, previous, names = {}, None, SCRIPTS | PREPARE_SCRIPTS
+    narrowed = {"teacher": array, "prepare": prepare_tasks}
     for kind in kinds:
-        previous = ids[kind] = sbatch(out / SCRIPTS[kind], previous, array if kind == "teacher" else None)
+        previous = ids[kind] = sbatch(out / names[kind], previous, narrowed.get(kind))
     history = json.loads((out / "jobs.json").read_text()).get("history", []) if (out / "jobs.json").exists() else []
     record = {"jobs": ids, "array": array, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if prepare_tasks:
+        record["prepare_array"] = prepare_tasks
     atomic_write_text(out / "jobs.json", json.dumps({**record, "history": history + [record]}, indent=2) + "\n")
     for kind, job in ids.items():
-        print(f"{kind:>8}  job {job}" + (f"  (tasks {array})" if kind == "teacher" and array else ""))
+        print(f"{kind:>12}  job {job}" + (f"  (tasks {narrowed[kind]})" if narrowed.get(kind) else ""))
     return ids
 
 
@@ -494,6 +565,22 @@ def missing_tasks(plan: Plan) -> list[int]:
     """Stage-one tasks whose shards are not all recorded in their partial index (all of them when
     the store has none yet)."""
     return missing_shard_tasks(_abs(plan, plan.teacher.out), plan.resources["teacher"]["array"])
+
+
+def missing_prepare_tasks(root: Path, n: int) -> list[int]:
+    """The tasks of an n-task prepare array into the tokens store ``root`` that have not recorded every
+    unit they own (none once the store has its index)."""
+    from pipeline.store import contract as store_lib
+
+    if (root / store_lib.INDEX).exists():
+        return []
+    tasks = []
+    for job in range(n):
+        pieces = store_lib.read_partial_index(store_lib.partial_index_path(root, job, n)).get("pieces")
+        done = {e["unit"] for e in (pieces or {}).get("done", []) if (root / e["name"]).is_file()}
+        if pieces is None or set(pieces["owned"]) - done:
+            tasks.append(job)
+    return tasks
 
 
 def missing_shard_tasks(root: Path, n: int) -> list[int]:
@@ -524,6 +611,13 @@ def resubmit(out: Path) -> dict[str, str]:
     if raw.get("rounds"):
         return resubmit_rounds(out, load_config(SlurmConfig, None, **{**raw, "out": str(out)}))
     plan = resolve(load_config(SlurmConfig, None, **{**raw, "out": str(out)}))
+    if plan.prepare is not None and not (_abs(plan, plan.prepare.out) / "index.json").exists():
+        n = plan.resources["prepare"]["array"]
+        owed = missing_prepare_tasks(_abs(plan, plan.prepare.out), n)
+        kinds = ["prepare", "merge-tokens", *SCRIPTS] if owed else ["merge-tokens", *SCRIPTS]
+        narrowed = ",".join(map(str, owed)) if owed and len(owed) < n else None
+        print(f"{out}: resubmitting {', '.join(kinds)}" + (f" (prepare tasks {narrowed})" if narrowed else ""))
+        return submit(out, kinds, None, narrowed)
     tasks = missing_tasks(plan)
     student_out = Path(plan.student.out) if Path(plan.student.out).is_absolute() else plan.workdir / plan.student.out
     student_done = (student_out / "metrics.json").is_file() and (student_out / "model").is_dir()
@@ -804,9 +898,12 @@ def slurm(config: SlurmConfig) -> dict[str, str] | None:
     raw = {k: v for k, v in to_dict(config).items() if k not in ("out", "submit", "resubmit")}
     raw["workdir"] = str(plan.workdir)
     write(plan, out, raw)
-    print(f"{out}: wrote {', '.join(SCRIPTS.values())} (stage one: {plan.resources['teacher']['array']} tasks)")
+    names = SCRIPTS | PREPARE_SCRIPTS
+    arrays = (f"prepare: {plan.resources['prepare']['array']} tasks, " if plan.prepare is not None else "")
+    print(f"{out}: wrote {', '.join(names[k] for k in plan.kinds())} ({arrays}stage one: "
+          f"{plan.resources['teacher']['array']} tasks)")
     if not config.submit:
         print("run it again with --submit to submit them in order (or sbatch each, chained with "
               "--dependency=afterok:ID)")
         return None
-    return submit(out, list(SCRIPTS))
+    return submit(out, plan.kinds())

@@ -36,7 +36,9 @@ someone else cannot exhaust memory, hang a read or be read through a link.
 
 A store built in place by parallel jobs (stage one) has one partial index per job
 (``index.part-JJJJJ-of-NNNNN.json``: params, backend, arrays and the job's finished shards);
-:func:`merge_partial_indexes` writes ``index.json`` once they cover every shard.
+:func:`merge_partial_indexes` writes ``index.json`` once they cover every shard. A tokens store
+that ``distill prepare`` tasks fill has partial indexes too, recording stream pieces instead of
+shards (``pieces``); ``stages.prepare.merge_tokens`` cuts the rows from them.
 :func:`existing_store` is the one policy for an output directory that already holds something.
 """
 
@@ -1250,18 +1252,22 @@ def read_partial_index(path: Path) -> dict[str, Any]:
             if (m := PARTIAL_NAME.match(path.name)) else "delete it and rerun the stage-one job that wrote it")
     body, _ = read_sealed(path, f"partial index {path}", hint)
     keys = set(body) - {DIGEST}
-    if keys != PARTIAL_KEYS or not isinstance(body["shards"], list) or not isinstance(body["params"], dict):
+    if keys not in (PARTIAL_KEYS, PARTIAL_KEYS | {"pieces"}) or not isinstance(body["shards"], list) or not isinstance(body["params"], dict):
         what = ", ".join(sorted(keys ^ PARTIAL_KEYS)) or "shards or params"
         raise DistillError(f"partial index {path} is damaged (keys: {what}); {hint}")
     return body
 
 
 def write_partial_index(path: Path, params: dict[str, Any], backend: str, arrays: dict[str, Any],
-                        shards: list[dict[str, Any]]) -> None:
+                        shards: list[dict[str, Any]], pieces: dict[str, Any] | None = None) -> None:
     """Record a job's finished shards, atomically and sealed with a digest (called after each shard
-    is renamed into place)."""
+    is renamed into place). A prepare task records its stream ``pieces`` instead (no shards; see
+    ``stages/prepare.py``): the units of the corpus, the plan's digest, the ones it owns and the ones
+    done, each with its file's name, bytes, sha256 and counts."""
     body = {"params": params, "backend": backend, "arrays": arrays,
             "shards": sorted(shards, key=lambda e: e["name"])}
+    if pieces is not None:
+        body["pieces"] = pieces
     atomic_write_text(path, sealed_text(body))
 
 
@@ -1394,6 +1400,9 @@ def merge_partial_indexes(root: Path, kind: str | None = None) -> Path:
         if (root / INDEX).exists():
             return root
         raise DistillError(f"{root} holds no partial indexes; run distill teacher first")
+    if any("pieces" in p for p in parts):
+        raise DistillError(f"{root} is a tokens store that distill prepare tasks are filling; seal it with "
+                           f"distill merge {root}")
     params, backend, arrays = parts[0]["params"], parts[0]["backend"], parts[0]["arrays"]
     for part in parts[1:]:
         if part["params"] != params or part["backend"] != backend:
@@ -1459,6 +1468,9 @@ def repair(root: str | os.PathLike) -> Repair:
             index, broken = None, True  # rebuilt by merge from the partial indexes
     parts = {p: read_partial_index(p) for p in sorted(root.glob(PARTIAL_GLOB)) if PARTIAL_NAME.match(p.name)}
     parts = {p: body for p, body in parts.items() if body}
+    if index is None and any("pieces" in body for body in parts.values()):
+        raise DistillError(f"{root} is a tokens store that distill prepare tasks are filling, not a store yet: "
+                           f"rerun the tasks, then distill merge {root}")
     if index is not None and index.get("kind") == "tokens":
         bad = Store(root, index).bad_shards()
         if bad:

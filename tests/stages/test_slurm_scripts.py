@@ -248,23 +248,29 @@ def test_awkward_legal_values_reach_the_commands_as_one_argument_and_run_nothing
     work, out = awkward / "work $HOME", awkward / f"jobs {INJECT}"
     work.mkdir(parents=True)
     teacher_out = f"runs/store {INJECT} `touch CANARY`; touch CANARY"
+    tokens_out, raw = f"runs/tokens $(touch CANARY) 'x'", f"corpus/it's {INJECT}.jsonl"
     student_out = "runs/kd 'q' \"dq\" $PATH"
     env_value = "it's \"quoted\" $HOME `touch CANARY` $(touch CANARY)"
     path = config(tmp_path, workdir=str(work), setup="", env={"AWKWARD": env_value},
-                  teacher__out=teacher_out, student__out=student_out,
+                  teacher__out=teacher_out, student__out=student_out, prepare__out=tokens_out, prepare__inputs=[raw],
                   defaults__constraint="(a100|h100)&nvlink", defaults__extra=["--comment=\"two words\""])
     bin_dir, log, env_log = stubs(tmp_path)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     submitted = run_cli("slurm", "--config", path, "--out", out, "--submit")
     assert submitted.exit_code == 0, submitted.output
     conf, logs = out / "config", out / "logs"
-    assert calls(log) == [["sbatch", "--parsable", str(out / "1-teacher.sbatch")],
-                          ["sbatch", "--parsable", "--dependency=afterok:101", str(out / "2-merge.sbatch")],
-                          ["sbatch", "--parsable", "--dependency=afterok:102", str(out / "3-student.sbatch")],
-                          ["sbatch", "--parsable", "--dependency=afterok:103", str(out / "4-eval.sbatch")]]
+    assert calls(log) == [["sbatch", "--parsable", str(out / "0a-prepare.sbatch")],
+                          ["sbatch", "--parsable", "--dependency=afterok:101", str(out / "0b-merge-tokens.sbatch")],
+                          ["sbatch", "--parsable", "--dependency=afterok:102", str(out / "1-teacher.sbatch")],
+                          ["sbatch", "--parsable", "--dependency=afterok:103", str(out / "2-merge.sbatch")],
+                          ["sbatch", "--parsable", "--dependency=afterok:104", str(out / "3-student.sbatch")],
+                          ["sbatch", "--parsable", "--dependency=afterok:105", str(out / "4-eval.sbatch")]]
 
-    texts = {name: (out / name).read_text() for name in ("1-teacher.sbatch", "2-merge.sbatch", "3-student.sbatch",
+    texts = {name: (out / name).read_text() for name in ("0a-prepare.sbatch", "0b-merge-tokens.sbatch",
+                                                          "1-teacher.sbatch", "2-merge.sbatch", "3-student.sbatch",
                                                           "4-eval.sbatch")}
+    prepare = sbatch_lines(texts["0a-prepare.sbatch"])
+    assert prepare["--output"] == [f"--output={logs}/prepare-%A_%a.out"] and "--signal" not in prepare
     teacher = sbatch_lines(texts["1-teacher.sbatch"])  # as sbatch splits them: one word per option
     assert teacher["--output"] == [f"--output={logs}/teacher-%A_%a.out"]
     assert teacher["--constraint"] == ["--constraint=(a100|h100)&nvlink"]
@@ -282,6 +288,11 @@ def test_awkward_legal_values_reach_the_commands_as_one_argument_and_run_nothing
     assert not any(Path(p).name == "CANARY" for p in tree(tmp_path))  # the touch in the values never ran
     student = "python -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node=4 -m stages.cli student"
     assert calls(log) == [
+        ["srun", "--ntasks=1", "--cpus-per-task=8", "distill", "prepare", "--config", str(conf / "prepare.yaml"),
+         "--shard-index", "0", "--num-shards", "4"],
+        ["distill", "prepare", "--config", str(conf / "prepare.yaml"), "--shard-index", "0", "--num-shards", "4"],
+        ["distill", "merge", tokens_out],
+        ["distill", "inspect", tokens_out, "--verify"],
         ["srun", "--ntasks=1", "--cpus-per-task=8", "distill", "teacher", "--config", str(conf / "teacher.yaml"),
          "--shard-index", "0", "--num-shards", "4"],
         ["distill", "teacher", "--config", str(conf / "teacher.yaml"), "--shard-index", "0", "--num-shards", "4"],
@@ -295,4 +306,116 @@ def test_awkward_legal_values_reach_the_commands_as_one_argument_and_run_nothing
         ["distill", "eval", "--config", str(conf / "eval-1.yaml")],
         ["distill", "report", "--config", str(conf / "report.yaml")],
     ]
-    assert env_log.read_text().splitlines() == [env_value] * 7  # every stage sees the value as written
+    assert env_log.read_text().splitlines() == [env_value] * 10  # every stage sees the value as written
+    prepare_config = yaml.safe_load((conf / "prepare.yaml").read_text())
+    assert prepare_config["inputs"] == [raw] and prepare_config["out"] == tokens_out
+    assert yaml.safe_load((conf / "teacher.yaml").read_text())["tokens_store"] == tokens_out
+
+
+# ------------------------------------------------------------------------------------------------
+# the prepare array (issue #31): raw files → tokens store → ... → report in one --submit
+
+
+def test_the_prepare_array_comes_first_and_stage_one_reads_its_store(tmp_path):
+    from pipeline.config import load_config
+    from stages.prepare import PrepareConfig
+
+    result = run_cli("slurm", "--config", DEMO, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    prepare = (out / "0a-prepare.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in prepare and "#SBATCH --partition=cpu" in prepare
+    assert ("srun --ntasks=1 --cpus-per-task=8 distill prepare --config "
+            f"{shlex.quote(str(out / 'config' / 'prepare.yaml'))} --shard-index \"$SLURM_ARRAY_TASK_ID\" "
+            "--num-shards 4") in prepare
+    # a CPU stage: defaults.gpus (1) and the pre-emption signal are for the model stages
+    assert "--gres" not in prepare and "--signal" not in prepare and "--requeue" not in prepare
+    merge = (out / "0b-merge-tokens.sbatch").read_text()
+    assert "distill merge runs/cluster/tokens" in merge and "distill inspect runs/cluster/tokens --verify" in merge
+    for name in ("0a-prepare.sbatch", "0b-merge-tokens.sbatch"):
+        assert subprocess.run(["bash", "-n", str(out / name)]).returncode == 0, name
+    config = load_config(PrepareConfig, out / "config" / "prepare.yaml")  # the stage reads it as its --config
+    assert config.inputs == ("data/corpus/train.jsonl.gz",) and config.workers == 8 and config.num_shards == 1
+    assert "shard_index" not in yaml.safe_load((out / "config" / "prepare.yaml").read_text())
+    assert yaml.safe_load((out / "config" / "teacher.yaml").read_text())["tokens_store"] == "runs/cluster/tokens"
+    assert "0a-prepare.sbatch, 0b-merge-tokens.sbatch, 1-teacher.sbatch" in result.output
+
+
+def test_without_a_prepare_section_the_chain_starts_at_stage_one(tmp_path):
+    body = yaml.safe_load(DEMO.read_text())
+    del body["prepare"], body["jobs"]["prepare"]
+    body["teacher"]["tokens_store"] = "runs/demo/tokens/train"
+    (tmp_path / "slurm.yaml").write_text(yaml.safe_dump(body))
+    assert run_cli("slurm", "--config", tmp_path / "slurm.yaml", "--out", tmp_path / "out").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.sbatch")) == [
+        "1-teacher.sbatch", "2-merge.sbatch", "3-student.sbatch", "4-eval.sbatch"]
+
+
+@pytest.mark.parametrize("changes, phrase", [
+    ({"prepare__shard_index": 1}, "prepare.shard_index is set by the job array (jobs.prepare.array)"),
+    ({"prepare__num_shards": 2}, "prepare.num_shards is set by the job array"),
+    ({"prepare__workers": 16}, "prepare.workers 16 is more than the 8 CPUs a prepare task asks for"),
+    ({"teacher__tokens_store": "runs/elsewhere"}, "teacher.tokens_store 'runs/elsewhere' is not prepare.out"),
+    ({"prepare__overwrite": True}, "--overwrite with --num-shards > 1"),
+    ({"prepare__inputs": ["-"]}, "standard input"),
+    ({"prepare__seq_len": 1}, "slurm config, prepare: invalid prepare config: seq_len must be at least 2"),
+    ({"prepare__inputz": ["x"]}, "slurm config, prepare:"),
+    ({"jobs__prepare": {"array": 4, "signal": "USR1@60"}}, "unknown key 'signal' in jobs.prepare"),
+    ({"jobs__prepare": {"array": 0}}, "jobs.prepare.array must be a whole number ≥ 1"),
+    ({"jobs__prepare": {"array": f"4{INJECT}"}}, "jobs.prepare.array must be a whole number ≥ 1"),
+    ({"jobs__prepare": {"cpus": "8\ntouch CANARY"}}, "jobs.prepare.cpus must be a whole number ≥ 1"),
+    ({"prepare__out": "runs/tokens\ntouch CANARY"}, "prepare.out must not hold control characters"),
+    ({"prepare__inputs": ["a.jsonl", "b\rtouch CANARY"]}, "prepare.inputs[1] must not hold control characters"),
+], ids=["shard-index", "num-shards", "workers", "tokens-store", "overwrite", "stdin", "seq-len", "unknown-key",
+        "signal", "array-0", "array-subst", "cpus-newline", "out-newline", "input-return"])
+def test_bad_prepare_sections_are_one_line_and_write_nothing(tmp_path, changes, phrase):
+    body = yaml.safe_load(DEMO.read_text())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        body.setdefault(section, {})[field] = value
+    (tmp_path / "slurm.yaml").write_text(yaml.safe_dump(body))
+    line = one_line_error(run_cli("slurm", "--config", tmp_path / "slurm.yaml", "--out", tmp_path / "out"))
+    assert phrase in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slurm.yaml"]  # no script, no config, no canary
+
+
+def test_jobs_prepare_needs_a_prepare_section(tmp_path):
+    body = yaml.safe_load(DEMO.read_text())
+    del body["prepare"]
+    (tmp_path / "slurm.yaml").write_text(yaml.safe_dump(body))
+    line = one_line_error(run_cli("slurm", "--config", tmp_path / "slurm.yaml", "--out", tmp_path / "out"))
+    assert "jobs.prepare is for a prepare section" in line
+
+
+def test_resubmit_narrows_the_prepare_array_to_the_tasks_that_owe_units(tmp_path, monkeypatch, heldout_docs):
+    from pipeline.text import units as units_lib
+    from tests.conftest import TOKENIZER, write_corpus
+
+    monkeypatch.setattr(units_lib, "UNIT_BYTES", 16 << 10)
+    corpus = write_corpus(tmp_path / "corpus.jsonl", heldout_docs[:120])
+    body = yaml.safe_load(DEMO.read_text())
+    body["jobs"]["prepare"]["array"] = 3
+    body["prepare"] = {"inputs": [str(corpus)], "tokenizer": str(TOKENIZER), "out": str(tmp_path / "tokens"),
+                       "seq_len": 64, "rows_per_shard": 50}
+    (tmp_path / "slurm.yaml").write_text(yaml.safe_dump(body))
+    bin_dir, log, _ = stubs(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "jobs"
+    assert run_cli("slurm", "--config", tmp_path / "slurm.yaml", "--out", out, "--submit").exit_code == 0
+    for task in (0, 2):  # task 1 was cancelled
+        done = run_cli("prepare", "--config", out / "config" / "prepare.yaml", "--shard-index", task, "--num-shards", 3)
+        assert done.exit_code == 0, done.output
+    log.unlink()
+    again = run_cli("slurm", "--resubmit", out)
+    assert again.exit_code == 0, again.output
+    assert [c[-1].rsplit("/", 1)[-1] for c in calls(log)] == ["0a-prepare.sbatch", "0b-merge-tokens.sbatch",
+                                                              "1-teacher.sbatch", "2-merge.sbatch", "3-student.sbatch",
+                                                              "4-eval.sbatch"]
+    assert calls(log)[0][:3] == ["sbatch", "--parsable", "--array=1"]
+    assert json.loads((out / "jobs.json").read_text())["prepare_array"] == "1"
+    # every unit tokenized: the merge job and what follows
+    assert run_cli("prepare", "--config", out / "config" / "prepare.yaml", "--shard-index", 1,
+                   "--num-shards", 3).exit_code == 0
+    log.unlink()
+    assert run_cli("slurm", "--resubmit", out).exit_code == 0
+    assert calls(log)[0][-1].endswith("0b-merge-tokens.sbatch") and len(calls(log)) == 5
