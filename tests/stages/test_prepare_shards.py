@@ -184,3 +184,21 @@ def test_bad_input_in_a_task_is_one_line_and_leaves_nothing(tmp_path, mixed_corp
     error = one_line_error(prepare(mixed_corpus, tmp_path / "s", "--shard-index", "2", "--num-shards", "3"))
     assert "d.jsonl:40: not valid JSON" in error  # the line number of a line in a later byte range
     assert not (tmp_path / "s").exists()
+
+
+def test_tasks_and_merge_keep_the_row_rule_of_a_bos_tokenizer(tmp_path, mixed_corpus):
+    """Documents that start with BOS and rows that start mid-document with BOS: merge replays the
+    documents through the same rule as one process, so the rows are the same."""
+    from tests.conftest import bos_tokenizer
+
+    tokenizer = bos_tokenizer(tmp_path / "llama-tok")
+    extra = ("--tokenizer", str(tokenizer), "--row-start", "bos", "--attention", "document")
+    one = prepare(mixed_corpus, tmp_path / "one", *extra)
+    assert one.exit_code == 0, one.output
+    for i in range(2):
+        task = prepare(mixed_corpus, tmp_path / "tasks", *extra, "--shard-index", str(i), "--num-shards", "2")
+        assert task.exit_code == 0, task.output
+    assert run_cli("merge", tmp_path / "tasks").exit_code == 0
+    assert (tmp_path / "tasks" / "index.json").read_bytes() == (tmp_path / "one" / "index.json").read_bytes()
+    params = json.loads((tmp_path / "one" / "index.json").read_text())["params"]
+    assert params["document_start"] == "bos" and params["row_start"] == "bos" and params["attention"] == "document"
