@@ -177,7 +177,8 @@ def compile_layers(model) -> int:
     of layers compiled; 0 where the model has no decoder layers to find."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(body, "layers", None) or getattr(body, "h", None) or []
-    if getattr(model, "is_gradient_checkpointing", False):
+    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(model, name, False):
         # transformers' layers set a context variable (the hub-kernels registry) inside the checkpointed
         # forward; the recompute in backward need not set it again, and without this dynamo refuses the
         # side effect and runs the whole layer uncompiled

@@ -833,10 +833,10 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
         progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
         done = step + 1
         compile_s = compile_seconds() - compiled_before if first_compiled else 0.0
-        if first_compiled and run.is_rank0:
+        if first_compiled and run.is_rank0:  # (no extra metrics line: a resumed run's log stays the uninterrupted one's)
             progress.write(f"step {done}: {elapsed:.1f} s, of which torch.compile {compile_s:.1f} s and the step "
                            f"itself {elapsed - compile_s:.1f} s")
-        if run.is_rank0 and (done % config.log_every == 0 or done == config.max_steps or first_compiled):
+        if run.is_rank0 and (done % config.log_every == 0 or done == config.max_steps):
             record = {"step": done, "loss": total, "ce": ce, "lr": lr, "grad_norm": float(grad_norm),
                       "tokens": run.tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
                       **({"compile_s": compile_s} if first_compiled else {})}
