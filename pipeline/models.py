@@ -61,7 +61,8 @@ def has_weights(path: Path) -> bool:
 
 
 def load_model(spec: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
-               device_map: str | dict | None = None, max_memory: dict | None = None, attn_implementation: str = "auto"):
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               attn_implementation: str = "auto"):
     """A causal LM: pretrained weights when ``spec`` is a directory holding them, else freshly
     initialised from the config (seed torch first for reproducible initialisation). ``device_map``
     (a preset such as ``"auto"`` or a mapping module → device, see :func:`read_device_map`) loads the

@@ -41,8 +41,8 @@ from pipeline.decode.rules import Rules, load_rules
 from pipeline.errors import DistillError
 from pipeline.evaluate import tasks
 from pipeline.io import atomic_write_text
-from pipeline.models import (ATTN_HELP, DTYPES, OutputHead, attn_implementation_problems, check_document_attention, count_parameters, device_problems,
-                             has_weights, load_model, max_positions, resolve_device)
+from pipeline.models import (ATTN_HELP, DTYPES, OutputHead, attn_implementation_problems, check_document_attention,
+                             count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device)
 from pipeline.text.corpus import DocumentReader, expand_inputs
 from pipeline.text.packing import RowRule, tokenizer_adds_bos
 from pipeline.text.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
