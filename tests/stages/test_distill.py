@@ -287,9 +287,11 @@ def test_reverse_kd_at_small_temperature_trains_a_finite_model(stage1, tmp_path)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_torchrun_gradient_checkpointing_logs_the_same_losses(stage1, tmp_path):
     """Under torchrun ×2 (gloo), DDP and FSDP alike: a run with --gradient-checkpointing (enabled before
-    FSDP shards the layers) logs the losses of the same run without it, to 1e-6."""
+    FSDP shards the layers) logs the losses of the same run without it, to 1e-6. Four 3-step launches:
+    157 s on 2 cores under load 14 (make test-slow)."""
     steps = 3
     curves = {}
     for name, extra in (("ddp", ()), ("ddp-ckpt", ("--gradient-checkpointing",)), ("fsdp", ("--fsdp",)),
