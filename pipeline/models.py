@@ -111,21 +111,27 @@ ATTN_HELP = ("Attention kernel of every model this loads: 'auto' (sdpa where the
              "(CUDA, the flash-attn package).")
 
 
-def attn_implementation_problems(name: str, device: str = "auto") -> list[str]:
+def attn_implementation_problems(name: str, device: str = "auto", dtype: str = "") -> list[str]:
     """What is wrong with ``--attn-implementation`` before any model is built (for a config's
-    ``__post_init__``): its spelling, or flash-attention without its package or a CUDA device. Whether
-    the architecture has it is checked as the model is built (:func:`load_model`)."""
+    ``__post_init__``): its spelling, or flash-attention without its package or a CUDA device, or in
+    float32 (``dtype``: the stage's --dtype; flash-attention computes in bf16/fp16 only). Whether the
+    architecture has it is checked as the model is built (:func:`load_model`)."""
     if name not in ATTN_IMPLEMENTATIONS:
         return [f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}"]
     if name != "flash_attention_2":
         return []
+    problems = []
     if importlib.util.find_spec("flash_attn") is None:
-        return ["--attn-implementation flash_attention_2 needs the flash-attn package, which is not installed: "
-                "pip install flash-attn --no-build-isolation (CUDA GPUs only), or use --attn-implementation sdpa"]
-    if device == "cpu" or not torch.cuda.is_available():
-        return ["--attn-implementation flash_attention_2 runs on CUDA GPUs only and none is used here; "
-                "use --attn-implementation sdpa"]
-    return []
+        problems.append("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
+                        "installed: pip install flash-attn --no-build-isolation (CUDA GPUs only), or use "
+                        "--attn-implementation sdpa")
+    elif device == "cpu" or not torch.cuda.is_available():
+        problems.append("--attn-implementation flash_attention_2 runs on CUDA GPUs only and none is used here; "
+                        "use --attn-implementation sdpa")
+    if dtype == "float32":
+        problems.append("--attn-implementation flash_attention_2 computes in bfloat16 or float16 only; pass "
+                        "--dtype bfloat16 or use --attn-implementation sdpa")
+    return problems
 
 
 def attn_kwargs(name: str) -> dict:
@@ -147,6 +153,18 @@ def refused_attention(error: Exception, name: str, where: str | Path) -> None:
     raise DistillError(f"model {where}: {architecture} has no {name} attention in transformers{why}; use "
                        f"--attn-implementation {instead}, or auto (sdpa where the architecture has it, else "
                        "eager)") from None
+
+
+def probe_precision(model):
+    """The context a model's one-off probes run in (:class:`OutputHead`, :func:`check_document_attention`):
+    bf16 autocast for a float32 model on flash-attention, which computes in bf16/fp16 only (training
+    runs it under the same autocast, --dtype bfloat16); nothing otherwise."""
+    import contextlib
+
+    weights = next(model.parameters())
+    if attn_implementation(model).startswith("flash") and weights.dtype == torch.float32:
+        return torch.autocast(weights.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def attn_implementation(model) -> str:
@@ -427,7 +445,7 @@ class OutputHead:
         if self.body is not None and self.head is not None:
             was_training = model.training
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), probe_precision(model):
                 full = self._here(model(input_ids=probe).logits.float())
                 hidden = self._here(self.body(input_ids=probe).last_hidden_state)
                 self.mode = self._choose(full, hidden.reshape(-1, hidden.shape[-1]))
@@ -532,9 +550,10 @@ def check_document_attention(model, eos_token_id: int, what: str) -> None:
     was_training = model.training
     model.eval()
     try:
-        together = model(input_ids=packed, position_ids=document_position_ids(packed, eos_token_id),
-                         use_cache=False).logits
-        alone = model(input_ids=packed[:, len(first):], use_cache=False).logits
+        with probe_precision(model):
+            together = model(input_ids=packed, position_ids=document_position_ids(packed, eos_token_id),
+                             use_cache=False).logits
+            alone = model(input_ids=packed[:, len(first):], use_cache=False).logits
     finally:
         model.train(was_training)
     tolerance = 1e-3 if together.dtype == torch.float32 else 5e-2  # (a leak moves logits by far more)

@@ -151,7 +151,7 @@ class EvalConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         problems += device_problems(self.device) + threads_problems(self.threads)
-        problems += attn_implementation_problems(self.attn_implementation, self.device)
+        problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(problems, "eval")

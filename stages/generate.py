@@ -133,7 +133,7 @@ class GenerateConfig:
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be {', '.join(DTYPES)}, got {self.dtype!r}")
         problems += device_problems(self.device) + threads_problems(self.threads)
-        problems += attn_implementation_problems(self.attn_implementation, self.device)
+        problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         problems += array_job_problems(self.shard_index, self.num_shards, self.overwrite, "output")
         check(problems, "generate")
 

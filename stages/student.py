@@ -204,7 +204,7 @@ class TrainConfig:
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         problems += device_problems(self.device) + threads_problems(self.threads)
-        problems += attn_implementation_problems(self.attn_implementation, self.device)
+        problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         if self.save_dtype not in DTYPES:
             problems.append(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         check(problems, "student")

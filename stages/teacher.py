@@ -147,7 +147,7 @@ class TeacherConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         problems += device_problems(self.device) + threads_problems(self.threads)
-        problems += attn_implementation_problems(self.attn_implementation, self.device)
+        problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         problems += placement_problems(self)
         if self.on_preempt not in ON_PREEMPT:
             problems.append(f"on_preempt must be one of {', '.join(ON_PREEMPT)}, got {self.on_preempt!r}")

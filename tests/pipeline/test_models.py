@@ -159,6 +159,7 @@ def test_attn_implementation_refusals(tmp_path):
     assert "must be one of auto, sdpa, eager, flash_attention_2" in attn_implementation_problems("flash")[0]
     (flash,) = attn_implementation_problems("flash_attention_2", "cpu")
     assert "pip install flash-attn" in flash or "CUDA GPUs only" in flash
+    assert "--dtype bfloat16" in attn_implementation_problems("flash_attention_2", "cpu", "float32")[1]
     for model_type in ("llama", "gemma2"):
         extra, _ = ARCHITECTURES[model_type]
         (tmp_path / f"{model_type}.json").write_text(json.dumps({"model_type": model_type, **COMMON, **extra}))
