@@ -54,7 +54,7 @@ RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
 .PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
-        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross sweep clean \
+        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross bench-scale sweep clean \
         onpolicy onpolicy-start bench-onpolicy bench-prepare
 
 $(VENV)/.installed: pyproject.toml
@@ -243,6 +243,13 @@ bench-prepare: setup
 	@test -f $(TOKENIZER_49K)/tokenizer.json || { echo "error: make bench-prepare needs a 49k tokenizer in TOKENIZER_49K=$(TOKENIZER_49K) (make real-teacher fetches SmolLM2's)" >&2; exit 2; }
 	$(BIN)/python bench/prepare.py --tokenizers $(TOKENIZER),$(TOKENIZER_49K) --docs 4000 --scale 3 --repeats 3 \
 		--out bench/results/prepare_cpu.json
+
+# --gradient-checkpointing and --compile against a plain run (issue #32): the 4-layer student at 1024 tokens, step
+# time and peak memory per step, medians of 5 steps after 2, ratios side by side with the load average beside them;
+# about 10 minutes on 2 shared cores (results: bench/results/scale_cpu.json; the GPU's: bench/gpu_session.sh SESSION=scale)
+bench-scale: setup
+	$(BIN)/python bench/scale.py --device cpu --seq-len 1024 --micro-batch-size 4 --steps 5 --warmup 2 \
+		--out bench/results/scale_cpu.json
 
 bench-bytes: setup
 	$(BIN)/python bench/store_bytes.py --teacher $(TEACHER) --rows 128 --out bench/results/store_bytes_cpu.json

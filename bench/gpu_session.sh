@@ -15,6 +15,13 @@
 #      tests/stages/test_teacher_fused.py with the real copy stream): ~1-2 min, mostly Triton compiles of
 #      ~40 small specialisations; writes $OUT/fused_tests_<gpu>.log.
 #   Timeouts: 330 s and 120 s, set-up ~30 s: at worst the session ends within 8 minutes with what finished.
+# SESSION=scale (issue #32; prepared, not yet run on a GPU), at most 8 minutes: bench/scale.py on a ~0.5B student
+#   (Llama, 24 layers, hidden 1152, MLP 4608, 18 heads, the project's 8192-token vocabulary tied: 0.52B parameters)
+#   at 2048 tokens, micro-batch 8 (16k tokens a step), bf16 autocast, sdpa: plain,
+#   --gradient-checkpointing, and both with --compile; 3 warm-up and 8 timed steps each; tokens/s, MFU (model FLOPs
+#   6N + 12·layers·hidden·seq per token over the card's dense bf16 peak; the recompute is not counted) and peak
+#   memory per step. Each variant ~40 s (start, a 0.5B model built, steps) and ~60 s more to compile: ~3-4 min,
+#   timeout 420 s. Writes $OUT/scale_<gpu>.json and .log.
 # SESSION=quality: the earlier session, the quality benchmark and both realistic stages.
 # zarr and its codecs are not on the machine's image: carry them as wheels in .whl (zarr 3.1, numcodecs, donfig,
 # google-crc32c, for the machine's Python), e.g.  pip download --only-binary=:all: --no-deps --python-version 3.X \
@@ -43,6 +50,20 @@ else
 fi
 $PY -c "import torch, sys; import triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   || $PY -c "import torch; print('torch', torch.__version__, 'no triton')"
+
+if [ "$SESSION" = scale ]; then
+  if [ "${DRY:-0}" = 1 ]; then
+    S="--layers 2 --hidden-size 64 --intermediate-size 128 --heads 2 --seq-len 128 --micro-batch-size 2 --steps 2 --warmup 1"
+  else
+    S="--layers 24 --hidden-size 1152 --intermediate-size 4608 --heads 18 --seq-len 2048 --micro-batch-size 8 --steps 8 --warmup 3"
+  fi
+  log "scale: a ~0.5B student at 2048 tokens, checkpointing off and on, compiled"
+  timeout ${SCALE_TIMEOUT:-420} $PY bench/scale.py --device $DEVICE $([ $DEVICE = cuda ] && echo --dtype bfloat16) $S \
+      --variants plain,checkpointing,checkpointing+compile --work "$W/scale" --out "$OUT/scale_${GPU}.json" 2>&1 \
+      | tr '\r' '\n' | grep -vE '^(train|prepare|Loading)' | tail -15 | tee "$OUT/scale_${GPU}.log"
+  log done
+  exit 0
+fi
 
 if [ "$SESSION" = fused ]; then
   log "stage one, realistic size: torch, fused, fused + copy stream"

@@ -61,24 +61,29 @@ def has_weights(path: Path) -> bool:
 
 
 def load_model(spec: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
-               device_map: str | dict | None = None, max_memory: dict | None = None):
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               attn_implementation: str = "auto"):
     """A causal LM: pretrained weights when ``spec`` is a directory holding them, else freshly
     initialised from the config (seed torch first for reproducible initialisation). ``device_map``
     (a preset such as ``"auto"`` or a mapping module → device, see :func:`read_device_map`) loads the
     weights straight onto their devices through accelerate, and ``max_memory`` caps a preset's use
-    of each device."""
+    of each device. ``attn_implementation``: see :data:`ATTN_IMPLEMENTATIONS`; an architecture that
+    lacks the one asked for is refused in one line before any weight is read."""
     from transformers import AutoModelForCausalLM
 
     path = Path(spec)
     torch_dtype = DTYPES[dtype]
+    attention = attn_kwargs(attn_implementation)
     if has_weights(path):
         placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None else {}
         try:
             return AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code, **placement)
+                str(path), dtype=torch_dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+                **placement, **attention)
         except Exception as e:  # a missing, truncated or corrupt weight file (safetensors' own error type too)
             if isinstance(e, DistillError):
                 raise
+            refused_attention(e, attn_implementation, path)
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if device_map is not None:  # the map is as likely the cause as the files
                 raise DistillError(f"cannot load model weights from {path} with device map {device_map!r} ({reason}); "
@@ -86,7 +91,129 @@ def load_model(spec: str | Path, dtype: str = "float32", trust_remote_code: bool
             raise DistillError(f"cannot load model weights from {path} ({reason}); "
                                "the weight files may be corrupt or incomplete: copy or save them again") from None
     config = hf_config(path, trust_remote_code)
-    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                **attention)
+    except (ValueError, ImportError) as e:
+        refused_attention(e, attn_implementation, path)
+        raise
+
+
+# ------------------------------------------------------------------ attention, checkpointing, compile
+
+# What computes attention (--attn-implementation). 'auto' is transformers' own choice: sdpa wherever
+# the architecture has it, else eager (Gemma 2: sdpa cannot soft-cap attention scores). Every one of
+# them keeps --attention document: transformers turns per-document position ids into a block mask
+# (sdpa, eager) or flash-attention's variable-length path (flash_attention_2).
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTN_HELP = ("Attention kernel of every model this loads: 'auto' (sdpa where the architecture has it, else eager), "
+             "'sdpa' (torch's fused attention), 'eager' (transformers' reference code) or 'flash_attention_2' "
+             "(CUDA, the flash-attn package).")
+
+
+def attn_implementation_problems(name: str, device: str = "auto", dtype: str = "") -> list[str]:
+    """What is wrong with ``--attn-implementation`` before any model is built (for a config's
+    ``__post_init__``): its spelling, or flash-attention without its package or a CUDA device, or in
+    float32 (``dtype``: the stage's --dtype; flash-attention computes in bf16/fp16 only). Whether the
+    architecture has it is checked as the model is built (:func:`load_model`)."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        return [f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}"]
+    if name != "flash_attention_2":
+        return []
+    problems = []
+    if importlib.util.find_spec("flash_attn") is None:
+        problems.append("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
+                        "installed: pip install flash-attn --no-build-isolation (CUDA GPUs only), or use "
+                        "--attn-implementation sdpa")
+    elif device == "cpu" or not torch.cuda.is_available():
+        problems.append("--attn-implementation flash_attention_2 runs on CUDA GPUs only and none is used here; "
+                        "use --attn-implementation sdpa")
+    if dtype == "float32":
+        problems.append("--attn-implementation flash_attention_2 computes in bfloat16 or float16 only; pass "
+                        "--dtype bfloat16 or use --attn-implementation sdpa")
+    return problems
+
+
+def attn_kwargs(name: str) -> dict:
+    """``from_pretrained``/``from_config`` keywords for ``--attn-implementation``: none for 'auto'."""
+    if problems := attn_implementation_problems(name):
+        raise DistillError(problems[0])
+    return {} if name == "auto" else {"attn_implementation": name}
+
+
+def refused_attention(error: Exception, name: str, where: str | Path) -> None:
+    """Turn transformers' refusal of an attention implementation the architecture lacks into one
+    line naming what to use instead; any other error is left to the caller."""
+    text = str(error)
+    if name == "auto" or "does not support" not in text:
+        return
+    architecture = text.split(" does not support", 1)[0].split()[-1]
+    instead = "eager" if name == "sdpa" else "sdpa (or eager)"
+    why = " (sdpa cannot soft-cap attention scores)" if "Gemma2" in architecture and name == "sdpa" else ""
+    raise DistillError(f"model {where}: {architecture} has no {name} attention in transformers{why}; use "
+                       f"--attn-implementation {instead}, or auto (sdpa where the architecture has it, else "
+                       "eager)") from None
+
+
+def probe_precision(model):
+    """The context a model's one-off probes run in (:class:`OutputHead`, :func:`check_document_attention`):
+    bf16 autocast for a float32 model on flash-attention, which computes in bf16/fp16 only (training
+    runs it under the same autocast, --dtype bfloat16); nothing otherwise."""
+    import contextlib
+
+    weights = next(model.parameters())
+    if attn_implementation(model).startswith("flash") and weights.dtype == torch.float32:
+        return torch.autocast(weights.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def attn_implementation(model) -> str:
+    """The attention implementation a loaded model runs ('sdpa', 'eager', 'flash_attention_2', …)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def enable_gradient_checkpointing(model, where: str | Path) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
+    own per-layer checkpointing, non-reentrant: it composes with DDP, FSDP and torch.compile, and
+    needs no input that requires grad). Memory then holds one layer's activations plus each layer's
+    input; the price is one more forward of the decoder per step. Active in training mode only.
+    Call before the model is wrapped by FSDP, so that sharding sees the checkpointed layers."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise DistillError(f"model {where} ({type(model).__name__}) does not support gradient checkpointing in "
+                           "transformers; drop --gradient-checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2's name for the same thing
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_layers(model) -> int:
+    """``torch.compile`` each decoder layer in place (torchtune's recipes do the same): layers share
+    one compiled graph, so compile time does not grow with depth, and a layer stays a module that FSDP
+    shards and checkpointing recomputes. The embeddings, masks and output head run as before (the
+    loss runs on chunks of positions of varying count, which would only recompile). Returns the number
+    of layers compiled; 0 where the model has no decoder layers to find."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(body, "layers", None) or getattr(body, "h", None) or []
+    name = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(model, name, False):
+        # transformers' layers set a context variable (the hub-kernels registry) inside the checkpointed
+        # forward; the recompute in backward need not set it again, and without this dynamo refuses the
+        # side effect and runs the whole layer uncompiled
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process so far: each frame's compile (dynamo,
+    AOT autograd, inductor's forward) and the backward graphs inductor compiles at the first backward."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    timed = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+    return sum(sum(compilation_time_metrics.get(name, ())) for name in timed)
 
 
 def max_positions(config) -> int | None:
@@ -318,7 +445,7 @@ class OutputHead:
         if self.body is not None and self.head is not None:
             was_training = model.training
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), probe_precision(model):
                 full = self._here(model(input_ids=probe).logits.float())
                 hidden = self._here(self.body(input_ids=probe).last_hidden_state)
                 self.mode = self._choose(full, hidden.reshape(-1, hidden.shape[-1]))
@@ -356,8 +483,9 @@ class OutputHead:
         :func:`check_document_attention`)."""
         if self.input_device is not None:
             input_ids = input_ids.to(self.input_device)
-        documents = {} if position_ids is None else {"position_ids": position_ids.to(input_ids.device),
-                                                     "use_cache": False}
+        # no cache: a scoring or training forward never reads one (and gradient checkpointing refuses it)
+        documents = {"use_cache": False} if position_ids is None else {
+            "position_ids": position_ids.to(input_ids.device), "use_cache": False}
         if self.split:
             return self._here(self.body(input_ids=input_ids, **documents).last_hidden_state)
         # fallback: the full logits are the "hidden" state
@@ -422,9 +550,10 @@ def check_document_attention(model, eos_token_id: int, what: str) -> None:
     was_training = model.training
     model.eval()
     try:
-        together = model(input_ids=packed, position_ids=document_position_ids(packed, eos_token_id),
-                         use_cache=False).logits
-        alone = model(input_ids=packed[:, len(first):], use_cache=False).logits
+        with probe_precision(model):
+            together = model(input_ids=packed, position_ids=document_position_ids(packed, eos_token_id),
+                             use_cache=False).logits
+            alone = model(input_ids=packed[:, len(first):], use_cache=False).logits
     finally:
         model.train(was_training)
     tolerance = 1e-3 if together.dtype == torch.float32 else 5e-2  # (a leak moves logits by far more)

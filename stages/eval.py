@@ -41,8 +41,8 @@ from pipeline.decode.rules import Rules, load_rules
 from pipeline.errors import DistillError
 from pipeline.evaluate import tasks
 from pipeline.io import atomic_write_text
-from pipeline.models import (DTYPES, OutputHead, check_document_attention, count_parameters, device_problems,
-                             has_weights, load_model, max_positions, resolve_device)
+from pipeline.models import (ATTN_HELP, DTYPES, OutputHead, attn_implementation_problems, check_document_attention,
+                             count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device)
 from pipeline.train.tracking import REPORT_TO_HELP, Tracker, TrackerPaths, check_installed, report_to_problems
 from pipeline.text.corpus import DocumentReader, expand_inputs
 from pipeline.text.packing import RowRule, tokenizer_adds_bos
@@ -98,6 +98,7 @@ class EvalConfig:
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = option(0, THREADS_HELP)
     dtype: str = option("float32", "Weights and activations: float32, bfloat16 or float16.")
+    attn_implementation: str = option("auto", ATTN_HELP)
     trust_remote_code: bool = option(False, "Allow the model directory's own code to run.")
     harness: tuple[str, ...] = option((), "lm-evaluation-harness tasks, groups or tags, comma-separated (e.g. "
                                       "mmlu,arc_easy,arc_challenge,hellaswag): run by lm_eval's simple_evaluate on "
@@ -153,6 +154,7 @@ class EvalConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         problems += device_problems(self.device) + threads_problems(self.threads) + report_to_problems(self.report_to)
+        problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check(problems, "eval")
@@ -687,7 +689,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             definition = tasks.qa_definition(config.qa_format, task)
             if definition.scoring == "generate":
                 rules(definition.stops, config.max_new_tokens or definition.max_new_tokens)
-    model = load_model(model_dir, config.dtype, config.trust_remote_code).to(device).eval()
+    model = load_model(model_dir, config.dtype, config.trust_remote_code,
+                       attn_implementation=config.attn_implementation).to(device).eval()
     limit = max_positions(model.config) or 2048
     if config.max_length > limit:
         raise DistillError(f"--max-length {config.max_length} exceeds the model's {limit} positions; "

@@ -51,7 +51,8 @@ from pipeline.decode.generation import ATTEMPTS_MAX, SAMPLES_PER_PROMPT_MAX, Cau
 from pipeline.decode.rules import Rules, load_rules, violations
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256
-from pipeline.models import DTYPES, device_problems, has_weights, hf_config, load_model, max_positions, resolve_device
+from pipeline.models import (ATTN_HELP, DTYPES, attn_implementation_problems, device_problems, has_weights, hf_config,
+                             load_model, max_positions, resolve_device)
 from pipeline.outdir import GENERATED, claim, clear
 from pipeline.store.contract import JobLock, param_differences, safe_child
 from pipeline.text.corpus import jsonl_values, read_lines
@@ -97,6 +98,7 @@ class GenerateConfig:
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = option(0, THREADS_HELP)
     dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16.")
+    attn_implementation: str = option("auto", ATTN_HELP)
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Replace an output directory written with other parameters (single job only).")
 
@@ -131,6 +133,7 @@ class GenerateConfig:
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be {', '.join(DTYPES)}, got {self.dtype!r}")
         problems += device_problems(self.device) + threads_problems(self.threads)
+        problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         problems += array_job_problems(self.shard_index, self.num_shards, self.overwrite, "output")
         check(problems, "generate")
 
@@ -251,7 +254,8 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
     lock = JobLock(out / PARTS, config.shard_index, config.num_shards)  # one process per job at a time
     try:
         device = resolve_device(config.device)
-        model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
+        model = load_model(teacher_dir, config.dtype, config.trust_remote_code,
+                           attn_implementation=config.attn_implementation).to(device).eval()
     except BaseException:  # unreadable weights, ...: leave OUT as it was
         lock.release()
         if not existed:

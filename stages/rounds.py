@@ -47,7 +47,7 @@ import numpy as np
 from pipeline.config import check, load_config, option, required, to_dict
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
-from pipeline.models import device_problems, has_weights
+from pipeline.models import ATTN_HELP, attn_implementation_problems, device_problems, has_weights
 from pipeline.threads import THREADS_HELP, threads_problems
 from pipeline.train.tracking import REPORT_TO_HELP, Tracker, TrackerPaths, check_installed, report_to_problems
 
@@ -56,8 +56,9 @@ STORE_KIND = {"forward-kl": "sampled", "reverse-kl": "topk", "policy-gradient": 
 STEPS = ("prompts", "generate-student", "generate-teacher", "prepare", "teacher", "student",
          "heldout-generate", "heldout-prepare", "heldout-teacher", "eval", "finish")
 # options a rerun may change without changing what any round computes
-RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit", "eval_options", "reference",
-              "report_to")
+# (how the steps compute, as --device: --attn-implementation moves scores by float rounding only)
+RERUN_FREE = ("rounds", "round", "step", "device", "threads", "attn_implementation", "eval_tasks", "eval_limit",
+              "eval_options", "reference", "report_to")
 COUNTS = ("tokens", "bytes", "documents", "items", "seconds")  # eval facts that are not scores
 STAGE_OPTIONS = ("generate_options", "teacher_options", "student_options", "eval_options")
 
@@ -113,6 +114,8 @@ class RoundsConfig:
     report_to: tuple[str, ...] = option(("jsonl",), REPORT_TO_HELP + " For rounds: a record per finished round "
                                         "(its step), OUT/metrics.jsonl; each round's training logs to its own "
                                         "student/ (report_to under student_options).")
+    attn_implementation: str = option("auto", ATTN_HELP + " Every step's models: the generating student and "
+                                      "teacher, stage one, the trained student, eval.")
     generate_options: Any = _mapping("Config file only: more `distill generate` options for every generate step.")
     teacher_options: Any = _mapping("Config file only: more `distill teacher` options for every stage-one step.")
     student_options: Any = _mapping("Config file only: more `distill student` options for every training step "
@@ -148,6 +151,7 @@ class RoundsConfig:
                 problems.append(f"{name} must be a mapping of option: value, got {type(value).__name__}")
         problems += self._sampler_problems()
         problems += device_problems(self.device) + threads_problems(self.threads)
+        problems += attn_implementation_problems(self.attn_implementation, self.device)
         check(problems, "rounds")
 
     def _sampler_problems(self) -> list[str]:
@@ -224,7 +228,7 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
     from stages.teacher import TeacherConfig
 
     d = round_dir(out, r)
-    common = {"device": config.device, "threads": config.threads}
+    common = {"device": config.device, "threads": config.threads, "attn_implementation": config.attn_implementation}
     tokenizer = config.tokenizer or config.teacher
     result: list[Step] = []
 
@@ -295,7 +299,7 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
     if config.eval_tasks:
         result.append(Step("eval", "eval", _stage(
             EvalConfig, config.eval_options, model=model, out=str(ev / "tasks.json"), tasks=config.eval_tasks,
-            name=f"round-{r:03d}", limit=config.eval_limit, device=config.device, threads=config.threads),
+            name=f"round-{r:03d}", limit=config.eval_limit, **common),
             lambda: (ev / "tasks.json").is_file()))
     result.append(Step("finish", "rounds", None, lambda: (d / "round.json").is_file()))
     return result

@@ -51,8 +51,10 @@ from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, disk_full_is_an_error, remove_leftovers, removed_if_failed, replace_dir
-from pipeline.models import (DTYPES, OutputHead, check_document_attention, count_parameters, device_problems,
-                             has_weights, hf_config, load_model, max_positions, resolve_device)
+from pipeline.models import (ATTN_HELP, DTYPES, OutputHead, attn_implementation, attn_implementation_problems,
+                             check_document_attention, compile_layers, compile_seconds, count_parameters,
+                             device_problems, enable_gradient_checkpointing, has_weights, hf_config, load_model,
+                             max_positions, resolve_device)
 from pipeline.outdir import RUN, claim, clear
 from pipeline.store.contract import Store, open_store
 from pipeline.text.packing import ATTENTIONS, RowRule
@@ -168,6 +170,12 @@ class TrainConfig:
     fsdp_offload: bool = option(False, "With --fsdp under torchrun: keep the sharded parameters, gradients and "
                                 "optimizer state on the CPU (the optimizer steps there); the GPU holds the layers "
                                 "being gathered.")
+    gradient_checkpointing: bool = option(False, "Recompute each decoder layer's activations in backward instead of "
+                                          "keeping them: memory for longer rows or larger micro-batches, for about "
+                                          "one more forward pass per step. Same loss and gradients.")
+    attn_implementation: str = option("auto", ATTN_HELP + " Also the online --teacher's.")
+    compile: bool = option(False, "torch.compile each decoder layer of the student (the first step, and the first "
+                           "evaluation, include the compile: its seconds are logged as compile_s).")
     save_dtype: str = option("float32", "dtype of the saved final model: float32, bfloat16 or float16.")
     trust_remote_code: bool = option(False, "Allow model directories' own code to run.")
     overwrite: bool = option(False, "Start over in an OUT that already holds a run.")
@@ -218,6 +226,7 @@ class TrainConfig:
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         problems += device_problems(self.device) + threads_problems(self.threads)
         problems += report_to_problems(self.report_to) + peak_tflops_problems(self.peak_tflops)
+        problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         if self.save_dtype not in DTYPES:
             problems.append(f"save_dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}")
         check(problems, "student")
@@ -502,6 +511,8 @@ def setup(config: TrainConfig) -> Run | None:
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     model = _student(config, train_store).to(device)
+    if config.gradient_checkpointing:  # here, before FSDP wraps the layers (distributed.wrap): it shards what checkpoints
+        enable_gradient_checkpointing(model, config.model)
     check_output_rows("model", config.model, model.config.vocab_size, vocab,
                       f"set vocab_size in the model config to {vocab}")
     positions = max_positions(model.config)
@@ -529,6 +540,8 @@ def setup(config: TrainConfig) -> Run | None:
     output = OutputHead(model, probe)
     batch = distributed.global_batch(config.global_batch_rows, config.global_batch_tokens, config.micro_batch_size,
                                      config.grad_accum, world, train_store.params["seq_len"])
+    if config.compile:  # after the probes above (eval mode, no gradients: they would compile a graph of their own)
+        compile_layers(model)
     # bf16 (the resolved --dtype): FSDP gathers and computes in bf16, reduces gradients in float32
     wrapped = distributed.wrap(DistillStep(model, vocab, alpha, loss_chunk, teacher, output=output, rule=rule),
                                world, device, fsdp=config.fsdp, offload=config.fsdp_offload,
@@ -555,6 +568,7 @@ def setup(config: TrainConfig) -> Run | None:
              "global_batch_rows": batch.rows, "grad_accum": batch.accum,
              "tokenizer_hash": tok_hash, "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"],
              "teacher_source": teacher_source, "alpha": alpha, "loss_chunk": loss_chunk,
+             "attn_implementation": attn_implementation(model),  # what ran: 'auto' resolved
              "train_store_params": train_store.params, **threads, **cross_facts}
     metrics = None
     if rank == 0:
@@ -692,15 +706,17 @@ def _student(config: TrainConfig, train_store: Store) -> torch.nn.Module:
     model_path = Path(config.model)
     if config.init == "teacher-layers":
         source = Path(config.init_teacher or config.teacher or train_store.params.get("teacher", ""))
-        return init_from_teacher_layers(hf_config(model_path), source)
+        return init_from_teacher_layers(hf_config(model_path), source, config.attn_implementation)
+    attention = {"trust_remote_code": config.trust_remote_code, "attn_implementation": config.attn_implementation}
     if config.init == "scratch" and has_weights(model_path):
-        return load_model(model_path / "config.json", trust_remote_code=config.trust_remote_code)
-    return load_model(model_path, trust_remote_code=config.trust_remote_code)
+        return load_model(model_path / "config.json", **attention)
+    return load_model(model_path, **attention)
 
 
 def _online_teacher(config: TrainConfig, train_store: Store, vocab: int, device: torch.device,
                     rule: RowRule) -> OnlineTeacher:
-    teacher_model = load_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device).eval()
+    teacher_model = load_model(config.teacher, trust_remote_code=config.trust_remote_code,
+                               attn_implementation=config.attn_implementation).to(device).eval()
     teacher_model.requires_grad_(False)
     check_output_rows("teacher", config.teacher, teacher_model.config.vocab_size, vocab,
                       "use a teacher of the student's tokenizer")
@@ -788,6 +804,9 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
     rule = getattr(wrapped, "module", wrapped).rule
     for step in range(run.start_step, config.max_steps):
         started = time.perf_counter()
+        # --compile: this process's first step compiles the layers' forward and backward; its time is split
+        first_compiled = config.compile and step == run.start_step
+        compiled_before = compile_seconds() if first_compiled else 0.0
         if hasattr(teacher_signal, "new_step"):  # its statistics are of the step logged, as the loss is
             teacher_signal.new_step()
         # CE sum, divergence sum, targets, then a pre-emption flag per signal (this rank)
@@ -832,9 +851,14 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
         progress.update(tokens_per_step)
         progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
         done = step + 1
+        compile_s = compile_seconds() - compiled_before if first_compiled else 0.0
+        if first_compiled and run.is_rank0:  # (no extra metrics line: a resumed run's log stays the uninterrupted one's)
+            progress.write(f"step {done}: {elapsed:.1f} s, of which torch.compile {compile_s:.1f} s and the step "
+                           f"itself {elapsed - compile_s:.1f} s")
         if run.is_rank0 and (done % config.log_every == 0 or done == config.max_steps):
             record = {"step": done, "loss": total, "ce": ce, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": run.tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed}
+                      "tokens": run.tokens_seen, "tokens_per_s": tokens_per_step / elapsed, "step_s": elapsed,
+                      **({"compile_s": compile_s} if first_compiled else {})}
             if alpha < 1.0:
                 record["kd"] = kd
             if hasattr(teacher_signal, "take_stats"):

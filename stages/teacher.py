@@ -53,7 +53,8 @@ from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256
 from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check_device_map, check_devices,
-                             check_document_attention, device_map_problems, device_problems, execution_device,
+                             ATTN_HELP, attn_implementation_problems, check_document_attention, device_map_problems,
+                             device_problems, execution_device,
                              has_weights, hf_config, load_model, max_positions, parse_max_memory, placement,
                              read_device_map, resolve_device)
 from pipeline.outdir import STORE, clear
@@ -127,6 +128,7 @@ class TeacherConfig:
     logprob_dtype: str = option("float16", "dtype of the stored log-probs (top-k, and drawn ids' with "
                                 "--sample-logprobs): float16 (compact) or float32 (exact, for checking losses "
                                 "against an online teacher).")
+    attn_implementation: str = option("auto", ATTN_HELP)
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Delete an existing store built with different parameters (single job only).")
     report_to: tuple[str, ...] = option(("jsonl",), REPORT_TO_HELP + " Stage one logs per shard written; an "
@@ -149,6 +151,7 @@ class TeacherConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         problems += device_problems(self.device) + threads_problems(self.threads)
+        problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         problems += placement_problems(self) + report_to_problems(self.report_to)
         if self.on_preempt not in ON_PREEMPT:
             problems.append(f"on_preempt must be one of {', '.join(ON_PREEMPT)}, got {self.on_preempt!r}")
@@ -346,9 +349,11 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
         if device_map is None:
             device = resolve_device(config.device)
             kernel = resolve_kernel(config.kernel, device)  # a one-line error before the model loads
-            model = load_model(teacher_dir, config.dtype, config.trust_remote_code).to(device).eval()
+            model = load_model(teacher_dir, config.dtype, config.trust_remote_code,
+                               attn_implementation=config.attn_implementation).to(device).eval()
         else:  # accelerate places the layers; the head's reductions run where the logits land
             model = load_model(teacher_dir, config.dtype, config.trust_remote_code, device_map=device_map,
+                               attn_implementation=config.attn_implementation,
                                max_memory=parse_max_memory(config.max_memory) or None).eval()
             head = model.get_output_embeddings()
             device = execution_device(head if head is not None else model)

@@ -103,6 +103,14 @@ class Case:
                 "--device", "cpu", *flags]
 
 
+def gemma2_config(s: Case) -> Path:
+    """A tiny Gemma 2 student config (transformers gives Gemma 2 no sdpa path)."""
+    return s.write("gemma2.json", json.dumps({"model_type": "gemma2", "vocab_size": 8192, "hidden_size": 32,
+                                              "intermediate_size": 64, "num_hidden_layers": 2, "head_dim": 16,
+                                              "num_attention_heads": 2, "num_key_value_heads": 2,
+                                              "max_position_embeddings": 128}))
+
+
 def without_weights(s: Case) -> Path:
     """The teacher's directory with its config but no weight files."""
     model = s.tmp / "no-weights"
@@ -291,6 +299,8 @@ CASES = [
                             "--out", s.out], ("no 'text' field", "or --format prompt-response"),
                  id="prepare-task-records-read-as-text"),
     # ---- teacher (stage one)
+    pytest.param(lambda s: s.teacher_args("--attn-implementation", "flash_attention_2"), ("flash_attention_2", "--attn-implementation sdpa"),
+                 id="teacher-flash-attention-without-package-or-gpu"),
     pytest.param(lambda s: s.teacher_args("--temperature", "0"), ("temperature must be > 0",),
                  id="teacher-temperature-0"),
     pytest.param(lambda s: s.teacher_args("--kind", "topk", "--top-k", "0"), ("top_k must be at least 1",),
@@ -387,6 +397,10 @@ CASES = [
     # ---- status
     pytest.param(lambda s: ["status", s.tmp / "nope"], ("does not exist", "distill status reads"), id="status-missing-dir"),
     # ---- student / train (stage two)
+    pytest.param(lambda s: ["student", "--train-store", s.topk, "--model", gemma2_config(s), "--out", s.out,
+                            "--device", "cpu", "--attn-implementation", "sdpa"],
+                 ("Gemma2ForCausalLM has no sdpa attention", "--attn-implementation eager"),
+                 id="student-sdpa-on-an-architecture-without-it"),
     pytest.param(lambda s: s.student_args("--alpha", "-0.1"), ("alpha must be in [0, 1], got -0.1",),
                  id="student-alpha-below-0"),
     pytest.param(lambda s: ["train", *s.student_args("--alpha", "1.5")[1:]], ("alpha must be in [0, 1], got 1.5",),
@@ -438,10 +452,14 @@ CASES = [
     pytest.param(lambda s: student_rerun(s),
                  ("already holds a run", "--resume auto", "--overwrite"), id="student-out-holds-run"),
     # ---- generate
+    pytest.param(lambda s: s.generate_args("--attn-implementation", "flash_attention_2"), ("flash_attention_2", "--attn-implementation sdpa"),
+                 id="generate-flash-attention-without-package-or-gpu"),
     pytest.param(lambda s: planted_lock(s, "parts").generate_args(),
                  ("parts/.lock.part-00000-of-00001 (a symbolic link), which distill did not write",),
                  id="generate-lock-is-a-planted-link"),
     # ---- eval
+    pytest.param(lambda s: s.eval_args("--attn-implementation", "flash_attention_2"), ("flash_attention_2", "--attn-implementation sdpa"),
+                 id="eval-flash-attention-without-package-or-gpu"),
     pytest.param(lambda s: s.eval_args(model=s.tmp / "nope"), ("not a local Hugging Face directory with weights",
                                                              "check the path"), id="eval-missing-model"),
     pytest.param(lambda s: s.eval_args(model=without_weights(s)), ("not a local Hugging Face directory with weights",),

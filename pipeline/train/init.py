@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import DistillError
-from pipeline.models import hf_config
+from pipeline.models import attn_kwargs, hf_config, refused_attention
 
 LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.)(\d+)(\..*)$")
 # Config fields allowed to differ between teacher and student (besides the layer count).
@@ -21,7 +21,7 @@ FREE = {"num_hidden_layers", "n_layer", "num_layers", "_name_or_path", "architec
         "transformers_version", "layer_types", "use_cache"}
 
 
-def init_from_teacher_layers(student_config, teacher_dir: Path):
+def init_from_teacher_layers(student_config, teacher_dir: Path, attn_implementation: str = "auto"):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -42,7 +42,11 @@ def init_from_teacher_layers(student_config, teacher_dir: Path):
     if len(picked) < n_student:
         raise DistillError(f"the student has {n_student} layers; every other layer of a {n_teacher}-layer "
                            f"teacher gives only {len(picked)}")
-    model = AutoModelForCausalLM.from_config(student_config)
+    try:
+        model = AutoModelForCausalLM.from_config(student_config, **attn_kwargs(attn_implementation))
+    except (ValueError, ImportError) as e:
+        refused_attention(e, attn_implementation, teacher_dir)
+        raise
     wanted = model.state_dict()
     loaded: dict[str, torch.Tensor] = {}
     for file in files:

@@ -118,3 +118,57 @@ def test_document_attention_check_refuses_a_model_that_ignores_position_ids(tmp_
 
     with pytest.raises(DistillError, match="lets packed documents see each other"):
         check_document_attention(IgnoresPositions(model), 7, "teacher")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "granite"])
+def test_gradient_checkpointing_keeps_loss_and_gradients(model_type):
+    """``--gradient-checkpointing``: the student's step gives the same loss and the same gradient of
+    every parameter (1e-6, float32) with the layers recomputed in backward as without, in chunks of
+    positions; and the layers are recomputed (the MLP of layer 0 runs twice per step, not once)."""
+    from pipeline.models import enable_gradient_checkpointing
+
+    input_ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(3))
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(model_type, head_scale=1.0).train()
+        if checkpointing:
+            enable_gradient_checkpointing(model, model_type)
+        calls, mlp = [], model.get_decoder().layers[0].mlp
+        forward = type(mlp).forward  # (hooks are not rerun by the recompute: count the forward itself)
+        mlp.forward = lambda *args, **kwargs: (calls.append(1), forward(mlp, *args, **kwargs))[1]
+        step = DistillStep(model, VOCAB, 1.0, 16, output=OutputHead(model, input_ids[:1]))
+        calls.clear()  # the probe's forward
+        ce_sum, _, count = step(input_ids, {})
+        (ce_sum / count).backward()
+        results.append((ce_sum / count, {n: p.grad for n, p in model.named_parameters()}, len(calls)))
+    (loss, grads, plain_calls), (loss_ckpt, grads_ckpt, ckpt_calls) = results
+    assert (plain_calls, ckpt_calls) == (1, 2)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and all(g is not None for g in grads.values())
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_attn_implementation_refusals(tmp_path):
+    """A misspelt --attn-implementation, flash-attention without its package (or without CUDA), and an
+    architecture without the one asked for (Gemma 2 has no sdpa path: sdpa cannot soft-cap) are one
+    line each, naming what to use instead; the others load and say what they run."""
+    from pipeline.errors import DistillError
+    from pipeline.models import attn_implementation, attn_implementation_problems, load_model
+
+    assert "must be one of auto, sdpa, eager, flash_attention_2" in attn_implementation_problems("flash")[0]
+    (flash,) = attn_implementation_problems("flash_attention_2", "cpu")
+    assert "pip install flash-attn" in flash or "CUDA GPUs only" in flash
+    assert "--dtype bfloat16" in attn_implementation_problems("flash_attention_2", "cpu", "float32")[1]
+    for model_type in ("llama", "gemma2"):
+        extra, _ = ARCHITECTURES[model_type]
+        (tmp_path / f"{model_type}.json").write_text(json.dumps({"model_type": model_type, **COMMON, **extra}))
+    with pytest.raises(DistillError, match=r"Gemma2ForCausalLM has no sdpa attention .* use --attn-implementation "
+                                           r"eager, or auto"):
+        load_model(tmp_path / "gemma2.json", attn_implementation="sdpa")
+    with pytest.raises(DistillError, match="pip install flash-attn|CUDA GPUs only"):
+        load_model(tmp_path / "llama.json", attn_implementation="flash_attention_2")
+    ran = {(t, name): attn_implementation(load_model(tmp_path / f"{t}.json", attn_implementation=name))
+           for t in ("llama", "gemma2") for name in ("auto", "eager", "sdpa") if (t, name) != ("gemma2", "sdpa")}
+    assert ran == {("llama", "auto"): "sdpa", ("llama", "eager"): "eager", ("llama", "sdpa"): "sdpa",
+                   ("gemma2", "auto"): "eager", ("gemma2", "eager"): "eager"}

@@ -249,3 +249,20 @@ def test_the_standard_error_counts_a_prompts_completions_as_one(setting, tmp_pat
     naive = rounds.reverse_kl_estimate(out / "round-000" / "eval" / "store", 1)
     assert naive["reverse_kl_per_token"] == pytest.approx(got["reverse_kl_per_token"])
     assert naive["reverse_kl_stderr"] != pytest.approx(got["reverse_kl_stderr"])
+
+
+def test_attn_implementation_reaches_every_step_that_loads_a_model(setting, tmp_path):
+    """``attn_implementation`` passes through to every generate, stage-one, student and eval step (not
+    prepare, which loads no model); a rerun may change it, as --device."""
+    root, teacher, student = setting
+    config = rounds.RoundsConfig(prompts=str(root / "prompts.jsonl"), heldout_prompts=str(root / "heldout.txt"),
+                                 student=str(student), out=str(tmp_path), attn_implementation="eager")
+    chosen = {step.name: getattr(step.config, "attn_implementation", None)
+              for step in rounds.steps(config, tmp_path, 1, 64) if step.config is not None}
+    assert chosen == {"generate-student": "eager", "prepare": None, "teacher": "eager",
+                      "student": "eager", "heldout-generate": "eager", "heldout-prepare": None,
+                      "heldout-teacher": "eager", "eval": "eager"}
+    assert "attn_implementation" in rounds.RERUN_FREE
+    msg = one_line_error(run_cli("rounds", "--config", config_file(root, teacher, student, tmp_path / "out",
+                                                                   attn_implementation="flash_attention_2")))
+    assert "flash_attention_2" in msg and not (tmp_path / "out").exists()

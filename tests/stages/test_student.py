@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -327,3 +328,47 @@ def test_document_attention_trains_and_scores_heldout_per_document(document_stor
     assert reported["heldout_tokens"] == count == heldout.rows * 63 - int(
         (torch.from_numpy(heldout.read_rows(0, heldout.rows)["input_ids"].astype("int64"))[:, 1:] == bos).sum())
     assert reported["heldout_loss"] == pytest.approx(nats / count, rel=1e-5)
+
+
+def _losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_gradient_checkpointing_and_attn_implementation_keep_the_losses(stores, tiny_model_config):
+    """``--gradient-checkpointing`` logs the losses of the run without it (1e-6) and records it;
+    ``--attn-implementation eager`` those of the default sdpa (1e-5); flash-attention without its
+    package or a GPU is one line before anything is written."""
+    runs = {"plain": (), "checkpointed": ("--gradient-checkpointing",), "eager": ("--attn-implementation", "eager")}
+    for name, extra in runs.items():
+        result = run_cli(*train_args(stores, tiny_model_config, stores / f"features-{name}", 4, "--eval-every", "0",
+                                     *extra))
+        assert result.exit_code == 0, result.output
+    plain, checkpointed, eager = (_losses(stores / f"features-{name}") for name in runs)
+    assert len(plain) == 4
+    np.testing.assert_allclose(checkpointed, plain, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(eager, plain, rtol=1e-5, atol=0)
+    saved = {name: json.loads((stores / f"features-{name}" / "config.json").read_text()) for name in runs}
+    assert saved["checkpointed"]["config"]["gradient_checkpointing"] is True
+    assert [saved[name]["attn_implementation"] for name in runs] == ["sdpa", "sdpa", "eager"]
+    msg = one_line_error(run_cli(*train_args(stores, tiny_model_config, stores / "features-flash", 2,
+                                             "--attn-implementation", "flash_attention_2")))
+    assert "flash_attention_2" in msg and not (stores / "features-flash").exists()
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_losses_and_logs_its_time(stores, tiny_model_config):
+    """``--compile`` (the student's layers through torch.compile, with gradient checkpointing on too):
+    a 3-step run logs the losses of the uncompiled run (1e-5), and the first step's record splits its
+    time into compile_s and the rest. Slow: inductor compiles C++ kernels for the CPU with gcc, about
+    a minute on 2 loaded cores (no eval store here: evaluation would compile a no-grad graph too)."""
+    for name, extra in (("eager", ()), ("compiled", ("--compile", "--gradient-checkpointing"))):
+        result = run_cli("student", "--train-store", stores / "train", "--model", tiny_model_config, "--out",
+                         stores / f"compile-{name}", "--max-steps", "3", "--micro-batch-size", "8", "--lr", "3e-3",
+                         "--warmup-steps", "2", "--log-every", "1", *extra)
+        assert result.exit_code == 0, result.output
+        if name == "compiled":
+            assert "step 1: " in result.output and "of which torch.compile" in result.output
+    np.testing.assert_allclose(_losses(stores / "compile-compiled"), _losses(stores / "compile-eager"), rtol=1e-5)
+    first = json.loads((stores / "compile-compiled" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and 0 < first["compile_s"] < first["step_s"]
+    assert "compile_s" not in json.loads((stores / "compile-eager" / "metrics.jsonl").read_text().splitlines()[0])

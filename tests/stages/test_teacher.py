@@ -334,3 +334,40 @@ def test_document_attention_scores_each_packed_document_as_if_alone(tmp_path, ar
             assert max(gaps) < 1e-5, gaps
         else:
             assert max(gaps) > 1e-3, gaps
+
+
+@pytest.mark.parametrize("arch,style", [("llama", "llama"), ("gemma2", "gemma")])
+def test_attn_implementation_keeps_document_attention(tmp_path, arch, style):
+    """``--attn-implementation eager`` under ``--attention document``: the stored predictions equal
+    the default's (sdpa for Llama; Gemma 2, which transformers gives no sdpa path, runs eager either
+    way) to 1e-5, so each packed document is still scored alone; ``sdpa`` asked of Gemma 2 is one
+    line naming eager, with nothing written. (flash_attention_2 needs CUDA and flash-attn: untested here.)"""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import bos_tokenizer, make_model, write_corpus
+
+    tokenizer_dir = bos_tokenizer(tmp_path / "tok", style)
+    teacher = make_model(tmp_path / "teacher", arch, len(AutoTokenizer.from_pretrained(str(tokenizer_dir))))
+    docs = ["The river ran high that spring, and the mill stood idle.",
+            "She counted the boats twice before the light went out.",
+            "Nobody in the village remembered a winter so mild."] * 3
+    corpus = write_corpus(tmp_path / "c.jsonl", docs)
+    assert run_cli("prepare", "--input", corpus, "--out", tmp_path / "tokens", "--tokenizer", tokenizer_dir,
+                   "--seq-len", "64", "--attention", "document").exit_code == 0
+    implementations = {"llama": ("sdpa", "eager"), "gemma2": ("auto", "eager")}[arch]
+    stored = {}
+    for name in implementations:
+        result = run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", teacher, "--out",
+                         tmp_path / f"topk-{name}", "--kind", "topk", "--top-k", "8", "--logprob-dtype", "float32",
+                         "--batch-size", "2", "--attn-implementation", name)
+        assert result.exit_code == 0, result.output
+        stored[name] = all_rows(open_store(tmp_path / f"topk-{name}", kind="topk"))
+    first, second = (stored[name] for name in implementations)
+    np.testing.assert_array_equal(first["topk_ids"], second["topk_ids"])
+    for field in ("topk_logprobs", "logsumexp", "target_logprob"):
+        np.testing.assert_allclose(first[field], second[field], rtol=0, atol=1e-5, err_msg=field)
+    if arch == "gemma2":
+        msg = one_line_error(run_cli("teacher", "--tokens-store", tmp_path / "tokens", "--teacher", teacher, "--out",
+                                     tmp_path / "topk-sdpa", "--kind", "topk", "--attn-implementation", "sdpa"))
+        assert "Gemma2ForCausalLM has no sdpa attention" in msg and "--attn-implementation eager" in msg
+        assert not (tmp_path / "topk-sdpa").exists()
