@@ -47,15 +47,17 @@ import numpy as np
 from pipeline.config import check, load_config, option, required, to_dict
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
-from pipeline.models import device_problems, has_weights
+from pipeline.models import AUTO_DTYPE_HELP, TF32_HELP, device_problems, dtype_problems, has_weights
 from pipeline.threads import THREADS_HELP, threads_problems
 
 OBJECTIVES = ("forward-kl", "reverse-kl", "policy-gradient", "ce")
 STORE_KIND = {"forward-kl": "sampled", "reverse-kl": "topk", "policy-gradient": "target", "ce": ""}
 STEPS = ("prompts", "generate-student", "generate-teacher", "prepare", "teacher", "student",
          "heldout-generate", "heldout-prepare", "heldout-teacher", "eval", "finish")
-# options a rerun may change without changing what any round computes
-RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit", "eval_options", "reference")
+# options a rerun may change without changing what any round computes (dtype and tf32 as device does: how a
+# step computes; each step's own params record the resolved dtype, so a step is never finished in another)
+RERUN_FREE = ("rounds", "round", "step", "device", "threads", "eval_tasks", "eval_limit", "eval_options", "reference",
+              "dtype", "tf32")
 COUNTS = ("tokens", "bytes", "documents", "items", "seconds")  # eval facts that are not scores
 STAGE_OPTIONS = ("generate_options", "teacher_options", "student_options", "eval_options")
 
@@ -108,6 +110,9 @@ class RoundsConfig:
     step: str = option("", f"Run only this step of --round: {', '.join(STEPS)}.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' for every step.")
     threads: int = option(0, THREADS_HELP)
+    dtype: str = option("auto", "Compute dtype of every generate, stage-one, training (autocast) and eval step: auto, "
+                        "float32 or bfloat16, resolved by each step where it runs. " + AUTO_DTYPE_HELP)
+    tf32: bool = option(True, TF32_HELP + " For every step.")
     generate_options: Any = _mapping("Config file only: more `distill generate` options for every generate step.")
     teacher_options: Any = _mapping("Config file only: more `distill teacher` options for every stage-one step.")
     student_options: Any = _mapping("Config file only: more `distill student` options for every training step "
@@ -142,6 +147,7 @@ class RoundsConfig:
             if value is not None and not isinstance(value, dict):
                 problems.append(f"{name} must be a mapping of option: value, got {type(value).__name__}")
         problems += self._sampler_problems()
+        problems += dtype_problems(self.dtype, ("float32", "bfloat16"))  # the student's autocast has no float16
         problems += device_problems(self.device) + threads_problems(self.threads)
         check(problems, "rounds")
 
@@ -196,7 +202,7 @@ class Step:
 # the held-out estimate must sample the student's own distribution at T = 1 and store only the teacher's
 # log-probs: of the user's generate and teacher options it takes those that change neither
 HELDOUT_GENERATE_DROPS = ("top_k", "top_p", "rules", "max_attempts")
-HELDOUT_TEACHER_KEEPS = ("batch_size", "position_chunk", "rows_per_shard", "chunk_rows", "backend", "dtype", "kernel",
+HELDOUT_TEACHER_KEEPS = ("batch_size", "position_chunk", "rows_per_shard", "chunk_rows", "backend", "kernel",
                          "device_map", "max_memory", "trust_remote_code", "on_preempt", "overlap")
 
 
@@ -219,7 +225,7 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
     from stages.teacher import TeacherConfig
 
     d = round_dir(out, r)
-    common = {"device": config.device, "threads": config.threads}
+    common = {"device": config.device, "threads": config.threads, "dtype": config.dtype, "tf32": config.tf32}
     tokenizer = config.tokenizer or config.teacher
     result: list[Step] = []
 
@@ -290,7 +296,7 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
     if config.eval_tasks:
         result.append(Step("eval", "eval", _stage(
             EvalConfig, config.eval_options, model=model, out=str(ev / "tasks.json"), tasks=config.eval_tasks,
-            name=f"round-{r:03d}", limit=config.eval_limit, device=config.device, threads=config.threads),
+            name=f"round-{r:03d}", limit=config.eval_limit, **common),
             lambda: (ev / "tasks.json").is_file()))
     result.append(Step("finish", "rounds", None, lambda: (d / "round.json").is_file()))
     return result
