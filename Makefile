@@ -212,9 +212,9 @@ SLURM_ARGS  ?=
 slurm: setup
 	$(DISTILL) slurm --config $(SLURM_CONFIG) --out $(SLURM_OUT) $(SLURM_ARGS)
 
-# ---- before a cluster run: the store's size, stage-one GPU-hours and array size, stage two's cost ----
+# ---- before a cluster run: the store's size, stage-one GPU-hours and array size, stage two's cost and memory ----
 #   make plan PLAN_TOKENS=10B SEQ_LEN=2048 TEACHER=/models/llama-8b GPUS=64 TIME_LIMIT=04:00:00 \
-#             PLAN_ARGS="--dtype bfloat16 --gpu-tflops 989 --student-params 1B"
+#             PLAN_ARGS="--gpu-tflops 989 --student my_student.json --gpu-memory 80"
 # (PLAN_TOKENS empty: the tokens store TOKENS is sized; PLAN_ARGS takes any other `distill plan` flag)
 PLAN_TOKENS ?=
 GPUS        ?= 8

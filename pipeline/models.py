@@ -25,6 +25,64 @@ def warn_once(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+# ------------------------------------------------------------------ compute precision (--dtype, --tf32)
+
+AUTO_DTYPE_HELP = ("'auto' is bfloat16 on a CUDA device that supports it (compute capability 8.0 and up: A100, "
+                   "H100, …), float32 elsewhere (the CPU, older GPUs); what it resolved to is recorded.")
+TF32_HELP = ("On CUDA, float32 matrix multiplies on TF32 tensor cores (torch.set_float32_matmul_precision('high'): "
+             "10-bit mantissa products, float32 sums); --no-tf32 keeps them full float32. No effect on the CPU, "
+             "nor on bfloat16/float16 compute.")
+
+
+def dtype_problems(name: str, allowed: tuple[str, ...] = tuple(DTYPES)) -> list[str]:
+    """What is wrong with a ``--dtype`` value (for a config's ``__post_init__``): 'auto' or one of
+    ``allowed``."""
+    if name == "auto" or name in allowed:
+        return []
+    names = ("auto", *allowed)
+    return [f"dtype must be {', '.join(names[:-1])} or {names[-1]}, got {name!r}"]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """``device`` computes bfloat16 natively: ``torch.cuda.is_bf16_supported()`` of a CUDA device
+    (compute capability 8.0 or more; the current device, which the stages set or which is alike on a
+    node), not counting torch's emulation on older GPUs, which is slower than float32."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no emulation to leave out
+        return torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(requested: str, device: torch.device | str) -> str:
+    """The compute dtype a stage runs in on ``device``, the one definition every stage uses:
+    ``requested`` as it is, or for 'auto' bfloat16 where :func:`bf16_supported`, else float32 (the
+    CPU, where bfloat16 matrix multiplies are slow, and GPUs before Ampere, where float16 would need
+    loss scaling). What a stage records (store params, resolved config, metrics) is this result, so a
+    store written with ``--dtype float32`` on a CPU is the one a rerun with ``auto`` there finds."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if bf16_supported(torch.device(device)) else "float32"
+
+
+def set_tf32(device: torch.device | str, enabled: bool) -> bool:
+    """``--tf32``: on a CUDA device, float32 matrix multiplies on TF32 tensor cores ('high') or in full
+    float32 ('highest', ``--no-tf32``; set explicitly, since the setting is global to the process and
+    ``distill rounds`` runs stages one after another). Returns whether TF32 is in effect; nothing is
+    changed on the CPU."""
+    if torch.device(device).type != "cuda":
+        return False
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    return enabled
+
+
+def matmul_precision(device: torch.device | str, dtype: str, tf32: bool) -> str:
+    """What a stage's matrix multiplies compute in, as recorded beside its resolved dtype: 'tf32'
+    where ``--tf32`` reaches them (float32 compute on CUDA), else the dtype's own name."""
+    return "tf32" if tf32 and dtype == "float32" and torch.device(device).type == "cuda" else dtype
+
+
 def read_model_config(path: Path) -> dict:
     import yaml
 

@@ -19,6 +19,7 @@ config. ``distill report`` reads it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -41,8 +42,9 @@ from pipeline.decode.rules import Rules, load_rules
 from pipeline.errors import DistillError
 from pipeline.evaluate import tasks
 from pipeline.io import atomic_write_text
-from pipeline.models import (ATTN_HELP, DTYPES, OutputHead, attn_implementation_problems, check_document_attention,
-                             count_parameters, device_problems, has_weights, load_model, max_positions, resolve_device)
+from pipeline.models import (ATTN_HELP, AUTO_DTYPE_HELP, TF32_HELP, OutputHead, attn_implementation_problems,
+                             check_document_attention, count_parameters, device_problems, dtype_problems, has_weights,
+                             load_model, max_positions, resolve_device, resolve_dtype, set_tf32)
 from pipeline.train.tracking import REPORT_TO_HELP, Tracker, TrackerPaths, check_installed, report_to_problems
 from pipeline.text.corpus import DocumentReader, expand_inputs
 from pipeline.text.packing import RowRule, tokenizer_adds_bos
@@ -97,7 +99,9 @@ class EvalConfig:
     log_samples: bool = option(False, "Also write every item's prediction and score to OUT's .samples.jsonl.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = option(0, THREADS_HELP)
-    dtype: str = option("float32", "Weights and activations: float32, bfloat16 or float16.")
+    dtype: str = option("auto", "Weights and activations: auto, float32, bfloat16 or float16 (log-probs are taken "
+                        "in float32 from the logits). " + AUTO_DTYPE_HELP)
+    tf32: bool = option(True, TF32_HELP)
     attn_implementation: str = option("auto", ATTN_HELP)
     trust_remote_code: bool = option(False, "Allow the model directory's own code to run.")
     harness: tuple[str, ...] = option((), "lm-evaluation-harness tasks, groups or tags, comma-separated (e.g. "
@@ -155,8 +159,7 @@ class EvalConfig:
                 problems.append(f"{name} must not be negative")
         problems += device_problems(self.device) + threads_problems(self.threads) + report_to_problems(self.report_to)
         problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        problems += dtype_problems(self.dtype)
         check(problems, "eval")
 
 
@@ -676,6 +679,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     harness_manager = harness_tasks(config) if config.harness else None
     agreement = agreement_teacher(config) if "agreement" in config.tasks else ()
     device = resolve_device(config.device)
+    requested = config.dtype  # the report's config holds what it resolved to here
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
+    tf32 = set_tf32(device, config.tf32)
     tokenizer = load_tokenizer(str(model_dir), config.trust_remote_code)
     # ids of another tokenizer mean other tokens, even where there are as many of them: such a store is
     # compared across tokenizers, over 1:1 chunks (eval_agreement_across); one of this tokenizer must fit
@@ -725,6 +731,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if harness is not None:
         report["harness"] = harness
     report |= threads  # the number torch used, and where it came from
+    report |= {"dtype_requested": requested, "tf32": tf32}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(report, indent=2, sort_keys=True) + "\n")
     if config.log_samples:

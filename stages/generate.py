@@ -32,6 +32,7 @@ option).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -51,8 +52,9 @@ from pipeline.decode.generation import ATTEMPTS_MAX, SAMPLES_PER_PROMPT_MAX, Cau
 from pipeline.decode.rules import Rules, load_rules, violations
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write, atomic_write_bytes, atomic_write_text, file_sha256
-from pipeline.models import (ATTN_HELP, DTYPES, attn_implementation_problems, device_problems, has_weights, hf_config,
-                             load_model, max_positions, resolve_device)
+from pipeline.models import (ATTN_HELP, AUTO_DTYPE_HELP, TF32_HELP, attn_implementation_problems, device_problems,
+                             dtype_problems, has_weights, hf_config, load_model, matmul_precision, max_positions,
+                             resolve_device, resolve_dtype, set_tf32)
 from pipeline.outdir import GENERATED, claim, clear
 from pipeline.store.contract import JobLock, param_differences, safe_child
 from pipeline.text.corpus import jsonl_values, read_lines
@@ -97,7 +99,10 @@ class GenerateConfig:
     num_shards: int = option(1, "Number of independent jobs: job j writes records i with i % n == j.")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = option(0, THREADS_HELP)
-    dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16.")
+    dtype: str = option("auto", "Compute dtype of the model that writes: auto, float32, bfloat16 or float16 (the "
+                        "sampling distribution is computed in float32 from its logits). " + AUTO_DTYPE_HELP
+                        + " The resolved dtype is one of the output's params.")
+    tf32: bool = option(True, TF32_HELP)
     attn_implementation: str = option("auto", ATTN_HELP)
     trust_remote_code: bool = option(False, "Allow the teacher directory's own model code to run.")
     overwrite: bool = option(False, "Replace an output directory written with other parameters (single job only).")
@@ -130,9 +135,7 @@ class GenerateConfig:
         for name in ("batch_size", "records_per_part"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be {', '.join(DTYPES)}, got {self.dtype!r}")
-        problems += device_problems(self.device) + threads_problems(self.threads)
+        problems += dtype_problems(self.dtype) + device_problems(self.device) + threads_problems(self.threads)
         problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         problems += array_job_problems(self.shard_index, self.num_shards, self.overwrite, "output")
         check(problems, "generate")
@@ -243,7 +246,11 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
             raise DistillError(f"prompt {longest} is {len(prompt_ids[longest])} tokens; with {budget} new tokens "
                                f"it exceeds the teacher's {positions} positions; shorten it or lower --max-new-tokens")
 
-    params = generate_params(config, prompts, rules, vocab)
+    # --dtype auto resolves on the device the model will run on, before the params that record it are compared
+    requested, device = config.dtype, resolve_device(config.device)
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
+    tf32 = set_tf32(device, config.tf32)
+    params = generate_params(config, prompts, rules, vocab, device)
     out = Path(config.out)
     decision = existing_output(out, params, config.overwrite)
     if decision == "done":
@@ -253,7 +260,6 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     lock = JobLock(out / PARTS, config.shard_index, config.num_shards)  # one process per job at a time
     try:
-        device = resolve_device(config.device)
         model = load_model(teacher_dir, config.dtype, config.trust_remote_code,
                            attn_implementation=config.attn_implementation).to(device).eval()
     except BaseException:  # unreadable weights, ...: leave OUT as it was
@@ -279,7 +285,8 @@ def setup(config: GenerateConfig) -> GenerateJob | None:
     todo = [k for k in range(n_parts) if names[k] not in done]
     lock.remove_stale_temps([*names, progress_file.name])
     save_resolved(config, out / f"config.job-{config.shard_index:05d}-of-{config.num_shards:05d}.json",
-                  {"params": params, "parts_planned": n_parts, "records_planned": n_records, **threads})
+                  {"params": params, "parts_planned": n_parts, "records_planned": n_records,
+                   "dtype_requested": requested, "tf32": tf32, **threads})
     return GenerateJob(config, out, prompts, prompt_ids, params, CausalLM(model, vocab), tokenizer, rules, budget,
                        todo, done, lock)
 
@@ -323,9 +330,11 @@ def tokenize_prompts(prompts: list[str], tokenizer, add_bos: bool) -> list[list[
     return out
 
 
-def generate_params(config: GenerateConfig, prompts: list[str], rules: Rules | None, vocab: int) -> dict:
+def generate_params(config: GenerateConfig, prompts: list[str], rules: Rules | None, vocab: int,
+                    device: torch.device | str = "cpu") -> dict:
     """What decides the records: a rerun with other params is refused, the same ones resume. (Batch
-    size, job count and device do not change a record, and are not here.)"""
+    size, job count and device do not change a record, and are not here; ``dtype`` is the resolved one,
+    and ``matmul_precision`` appears only where TF32 reaches float32 compute on ``device``.)"""
     digest = hashlib.sha256()
     for prompt in prompts:
         digest.update(prompt.encode() + b"\0")
@@ -340,6 +349,7 @@ def generate_params(config: GenerateConfig, prompts: list[str], rules: Rules | N
         "vocab_size": vocab,
         "add_bos": config.add_bos,
         "dtype": config.dtype,
+        **({"matmul_precision": "tf32"} if matmul_precision(device, config.dtype, config.tf32) == "tf32" else {}),
         "text": config.text,
         "records_per_part": config.records_per_part,
         "settings": record_settings(config, rules),

@@ -12,7 +12,11 @@ From the corpus size (``--tokens`` or a ``tokens`` store), the store's format (t
   with ``--device-map auto``), GPU-hours and wall time on ``--gpus``, and the array size (number
   of stage-one tasks): the fewest tasks that each fit ``--time-limit`` with ``--margin`` to spare,
   rounded up to whole waves of the tasks that run at once; with advice on ``--rows-per-shard``;
-- **stage two**: GPU-hours and wall time of training a student on the store for ``--epochs``.
+- **stage two**: GPU-hours and wall time of training a student on the store for ``--epochs``, and
+  the peak memory of each training process (weights, gradients, AdamW states, activations with or
+  without ``--gradient-checkpointing``, the loss chunk of the output head: :func:`student_memory`,
+  docs/DESIGN.md "Memory of a student process"), with the micro-batch and accumulation that fit
+  ``--gpu-memory`` and keep the global batch.
 
 Throughputs are stated (``--teacher-tokens-per-gpu-s``, ``--student-tokens-per-gpu-s``), or
 estimated from FLOPs (2·params per token for a forward, 6·params to train) at ``--gpu-tflops`` ×
@@ -33,7 +37,7 @@ import numpy as np
 
 from pipeline.config import check, option, to_dict
 from pipeline.errors import DistillError
-from pipeline.models import DTYPES, count_parameters, hf_config, skeleton
+from pipeline.models import DTYPES, count_parameters, dtype_problems, hf_config, skeleton
 from pipeline.store import contract as store_lib
 from stages.teacher import TeacherConfig, format_problems, resolve_grid, stored_arrays
 
@@ -42,6 +46,8 @@ CALIBRATION = ROOT / "bench" / "results" / "store_bytes_cpu.json"
 REALISTIC_STAGE_ONE = ROOT / "bench" / "results" / "stage_one_h200_realistic.json"
 REALISTIC_STAGE_TWO = ROOT / "bench" / "results" / "stage_two_h200_realistic.json"
 HEADROOM = 0.2  # GPU memory beyond the weights: activations of a batch and the logits buffer
+# --dtype auto on the GPUs a plan sizes: bfloat16 (compute capability 8.0 and up: A100, H100, H200, …)
+PLANNED_AUTO = "bfloat16"
 FORMAT_FIELDS = ("kind", "top_k", "samples", "tail_samples", "sample_logprobs", "logprob_dtype", "temperature",
                  "temperature_grid")
 
@@ -94,13 +100,27 @@ class PlanConfig:
     student_tokens_per_gpu_s: float = option(0.0, "Measured stage-two throughput, tokens/s per GPU.")
     student_gpus: int = option(0, "GPUs of the stage-two job (default: --gpus).")
     epochs: float = option(1.0, "Passes of stage two over the store.")
+    student_dtype: str = option("auto", "Stage two's autocast dtype (distill student --dtype) for its memory: auto "
+                                f"({PLANNED_AUTO} on the GPUs a plan sizes), float32 or bfloat16.")
+    micro_batch_size: int = option(16, "Rows per forward/backward pass of each stage-two process (distill student "
+                                   "--micro-batch-size): the peak memory shown is this one's.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step (distill student --grad-accum): with "
+                             "--micro-batch-size, the GPUs and the row length, the global batch a suggestion keeps.")
+    global_batch_tokens: str = option("", "Tokens per optimizer step over all stage-two GPUs that the suggested "
+                                      "micro-batch and accumulation keep, e.g. 1M (default: --micro-batch-size × "
+                                      "--grad-accum × GPUs × tokens per row).")
+    gradient_checkpointing: bool = option(False, "Stage two recomputes each decoder layer's activations in backward "
+                                          "(distill student --gradient-checkpointing): the memory shown is then that "
+                                          "of a checkpointed run.")
+    loss_chunk: int = option(0, "Positions per output-head/loss chunk of stage two (distill student --loss-chunk; "
+                             "0 = as it picks: chunk × vocabulary ≤ 64M).")
     json: bool = option(False, "Print the plan as JSON.")
 
     def __post_init__(self):
         problems = format_problems(self, kinds=("topk", "sampled"))  # a target store is not calibrated yet
         if bool(self.tokens) == bool(self.tokens_store):
             problems.append("give the corpus size: --tokens N or --tokens-store DIR (one of them)")
-        for name in ("tokens", "teacher_params", "student_params"):
+        for name in ("tokens", "teacher_params", "student_params", "global_batch_tokens"):
             if getattr(self, name):
                 try:
                     parse_count(getattr(self, name))
@@ -112,8 +132,13 @@ class PlanConfig:
             problems.append("give the teacher's size once: --teacher DIR or --teacher-params N")
         if self.student and self.student_params:
             problems.append("give the student's size once: --student DIR or --student-params N")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        problems += dtype_problems(self.dtype) + [p.replace("dtype", "student_dtype", 1) for p in
+                                                  dtype_problems(self.student_dtype, ("float32", "bfloat16"))]
+        for name in ("micro_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.loss_chunk < 0:
+            problems.append("loss_chunk must not be negative")
         if self.vocab_size < 0:
             problems.append("vocab_size must not be negative")
         if self.gpus < 1 or self.student_gpus < 0:
@@ -138,6 +163,16 @@ class PlanConfig:
     @property
     def grid(self) -> tuple[float, ...]:
         return resolve_grid(self.kind, self.temperature, self.temperature_grid)
+
+    @property
+    def teacher_dtype(self) -> str:
+        """Stage one's dtype on the GPUs planned for: ``--dtype``, 'auto' as it resolves there."""
+        return PLANNED_AUTO if self.dtype == "auto" else self.dtype
+
+    @property
+    def training_dtype(self) -> str:
+        """Stage two's autocast dtype on the GPUs planned for."""
+        return PLANNED_AUTO if self.student_dtype == "auto" else self.student_dtype
 
 
 # --------------------------------------------------------------------------- parsing
@@ -347,11 +382,12 @@ def make_plan(config: PlanConfig) -> dict[str, Any]:
     store = size_store(config, rows, seq_len, vocab, tokens_arrays, pilot)
 
     inputs = {"corpus_tokens": corpus_tokens, "rows": rows, "seq_len": seq_len, "positions": positions,
+              "gpu_memory": config.gpu_memory,
               "vocab_size": vocab, "vocab_source": vocab_source, "backend": config.backend,
               "format": {k: to_dict(config)[k] for k in FORMAT_FIELDS}}
     return {"inputs": inputs, "store": store,
             "stage_one": stage_one(config, teacher_config, positions, seq_len, store["shards"], vocab),
-            "stage_two": stage_two(config, positions)}
+            "stage_two": stage_two(config, positions, seq_len)}
 
 
 def size_store(config: PlanConfig, rows: int, seq_len: int, vocab: int, tokens_arrays: dict[str, dict],
@@ -420,11 +456,13 @@ def stage_one(config: PlanConfig, teacher_config, positions: int, seq_len: int, 
         count_parameters(skeleton(teacher_config)) if teacher_config is not None else 0)
     gpus_per_task = 1
     if params:
-        weights = params * DTYPES[config.dtype].itemsize
+        weights = params * DTYPES[config.teacher_dtype].itemsize
         gpus_per_task = max(1, math.ceil(weights * (1 + HEADROOM) / (config.gpu_memory * 2**30)))
+        auto = " (--dtype auto on GPUs with bfloat16)" if config.dtype == "auto" else ""
         out |= {"teacher_params": params, "weights_bytes": weights, "gpus_per_task": gpus_per_task,
-                "memory": f"{weights / 1e9:.1f} GB of {config.dtype} weights + {HEADROOM:.0%} (activations, logits "
-                          f"buffer) on {config.gpu_memory:g} GiB GPUs"}
+                "dtype": config.teacher_dtype,
+                "memory": f"{weights / 1e9:.1f} GB of {config.teacher_dtype}{auto} weights + {HEADROOM:.0%} "
+                          f"(activations, logits buffer) on {config.gpu_memory:g} GiB GPUs"}
         if gpus_per_task > config.gpus:
             raise DistillError(f"the teacher needs {gpus_per_task} GPUs per task ({out['memory']}) and --gpus is "
                                f"{config.gpus}; give more GPUs, larger --gpu-memory or a smaller --dtype")
@@ -502,15 +540,160 @@ def _advice(config: PlanConfig, shard_s: float, task_s: float, startup_s: float,
     return {"current": config.rows_per_shard, "suggested": rows, "why": why}
 
 
-def stage_two(config: PlanConfig, positions: int) -> dict[str, Any]:
-    """GPU-hours and wall time of training a student on every stored position for ``--epochs``."""
+# --------------------------------------------------------------------------- stage two's memory
+
+# Saved activations of one decoder layer, c in c·B·L·d bytes (B rows of L tokens, width d), for
+# Llama-style layers (RMSNorm, rotary q/k, sdpa or flash attention, which keep no L×L scores, a SwiGLU
+# MLP, no dropout) in training: measured with saved-tensor hooks on transformers' LlamaDecoderLayer
+# over query widths q·d, key-value widths r·d and MLP widths m·d (tests/stages/test_plan.py checks them
+# against the shipped student):
+#   float32               c = 4·(6 + 2q + 2r + 4m)   every saved tensor 4 bytes
+#   bfloat16 (autocast)   c = 2·(13 + 2q + 2r + 4m)  projections and MLP 2 bytes; the residual stream and
+#                                                    RMSNorm stay float32, so the d-wide ones count double
+# Under autocast each layer's weights are also kept as bfloat16 copies for backward: 2 bytes a parameter.
+# (Eager attention keeps its B·heads·L² probabilities besides: not counted; use sdpa or flash attention.)
+ACTIVATION_TERMS = {"float32": (4, 6), "bfloat16": (2, 13)}  # (bytes, d-wide tensors)
+# With --gradient-checkpointing a layer keeps only its float32 input (4·B·L·d), and backward recomputes
+# one layer at a time: c·B·L·d once more (and that layer's bfloat16 weight copies).
+CHECKPOINTED_LAYER = 4
+# Outside the layers: the final norm's saved float32 tensors (8) and the hidden states without the last
+# position that the loss reads (4), bytes per token and unit of width.
+OUTSIDE_LAYERS = 12
+# The loss chunk of the output head, bytes per element of its [chunk, vocabulary] logits (stages/student.py's
+# DistillStep): float32 logits and their log-softmax, then in backward the gradients of both (16); under
+# autocast also the bfloat16 logits and their gradient (20). A distillation temperature other than 1 adds
+# a tempered log-softmax and its gradient (8 more), not counted.
+HEAD_BYTES = {"float32": 16, "bfloat16": 20}
+LOSS_CHUNK_ELEMENTS = 1 << 26  # distill student's default --loss-chunk: chunk × vocabulary ≤ 64M
+# What the caching allocator can hand out of a GPU's memory: the CUDA context, cuBLAS workspaces and NCCL
+# buffers lie outside it (about 1 GiB), and fragmentation leaves about a tenth of the rest unusable.
+CUDA_RESERVED_GIB = 1.0
+ALLOCATOR_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    """What a student's training memory follows from: its parameters and the widths of its layers."""
+
+    parameters: int
+    layers: int
+    width: int  # d, the hidden size
+    query: int  # attention heads × head width
+    key_value: int  # key-value heads × head width (grouped-query attention: below the query width)
+    mlp: int  # the MLP's inner width
+    vocab: int  # rows of the output head
+    tied: bool = True  # the output head is the input embedding
+
+    @property
+    def layer_parameters(self) -> int:
+        """One decoder layer's parameters: those besides the embedding (and an untied head), per layer."""
+        embeddings = self.vocab * self.width * (1 if self.tied else 2)
+        return max(0, self.parameters - embeddings) // self.layers
+
+
+def student_shape(config, parameters: int | None = None) -> StudentShape:
+    """The :class:`StudentShape` of a transformers config (``parameters`` counted on the meta device
+    unless given)."""
+    width, heads = config.hidden_size, config.num_attention_heads
+    head = getattr(config, "head_dim", None) or width // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
+    if parameters is None:
+        parameters = count_parameters(skeleton(config))
+    return StudentShape(parameters, config.num_hidden_layers, width, heads * head, kv_heads * head, mlp,
+                        config.vocab_size, bool(getattr(config, "tie_word_embeddings", True)))
+
+
+def activation_constant(shape: StudentShape, dtype: str) -> float:
+    """c of one decoder layer's saved activations, c·B·L·d bytes (:data:`ACTIVATION_TERMS`)."""
+    size, wide = ACTIVATION_TERMS[dtype]
+    d = shape.width
+    return size * (wide + 2 * shape.query / d + 2 * shape.key_value / d + 4 * shape.mlp / d)
+
+
+def student_memory(shape: StudentShape, rows: int, seq_len: int, dtype: str, checkpointing: bool,
+                   loss_chunk: int = 0) -> dict[str, Any]:
+    """Peak bytes of one stage-two process training ``shape`` on micro-batches of ``rows`` rows of
+    ``seq_len`` tokens, autocast in ``dtype`` (DDP or one GPU: every process holds everything):
+
+    - weights 4·P, gradients 4·P and AdamW's two moments 8·P (float32 whatever ``dtype``: autocast
+      computes in bfloat16 from float32 weights);
+    - under bfloat16 autocast, the layers' weights cast to bfloat16 and kept for backward, 2 bytes a
+      parameter (one layer's with checkpointing), and the output head's;
+    - activations: per layer c·B·L·d (:func:`activation_constant`), or with ``checkpointing``
+      4·B·L·d per layer plus one layer's c·B·L·d recomputed in backward; plus 12·B·L·d outside the
+      layers (:data:`OUTSIDE_LAYERS`);
+    - the loss chunk: min(chunk, B·(L−1)) positions × vocabulary × 16 or 20 bytes (:data:`HEAD_BYTES`).
+
+    A sum: the gradients of a step's micro-batches live while the next one's activations are built
+    (``--grad-accum`` above 1), and from the second step on AdamW's moments live throughout. With one
+    micro-batch per step it overstates the peak by at most the gradients' 4·P."""
+    p, d, tokens = shape.parameters, shape.width, rows * seq_len
+    c = activation_constant(shape, dtype)
+    copies = 2 * shape.layer_parameters if dtype == "bfloat16" else 0  # one layer's bfloat16 weight copies
+    if checkpointing:
+        activations = (shape.layers * CHECKPOINTED_LAYER + c + OUTSIDE_LAYERS) * tokens * d
+        weight_copies = copies
+    else:
+        activations = (shape.layers * c + OUTSIDE_LAYERS) * tokens * d
+        weight_copies = shape.layers * copies
+    if dtype == "bfloat16":
+        weight_copies += 2 * shape.vocab * d  # the output head's, in each loss chunk
+    chunk = min(loss_chunk or max(1, LOSS_CHUNK_ELEMENTS // shape.vocab), rows * (seq_len - 1))
+    parts = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p, "weight_copies": weight_copies,
+             "activations": round(activations), "loss_chunk": chunk * shape.vocab * HEAD_BYTES[dtype]}
+    return {"bytes": parts, "peak_bytes": sum(parts.values()), "activation_constant": c, "loss_chunk_positions": chunk,
+            "micro_batch_size": rows, "gradient_checkpointing": checkpointing, "dtype": dtype}
+
+
+def usable_bytes(gpu_memory_gib: float) -> float:
+    """What one GPU of ``gpu_memory_gib`` GiB can give a process's tensors (:data:`ALLOCATOR_SHARE`)."""
+    return max(0.0, gpu_memory_gib - CUDA_RESERVED_GIB) * ALLOCATOR_SHARE * 2**30
+
+
+def suggest_batch(shape: StudentShape, seq_len: int, dtype: str, gpus: int, global_tokens: int, usable: float,
+                  loss_chunk: int = 0, largest: int = 1024) -> dict[str, Any]:
+    """The micro-batch and accumulation that fit ``usable`` bytes and keep ``global_tokens`` per
+    optimizer step over ``gpus`` processes: the largest power-of-two micro-batch (at most the rows
+    a process needs per step) whose :func:`student_memory` fits without gradient checkpointing, else
+    with it (a third more compute per step); the accumulation is then the micro-batches that make up
+    the step's rows (rounded up: the batch may grow to a whole number of micro-batches). ``fits`` is
+    False where even one row does not fit with checkpointing."""
+    rows_per_gpu = max(1, math.ceil(global_tokens / (seq_len * gpus)))
+    ceiling = 2 ** math.floor(math.log2(min(rows_per_gpu, largest)))
+    for checkpointing in (False, True):
+        rows = ceiling
+        while rows >= 1:
+            memory = student_memory(shape, rows, seq_len, dtype, checkpointing, loss_chunk)
+            if memory["peak_bytes"] <= usable:
+                accum = math.ceil(rows_per_gpu / rows)
+                return {"fits": True, "micro_batch_size": rows, "grad_accum": accum,
+                        "gradient_checkpointing": checkpointing, "peak_bytes": memory["peak_bytes"],
+                        "global_batch_tokens": rows * accum * gpus * seq_len}
+            rows //= 2
+    states = 16 * shape.parameters
+    return {"fits": False, "states_bytes": states,
+            "why": f"one row of {seq_len} tokens does not fit even with --gradient-checkpointing: the weights, "
+                   f"gradients and AdamW states alone take {states / 2**30:.1f} GiB; shard them over the GPUs "
+                   "(distill student --fsdp) or train a smaller student"}
+
+
+def stage_two(config: PlanConfig, positions: int, seq_len: int = 0) -> dict[str, Any]:
+    """GPU-hours and wall time of training a student on every stored position for ``--epochs``, and
+    the memory of each of its processes where the student's architecture is known (``--student``)."""
+    student_config = hf_config(config.student) if config.student else None
     params = parse_count(config.student_params) if config.student_params else (
-        count_model_parameters(config.student) if config.student else 0)
+        count_parameters(skeleton(student_config)) if student_config is not None else 0)
     gpus = config.student_gpus or config.gpus
     tokens = positions * config.epochs
     out: dict[str, Any] = {"tokens": tokens, "gpus": gpus}
     if params:
         out["student_params"] = params
+    if student_config is not None and seq_len:
+        out["memory"] = stage_two_memory(config, student_shape(student_config, params), seq_len, gpus)
+    elif params:
+        out["memory_not_estimated"] = ("give --student CONFIG (its layers, widths and vocabulary decide the "
+                                       "activations) for the memory of each process")
     if config.student_tokens_per_gpu_s:
         rate = config.student_tokens_per_gpu_s
         out["throughput_source"] = "stated (--student-tokens-per-gpu-s)"
@@ -536,6 +719,53 @@ def stage_two(config: PlanConfig, positions: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- printing
+
+
+def stage_two_memory(config: PlanConfig, shape: StudentShape, seq_len: int, gpus: int) -> dict[str, Any]:
+    """Each stage-two process's peak memory at ``--micro-batch-size`` (and ``--gradient-checkpointing``),
+    whether it fits ``--gpu-memory``, and the micro-batch and accumulation suggested for it."""
+    dtype = config.training_dtype
+    memory = student_memory(shape, config.micro_batch_size, seq_len, dtype, config.gradient_checkpointing,
+                            config.loss_chunk)
+    usable = usable_bytes(config.gpu_memory)
+    if config.global_batch_tokens:
+        global_tokens, source = parse_count(config.global_batch_tokens), "--global-batch-tokens"
+    else:
+        global_tokens = config.micro_batch_size * config.grad_accum * gpus * seq_len
+        source = (f"--micro-batch-size {config.micro_batch_size} × --grad-accum {config.grad_accum} × "
+                  f"{gpus} GPU(s) × {seq_len} tokens")
+    memory |= {"usable_bytes": usable, "fits": memory["peak_bytes"] <= usable, "global_batch_tokens": global_tokens,
+               "global_batch_source": source, "layers": shape.layers, "width": shape.width,
+               "suggested": suggest_batch(shape, seq_len, dtype, gpus, global_tokens, usable, config.loss_chunk)}
+    return memory
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g}"
+
+
+def _memory_lines(memory: dict[str, Any], gpu_memory: float) -> list[str]:
+    b = memory["bytes"]
+    autocast = "bfloat16 autocast" if memory["dtype"] == "bfloat16" else "float32"
+    checkpointed = ", checkpointed" if memory["gradient_checkpointing"] else ""
+    copies = f" + bf16 weight copies {_gib(b['weight_copies'])}" if b["weight_copies"] else ""
+    lines = [f"  memory        {_gib(memory['peak_bytes'])} GiB per GPU at micro-batch {memory['micro_batch_size']} "
+             f"({autocast}{checkpointed}) = weights {_gib(b['weights'])} + gradients {_gib(b['gradients'])} + "
+             f"AdamW {_gib(b['optimizer'])}{copies} + activations {_gib(b['activations'])} (c = "
+             f"{memory['activation_constant']:.3g} bytes × B·L·d per layer, {memory['layers']} layers of d = "
+             f"{memory['width']}) + loss chunk {_gib(b['loss_chunk'])} ({memory['loss_chunk_positions']:,} "
+             "positions) GiB",
+             f"  fits          {'yes' if memory['fits'] else 'NO'}: {_gib(memory['usable_bytes'])} GiB usable of "
+             f"{gpu_memory:g} GiB ({CUDA_RESERVED_GIB:g} GiB CUDA context, {ALLOCATOR_SHARE:.0%} of the rest)"]
+    s = memory["suggested"]
+    if s["fits"]:
+        lines.append(f"  suggested     --micro-batch-size {s['micro_batch_size']} --grad-accum {s['grad_accum']}"
+                     + (" --gradient-checkpointing" if s["gradient_checkpointing"] else "")
+                     + f" ({_gib(s['peak_bytes'])} GiB; {s['global_batch_tokens']:,} tokens per step, for "
+                       f"{memory['global_batch_tokens']:,} from {memory['global_batch_source']})")
+    else:
+        lines.append(f"  suggested     nothing fits: {s['why']}")
+    return lines
 
 
 def _bytes(n: float) -> str:
@@ -587,6 +817,10 @@ def render(result: dict[str, Any]) -> str:
                   f"  rows/shard    {one['rows_per_shard_advice']['suggested']} suggested: "
                   f"{one['rows_per_shard_advice']['why']}"]
     lines.append("stage two (student)")
+    if "memory" in two:
+        lines += _memory_lines(two["memory"], i.get("gpu_memory", 0.0))
+    elif "memory_not_estimated" in two:
+        lines.append(f"  memory        not estimated: {two['memory_not_estimated']}")
     if "not_timed" in two:
         lines.append(f"  not timed     {two['not_timed']}")
     else:

@@ -47,7 +47,8 @@ import numpy as np
 from pipeline.config import check, load_config, option, required, to_dict
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text
-from pipeline.models import ATTN_HELP, attn_implementation_problems, device_problems, has_weights
+from pipeline.models import (ATTN_HELP, AUTO_DTYPE_HELP, TF32_HELP, attn_implementation_problems, device_problems,
+                             dtype_problems, has_weights)
 from pipeline.threads import THREADS_HELP, threads_problems
 from pipeline.train.tracking import REPORT_TO_HELP, Tracker, TrackerPaths, check_installed, report_to_problems
 
@@ -55,10 +56,11 @@ OBJECTIVES = ("forward-kl", "reverse-kl", "policy-gradient", "ce")
 STORE_KIND = {"forward-kl": "sampled", "reverse-kl": "topk", "policy-gradient": "target", "ce": ""}
 STEPS = ("prompts", "generate-student", "generate-teacher", "prepare", "teacher", "student",
          "heldout-generate", "heldout-prepare", "heldout-teacher", "eval", "finish")
-# options a rerun may change without changing what any round computes
-# (how the steps compute, as --device: --attn-implementation moves scores by float rounding only)
+# options a rerun may change without changing what any round computes (how the steps compute, as --device:
+# --attn-implementation moves scores by float rounding only; dtype and tf32 too, each step's own params record
+# the resolved dtype, so a step is never finished in another)
 RERUN_FREE = ("rounds", "round", "step", "device", "threads", "attn_implementation", "eval_tasks", "eval_limit",
-              "eval_options", "reference", "report_to")
+              "eval_options", "reference", "report_to", "dtype", "tf32")
 COUNTS = ("tokens", "bytes", "documents", "items", "seconds")  # eval facts that are not scores
 STAGE_OPTIONS = ("generate_options", "teacher_options", "student_options", "eval_options")
 
@@ -116,6 +118,9 @@ class RoundsConfig:
                                         "student/ (report_to under student_options).")
     attn_implementation: str = option("auto", ATTN_HELP + " Every step's models: the generating student and "
                                       "teacher, stage one, the trained student, eval.")
+    dtype: str = option("auto", "Compute dtype of every generate, stage-one, training (autocast) and eval step: auto, "
+                        "float32 or bfloat16, resolved by each step where it runs. " + AUTO_DTYPE_HELP)
+    tf32: bool = option(True, TF32_HELP + " For every step.")
     generate_options: Any = _mapping("Config file only: more `distill generate` options for every generate step.")
     teacher_options: Any = _mapping("Config file only: more `distill teacher` options for every stage-one step.")
     student_options: Any = _mapping("Config file only: more `distill student` options for every training step "
@@ -150,6 +155,7 @@ class RoundsConfig:
             if value is not None and not isinstance(value, dict):
                 problems.append(f"{name} must be a mapping of option: value, got {type(value).__name__}")
         problems += self._sampler_problems()
+        problems += dtype_problems(self.dtype, ("float32", "bfloat16"))  # the student's autocast has no float16
         problems += device_problems(self.device) + threads_problems(self.threads)
         problems += attn_implementation_problems(self.attn_implementation, self.device)
         check(problems, "rounds")
@@ -205,7 +211,7 @@ class Step:
 # the held-out estimate must sample the student's own distribution at T = 1 and store only the teacher's
 # log-probs: of the user's generate and teacher options it takes those that change neither
 HELDOUT_GENERATE_DROPS = ("top_k", "top_p", "rules", "max_attempts")
-HELDOUT_TEACHER_KEEPS = ("batch_size", "position_chunk", "rows_per_shard", "chunk_rows", "backend", "dtype", "kernel",
+HELDOUT_TEACHER_KEEPS = ("batch_size", "position_chunk", "rows_per_shard", "chunk_rows", "backend", "kernel",
                          "device_map", "max_memory", "trust_remote_code", "on_preempt", "overlap")
 
 
@@ -228,7 +234,8 @@ def steps(config: RoundsConfig, out: Path, r: int, seq_len: int) -> list[Step]:
     from stages.teacher import TeacherConfig
 
     d = round_dir(out, r)
-    common = {"device": config.device, "threads": config.threads, "attn_implementation": config.attn_implementation}
+    common = {"device": config.device, "threads": config.threads, "attn_implementation": config.attn_implementation,
+              "dtype": config.dtype, "tf32": config.tf32}
     tokenizer = config.tokenizer or config.teacher
     result: list[Step] = []
 

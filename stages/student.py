@@ -32,6 +32,7 @@ continues it to the same weights and metrics log as a run never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -51,10 +52,10 @@ from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved, to_dict
 from pipeline.errors import DistillError
 from pipeline.io import atomic_write_text, disk_full_is_an_error, remove_leftovers, removed_if_failed, replace_dir
-from pipeline.models import (ATTN_HELP, DTYPES, OutputHead, attn_implementation, attn_implementation_problems,
-                             check_document_attention, compile_layers, compile_seconds, count_parameters,
-                             device_problems, enable_gradient_checkpointing, has_weights, hf_config, load_model,
-                             max_positions, resolve_device)
+from pipeline.models import (ATTN_HELP, AUTO_DTYPE_HELP, DTYPES, TF32_HELP, OutputHead, attn_implementation,
+                             attn_implementation_problems, check_document_attention, compile_layers, compile_seconds,
+                             count_parameters, device_problems, dtype_problems, enable_gradient_checkpointing,
+                             has_weights, hf_config, load_model, max_positions, resolve_device, resolve_dtype, set_tf32)
 from pipeline.outdir import RUN, claim, clear
 from pipeline.store.contract import Store, open_store
 from pipeline.text.packing import ATTENTIONS, RowRule
@@ -163,7 +164,9 @@ class TrainConfig:
                                  "to this many places in the corpus (memory: about two such blocks).")
     device: str = option("auto", "'auto', 'cpu', 'cuda' or 'cuda:N' (under torchrun: cuda:LOCAL_RANK).")
     threads: int = option(0, THREADS_HELP)
-    dtype: str = option("float32", "Autocast dtype on CUDA: float32 or bfloat16 (weights stay float32).")
+    dtype: str = option("auto", "Autocast dtype on CUDA: auto, float32 or bfloat16 (weights, gradients and AdamW "
+                        "states stay float32; losses are taken in float32 from the logits). " + AUTO_DTYPE_HELP)
+    tf32: bool = option(True, TF32_HELP)
     fsdp: bool = option(False, "Shard the student with FSDP (under torchrun) instead of replicating it (DDP); "
                         "bf16 runs compute in bf16 and reduce gradients in float32. Checkpoints are sharded "
                         "(torch.distributed.checkpoint) and resume on any number of processes.")
@@ -222,8 +225,7 @@ class TrainConfig:
             problems.append(f"lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.dtype not in ("float32", "bfloat16"):
-            problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        problems += dtype_problems(self.dtype, ("float32", "bfloat16"))  # autocast: float16 would need loss scaling
         problems += device_problems(self.device) + threads_problems(self.threads)
         problems += report_to_problems(self.report_to) + peak_tflops_problems(self.peak_tflops)
         problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
@@ -431,6 +433,7 @@ class Run:
     saved_step: int | None = None  # the step of the newest checkpoint in OUT this run wrote or resumed from
     cost: StepCost | None = None  # what a step's tokens cost (MFU) and memory, for the metrics
     eval_byte_lengths: torch.Tensor | None = None  # bytes per token id: held-out bits per byte
+    steps_run: int = 0  # optimizer steps this process has taken (0: an out-of-memory error is the first step's)
 
     @property
     def is_rank0(self) -> bool:
@@ -478,7 +481,13 @@ def train(config: TrainConfig) -> Path:
             return Path(config.out) / "model"
         if (signal_name := preemption.agreed(run.world)) is not None:  # came during setup: no step is run
             leave_preempted(run, run.start_step, signal_name)
-        stopped = train_loop(run, preemption)
+        try:
+            stopped = train_loop(run, preemption)
+        except OUT_OF_MEMORY:
+            if run.steps_run:  # memory held at the first step and ran out later: not a sizing question
+                raise
+            run.loader.close()
+            raise DistillError(out_of_memory_message(run)) from None
         if stopped is not None:
             leave_preempted(run, *stopped)
         return finish(run, preemption)
@@ -509,6 +518,10 @@ def setup(config: TrainConfig) -> Run | None:
     device = resolve_device(config.device if not (world > 1 and torch.cuda.is_available()) else f"cuda:{local_rank}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # --dtype auto resolves on this rank's device: the resolved config, checkpoints and metrics.json record it
+    requested = config.dtype
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, device))
+    tf32 = set_tf32(device, config.tf32)
     torch.manual_seed(config.seed)
     model = _student(config, train_store).to(device)
     if config.gradient_checkpointing:  # here, before FSDP wraps the layers (distributed.wrap): it shards what checkpoints
@@ -569,7 +582,8 @@ def setup(config: TrainConfig) -> Run | None:
              "tokenizer_hash": tok_hash, "train_rows": train_store.rows, "seq_len": train_store.params["seq_len"],
              "teacher_source": teacher_source, "alpha": alpha, "loss_chunk": loss_chunk,
              "attn_implementation": attn_implementation(model),  # what ran: 'auto' resolved
-             "train_store_params": train_store.params, **threads, **cross_facts}
+             "train_store_params": train_store.params, "dtype": config.dtype, "dtype_requested": requested,
+             "tf32": tf32, **threads, **cross_facts}
     metrics = None
     if rank == 0:
         if config.overwrite and out.exists():
@@ -844,6 +858,7 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
+        run.steps_run += 1
         run.tokens_seen += tokens_per_step
         elapsed = time.perf_counter() - started
         ce, kd = (sums[:2] / sums[2].clamp_min(1)).tolist()  # no targets: a step of prompts alone (fine-tuning)
@@ -883,6 +898,33 @@ def train_loop(run: Run, preemption: preempt.Preemption | None = None) -> tuple[
     progress.close()
     run.loader.close()
     return stopped
+
+
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch >= 2.5 names it at the top
+
+
+def out_of_memory_message(run: Run) -> str:
+    """One line for the accelerator running out of memory in the first step a run takes (the step that
+    first holds the activations, gradients and AdamW states together): what to lower, and what keeps
+    the batch the same (docs/DESIGN.md, "Memory of a student process")."""
+    config, device = run.config, run.device
+    seq_len = run.train_store.params["seq_len"]
+    peak = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        peak = (f"; {torch.cuda.max_memory_allocated(device) / 2**30:.1f} of {total / 2**30:.1f} GiB allocated "
+                "at the peak")
+    if config.micro_batch_size > 1:
+        smaller = config.micro_batch_size // 2
+        accum = math.ceil(config.micro_batch_size * config.grad_accum / smaller)
+        lower = (f"lower --micro-batch-size (e.g. --micro-batch-size {smaller} --grad-accum {accum} keeps "
+                 f"{smaller * accum} rows per step; --global-batch-tokens sets the accumulation for you)")
+    else:
+        lower = "--micro-batch-size is 1 already"
+    return (f"out of memory in the first training step on {device} ({config.micro_batch_size} rows of {seq_len} "
+            f"tokens per micro-batch, {config.dtype}{peak}): {lower}, or pass --gradient-checkpointing (recompute "
+            f"each layer's activations in backward); distill plan with --student {config.model} --gpu-memory GB "
+            "estimates the peak and suggests both")
 
 
 def non_finite_message(step: int, sums: torch.Tensor, grad_norm: torch.Tensor, alpha: float, ckpt_dir: Path,
@@ -968,7 +1010,8 @@ def finish(run: Run, preemption: preempt.Preemption | None = None) -> Path:
     final = {"step": config.max_steps, "tokens": run.tokens_seen, "parameters": run.facts["parameters"],
              "seed": config.seed, "init": config.model,  # the config or the earlier model it started from
              "teacher_source": run.teacher_source, "alpha": run.alpha, "temperature": config.temperature,
-             "direction": config.kl_direction,
+             "direction": config.kl_direction, "dtype": config.dtype, "tf32": run.facts["tf32"],
+             "save_dtype": config.save_dtype,
              **({"objective": config.objective} if config.objective else {}),
              **({"ratio": config.ratio, "ratio_epsilon": config.ratio_epsilon}
                 if config.objective == "policy-gradient" else {}),
@@ -1012,5 +1055,16 @@ def save_model(model, state: dict, tokenizer, path: Path, dtype: str) -> None:
     state = {k: converted[v.data_ptr()] for k, v in state.items()}
     with removed_if_failed(tmp):
         model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        record_weights_dtype(tmp / "config.json", dtype)
         tokenizer.save_pretrained(str(tmp))
         replace_dir(tmp, path)
+
+
+def record_weights_dtype(config_json: Path, dtype: str) -> None:
+    """Make ``config.json`` say what the saved weights are: ``save_pretrained`` writes the dtype of the
+    model's parameters (float32 while training) even where the state dict it saved was converted, so
+    ``from_pretrained(dtype="auto")`` (transformers 5's default) would widen bfloat16 weights back to
+    float32. ``dtype`` is what transformers reads since 4.56, ``torch_dtype`` what older ones read."""
+    config = json.loads(config_json.read_text())
+    config["dtype"] = config["torch_dtype"] = dtype
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

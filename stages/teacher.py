@@ -32,6 +32,7 @@ its lock and exits with status 75; the same command continues.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -52,11 +53,11 @@ from pipeline.checks import check_output_rows, check_store_fits
 from pipeline.config import check, option, required, save_resolved
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256
-from pipeline.models import (DEVICE_MAP_PRESETS, WEIGHT_FILES, OutputHead, check_device_map, check_devices,
-                             ATTN_HELP, attn_implementation_problems, check_document_attention, device_map_problems,
-                             device_problems, execution_device,
-                             has_weights, hf_config, load_model, max_positions, parse_max_memory, placement,
-                             read_device_map, resolve_device)
+from pipeline.models import (ATTN_HELP, AUTO_DTYPE_HELP, DEVICE_MAP_PRESETS, TF32_HELP, WEIGHT_FILES, OutputHead,
+                             attn_implementation_problems, check_device_map, check_devices, check_document_attention,
+                             device_map_problems, device_problems, dtype_problems, execution_device, has_weights,
+                             hf_config, load_model, matmul_precision, max_positions, parse_max_memory, placement,
+                             read_device_map, resolve_device, resolve_dtype, set_tf32)
 from pipeline.outdir import STORE, clear
 from pipeline.store import contract as store_lib
 from pipeline.text.packing import RowRule
@@ -117,7 +118,10 @@ class TeacherConfig:
                                     "The store is the same as on one device.")
     max_memory: tuple[str, ...] = option((), "With a --device-map preset: memory each device may hold, e.g. "
                                          "0=70GiB,1=70GiB,cpu=200GiB.")
-    dtype: str = option("float32", "Teacher compute dtype: float32, bfloat16 or float16 (reductions are float32).")
+    dtype: str = option("auto", "Teacher compute dtype: auto, float32, bfloat16 or float16 (the reductions, top-k, "
+                        "log-sum-exp and draws, are float32 whatever it is). " + AUTO_DTYPE_HELP + " The resolved "
+                        "dtype is one of the store's params.")
+    tf32: bool = option(True, TF32_HELP)
     kernel: str = option("auto", "Top-k/log-sum-exp reductions and draws: 'native' (the fused kernel of the device: "
                          "C on a CPU, built with the system C compiler on first use; Triton on CUDA), 'torch' (any "
                          "device), or 'auto' (native where it builds and agrees with torch, else torch). All write "
@@ -148,9 +152,7 @@ class TeacherConfig:
             problems.append(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
         if self.kernel not in KERNELS:
             problems.append(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        problems += device_problems(self.device) + threads_problems(self.threads)
+        problems += dtype_problems(self.dtype) + device_problems(self.device) + threads_problems(self.threads)
         problems += attn_implementation_problems(self.attn_implementation, self.device, self.dtype)
         problems += placement_problems(self) + report_to_problems(self.report_to)
         if self.on_preempt not in ON_PREEMPT:
@@ -334,9 +336,14 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
         check_devices(device_map)
     if isinstance(device_map, dict):
         check_device_map(device_map, teacher_config, "--device-map", config.trust_remote_code)
+    # --dtype auto resolves where the teacher computes, before the params that record it are compared
+    requested = config.dtype
+    computes_on = compute_device(config, device_map)
+    config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype, computes_on))
+    tf32 = set_tf32(computes_on, config.tf32)
 
     n_rows = min(tokens.rows, config.max_rows) if config.max_rows else tokens.rows
-    params = store_params(config, tokens, teacher_config.vocab_size, tok_hash, vocab, n_rows)
+    params = store_params(config, tokens, teacher_config.vocab_size, tok_hash, vocab, n_rows, computes_on)
     out = Path(config.out)
     decision = store_lib.existing_store(out, config.kind, config.backend, params, config.overwrite)
     if decision == "done":
@@ -388,7 +395,7 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
             if store_lib.shard_name(j, config.backend) not in done]
     lock.remove_stale_temps([*owned, part_path.name, f"config.part-{config.shard_index:05d}.json"])
     arrays = stored_arrays(config, params["seq_len"], tokens.index["arrays"], vocab)
-    facts = {"params": params, "shards_planned": n_total, **threads}
+    facts = {"params": params, "shards_planned": n_total, "dtype_requested": requested, "tf32": tf32, **threads}
     if device_map is not None:  # where each module went: a fact of this run, not a param (the store is the same)
         facts["placement"] = where = placement(model)
         counts = {d: list(where.values()).count(d) for d in dict.fromkeys(where.values())}
@@ -424,10 +431,24 @@ def stored_arrays(config: TeacherConfig, seq_len: int, tokens_arrays: dict[str, 
     return arrays
 
 
+def compute_device(config: TeacherConfig, device_map: str | dict | None) -> torch.device:
+    """Where the teacher computes, known before it loads (what ``--dtype auto`` resolves against):
+    ``--device``; with ``--device-map``, the first GPU it uses (a preset: GPU 0), or the CPU for a map
+    of CPU and disk alone."""
+    if device_map is None:
+        return resolve_device(config.device)
+    if isinstance(device_map, str):
+        return torch.device("cuda", 0)
+    gpus = sorted(d for d in device_map.values() if isinstance(d, int))
+    return torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
+
+
 def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: int, tok_hash: str, vocab: int,
-                 n_rows: int) -> dict:
+                 n_rows: int, device: torch.device | str = "cpu") -> dict:
     """What decides a store's content: a rerun with other params is refused, the same ones resume.
-    (The keys of draws appear only in stores that draw, so older top-k stores keep their params.)"""
+    ``config.dtype`` is the resolved one (never 'auto'); ``matmul_precision`` appears only where TF32
+    reaches the teacher's float32 matrix multiplies on ``device`` (so stores of bfloat16 or CPU runs keep
+    their params). (The keys of draws appear only in stores that draw, so older top-k stores keep their params.)"""
     draws = {}
     if config.kind == "sampled":
         draws = {"samples": config.samples}
@@ -447,6 +468,7 @@ def store_params(config: TeacherConfig, tokens: store_lib.Store, teacher_rows: i
         "temperature": config.temperature,
         "temperature_grid": list(config.grid),
         "dtype": config.dtype,
+        **({"matmul_precision": "tf32"} if matmul_precision(device, config.dtype, config.tf32) == "tf32" else {}),
         "logprob_dtype": config.logprob_dtype,
         "tokens_store_sha256": hashlib.sha256("".join(s["sha256"] for s in tokens.shards).encode()).hexdigest(),
         "corpus_fingerprint": tokens.params["corpus_fingerprint"],

@@ -172,3 +172,136 @@ def test_counts_and_time_limits_parse():
     assert [parse_count(t) for t in ("2e9", "2B", "500M", "1.5T", "8k", "10_000", 7)] == \
         [2 * 10**9, 2 * 10**9, 5 * 10**8, 15 * 10**11, 8000, 10000, 7]
     assert parse_time_limit("04:00:00") == 4 * 3600 and parse_time_limit("1-02:03:04") == 93784
+
+
+# --------------------------------------------------------------------------- stage two's memory
+
+# Llama 3.2 1B's shape: 1,235,814,400 parameters (a tied 128,256 × 2048 embedding, 16 layers of 60,821,504,
+# the final norm's 2048)
+LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+            "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+            "max_position_embeddings": 131072, "tie_word_embeddings": True}
+GIB = 2**30
+
+
+def student_plan(tmp_path, *flags, config=LLAMA_1B) -> dict:
+    path = tmp_path / "student.json"
+    path.write_text(json.dumps(config))
+    return plan_json("--tokens", "2B", "--seq-len", "2048", "--vocab-size", "128256", "--gpus", "8",
+                     "--student", path, *flags)["stage_two"]
+
+
+def test_student_memory_arithmetic_by_hand(tmp_path):
+    """Each process of a 1B student at 16 rows of 2048 tokens in bfloat16 autocast (the default auto, on
+    the GPUs a plan sizes): weights, gradients and AdamW's moments 16 bytes a parameter, bfloat16 weight
+    copies 2, per layer c·B·L·d activations with c = 2·(13 + 2q + 2r + 4m), the loss chunk at 20 bytes a
+    logit. It does not fit 80 GiB; 8 rows and 2 micro-batches per step keep the batch and do."""
+    two = student_plan(tmp_path, "--gpu-memory", "80")
+    memory, p = two["memory"], 1_235_814_400
+    assert two["student_params"] == p
+    vocab, d, layers, tokens = 128256, 2048, 16, 16 * 2048
+    c = 2 * (13 + 2 * 2048 / 2048 + 2 * 512 / 2048 + 4 * 8192 / 2048)
+    assert memory["activation_constant"] == c == 63
+    layer = (p - vocab * d) // layers  # 60,821,632: a layer's 60,821,504 and a 16th of the final norm
+    chunk = 2**26 // vocab  # 523 positions: distill student's --loss-chunk 0
+    expected = {"weights": 4 * p, "gradients": 4 * p, "optimizer": 8 * p,
+                "weight_copies": layers * 2 * layer + 2 * vocab * d,
+                "activations": (layers * c + 12) * tokens * d,  # 68,451,041,280: 63.75 GiB
+                "loss_chunk": chunk * vocab * 20}
+    assert memory["bytes"] == expected and memory["loss_chunk_positions"] == chunk == 523
+    assert memory["peak_bytes"] == sum(expected.values()) == 92_037_258_240  # 85.7 GiB
+    assert memory["usable_bytes"] == pytest.approx((80 - 1) * 0.9 * GIB) and memory["fits"] is False
+    eight = sum(expected.values()) - (layers * c + 12) * (tokens // 2) * d
+    assert memory["suggested"] == {"fits": True, "micro_batch_size": 8, "grad_accum": 2,
+                                   "gradient_checkpointing": False, "peak_bytes": eight,
+                                   "global_batch_tokens": 16 * 8 * 2048}
+    assert eight / GIB == pytest.approx(53.84, abs=0.01)
+
+
+def test_gradient_checkpointing_keeps_each_layers_input_and_recomputes_one(tmp_path):
+    two = student_plan(tmp_path, "--gpu-memory", "80", "--gradient-checkpointing", "--student-dtype", "float32")
+    memory, p = two["memory"], 1_235_814_400
+    c = 4 * (6 + 2 * 1 + 2 * 0.25 + 4 * 4)  # float32: every saved tensor 4 bytes
+    assert memory["activation_constant"] == c == 98
+    assert memory["bytes"]["activations"] == (16 * 4 + c + 12) * 16 * 2048 * 2048
+    assert memory["bytes"]["weight_copies"] == 0 and memory["bytes"]["loss_chunk"] == 523 * 128256 * 16
+    assert memory["fits"] and memory["gradient_checkpointing"] and memory["bytes"]["optimizer"] == 8 * p
+
+
+def test_suggestions_keep_the_global_batch_and_say_when_nothing_fits(tmp_path):
+    # 28 GiB: no micro-batch fits without checkpointing; 4 rows with it, 4 micro-batches of 8 GPUs × 2048 tokens
+    small = student_plan(tmp_path, "--gpu-memory", "28")["memory"]["suggested"]
+    assert small == {"fits": True, "micro_batch_size": 4, "grad_accum": 4, "gradient_checkpointing": True,
+                     "peak_bytes": small["peak_bytes"], "global_batch_tokens": 262144}
+    assert small["peak_bytes"] <= (28 - 1) * 0.9 * GIB
+    # --global-batch-tokens 1M: 64 rows a GPU per step, reached by 8 micro-batches of 8 on 80 GiB
+    big = student_plan(tmp_path, "--gpu-memory", "80", "--global-batch-tokens", "1M")["memory"]
+    assert big["global_batch_tokens"] == 10**6 and big["global_batch_source"] == "--global-batch-tokens"
+    assert (big["suggested"]["micro_batch_size"], big["suggested"]["grad_accum"]) == (8, 8)
+    assert big["suggested"]["global_batch_tokens"] == 8 * 8 * 8 * 2048  # 1,048,576: rounded up to whole rows
+    # an 8B student's weights, gradients and AdamW states alone are 16 bytes × 8.03e9 = 120 GiB
+    llama_8b = {**LLAMA_1B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "head_dim": 128, "tie_word_embeddings": False}
+    none = student_plan(tmp_path, "--gpu-memory", "80", config=llama_8b)["memory"]["suggested"]
+    assert none["fits"] is False and none["states_bytes"] == 16 * 8_030_261_248 and "--fsdp" in none["why"]
+
+
+def test_the_memory_is_printed_with_its_terms(tmp_path):
+    path = tmp_path / "student.json"
+    path.write_text(json.dumps(LLAMA_1B))
+    text = ok(run_cli("plan", "--tokens", "2B", "--seq-len", "2048", "--vocab-size", "128256", "--gpus", "8",
+                      "--student", path, "--gpu-memory", "80")).output
+    assert "85.7 GiB per GPU at micro-batch 16 (bfloat16 autocast)" in text
+    assert "c = 63 bytes × B·L·d per layer, 16 layers of d = 2048" in text
+    assert "fits          NO: 71.1 GiB usable of 80 GiB" in text
+    assert "suggested     --micro-batch-size 8 --grad-accum 2 (53.8 GiB; 262,144 tokens per step" in text
+    # without the architecture there is no activation to count
+    only = plan_json("--tokens", "2B", "--seq-len", "2048", "--vocab-size", "128256", "--student-params", "1B")
+    assert "memory" not in only["stage_two"] and "--student CONFIG" in only["stage_two"]["memory_not_estimated"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_activation_constants_are_what_autograd_keeps(dtype, checkpointing):
+    """The memory model's c against the bytes of every tensor the shipped student's decoder saves for
+    backward (saved-tensor hooks, parameters excluded), training on the CPU under autocast for bfloat16
+    as stage two does on CUDA: per layer c·B·L·d and its bfloat16 weight copies (with checkpointing its
+    float32 input alone), and the final norm's 8·B·L·d (the other 4 of the 12 outside the layers are the
+    hidden states stage two copies without the last position). Within 2%."""
+    import torch
+
+    from pipeline.models import hf_config
+    from stages.plan import CHECKPOINTED_LAYER, activation_constant, student_shape
+
+    config = hf_config(ROOT / "data" / "models" / "student.json")
+    torch.manual_seed(0)
+    model = load_model(ROOT / "data" / "models" / "student.json").train()
+    if checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        saved.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        return tensor
+
+    rows, seq_len = 8, 256
+    ids = torch.randint(0, config.vocab_size, (rows, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            model.model(input_ids=ids, use_cache=False)
+    measured = sum(n for ptr, n in saved.items() if ptr not in parameters)
+    shape = student_shape(config, count_parameters(model))
+    tokens_d = rows * seq_len * shape.width
+    copies = 2 * shape.layer_parameters if dtype == "bfloat16" else 0
+    if checkpointing:
+        per_layer = CHECKPOINTED_LAYER * tokens_d
+    else:
+        per_layer = activation_constant(shape, dtype) * tokens_d + copies
+    predicted = shape.layers * per_layer + 8 * tokens_d
+    print(f"{dtype}{' checkpointed' if checkpointing else ''}: measured {measured:,} B, predicted {predicted:,.0f} B")
+    assert measured == pytest.approx(predicted, rel=0.02)
