@@ -109,10 +109,11 @@ def test_stage_one_full_disk_keeps_finished_shards_and_a_rerun_completes(stage_o
     names = sorted(want)
 
     # Room for the resolved config, the partial index (one page, and its temp copy while it is
-    # rewritten) and three and a half shards: the fourth shard's write fails.
+    # rewritten), the metrics log and three and a half shards: the fourth shard's write fails.
     fs = small_fs(8 << 20)
     store = fs / "store"
     leave = pages(reference / "config.part-00000.json") + 2 * PAGE + sum(pages(reference / n) for n in names[:3])
+    leave += pages(reference / "metrics.jsonl")  # the job's metrics log, a record per shard
     leave += pages(reference / names[3]) // 2
     filler = fill(fs, leave)
     args = teacher_args(stage_one, store, kind, backend)
@@ -128,7 +129,7 @@ def test_stage_one_full_disk_keeps_finished_shards_and_a_rerun_completes(stage_o
     assert [e["name"] for e in part["shards"]] == names[:3]
     assert all(e["sha256"] == want[e["name"]] for e in part["shards"])
     visible = sorted(p.name for p in store.iterdir() if not p.name.startswith("."))
-    assert visible == ["config.part-00000.json", "index.part-00000-of-00001.json", *names[:3]]
+    assert visible == ["config.part-00000.json", "index.part-00000-of-00001.json", "metrics.jsonl", *names[:3]]
     for name in names[:3]:
         assert store_lib.content_hash(store_lib.READERS[backend](store / name)) == want[name], name
     hidden = sorted(p.name for p in store.iterdir() if p.name.startswith("."))
