@@ -264,11 +264,14 @@ bench-cross: setup
 # mode with the old term); the exact modes after them. Run it in the background.
 CROSS_REAL_STEPS ?= 80
 CROSS_REAL_MODES ?= same-ce,same-kd,cross-ce,cross-both,cross-both-bucket,cross-exact,cross-exact-bucket
+# e.g. CROSS_REAL_ARGS="--keep-store runs/cross-real-store", then "--store runs/cross-real-store --previous FILE"
+# to add modes or seeds without stage one again
+CROSS_REAL_ARGS ?=
 bench-cross-real: real-teacher
 	$(BIN)/python bench/cross_tokenizer.py --teacher $(REAL_TEACHER) --teacher-tokenizer $(REAL_TEACHER) \
 		--student $(REAL_STUDENT) --student-tokenizer $(REAL_CROSS_TOKENIZER) --cross-student $(REAL_CROSS_STUDENT) \
 		--corpus data/pydoc/train.jsonl.gz --heldout data/pydoc/heldout.jsonl.gz --steps $(CROSS_REAL_STEPS) \
-		--seeds 0,1,2 --modes $(CROSS_REAL_MODES) --out bench/results/cross_tokenizer_real_cpu.json
+		--seeds 0,1,2 --modes $(CROSS_REAL_MODES) --out bench/results/cross_tokenizer_real_cpu.json $(CROSS_REAL_ARGS)
 
 bench-quality: setup
 	$(BIN)/python bench/quality.py --teacher $(TEACHER) --steps 300 --seeds 0,1,2 --modes $(QUALITY_MODES) \

@@ -41,6 +41,7 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,21 @@ def summarise(runs: dict) -> dict:
     return modes
 
 
+def merge(files: list[Path], out: Path) -> None:
+    parts = [json.loads(f.read_text()) for f in files]
+    runs: dict = {}
+    for part in parts:
+        for mode, by_seed in part["runs"].items():
+            for seed, run in by_seed.items():
+                if seed in runs.get(mode, {}) and runs[mode][seed]["bits_per_byte"] != run["bits_per_byte"]:
+                    raise SystemExit(f"{mode} seed {seed} differs between the files merged")
+                runs.setdefault(mode, {})[seed] = run
+    result = parts[0] | {"runs": runs, "summary": summarise(runs), "merged_from": [str(f) for f in files],
+                         "seeds": sorted({int(s) for by_seed in runs.values() for s in by_seed}),
+                         "wall_s": [part["wall_s"] for part in parts]}  # each file's; they may have run side by side
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="data/models/teacher")
@@ -139,7 +155,16 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/cross_tokenizer_cpu.json")
     parser.add_argument("--previous", default="", help="a result file of the same settings whose runs are kept "
                         "(the store is rebuilt bit for bit: same rows, same draws)")
+    parser.add_argument("--store", default="", help="a stage-one store kept (--keep-store) by a run of the same "
+                        "settings: stage one is skipped (with --previous, its stage_one_s is kept)")
+    parser.add_argument("--keep-store", default="", help="copy the stage-one store here, for --store")
+    parser.add_argument("--merge", default="", help="comma-separated result files of the same settings and store "
+                        "(e.g. one per seed, run side by side with --store): their runs, summarised, go to --out; "
+                        "nothing is trained")
     args = parser.parse_args()
+    if args.merge:
+        merge([Path(f) for f in args.merge.split(",")], ROOT / args.out)
+        return
     global STUDENT_TOKENIZER
     STUDENT_TOKENIZER = ROOT / args.student_tokenizer
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -153,13 +178,20 @@ def main() -> None:
             docs = [line for _, line in zip(range(args.docs), f)]
         (work / "corpus.jsonl").write_text("".join(docs))
         rows = args.steps * args.micro_batch_size
-        distill("prepare", "--input", work / "corpus.jsonl", "--out", work / "tokens", "--tokenizer",
-                ROOT / args.teacher_tokenizer, "--seq-len", args.seq_len, log=work / "prepare.log")
-        t0 = time.time()
-        distill("teacher", "--tokens-store", work / "tokens", "--teacher", ROOT / args.teacher, "--out",
-                work / "store", "--kind", "sampled", "--samples", args.samples, "--max-rows", rows,
-                "--device", args.device, log=work / "teacher.log")
-        stage_one_s = time.time() - t0
+        previous = json.loads(Path(args.previous).read_text()) if args.previous else {"runs": {}, "wall_s": 0.0}
+        if args.store:  # stage one is the real teacher's slow part: a kept store of the same settings is reused
+            shutil.copytree(ROOT / args.store, work / "store")
+            stage_one_s = previous.get("stage_one_s")
+        else:
+            distill("prepare", "--input", work / "corpus.jsonl", "--out", work / "tokens", "--tokenizer",
+                    ROOT / args.teacher_tokenizer, "--seq-len", args.seq_len, log=work / "prepare.log")
+            t0 = time.time()
+            distill("teacher", "--tokens-store", work / "tokens", "--teacher", ROOT / args.teacher, "--out",
+                    work / "store", "--kind", "sampled", "--samples", args.samples, "--max-rows", rows,
+                    "--device", args.device, log=work / "teacher.log")
+            stage_one_s = time.time() - t0
+            if args.keep_store:
+                shutil.copytree(work / "store", ROOT / args.keep_store, dirs_exist_ok=True)
         student = json.loads((ROOT / args.student).read_text())
         (work / "student-same.json").write_text(json.dumps(student))
         if args.cross_student:
@@ -168,7 +200,6 @@ def main() -> None:
             from transformers import AutoTokenizer
             cross_student = student | {"vocab_size": len(AutoTokenizer.from_pretrained(STUDENT_TOKENIZER))}
         (work / "student-cross.json").write_text(json.dumps(cross_student))
-        previous = json.loads(Path(args.previous).read_text()) if args.previous else {"runs": {}, "wall_s": 0.0}
         runs: dict = previous["runs"]
         for seed in seeds:
             for mode in args.modes.split(","):
