@@ -261,7 +261,11 @@ bench-cross: setup
 # A sibling of bench-cross, not part of it: it needs the 270 MB teacher and its stage one and the
 # same-tokenizer students' 49,152-wide head make it slow on a CPU (the Makefile's demo-real rates).
 # Per seed the required rows come first (same-ce, same-kd, cross-ce, the default cross-both and the same
-# mode with the old term); the exact modes after them. Run it in the background.
+# mode with the old term); the exact modes after them. Run it in the background. Measured (issue #30) on the
+# shared 2-core CPU at load 6-16, OMP_NUM_THREADS=1: stage one over the 640 rows 18 min; per run of 80 steps
+# 6-29 min for the 49,152-id students, 4-18 min for the 8192-id ones, each held-out evaluation 1-6 min: the
+# 5 required modes x 3 seeds took about 95 min of wall time with the seeds run side by side (--keep-store /
+# --store, then --merge), and would take 2-3 hours one after another at that load.
 CROSS_REAL_STEPS ?= 80
 CROSS_REAL_MODES ?= same-ce,same-kd,cross-ce,cross-both,cross-both-bucket,cross-exact,cross-exact-bucket
 # e.g. CROSS_REAL_ARGS="--keep-store runs/cross-real-store", then "--store runs/cross-real-store --previous FILE"
