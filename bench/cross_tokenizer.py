@@ -20,7 +20,16 @@ half as large). Every run reads the same store rows — the same bytes — for t
 Held-out **bits per byte** (``distill eval --tasks heldout``) compares the two tokenizers. The
 summary gives each mode's mean and seed spread (max − min) and, per cross mode, the share of the
 same-tokenizer KD gain over CE that its own gain over ``cross-ce`` recovers:
-``(cross-ce − mode) / (same-ce − same-kd)`` on seed means.
+``(cross-ce − mode) / (same-ce − same-kd)`` on seed means, and the same ratio seed by seed (each
+seed's runs share their initialisation and batch order), whose range is the share's seed spread.
+
+The harder pair (issue #30; ``make bench-cross-real``): a real teacher (``--teacher
+data/models/smollm2-135m``, 49,152 ids, its own tokenizer ``--teacher-tokenizer``), the project's
+tokenizer as the student's (``--student-tokenizer data/tokenizer``, ``--cross-student
+data/models/student.json``; the same-tokenizer students are ``--student
+data/models/student-smollm2.json``, the same body at 49,152 ids) and text of a domain that
+tokenizer was not trained on (``--corpus data/pydoc/train.jsonl.gz --heldout
+data/pydoc/heldout.jsonl.gz``: the standard library's docstrings, data/PROVENANCE.md).
 
     python bench/cross_tokenizer.py --steps 120 --seeds 0,1,2 --out bench/results/cross_tokenizer_cpu.json
 """
@@ -32,6 +41,7 @@ import gzip
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +50,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STUDENT_TOKENIZER = ROOT / "data" / "tokenizer-4096"  # --student-tokenizer sets it
 MODES = ("same-ce", "same-kd", "cross-ce", "cross-exact", "cross-chunk", "cross-both")
 CROSS = ("cross-exact", "cross-chunk", "cross-both", "cross-exact-prefix", "cross-both-prefix", "cross-exact-bucket",
          "cross-both-bucket")
@@ -58,13 +69,13 @@ def distill(*args: str, log: Path) -> None:
 
 def student_flags(mode: str, work: Path) -> list[str]:
     same = mode.startswith("same")
-    flags = ["--train-store", work / "store", "--model", work / ("student-8192.json" if same else "student-4096.json")]
+    flags = ["--train-store", work / "store", "--model", work / ("student-same.json" if same else "student-cross.json")]
     if mode == "same-both":
         flags += ["--cross-tokenizer", "both"]
     if not same:
         suffix = next((s for s in OLD_TERM if mode.endswith(s)), "")
         term = mode.removeprefix("cross-").removesuffix(suffix) if suffix else mode.removeprefix("cross-")
-        flags += ["--tokenizer", ROOT / "data" / "tokenizer-4096",
+        flags += ["--tokenizer", STUDENT_TOKENIZER,
                   "--cross-tokenizer", "exact" if mode == "cross-ce" else term]
         flags += OLD_TERM.get(suffix, [])
     return flags + ["--alpha", "1" if mode.endswith("-ce") else "0.5"]
@@ -91,13 +102,44 @@ def summarise(runs: dict) -> dict:
                 spread = max(modes["cross-ce"]["bits_per_byte_spread"], modes[name]["bits_per_byte_spread"])
                 modes[name] |= {"gain_over_ce": gain, "recovered_share": gain / same_gain if same_gain > 0 else None,
                                 "gain_beyond_spread": gain > spread}
+                # seed by seed: (cross-ce_s - mode_s) / (same-ce_s - same-kd_s) over the seeds every run has
+                seeds = sorted(set(runs[name]) & set(runs["cross-ce"]) & set(runs["same-ce"]) & set(runs["same-kd"]))
+                per_seed = {}
+                for s in seeds:
+                    same_s = runs["same-ce"][s]["bits_per_byte"] - runs["same-kd"][s]["bits_per_byte"]
+                    gain_s = runs["cross-ce"][s]["bits_per_byte"] - runs[name][s]["bits_per_byte"]
+                    per_seed[s] = gain_s / same_s if same_s > 0 else None
+                shares = [v for v in per_seed.values() if v is not None]
+                if shares:
+                    modes[name] |= {"recovered_share_per_seed": per_seed, "recovered_share_min": min(shares),
+                                    "recovered_share_max": max(shares)}
     return modes
+
+
+def merge(files: list[Path], out: Path) -> None:
+    parts = [json.loads(f.read_text()) for f in files]
+    runs: dict = {}
+    for part in parts:
+        for mode, by_seed in part["runs"].items():
+            for seed, run in by_seed.items():
+                if seed in runs.get(mode, {}) and runs[mode][seed]["bits_per_byte"] != run["bits_per_byte"]:
+                    raise SystemExit(f"{mode} seed {seed} differs between the files merged")
+                runs.setdefault(mode, {})[seed] = run
+    result = parts[0] | {"runs": runs, "summary": summarise(runs), "merged_from": [str(f) for f in files],
+                         "seeds": sorted({int(s) for by_seed in runs.values() for s in by_seed}),
+                         "wall_s": [part["wall_s"] for part in parts]}  # each file's; they may have run side by side
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="data/models/teacher")
-    parser.add_argument("--student", default="data/models/student.json")
+    parser.add_argument("--student", default="data/models/student.json",
+                        help="the same-tokenizer students' config (at the teacher's vocabulary)")
+    parser.add_argument("--cross-student", default="", help="the cross-tokenizer students' config "
+                        "(default: --student at the student tokenizer's vocabulary)")
+    parser.add_argument("--teacher-tokenizer", default="data/tokenizer", help="the store's tokenizer (the teacher's)")
+    parser.add_argument("--student-tokenizer", default="data/tokenizer-4096")
     parser.add_argument("--corpus", default="data/corpus/train.jsonl.gz")
     parser.add_argument("--heldout", default="data/corpus/heldout.jsonl.gz")
     parser.add_argument("--docs", type=int, default=3000, help="training documents read (the store's rows come first)")
@@ -113,28 +155,51 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/cross_tokenizer_cpu.json")
     parser.add_argument("--previous", default="", help="a result file of the same settings whose runs are kept "
                         "(the store is rebuilt bit for bit: same rows, same draws)")
+    parser.add_argument("--store", default="", help="a stage-one store kept (--keep-store) by a run of the same "
+                        "settings: stage one is skipped (with --previous, its stage_one_s is kept)")
+    parser.add_argument("--keep-store", default="", help="copy the stage-one store here, for --store")
+    parser.add_argument("--merge", default="", help="comma-separated result files of the same settings and store "
+                        "(e.g. one per seed, run side by side with --store): their runs, summarised, go to --out; "
+                        "nothing is trained")
     args = parser.parse_args()
+    if args.merge:
+        merge([Path(f) for f in args.merge.split(",")], ROOT / args.out)
+        return
+    global STUDENT_TOKENIZER
+    STUDENT_TOKENIZER = ROOT / args.student_tokenizer
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
+    load_at_start = os.getloadavg()  # 1, 5 and 15 minutes: the machine is shared
     out = ROOT / args.out
     with tempfile.TemporaryDirectory(prefix="bench-cross-") as tmp:
         work = Path(tmp)
         os.environ["DISTILL_CACHE"] = str(work / "cache")
         with gzip.open(ROOT / args.corpus, "rt", encoding="utf-8") as f:
-            docs = [next(f) for _ in range(args.docs)]
+            docs = [line for _, line in zip(range(args.docs), f)]
         (work / "corpus.jsonl").write_text("".join(docs))
         rows = args.steps * args.micro_batch_size
-        distill("prepare", "--input", work / "corpus.jsonl", "--out", work / "tokens", "--tokenizer",
-                ROOT / "data" / "tokenizer", "--seq-len", args.seq_len, log=work / "prepare.log")
-        t0 = time.time()
-        distill("teacher", "--tokens-store", work / "tokens", "--teacher", ROOT / args.teacher, "--out",
-                work / "store", "--kind", "sampled", "--samples", args.samples, "--max-rows", rows,
-                "--device", args.device, log=work / "teacher.log")
-        stage_one_s = time.time() - t0
-        student = json.loads((ROOT / args.student).read_text())
-        (work / "student-8192.json").write_text(json.dumps(student))
-        (work / "student-4096.json").write_text(json.dumps(student | {"vocab_size": 4096}))
         previous = json.loads(Path(args.previous).read_text()) if args.previous else {"runs": {}, "wall_s": 0.0}
+        if args.store:  # stage one is the real teacher's slow part: a kept store of the same settings is reused
+            shutil.copytree(ROOT / args.store, work / "store")
+            stage_one_s = previous.get("stage_one_s")
+        else:
+            distill("prepare", "--input", work / "corpus.jsonl", "--out", work / "tokens", "--tokenizer",
+                    ROOT / args.teacher_tokenizer, "--seq-len", args.seq_len, log=work / "prepare.log")
+            t0 = time.time()
+            distill("teacher", "--tokens-store", work / "tokens", "--teacher", ROOT / args.teacher, "--out",
+                    work / "store", "--kind", "sampled", "--samples", args.samples, "--max-rows", rows,
+                    "--device", args.device, log=work / "teacher.log")
+            stage_one_s = time.time() - t0
+            if args.keep_store:
+                shutil.copytree(work / "store", ROOT / args.keep_store, dirs_exist_ok=True)
+        student = json.loads((ROOT / args.student).read_text())
+        (work / "student-same.json").write_text(json.dumps(student))
+        if args.cross_student:
+            cross_student = json.loads((ROOT / args.cross_student).read_text())
+        else:
+            from transformers import AutoTokenizer
+            cross_student = student | {"vocab_size": len(AutoTokenizer.from_pretrained(STUDENT_TOKENIZER))}
+        (work / "student-cross.json").write_text(json.dumps(cross_student))
         runs: dict = previous["runs"]
         for seed in seeds:
             for mode in args.modes.split(","):
@@ -157,10 +222,15 @@ def main() -> None:
                           if any(k in r for r in logged)}
                 runs.setdefault(mode, {})[str(seed)] = {"bits_per_byte": heldout["bits_per_byte"],
                                                         "heldout_loss_per_token": heldout["loss"],
-                                                        "train_s": train_s, **shares}
+                                                        "train_s": train_s, "load_average": os.getloadavg(),
+                                                        **shares}
                 print(f"{mode} seed {seed}: {heldout['bits_per_byte']:.4f} bits/byte ({train_s:.0f} s)", flush=True)
                 result = {"device": f"{args.device} ({platform.machine()}, {os.cpu_count()} cores)",
-                          "teacher": args.teacher, "student": args.student, "steps": args.steps,
+                          "load_average_at_start": load_at_start,
+                          "teacher": args.teacher, "student": args.student,
+                          "cross_student": args.cross_student or f"{args.student} at vocab {cross_student['vocab_size']}",
+                          "teacher_tokenizer": args.teacher_tokenizer, "student_tokenizer": args.student_tokenizer,
+                          "corpus": args.corpus, "heldout": args.heldout, "docs": len(docs), "steps": args.steps,
                           "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
                           "samples": args.samples, "store_rows": rows, "heldout_docs": args.heldout_docs,
                           "seeds": seeds, "stage_one_s": stage_one_s,
