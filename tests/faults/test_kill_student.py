@@ -90,11 +90,23 @@ class Watcher(threading.Thread):
             for path in dirs:
                 needed = ("state.pt", "config.json", checkpoint.MANIFEST) if path.name.startswith("step-") else (
                     "model.safetensors", "config.json")
+                # the same directory under its name before and after the look (not renamed into place or
+                # aside meanwhile: a look that began before a rename saw a name with nothing under it yet)
+                before = inode(path)
                 missing = [n for n in needed if not (path / n).is_file()]
-                if missing and path.is_dir():  # still there under its name (not renamed aside meanwhile)
+                if missing and before is not None and inode(path) == before:
                     self.violations.append(f"{path.name} without {', '.join(missing)}")
             self.looks += 1
             time.sleep(0.001)
+
+
+def inode(path: Path):
+    """The inode of the directory under ``path`` now, or None when there is none."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_ino if path.is_dir() else None
 
 
 def metrics_inode(out: Path):
