@@ -277,7 +277,7 @@ def test_unsatisfiable_rule_sets_are_reported(tokenizer, spec, message):
         rules(tokenizer, budget=20, **spec)
 
 
-def test_the_shipped_rule_file_uses_every_rule_and_the_readme_shows_it(tokenizer):
+def test_the_shipped_rule_file_uses_every_rule_and_the_reference_shows_it(tokenizer):
     import yaml
 
     from pipeline.decode.rules import RULES, load_rules
@@ -285,8 +285,9 @@ def test_the_shipped_rule_file_uses_every_rule_and_the_readme_shows_it(tokenizer
 
     spec = load_rules(ROOT / "data" / "rules" / "example.yaml")
     assert spec.given() == list(RULES)
-    readme = (ROOT / "README.md").read_text().split("#### Rules")[1].split("```yaml\n")[1].split("```")[0]
-    assert parse_rules(yaml.safe_load(readme)).sha256 == spec.sha256
+    page = (ROOT / "docs" / "reference" / "generate.md").read_text()
+    shown = page.split("\n## Rules\n")[1].split("```yaml\n")[1].split("```")[0]
+    assert parse_rules(yaml.safe_load(shown)).sha256 == spec.sha256
     assert Rules(spec, tokenizer, 64).budget == 40  # satisfiable as far as compiling can tell
 
 
