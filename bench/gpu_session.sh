@@ -22,6 +22,12 @@
 #   6N + 12·layers·hidden·seq per token over the card's dense bf16 peak; the recompute is not counted) and peak
 #   memory per step. Each variant ~40 s (start, a 0.5B model built, steps) and ~60 s more to compile: ~3-4 min,
 #   timeout 420 s. Writes $OUT/scale_<gpu>.json and .log.
+# SESSION=curve (issue #34; prepared, not yet run on a GPU): bench/curve.py --scale gpu, a 50M student (Llama, 8 layers,
+#   hidden 512, the teacher's 49,152-token vocabulary tied) and its project-tokenizer twin, CE and distilled from
+#   SmolLM2-135M's sampled store over 12,800 rows x 512 tokens (6.6M tokens; 1200 steps of 32 rows read it 3 times:
+#   ~20M training tokens), bf16, 3 seeds, 4 runs at once. Needs the teacher at $REAL_TEACHER (default
+#   data/models/smollm2-135m, 540 MB: more than a device call carries, so a machine that has it or can run
+#   `make real-teacher`). Writes $OUT/curve_<gpu>.json, .png and .log.
 # SESSION=quality: the earlier session, the quality benchmark and both realistic stages.
 # zarr and its codecs are not on the machine's image: carry them as wheels in .whl (zarr 3.1, numcodecs, donfig,
 # google-crc32c, for the machine's Python), e.g.  pip download --only-binary=:all: --no-deps --python-version 3.X \
@@ -61,6 +67,21 @@ if [ "$SESSION" = scale ]; then
   timeout ${SCALE_TIMEOUT:-420} $PY bench/scale.py --device $DEVICE $([ $DEVICE = cuda ] && echo --dtype bfloat16) $S \
       --variants plain,checkpointing,checkpointing+compile --work "$W/scale" --out "$OUT/scale_${GPU}.json" 2>&1 \
       | tr '\r' '\n' | grep -vE '^(train|prepare|Loading)' | tail -15 | tee "$OUT/scale_${GPU}.log"
+  log done
+  exit 0
+fi
+
+if [ "$SESSION" = curve ]; then
+  T=${REAL_TEACHER:-data/models/smollm2-135m}
+  [ -f "$T/model.safetensors" ] || { echo "error: SESSION=curve needs SmolLM2-135M at REAL_TEACHER=$T (make real-teacher)" >&2; exit 2; }
+  if [ "${DRY:-0}" = 1 ]; then
+    C="--rows 16 --steps 4 --eval-every 2 --micro-batch-size 2 --seq-len 64 --seeds 0,1 --heldout-docs 4 --device cpu"
+  else
+    C="--scale gpu"
+  fi
+  log "curve: learning curves from the real teacher's store"
+  timeout ${CURVE_TIMEOUT:-1500} $PY bench/curve.py --teacher "$T" $C --work "$W/curve" --out "$OUT/curve_${GPU}.json" \
+      --figure "$OUT/curve_${GPU}.png" 2>&1 | tee "$OUT/curve_${GPU}.log" | tail -40
   log done
   exit 0
 fi
