@@ -55,7 +55,7 @@ REPORT      ?= $(RUN)/report
 
 .PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross bench-cross-real bench-scale \
-        sweep clean onpolicy onpolicy-start bench-onpolicy bench-prepare
+        sweep clean onpolicy onpolicy-start bench-onpolicy bench-prepare bench-curve
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,8 +67,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# two pytest-xdist workers of one torch thread each (the tests are small: two one-thread processes use
+# 2 cores better than one of two threads); the real-SLURM tests share one worker (tests/conftest.py).
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow" \
+		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 # the fault-injection suite (docs/RELIABILITY.md): every kill, byte flip, full disk and race; its
 # fast cases also run in `make test`
@@ -250,6 +255,16 @@ bench-prepare: setup
 bench-scale: setup
 	$(BIN)/python bench/scale.py --device cpu --seq-len 1024 --micro-batch-size 4 --steps 5 --warmup 2 \
 		--out bench/results/scale_cpu.json
+
+# Learning curves on the real teacher (issue #34): SmolLM2-135M's sampled store (32 draws, T = 1, grid 1 and 2),
+# the same-tokenizer and the project-tokenizer students, CE and distilled, 3 seeds, held-out bits per byte every
+# CURVE_EVAL steps from an eval store inside each run; tokens-to-target with a bootstrap over seeds; T = 2 and
+# alpha = 0 at seed 0. Two one-thread runs side by side. Run it in the background (time: docs/BENCHMARKS.md).
+CURVE_STEPS ?= 600
+CURVE_ARGS  ?=
+bench-curve: real-teacher
+	$(BIN)/python bench/curve.py --teacher $(REAL_TEACHER) --steps $(CURVE_STEPS) --out bench/results/curve_cpu.json \
+		--figure docs/img/curve_cpu.png $(CURVE_ARGS)
 
 bench-bytes: setup
 	$(BIN)/python bench/store_bytes.py --teacher $(TEACHER) --rows 128 --out bench/results/store_bytes_cpu.json

@@ -191,3 +191,12 @@ def make_model(path: Path, arch: str, vocab: int, **extra) -> Path:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **(common | extra)))
     model.save_pretrained(str(path))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`) the tests that need the
+    machine's one real SLURM cluster run on one worker, one after another: a second slurmctld on the
+    same host and ports could not start."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
