@@ -7,7 +7,9 @@ would check them) and what each kind of job asks the cluster for. ``distill slur
     0a-prepare.sbatch  (with a prepare section) stage 0 as a job array: task i of n tokenizes its share of
                        the raw files (distill prepare --shard-index i --num-shards n)
     0b-merge-tokens.sbatch  after every prepare task succeeded: distill merge cuts the tokens store's rows
-    1-teacher.sbatch   stage one as a job array: task i of n writes shards i, i+n, … (--shard-index)
+    1-teacher.sbatch   stage one as a job array: task i of n writes shards i, i+n, … (--shard-index);
+                       with jobs.teacher.procs_per_node / nodes, each task runs nodes × procs_per_node
+                       processes, one per GPU, each owning the shards of its global index
     2-merge.sbatch     after every task succeeded: distill merge, then distill inspect --verify
     3-student.sbatch   after the merge: stage two under torchrun (one node, or srun + c10d rendezvous
                        on the first host of the allocation)
@@ -23,6 +25,16 @@ idempotent) and the jobs after them.
 The prepare array asks for no GPU unless ``jobs.prepare.gpus`` says so (``defaults.gpus`` is for the
 model stages) and takes no pre-emption signal: a killed task keeps the units it recorded, and its
 rerun continues from them.
+
+Stage one on whole nodes (issue #33): with ``jobs.teacher.procs_per_node`` N (and ``nodes`` M) an
+array task is one ``srun`` of M × N processes; process p (``SLURM_PROCID``) of task t runs ``distill
+teacher --shard-index t·M·N + p --num-shards array·M·N``, so each has its own lock and partial index
+and resumes on its own, as an array task does (a requeued or resubmitted task reruns all its
+processes; those done find nothing left). On GPUs the job asks for ``--gres=gpu:N`` a node and each
+process takes the ``SLURM_LOCALID``-th GPU SLURM gave its node's step (``PIN_GPU`` says why not
+``--gpus-per-task``). Arrays may be throttled: ``array: "N%M"``. More owners than the store's shards:
+refused by ``check_shard_owners`` where the count is known now, else each idle process says so and
+exits 0 (``stages/teacher.py``).
 
 Pre-emption: the teacher and student jobs ask for ``--signal=USR1@SECONDS`` and ``--requeue``. The
 signal reaches every process of the job step; stage one finishes its shard, stage two its step and a
@@ -80,7 +92,7 @@ from pipeline.preempt import EXIT_PREEMPTED as PREEMPTED  # a stage stopped by t
 IGNORE_USR1 = 'trap "" USR1; exec '  # torchrun then ignores USR1; its workers install their own handler
 RESOURCES = ("partition", "account", "qos", "time", "cpus", "mem", "gpus", "constraint", "signal", "extra")
 JOB_RESOURCES = {"prepare": tuple(r for r in RESOURCES if r != "signal") + ("array",),
-                 "teacher": RESOURCES + ("array",), "merge": RESOURCES,
+                 "teacher": RESOURCES + ("array", "nodes", "procs_per_node"), "merge": RESOURCES,
                  "student": RESOURCES + ("nodes", "procs_per_node"), "eval": RESOURCES,
                  "generate": RESOURCES + ("array",)}  # generate: the --rounds' generate arrays only
 SCRIPTS = {"teacher": "1-teacher.sbatch", "merge": "2-merge.sbatch", "student": "3-student.sbatch",
@@ -110,8 +122,9 @@ class SlurmConfig:
                                  "'04:00:00'), cpus (per task), mem, gpus (per node), constraint, signal "
                                  "(USR1@120), extra (more sbatch options, one '--…' per line).")
     jobs: dict = file_option("Resources per job kind (prepare, teacher, merge, student, eval; with --rounds also "
-                             "generate) over the defaults; prepare, teacher and generate: array (tasks); student: "
-                             "nodes, procs_per_node.")
+                             "generate) over the defaults; prepare, teacher and generate: array (tasks, or 'N%M': "
+                             "N tasks, at most M at once); teacher and student: nodes, procs_per_node (a stage-one "
+                             "process per GPU).")
     env: dict = file_option("Environment variables every job exports.")
     prepare: dict = file_option("distill prepare options, without the shard index/count: the chain then starts "
                                 "from raw files with a prepare array (jobs.prepare.array) and its merge; "
@@ -176,8 +189,10 @@ class Plan:
         return [*(PREPARE_SCRIPTS if self.prepare is not None else ()), *SCRIPTS]
 
 
-def resolve(config: SlurmConfig) -> Plan:
-    """Check every section as its stage would, fill in what follows from the stages before it."""
+def resolve(config: SlurmConfig, resubmitting: bool = False) -> Plan:
+    """Check every section as its stage would, fill in what follows from the stages before it. The
+    shard owners are checked against the store's shards when the scripts are written, not when they
+    are resubmitted: by then the scripts and the partial indexes have their number."""
     from stages.eval import EvalConfig
     from stages.prepare import PrepareConfig
     from stages.report import ReportConfig
@@ -208,7 +223,10 @@ def resolve(config: SlurmConfig) -> Plan:
             raise DistillError(f"slurm config: teacher.tokens_store {tokens_store!r} is not prepare.out "
                                f"{prepare.out!r}: stage one would not read what prepare writes; drop "
                                "teacher.tokens_store (it defaults to prepare.out)")
-    teacher = section(TeacherConfig, "teacher", teacher_section | {"num_shards": resources["teacher"]["array"]})
+    teacher = section(TeacherConfig, "teacher", teacher_section | {"num_shards": shard_owners(resources["teacher"])[1]})
+    workdir = Path(config.workdir or os.getcwd()).resolve()
+    if not resubmitting:
+        check_shard_owners(teacher, resources["teacher"], workdir)
     student = section(TrainConfig, "student", {"train_store": teacher.out, "resume": "auto"} | (config.student or {}))
     if student.resume != "auto":
         raise DistillError("slurm config: student.resume must be 'auto' (a requeued job continues its checkpoint)")
@@ -218,8 +236,39 @@ def resolve(config: SlurmConfig) -> Plan:
              for i, e in enumerate(config.eval or [{"out": str(Path(student.out) / "eval.json")}])]
     report = section(ReportConfig, "report", {"runs": [e.out for e in evals]} | (config.report or {}))
     env = {str(k): str(v) for k, v in (config.env or {}).items()}
-    workdir = Path(config.workdir or os.getcwd()).resolve()
     return Plan(teacher, student, evals, report, resources, env, config.setup, workdir, config.port, prepare)
+
+
+def check_shard_owners(teacher: Any, res: dict, workdir: Path) -> None:
+    """More shard owners (array × nodes × procs_per_node) than the store will have shards: refused in one
+    line where the number of shards is known now, from the tokens store's rows (where it exists) or
+    bounded by teacher.max_rows. Where it is not (prepare writes the tokens later), a process that owns
+    no shard says so and exits 0 before its teacher loads (stages/teacher.py)."""
+    from pipeline.store import contract as store_lib
+
+    owners = shard_owners(res)[1]
+    tokens = Path(teacher.tokens_store) if Path(teacher.tokens_store).is_absolute() else workdir / teacher.tokens_store
+    rows = None
+    if (tokens / store_lib.INDEX).is_file():
+        with contextlib.suppress(DistillError):  # a damaged store: stage one says what is wrong with it
+            rows = store_lib.open_store(tokens, check=False).rows
+    rps = teacher.rows_per_shard
+    layout = (f"{owners} shard owners (jobs.teacher.array {res['array']} × nodes {res['nodes']} × procs_per_node "
+              f"{res['procs_per_node']})")
+    if rows is not None:
+        rows = min(rows, teacher.max_rows) if teacher.max_rows else rows
+        shards = math.ceil(rows / rps)
+        if owners <= shards:
+            return
+        fits = math.ceil(rows / (owners - 1)) - 1  # the largest rows_per_shard r with ceil(rows / r) ≥ owners
+        smaller = f", or teacher.rows_per_shard at most {fits}" if fits >= 1 else ""
+        raise DistillError(f"slurm config: stage one has {layout} but the store will have {shards} shards ({rows} "
+                           f"rows of {teacher.tokens_store}, {rps} a shard): {owners - shards} would have nothing to "
+                           f"do; make array × nodes × procs_per_node at most {shards}{smaller}")
+    if teacher.max_rows and owners > (bound := math.ceil(teacher.max_rows / rps)):
+        raise DistillError(f"slurm config: stage one has {layout} but the store will have at most {bound} shards "
+                           f"(teacher.max_rows {teacher.max_rows}, rows_per_shard {rps}): at least {owners - bound} "
+                           f"would have nothing to do; make array × nodes × procs_per_node at most {bound}")
 
 
 def section(cls: type, name: str, values: dict) -> Any:
@@ -245,10 +294,16 @@ def job_resources(config: SlurmConfig) -> dict[str, dict]:
         if not isinstance(merged["extra"], list):  # one line, or none
             merged["extra"] = [merged["extra"]] if merged["extra"] else []
         if kind in ("prepare", "teacher", "generate"):
-            merged.setdefault("array", 1)
-        if kind == "student":
+            merged["array"], merged["throttle"] = array_size(merged.get("array", 1))
+        if kind in ("teacher", "student"):
             merged.setdefault("nodes", 1)
+        if kind == "student":
             merged.setdefault("procs_per_node", max(merged["gpus"], 1))
+        if kind == "teacher":
+            merged.setdefault("procs_per_node", 1)
+            if merged["procs_per_node"] > 1 and "gpus" not in (jobs.get(kind) or {}):
+                # one GPU per process: a job on GPUs asks for procs_per_node of them a node
+                merged["gpus"] = merged["procs_per_node"] if merged["gpus"] >= 1 else 0
         if kind in ("teacher", "student"):
             merged.setdefault("signal", "USR1@120")
         out[kind] = merged
@@ -257,7 +312,11 @@ def job_resources(config: SlurmConfig) -> dict[str, dict]:
 
 # What sbatch accepts for each resource, as SLURM's manual writes it, and nothing a shell or sbatch's
 # own #SBATCH parser (whitespace splits, quotes and backslashes group, # starts a comment) reads more into.
-COUNTS = {"cpus": 1, "gpus": 0, "nodes": 1, "procs_per_node": 1, "array": 1}  # whole numbers ≥ this
+COUNTS = {"cpus": 1, "gpus": 0, "nodes": 1, "procs_per_node": 1}  # whole numbers ≥ this
+# array: N tasks, or 'N%M' (at most M running at once; sbatch's --array=0-(N-1)%M), 1 ≤ M ≤ N
+THROTTLED_ARRAY = re.compile(r"([0-9]+)%([0-9]+)")
+ARRAY = ("a whole number ≥ 1 or 'N%M' (N tasks, at most M of them running at once, 1 ≤ M ≤ N), "
+         "e.g. 64 or '64%16'")
 GRAMMAR = {
     "partition": (r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*",
                   "SLURM names: letters, digits and _ . - (a comma between partitions)"),
@@ -295,12 +354,38 @@ def resource_problems(defaults: dict, jobs: dict, rounds: bool) -> list[str]:
         for key, value in values.items():
             if key in RESOURCES + ("array", "nodes", "procs_per_node"):
                 problems += _resource_problems(key, value, f"{where}.{key}")
+    teacher = jobs.get("teacher") if isinstance(jobs.get("teacher"), dict) else {}
+    procs, gpus = teacher.get("procs_per_node"), teacher.get("gpus")
+    if _whole(procs) and procs > 1 and _whole(gpus) and gpus not in (0, procs):
+        problems.append(f"jobs.teacher.gpus must be {procs}, one GPU per process of procs_per_node {procs} (or leave "
+                        f"it out), or 0 to run on CPUs, got {gpus}")
     return problems
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def array_size(value: Any) -> tuple[int, int | None] | None:
+    """(tasks, at most this many at once or None) of an ``array`` value; None where it is not one."""
+    if _whole(value):
+        return (value, None) if value >= 1 else None
+    if isinstance(value, str) and (m := THROTTLED_ARRAY.fullmatch(value)):
+        tasks, at_once = int(m.group(1)), int(m.group(2))
+        return (tasks, at_once) if 1 <= at_once <= tasks else None
+    return None
+
+
+def array_spec(tasks: str, throttle: int | None) -> str:
+    """sbatch's --array value: the task ids (``0-7``, ``1,3``) and the throttle, ``%M``, where one is set."""
+    return tasks + (f"%{int(throttle)}" if throttle else "")
+
+
 def _resource_problems(key: str, value: Any, where: str) -> list[str]:
+    if key == "array":
+        return [] if array_size(value) is not None else [f"{where} must be {ARRAY}, got {value!r}"]
     if key in COUNTS:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= COUNTS[key]:
+        if _whole(value) and value >= COUNTS[key]:
             return []
         return [f"{where} must be a whole number ≥ {COUNTS[key]}, got {value!r}"]
     if key == "extra":
@@ -429,11 +514,63 @@ def requeue_on(condition: str, job: str) -> list[str]:
             "fi"]
 
 
-def stage_one_array(config: Path, tasks: int, cpus: int) -> list[str]:
-    """Task i of ``tasks`` runs stage one over shards i, i + tasks, …; a pre-empted task requeues itself."""
-    return ["status=0",
-            f'srun --ntasks=1 --cpus-per-task={int(cpus)} distill teacher --config {shlex.quote(str(config))} '
-            f'--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards {int(tasks)} || status=$?',
+def shard_owners(res: dict) -> tuple[int, int]:
+    """(processes per array task, shard owners in all) of stage one's resources: each process of each
+    task owns the shards of its global index (``distill teacher --shard-index``)."""
+    per_task = int(res["nodes"]) * int(res["procs_per_node"])
+    return per_task, int(res["array"]) * per_task
+
+
+def describe_owners(res: dict) -> str:
+    """'4 tasks', or '2 tasks × 2 nodes × 4 processes = 16 shard owners'; and the throttle."""
+    per_task, owners = shard_owners(res)
+    text = _plural(res["array"], "task", "tasks")
+    if per_task > 1:
+        text += (f" × {_plural(res['nodes'], 'node', 'nodes')} × "
+                 f"{_plural(res['procs_per_node'], 'process', 'processes')} = {owners} shard owners")
+    return text + (f", at most {int(res['throttle'])} at once" if res.get("throttle") else "")
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{int(n)} {one if int(n) == 1 else many}"
+
+
+# Each stage-one process of a task on GPUs takes one of its node's: the SLURM_LOCALID-th of the GPUs
+# SLURM gave the step there (CUDA_VISIBLE_DEVICES; unset, every GPU of the node is visible: 0 … N-1).
+# Not srun --gpus-per-task / --gpu-bind: those need the GPUs configured as GRES in slurm.conf (a step
+# asking for them on a cluster without is refused), and --gpu-bind's ids are relative or global by
+# the site's cgroup setting; the list SLURM writes for the step holds the ids the process must use.
+PIN_GPU = ('gpus=${{CUDA_VISIBLE_DEVICES-{every}}}; IFS=, read -ra gpus <<< "$gpus"; '
+           'export CUDA_VISIBLE_DEVICES="${{gpus[$SLURM_LOCALID]:?no GPU left on this node for process '
+           '$SLURM_LOCALID}}"; ')
+
+
+def stage_one_array(config: Path, res: dict) -> list[str]:
+    """Task t of the array runs one stage-one process, or ``nodes`` × ``procs_per_node`` of them under
+    one srun; process p (SLURM_PROCID) of task t owns the shards of global index
+    g = t × (nodes × procs_per_node) + p, i.e. g, g + owners, … A process stopped by the pre-emption
+    signal finishes its shard and exits 75; srun returns the highest status of its processes, so the
+    task is requeued when one was stopped and none failed worse, and each process's rerun continues
+    from its own partial index."""
+    per_task, owners = shard_owners(res)
+    nodes, procs, cpus = int(res["nodes"]), int(res["procs_per_node"]), int(res["cpus"])
+    teacher = f"distill teacher --config {shlex.quote(str(config))}"
+    if per_task == 1:
+        lines = [f'srun --ntasks=1 --cpus-per-task={cpus} {teacher} --shard-index "$SLURM_ARRAY_TASK_ID" '
+                 f"--num-shards {owners} || status=$?"]
+    else:
+        process = (f'exec {teacher} --shard-index "$((SLURM_ARRAY_TASK_ID * {per_task} + SLURM_PROCID))" '
+                   f"--num-shards {owners}")
+        lines = [f"# {nodes} node(s) × {procs} process(es); each owns the shards of its global index "
+                 f"(task × {per_task} + SLURM_PROCID) of {owners}"]
+        if procs > 1 and int(res["gpus"]):
+            process = PIN_GPU.format(every=",".join(map(str, range(procs)))) + process
+            lines.append("# and takes one GPU of its node: the SLURM_LOCALID-th of those SLURM gave the step there")
+        lines.append("# --kill-on-bad-exit=0: a process that fails leaves the others to finish their shards; srun's "
+                     f"status is the highest of theirs ({PREEMPTED} when one was pre-empted and none failed worse)")
+        lines.append(f"srun --nodes={nodes} --ntasks-per-node={procs} --cpus-per-task={cpus} --kill-on-bad-exit=0 "
+                     f"bash -c {shlex.quote(process)} || status=$?")
+    return ["status=0", *lines,
             *requeue_on(f'[ "$status" -eq {PREEMPTED} ]', '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'),
             'exit "$status"']
 
@@ -442,6 +579,16 @@ def prepare_array(config: Path, tasks: int, cpus: int) -> list[str]:
     """Task i of ``tasks`` tokenizes its share of the raw files into the tokens store's pieces."""
     return [f'srun --ntasks=1 --cpus-per-task={int(cpus)} distill prepare --config {shlex.quote(str(config))} '
             f'--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards {int(tasks)}']
+
+
+def stage_one_what(res: dict, store: str, label: str = "Stage one:") -> str:
+    """The stage-one script's first comment."""
+    per_task, owners = shard_owners(res)
+    if per_task == 1:
+        return (f"{label} {owners} array task(s); task i runs the teacher over shards i, i+{owners}, … of "
+                f"{shlex.quote(str(store))}.")
+    return (f"{label} {describe_owners(res)}; owner g (array task × {per_task} + SLURM_PROCID) runs the "
+            f"teacher over shards g, g+{owners}, … of {shlex.quote(str(store))}.")
 
 
 def merge_store(store: str) -> list[str]:
@@ -473,10 +620,11 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
     conf, logs = out / "config", out / "logs"
     q = lambda p: shlex.quote(str(p))  # noqa: E731
     res = plan.resources
-    n = res["teacher"]["array"]
-    teacher = header("teacher", f"Stage one: {n} array task(s); task i runs the teacher over shards i, i+{n}, … "
-                     f"of {q(plan.teacher.out)}.", res["teacher"], logs / "teacher-%A_%a.out", array=f"0-{n - 1}")
-    teacher += prologue(plan) + stage_one_array(conf / "teacher.yaml", n, res["teacher"]["cpus"])
+    t = res["teacher"]
+    teacher = header("teacher", stage_one_what(t, plan.teacher.out), t, logs / "teacher-%A_%a.out",
+                     array=array_spec(f"0-{t['array'] - 1}", t["throttle"]), nodes=t["nodes"],
+                     tasks_per_node=t["procs_per_node"])
+    teacher += prologue(plan) + stage_one_array(conf / "teacher.yaml", t)
     merge = header("merge", "Once every stage-one task succeeded: write index.json, then check every shard.",
                    res["merge"], logs / "merge-%j.out")
     merge += prologue(plan) + merge_store(plan.teacher.out)
@@ -496,7 +644,7 @@ def scripts(plan: Plan, out: Path) -> dict[str, str]:
         p = res["prepare"]["array"]
         prepare = header("prepare", f"Stage 0: {p} array task(s); task i tokenizes its share of the raw files into "
                          f"{q(plan.prepare.out)} (distill merge then cuts the rows).", res["prepare"],
-                         logs / "prepare-%A_%a.out", array=f"0-{p - 1}")
+                         logs / "prepare-%A_%a.out", array=array_spec(f"0-{p - 1}", res["prepare"]["throttle"]))
         jobs["prepare"] = prepare + prologue(plan) + prepare_array(conf / "prepare.yaml", p, res["prepare"]["cpus"])
         tokens = header("merge-tokens", "Once every prepare task succeeded: cut the tokens store's rows from their "
                         "pieces and write its index.json, then check every shard.", res["merge"],
@@ -562,9 +710,10 @@ def submit(out: Path, kinds: list[str], array: str | None = None, prepare_tasks:
 
 
 def missing_tasks(plan: Plan) -> list[int]:
-    """Stage-one tasks whose shards are not all recorded in their partial index (all of them when
-    the store has none yet)."""
-    return missing_shard_tasks(_abs(plan, plan.teacher.out), plan.resources["teacher"]["array"])
+    """Stage-one array tasks with a process whose shards are not all recorded in its partial index (all
+    of them when the store has none yet)."""
+    t = plan.resources["teacher"]
+    return missing_shard_tasks(_abs(plan, plan.teacher.out), t["array"], shard_owners(t)[0])
 
 
 def missing_prepare_tasks(root: Path, n: int) -> list[int]:
@@ -583,25 +732,28 @@ def missing_prepare_tasks(root: Path, n: int) -> list[int]:
     return tasks
 
 
-def missing_shard_tasks(root: Path, n: int) -> list[int]:
-    """The tasks of an n-task stage-one array into the store ``root`` that owe shards (none once the
-    store has its index)."""
+def missing_shard_tasks(root: Path, tasks: int, per_task: int = 1) -> list[int]:
+    """The tasks of a ``tasks``-task stage-one array into the store ``root``, each of ``per_task``
+    processes (shard owners), that have a process owing shards (none once the store has its index).
+    An owner with no partial index owes its shards, unless another's says how many shards there are
+    and it owns none of them."""
     from pipeline.store import contract as store_lib
 
     if (root / store_lib.INDEX).exists():
         return []
-    tasks = []
-    for job in range(n):
-        part = store_lib.read_partial_index(store_lib.partial_index_path(root, job, n))
+    owners = tasks * per_task
+    parts = [store_lib.read_partial_index(store_lib.partial_index_path(root, g, owners)) for g in range(owners)]
+    total = next((math.ceil(p["params"]["rows"] / p["params"]["rows_per_shard"]) for p in parts if p), None)
+    owing = set()
+    for g, part in enumerate(parts):
         if not part:
-            tasks.append(job)
+            if total is None or g < total:
+                owing.add(g // per_task)
             continue
-        p = part["params"]
-        total = math.ceil(p["rows"] / p["rows_per_shard"])
-        owned = {store_lib.shard_name(j, part["backend"]) for j in range(job, total, n)}
+        owned = {store_lib.shard_name(j, part["backend"]) for j in range(g, total, owners)}
         if owned - {e["name"] for e in part["shards"] if (root / e["name"]).exists()}:
-            tasks.append(job)
-    return tasks
+            owing.add(g // per_task)
+    return sorted(owing)
 
 
 def resubmit(out: Path) -> dict[str, str]:
@@ -610,19 +762,21 @@ def resubmit(out: Path) -> dict[str, str]:
     raw = json.loads((out / "slurm.json").read_text())
     if raw.get("rounds"):
         return resubmit_rounds(out, load_config(SlurmConfig, None, **{**raw, "out": str(out)}))
-    plan = resolve(load_config(SlurmConfig, None, **{**raw, "out": str(out)}))
+    plan = resolve(load_config(SlurmConfig, None, **{**raw, "out": str(out)}), resubmitting=True)
     if plan.prepare is not None and not (_abs(plan, plan.prepare.out) / "index.json").exists():
         n = plan.resources["prepare"]["array"]
         owed = missing_prepare_tasks(_abs(plan, plan.prepare.out), n)
         kinds = ["prepare", "merge-tokens", *SCRIPTS] if owed else ["merge-tokens", *SCRIPTS]
-        narrowed = ",".join(map(str, owed)) if owed and len(owed) < n else None
+        narrowed = array_spec(",".join(map(str, owed)), plan.resources["prepare"]["throttle"]) \
+            if owed and len(owed) < n else None
         print(f"{out}: resubmitting {', '.join(kinds)}" + (f" (prepare tasks {narrowed})" if narrowed else ""))
         return submit(out, kinds, None, narrowed)
     tasks = missing_tasks(plan)
     student_out = Path(plan.student.out) if Path(plan.student.out).is_absolute() else plan.workdir / plan.student.out
     student_done = (student_out / "metrics.json").is_file() and (student_out / "model").is_dir()
     if tasks:
-        kinds, array = ["teacher", "merge", "student", "eval"], ",".join(map(str, tasks))
+        kinds, array = ["teacher", "merge", "student", "eval"], array_spec(",".join(map(str, tasks)),
+                                                                          plan.resources["teacher"]["throttle"])
     elif not (_abs(plan, plan.teacher.out) / "index.json").exists():
         kinds, array = ["merge", "student", "eval"], None
     elif not student_done:
@@ -664,6 +818,7 @@ class RoundJob:
     done: Callable[[], bool]
     tasks: int = 0  # array tasks (0: not an array)
     missing: Callable[[], list[int]] | None = None  # an array's tasks that still owe work
+    throttle: int | None = None  # an array's tasks at most running at once (None: no limit)
 
 
 def resolve_rounds(config: SlurmConfig, out: Path) -> RoundsPlan:
@@ -720,7 +875,7 @@ def one_round(plan: RoundsPlan, r: int, steps: list) -> list[RoundJob]:
 
     def add(step: str, kind: str, what: str, lines: list[str], done, tasks=0, missing=None) -> None:
         jobs.append(RoundJob(f"round-{r:03d}/{len(jobs) + 1:02d}-{step}", r, kind, f"Round {r}: {what}", lines, done,
-                             tasks, missing))
+                             tasks, missing, res[kind].get("throttle") if tasks else None))
 
     groups: list[list] = []  # consecutive generate steps (the student's and the teacher's) form one job
     for step in steps:
@@ -747,10 +902,11 @@ def one_round(plan: RoundsPlan, r: int, steps: list) -> list[RoundJob]:
                 lambda group=group: all(s.done() for s in group), n,
                 lambda outs=outs, n=n: sorted(set().union(*(missing_generate_tasks(o, n) for o in outs))))
         elif step.stage == "teacher":
-            n, store = res["teacher"]["array"], step.config.out
-            add(step.name, "teacher", f"stage one ({step.config.kind}) as {n} array task(s); task i runs the teacher "
-                f"over shards i, i+{n}, … of {q(store)}.", stage_one_array(conf / f"{step.name}.json", n, res["teacher"]["cpus"]),
-                step.done, n, lambda store=store, n=n: missing_shard_tasks(Path(store), n))
+            t, store = res["teacher"], step.config.out
+            n, per_task = t["array"], shard_owners(t)[0]
+            add(step.name, "teacher", stage_one_what(t, store, f"stage one ({step.config.kind}) as"),
+                stage_one_array(conf / f"{step.name}.json", t), step.done, n,
+                lambda store=store, n=n, per_task=per_task: missing_shard_tasks(Path(store), n, per_task))
             add(step.name.replace("teacher", "merge"), "merge", f"once every stage-one task succeeded: write "
                 f"{q(Path(store) / 'index.json')}, then check every shard.", merge_store(store), step.done)
         elif step.stage == "student":
@@ -796,8 +952,9 @@ def round_scripts(plan: RoundsPlan, out: Path, jobs: list[RoundJob]) -> dict[str
         flat = job.name.replace("/", "-")
         log = out / "logs" / (f"{flat}-%A_%a.out" if job.tasks else f"{flat}-%j.out")
         res = plan.resources[job.kind]
-        lines = header(flat, job.what, res, log, array=f"0-{job.tasks - 1}" if job.tasks else None,
-                       nodes=res.get("nodes", 1) if job.kind == "student" else 1)
+        lines = header(flat, job.what, res, log, array=array_spec(f"0-{job.tasks - 1}", job.throttle) if job.tasks
+                       else None, nodes=res.get("nodes", 1) if job.kind in ("student", "teacher") else 1,
+                       tasks_per_node=res["procs_per_node"] if job.kind == "teacher" else 1)
         scripts[f"{job.name}.sbatch"] = "\n".join(lines + prologue(plan) + job.lines) + "\n"
     return scripts
 
@@ -826,7 +983,7 @@ def slurm_rounds(config: SlurmConfig) -> dict[str, str] | None:
     atomic_write_text(out / "slurm.json", json.dumps(raw, indent=2, sort_keys=True) + "\n")
     print(f"{out}: wrote {len(jobs)} job scripts for rounds 0 … {plan.rounds.rounds} into {plan.rounds.out} "
           f"(round-RRR/NN-STEP.sbatch; generate: {plan.resources['generate']['array']} tasks, stage one: "
-          f"{plan.resources['teacher']['array']})")
+          f"{describe_owners(plan.resources['teacher'])})")
     if not config.submit:
         print("run it again with --submit to submit them in order (or sbatch each, chained with "
               "--dependency=afterok:ID)")
@@ -873,7 +1030,7 @@ def resubmit_rounds(out: Path, config: SlurmConfig) -> dict[str, str]:
                 tasks = job.missing()
                 if not tasks:
                     continue
-                array = ",".join(map(str, tasks)) if len(tasks) < job.tasks else None
+                array = array_spec(",".join(map(str, tasks)), job.throttle) if len(tasks) < job.tasks else None
             todo.append((job, array))
     if not todo:
         print(f"{out}: every round is finished; nothing to resubmit")
@@ -901,7 +1058,7 @@ def slurm(config: SlurmConfig) -> dict[str, str] | None:
     names = SCRIPTS | PREPARE_SCRIPTS
     arrays = (f"prepare: {plan.resources['prepare']['array']} tasks, " if plan.prepare is not None else "")
     print(f"{out}: wrote {', '.join(names[k] for k in plan.kinds())} ({arrays}stage one: "
-          f"{plan.resources['teacher']['array']} tasks)")
+          f"{describe_owners(plan.resources['teacher'])})")
     if not config.submit:
         print("run it again with --submit to submit them in order (or sbatch each, chained with "
               "--dependency=afterok:ID)")

@@ -659,7 +659,8 @@ def slurm_status(out: Path, now: float) -> dict[str, Any]:
     states, sources = queue_states(list(jobs.values()))
     workdir = _workdir(out)
     report: dict[str, Any] = {"path": str(out), "kind": "slurm", "submitted": record.get("submitted") if isinstance(
-        record, dict) else None, "source": "+".join(sources) or "disk", "workdir": str(workdir), "jobs": []}
+        record, dict) else None, "source": "+".join(sources) or "disk", "workdir": str(workdir), "jobs": [],
+        "stage_one_layout": stage_one_layout(raw)}
     if isinstance(raw, dict) and raw.get("rounds"):
         rounds_out = _yaml(out, "rounds.yaml").get("out")
         rounds = _on_disk(workdir, rounds_out, now)
@@ -684,6 +685,12 @@ def slurm_status(out: Path, now: float) -> dict[str, Any]:
     run = _on_disk(workdir, student.get("out"), now)
     evals = [_yaml(out, p.name) for p in sorted((out / "config").glob("eval-*.yaml"))] if (out / "config").is_dir() else []
     report["stages"] = {"teacher": store, "student": run}
+    layout = report["stage_one_layout"]
+    if layout and store and store["kind"] == "stage-one":  # a task's owners are its processes
+        per_task = layout["nodes"] * layout["procs_per_node"]
+        for task in store["tasks"]:
+            task["array_task"], task["process"] = divmod(task["task"], per_task)
+        store["slurm_out"] = str(out)
     eval_outs = [e.get("out") for e in evals if isinstance(e.get("out"), str)]
     disk = {"teacher": None if store is None else store["state"] in ("ready to merge", "complete"),
             "merge": None if store is None else store["state"] == "complete",
@@ -693,6 +700,24 @@ def slurm_status(out: Path, now: float) -> dict[str, Any]:
     for name in jobs or {k: None for k in ("teacher", "merge", "student", "eval")}:
         report["jobs"].append(_job(name, jobs.get(name), states, disk.get(name)))
     return report
+
+
+def stage_one_layout(raw: Any) -> dict[str, int] | None:
+    """Stage one's array tasks × nodes × processes a node, from slurm.json, where each task runs several
+    processes (shard owners: owner g is process g mod n of array task g div n); None where a task runs
+    one, or where slurm.json does not say it as `distill slurm` writes it."""
+    jobs = raw.get("jobs") if isinstance(raw, dict) else None
+    teacher = jobs.get("teacher") if isinstance(jobs, dict) else None
+    if not isinstance(teacher, dict):
+        return None
+    array = teacher.get("array", 1)
+    if isinstance(array, str) and (m := re.fullmatch(r"([0-9]+)%[0-9]+", array)):
+        array = int(m.group(1))  # 'N%M': N tasks, M at once
+    counts = [array, teacher.get("nodes", 1), teacher.get("procs_per_node", 1)]
+    if not all(_int(n) for n in counts) or counts[1] * counts[2] == 1:
+        return None
+    array, nodes, procs = counts
+    return {"array_tasks": array, "nodes": nodes, "procs_per_node": procs, "owners": array * nodes * procs}
 
 
 def _round_job_done(d: Path, step: str) -> bool | None:
@@ -754,7 +779,9 @@ def lines(report: dict[str, Any], indent: str = "") -> list[str]:
                    + (" (every task running at once)" if report["jobs"] > 1 and report["eta_s"] else ""))
         for task in report["tasks"]:
             flight = "running" if task["in_flight"] else "not running"
-            out.append(f"  task {task['task']}: {task['done']}/{task['shards'] if task['shards'] is not None else '?'} "
+            owner = f" (array task {task['array_task']}, process {task['process']})" if "array_task" in task else ""
+            owned = task["shards"] if task["shards"] is not None else "?"
+            out.append(f"  task {task['task']}{owner}: {task['done']}/{owned} "
                        f"shards, {flight}" + (f" ({task['holder']})" if task["lock_held"] and task["holder"] else "")
                        + (f", {_duration(task['seconds_per_shard'])}/shard" if task["seconds_per_shard"] else "")
                        + (f", last shard {_duration(task['last_shard_age_s'])} ago"
@@ -763,8 +790,15 @@ def lines(report: dict[str, Any], indent: str = "") -> list[str]:
         if report["state"] == "ready to merge":
             out.append(f"  every shard is written: distill merge {path}")
         elif report["state"] == "idle":
-            idle = [str(t["task"]) for t in report["tasks"] if t["missing"] and not t["in_flight"]]
-            out.append(f"  nothing is running; tasks {', '.join(idle)} owe shards: rerun them (same command)")
+            idle = [t for t in report["tasks"] if t["missing"] and not t["in_flight"]]
+            if report.get("slurm_out"):
+                arrays = sorted({t["array_task"] for t in idle})
+                out.append(f"  nothing is running; owners {', '.join(str(t['task']) for t in idle)} owe shards: "
+                           f"distill slurm --resubmit {report['slurm_out']} submits array task(s) "
+                           f"{', '.join(map(str, arrays))} again")
+            else:
+                out.append(f"  nothing is running; tasks {', '.join(str(t['task']) for t in idle)} owe shards: "
+                           "rerun them (same command)")
     elif kind == "tokens-prepare":
         alive = {True: "running", False: "not running", None: "on another host?"}[report["writer_alive"]]
         tokens = "?" if report["tokens"] is None else f"{report['tokens']:,}"
@@ -809,6 +843,12 @@ def lines(report: dict[str, Any], indent: str = "") -> list[str]:
     elif kind == "slurm":
         out.append(f"{path}: distill slurm jobs (states from {report['source']}"
                    + (f"; submitted {report['submitted']}" if report["submitted"] else "") + ")")
+        if layout := report.get("stage_one_layout"):
+            n = layout["nodes"] * layout["procs_per_node"]
+            out.append(f"  stage one: {layout['array_tasks']} array task{'s' if layout['array_tasks'] > 1 else ''} × "
+                       f"{layout['nodes']} node{'s' if layout['nodes'] > 1 else ''} × {layout['procs_per_node']} "
+                       f"process{'es' if layout['procs_per_node'] > 1 else ''} = {layout['owners']} shard owners "
+                       f"(owner g: process g mod {n} of array task g div {n})")
         for job in report["jobs"]:
             tasks = (" (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(job["tasks"].items())) + ")"
                      if job["tasks"] and sum(job["tasks"].values()) > 1 else "")

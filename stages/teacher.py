@@ -23,7 +23,12 @@ Parallel and idempotent: the store's shards are fixed row ranges; job ``i`` of `
 ``i, i+n, i+2n, …`` and records each finished one in its own partial index
 (``index.part-IIIII-of-NNNNN.json``). A rerun skips shards recorded there and redoes any other
 (a shard renamed into place but not yet recorded, after a kill). When the partial indexes cover
-every shard, ``index.json`` is written (here, or by ``distill merge``).
+every shard, ``index.json`` is written (here, or by ``distill merge``). A job that owns no shard
+(``--num-shards`` above the store's shard count) says so in one line and exits 0 before the teacher
+is hashed or loaded, writing nothing: not an error, since `distill slurm --rounds` sizes one stage-one
+array for stores only known once generated (a round's, and its smaller held-out one), and the jobs
+that own the shards fill the store all the same. Where the count is known when the scripts are
+written, ``distill slurm`` refuses the surplus instead.
 
 Pre-emption (``pipeline/preempt.py``): on SIGUSR1 or SIGTERM the job finishes the shard it is
 computing (``--on-preempt abandon``: drops it at the next batch), lets the writer record it, releases
@@ -343,6 +348,13 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
     tf32 = set_tf32(computes_on, config.tf32)
 
     n_rows = min(tokens.rows, config.max_rows) if config.max_rows else tokens.rows
+    n_total = math.ceil(n_rows / config.rows_per_shard)
+    if config.shard_index >= n_total:  # before the weights are hashed or loaded: an idle job costs seconds
+        print(f"{config.out}: job {config.shard_index} of {config.num_shards} owns no shard: the store has {n_total} "
+              f"shards ({n_rows} rows, {config.rows_per_shard} a shard), so {config.num_shards - n_total} of the "
+              f"{config.num_shards} jobs have nothing to do; nothing to do here (set --num-shards to at most "
+              f"{n_total}; distill slurm: jobs.teacher.array × nodes × procs_per_node)")
+        return None
     params = store_params(config, tokens, teacher_config.vocab_size, tok_hash, vocab, n_rows, computes_on)
     out = Path(config.out)
     decision = store_lib.existing_store(out, config.kind, config.backend, params, config.overwrite)
@@ -386,7 +398,6 @@ def setup(config: TeacherConfig) -> TeacherJob | None:
             lock.release()
             raise
 
-    n_total = math.ceil(n_rows / config.rows_per_shard)
     part_path = store_lib.partial_index_path(out, config.shard_index, config.num_shards)
     done = {e["name"]: e for e in store_lib.read_partial_index(part_path).get("shards", [])
             if (out / e["name"]).exists()}

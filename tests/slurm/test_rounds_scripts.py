@@ -283,3 +283,21 @@ def test_generate_tasks_that_own_no_record_owe_nothing(tmp_path, setting):  # no
     for task in (1, 3):
         assert run_cli("generate", "--config", steps, "--shard-index", str(task), "--num-shards", "6").exit_code == 0
     assert (gen / "summary.json").is_file() and missing_generate_tasks(gen, 6) == []
+
+
+def test_rounds_stage_one_runs_processes_per_node_and_arrays_take_a_throttle(tmp_path, setting):  # noqa: F811
+    """jobs.teacher's procs_per_node and nodes, and 'N%M' arrays, shape the rounds' stage-one and generate
+    jobs as they do `distill slurm`'s (issue #33)."""
+    body = yaml.safe_load(SLURM_ROUNDS.read_text())
+    body["jobs"]["teacher"] |= {"array": "3%2", "procs_per_node": 2}
+    body["jobs"]["generate"] = {"array": "2%1"}
+    result, out, _ = write(tmp_path, setting, slurm=slurm_config(tmp_path, jobs=body["jobs"]))
+    assert result.exit_code == 0, result.output
+    assert "stage one: 3 tasks × 1 node × 2 processes = 6 shard owners, at most 2 at once" in result.output
+    jobs = tmp_path / "jobs" / "round-001"
+    teacher = (jobs / "04-teacher.sbatch").read_text()
+    assert "#SBATCH --array=0-2%2" in teacher and "#SBATCH --ntasks-per-node=2" in teacher
+    assert "#SBATCH --gres=gpu:2" in teacher and "srun --nodes=1 --ntasks-per-node=2" in teacher
+    assert '--shard-index "$((SLURM_ARRAY_TASK_ID * 2 + SLURM_PROCID))" --num-shards 6' in teacher
+    assert subprocess.run(["bash", "-n", str(jobs / "04-teacher.sbatch")]).returncode == 0
+    assert "#SBATCH --array=0-1%1" in (jobs / "02-generate.sbatch").read_text()

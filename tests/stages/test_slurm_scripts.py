@@ -419,3 +419,241 @@ def test_resubmit_narrows_the_prepare_array_to_the_tasks_that_owe_units(tmp_path
     log.unlink()
     assert run_cli("slurm", "--resubmit", out).exit_code == 0
     assert calls(log)[0][-1].endswith("0b-merge-tokens.sbatch") and len(calls(log)) == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# stage one on whole nodes (issue #33): procs_per_node processes per node × nodes per array task, each
+# pinned to one GPU and owning the shards of its global index; array throttles 'N%M'
+
+# srun as it starts a step: --nodes × --ntasks-per-node processes, each with its SLURM_PROCID (global in
+# the step), SLURM_LOCALID (on its node) and SLURM_NODEID, one after another; its status is the highest
+# of theirs (`man srun`, RETURN VALUE)
+MULTI_SRUN = """nodes=1; per_node=1
+while [[ "$1" == --* ]]; do
+    case "$1" in --nodes=*) nodes=${1#*=};; --ntasks-per-node=*) per_node=${1#*=};; esac
+    shift
+done
+highest=0
+for ((node = 0; node < nodes; node++)); do
+    for ((local = 0; local < per_node; local++)); do
+        status=0
+        SLURM_PROCID=$((node * per_node + local)) SLURM_LOCALID=$local SLURM_NODEID=$node "$@" || status=$?
+        if ((status > highest)); then highest=$status; fi
+    done
+done
+exit $highest"""
+# distill as each process sees it: its GPUs go to env.log; it exits with the status STUB_EXIT names for
+# its --shard-index ("9=75 10=2"), else 0
+PROCESS_DISTILL = """printf '%s\\n' "${CUDA_VISIBLE_DEVICES-unset}" >> {env_log}
+index=""; previous=""
+for word in "$@"; do if [ "$previous" = --shard-index ]; then index=$word; fi; previous=$word; done
+for pair in ${STUB_EXIT:-}; do if [ "${pair%%=*}" = "$index" ]; then exit "${pair#*=}"; fi; done"""
+
+
+def node_stubs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    bin_dir, log, env_log = stubs(tmp_path)
+    for name, body in (("srun", MULTI_SRUN), ("distill", PROCESS_DISTILL)):
+        (bin_dir / name).write_text(STUB.format(log=shlex.quote(str(log)),
+                                                body=body.replace("{env_log}", shlex.quote(str(env_log)))))
+    return bin_dir, log, env_log
+
+
+def run_script(script: Path, bin_dir: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": "/nonexistent-home", "SLURM_JOB_NAME": "distill-teacher",
+           "SLURM_JOB_ID": "8", "SLURM_ARRAY_JOB_ID": "7", "SLURM_JOB_NODELIST": "node-[1-2]", **env}
+    return subprocess.run(["bash", str(script)], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def test_procs_per_node_runs_one_pinned_process_per_gpu_over_its_global_shards(tmp_path):
+    awkward = tmp_path / "it's a $dir"
+    work, out = awkward / "work $HOME", awkward / f"jobs {INJECT} 'q'"
+    work.mkdir(parents=True)
+    path = config(tmp_path, workdir=str(work), setup="",
+                  jobs={"teacher": {"array": 2, "nodes": 2, "procs_per_node": 4}})
+    result = run_cli("slurm", "--config", path, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "stage one: 2 tasks × 2 nodes × 4 processes = 16 shard owners" in result.output
+    script = out / "1-teacher.sbatch"
+    found = sbatch_lines(script.read_text())
+    assert found["--array"] == ["--array=0-1"] and found["--nodes"] == ["--nodes=2"]
+    assert found["--ntasks-per-node"] == ["--ntasks-per-node=4"] and found["--cpus-per-task"] == ["--cpus-per-task=8"]
+    assert found["--gres"] == ["--gres=gpu:4"]  # per node: one GPU per process (defaults.gpus 1: on GPUs)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+    bin_dir, log, env_log = node_stubs(tmp_path)
+    before = tree(tmp_path)
+    done = run_script(script, bin_dir, tmp_path, SLURM_ARRAY_TASK_ID="1", CUDA_VISIBLE_DEVICES="2,3,5,7")
+    assert done.returncode == 0, done.stderr
+    conf = str(out / "config" / "teacher.yaml")
+    got = calls(log)
+    assert got[0][:6] == ["srun", "--nodes=2", "--ntasks-per-node=4", "--cpus-per-task=8", "--kill-on-bad-exit=0",
+                          "bash"]
+    # array task 1 of 2, 8 processes a task: global indexes 8 … 15 of 16 owners, the config path one argument
+    assert got[1:] == [["distill", "teacher", "--config", conf, "--shard-index", str(8 + p), "--num-shards", "16"]
+                       for p in range(8)]
+    # each process sees one GPU: the SLURM_LOCALID-th of those SLURM gave the step on its node
+    assert env_log.read_text().splitlines() == ["2", "3", "5", "7"] * 2
+    assert tree(tmp_path) - before == {"calls.log", "env.log"}
+    assert not any(Path(p).name == "CANARY" for p in tree(tmp_path))
+
+
+def test_a_preempted_process_requeues_its_array_task_and_a_failed_one_fails_it(tmp_path):
+    path = config(tmp_path, setup="", workdir=str(tmp_path), jobs={"teacher": {"array": 3, "procs_per_node": 2}})
+    assert run_cli("slurm", "--config", path, "--out", tmp_path / "out").exit_code == 0
+    script = tmp_path / "out" / "1-teacher.sbatch"
+    bin_dir, log, _ = node_stubs(tmp_path)
+    # process 5 (array task 2's second) was stopped by the signal, 4 had finished: the task is requeued
+    done = run_script(script, bin_dir, tmp_path, SLURM_ARRAY_TASK_ID="2", CUDA_VISIBLE_DEVICES="0,1", STUB_EXIT="5=75")
+    assert done.returncode == 0 and "pre-empted; requeueing" in done.stdout, done.stderr
+    assert [c for c in calls(log) if c[0] == "scontrol"] == [["scontrol", "requeue", "7_2"]]
+    assert [c[5] for c in calls(log) if c[0] == "distill"] == ["4", "5"]
+    log.unlink()
+    # a process that failed fails the task (and the chain after it): no requeue
+    done = run_script(script, bin_dir, tmp_path, SLURM_ARRAY_TASK_ID="2", CUDA_VISIBLE_DEVICES="0,1", STUB_EXIT="4=2")
+    assert done.returncode == 2 and not any(c[0] == "scontrol" for c in calls(log))
+
+
+def test_processes_on_cpus_are_not_pinned_and_one_process_a_task_is_todays_line(tmp_path):
+    path = config(tmp_path, jobs={"teacher": {"procs_per_node": 2, "gpus": 0}})
+    assert run_cli("slurm", "--config", path, "--out", tmp_path / "cpu").exit_code == 0
+    script = (tmp_path / "cpu" / "1-teacher.sbatch").read_text()
+    assert "--gres" not in script and "CUDA_VISIBLE_DEVICES" not in script and "--ntasks-per-node=2" in script
+    # one process per array task, one node: the line as before, every GPU of the task visible to it
+    # (a teacher spread over them with --device-map)
+    path = config(tmp_path, jobs={"teacher": {"array": 4, "gpus": 2}})
+    assert run_cli("slurm", "--config", path, "--out", tmp_path / "one").exit_code == 0
+    script = (tmp_path / "one" / "1-teacher.sbatch").read_text()
+    assert "#SBATCH --gres=gpu:2" in script and "CUDA_VISIBLE_DEVICES" not in script
+    assert "srun --ntasks=1 --cpus-per-task=8 distill teacher" in script
+    assert '--shard-index "$SLURM_ARRAY_TASK_ID" --num-shards 4' in script
+
+
+def test_an_array_throttle_limits_the_tasks_running_at_once(tmp_path):
+    path = config(tmp_path, jobs={"teacher": {"array": "8%2", "procs_per_node": 2},
+                                  "prepare": {"array": "4%1", "partition": "cpu", "cpus": 8}})
+    result = run_cli("slurm", "--config", path, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    teacher = sbatch_lines((tmp_path / "out" / "1-teacher.sbatch").read_text())
+    assert teacher["--array"] == ["--array=0-7%2"]
+    assert "--num-shards 16" in (tmp_path / "out" / "1-teacher.sbatch").read_text()  # 8 tasks × 2 processes
+    prepare = (tmp_path / "out" / "0a-prepare.sbatch").read_text()
+    assert sbatch_lines(prepare)["--array"] == ["--array=0-3%1"] and "--num-shards 4" in prepare
+
+
+THROTTLE = "a whole number ≥ 1 or 'N%M'"
+NODE_HOSTILE = [  # (id, jobs, the field the one line names, what it says is allowed)
+    ("teacher-procs-subst", {"teacher": {"procs_per_node": f"4{INJECT}"}}, "jobs.teacher.procs_per_node", WHOLE),
+    ("teacher-procs-zero", {"teacher": {"procs_per_node": 0}}, "jobs.teacher.procs_per_node", WHOLE),
+    ("teacher-procs-float", {"teacher": {"procs_per_node": 2.0}}, "jobs.teacher.procs_per_node", WHOLE),
+    ("teacher-nodes-newline", {"teacher": {"nodes": "2\ntouch CANARY"}}, "jobs.teacher.nodes", WHOLE),
+    ("teacher-nodes-bool", {"teacher": {"nodes": True}}, "jobs.teacher.nodes", WHOLE),
+    ("throttle-subst", {"teacher": {"array": f"4%2{INJECT}"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-newline", {"teacher": {"array": "4%2\ntouch CANARY"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-semicolon", {"teacher": {"array": "4%2;touch CANARY"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-zero", {"teacher": {"array": "4%0"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-over", {"teacher": {"array": "2%3"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-no-tasks", {"teacher": {"array": "0%1"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-empty", {"teacher": {"array": "4%"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-twice", {"teacher": {"array": "4%2%1"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-space", {"teacher": {"array": "4 %2"}}, "jobs.teacher.array", THROTTLE),
+    ("throttle-range", {"teacher": {"array": "0-3%2"}}, "jobs.teacher.array", THROTTLE),
+    ("prepare-throttle-subst", {"prepare": {"array": f"4%1`touch CANARY`"}}, "jobs.prepare.array", THROTTLE),
+    ("prepare-throttle-over", {"prepare": {"array": "4%5"}}, "jobs.prepare.array", THROTTLE),
+    ("prepare-procs", {"prepare": {"procs_per_node": 2}}, "unknown key 'procs_per_node' in jobs.prepare", ""),
+    ("gpus-not-one-a-process", {"teacher": {"procs_per_node": 4, "gpus": 2}}, "jobs.teacher.gpus",
+     "one GPU per process"),
+]
+
+
+@pytest.mark.parametrize("jobs, field, allowed", [c[1:] for c in NODE_HOSTILE], ids=[c[0] for c in NODE_HOSTILE])
+def test_hostile_node_and_throttle_values_are_refused_in_one_line(tmp_path, jobs, field, allowed):
+    path = config(tmp_path, jobs=jobs)
+    line = one_line_error(run_cli("slurm", "--config", path, "--out", tmp_path / "out"))
+    assert field in line and allowed in line, line
+    assert "unknown key" not in line or "unknown key" in field, line  # nodes, procs_per_node: the teacher's own keys
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slurm.yaml"]  # no script, no config, no canary
+
+
+def test_every_problem_of_the_new_keys_is_named_at_once(tmp_path):
+    path = config(tmp_path, defaults__cpus="8 x", jobs={"teacher": {"array": "4%9", "nodes": 0, "procs_per_node": "x"},
+                                                         "prepare": {"array": "2%0"}})
+    line = one_line_error(run_cli("slurm", "--config", path, "--out", tmp_path / "out"))
+    for field in ("defaults.cpus", "jobs.teacher.array", "jobs.teacher.nodes", "jobs.teacher.procs_per_node",
+                  "jobs.prepare.array"):
+        assert field in line, (field, line)
+    assert "unknown key" not in line and line.count(";") == 4, line
+
+
+# ------------------------------------------------------------------------------------------------
+# more shard owners than shards: refused when the scripts are written, where the count is known
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens(tmp_path_factory, heldout_docs):
+    """A tokens store of a few hundred 32-token rows."""
+    from tests.conftest import TOKENIZER, write_corpus
+
+    root = tmp_path_factory.mktemp("tiny-tokens")
+    corpus = write_corpus(root / "corpus.jsonl", heldout_docs[:12])
+    result = run_cli("prepare", "--input", corpus, "--out", root / "tokens", "--tokenizer", TOKENIZER,
+                     "--seq-len", "32", "--rows-per-shard", "400")
+    assert result.exit_code == 0, result.output
+    return root / "tokens"
+
+
+def without_prepare(tmp_path: Path, teacher: dict, jobs: dict) -> Path:
+    body = yaml.safe_load(DEMO.read_text())
+    del body["prepare"], body["jobs"]["prepare"]
+    body["teacher"] |= teacher
+    body["jobs"]["teacher"] = jobs
+    path = tmp_path / "slurm.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_more_owners_than_the_existing_stores_shards_is_one_line(tmp_path, tiny_tokens):
+    path = without_prepare(tmp_path, {"tokens_store": str(tiny_tokens), "max_rows": 48, "rows_per_shard": 12},
+                           {"array": 3, "procs_per_node": 2})
+    line = one_line_error(run_cli("slurm", "--config", path, "--out", tmp_path / "out"))
+    assert ("6 shard owners (jobs.teacher.array 3 × nodes 1 × procs_per_node 2) but the store will have 4 shards"
+            in line and "2 would have nothing to do" in line), line
+    assert "array × nodes × procs_per_node at most 4" in line and "teacher.rows_per_shard at most 9" in line, line
+    assert not (tmp_path / "out").exists()
+    # as many owners as shards: written
+    path = without_prepare(tmp_path, {"tokens_store": str(tiny_tokens), "max_rows": 48, "rows_per_shard": 12},
+                           {"array": 2, "procs_per_node": 2})
+    assert run_cli("slurm", "--config", path, "--out", tmp_path / "out").exit_code == 0
+
+
+def test_more_owners_than_max_rows_allows_is_one_line_before_the_tokens_exist(tmp_path):
+    path = config(tmp_path, teacher__max_rows=300, jobs={"teacher": {"array": 2, "procs_per_node": 2}})
+    line = one_line_error(run_cli("slurm", "--config", path, "--out", tmp_path / "out"))
+    assert ("4 shard owners (jobs.teacher.array 2 × nodes 1 × procs_per_node 2) but the store will have at most 2 "
+            "shards (teacher.max_rows 300, rows_per_shard 256): at least 2 would have nothing to do" in line), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_resubmit_narrows_to_the_array_tasks_whose_processes_owe_shards(tmp_path, monkeypatch):
+    from pipeline.store import contract as store_lib
+
+    store = tmp_path / "store"
+    path = without_prepare(tmp_path, {"tokens_store": str(tmp_path / "tokens-not-yet"), "out": str(store)},
+                           {"array": "3%2", "procs_per_node": 2})
+    bin_dir, log, _ = stubs(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "jobs"
+    assert run_cli("slurm", "--config", path, "--out", out, "--submit").exit_code == 0
+    # 6 owners over 5 shards of 12 rows: owner g writes shard g, owner 5 has none; owner 3 never ran
+    store.mkdir()
+    params = {"rows": 60, "rows_per_shard": 12}
+    for owner in (0, 1, 2, 4):
+        name = store_lib.shard_name(owner, "zarr")
+        (store / name).mkdir()
+        store_lib.write_partial_index(store_lib.partial_index_path(store, owner, 6), params, "zarr", {},
+                                      [{"name": name, "rows": 12, "sha256": "0" * 64}])
+    log.unlink()
+    again = run_cli("slurm", "--resubmit", out)
+    assert again.exit_code == 0, again.output
+    assert "(stage-one tasks 1%2)" in again.output, again.output
+    assert calls(log)[0] == ["sbatch", "--parsable", "--array=1%2", str(out / "1-teacher.sbatch")]
+    assert json.loads((out / "jobs.json").read_text())["array"] == "1%2"

@@ -407,6 +407,28 @@ def test_squeue_that_refuses_a_finished_job_id_is_asked_for_the_users_jobs(tmp_p
     assert jobs["student"]["tasks"] is None and "999" not in json.dumps(report)
 
 
+def test_slurm_out_with_processes_per_array_task_names_each_owners_task(tmp_path, half, monkeypatch):
+    """The half-filled store's 3 owners are one array task of 3 processes (jobs.teacher.procs_per_node: 3):
+    the report says which array task and process each owner is, and what to resubmit."""
+    out = planted_slurm(tmp_path, half)
+    (out / "slurm.json").write_text(json.dumps({"jobs": {"teacher": {"array": "1%1", "procs_per_node": 3}},
+                                                "teacher": {"out": str(half)}}))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    report = describe(out)
+    assert report["stage_one_layout"] == {"array_tasks": 1, "nodes": 1, "procs_per_node": 3, "owners": 3}
+    tasks = report["stages"]["teacher"]["tasks"]
+    assert [(t["task"], t["array_task"], t["process"]) for t in tasks] == [(0, 0, 0), (1, 0, 1), (2, 0, 2)]
+    text = run_cli("status", out).output
+    assert "stage one: 1 array task × 1 node × 3 processes = 3 shard owners" in text, text
+    assert "task 1 (array task 0, process 1): 0/1 shards, not running" in text, text
+    assert "owners 1, 2 owe shards: distill slurm --resubmit" in text, text
+    # a slurm.json of one process per task, or one not as distill slurm writes it: no layout, no annotation
+    for raw in ({"jobs": {"teacher": {"array": 3}}}, {"jobs": {"teacher": {"procs_per_node": "x"}}}, {"jobs": 5}):
+        (out / "slurm.json").write_text(json.dumps(raw))
+        report = describe(out)
+        assert report["stage_one_layout"] is None and "array_task" not in report["stages"]["teacher"]["tasks"][0]
+
+
 def test_status_while_a_real_stage_one_job_writes(built, tmp_path):
     """A stage-one process writing 16 shards of 2 rows while status reads it over and over: every read
     succeeds, shards done never go down, the job is seen running by its lock, and the end is complete."""

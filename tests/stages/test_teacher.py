@@ -160,6 +160,24 @@ def test_merge_names_missing_shards(setup, tmp_path):
     assert merged.exit_code == 2 and "shard-00000.zarr" in merged.output and "not finished" in merged.output
 
 
+
+def test_a_job_that_owns_no_shard_says_so_and_exits_before_the_teacher_loads(setup, tmp_path):
+    """6 jobs over a store of 4 shards (as `distill slurm` writes when it cannot know the count): jobs 4
+    and 5 own nothing; each says so in one line and exits 0 at once, writing nothing; jobs 0-3 fill the
+    store one process writes."""
+    single = tmp_path / "single"
+    assert run_cli(*teacher_args(setup, single)).exit_code == 0
+    out = tmp_path / "six"
+    for job in (4, 5):
+        result = run_cli(*teacher_args(setup, out, "--num-shards", 6, "--shard-index", job))
+        assert result.exit_code == 0, result.output
+        assert (f"job {job} of 6 owns no shard: the store has 4 shards (48 rows, 12 a shard), so 2 of the 6 jobs "
+                "have nothing to do; nothing to do here (set --num-shards to at most 4") in result.output, result.output
+        assert not out.exists()  # no lock, no job config: the teacher never loaded
+    for job in range(4):
+        assert run_cli(*teacher_args(setup, out, "--num-shards", 6, "--shard-index", job)).exit_code == 0
+    assert hashes(out) == hashes(single)  # job 3 merged: every shard was recorded
+
 def test_padded_output_rows_are_dropped_or_refused(setup, tmp_path):
     make_teacher(tmp_path / "padded", vocab=8192 + 64)
     result = run_cli(*teacher_args(setup, tmp_path / "p", "--teacher", tmp_path / "padded"))
