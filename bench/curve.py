@@ -66,6 +66,21 @@ GPU_STUDENT = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 512, "
                "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
 
 
+# what a --resume'd result must share with this run for its curves to stand beside the new ones
+RESUME_SAME = ("scale", "teacher", "student", "cross_student", "cross_tokenizer", "corpus", "heldout", "heldout_docs",
+               "store_rows", "seq_len", "steps", "micro_batch_size", "eval_every", "lr", "min_lr_ratio", "alpha",
+               "samples", "dtype")
+
+
+def settings(args) -> dict:
+    return {"scale": args.scale, "teacher": args.teacher,
+            "student": "GPU_STUDENT" if args.scale == "gpu" else args.student, "cross_student": args.cross_student,
+            "cross_tokenizer": args.cross_tokenizer, "corpus": args.corpus, "heldout": args.heldout,
+            "heldout_docs": args.heldout_docs, "store_rows": args.rows, "seq_len": args.seq_len, "steps": args.steps,
+            "micro_batch_size": args.micro_batch_size, "eval_every": args.eval_every, "lr": args.lr,
+            "min_lr_ratio": args.min_lr_ratio, "alpha": args.alpha, "samples": args.samples, "dtype": args.dtype}
+
+
 def distill_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "stages.cli", *map(str, args)]
 
@@ -324,6 +339,8 @@ def main() -> None:
                         "--threads): two one-thread runs use 2 cores better than one two-thread run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--resume", action="store_true", help="keep the finished runs of --out (same settings) "
+                        "and run only the rest, e.g. after a failed arm; use with the same --work")
     parser.add_argument("--work", default="", help="keep the stores, runs and logs here (default: a temporary dir)")
     parser.add_argument("--out", default="bench/results/curve_cpu.json")
     parser.add_argument("--figure", default="docs/img/curve_cpu.png")
@@ -366,16 +383,19 @@ def main() -> None:
         if not (work / "store" / "index.json").exists():
             run_one(["teacher", "--tokens-store", work / "tokens", "--teacher", teacher, "--out", work / "store",
                      "--kind", "sampled", "--samples", args.samples, "--temperature", 1, "--temperature-grid", 1,
-                     "--temperature-grid", 2, "--max-rows", args.rows, "--device", args.device, "--dtype", args.dtype],
+                     "--temperature-grid", 2, "--sample-logprobs", "--max-rows", args.rows, "--device", args.device,
+                     "--dtype", args.dtype],
                     work / "teacher.log")
             (work / "stage_one_s.json").write_text(json.dumps(time.time() - t0))
         # a --work kept from an earlier run of the same settings reuses its store and reports its stage-one time
         stage_one_s = json.loads((work / "stage_one_s.json").read_text()) if (work / "stage_one_s.json").exists() \
             else time.time() - t0
-        store_rows = json.loads((work / "store" / "index.json").read_text()).get("rows")
-        if store_rows is not None and store_rows != args.rows:
-            raise SystemExit(f"--work {work} holds a store of {store_rows} rows, not --rows {args.rows}: "
-                             "use another --work or delete its store")
+        store_index = json.loads((work / "store" / "index.json").read_text())
+        if store_index.get("rows") != args.rows or not store_index.get("params", {}).get("sample_logprobs"):
+            raise SystemExit(f"--work {work} holds a store of {store_index.get('rows')} rows "
+                             f"(per-id log-probs: {store_index.get('params', {}).get('sample_logprobs')}), not --rows "
+                             f"{args.rows} with the log-probs that re-temper it to T = 2: use another --work or delete "
+                             "its store")
         teacher_heldout = teacher_bits_per_byte(teacher, work / "heldout-same", args.device)
         print(f"stage one {stage_one_s:.0f} s; teacher {teacher_heldout['bits_per_byte']:.4f} bits/byte held-out",
               flush=True)
@@ -390,7 +410,17 @@ def main() -> None:
         tokens_per_step = args.micro_batch_size * args.seq_len
         runs: dict = {}
         timings: dict = {}
-        pending = list(jobs)
+        wall_before = 0.0  # a --resume'd run's earlier wall time
+        out_file = ROOT / args.out
+        if args.resume and out_file.exists():  # keep the runs an interrupted or partly failed run finished
+            before = json.loads(out_file.read_text())
+            differs = [k for k in RESUME_SAME if before.get(k) != settings(args)[k]]
+            if differs:
+                raise SystemExit(f"--resume: {args.out} was run with other settings ({', '.join(differs)}); "
+                                 "use another --out or drop --resume")
+            runs, timings, wall_before = before["runs"], before["train_s"], before["wall_s"]
+            print(f"resumed {sum(map(len, runs.values()))} finished runs from {args.out}", flush=True)
+        pending = [(arm, seed) for arm, seed in jobs if seed not in runs.get(arm, {})]
         active: list = []
 
         def start(arm: str, seed: str):
@@ -406,22 +436,16 @@ def main() -> None:
             return (arm, seed, out, proc, log, time.time())
 
         def result() -> dict:
-            return {"device": f"{args.device} ({platform.machine()}, {os.cpu_count()} cores)", "scale": args.scale,
+            return {"device": f"{args.device} ({platform.machine()}, {os.cpu_count()} cores)",
                     "load_average_at_start": load_at_start, "load_average_now": os.getloadavg(),
-                    "teacher": args.teacher, "student": "GPU_STUDENT" if args.scale == "gpu" else args.student,
-                    "cross_student": args.cross_student, "cross_tokenizer": args.cross_tokenizer,
-                    "corpus": args.corpus, "heldout": args.heldout, "heldout_docs": args.heldout_docs,
-                    "store_rows": args.rows, "seq_len": args.seq_len, "steps": args.steps,
-                    "micro_batch_size": args.micro_batch_size, "tokens_per_step": tokens_per_step,
+                    **settings(args), "tokens_per_step": tokens_per_step,
                     "epochs_over_store": args.steps * args.micro_batch_size / args.rows,
-                    "eval_every": args.eval_every, "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
-                    "warmup_steps": max(1, args.steps // 10), "alpha": args.alpha, "samples": args.samples,
-                    "dtype": args.dtype, "seeds": [int(s) for s in seeds], "parallel": args.parallel,
+                    "warmup_steps": max(1, args.steps // 10), "seeds": [int(s) for s in seeds], "parallel": args.parallel,
                     "threads_per_run": args.threads, "prepare_s": prepare_s, "stage_one_s": stage_one_s,
-                    "teacher_heldout": teacher_heldout, "train_s": timings, "wall_s": time.time() - started,
+                    "teacher_heldout": teacher_heldout, "train_s": timings,
+                    "wall_s": wall_before + time.time() - started,
                     "runs": runs, "summary": summarise(runs, args.bootstrap) if runs else {}}
 
-        out_file = ROOT / args.out
         while pending or active:
             while pending and len(active) < args.parallel:
                 active.append(start(*pending.pop(0)))
