@@ -15,8 +15,10 @@ from tests.conftest import ROOT
 
 
 def distill_commands(*make_args: str) -> list[list[str]]:
-    """The `distill` command lines `make -n ARGS` would run, split into words."""
-    done = subprocess.run(["make", "-n", "--no-print-directory", *make_args], cwd=ROOT, capture_output=True,
+    """The `distill` command lines `make -n ARGS` would run, split into words (``make demo``'s parts one at a
+    time: under its default -j2 the two sub-makes' printed lines interleave)."""
+    done = subprocess.run(["make", "-n", "--no-print-directory", *make_args, "DEMO_JOBS=1"], cwd=ROOT,
+                          capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.replace("\\\n", " ").splitlines()
@@ -154,3 +156,19 @@ def test_onpolicy_pretrains_the_start_and_rounds_begin_from_it():
     assert option(start, "--alpha") == "1" and option(start, "--train-store") == "runs/onpolicy/tokens/train"
     assert option(rounds, "--student") == option(start, "--out") + "/model"
     assert option(rounds, "--config") == "data/configs/rounds.yaml"
+
+
+def test_demo_runs_its_parts_two_at_a_time_with_one_thread_each():
+    """By default each of make demo's phases (stores, students, evaluations) is a `make -j2` of one-thread
+    runs; DEMO_JOBS=1 runs them one after another with torch's own threads."""
+    def sub_makes(*args):
+        done = subprocess.run(["make", "-n", "--no-print-directory", "demo", *args], cwd=ROOT, capture_output=True,
+                              text=True, check=True)
+        return [line for line in done.stdout.splitlines() if " -j" in line and "demo-" in line]
+
+    parallel = sub_makes()
+    assert len(parallel) == 3 and all(line.startswith("OMP_NUM_THREADS=1 make -j2 ") for line in parallel)
+    assert "demo-train-4-student-ce-s2" in parallel[1] and "demo-eval-1-teacher" in parallel[2]
+    serial = sub_makes("DEMO_JOBS=1")
+    assert len(serial) == 3 and all(line.startswith("make -j1 ") for line in serial)
+
