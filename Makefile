@@ -353,14 +353,11 @@ demo_train = STEPS=$(DEMO_STEPS) STUDENT_EVAL= \
 DEMO_EVAL = TASKS=heldout,lambada,hellaswag,storycloze,agreement \
 	EVAL_ARGS="--limit $(DEMO_LIMIT) --agreement $(RUN)/topk-heldout $(EVAL_ARGS)"
 DEMO_STUDENTS = $(DEMO_SEEDS:%=2-student-kd-t1-s%) $(DEMO_T2_SEEDS:%=3-student-kd-t2-s%) $(DEMO_SEEDS:%=4-student-ce-s%)
-# DEMO_JOBS students (then evaluations) at once, each with one torch thread: on 2 cores two one-thread
-# runs of these small models take about 0.6x the time of one two-thread run after another
+# DEMO_JOBS of make demo's parts at once (below: each part waits only for what it reads), each with one
+# torch thread: on 2 cores two one-thread runs of these small models beat one two-thread run after another
 DEMO_JOBS ?= 2
 demo_env = $(if $(filter 1,$(DEMO_JOBS)),,OMP_NUM_THREADS=1)
 demo: setup
-	$(MAKE) prepare prepare-heldout RUN=$(RUN)
-	$(demo_env) $(MAKE) -j$(DEMO_JOBS) --no-print-directory demo-store-t1 $(if $(DEMO_T2_SEEDS),demo-store-t2) demo-topk-heldout
-	$(demo_env) $(MAKE) -j$(DEMO_JOBS) --no-print-directory $(DEMO_STUDENTS:%=demo-train-%)
 	$(demo_env) $(MAKE) -j$(DEMO_JOBS) --no-print-directory demo-eval-1-teacher $(DEMO_STUDENTS:%=demo-eval-%)
 	$(MAKE) report RUN=$(RUN) RUNS="$(addprefix $(RUN)/eval/,1-teacher.json $(DEMO_STUDENTS:%=%.json))"
 	@echo
@@ -372,22 +369,27 @@ demo: setup
 	@echo "  evaluations        $(RUN)/eval/*.json"
 	@echo "  report             $(REPORT)/report.md (table) and $(REPORT)/*.png (figures)"
 
-# make demo's parts, one target each so that `make -j` runs them side by side (not meant to be called alone)
-demo-store-t1:
+# make demo's parts, one target each with what it reads as prerequisites, so that `make -j` runs side by
+# side what can be (not meant to be called alone)
+demo-prepare:
+	$(MAKE) prepare RUN=$(RUN)
+demo-prepare-heldout:
+	$(MAKE) prepare-heldout RUN=$(RUN)
+demo-store-t1: demo-prepare
 	$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 MAX_ROWS=$(DEMO_ROWS)
-demo-store-t2:
+demo-store-t2: demo-prepare
 	$(MAKE) teacher RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 MAX_ROWS=$(DEMO_ROWS)
-demo-topk-heldout:
+demo-topk-heldout: demo-prepare-heldout
 	$(MAKE) teacher RUN=$(RUN) TOKENS=$(EVAL_TOKENS) STORE=$(RUN)/topk-heldout KIND=topk MAX_ROWS=128
-demo-train-2-student-kd-t1-s%:
+demo-train-2-student-kd-t1-s%: demo-store-t1
 	$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t1 TEMPERATURE=1 STUDENT_OUT=$(RUN)/student-kd-t1-s$* $(call demo_train,$*)
-demo-train-3-student-kd-t2-s%:
+demo-train-3-student-kd-t2-s%: demo-store-t2
 	$(MAKE) student RUN=$(RUN) STORE=$(RUN)/store-t2 TEMPERATURE=2 STUDENT_OUT=$(RUN)/student-kd-t2-s$* $(call demo_train,$*)
-demo-train-4-student-ce-s%:
+demo-train-4-student-ce-s%: demo-store-t1
 	$(MAKE) student-ce RUN=$(RUN) STORE=$(RUN)/store-t1 CE_OUT=$(RUN)/student-ce-s$* $(call demo_train,$*)
-demo-eval-1-teacher:
+demo-eval-1-teacher: demo-topk-heldout
 	$(MAKE) eval RUN=$(RUN) MODEL=$(TEACHER) EVAL_OUT=$(RUN)/eval/1-teacher.json $(DEMO_EVAL)
-demo-eval-%:
+demo-eval-%: demo-train-% demo-topk-heldout
 	$(MAKE) eval RUN=$(RUN) MODEL=$(RUN)/$(patsubst 2-%,%,$(patsubst 3-%,%,$(patsubst 4-%,%,$*)))/model \
 		EVAL_OUT=$(RUN)/eval/$*.json $(DEMO_EVAL)
 

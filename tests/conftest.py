@@ -194,9 +194,10 @@ def make_model(path: Path, arch: str, vocab: int, **extra) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`) the tests that need the
-    machine's one real SLURM cluster run on one worker, one after another: a second slurmctld on the
-    same host and ports could not start."""
+    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`) a file's tests run on one
+    worker, so that its module-scoped fixtures (a trained store, a teacher run) are built once, not once
+    a worker; and the tests that need the machine's one real SLURM cluster run on one worker, one after
+    another: a second slurmctld on the same host and ports could not start."""
     for item in items:
-        if item.get_closest_marker("slurm") is not None:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        slurm = item.get_closest_marker("slurm") is not None
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.nodeid.split("::")[0]))

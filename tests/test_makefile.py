@@ -159,16 +159,27 @@ def test_onpolicy_pretrains_the_start_and_rounds_begin_from_it():
 
 
 def test_demo_runs_its_parts_two_at_a_time_with_one_thread_each():
-    """By default each of make demo's phases (stores, students, evaluations) is a `make -j2` of one-thread
-    runs; DEMO_JOBS=1 runs them one after another with torch's own threads."""
+    """By default make demo is one `make -j2` of one-thread runs, each part waiting only for what it reads;
+    DEMO_JOBS=1 runs them one after another (with torch's own threads) in an order that respects it."""
     def sub_makes(*args):
         done = subprocess.run(["make", "-n", "--no-print-directory", "demo", *args], cwd=ROOT, capture_output=True,
                               text=True, check=True)
         return [line for line in done.stdout.splitlines() if " -j" in line and "demo-" in line]
 
-    parallel = sub_makes()
-    assert len(parallel) == 3 and all(line.startswith("OMP_NUM_THREADS=1 make -j2 ") for line in parallel)
-    assert "demo-train-4-student-ce-s2" in parallel[1] and "demo-eval-1-teacher" in parallel[2]
-    serial = sub_makes("DEMO_JOBS=1")
-    assert len(serial) == 3 and all(line.startswith("make -j1 ") for line in serial)
+    [parallel] = sub_makes()
+    assert parallel.startswith("OMP_NUM_THREADS=1 make -j2 ")
+    assert "demo-eval-1-teacher" in parallel and "demo-eval-4-student-ce-s2" in parallel
+    [serial] = sub_makes("DEMO_JOBS=1")
+    assert serial.startswith("make -j1 ")
 
+    commands = distill_commands("demo")  # DEMO_JOBS=1: the order make chose
+    at = {(c[0], option(c, "--out")): i for i, c in enumerate(commands)}
+    first_use = lambda flag, value: min(i for i, c in enumerate(commands) if option(c, flag) == value)  # noqa: E731
+    for (stage, out), i in at.items():
+        if stage == "prepare":
+            assert i < first_use("--tokens-store", out)
+        elif stage == "teacher":
+            readers = [j for j, c in enumerate(commands) if out in (option(c, "--train-store"), option(c, "--agreement"))]
+            assert readers and i < min(readers)
+        elif stage == "student":
+            assert i < first_use("--model", f"{out}/model")
