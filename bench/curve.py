@@ -81,6 +81,19 @@ def settings(args) -> dict:
             "min_lr_ratio": args.min_lr_ratio, "alpha": args.alpha, "samples": args.samples, "dtype": args.dtype}
 
 
+def resumed(args, out_file: Path) -> tuple[dict, dict, float]:
+    """The finished runs, their train seconds and the wall time of an earlier result at ``out_file``, checked
+    (before any work) to have been run with this run's settings; nothing if there is no such file."""
+    if not out_file.exists():
+        return {}, {}, 0.0
+    before = json.loads(out_file.read_text())
+    differs = [k for k in RESUME_SAME if before.get(k) != settings(args)[k]]
+    if differs:
+        raise SystemExit(f"--resume: {args.out} was run with other settings ({', '.join(differs)}); "
+                         "use another --out or drop --resume")
+    return before["runs"], before["train_s"], before["wall_s"]
+
+
 def distill_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "stages.cli", *map(str, args)]
 
@@ -351,6 +364,8 @@ def main() -> None:
         args.device, args.dtype, args.seq_len, args.micro_batch_size = "cuda", "bfloat16", 512, 32
         if args.rows == parser.get_default("rows"):
             args.rows, args.steps, args.eval_every, args.parallel, args.threads = 12800, 1200, 100, 4, None
+    out_file = ROOT / args.out
+    runs, timings, wall_before = resumed(args, out_file) if args.resume else ({}, {}, 0.0)
     started = time.time()
     load_at_start = os.getloadavg()
     seeds = [str(s) for s in args.seeds.split(",")]
@@ -408,17 +423,7 @@ def main() -> None:
         jobs = [(arm, seed) for seed in seeds for arm in arms if arm in SEEDED] + \
                [(arm, seeds[0]) for arm in arms if arm in EXTRA]
         tokens_per_step = args.micro_batch_size * args.seq_len
-        runs: dict = {}
-        timings: dict = {}
-        wall_before = 0.0  # a --resume'd run's earlier wall time
-        out_file = ROOT / args.out
-        if args.resume and out_file.exists():  # keep the runs an interrupted or partly failed run finished
-            before = json.loads(out_file.read_text())
-            differs = [k for k in RESUME_SAME if before.get(k) != settings(args)[k]]
-            if differs:
-                raise SystemExit(f"--resume: {args.out} was run with other settings ({', '.join(differs)}); "
-                                 "use another --out or drop --resume")
-            runs, timings, wall_before = before["runs"], before["train_s"], before["wall_s"]
+        if runs:
             print(f"resumed {sum(map(len, runs.values()))} finished runs from {args.out}", flush=True)
         pending = [(arm, seed) for arm, seed in jobs if seed not in runs.get(arm, {})]
         active: list = []

@@ -104,3 +104,23 @@ def test_bench_curve_runs_end_to_end_at_toy_size(tmp_path):
     assert 0 < result["teacher_heldout"]["bits_per_byte"] < 10
     assert set(result["summary"]["pairs"]) == {"same-kd", "cross-kd"}
     assert figure.stat().st_size > 10_000
+
+
+def test_resume_keeps_the_finished_runs_of_the_same_settings_and_refuses_others(tmp_path):
+    """--resume reads an earlier result before any work: its runs stand beside the new ones only when every
+    setting that shapes a curve is the same."""
+    import argparse
+
+    args = argparse.Namespace(scale="cpu", teacher="t", student="s.json", cross_student="c.json", cross_tokenizer="tok",
+                              corpus="train", heldout="heldout", heldout_docs=40, rows=1200, seq_len=128, steps=600,
+                              micro_batch_size=4, eval_every=50, lr=2e-3, min_lr_ratio=0.1, alpha=0.5, samples=32,
+                              dtype="auto", out="curve.json")
+    out = tmp_path / "curve.json"
+    assert curve.resumed(args, out) == ({}, {}, 0.0)  # nothing yet
+    runs = {"same-ce": {"0": points([2.0, 1.9])}}
+    out.write_text(json.dumps({**curve.settings(args), "runs": runs, "train_s": {"same-ce": {"0": 12.0}},
+                               "wall_s": 99.0}))
+    assert curve.resumed(args, out) == (runs, {"same-ce": {"0": 12.0}}, 99.0)
+    args.lr, args.steps = 1e-3, 300
+    with pytest.raises(SystemExit, match=r"other settings \(steps, lr\)"):
+        curve.resumed(args, out)
