@@ -406,11 +406,12 @@ def main() -> None:
         stage_one_s = json.loads((work / "stage_one_s.json").read_text()) if (work / "stage_one_s.json").exists() \
             else time.time() - t0
         store_index = json.loads((work / "store" / "index.json").read_text())
-        if store_index.get("rows") != args.rows or not store_index.get("params", {}).get("sample_logprobs"):
-            raise SystemExit(f"--work {work} holds a store of {store_index.get('rows')} rows "
-                             f"(per-id log-probs: {store_index.get('params', {}).get('sample_logprobs')}), not --rows "
-                             f"{args.rows} with the log-probs that re-temper it to T = 2: use another --work or delete "
-                             "its store")
+        if store_index.get("rows") != args.rows:
+            raise SystemExit(f"--work {work} holds a store of {store_index.get('rows')} rows, not --rows {args.rows}: "
+                             "use another --work or delete its store")
+        if not store_index.get("params", {}).get("sample_logprobs"):
+            raise SystemExit(f"--work {work} holds a store without per-id log-probs, which the T = 2 arm needs to "
+                             "re-temper it: use another --work or delete its store")
         teacher_heldout = teacher_bits_per_byte(teacher, work / "heldout-same", args.device)
         print(f"stage one {stage_one_s:.0f} s; teacher {teacher_heldout['bits_per_byte']:.4f} bits/byte held-out",
               flush=True)

@@ -18,8 +18,7 @@ def distill_commands(*make_args: str) -> list[list[str]]:
     """The `distill` command lines `make -n ARGS` would run, split into words (``make demo``'s parts one at a
     time: under its default -j2 the two sub-makes' printed lines interleave)."""
     done = subprocess.run(["make", "-n", "--no-print-directory", *make_args, "DEMO_JOBS=1"], cwd=ROOT,
-                          capture_output=True,
-                          text=True)
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.replace("\\\n", " ").splitlines()
     return [shlex.split(line)[1:] for line in lines if line.strip().startswith(".venv/bin/distill ")]
