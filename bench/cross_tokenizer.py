@@ -9,11 +9,13 @@ half as large). Every run reads the same store rows — the same bytes — for t
 - ``same-ce`` / ``same-kd``: the teacher's tokenizer, α = 1 / α = 0.5 (today's path);
 - ``cross-ce``: the other tokenizer, α = 1 (its own tokenization of the store's rows, CE only);
 - ``cross-exact`` / ``cross-chunk`` / ``cross-both``: the other tokenizer, α = 0.5, each
-  ``--cross-tokenizer`` mode with today's defaults (``--unmapped first --cross-positions starts``);
-  ``-bucket`` after one (``cross-exact-bucket``) runs the next-token term as it was first measured
-  (``--unmapped bucket --cross-positions 1to1``: what ``bench/results/cross_tokenizer_cpu.json``'s
-  plain ``cross-*`` modes ran), ``-prefix`` adds ``--unmapped prefix`` there instead (teacher ids the
-  student cannot spell go to its longest token beginning their bytes);
+  ``--cross-tokenizer`` mode with today's defaults (``--unmapped first --cross-positions starts
+  --cross-uncovered teacher``); ``-bucket`` after one (``cross-exact-bucket``) runs the next-token
+  term as it was first measured (``--unmapped bucket --cross-positions 1to1 --cross-uncovered none``:
+  what ``bench/results/cross_tokenizer_cpu.json``'s plain ``cross-*`` modes ran), ``-prefix`` adds
+  ``--unmapped prefix`` there instead (teacher ids the student cannot spell go to its longest token
+  beginning their bytes); ``-none`` and ``-fill`` keep today's map and positions with
+  ``--cross-uncovered none`` (the defaults issue #30 first measured) and ``ce``;
 - ``same-both``: a control, the teacher's tokenizer through ``--cross-tokenizer both`` (identity
   map): whether the chunk term helps whatever the tokenizers.
 
@@ -52,10 +54,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT_TOKENIZER = ROOT / "data" / "tokenizer-4096"  # --student-tokenizer sets it
 MODES = ("same-ce", "same-kd", "cross-ce", "cross-exact", "cross-chunk", "cross-both")
-CROSS = ("cross-exact", "cross-chunk", "cross-both", "cross-exact-prefix", "cross-both-prefix", "cross-exact-bucket",
-         "cross-both-bucket")
-OLD_TERM = {"-bucket": ["--unmapped", "bucket", "--cross-positions", "1to1"],
-            "-prefix": ["--unmapped", "prefix", "--cross-positions", "1to1"]}
+VARIANTS = {"-bucket": ["--unmapped", "bucket", "--cross-positions", "1to1", "--cross-uncovered", "none"],
+            "-prefix": ["--unmapped", "prefix", "--cross-positions", "1to1", "--cross-uncovered", "none"],
+            "-none": ["--cross-uncovered", "none"], "-fill": ["--cross-uncovered", "ce"]}
+CROSS = tuple(f"cross-{term}{variant}" for term in ("exact", "chunk", "both") for variant in ("", *VARIANTS))
+CE_TWINS = ("same-ce", "cross-ce")
 
 
 def distill(*args: str, log: Path) -> None:
@@ -67,18 +70,18 @@ def distill(*args: str, log: Path) -> None:
         raise SystemExit(f"distill {args[0]} failed; see {log}:\n" + log.read_text()[-2000:])
 
 
-def student_flags(mode: str, work: Path) -> list[str]:
+def student_flags(mode: str, work: Path, alpha: float = 0.5) -> list[str]:
     same = mode.startswith("same")
     flags = ["--train-store", work / "store", "--model", work / ("student-same.json" if same else "student-cross.json")]
     if mode == "same-both":
         flags += ["--cross-tokenizer", "both"]
     if not same:
-        suffix = next((s for s in OLD_TERM if mode.endswith(s)), "")
+        suffix = next((s for s in VARIANTS if mode.endswith(s)), "")
         term = mode.removeprefix("cross-").removesuffix(suffix) if suffix else mode.removeprefix("cross-")
         flags += ["--tokenizer", STUDENT_TOKENIZER,
                   "--cross-tokenizer", "exact" if mode == "cross-ce" else term]
-        flags += OLD_TERM.get(suffix, [])
-    return flags + ["--alpha", "1" if mode.endswith("-ce") else "0.5"]
+        flags += VARIANTS.get(suffix, [])
+    return flags + ["--alpha", "1" if mode in CE_TWINS else str(alpha)]
 
 
 def summarise(runs: dict) -> dict:
@@ -88,7 +91,7 @@ def summarise(runs: dict) -> dict:
         modes[mode] = {"seeds": len(bpb), "bits_per_byte_mean": statistics.fmean(bpb),
                        "bits_per_byte_spread": max(bpb) - min(bpb),
                        **{k: statistics.fmean(r[k] for r in by_seed.values())
-                          for k in ("cross_exact_share", "cross_start_share", "cross_chunk_share")
+                          for k in ("cross_exact_share", "cross_start_share", "cross_chunk_share", "cross_inside_share")
                           if all(k in r for r in by_seed.values())}}
     if {"same-ce", "same-kd", "cross-ce"} <= modes.keys():
         same_gain = modes["same-ce"]["bits_per_byte_mean"] - modes["same-kd"]["bits_per_byte_mean"]
@@ -149,6 +152,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--alpha", type=float, default=0.5, help="CE weight of the distilled modes (the CE twins: 1)")
+    parser.add_argument("--student-args", default="", help="more flags for every distilled student, one string")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--device", default="auto")
@@ -207,7 +212,8 @@ def main() -> None:
                     continue
                 run = work / f"{mode}-{seed}"
                 t0 = time.time()
-                distill("student", *student_flags(mode, work), "--out", run, "--seed", seed, "--max-steps",
+                extra = args.student_args.split() if mode not in CE_TWINS else []
+                distill("student", *student_flags(mode, work, args.alpha), *extra, "--out", run, "--seed", seed, "--max-steps",
                         args.steps, "--micro-batch-size", args.micro_batch_size, "--lr", args.lr, "--warmup-steps",
                         max(1, args.steps // 10), "--eval-every", 0, "--checkpoint-every", 0, "--log-every", 10,
                         "--device", args.device, log=work / f"{mode}-{seed}.log")
@@ -218,7 +224,7 @@ def main() -> None:
                 heldout = json.loads((work / f"{mode}-{seed}.json").read_text())["tasks"]["heldout"]
                 logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                 shares = {k: statistics.fmean(r[k] for r in logged if k in r)
-                          for k in ("cross_exact_share", "cross_start_share", "cross_chunk_share")
+                          for k in ("cross_exact_share", "cross_start_share", "cross_chunk_share", "cross_inside_share")
                           if any(k in r for r in logged)}
                 runs.setdefault(mode, {})[str(seed)] = {"bits_per_byte": heldout["bits_per_byte"],
                                                         "heldout_loss_per_token": heldout["loss"],
@@ -232,7 +238,7 @@ def main() -> None:
                           "teacher_tokenizer": args.teacher_tokenizer, "student_tokenizer": args.student_tokenizer,
                           "corpus": args.corpus, "heldout": args.heldout, "docs": len(docs), "steps": args.steps,
                           "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
-                          "samples": args.samples, "store_rows": rows, "heldout_docs": args.heldout_docs,
+                          "samples": args.samples, "alpha": args.alpha, "student_args": args.student_args, "store_rows": rows, "heldout_docs": args.heldout_docs,
                           "seeds": seeds, "stage_one_s": stage_one_s,
                           "wall_s": previous["wall_s"] + time.time() - started,
                           "runs": runs, "summary": summarise(runs)}

@@ -76,10 +76,10 @@ from pipeline.train.tracking import (PEAK_TFLOPS_HELP, REPORT_TO_HELP, StepCost,
 # The global batch is fixed too (checked in _resume); micro-batch, accumulation and processes may change.
 RESUME_FIXED = ("train_store", "model", "seed", "alpha", "temperature",
                 "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight",
-                "unmapped", "cross_positions", "objective", "ratio", "ratio_epsilon")
+                "unmapped", "cross_positions", "cross_uncovered", "objective", "ratio", "ratio_epsilon")
 # resume-fixed options that older checkpoints do not record
 ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket",
-               "cross_positions": "1to1",
+               "cross_positions": "1to1", "cross_uncovered": "none",
                "objective": "", "ratio": "clip", "ratio_epsilon": 0.2}
 OBJECTIVES = ("forward-kl", "reverse-kl", "policy-gradient")
 PREEMPTED = "preempted.json"  # in OUT while a pre-empted run waits to be continued (preempt.py)
@@ -129,6 +129,12 @@ class TrainConfig:
     cross_positions: str = option("starts", "Cross-tokenizer exact term, where it compares the two next-token "
                                   "distributions: 'starts' (the first token of every chunk, 1:1 or not) or '1to1' "
                                   "(1:1 chunks only, as before).")
+    cross_uncovered: str = option("teacher", "Cross-tokenizer, student positions that are no chunk start (all of "
+                                  "them under --cross-tokenizer chunk): 'teacher' (a target inside a teacher token: "
+                                  "the teacher's candidates for that token that spell what the student wrote since it "
+                                  "began; elsewhere as 'ce'), 'ce' (the teacher's term is the CE against the true "
+                                  "token, so the position keeps its whole weight) or 'none' (only the alpha-weighted "
+                                  "CE, as before).")
     attention: str = option("", "What a token attends to: 'causal' or 'document', which must be what the train "
                             "store records (distill prepare --attention); empty: as the store says.")
     out: str = option("", "Output directory: model/, checkpoints/, metrics.jsonl, metrics.json, config.json.")
@@ -204,6 +210,8 @@ class TrainConfig:
             problems.append(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
         if self.cross_positions not in ("starts", "1to1"):
             problems.append(f"cross_positions must be starts or 1to1, got {self.cross_positions!r}")
+        if self.cross_uncovered not in ("teacher", "ce", "none"):
+            problems.append(f"cross_uncovered must be teacher, ce or none, got {self.cross_uncovered!r}")
         if not self.chunk_weight >= 0:
             problems.append(f"chunk_weight must not be negative, got {self.chunk_weight}")
         if self.init not in ("auto", "scratch", "teacher-layers"):
@@ -682,8 +690,8 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
                      teacher: TeacherSignal | None, positions: int):
     """(the loader's transform, the teacher signal, facts to record) for a store of another tokenizer:
     its rows are retokenized for the student and aligned by bytes (pipeline/text/align.py)."""
-    from pipeline.text.align import RowAligner, check_byte_level, token_bytes, vocab_map
-    from pipeline.train.cross_signal import CrossTokenizer
+    from pipeline.text.align import RowAligner, check_byte_level, first_tokens, token_bytes, vocab_map
+    from pipeline.train.cross_signal import CrossTokenizer, InsideTargets
 
     if teacher_source == "online":
         raise DistillError("--cross-tokenizer distils from a teacher store; drop --teacher (online teachers must "
@@ -707,9 +715,12 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
     aligner = RowAligner(teacher_bytes, student_bytes, encode, positions, tokenizer.eos_token_id,
                          positions=config.cross_positions)
     if teacher is not None:
-        teacher = CrossTokenizer(teacher, mapping, config.cross_tokenizer, config.chunk_weight)
+        inside = InsideTargets(teacher_bytes.pieces, lambda pieces: first_tokens(tokenizer, pieces)) \
+            if config.cross_uncovered == "teacher" else None
+        teacher = CrossTokenizer(teacher, mapping, config.cross_tokenizer, config.chunk_weight, config.cross_uncovered,
+                                 inside)
     facts = {"cross_tokenizer": {"mode": config.cross_tokenizer, "unmapped": config.unmapped,
-                                 "positions": config.cross_positions,
+                                 "positions": config.cross_positions, "uncovered": config.cross_uncovered,
                                  "teacher_tokenizer_hash": teacher_bytes.tokenizer_hash,
                                  "vocab_map_sha256": digest, "teacher_ids_mapped": int((mapping >= 0).sum()),
                                  "teacher_vocab": len(mapping)}}

@@ -497,6 +497,9 @@ class RowAligner:
         (1 where position t's target is a real student token), ``teacher_input_ids [B, L]``,
         ``cross_exact [B, M]`` (the teacher position compared with student position t by the
         next-token term, at a 1:1 chunk or a chunk's start by ``positions``; −1 if none),
+        ``cross_inside [B, M]`` and ``cross_inside_offset [B, M]`` (at a student position whose
+        target begins strictly inside a teacher token of a kept chunk: the teacher position
+        predicting that token, and how many of its bytes lie before the target; −1 and 0 elsewhere),
         ``cross_student_chunk [B, M]`` and ``cross_teacher_chunk [B, L]`` (per position, the
         row-local id of its target's kept chunk, −1 if none) and ``cross_counts [B, 6]`` (student
         targets, 1:1 chunks, student targets in kept chunks, chunks dropped at row ends, 1 for a
@@ -506,10 +509,10 @@ class RowAligner:
         for r in range(teacher_rows.shape[0]):
             try:
                 t, s, cut = self.row(teacher_rows[r])
-                rows.append((s, align(t, s, cut)))
+                rows.append((t, s, align(t, s, cut)))
             except _Unaligned:
-                rows.append((None, None))
-        width = max(2, max(len(s.ids) if s is not None else 2 for s, _ in rows))
+                rows.append((None, None, None))
+        width = max(2, max(len(s.ids) if s is not None else 2 for _, s, _ in rows))
         b, length = teacher_rows.shape
         out = {k: v for k, v in batch.items() if k != "input_ids"}
         out["teacher_input_ids"] = teacher_rows
@@ -519,7 +522,9 @@ class RowAligner:
         s_chunk = np.full((b, width), -1, dtype=np.int64)
         t_chunk = np.full((b, length), -1, dtype=np.int64)
         counts = np.zeros((b, 6), dtype=np.int64)
-        for r, (s, a) in enumerate(rows):
+        inside = np.full((b, width), -1, dtype=np.int64)
+        offset = np.zeros((b, width), dtype=np.int64)
+        for r, (t, s, a) in enumerate(rows):
             if s is None:  # unaligned: the row trains nothing, and is counted
                 counts[r, 4] = 1
                 continue
@@ -531,10 +536,30 @@ class RowAligner:
                 exact[r, compared[:, 0]] = compared[:, 1]
             s_chunk[r, :m] = a.student_chunk
             t_chunk[r] = a.teacher_chunk
+            at, into = _inside(t, s, a, exact[r, :m])
+            inside[r, at], offset[r, at] = into[:, 0], into[:, 1]
             counts[r] = (m - 1, len(a.exact), int((a.student_chunk >= 0).sum()), a.dropped, 0, len(a.starts))
-        out.update(input_ids=ids, loss_mask=mask, cross_exact=exact, cross_student_chunk=s_chunk,
+        out.update(input_ids=ids, loss_mask=mask, cross_exact=exact, cross_inside=inside, cross_inside_offset=offset,
+                   cross_student_chunk=s_chunk,
                    cross_teacher_chunk=t_chunk, cross_counts=counts)
         return out
+
+
+def _inside(teacher: Spans, student: Spans, alignment: Alignment, compared: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The student positions whose target begins strictly inside a teacher token of a kept chunk and
+    that the next-token term does not compare (``compared [M]``: −1 there): (positions ``[n]``,
+    ``[n, 2]`` the teacher position predicting that token and the bytes of it before the target)."""
+    m = len(student.ids)
+    at = np.nonzero((alignment.student_chunk[:m - 1] >= 0) & (compared[:m - 1] < 0))[0]
+    begins = student.starts[at + 1]  # the target's first unit
+    token = np.searchsorted(teacher.ends, begins, side="right")  # the teacher token whose span holds it
+    ok = (token >= 1) & (token < len(teacher.ids))
+    ok[ok] &= teacher.starts[token[ok]] < begins[ok]
+    # the teacher's token must lie in the target's chunk (its position in the same kept chunk)
+    ok[ok] &= alignment.teacher_chunk[token[ok] - 1] == alignment.student_chunk[at[ok]]
+    at, token, begins = at[ok], token[ok], begins[ok]
+    return at, np.stack([token - 1, begins - teacher.starts[token]], axis=1).reshape(-1, 2)
 
 
 class _Unaligned(Exception):

@@ -20,6 +20,24 @@ positions:
   in the base signal's direction (``--direction``);
 - ``both``: the sum, the chunk term weighted by ``chunk_weight``.
 
+Where the next-token term does not compare at a chunk start (``--cross-uncovered``):
+
+- ``teacher`` (the student's default, ``exact``/``both``): at a student position whose target
+  begins strictly *inside* a teacher token (a chunk's later student tokens: " instru|ction" against
+  " instruction"), the teacher's stored candidates for that token (draws or top-k ids, at the
+  teacher position predicting it) are conditioned on the bytes the student has already written
+  since the token began (:class:`InsideTargets`): those that spell them and go on give the next
+  student token (the student's own first token of the rest of their bytes); those that end exactly
+  there have no next token in the store, and their share goes to the true token. The term is
+  ``s·KL(p_L ‖ q_T) + (1 − s)·(−log q_T(y))`` with ``p_L`` the candidates going on, renormalised,
+  and ``s`` their share of the consistent mass (a ratio of two estimates from the same draws:
+  biased for few draws, consistent as they grow). Elsewhere, as ``ce``.
+- ``ce``: the teacher's term is the true token's, ``−log q_T(y)`` (the KL from a one-hot teacher),
+  so that ``α·CE + (1−α)·T²·KD`` gives such a position its whole weight as with identical
+  tokenizers. (Issue #30: with ``none`` those positions train at weight α, and on a pair with few
+  chunk starts that costs more than the teacher's term gains.)
+- ``none``: nothing; only the α-weighted CE trains those positions.
+
 Per-position teacher tensors refer to chunks by the index of the chunk's first student target
 among the positions ``DistillStep`` keeps (those with ``loss_mask`` 1), so the chunk sums are
 exact whichever chunks of positions the head runs in.
@@ -37,7 +55,66 @@ from pipeline.train.cross_losses import (bucketed_sampled_kd, bucketed_sparse_kd
 from pipeline.train.teacher_signal import StoredSampled, StoredTopK
 
 MODES = ("exact", "chunk", "both")
-ALIGNMENT_FIELDS = ("cross_exact", "cross_student_chunk", "cross_teacher_chunk", "cross_counts")
+UNCOVERED = ("teacher", "ce", "none")  # the teacher's term where the next-token term does not compare a start
+
+
+class InsideTargets:
+    """The teacher's candidates for a token, conditioned on its first bytes, as the student's next tokens.
+
+    teacher_pieces: each teacher id's bytes (None for a special); first_tokens: ``list[bytes] →
+    list[int]``, the student's first token of each byte string (:func:`pipeline.text.align.first_tokens`).
+    What each (teacher id, offset) pair gives is cached: a run meets a bounded set of them."""
+
+    def __init__(self, teacher_pieces, first_tokens):
+        self.pieces, self.first_tokens = teacher_pieces, first_tokens
+        self._cache: dict[tuple[int, int], tuple[bytes | None, int]] = {}  # (prefix or None, student id | −2 ends)
+
+    def _fill(self, pairs) -> None:
+        todo, rests = [], []
+        for d, k in pairs:
+            piece = self.pieces[d] if 0 <= d < len(self.pieces) else None
+            if piece is None or len(piece) < k:
+                self._cache[(d, k)] = (None, -1)
+            elif len(piece) == k:
+                self._cache[(d, k)] = (piece, -2)
+            else:
+                todo.append((d, k))
+                rests.append(piece[k:])
+        for (d, k), sid in zip(todo, self.first_tokens(rests) if rests else []):
+            self._cache[(d, k)] = (self.pieces[d][:k], sid)
+
+    def __call__(self, candidates: np.ndarray, probs: np.ndarray, actual: np.ndarray, offset: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """candidates, probs ``[N, S]`` (teacher ids and their probabilities, 0 at padding); actual
+        ``[N]`` the teacher token the row holds there; offset ``[N]`` its bytes before the student's
+        target. Returns the student ids ``[N, S]`` (−1 where a candidate does not go on), ``p_L``
+        ``[N, S]`` (the going-on candidates' probabilities over their sum) and ``s`` ``[N]`` (that
+        sum over the mass of the candidates that spell the prefix; 0 where none does)."""
+        n, width = candidates.shape
+        offset = offset.tolist()
+        pairs = {(int(d), offset[i]) for i in range(n) for d, w in zip(candidates[i], probs[i]) if w > 0}
+        self._fill(pairs - self._cache.keys())
+        student = np.full((n, width), -1, dtype=np.int64)
+        going = np.zeros((n, width), dtype=np.float64)
+        share = np.zeros(n, dtype=np.float64)
+        for i in range(n):
+            k, piece = offset[i], self.pieces[int(actual[i])]
+            prefix = piece[:k] if piece is not None else None
+            consistent = 0.0
+            for j, (d, w) in enumerate(zip(candidates[i].tolist(), probs[i].tolist())):
+                if w <= 0:
+                    continue
+                spelt, sid = self._cache[(d, k)]
+                if spelt is None or spelt != prefix:
+                    continue
+                consistent += w
+                if sid >= 0:
+                    student[i, j], going[i, j] = sid, w
+            total = going[i].sum()
+            if total > 0:
+                going[i] /= total
+                share[i] = total / consistent
+        return student, going, share
 
 
 class CrossTokenizer:
@@ -46,9 +123,15 @@ class CrossTokenizer:
     −1 for none)."""
 
     def __init__(self, base: StoredTopK | StoredSampled, vocab_map: np.ndarray, mode: str,
-                 chunk_weight: float = 1.0):
+                 chunk_weight: float = 1.0, uncovered: str = "none", inside: InsideTargets | None = None):
         if mode not in MODES:
             raise DistillError(f"--cross-tokenizer must be one of {', '.join(MODES)}, got {mode!r}")
+        if uncovered not in UNCOVERED:
+            raise DistillError(f"--cross-uncovered must be one of {', '.join(UNCOVERED)}, got {uncovered!r}")
+        if uncovered == "teacher" and inside is None:
+            raise ValueError("uncovered='teacher' needs the InsideTargets of the two tokenizers")
+        self.uncovered = uncovered
+        self.inside = inside if uncovered == "teacher" and mode != "chunk" else None
         if isinstance(base, StoredTopK) and base.tail != "tail":
             raise DistillError(f"--cross-tokenizer compares a top-k teacher with one bucket for the mass it cannot map; "
                                f"--tail {base.tail} has no such bucket; use --tail tail")
@@ -57,27 +140,30 @@ class CrossTokenizer:
         self.temperature, self.grid = base.temperature, base.grid
         self.map = torch.from_numpy(np.asarray(vocab_map, dtype=np.int64))
         mapped = self.map[self.map >= 0]
-        self.many_to_one = len(torch.unique(mapped)) < len(mapped)  # --unmapped first|prefix: slots to add up
+        # --unmapped first|prefix, or targets inside teacher tokens: slots of one student id to add up
+        self.many_to_one = len(torch.unique(mapped)) < len(mapped) or self.inside is not None
         self.exact = mode in ("exact", "both")
         self.sequence_term = mode in ("chunk", "both")  # DistillStep gathers the student's target log-probs
         fields = base.fields if self.exact else ()
         fields += ("target_logprob", "logsumexp") if self.sequence_term else ()
         self.fields = tuple(dict.fromkeys(fields))
         # positions() gives the compared flag, then the base signal's tensors (ids first) when exact
-        self._parts = 1 + ((3 if isinstance(base, StoredTopK) else 2) if self.exact else 0)
-        self._counts = torch.zeros(6, dtype=torch.float64)
+        self._parts = 1 + ((3 if isinstance(base, StoredTopK) else 2) + (2 if self.inside else 0) if self.exact else 0)
+        self._counts = torch.zeros(7, dtype=torch.float64)  # the aligner's six, then inside positions with a target
         self._bucket: dict[tuple[int, torch.device], torch.Tensor] = {}  # the unmapped student ids, per (V_s, device)
 
     # -- what the training loop logs ------------------------------------------------------------
     def take_stats(self) -> dict[str, float]:
         """Shares of the student's targets since the last call that are 1:1 chunks
         (``cross_exact_share``), chunk starts (``cross_start_share``: where the next-token term
-        compares under ``--cross-positions starts``) and in kept chunks (``cross_chunk_share``: the
+        compares under ``--cross-positions starts``), inside teacher tokens with a conditioned
+        target (``cross_inside_share``, under ``uncovered='teacher'``) and in kept chunks (``cross_chunk_share``: the
         chunk term), and what was dropped (chunks at row ends, rows whose bytes the student's tokens
         did not spell)."""
-        targets, exact, chunked, dropped, unaligned, starts = self._counts.tolist()
+        targets, exact, chunked, dropped, unaligned, starts, inside = self._counts.tolist()
         self._counts.zero_()
-        return {"cross_exact_share": exact / max(targets, 1), "cross_start_share": starts / max(targets, 1),
+        stats = {"cross_inside_share": inside / max(targets, 1)} if self.inside is not None else {}
+        return stats | {"cross_exact_share": exact / max(targets, 1), "cross_start_share": starts / max(targets, 1),
                 "cross_chunk_share": chunked / max(targets, 1), "cross_dropped_chunks": int(dropped),
                 "cross_unaligned_rows": int(unaligned)}
 
@@ -90,28 +176,65 @@ class CrossTokenizer:
         b, m = input_ids.shape
         teacher_ids = batch["teacher_input_ids"]
         length = teacher_ids.shape[1]
-        self._counts += batch["cross_counts"].sum(0).double().cpu()
+        self._counts[:6] += batch["cross_counts"].sum(0).double().cpu()
         parts: list[torch.Tensor] = []
         teacher_position = batch["cross_exact"][:, :-1]
         compared = (teacher_position >= 0).reshape(-1)
         parts.append(compared)
         if self.exact:
             rows = torch.arange(b, device=input_ids.device)[:, None] * (length - 1)
-            flat = (rows + teacher_position.clamp_min(0)).reshape(-1)
+            source = teacher_position
+            if self.inside is not None:  # a position is a chunk start or inside a teacher token, not both
+                source = torch.where(teacher_position >= 0, teacher_position, batch["cross_inside"][:, :-1])
+            flat = (rows + source.clamp_min(0)).reshape(-1)
             base_parts = self.base.positions(teacher_ids, batch)
             ids = base_parts[0][flat]
             mapping = self.map.to(ids.device)
             student_ids = torch.where(compared[:, None], mapping[ids], -1)
             rest = [part[flat] for part in base_parts[1:]]
+            if self.inside is not None:
+                inside, share = self._inside(batch, ids, student_ids, rest, compared)
             if self.many_to_one:  # top-k: (log-probs, tail); draws: (weights,)
                 if isinstance(self.base, StoredTopK):
                     student_ids, rest[0] = merge_duplicates(student_ids, logprobs=rest[0])
                 else:
                     student_ids, rest[0] = merge_duplicates(student_ids, weights=rest[0])
             parts += [student_ids, *rest]
+            if self.inside is not None:
+                parts += [inside, share]
         if self.sequence_term:
             parts += self._chunk_parts(b, m, length, batch)
         return tuple(parts)
+
+    def _inside(self, batch: dict[str, torch.Tensor], ids: torch.Tensor, student_ids: torch.Tensor,
+                rest: list[torch.Tensor], compared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """At the positions inside teacher tokens: the conditioned candidates written into
+        ``student_ids`` and ``rest`` (in place; top-k: log p_L and an empty tail, draws: p_L), and
+        (inside flag ``[P]``, share ``s`` ``[P]``)."""
+        teacher_ids = batch["teacher_input_ids"]
+        b, length = teacher_ids.shape
+        position = batch["cross_inside"][:, :-1]
+        inside = (position >= 0).reshape(-1) & ~compared
+        share = torch.zeros(inside.shape, dtype=torch.float32, device=ids.device)
+        at = inside.nonzero().squeeze(-1)
+        if at.numel() == 0:
+            return inside, share
+        token = (torch.arange(b, device=ids.device)[:, None] * length + position + 1).reshape(-1)[at]
+        topk = isinstance(self.base, StoredTopK)
+        probs = rest[0][at].double().exp() if topk else rest[0][at].double()
+        sid, going, s = self.inside(ids[at].cpu().numpy(), probs.cpu().numpy(),
+                                    teacher_ids.reshape(-1)[token].cpu().numpy(),
+                                    batch["cross_inside_offset"][:, :-1].reshape(-1)[at].cpu().numpy())
+        student_ids[at] = torch.from_numpy(sid).to(ids.device)
+        going = torch.from_numpy(going).to(ids.device)
+        if topk:
+            rest[0][at] = torch.where(going > 0, going, 0.0).log().to(rest[0].dtype)
+            rest[1][at] = float("-inf")
+        else:
+            rest[0][at] = going.to(rest[0].dtype)
+        share[at] = torch.from_numpy(s).float().to(ids.device)
+        self._counts[6] += float((s > 0).sum())
+        return inside, share
 
     def _chunk_parts(self, b: int, m: int, length: int, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         device = batch["cross_student_chunk"].device
@@ -142,17 +265,27 @@ class CrossTokenizer:
         return [owner, teacher_at_owner, is_owner]
 
     def divergence(self, student_logprobs: torch.Tensor, targets: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
-        """``[P]`` nats of the exact term (zero off the compared positions, and everywhere in ``chunk`` mode)."""
+        """``[P]`` nats of the exact term at the compared positions; inside teacher tokens under
+        ``uncovered='teacher'``, ``s·KL(p_L ‖ q_T) + (1 − s)·(−log q_T(y))``; elsewhere (everywhere in
+        ``chunk`` mode) ``−log q_T(y)`` under ``teacher`` or ``ce``, else zero."""
+        if self.uncovered in ("teacher", "ce"):
+            elsewhere = -student_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        else:
+            elsewhere = torch.zeros(student_logprobs.shape[0], device=student_logprobs.device)
         if not self.exact:
-            return torch.zeros(student_logprobs.shape[0], device=student_logprobs.device)
+            return elsewhere
         one_to_one, student_ids, *rest = parts[:self._parts]
+        if self.inside is not None:
+            rest, (inside, share) = rest[:-2], rest[-2:]
         if isinstance(self.base, StoredTopK):
             topk_logprobs, tail_logmass = rest
             loss = bucketed_sparse_kd(student_logprobs, student_ids, topk_logprobs, tail_logmass, self.base.direction)
         else:
             (weights,) = rest
             loss = bucketed_sampled_kd(student_logprobs, student_ids, weights, self._bucket_ids(student_logprobs))
-        return torch.where(one_to_one, loss, 0.0)
+        if self.inside is not None:  # where s = 0 the candidates are empty: their term is not used
+            elsewhere = torch.where(inside & (share > 0), share * loss + (1 - share) * elsewhere, elsewhere)
+        return torch.where(one_to_one, loss, elsewhere)
 
     def _bucket_ids(self, student_logprobs: torch.Tensor) -> torch.Tensor:
         """The student ids no teacher id maps to, over the width of ``student_logprobs`` (built once)."""

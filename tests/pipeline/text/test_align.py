@@ -228,6 +228,38 @@ def test_different_tokenizers_share_most_targets_and_count_what_they_drop(tokeni
         assert spelt in row_text
 
 
+@pytest.mark.parametrize("teacher_name,student_name", [("bpe8192", "bpe4096"), ("bpe8192", "sentencepiece"),
+                                                       ("sentencepiece", "bpe4096")])
+def test_every_later_target_of_a_kept_chunk_is_placed_inside_its_teacher_token(tokenizers, teacher_name,
+                                                                              student_name):
+    """``cross_inside``: a student target in a kept chunk that is no chunk start begins strictly inside a
+    teacher token (else both sides would have a boundary there); the aligner names the teacher position
+    predicting that token and the token's bytes before the target, which the student has just written."""
+    teacher, student = tokenizers[teacher_name], tokenizers[student_name]
+    aligner = RowAligner(token_bytes(teacher), token_bytes(student), encoder(student), 10_000, 0, positions="starts")
+    ids = stream(teacher, TEXTS * 3)
+    rows = np.array([ids[r * 31: r * 31 + 32] for r in range(len(ids) // 31 - 1)])
+    batch = aligner({"input_ids": rows})
+    inside = 0
+    for r in range(len(rows)):
+        t, s, _ = aligner.row(rows[r])
+        student_units = units(aligner.student, s.ids, s.starts, s.ends)
+        m = len(s.ids)
+        for i in range(m - 1):
+            later = batch["cross_student_chunk"][r, i] >= 0 and batch["cross_exact"][r, i] < 0
+            j, k = batch["cross_inside"][r, i], batch["cross_inside_offset"][r, i]
+            assert (j >= 0) == later, (r, i)
+            if j < 0:
+                assert k == 0
+                continue
+            inside += 1
+            u = s.starts[i + 1]  # the target's first unit
+            assert t.starts[j + 1] < u < t.ends[j + 1] and k == u - t.starts[j + 1]
+            written = bytes(student_units[x] for x in range(t.starts[j + 1], u))  # may begin in an earlier token
+            assert aligner.teacher.pieces[rows[r, j + 1]][:k] == written
+    assert inside >= {"bpe4096": 2, "sentencepiece": 100}[student_name]  # 2 of 331 targets; 117 of 438
+
+
 def test_vocabulary_map_pairs_equal_bytes_and_follows_a_permutation(tokenizers, tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     big, small = token_bytes(tokenizers["bpe8192"]), token_bytes(tokenizers["bpe4096"])

@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from pipeline.models import OutputHead, load_model
 from pipeline.store.contract import open_store
-from pipeline.text.align import RowAligner, TokenBytes, token_bytes, vocab_map
-from pipeline.train.cross_signal import CrossTokenizer
+from pipeline.text.align import RowAligner, TokenBytes, first_tokens, token_bytes, vocab_map
+from pipeline.train.cross_signal import CrossTokenizer, InsideTargets
 from pipeline.train.loader import _as_torch
 from pipeline.train.teacher_signal import stored_teacher
 from stages.student import DistillStep
@@ -83,9 +83,12 @@ def test_identical_tokenizers_give_todays_loss_and_gradients(root, tmp_path, kin
     # the identity map at 1:1 chunks, and the default: the first-token map at every chunk start
     first, _ = vocab_map(side, side, "first", tokenizer)
     assert np.array_equal(first, np.arange(8192))
-    for mapping, positions in ((np.arange(8192), "1to1"), (first, "starts")):
+    inside = InsideTargets(side.pieces, lambda pieces: first_tokens(tokenizer, pieces))
+    for mapping, positions, uncovered in ((np.arange(8192), "1to1", "none"), (first, "starts", "none"),
+                                          (first, "starts", "ce"), (first, "starts", "teacher")):
         aligner = RowAligner(side, side, encoder(tokenizer), 10_000, tokenizer.eos_token_id, positions=positions)
-        cross = CrossTokenizer(stored_teacher(kind, store.params, temperature), mapping, "exact")
+        cross = CrossTokenizer(stored_teacher(kind, store.params, temperature), mapping, "exact",
+                               uncovered=uncovered, inside=inside)
         batch = tensors(aligner(rows))
         ce2, kd2, n2, grads2 = step_loss(model, 8192, cross, batch, loss_chunk)
         assert n2 == n == ROWS * 31 and kd > 0.01
@@ -156,6 +159,9 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     for mode in ("exact", "chunk"):
         signal = CrossTokenizer(stored_teacher("topk", store.params, t), mapping, mode)
         got[mode] = step_loss(model, 4096, signal, batch, 40)[1]
+        # --cross-uncovered ce: the true token's −log q_T wherever the next-token term does not compare
+        signal = CrossTokenizer(stored_teacher("topk", store.params, t), mapping, mode, uncovered="ce")
+        got[mode + "-ce"] = step_loss(model, 4096, signal, batch, 40)[1]
     # --direction reverse: the chunk term is KL(student ‖ teacher) on {chunk, not chunk}
     signal = CrossTokenizer(stored_teacher("topk", store.params, t, "tail", "reverse"), mapping, "chunk")
     got["chunk-reverse"] = step_loss(model, 4096, signal, batch, 40)[1]
@@ -169,11 +175,14 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     def at_t(logprob, r, j):  # a stored log-prob re-tempered from the cache temperature to t
         return (cache / t) * (logprob + lse[r, j, grid.index(cache)]) - lse[r, j, grid.index(t)]
 
-    exact = chunk = chunk_reverse = 0.0
+    exact = chunk = chunk_reverse = uncovered = every = 0.0
     ids = arrays["input_ids"]
     for r in range(ROWS):
         for i in range(ids.shape[1] - 1):
             j = arrays["cross_exact"][r, i]
+            if arrays["loss_mask"][r, i]:  # DistillStep's positions: a target that is not padding
+                every -= logq[r, i, ids[r, i + 1]]
+                uncovered -= logq[r, i, ids[r, i + 1]] if j < 0 else 0.0
             if j < 0:
                 continue
             p = {}
@@ -204,6 +213,8 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     assert (arrays["cross_exact"] >= 0).sum() == (starts if positions == "starts" else one_to_one)
     assert got["exact"] == pytest.approx(exact, rel=1e-5)
     assert got["chunk"] == pytest.approx(chunk, rel=1e-5)
+    assert uncovered > 0.1 * every and got["exact-ce"] == pytest.approx(exact + uncovered, rel=1e-5)
+    assert got["chunk-ce"] == pytest.approx(chunk + every, rel=1e-5)
     assert got["chunk-reverse"] == pytest.approx(chunk_reverse, rel=1e-5) and chunk_reverse != pytest.approx(chunk)
 
 
@@ -230,3 +241,92 @@ def test_renaming_the_teachers_ids_changes_nothing(root, tmp_path, kind, monkeyp
     (ce_a, kd_a, n_a), (ce_b, kd_b, n_b) = results
     assert n_a == n_b and kd_a > 0
     assert ce_b == pytest.approx(ce_a, rel=1e-6) and kd_b == pytest.approx(kd_a, rel=1e-6)
+
+
+def test_inside_targets_condition_the_candidates_on_the_bytes_written():
+    """Teacher " destroys" .5, " destroy" .2, " dest" .1, " and" .2; the student has written
+    " destroy" (7 bytes) of the row's " destroys": " and" does not spell it, " destroy" ends there
+    (no next token in the store), " destroys" goes on with "s" — and " dest", shorter, cannot."""
+    pieces = (b" destroys", b" destroy", b" dest", b" and", None)
+    first = {b"s": 40}
+    inside = InsideTargets(pieces, lambda rests: [first[r] for r in rests])
+    sid, going, share = inside(np.array([[0, 1, 2, 3, 4]]), np.array([[.5, .2, .1, .2, 0.0]]), np.array([0]),
+                               np.array([8]))
+    assert sid.tolist() == [[40, -1, -1, -1, -1]] and going[0].tolist() == [1.0, 0, 0, 0, 0]
+    assert share[0] == pytest.approx(.5 / .7)
+    # nothing spells the prefix: no target (the position falls back to the true token)
+    sid, going, share = inside(np.array([[3, 2]]), np.array([[.6, .4]]), np.array([0]), np.array([8]))
+    assert (sid < 0).all() and share[0] == 0 and going.sum() == 0
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, monkeypatch, kind):
+    """--cross-uncovered teacher against a second tokenizer: its loss minus --cross-uncovered none's
+    (the chunk starts' terms are the same) equals, over the positions that are no chunk start, a loop:
+    inside a teacher token, the candidates that spell the student's bytes since the token began,
+    those going on mapped by the student's first token of the rest, ``s·KL(p_L ‖ q) + (1 − s)·CE``;
+    elsewhere the CE."""
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    store = open_store(root / kind)
+    rows = store.read_rows(0, ROWS)
+    # the toy teacher rarely names the row's own token: make it the first candidate everywhere, so that
+    # most positions inside a teacher token have candidates that spell the student's bytes
+    ids_field, mass_field = ("topk_ids", "topk_logprobs") if kind == "topk" else ("sample_ids", "sample_counts")
+    rows[ids_field][:, :-1, 0] = rows["input_ids"][:, 1:]
+    assert (rows[mass_field][:, :-1, 0] > (-np.inf if kind == "topk" else 0)).all()
+    teacher_tok, student_tok = AutoTokenizer.from_pretrained(str(TOKENIZER)), AutoTokenizer.from_pretrained(str(SECOND))
+    teacher_side, student_side = token_bytes(teacher_tok), token_bytes(student_tok)
+    mapping, _ = vocab_map(teacher_side, student_side, "first", student_tok)
+    aligner = RowAligner(teacher_side, student_side, encoder(student_tok), 10_000, student_tok.eos_token_id,
+                         positions="starts")
+    arrays = aligner(rows)
+    batch = tensors(arrays)
+    model = tiny_model(tmp_path / "student.json", 4096)
+    inside = InsideTargets(teacher_side.pieces, lambda pieces: first_tokens(student_tok, pieces))
+    got = {}
+    for uncovered in ("none", "teacher"):
+        signal = CrossTokenizer(stored_teacher(kind, store.params, 1.0), mapping, "exact", uncovered=uncovered,
+                                inside=inside)
+        got[uncovered] = step_loss(model, 4096, signal, batch, 40)[1]
+    stats = signal.take_stats()
+    assert 0.05 < stats["cross_inside_share"] < 1 - stats["cross_start_share"]
+
+    with torch.no_grad():
+        logq = F.log_softmax(model(input_ids=batch["input_ids"]).logits.double(), -1).numpy()
+    base = stored_teacher(kind, store.params, 1.0).positions(batch["teacher_input_ids"], batch)
+    length = arrays["teacher_input_ids"].shape[1]
+    ids = arrays["input_ids"]
+    expected, conditioned = 0.0, 0
+    for r in range(ROWS):
+        for i in range(ids.shape[1] - 1):
+            if not arrays["loss_mask"][r, i] or arrays["cross_exact"][r, i] >= 0:
+                continue
+            ce = -logq[r, i, ids[r, i + 1]]
+            j = arrays["cross_inside"][r, i]
+            if j < 0:
+                expected += ce
+                continue
+            k = int(arrays["cross_inside_offset"][r, i])
+            prefix = teacher_side.pieces[arrays["teacher_input_ids"][r, j + 1]][:k]
+            flat = r * (length - 1) + j
+            candidates = base[0][flat].tolist()
+            probs = (base[1][flat].double().exp() if kind == "topk" else base[1][flat].double()).tolist()
+            spelt, going = 0.0, {}
+            for d, w in zip(candidates, probs):
+                piece = teacher_side.pieces[d]
+                if w <= 0 or piece is None or len(piece) < k or piece[:k] != prefix:
+                    continue
+                spelt += w
+                if len(piece) > k:
+                    sid = first_tokens(student_tok, [piece[k:]])[0]
+                    going[sid] = going.get(sid, 0.0) + w
+            total = sum(going.values())
+            if total == 0:
+                expected += ce
+                continue
+            conditioned += 1
+            s = total / spelt
+            expected += s * sum(w / total * (math.log(w / total) - logq[r, i, sid]) for sid, w in going.items()) \
+                + (1 - s) * ce
+    assert conditioned == round(stats["cross_inside_share"] * arrays["cross_counts"][:, 0].sum()) > 0
+    assert got["teacher"] - got["none"] == pytest.approx(expected, rel=1e-5)
