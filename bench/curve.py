@@ -69,7 +69,7 @@ GPU_STUDENT = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 512, "
 # what a --resume'd result must share with this run for its curves to stand beside the new ones
 RESUME_SAME = ("scale", "teacher", "student", "cross_student", "cross_tokenizer", "corpus", "heldout", "heldout_docs",
                "store_rows", "seq_len", "steps", "micro_batch_size", "eval_every", "lr", "min_lr_ratio", "alpha",
-               "samples", "dtype")
+               "samples", "dtype", "cross_uncovered")
 
 
 def settings(args) -> dict:
@@ -78,7 +78,8 @@ def settings(args) -> dict:
             "cross_tokenizer": args.cross_tokenizer, "corpus": args.corpus, "heldout": args.heldout,
             "heldout_docs": args.heldout_docs, "store_rows": args.rows, "seq_len": args.seq_len, "steps": args.steps,
             "micro_batch_size": args.micro_batch_size, "eval_every": args.eval_every, "lr": args.lr,
-            "min_lr_ratio": args.min_lr_ratio, "alpha": args.alpha, "samples": args.samples, "dtype": args.dtype}
+            "min_lr_ratio": args.min_lr_ratio, "alpha": args.alpha, "samples": args.samples, "dtype": args.dtype,
+            "cross_uncovered": args.cross_uncovered}
 
 
 def resumed(args, out_file: Path) -> tuple[dict, dict, float]:
@@ -112,12 +113,13 @@ def run_one(args: list, log: Path, threads: int | None = None) -> None:
         raise SystemExit(f"distill {args[0]} failed; see {log}:\n" + log.read_text()[-2000:])
 
 
-def arm_flags(arm: str, work: Path, alpha: float) -> list:
+def arm_flags(arm: str, work: Path, alpha: float, uncovered: str = "teacher") -> list:
     cross = arm.startswith("cross")
     flags = ["--train-store", work / "store", "--model", work / ("student-cross.json" if cross else "student-same.json"),
              "--eval-store", work / ("heldout-cross" if cross else "heldout-same")]
     if cross:
-        flags += ["--tokenizer", work / "cross-tokenizer", "--cross-tokenizer", "exact" if arm == "cross-ce" else "both"]
+        flags += ["--tokenizer", work / "cross-tokenizer", "--cross-tokenizer", "exact" if arm == "cross-ce" else "both",
+                  "--cross-uncovered", uncovered]
     a = 1.0 if arm.endswith("-ce") else 0.0 if arm == "same-kd-a0" else alpha
     return flags + ["--alpha", a, "--temperature", 2 if arm == "same-kd-t2" else 1]
 
@@ -343,6 +345,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--cross-uncovered", default="teacher", help="the cross-tokenizer student's --cross-uncovered "
+                        "(bench/results/curve_cpu.json ran 'none', the behaviour before the option)")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--arms", default=",".join(SEEDED + EXTRA))
@@ -431,7 +435,7 @@ def main() -> None:
 
         def start(arm: str, seed: str):
             out = work / f"{arm}-s{seed}"
-            cmd = ["student", *arm_flags(arm, work, args.alpha), "--out", out, "--seed", seed, "--max-steps",
+            cmd = ["student", *arm_flags(arm, work, args.alpha, args.cross_uncovered), "--out", out, "--seed", seed, "--max-steps",
                    args.steps, "--micro-batch-size", args.micro_batch_size, "--lr", args.lr, "--min-lr-ratio",
                    args.min_lr_ratio, "--warmup-steps", max(1, args.steps // 10), "--eval-every", args.eval_every,
                    "--eval-rows", 0, "--checkpoint-every", 0, "--log-every", 25, "--device", args.device,

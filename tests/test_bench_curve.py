@@ -114,7 +114,7 @@ def test_resume_keeps_the_finished_runs_of_the_same_settings_and_refuses_others(
     args = argparse.Namespace(scale="cpu", teacher="t", student="s.json", cross_student="c.json", cross_tokenizer="tok",
                               corpus="train", heldout="heldout", heldout_docs=40, rows=1200, seq_len=128, steps=600,
                               micro_batch_size=4, eval_every=50, lr=2e-3, min_lr_ratio=0.1, alpha=0.5, samples=32,
-                              dtype="auto", out="curve.json")
+                              dtype="auto", cross_uncovered="teacher", out="curve.json")
     out = tmp_path / "curve.json"
     assert curve.resumed(args, out) == ({}, {}, 0.0)  # nothing yet
     runs = {"same-ce": {"0": points([2.0, 1.9])}}
@@ -123,4 +123,7 @@ def test_resume_keeps_the_finished_runs_of_the_same_settings_and_refuses_others(
     assert curve.resumed(args, out) == (runs, {"same-ce": {"0": 12.0}}, 99.0)
     args.lr, args.steps = 1e-3, 300
     with pytest.raises(SystemExit, match=r"other settings \(steps, lr\)"):
+        curve.resumed(args, out)
+    args.lr, args.steps, args.cross_uncovered = 2e-3, 600, "none"  # the committed curves ran 'none'
+    with pytest.raises(SystemExit, match=r"other settings \(cross_uncovered\)"):
         curve.resumed(args, out)
