@@ -63,57 +63,63 @@ class InsideTargets:
 
     teacher_pieces: each teacher id's bytes (None for a special); first_tokens: ``list[bytes] →
     list[int]``, the student's first token of each byte string (:func:`pipeline.text.align.first_tokens`).
-    What each (teacher id, offset) pair gives is cached: a run meets a bounded set of them."""
+    Built once per run, as two tables over every (teacher id, offset ``k`` ≤ its length), so that a
+    batch is conditioned by gathers on its device: ``prefix`` numbers each distinct first-``k``-bytes
+    string (two candidates spell the same prefix iff their numbers are equal: exact, no hashing), and
+    ``first`` is the student's first token of the bytes after ``k`` (−1 at ``k`` = the length: the
+    teacher token ends there). About one entry per byte of the teacher's vocabulary."""
 
     def __init__(self, teacher_pieces, first_tokens):
-        self.pieces, self.first_tokens = teacher_pieces, first_tokens
-        self._cache: dict[tuple[int, int], tuple[bytes | None, int]] = {}  # (prefix or None, student id | −2 ends)
+        lengths = np.array([len(p) if p is not None else -1 for p in teacher_pieces], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(np.maximum(lengths, 0) + 1)[:-1]]).astype(np.int64)
+        total = int((np.maximum(lengths, 0) + 1).sum())
+        prefix = np.full(total, -1, dtype=np.int64)
+        first = np.full(total, -1, dtype=np.int64)
+        numbers: dict[bytes, int] = {}
+        rests, where = [], []
+        for d, piece in enumerate(teacher_pieces):
+            if piece is None:
+                continue
+            for k in range(len(piece) + 1):
+                prefix[starts[d] + k] = numbers.setdefault(piece[:k], len(numbers))
+                if 0 < k < len(piece):
+                    rests.append(piece[k:])
+                    where.append(starts[d] + k)
+        if rests:
+            first[np.array(where, dtype=np.int64)] = np.array(first_tokens(rests), dtype=np.int64)
+        self.lengths, self.starts = torch.from_numpy(lengths), torch.from_numpy(starts)
+        self.prefix, self.first = torch.from_numpy(prefix), torch.from_numpy(first)
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
-    def _fill(self, pairs) -> None:
-        todo, rests = [], []
-        for d, k in pairs:
-            piece = self.pieces[d] if 0 <= d < len(self.pieces) else None
-            if piece is None or len(piece) < k:
-                self._cache[(d, k)] = (None, -1)
-            elif len(piece) == k:
-                self._cache[(d, k)] = (piece, -2)
-            else:
-                todo.append((d, k))
-                rests.append(piece[k:])
-        for (d, k), sid in zip(todo, self.first_tokens(rests) if rests else []):
-            self._cache[(d, k)] = (self.pieces[d][:k], sid)
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device) for t in (self.lengths, self.starts, self.prefix, self.first))
+        return self._on[device]
 
-    def __call__(self, candidates: np.ndarray, probs: np.ndarray, actual: np.ndarray, offset: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, candidates: torch.Tensor, probs: torch.Tensor, actual: torch.Tensor, offset: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """candidates, probs ``[N, S]`` (teacher ids and their probabilities, 0 at padding); actual
         ``[N]`` the teacher token the row holds there; offset ``[N]`` its bytes before the student's
-        target. Returns the student ids ``[N, S]`` (−1 where a candidate does not go on), ``p_L``
-        ``[N, S]`` (the going-on candidates' probabilities over their sum) and ``s`` ``[N]`` (that
-        sum over the mass of the candidates that spell the prefix; 0 where none does)."""
-        n, width = candidates.shape
-        offset = offset.tolist()
-        pairs = {(int(d), offset[i]) for i in range(n) for d, w in zip(candidates[i], probs[i]) if w > 0}
-        self._fill(pairs - self._cache.keys())
-        student = np.full((n, width), -1, dtype=np.int64)
-        going = np.zeros((n, width), dtype=np.float64)
-        share = np.zeros(n, dtype=np.float64)
-        for i in range(n):
-            k, piece = offset[i], self.pieces[int(actual[i])]
-            prefix = piece[:k] if piece is not None else None
-            consistent = 0.0
-            for j, (d, w) in enumerate(zip(candidates[i].tolist(), probs[i].tolist())):
-                if w <= 0:
-                    continue
-                spelt, sid = self._cache[(d, k)]
-                if spelt is None or spelt != prefix:
-                    continue
-                consistent += w
-                if sid >= 0:
-                    student[i, j], going[i, j] = sid, w
-            total = going[i].sum()
-            if total > 0:
-                going[i] /= total
-                share[i] = total / consistent
+        target (1 ≤ offset < its length). Returns the student ids ``[N, S]`` (−1 where a candidate
+        does not go on), ``p_L`` ``[N, S]`` (the going-on candidates' probabilities over their sum,
+        float64) and ``s`` ``[N]`` (that sum over the mass of the candidates that spell the prefix;
+        0 where none does)."""
+        lengths, starts, prefix, first = self._tables(candidates.device)
+        k = offset[:, None]
+        d = candidates.clamp(0, len(lengths) - 1)
+        long_enough = (candidates >= 0) & (candidates < len(lengths)) & (lengths[d] >= k) & (probs > 0)
+        at = torch.where(long_enough, starts[d] + k, 0)
+        wanted = prefix[starts[actual] + offset][:, None]
+        spelt = long_enough & (prefix[at] == wanted)
+        goes_on = spelt & (lengths[d] > k)
+        student = torch.where(goes_on, first[at], -1)
+        w = probs.double()
+        consistent = torch.where(spelt, w, 0.0).sum(-1)
+        going = torch.where(goes_on, w, 0.0)
+        total = going.sum(-1)
+        has = total > 0
+        going = going / torch.where(has, total, 1.0)[:, None]
+        share = torch.where(has, total / torch.where(has, consistent, 1.0), 0.0)
         return student, going, share
 
 
@@ -222,17 +228,15 @@ class CrossTokenizer:
         token = (torch.arange(b, device=ids.device)[:, None] * length + position + 1).reshape(-1)[at]
         topk = isinstance(self.base, StoredTopK)
         probs = rest[0][at].double().exp() if topk else rest[0][at].double()
-        sid, going, s = self.inside(ids[at].cpu().numpy(), probs.cpu().numpy(),
-                                    teacher_ids.reshape(-1)[token].cpu().numpy(),
-                                    batch["cross_inside_offset"][:, :-1].reshape(-1)[at].cpu().numpy())
-        student_ids[at] = torch.from_numpy(sid).to(ids.device)
-        going = torch.from_numpy(going).to(ids.device)
+        sid, going, s = self.inside(ids[at], probs, teacher_ids.reshape(-1)[token],
+                                    batch["cross_inside_offset"][:, :-1].reshape(-1)[at])
+        student_ids[at] = sid
         if topk:
-            rest[0][at] = torch.where(going > 0, going, 0.0).log().to(rest[0].dtype)
+            rest[0][at] = going.log().to(rest[0].dtype)  # −inf where a candidate does not go on
             rest[1][at] = float("-inf")
         else:
             rest[0][at] = going.to(rest[0].dtype)
-        share[at] = torch.from_numpy(s).float().to(ids.device)
+        share[at] = s.float()
         self._counts[6] += float((s > 0).sum())
         return inside, share
 

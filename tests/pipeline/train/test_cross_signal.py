@@ -249,14 +249,17 @@ def test_inside_targets_condition_the_candidates_on_the_bytes_written():
     (no next token in the store), " destroys" goes on with "s" — and " dest", shorter, cannot."""
     pieces = (b" destroys", b" destroy", b" dest", b" and", None)
     first = {b"s": 40}
-    inside = InsideTargets(pieces, lambda rests: [first[r] for r in rests])
-    sid, going, share = inside(np.array([[0, 1, 2, 3, 4]]), np.array([[.5, .2, .1, .2, 0.0]]), np.array([0]),
-                               np.array([8]))
+    inside = InsideTargets(pieces, lambda rests: [first.get(r, 99) for r in rests])
+    t = torch.tensor
+    sid, going, share = inside(t([[0, 1, 2, 3, 4]]), t([[.5, .2, .1, .2, 0.0]]), t([0]), t([8]))
     assert sid.tolist() == [[40, -1, -1, -1, -1]] and going[0].tolist() == [1.0, 0, 0, 0, 0]
-    assert share[0] == pytest.approx(.5 / .7)
+    assert share[0].item() == pytest.approx(.5 / .7)
     # nothing spells the prefix: no target (the position falls back to the true token)
-    sid, going, share = inside(np.array([[3, 2]]), np.array([[.6, .4]]), np.array([0]), np.array([8]))
+    sid, going, share = inside(t([[3, 2]]), t([[.6, .4]]), t([0]), t([8]))
     assert (sid < 0).all() and share[0] == 0 and going.sum() == 0
+    # a special (no bytes) and padding never count
+    sid, going, share = inside(t([[4, 0, 0]]), t([[.3, .7, 0.0]]), t([0]), t([8]))
+    assert sid.tolist() == [[-1, 40, -1]] and share[0].item() == 1.0
 
 
 @pytest.mark.parametrize("kind", ["topk", "sampled"])
