@@ -64,7 +64,7 @@ def all_ids(jobs_json: Path) -> dict[str, str]:
     return json.loads(jobs_json.read_text())["jobs"]
 
 
-STEPS = 120
+STEPS = 48  # at ~75 ms a step on 2 CPU processes, seconds between the step-2 checkpoint and the end to signal in
 
 
 @pytest.fixture(scope="module")
