@@ -68,12 +68,13 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # two pytest-xdist workers of one torch thread each (the tests are small: two one-thread processes use
-# 2 cores better than one of two threads); the real-SLURM tests share one worker (tests/conftest.py).
+# 2 cores better than one of two threads); a file's tests share a worker, the real-SLURM files one worker,
+# first (tests/conftest.py's scheduler: --dist loadfile, refined).
 # TEST_WORKERS=0 runs them in this process, one after another.
 TEST_WORKERS ?= 2
 test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow" \
-		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # the fault-injection suite (docs/RELIABILITY.md): every kill, byte flip, full disk and race; its
 # fast cases also run in `make test`
