@@ -282,7 +282,8 @@ QUALITY_MODES ?= ce,online,topk-tail,sampled-n32
 # 50 minutes. Run it in the background.
 # cross-*-bucket: the next-token term as first measured (bucket map, 1:1 chunks), beside the defaults.
 CROSS_STEPS ?= 100
-CROSS_MODES ?= same-ce,same-kd,same-both,cross-ce,cross-exact,cross-chunk,cross-both,cross-exact-bucket,cross-both-bucket,cross-exact-prefix,cross-both-prefix
+# -fill / -none: --cross-uncovered ce / none (issue #30's comparison; the plain modes run the default, teacher)
+CROSS_MODES ?= same-ce,same-kd,same-both,cross-ce,cross-exact,cross-chunk,cross-both,cross-exact-fill,cross-both-fill,cross-exact-none,cross-chunk-none,cross-both-none,cross-exact-bucket,cross-both-bucket,cross-exact-prefix,cross-both-prefix
 bench-cross: setup
 	$(BIN)/python bench/cross_tokenizer.py --teacher $(TEACHER) --steps $(CROSS_STEPS) --seeds 0,1,2 \
 		--modes $(CROSS_MODES) --out bench/results/cross_tokenizer_cpu.json
@@ -300,7 +301,7 @@ bench-cross: setup
 # 5 required modes x 3 seeds took about 95 min of wall time with the seeds run side by side (--keep-store /
 # --store, then --merge), and would take 2-3 hours one after another at that load.
 CROSS_REAL_STEPS ?= 80
-CROSS_REAL_MODES ?= same-ce,same-kd,cross-ce,cross-both,cross-both-bucket,cross-exact,cross-exact-bucket
+CROSS_REAL_MODES ?= same-ce,same-kd,cross-ce,cross-both,cross-exact,cross-chunk,cross-both-fill,cross-exact-fill,cross-both-none,cross-exact-none,cross-both-bucket,cross-exact-bucket
 # e.g. CROSS_REAL_ARGS="--keep-store runs/cross-real-store", then "--store runs/cross-real-store --previous FILE"
 # to add modes or seeds without stage one again
 CROSS_REAL_ARGS ?=

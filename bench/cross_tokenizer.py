@@ -213,8 +213,8 @@ def main() -> None:
                 run = work / f"{mode}-{seed}"
                 t0 = time.time()
                 extra = args.student_args.split() if mode not in CE_TWINS else []
-                distill("student", *student_flags(mode, work, args.alpha), *extra, "--out", run, "--seed", seed, "--max-steps",
-                        args.steps, "--micro-batch-size", args.micro_batch_size, "--lr", args.lr, "--warmup-steps",
+                distill("student", *student_flags(mode, work, args.alpha), *extra, "--out", run, "--seed", seed,
+                        "--max-steps", args.steps, "--micro-batch-size", args.micro_batch_size, "--lr", args.lr, "--warmup-steps",
                         max(1, args.steps // 10), "--eval-every", 0, "--checkpoint-every", 0, "--log-every", 10,
                         "--device", args.device, log=work / f"{mode}-{seed}.log")
                 train_s = time.time() - t0
@@ -238,7 +238,8 @@ def main() -> None:
                           "teacher_tokenizer": args.teacher_tokenizer, "student_tokenizer": args.student_tokenizer,
                           "corpus": args.corpus, "heldout": args.heldout, "docs": len(docs), "steps": args.steps,
                           "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
-                          "samples": args.samples, "alpha": args.alpha, "student_args": args.student_args, "store_rows": rows, "heldout_docs": args.heldout_docs,
+                          "samples": args.samples, "alpha": args.alpha, "student_args": args.student_args,
+                          "store_rows": rows, "heldout_docs": args.heldout_docs,
                           "seeds": seeds, "stage_one_s": stage_one_s,
                           "wall_s": previous["wall_s"] + time.time() - started,
                           "runs": runs, "summary": summarise(runs)}

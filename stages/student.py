@@ -715,8 +715,9 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
     aligner = RowAligner(teacher_bytes, student_bytes, encode, positions, tokenizer.eos_token_id,
                          positions=config.cross_positions)
     if teacher is not None:
+        # the inside-token tables (seconds for a large vocabulary) only where the next-token term runs
         inside = InsideTargets(teacher_bytes.pieces, lambda pieces: first_tokens(tokenizer, pieces)) \
-            if config.cross_uncovered == "teacher" else None
+            if config.cross_uncovered == "teacher" and config.cross_tokenizer != "chunk" else None
         teacher = CrossTokenizer(teacher, mapping, config.cross_tokenizer, config.chunk_weight, config.cross_uncovered,
                                  inside)
     facts = {"cross_tokenizer": {"mode": config.cross_tokenizer, "unmapped": config.unmapped,

@@ -1,3 +1,4 @@
+import collections
 import gzip
 import hashlib
 import json
@@ -213,12 +214,9 @@ def pytest_xdist_make_scheduler(config, log):
             if self.collection is None and self.collection_is_completed and self.config.option.loadscopereorder:
                 self.config.option.loadscopereorder = False  # the order below is the queue's
                 for node, collection in self.registered_collections.items():
-                    count: dict[str, int] = {}
-                    for nodeid in collection:
-                        count[self._split_scope(nodeid)] = count.get(self._split_scope(nodeid), 0) + 1
+                    count = collections.Counter(map(self._split_scope, collection))
                     count["tests/slurm"] = len(collection) + 1  # first
                     self.registered_collections[node] = sorted(collection, key=lambda i: -count[self._split_scope(i)])
             super().schedule()
 
     return ByFileSlurmFirst(config, log)
-

@@ -134,10 +134,10 @@ class CrossTokenizer:
             raise DistillError(f"--cross-tokenizer must be one of {', '.join(MODES)}, got {mode!r}")
         if uncovered not in UNCOVERED:
             raise DistillError(f"--cross-uncovered must be one of {', '.join(UNCOVERED)}, got {uncovered!r}")
-        if uncovered == "teacher" and inside is None:
+        if uncovered == "teacher" and mode != "chunk" and inside is None:
             raise ValueError("uncovered='teacher' needs the InsideTargets of the two tokenizers")
         self.uncovered = uncovered
-        self.inside = inside if uncovered == "teacher" and mode != "chunk" else None
+        self.inside = inside if uncovered == "teacher" and mode != "chunk" else None  # chunk mode: as 'ce'
         if isinstance(base, StoredTopK) and base.tail != "tail":
             raise DistillError(f"--cross-tokenizer compares a top-k teacher with one bucket for the mass it cannot map; "
                                f"--tail {base.tail} has no such bucket; use --tail tail")
