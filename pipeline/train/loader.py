@@ -16,6 +16,7 @@ the student, ``pipeline/text/align.py``), so the resume position stays ``(epoch,
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import multiprocessing as mp
 import signal
@@ -31,20 +32,33 @@ from pipeline.store.contract import ShardReader, Store
 
 
 class ChunkReader:
-    """Reads one chunk of one shard; opens shards lazily (in whichever process it lives)."""
+    """Reads one chunk of one shard; opens shards lazily (in whichever process it lives), keeping the
+    ``max_open`` most recently read open (each holds a descriptor per array: a store of thousands of
+    shards read in shuffled order would otherwise reach the process's limit of open files)."""
 
-    def __init__(self, root: str, index: dict, fields: tuple[str, ...] | None = None, check: bool = True):
+    def __init__(self, root: str, index: dict, fields: tuple[str, ...] | None = None, check: bool = True,
+                 max_open: int = 32):
         self.root = Path(root)
         self.index = index
         self.fields = tuple(fields or index["arrays"])
         self.check = check
-        self._open: dict[int, ShardReader] = {}
+        self.max_open = max(1, max_open)
+        self._open: collections.OrderedDict[int, ShardReader] = collections.OrderedDict()
 
     def read(self, shard: int, chunk: int) -> dict[str, np.ndarray]:
         """The chunk's arrays, checked against the index's CRC-32s (a one-line error if they differ)."""
-        if shard not in self._open:
-            self._open[shard] = ShardReader(self.root, self.index, shard, self.fields, self.check)
-        return self._open[shard].read_chunk(chunk)
+        reader = self._open.get(shard)
+        if reader is None:
+            while len(self._open) >= self.max_open:
+                self._open.popitem(last=False)[1].close()
+            reader = self._open[shard] = ShardReader(self.root, self.index, shard, self.fields, self.check)
+        else:
+            self._open.move_to_end(shard)
+        return reader.read_chunk(chunk)
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
 
 
 _worker_reader: ChunkReader | None = None
@@ -123,6 +137,7 @@ class Loader:
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
             self.pool = None
+        self.reader.close()
 
     # -- the order ------------------------------------------------------------------------------
     # An epoch orders the chunks by a permutation drawn from (seed, epoch) and cuts that order

@@ -76,3 +76,42 @@ def test_worker_processes_give_the_same_batches(numbered):
         assert take(pooled, 7) == inline
     finally:
         pooled.close()
+
+
+def open_files() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_store_of_more_shards_than_may_be_open_reads_the_same_and_closes(tmp_path):
+    """A reader keeps at most ``max_open`` shards open (a zarr shard holds a descriptor per array; a
+    store of thousands of shards read in shuffled order would exhaust the process's open files): the
+    batches are those of an unbounded reader, and closing the loader closes every shard."""
+    root = tmp_path / "many"
+    root.mkdir()
+    entries = []
+    for i in range(12):
+        ids = np.repeat(np.arange(i * 16, i * 16 + 16, dtype=np.uint16)[:, None], 4, axis=1)
+        entries.append(store.write_shard(root, store.shard_name(i, "zarr"), {"input_ids": ids}, "zarr",
+                                         chunk_rows=CHUNK))
+    index = store.new_index("tokens", "zarr", {"seq_len": 4, "chunk_rows": CHUNK}, entries,
+                            arrays={"input_ids": {"dtype": "uint16", "shape": [4]}})
+    store.write_index(root, index)
+    many = store.open_store(root)
+    baseline = open_files()
+    unbounded = Loader(many, batch_rows=24, seed=4, shuffle_chunks=4)
+    unbounded.reader.max_open = 1000
+    want = take(unbounded, 16)  # two epochs of 192 rows
+    assert open_files() == baseline + 12  # every shard, one array each
+    unbounded.close()
+    assert open_files() == baseline
+    bounded = Loader(many, batch_rows=24, seed=4, shuffle_chunks=4)
+    bounded.reader.max_open = 3
+    got = []
+    for _ in range(16):
+        got += take(bounded, 1)
+        assert open_files() <= baseline + 3
+    assert got == want
+    bounded.close()
+    assert open_files() == baseline
