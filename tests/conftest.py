@@ -173,6 +173,35 @@ def spawn(args, torchrun: bool = False, shell: str = "", fresh: bool = False):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def spawn_ranks(args, world: int = 2):
+    """``distill ARGS`` as ``world`` ranks of one run, for a test of what several processes compute
+    (the numbers, checkpoints, resume): forked from the fork server with the environment torchrun
+    gives its workers (tests/forkserver.py, ``rank_env``), which saves the launcher and ~5 s of CPU a
+    rank. What torchrun itself does (signals, pre-emption, batch scripts) is tested with
+    ``spawn(torchrun=True)``; so is everything here where the server cannot fork."""
+    import socket as socket_lib
+
+    from tests.forkserver import RANK_VARIABLES, ForkedRanks, rank_env
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    server = _fork_server(env)
+    with socket_lib.socket() as probe:  # a free port for rank 0's store
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    envs = [rank_env(env, rank, world, port) for rank in range(world)]
+    if server is None or not all(server.launchable(e, RANK_VARIABLES) for e in envs):
+        return spawn(args, torchrun=True)
+    ranks = []
+    for e in envs:
+        process = server.spawn([str(a) for a in args], e, ROOT)
+        if process is None:
+            for started in ranks:
+                started.kill()
+            return spawn(args, torchrun=True)
+        ranks.append(process)
+    return ForkedRanks(ranks)
+
+
 def kill_when(process, ready) -> None:
     """SIGKILL ``process`` (the trainer alone, as a preempting scheduler would) as soon as
     ``ready()`` is true; fails if the run ended first, since then nothing was interrupted."""

@@ -39,6 +39,10 @@ PRELOAD = ("torch", "numpy", "transformers", "transformers.modeling_utils", "tra
            "pipeline.preempt", "stages.prepare", "stages.teacher", "stages.student", "stages.eval", "stages.report",
            "stages.rounds", "stages.generate", "stages.status", "stages.inspect_store", "stages.slurm", "stages.plan")
 
+# ... except these, which torch sets in the process's environment once it compiles (an in-process
+# test's torch.compile) and reads only then
+SET_AT_RUNTIME = frozenset({"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"})
+
 MESSAGE = 1 << 20
 
 
@@ -180,7 +184,7 @@ class ForkedProcess:
     def __init__(self, server: "Server", pid: int, stdout, args: list[str]):
         self.server, self.pid, self.stdout, self.args = server, pid, stdout, args
         self.returncode: int | None = None
-        self._output: list[str] = []
+        self._output: list[bytes] = []
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -205,15 +209,29 @@ class ForkedProcess:
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not _readable(fd, left):
-                    raise subprocess.TimeoutExpired(self.args, timeout, output="".join(self._output))
+                    raise subprocess.TimeoutExpired(self.args, timeout, output=self._text())
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     break
-                self._output.append(chunk.decode(errors="replace"))
+                self._output.append(chunk)
             self.stdout.close()
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         self.wait(left)
-        return "".join(self._output), None
+        return self._text(), None
+
+    def _text(self) -> str:
+        return b"".join(self._output).decode(errors="replace")
+
+    def drain(self) -> None:
+        """Read what the run has written so far (a rank left unread would block on a full pipe)."""
+        if self.stdout is not None and not self.stdout.closed:
+            fd = self.stdout.fileno()
+            while _readable(fd, 0):
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    self.stdout.close()
+                    break
+                self._output.append(chunk)
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
@@ -224,6 +242,70 @@ class ForkedProcess:
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
+
+
+def rank_env(env: dict[str, str], rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun (torch.distributed.run, one node, ``--nproc_per_node world``) puts in a worker's
+    environment, with the rendezvous on rank 0's own store (no agent to host one)."""
+    return env | {
+        "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank), "ROLE_NAME": "default",
+        "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "PYTHONUNBUFFERED": "1"}
+
+
+RANK_VARIABLES = frozenset(rank_env({}, 0, 1, 0))
+
+
+class ForkedRanks:
+    """A run of ``world`` ranks forked from the server, as torchrun's workers (Popen's parts the
+    tests use): ``returncode`` is the first failed rank's, else 0; a rank that fails ends the others
+    (SIGKILL), as torchrun's agent does; ``communicate`` gives every rank's output, rank by rank."""
+
+    def __init__(self, ranks: list[ForkedProcess]):
+        self.ranks = ranks
+        self.pid = ranks[0].pid
+        self.returncode: int | None = None
+
+    def _settle(self) -> None:
+        codes = [r.poll() for r in self.ranks]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            for rank, code in zip(self.ranks, codes):
+                if code is None:
+                    rank.kill()
+            self.returncode = failed[0]
+        elif all(c == 0 for c in codes):
+            self.returncode = 0
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._settle()
+        return self.returncode
+
+    def communicate(self, input=None, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("ranks", timeout)
+            for rank in self.ranks:
+                rank.drain()
+            time.sleep(0.02)
+        outputs = [rank.communicate(timeout=60)[0] for rank in self.ranks]
+        self._settle()
+        return "".join(outputs), None
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.communicate(timeout=timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        for rank in self.ranks:
+            rank.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class Server:
@@ -257,11 +339,12 @@ class Server:
             self.statuses[message["exit"]] = message["status"]
         return message
 
-    def launchable(self, env: dict[str, str]) -> bool:
-        """Whether a run in ``env`` may be forked: no import-time variable differs from the server's."""
+    def launchable(self, env: dict[str, str], runtime: frozenset[str] = frozenset()) -> bool:
+        """Whether a run in ``env`` may be forked: no import-time variable differs from the server's
+        (``runtime``: names read only once the run is under way, such as torchrun's)."""
         if not self.usable or self.process.poll() is not None:
             return False
-        changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
+        changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)} - runtime - SET_AT_RUNTIME
         return not any(k.upper().startswith(IMPORT_TIME) for k in changed)
 
     def spawn(self, args: list[str], env: dict[str, str], cwd: Path) -> ForkedProcess | None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.train.metrics import MACHINE_SCALARS
-from tests.conftest import ROOT, TOKENIZER, make_teacher, one_line_error, run_cli, spawn, write_tiny_model_config
+from tests.conftest import (ROOT, TOKENIZER, make_teacher, one_line_error, run_cli, spawn, spawn_ranks,
+                            write_tiny_model_config)
 
 SECOND = ROOT / "data" / "tokenizer-4096"
 
@@ -175,7 +176,7 @@ def test_two_processes_train_like_one(root, tmp_path):
     one = spawn(student_args(root, tmp_path / "one", *common))  # one thread, as each rank has
     args = student_args(root, tmp_path / "two", *common)
     args[args.index("--micro-batch-size") + 1] = "2"
-    two = spawn(args, torchrun=True)
+    two = spawn_ranks(args)
     for process in (one, two):
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output

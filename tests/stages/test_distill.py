@@ -15,7 +15,8 @@ from pipeline.teacher.topk import retemper
 from pipeline.train.losses import sparse_kd
 from pipeline.train.teacher_signal import OnlineTeacher, StoredTopK
 from stages.student import DistillStep
-from tests.conftest import ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, reseal_index, run_cli, spawn
+from tests.conftest import (ROOT, TOKENIZER, kill_when, make_teacher, one_line_error, reseal_index, run_cli, spawn,
+                            spawn_ranks)
 
 
 @pytest.fixture(scope="module")
@@ -171,12 +172,11 @@ def test_torchrun_ddp_and_fsdp_match_one_process(stage1, tmp_path):
     # the one-process run in this process: the curves are compared to 1e-4, not bit for bit
     one = run_cli(*kd_args(stage1, tmp_path / "one", steps, "--micro-batch-size", "8", "--eval-every", "0"))
     assert one.exit_code == 0, one.output
-    two = spawn(kd_args(stage1, tmp_path / "two", steps, "--micro-batch-size", "4", "--eval-every", "0"),
-                torchrun=True)
+    two = spawn_ranks(kd_args(stage1, tmp_path / "two", steps, "--micro-batch-size", "4", "--eval-every", "0"))
     output, _ = two.communicate(timeout=300)
     assert two.returncode == 0, output
-    fsdp = spawn(kd_args(stage1, tmp_path / "fsdp", steps, "--micro-batch-size", "4", "--eval-every", "0", "--fsdp"),
-                 torchrun=True)
+    fsdp = spawn_ranks(kd_args(stage1, tmp_path / "fsdp", steps, "--micro-batch-size", "4", "--eval-every", "0",
+                               "--fsdp"))
     output, _ = fsdp.communicate(timeout=300)
     assert fsdp.returncode == 0, output
     a, b, c = curve(tmp_path / "one"), curve(tmp_path / "two"), curve(tmp_path / "fsdp")

@@ -1,14 +1,15 @@
 """Stage two on another number of processes (pipeline/train/distributed.py): a global batch whose
 accumulation follows the world size, data ordered by global step, and checkpoints (full under DDP,
 DCP-sharded under FSDP) that resume on 1 process from 2 and on 2 from 1, on the same global batches:
-every later step's loss equals the uninterrupted 2-process run's (CPU, gloo, torchrun)."""
+every later step's loss equals the uninterrupted 2-process run's (CPU, gloo; the two ranks as
+torchrun's workers, conftest.spawn_ranks)."""
 
 import json
 
 import pytest
 
 from pipeline.train import checkpoint
-from tests.conftest import TOKENIZER, one_line_error, run_cli, spawn, write_corpus, write_tiny_model_config
+from tests.conftest import TOKENIZER, one_line_error, run_cli, spawn_ranks, write_corpus, write_tiny_model_config
 
 STEPS, AT = 4, 2  # resume at step 2 of 4
 GLOBAL_ROWS, MICRO = 8, 2  # 2 processes: 2 micro-batches a step each; 1 process: 4
@@ -38,7 +39,8 @@ def losses(out) -> dict[int, float]:
 
 
 def torchrun(*argv):
-    process = spawn(argv, torchrun=True)
+    """Two ranks as torchrun's workers (conftest.spawn_ranks)."""
+    process = spawn_ranks(argv)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output
     return output
