@@ -54,7 +54,7 @@ RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
 .PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
-        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross bench-cross-real bench-scale \
+        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross bench-cross-real bench-cross-trunc bench-scale \
         sweep clean onpolicy onpolicy-start bench-onpolicy bench-prepare bench-curve
 
 $(VENV)/.installed: pyproject.toml
@@ -310,6 +310,19 @@ bench-cross-real: real-teacher
 		--student $(REAL_STUDENT) --student-tokenizer $(REAL_CROSS_TOKENIZER) --cross-student $(REAL_CROSS_STUDENT) \
 		--corpus data/pydoc/train.jsonl.gz --heldout data/pydoc/heldout.jsonl.gz --steps $(CROSS_REAL_STEPS) \
 		--seeds 0,1,2 --modes $(CROSS_REAL_MODES) --out bench/results/cross_tokenizer_real_cpu.json $(CROSS_REAL_ARGS)
+
+# The control of the harder pair (issue #30): the teacher's own BPE cut to the cross student's 8192 ids
+# (scripts/truncate_bpe.py), distilled across tokenizers from the same kept store: what the vocabulary's
+# size costs apart from the mismatch of tokenizers (bench/results/cross_tokenizer_real_trunc8k_cpu.json)
+CROSS_TRUNC ?= runs/trunc8k
+bench-cross-trunc: real-teacher
+	$(BIN)/python scripts/truncate_bpe.py --source $(REAL_TEACHER) --size 8192 --out $(CROSS_TRUNC)/tokenizer \
+		--student $(REAL_STUDENT) --student-out $(CROSS_TRUNC)/student.json
+	$(BIN)/python bench/cross_tokenizer.py --teacher $(REAL_TEACHER) --teacher-tokenizer $(REAL_TEACHER) \
+		--student $(REAL_STUDENT) --student-tokenizer $(CROSS_TRUNC)/tokenizer --cross-student $(CROSS_TRUNC)/student.json \
+		--corpus data/pydoc/train.jsonl.gz --heldout data/pydoc/heldout.jsonl.gz --steps $(CROSS_REAL_STEPS) \
+		--seeds 0,1,2 --modes cross-ce,cross-both --out bench/results/cross_tokenizer_real_trunc8k_cpu.json \
+		$(CROSS_REAL_ARGS)
 
 bench-quality: setup
 	$(BIN)/python bench/quality.py --teacher $(TEACHER) --steps 300 --seeds 0,1,2 --modes $(QUALITY_MODES) \
