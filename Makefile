@@ -53,7 +53,7 @@ REPORT_ARGS ?=
 RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
-.PHONY: setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
+.PHONY: test-durations setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
         eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross bench-cross-real bench-cross-trunc bench-scale \
         sweep clean onpolicy onpolicy-start bench-onpolicy bench-prepare bench-curve
 
@@ -75,6 +75,11 @@ TEST_WORKERS ?= 2
 test: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow" \
 		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
+# tests/durations.json: each test file's seconds, the order `make test` dispatches files in (longest first)
+test-durations: setup
+	DISTILL_TEST_DURATIONS=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow" \
+		-n $(TEST_WORKERS) --dist loadfile
 
 # the fault-injection suite (docs/RELIABILITY.md): every kill, byte flip, full disk and race; its
 # fast cases also run in `make test`

@@ -253,16 +253,36 @@ def make_model(path: Path, arch: str, vocab: int, **extra) -> Path:
     return path
 
 
+DURATIONS = ROOT / "tests" / "durations.json"  # seconds a file's tests take, for the scheduler below
+_durations: collections.Counter = collections.Counter()
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Each test's setup, call and teardown time, by file (under xdist the controller sees every worker's)."""
+    _durations[report.nodeid.split("::", 1)[0]] += report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    """With ``DISTILL_TEST_DURATIONS=1`` (``make test-durations``), write each file's seconds to
+    tests/durations.json, the order the scheduler dispatches files in."""
+    if os.environ.get("DISTILL_TEST_DURATIONS") == "1" and _durations and not hasattr(session.config, "workerinput"):
+        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_durations.items())}, indent=0) + "\n")
+
+
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist (`make test` runs two workers) a file's tests run on one worker, so that its
     module-scoped fixtures (a trained store, a teacher run) are built once, not once a worker; and the
     files that need the machine's one real SLURM cluster (tests/slurm/) run on one worker, one after
     another, first: they are the longest chain (~2.5 min), which must not start when the other worker
-    has nothing left to do. The other files follow in xdist's order (most tests first).
+    has nothing left to do. The other files follow longest first, by tests/durations.json (a file it
+    does not list counts 0.3 s a test), so that no long file is left for the end while the other
+    worker idles.
 
     (The `xdist_group` marks this replaces did nothing here: pytest 9 keeps a test's id where xdist 3.8
     no longer writes the group into it, and every file's tests were spread over both workers.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
 
     class ByFileSlurmFirst(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -274,8 +294,9 @@ def pytest_xdist_make_scheduler(config, log):
                 self.config.option.loadscopereorder = False  # the order below is the queue's
                 for node, collection in self.registered_collections.items():
                     count = collections.Counter(map(self._split_scope, collection))
-                    count["tests/slurm"] = len(collection) + 1  # first
-                    self.registered_collections[node] = sorted(collection, key=lambda i: -count[self._split_scope(i)])
+                    seconds = {scope: known.get(scope, 0.3 * n) for scope, n in count.items()}
+                    seconds["tests/slurm"] = float("inf")  # first
+                    self.registered_collections[node] = sorted(collection, key=lambda i: -seconds[self._split_scope(i)])
             super().schedule()
 
     return ByFileSlurmFirst(config, log)
