@@ -266,16 +266,20 @@ def test_inside_targets_condition_the_candidates_on_the_bytes_written():
     assert sid.tolist() == [[-1, 40, -1]] and share[0].item() == 1.0
 
 
-@pytest.mark.parametrize("name,t,teacher", [("topk", 1.0, "as stored"), ("sampled", 1.0, "as stored"),
-                                            ("topk", 2.0, "as stored"), ("topk", 1.0, "certain"),
-                                            ("sampled", 1.0, "certain"), ("topk1", 0.5, "as stored")])
-def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, monkeypatch, name, t, teacher):
+@pytest.mark.parametrize("name,t,teacher,direction", [
+    ("topk", 1.0, "as stored", "forward"), ("sampled", 1.0, "as stored", "forward"),
+    ("topk", 2.0, "as stored", "forward"), ("topk", 1.0, "certain", "forward"), ("sampled", 1.0, "certain", "forward"),
+    ("topk1", 0.5, "as stored", "forward"), ("topk", 1.0, "as stored", "reverse"), ("topk", 2.0, "as stored", "reverse")])
+def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, monkeypatch, name, t, teacher,
+                                                                direction):
     """--cross-uncovered teacher against a second tokenizer: its loss minus --cross-uncovered none's
     (the chunk starts' terms are the same) equals, over the positions that are no chunk start, a float64
     loop: inside a teacher token, the candidates that spell the student's bytes since the token began,
     those going on mapped by the student's first token of the rest, ``s·KL(p_L ‖ q_T) + (1 − s)·CE_T``;
     elsewhere CE_T. Also at T = 2, for a teacher certain of the row's token (its other candidates at
-    e^−80, or no other draw), and for k = 1 at T = 0.5; the gradients are finite in every case."""
+    e^−80, or no other draw), and for k = 1 at T = 0.5; the gradients are finite in every case. Under
+    ``--direction reverse`` (top-k) the term is ``KL(q̃_T ‖ p_L)``, the student renormalised over the
+    student ids the candidates go on to (the teacher's other buckets are empty)."""
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     store = open_store(root / name)
     kind = store.kind
@@ -301,8 +305,8 @@ def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, 
     inside = InsideTargets(teacher_side.pieces, lambda pieces: first_tokens(student_tok, pieces))
     got = {}
     for uncovered in ("none", "teacher"):
-        signal = CrossTokenizer(stored_teacher(kind, store.params, t), mapping, "exact", uncovered=uncovered,
-                                inside=inside)
+        signal = CrossTokenizer(stored_teacher(kind, store.params, t, "tail", direction), mapping, "exact",
+                                uncovered=uncovered, inside=inside)
         _, got[uncovered], _, grads = step_loss(model, 4096, signal, batch, 40)
         assert all(torch.isfinite(g).all() for g in grads.values()), uncovered
     stats = signal.take_stats()
@@ -313,7 +317,7 @@ def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, 
     base = stored_teacher(kind, store.params, t).positions(batch["teacher_input_ids"], batch)
     length = arrays["teacher_input_ids"].shape[1]
     ids = arrays["input_ids"]
-    expected, conditioned = 0.0, 0
+    expected, other, conditioned = 0.0, 0.0, 0
     for r in range(ROWS):
         for i in range(ids.shape[1] - 1):
             if not arrays["loss_mask"][r, i] or arrays["cross_exact"][r, i] >= 0:
@@ -343,7 +347,13 @@ def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, 
                 continue
             conditioned += 1
             s = total / spelt
-            expected += s * sum(w / total * (math.log(w / total) - logq[r, i, sid]) for sid, w in going.items()) \
-                + (1 - s) * ce
+            forward = sum(w / total * (math.log(w / total) - logq[r, i, sid]) for sid, w in going.items())
+            z = sum(math.exp(logq[r, i, sid]) for sid in going)
+            reverse = sum(math.exp(logq[r, i, sid]) / z * (logq[r, i, sid] - math.log(z) - math.log(w / total))
+                          for sid, w in going.items())
+            expected += s * (forward if direction == "forward" else reverse) + (1 - s) * ce
+            other += s * (reverse if direction == "forward" else forward) + (1 - s) * ce
     assert conditioned == round(stats["cross_inside_share"] * arrays["cross_counts"][:, 0].sum()) > 0
     assert got["teacher"] - got["none"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    if teacher != "certain":  # the other direction's loop gives another number: the check can tell them apart
+        assert got["teacher"] - got["none"] != pytest.approx(other, rel=1e-3)
