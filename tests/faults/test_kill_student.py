@@ -55,16 +55,14 @@ def student_stores(module_student_stores):
     return module_student_stores
 
 
-@pytest.fixture(scope="module")
-def reference(student_stores):
-    """The uninterrupted run, and how long its parts take (seconds): start-up (to the metrics log),
-    a step, the final evaluation (last checkpoint to the model's temp directory) and all of it. One
-    per module: every test compares with it and none writes to it."""
+def measured_run(student_stores, out: Path, fresh: bool = False) -> dict:
+    """An uninterrupted run into ``out``, and how long its parts take (seconds): start-up (to the
+    metrics log), a step, the final evaluation (last checkpoint to the model's temp directory) and all
+    of it; ``fresh``: launched as a new interpreter (conftest.spawn)."""
     tiny_model_config = write_tiny_model_config(student_stores / "tiny.json")
-    out = student_stores / "reference"
     events = {"log": out / "metrics.jsonl", "last checkpoint": out / "checkpoints" / ckpt_name(STEPS),
               "saving": out / ".model.tmp", "done": out / "metrics.json"}
-    process = spawn(student_args(student_stores, tiny_model_config, out))
+    process = spawn(student_args(student_stores, tiny_model_config, out), fresh=fresh)
     started, seen = time.perf_counter(), {}
     while process.poll() is None:
         seen |= {event: time.perf_counter() - started for event, path in events.items()
@@ -73,8 +71,16 @@ def reference(student_stores):
     total = time.perf_counter() - started
     output, _ = process.communicate()
     assert process.returncode == 0 and seen.keys() == events.keys(), output
-    return {"out": out, "model": tiny_model_config, "total": total, "start-up": seen["log"], "step": (seen["last checkpoint"] - seen["log"]) / STEPS,
-            "evaluation": seen["saving"] - seen["last checkpoint"]}
+    return {"out": out, "model": tiny_model_config, "total": total, "start-up": seen["log"],
+            "step": (seen["last checkpoint"] - seen["log"]) / STEPS, "evaluation": seen["saving"] - seen["last checkpoint"],
+            "fresh": fresh}
+
+
+@pytest.fixture(scope="module")
+def reference(student_stores):
+    """The uninterrupted run (forked from the tests' fork server, as the runs it is compared with). One
+    per module: every test compares with it and none writes to it."""
+    return measured_run(student_stores, student_stores / "reference")
 
 
 class Watcher(threading.Thread):
@@ -211,7 +217,7 @@ def kill_and_resume(root: Path, ref: dict, kinds: list[str], chains: list[int], 
             latest = checkpoint.complete(out / "checkpoints")
             resumed_at = int(latest[-1].name[5:]) if latest else 0
             stale = metrics_inode(out)
-            process = spawn(student_args(root, ref["model"], out, *extra))
+            process = spawn(student_args(root, ref["model"], out, *extra), fresh=ref["fresh"])
             if kill == length:  # the chain's last run goes to the end
                 assert not run_until(process, lambda: False, 0.0)
                 break
@@ -266,8 +272,11 @@ def test_two_kills_of_a_sharded_checkpoint_run(student_stores, reference):
 
 
 @pytest.mark.slow
-def test_twelve_random_kills(student_stores, reference):
-    """Twelve moments of all six kinds, in seeded random order, in chains of one to three kills."""
+def test_twelve_random_kills(student_stores):
+    """Twelve moments of all six kinds, in seeded random order, in chains of one to three kills. Every
+    run a new interpreter, as on a cluster: the moments land in every phase of a real process's life,
+    its imports and its interpreter's end included (a forked run has neither to land in)."""
+    reference = measured_run(student_stores, student_stores / "reference-fresh", fresh=True)
     rng = random.Random(13)
     kinds = [kind for kind, n in KINDS.items() for _ in range(n)]
     rng.shuffle(kinds)
