@@ -328,6 +328,8 @@ bench-cross-trunc: real-teacher
 		--corpus data/pydoc/train.jsonl.gz --heldout data/pydoc/heldout.jsonl.gz --steps $(CROSS_REAL_STEPS) \
 		--seeds 0,1,2 --modes cross-ce,cross-both --out bench/results/cross_tokenizer_real_trunc8k_cpu.json \
 		$(CROSS_REAL_ARGS)
+	$(BIN)/python bench/cross_control.py --result bench/results/cross_tokenizer_real_trunc8k_cpu.json \
+		--same bench/results/cross_tokenizer_real_cpu.json
 
 bench-quality: setup
 	$(BIN)/python bench/quality.py --teacher $(TEACHER) --steps 300 --seeds 0,1,2 --modes $(QUALITY_MODES) \

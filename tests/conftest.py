@@ -131,6 +131,12 @@ def tree_digest(root: Path) -> str:
 _FORK_SERVER = None
 
 
+def run_env() -> dict[str, str]:
+    """The environment of a ``distill`` run a test starts: this one, offline, the project importable,
+    one thread."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
 def _fork_server(env: dict[str, str]):
     """This pytest worker's fork server (tests/forkserver.py), started on first use; None where
     ``DISTILL_TEST_FRESH=1`` asks for a fresh interpreter every time."""
@@ -155,7 +161,7 @@ def spawn(args, torchrun: bool = False, shell: str = "", fresh: bool = False):
     A plain run is forked from this worker's fork server (tests/forkserver.py: the same
     ``python -m stages.cli ARGS`` with its imports already done, which saves ~5 s of CPU a run);
     ``fresh`` (and torchrun, a shell) launches a new interpreter, for what only one can show."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = run_env()
     args = [str(a) for a in args]
     if not (torchrun or shell or fresh):
         server = _fork_server(env)
@@ -173,8 +179,8 @@ def spawn(args, torchrun: bool = False, shell: str = "", fresh: bool = False):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def spawn_ranks(args, world: int = 2):
-    """``distill ARGS`` as ``world`` ranks of one run, for a test of what several processes compute
+def spawn_ranks(args):
+    """``distill ARGS`` as two ranks of one run (as ``spawn(torchrun=True)``), for a test of what several processes compute
     (the numbers, checkpoints, resume): forked from the fork server with the environment torchrun
     gives its workers (tests/forkserver.py, ``rank_env``), which saves the launcher and ~5 s of CPU a
     rank. What torchrun itself does (signals, pre-emption, batch scripts) is tested with
@@ -183,12 +189,12 @@ def spawn_ranks(args, world: int = 2):
 
     from tests.forkserver import RANK_VARIABLES, ForkedRanks, rank_env
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = run_env()
     server = _fork_server(env)
     with socket_lib.socket() as probe:  # a free port for rank 0's store
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    envs = [rank_env(env, rank, world, port) for rank in range(world)]
+    envs = [rank_env(env, rank, 2, port) for rank in range(2)]
     if server is None or not all(server.launchable(e, RANK_VARIABLES) for e in envs):
         return spawn(args, torchrun=True)
     ranks = []

@@ -30,7 +30,7 @@ def test_a_forked_run_says_and_exits_as_a_fresh_one(tmp_path):
 
 
 def test_the_server_is_single_threaded_and_each_run_has_its_own_session(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(conftest.ROOT), "OMP_NUM_THREADS": "1"}
+    env = conftest.run_env()
     server = conftest._fork_server(env)
     assert server.usable and server.launchable(env)  # a library that starts a thread on import would end it
     process = conftest.spawn(["inspect", tmp_path])

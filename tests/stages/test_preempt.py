@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from pipeline.preempt import EXIT_PREEMPTED
 from pipeline.store.contract import READERS, JobLock, content_hash, open_store
 from pipeline.train.metrics import MACHINE_SCALARS
-from tests.conftest import ROOT, TOKENIZER, make_teacher, run_cli, spawn, write_corpus, write_tiny_model_config
+from tests.conftest import ROOT, TOKENIZER, make_teacher, run_cli, run_env, spawn, write_corpus, write_tiny_model_config
 
 STEPS = 24
 
@@ -334,7 +334,7 @@ def signalled_while_starting(launcher: str, args, sig: signal.Signals) -> tuple[
     after, or as soon after as it has a handler for it: polled, so a loaded machine that starts Python
     slowly does not make the signal come before any distill code has run. It must come before torch
     is imported (a handler installed only when the run begins would fail here). (status, output)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = run_env()
     command = [str(Path(sys.executable).with_name("distill"))] if launcher == "distill" else \
         [sys.executable, "-m", "stages.cli"]
     process = subprocess.Popen(command + [str(a) for a in args], env=env, cwd=ROOT, start_new_session=True,

@@ -269,7 +269,8 @@ def test_inside_targets_condition_the_candidates_on_the_bytes_written():
 @pytest.mark.parametrize("name,t,teacher,direction", [
     ("topk", 1.0, "as stored", "forward"), ("sampled", 1.0, "as stored", "forward"),
     ("topk", 2.0, "as stored", "forward"), ("topk", 1.0, "certain", "forward"), ("sampled", 1.0, "certain", "forward"),
-    ("topk1", 0.5, "as stored", "forward"), ("topk", 1.0, "as stored", "reverse"), ("topk", 2.0, "as stored", "reverse")])
+    ("topk1", 0.5, "as stored", "forward"), ("topk", 1.0, "as stored", "reverse"), ("topk", 2.0, "as stored", "reverse"),
+    ("topk", 1.0, "certain", "reverse"), ("topk1", 0.5, "as stored", "reverse")])
 def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, monkeypatch, name, t, teacher,
                                                                 direction):
     """--cross-uncovered teacher against a second tokenizer: its loss minus --cross-uncovered none's
@@ -278,8 +279,9 @@ def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, 
     those going on mapped by the student's first token of the rest, ``s·KL(p_L ‖ q_T) + (1 − s)·CE_T``;
     elsewhere CE_T. Also at T = 2, for a teacher certain of the row's token (its other candidates at
     e^−80, or no other draw), and for k = 1 at T = 0.5; the gradients are finite in every case. Under
-    ``--direction reverse`` (top-k) the term is ``KL(q̃_T ‖ p_L)``, the student renormalised over the
-    student ids the candidates go on to (the teacher's other buckets are empty)."""
+    ``--direction reverse`` (top-k: T = 1 and 2, a certain teacher, k = 1 at T = 0.5) the term is
+    ``KL(q̃_T ‖ p_L)``, the student renormalised over the student ids the candidates go on to (the
+    teacher's other buckets are empty)."""
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     store = open_store(root / name)
     kind = store.kind
