@@ -40,7 +40,7 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     from pipeline.config import load_config
     from stages.prepare import PrepareConfig, prepare
-    from stages.teacher import MergeConfig, merge
+    from stages.merge import MergeConfig, merge
 
     import resource
 

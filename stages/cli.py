@@ -14,6 +14,7 @@ if __name__ == "__main__":  # python -m stages.cli: before torch is imported (pi
 
 import contextlib
 import dataclasses
+import difflib
 import importlib
 import inspect
 import re
@@ -54,6 +55,22 @@ class DistillGroup(TyperGroup):
     and exit status 2, like every other error a user can fix (click would print usage, a hint and a
     boxed message). In the group, not in ``main()``, so that every caller of ``app`` gets it."""
 
+    def list_commands(self, ctx):
+        return list(STAGES)
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in STAGES:  # its module imported only now
+            self.add_command(build_command(name), name)
+        return super().get_command(ctx, name)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click_errors.UsageError as e:  # typer suggests from the commands loaded, which are none yet
+            if args and "Did you mean" not in e.message and (matches := difflib.get_close_matches(args[0], STAGES)):
+                e.message = f"{e.message.rstrip('.')}. Did you mean {', '.join(map(repr, matches))}?"
+            raise
+
     def make_context(self, info_name, args, parent=None, **extra):
         with _one_line_usage_errors(None):
             return super().make_context(info_name, args, parent=parent, **extra)
@@ -93,9 +110,9 @@ def _option_type(hint: Any) -> Any:
     return Optional[hint]
 
 
-def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: str,
+def stage_command(on: typer.Typer, name: str, config_cls: type, run: Callable[[Any], Any], help: str,
                   positional: tuple[str, ...] = (), models: bool = True) -> None:
-    """Register ``distill NAME``: flags from ``config_cls`` fields (``positional`` ones as
+    """Register ``NAME`` on ``on``: flags from ``config_cls`` fields (``positional`` ones as
     arguments), then ``run(config)``; with ``models``, options naming a model or tokenizer may be Hub
     ids, resolved from the local cache first (:mod:`pipeline.hub`)."""
     params = [inspect.Parameter(
@@ -140,7 +157,7 @@ def stage_command(name: str, config_cls: type, run: Callable[[Any], Any], help: 
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
-    app.command(name, help=help)(command)
+    on.command(name, help=help)(command)
 
 
 def _shown_default(default: Any, boolean: bool, option_flag: str) -> str | None:
@@ -161,64 +178,90 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _register() -> None:
-    from stages import eval as eval_stage
-    from stages import generate, inspect_store, plan, prepare, report, rounds, slurm, status, student, teacher, tokenizer
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One ``distill`` command: where its config and function live, and its help. Its module is
+    imported only when the command runs (or ``--help`` lists them all): ``merge``, ``status``,
+    ``inspect``, ``report`` and ``slurm`` never import torch."""
 
-    stage_command("tokenizer", tokenizer.TokenizerConfig, tokenizer.train_tokenizer,
-                  "Train a byte-level BPE tokenizer on a corpus (Hugging Face format).")
-    stage_command("generate", generate.GenerateConfig, generate.generate,
-                  "The teacher writes a synthetic corpus (JSONL that prepare reads) from prompts or from BOS, "
-                  "optionally under rules (--rules).")
-    stage_command("prepare", prepare.PrepareConfig, prepare.prepare,
-                  "Stage 0: tokenize a corpus, or task examples with a loss mask, and pack it into a sharded "
-                  "'tokens' store.")
-    stage_command("teacher", teacher.TeacherConfig, teacher.run_teacher,
-                  "Stage one: run the teacher once over a tokens store and store its predictions: N draws per "
-                  "position (--kind sampled, the default), the top-k and exact tail mass (--kind topk), or both "
-                  "(--kind topk --tail-samples M).")
-    stage_command("merge", teacher.MergeConfig, teacher.merge,
-                  "Check that parallel stage-one jobs cover every shard and write index.json; for a tokens store "
-                  "that prepare tasks filled, cut its rows from their pieces.",
-                  positional=("store",))
-    stage_command("inspect", inspect_store.InspectConfig, inspect_store.inspect_store,
-                  "Describe a store: rows, bytes per token, kept mass and entropy (top-k) or distinct drawn ids "
-                  "(draws); --verify checks every chunk and shard, --repair forgets bad shards.",
-                  positional=("store",))
-    stage_command("status", status.StatusConfig, status.status,
-                  "Where a run stands, from what it has written: a stage-one store being filled (shards by task, "
-                  "tokens, rate, ETA), a tokens store being prepared, a student run, a rounds OUT or a `distill "
-                  "slurm` OUT (job states from squeue/sacct). Only reads.",
-                  positional=("path",), models=False)
+    module: str
+    config: str
+    run: str
+    help: str
+    positional: tuple[str, ...] = ()
+    models: bool = True  # options naming a model or tokenizer may be Hub ids (pipeline.hub)
+
+
+_TRAIN = "stages.student", "TrainConfig", "train"
+STAGES = {
+    "tokenizer": Stage("stages.tokenizer", "TokenizerConfig", "train_tokenizer",
+                       "Train a byte-level BPE tokenizer on a corpus (Hugging Face format)."),
+    "generate": Stage("stages.generate", "GenerateConfig", "generate",
+                      "The teacher writes a synthetic corpus (JSONL that prepare reads) from prompts or from BOS, "
+                      "optionally under rules (--rules)."),
+    "prepare": Stage("stages.prepare", "PrepareConfig", "prepare",
+                     "Stage 0: tokenize a corpus, or task examples with a loss mask, and pack it into a sharded "
+                     "'tokens' store."),
+    "teacher": Stage("stages.teacher", "TeacherConfig", "run_teacher",
+                     "Stage one: run the teacher once over a tokens store and store its predictions: N draws per "
+                     "position (--kind sampled, the default), the top-k and exact tail mass (--kind topk), or both "
+                     "(--kind topk --tail-samples M)."),
+    "merge": Stage("stages.merge", "MergeConfig", "merge",
+                   "Check that parallel stage-one jobs cover every shard and write index.json; for a tokens store "
+                   "that prepare tasks filled, cut its rows from their pieces.",
+                   positional=("store",)),
+    "inspect": Stage("stages.inspect_store", "InspectConfig", "inspect_store",
+                     "Describe a store: rows, bytes per token, kept mass and entropy (top-k) or distinct drawn ids "
+                     "(draws); --verify checks every chunk and shard, --repair forgets bad shards.",
+                     positional=("store",)),
+    "status": Stage("stages.status", "StatusConfig", "status",
+                    "Where a run stands, from what it has written: a stage-one store being filled (shards by task, "
+                    "tokens, rate, ETA), a tokens store being prepared, a student run, a rounds OUT or a `distill "
+                    "slurm` OUT (job states from squeue/sacct). Only reads.",
+                    positional=("path",), models=False),
     # One command, two names: `student` is stage two of the pipeline; `train` says what it does when it
     # trains without a teacher (the shipped teacher, the CE-only baseline).
-    stage_command("student", student.TrainConfig, student.train,
-                  "Stage two: train a student from a stage-one store (offline distillation: sampled, top-k or "
-                  "hybrid), a tokens store with --teacher (online) or a tokens store alone (cross-entropy). Same "
-                  "as `distill train`.")
-    stage_command("train", student.TrainConfig, student.train,
-                  "Train a causal LM from a store: cross-entropy, or distillation from a stage-one store (sampled, "
-                  "top-k or hybrid) or --teacher. Same as `distill student`.")
-    stage_command("eval", eval_stage.EvalConfig, eval_stage.run_eval,
+    "student": Stage(*_TRAIN, "Stage two: train a student from a stage-one store (offline distillation: sampled, "
+                     "top-k or hybrid), a tokens store with --teacher (online) or a tokens store alone "
+                     "(cross-entropy). Same as `distill train`."),
+    "train": Stage(*_TRAIN, "Train a causal LM from a store: cross-entropy, or distillation from a stage-one store "
+                   "(sampled, top-k or hybrid) or --teacher. Same as `distill student`."),
+    "eval": Stage("stages.eval", "EvalConfig", "run_eval",
                   "Evaluate a model: held-out perplexity, LAMBADA, HellaSwag, StoryCloze, QA (NQ, TriviaQA, "
-                  "WebQuestions, a custom task; with --rules, also under rules), agreement with a top-k store.")
-    stage_command("report", report.ReportConfig, report.make_report,
-                  "Tables and figures comparing evaluated models: a row per run, the paper's tables over seed "
-                  "groups (teacher, students, CE-only, rules), metric-vs-T/α curves.",
-                  positional=("runs",), models=False)  # its --teacher names a run, not a model
-    stage_command("rounds", rounds.RoundsConfig, rounds.rounds_command,
-                  "On-policy distillation in rounds: the student writes completions, the teacher scores them "
-                  "offline (stage one), the student trains on them; R rounds, each step resumable, a held-out "
-                  "reverse-KL estimate and teacher tokens spent per round.")
-    stage_command("plan", plan.PlanConfig, plan.plan,
-                  "Size a cluster run before submitting it: the store on disk, stage-one GPU-hours and array size, stage two.")
-    stage_command("slurm", slurm.SlurmConfig, slurm.slurm,
-                  "Write (and with --submit, submit) the pipeline as SLURM jobs: a stage-one array, merge, "
-                  "stage two under torchrun, eval and report, chained by dependencies; with --rounds, every step "
-                  "of every round of a `distill rounds` config.")
+                  "WebQuestions, a custom task; with --rules, also under rules), agreement with a top-k store."),
+    "report": Stage("stages.report", "ReportConfig", "make_report",
+                    "Tables and figures comparing evaluated models: a row per run, the paper's tables over seed "
+                    "groups (teacher, students, CE-only, rules), metric-vs-T/α curves.",
+                    positional=("runs",), models=False),  # its --teacher names a run, not a model
+    "rounds": Stage("stages.rounds", "RoundsConfig", "rounds_command",
+                    "On-policy distillation in rounds: the student writes completions, the teacher scores them "
+                    "offline (stage one), the student trains on them; R rounds, each step resumable, a held-out "
+                    "reverse-KL estimate and teacher tokens spent per round."),
+    "plan": Stage("stages.plan", "PlanConfig", "plan",
+                  "Size a cluster run before submitting it: the store on disk, stage-one GPU-hours and array size, "
+                  "stage two."),
+    "slurm": Stage("stages.slurm", "SlurmConfig", "slurm",
+                   "Write (and with --submit, submit) the pipeline as SLURM jobs: a stage-one array, merge, stage two "
+                   "under torchrun, eval and report, chained by dependencies; with --rounds, every step of every "
+                   "round of a `distill rounds` config."),
+}
 
 
-_register()
+def build_command(name: str):
+    """The click command of ``distill NAME``, its stage's module imported now."""
+    stage = STAGES[name]
+    module = importlib.import_module(stage.module)
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    stage_command(one, name, getattr(module, stage.config), getattr(module, stage.run), stage.help,
+                  positional=stage.positional, models=stage.models)
+    command = typer.main.get_command(one)
+    command.name = name
+    return command
+
+
+@app.callback()
+def _group() -> None:
+    pass
 
 
 def main() -> None:

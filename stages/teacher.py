@@ -731,24 +731,3 @@ def _finish_batch(done: _Batch, out: dict[str, np.ndarray], arrays: dict[str, di
         if name == "target_logprob":
             value[:, -1] = np.nan
         out[name][done.rows] = value.astype(out[name].dtype)
-
-
-# ---------------------------------------------------------------------- merge
-
-
-@dataclass(frozen=True)
-class MergeConfig:
-    store: str = option("", "The store directory whose partial indexes to merge: a stage-one store, or a tokens "
-                        "store that distill prepare tasks (--num-shards) filled.")
-
-    def __post_init__(self):
-        check([] if self.store else ["no --store given"], "merge")
-
-
-def merge(config: MergeConfig) -> Path:
-    from stages.prepare import building_tokens, merge_tokens
-
-    root = Path(config.store)
-    if root.is_dir() and building_tokens(root):  # prepare tasks' stream pieces: rows are cut here
-        return merge_tokens(root)
-    return store_lib.merge_partial_indexes(root)

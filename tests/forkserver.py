@@ -37,7 +37,8 @@ IMPORT_TIME = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "TRITON
 PRELOAD = ("torch", "numpy", "transformers", "transformers.modeling_utils", "transformers.models.llama.modeling_llama",
            "transformers.models.gemma2.modeling_gemma2", "tokenizers", "zarr", "typer", "rich", "tqdm",
            "pipeline.preempt", "stages.prepare", "stages.teacher", "stages.student", "stages.eval", "stages.report",
-           "stages.rounds", "stages.generate", "stages.status", "stages.inspect_store", "stages.slurm", "stages.plan")
+           "stages.rounds", "stages.generate", "stages.status", "stages.inspect_store", "stages.slurm", "stages.plan",
+           "stages.merge")
 
 # ... except these, which torch sets in the process's environment once it compiles (an in-process
 # test's torch.compile) and reads only then

@@ -19,8 +19,9 @@ def command_options() -> dict[str, set[str]]:
     from stages.cli import app
 
     group = typer.main.get_command(app)
+    commands = {name: group.get_command(None, name) for name in group.list_commands(None)}
     return {name: {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
-            for name, command in group.commands.items()}
+            for name, command in commands.items()}
 
 
 def distill_calls(text: str) -> list[tuple[str, list[str]]]:

@@ -37,3 +37,39 @@ def test_help_shows_every_default(name):
         checked += 1
     assert checked >= 2
     assert not re.search(r"\[default: \(", text)  # shown plainly, not typer's "(text)" form
+
+
+def test_the_light_commands_start_without_torch(tmp_path):
+    """`merge`, `status`, `inspect`, `report` and `slurm` read indexes and files: a stage's module is
+    imported only when its command runs, so these start in a fraction of a second, without torch or
+    transformers (a SLURM merge job, `distill status` in a loop). Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = """if True:
+        import sys
+        from typer.testing import CliRunner
+        from stages.cli import app
+        for command in ("merge", "status", "inspect", "report", "slurm"):
+            result = CliRunner().invoke(app, [command, "--help"])
+            assert result.exit_code == 0, result.output
+        result = CliRunner().invoke(app, ["status", sys.argv[1]])
+        assert result.exit_code == 2 and "error:" in result.output, result.output  # nothing there to describe
+        result = CliRunner().invoke(app, ["merge", sys.argv[1]])
+        assert result.exit_code == 2 and "error:" in result.output, result.output
+        print(sorted(m for m in ("torch", "transformers", "stages.teacher", "stages.eval") if m in sys.modules))
+        result = CliRunner().invoke(app, ["eval", "--help"])
+        print(sorted(m for m in ("torch", "stages.eval") if m in sys.modules))
+    """
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "['stages.eval', 'torch']"]
+
+
+def test_a_mistyped_command_gets_the_closest_one():
+    result = CliRunner().invoke(app, ["merg"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: No such command 'merg' (did you mean 'merge'?); see 'distill --help'"
