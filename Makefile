@@ -54,7 +54,7 @@ RUNS        ?= $(wildcard $(RUN)/eval/*.json)
 REPORT      ?= $(RUN)/report
 
 .PHONY: test-durations setup test test-faults test-slow slurm-deps slurm plan demo demo-fd demo-real real-teacher tokenizer corpus eval-sets generate prepare prepare-heldout teacher student student-ce finetune \
-        eval report pretrain-teacher pretrain-student bench bench-bytes bench-quality bench-cross bench-cross-real bench-cross-trunc bench-scale \
+        eval report pretrain-teacher pretrain-student bench bench-cli bench-bytes bench-quality bench-cross bench-cross-real bench-cross-trunc bench-scale \
         sweep clean onpolicy onpolicy-start bench-onpolicy bench-prepare bench-curve
 
 $(VENV)/.installed: pyproject.toml
@@ -271,6 +271,10 @@ CURVE_ARGS  ?=
 bench-curve: real-teacher
 	$(BIN)/python bench/curve.py --teacher $(REAL_TEACHER) --steps $(CURVE_STEPS) --out bench/results/curve_cpu.json \
 		--figure docs/img/curve_cpu.png $(CURVE_ARGS)
+
+# how long each command takes to start, its stage's module imported only when it runs (stages/cli.py)
+bench-cli: setup
+	$(BIN)/python bench/cli_start.py --repeats 5 --out bench/results/cli_start_cpu.json
 
 bench-bytes: setup
 	$(BIN)/python bench/store_bytes.py --teacher $(TEACHER) --rows 128 --out bench/results/store_bytes_cpu.json
