@@ -182,7 +182,7 @@ def _close_progress_bars() -> None:
 class Stage:
     """One ``distill`` command: where its config and function live, and its help. Its module is
     imported only when the command runs (or ``--help`` lists them all): ``merge``, ``status``,
-    ``inspect``, ``report`` and ``slurm`` never import torch."""
+    ``inspect`` and ``report`` never import torch (``slurm`` does once it reads the stages' configs)."""
 
     module: str
     config: str

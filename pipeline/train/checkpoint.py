@@ -31,8 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from pipeline.errors import DistillError
 from pipeline.io import file_sha256, remove_dir, remove_leftovers, removed_if_failed, replace_dir, write_synced
 from pipeline.store.contract import safe_child
@@ -65,6 +63,8 @@ def seal(root: Path, tmp: Path, step: int, state: dict[str, Any], config: dict[s
     """Write ``state.pt`` and ``config.json`` into ``tmp``, then the manifest of them and of ``shards``
     (files other processes already wrote there, name → bytes and sha256; a sharded checkpoint's DCP
     files), and rename ``tmp`` to ``step-NNNNNNNN``; keep the newest ``keep`` checkpoints."""
+    import torch  # here, not at the top: `distill status` reads checkpoints' manifests without torch
+
     final = root / f"step-{step:08d}"
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     # the bytes are on disk before the directory gets its final name
@@ -166,6 +166,8 @@ def load(path: Path, verified: bool = False) -> tuple[dict[str, Any], dict[str, 
     first unless ``verified`` (:func:`resolve` returned it, having checked them)."""
     if not verified and (why := problem(path)) is not None:
         raise DistillError(f"checkpoint {path} is damaged ({why}); resume from an earlier one")
+    import torch
+
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         config = json.loads((path / "config.json").read_text())

@@ -42,7 +42,8 @@ def test_help_shows_every_default(name):
 def test_the_light_commands_start_without_torch(tmp_path):
     """`merge`, `status`, `inspect`, `report` and `slurm` read indexes and files: a stage's module is
     imported only when its command runs, so these start in a fraction of a second, without torch or
-    transformers (a SLURM merge job, `distill status` in a loop). Checked in a fresh interpreter."""
+    transformers (a SLURM merge job, `distill status` of a store or a student run in a loop; `slurm`
+    itself imports the stages' configs when it writes scripts). Checked in a fresh interpreter."""
     import subprocess
     import sys
 
@@ -57,14 +58,23 @@ def test_the_light_commands_start_without_torch(tmp_path):
             assert result.exit_code == 0, result.output
         result = CliRunner().invoke(app, ["status", sys.argv[1]])
         assert result.exit_code == 2 and "error:" in result.output, result.output  # nothing there to describe
-        result = CliRunner().invoke(app, ["merge", sys.argv[1]])
+        result = CliRunner().invoke(app, ["status", sys.argv[2]])  # a student run and its checkpoint
+        assert result.exit_code == 0 and "step 3 of 8" in result.output and "step-00000002" in result.output, \
+            result.output
+        result = CliRunner().invoke(app, ["merge", sys.argv[1]])  # no partial index there
         assert result.exit_code == 2 and "error:" in result.output, result.output
         print(sorted(m for m in ("torch", "transformers", "stages.teacher", "stages.eval") if m in sys.modules))
         result = CliRunner().invoke(app, ["eval", "--help"])
         print(sorted(m for m in ("torch", "stages.eval") if m in sys.modules))
     """
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    run = tmp_path / "student"  # as a student run leaves it part-way (what status reads of it)
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "state.pt").write_bytes(b"state")
+    (run / "config.json").write_text('{"config": {"max_steps": 8}}')
+    (run / "metrics.jsonl").write_text('{"step": 3, "loss": 5.0, "tokens_per_s": 100.0}\n')
+    (tmp_path / "empty").mkdir()
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "empty"), str(run)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[]", "['stages.eval', 'torch']"]
 
