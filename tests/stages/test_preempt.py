@@ -275,7 +275,9 @@ def both_left_with_75(output: str) -> None:
 
 def test_one_signalled_rank_stops_every_rank_at_the_same_step(data, reference2):
     """SIGUSR1 to rank 1 alone (not the rank that writes): rank 0 learns of it through the step's
-    all-reduce, both leave with 75 after the same step, and the resumed pair equals an unstopped pair."""
+    all-reduce, both leave with 75 after the same step, and the resumed pair equals an unstopped pair.
+    (The reference and the resumed pair fork their ranks; a requeued torchrun resuming is
+    tests/slurm/test_slurm.py's pre-empted student.)"""
     out = data / "two"
     process = spawn(student_args(data, out), torchrun=True)
     k = random.Random("two").choice([3, 6, 9])
