@@ -21,9 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("merge", "status", "inspect", "report", "slurm", "prepare", "tokenizer", "teacher", "student", "eval")
-EVERY_STAGE = ("stages.tokenizer", "stages.generate", "stages.prepare", "stages.teacher", "stages.merge",
-               "stages.inspect_store", "stages.status", "stages.student", "stages.eval", "stages.report",
-               "stages.rounds", "stages.plan", "stages.slurm")
 
 LAUNCH = """if True:
     import sys
@@ -43,8 +40,8 @@ LAUNCH = """if True:
 """
 
 
-def launch(command: str, eager: bool) -> tuple[float, bool]:
-    code = LAUNCH.format(eager=eager, stages=EVERY_STAGE, command=command)
+def launch(command: str, eager: bool, every_stage: tuple[str, ...]) -> tuple[float, bool]:
+    code = LAUNCH.format(eager=eager, stages=every_stage, command=command)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=120)
@@ -59,13 +56,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from stages.cli import STAGES  # light: it imports no stage
+
+    every_stage = tuple(dict.fromkeys(stage.module for stage in STAGES.values()))
     rows = {}
     for command in COMMANDS:
         times: dict[str, list[float]] = {"lazy": [], "eager": []}
         torch_loaded = {}
         for _ in range(args.repeats):
             for mode in ("lazy", "eager"):
-                seconds, loaded = launch(command, mode == "eager")
+                seconds, loaded = launch(command, mode == "eager", every_stage)
                 times[mode].append(seconds)
                 torch_loaded[mode] = loaded
         lazy, eager = statistics.median(times["lazy"]), statistics.median(times["eager"])

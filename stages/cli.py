@@ -260,8 +260,8 @@ def build_command(name: str):
 
 
 @app.callback()
-def _group() -> None:
-    pass
+def _group() -> None:  # no docstring: the group's help is the app's
+    pass  # a callback makes typer build a group, which then has no command registered up front
 
 
 def main() -> None:

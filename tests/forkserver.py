@@ -34,11 +34,10 @@ from pathlib import Path
 IMPORT_TIME = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "TRITON", "OMP_", "MKL_", "CUDA",
                "TOKENIZERS", "PYTHON", "LD_", "NUMEXPR", "OPENBLAS")
 
+# (and every module in stages/ but the CLI itself, which each child runs as __main__, as `python -m` does)
 PRELOAD = ("torch", "numpy", "transformers", "transformers.modeling_utils", "transformers.models.llama.modeling_llama",
            "transformers.models.gemma2.modeling_gemma2", "tokenizers", "zarr", "typer", "rich", "tqdm",
-           "pipeline.preempt", "stages.prepare", "stages.teacher", "stages.student", "stages.eval", "stages.report",
-           "stages.rounds", "stages.generate", "stages.status", "stages.inspect_store", "stages.slurm", "stages.plan",
-           "stages.merge")
+           "pipeline.preempt")
 
 # ... except these, which torch sets in the process's environment once it compiles (an in-process
 # test's torch.compile) and reads only then
@@ -133,8 +132,15 @@ def serve(sock: socket.socket) -> None:
     """Fork a child per request; report each child's wait status when it ends; exit when the caller goes."""
     import gc
 
+    import pkgutil
+
+    import stages
+
     for name in PRELOAD:
         __import__(name)
+    for stage in pkgutil.iter_modules(stages.__path__):
+        if stage.name not in ("cli", "entry"):
+            __import__(f"stages.{stage.name}")
     gc.collect()
     gc.freeze()  # the collector would otherwise walk (and so copy) every preloaded page in each child
     children: set[int] = set()

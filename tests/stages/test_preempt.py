@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 from pipeline.preempt import EXIT_PREEMPTED
 from pipeline.store.contract import READERS, JobLock, content_hash, open_store
 from pipeline.train.metrics import MACHINE_SCALARS
-from tests.conftest import ROOT, TOKENIZER, make_teacher, run_cli, run_env, spawn, spawn_ranks, write_corpus, write_tiny_model_config
+from tests.conftest import (ROOT, TOKENIZER, make_teacher, run_cli, run_env, spawn, spawn_ranks, write_corpus,
+                            write_tiny_model_config)
 
 STEPS = 24
 
