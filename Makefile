@@ -310,6 +310,7 @@ bench-cross: setup
 # 5 required modes x 3 seeds took about 95 min of wall time with the seeds run side by side (--keep-store /
 # --store, then --merge), and would take 2-3 hours one after another at that load.
 CROSS_REAL_STEPS ?= 80
+CROSS_REAL_OUT ?= bench/results/cross_tokenizer_real_cpu.json
 CROSS_REAL_MODES ?= same-ce,same-kd,cross-ce,cross-both,cross-exact,cross-chunk,cross-both-fill,cross-exact-fill,cross-both-none,cross-exact-none,cross-both-bucket,cross-exact-bucket
 # e.g. CROSS_REAL_ARGS="--keep-store runs/cross-real-store", then "--store runs/cross-real-store --previous FILE"
 # to add modes or seeds without stage one again
@@ -318,22 +319,28 @@ bench-cross-real: real-teacher
 	$(BIN)/python bench/cross_tokenizer.py --teacher $(REAL_TEACHER) --teacher-tokenizer $(REAL_TEACHER) \
 		--student $(REAL_STUDENT) --student-tokenizer $(REAL_CROSS_TOKENIZER) --cross-student $(REAL_CROSS_STUDENT) \
 		--corpus data/pydoc/train.jsonl.gz --heldout data/pydoc/heldout.jsonl.gz --steps $(CROSS_REAL_STEPS) \
-		--seeds 0,1,2 --modes $(CROSS_REAL_MODES) --out bench/results/cross_tokenizer_real_cpu.json $(CROSS_REAL_ARGS)
+		--seeds 0,1,2 --modes $(CROSS_REAL_MODES) --out $(CROSS_REAL_OUT) $(CROSS_REAL_ARGS)
 
 # The control of the harder pair (issue #30): the teacher's own BPE cut to the cross student's 8192 ids
 # (scripts/truncate_bpe.py), distilled across tokenizers from the same kept store: what the vocabulary's
-# size costs apart from the mismatch of tokenizers (bench/results/cross_tokenizer_real_trunc8k_cpu.json)
+# size costs apart from the mismatch of tokenizers (bench/results/cross_tokenizer_real_trunc8k_cpu.json),
+# compared with CROSS_REAL_OUT's same-tokenizer students (the same steps and seeds, else refused).
+# Longer training (docs/BENCHMARKS.md), both at 320 steps over a 2,560-row store:
+#   make bench-cross-real CROSS_REAL_STEPS=320 CROSS_REAL_MODES=same-ce,same-kd,cross-ce,cross-both,cross-exact,cross-both-cw0.25 \
+#     CROSS_REAL_OUT=bench/results/cross_tokenizer_real320_cpu.json CROSS_REAL_ARGS="--keep-store runs/cross-real-store-320"
+#   make bench-cross-trunc CROSS_REAL_STEPS=320 CROSS_REAL_OUT=bench/results/cross_tokenizer_real320_cpu.json \
+#     CROSS_TRUNC_OUT=bench/results/cross_tokenizer_real320_trunc8k_cpu.json CROSS_REAL_ARGS="--store runs/cross-real-store-320"
 CROSS_TRUNC ?= runs/trunc8k
+CROSS_TRUNC_OUT ?= bench/results/cross_tokenizer_real_trunc8k_cpu.json
+CROSS_TRUNC_MODES ?= cross-ce,cross-both,cross-exact
 bench-cross-trunc: real-teacher
 	$(BIN)/python scripts/truncate_bpe.py --source $(REAL_TEACHER) --size 8192 --out $(CROSS_TRUNC)/tokenizer \
 		--student $(REAL_STUDENT) --student-out $(CROSS_TRUNC)/student.json
 	$(BIN)/python bench/cross_tokenizer.py --teacher $(REAL_TEACHER) --teacher-tokenizer $(REAL_TEACHER) \
 		--student $(REAL_STUDENT) --student-tokenizer $(CROSS_TRUNC)/tokenizer --cross-student $(CROSS_TRUNC)/student.json \
 		--corpus data/pydoc/train.jsonl.gz --heldout data/pydoc/heldout.jsonl.gz --steps $(CROSS_REAL_STEPS) \
-		--seeds 0,1,2 --modes cross-ce,cross-both --out bench/results/cross_tokenizer_real_trunc8k_cpu.json \
-		$(CROSS_REAL_ARGS)
-	$(BIN)/python bench/cross_control.py --result bench/results/cross_tokenizer_real_trunc8k_cpu.json \
-		--same bench/results/cross_tokenizer_real_cpu.json
+		--seeds 0,1,2 --modes $(CROSS_TRUNC_MODES) --out $(CROSS_TRUNC_OUT) $(CROSS_REAL_ARGS)
+	$(BIN)/python bench/cross_control.py --result $(CROSS_TRUNC_OUT) --same $(CROSS_REAL_OUT)
 
 bench-quality: setup
 	$(BIN)/python bench/quality.py --teacher $(TEACHER) --steps 300 --seeds 0,1,2 --modes $(QUALITY_MODES) \
