@@ -16,7 +16,8 @@ half as large). Every run reads the same store rows — the same bytes — for t
   ``--unmapped prefix`` there instead (teacher ids the student cannot spell go to its longest token
   beginning their bytes); ``-none`` and ``-fill`` keep today's map and positions with
   ``--cross-uncovered none`` (the defaults issue #30 first measured) and ``ce``; ``-cw0.25``
-  (``cross-both-cw0.25``) weighs the chunk term 0.25 (``--chunk-weight``; 1 by default);
+  (``cross-both-cw0.25``) weighs the chunk term 0.25 (``--chunk-weight``; 1 by default), ``-c1to1``
+  keeps it to 1:1 chunks (``--chunk-scope 1to1``);
 - ``same-both``: a control, the teacher's tokenizer through ``--cross-tokenizer both`` (identity
   map): whether the chunk term helps whatever the tokenizers.
 
@@ -58,7 +59,7 @@ MODES = ("same-ce", "same-kd", "cross-ce", "cross-exact", "cross-chunk", "cross-
 VARIANTS = {"-bucket": ["--unmapped", "bucket", "--cross-positions", "1to1", "--cross-uncovered", "none"],
             "-prefix": ["--unmapped", "prefix", "--cross-positions", "1to1", "--cross-uncovered", "none"],
             "-none": ["--cross-uncovered", "none"], "-fill": ["--cross-uncovered", "ce"],
-            "-cw0.25": ["--chunk-weight", "0.25"]}
+            "-cw0.25": ["--chunk-weight", "0.25"], "-c1to1": ["--chunk-scope", "1to1"]}
 CROSS = tuple(f"cross-{term}{variant}" for term in ("exact", "chunk", "both") for variant in ("", *VARIANTS))
 CE_TWINS = ("same-ce", "cross-ce")
 

@@ -76,9 +76,10 @@ from pipeline.train.tracking import (PEAK_TFLOPS_HELP, REPORT_TO_HELP, StepCost,
 # The global batch is fixed too (checked in _resume); micro-batch, accumulation and processes may change.
 RESUME_FIXED = ("train_store", "model", "seed", "alpha", "temperature",
                 "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight",
-                "unmapped", "cross_positions", "cross_uncovered", "objective", "ratio", "ratio_epsilon")
+                "chunk_scope", "unmapped", "cross_positions", "cross_uncovered", "objective", "ratio", "ratio_epsilon")
 # resume-fixed options that older checkpoints do not record
-ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "unmapped": "bucket",
+ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "chunk_scope": "all",
+               "unmapped": "bucket",
                "cross_positions": "1to1", "cross_uncovered": "none",
                "objective": "", "ratio": "clip", "ratio_epsilon": 0.2}
 OBJECTIVES = ("forward-kl", "reverse-kl", "policy-gradient")
@@ -123,6 +124,8 @@ class TrainConfig:
                                   "(next-token KL on 1:1 byte chunks through the vocabulary map), 'chunk' (ALM "
                                   "chunk likelihoods, every chunk) or 'both'. Empty: the tokenizers must match.")
     chunk_weight: float = option(1.0, "Weight of the chunk term under --cross-tokenizer chunk or both.")
+    chunk_scope: str = option("all", "The chunks the chunk term compares: 'all' (every kept chunk) or '1to1' (chunks "
+                              "of one student and one teacher token only).")
     unmapped: str = option("first", "Cross-tokenizer exact term, teacher ids no student id spells: 'first' (to the "
                            "student's own first token of their bytes), 'bucket' (one bucket each side) or 'prefix' "
                            "(to the student's longest token beginning their bytes).")
@@ -212,6 +215,8 @@ class TrainConfig:
             problems.append(f"cross_positions must be starts or 1to1, got {self.cross_positions!r}")
         if self.cross_uncovered not in ("teacher", "ce", "none"):
             problems.append(f"cross_uncovered must be teacher, ce or none, got {self.cross_uncovered!r}")
+        if self.chunk_scope not in ("all", "1to1"):
+            problems.append(f"chunk_scope must be all or 1to1, got {self.chunk_scope!r}")
         if not self.chunk_weight >= 0:
             problems.append(f"chunk_weight must not be negative, got {self.chunk_weight}")
         if self.init not in ("auto", "scratch", "teacher-layers"):
@@ -719,9 +724,10 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
         inside = InsideTargets(teacher_bytes.pieces, lambda pieces: first_tokens(tokenizer, pieces)) \
             if config.cross_uncovered == "teacher" and config.cross_tokenizer != "chunk" else None
         teacher = CrossTokenizer(teacher, mapping, config.cross_tokenizer, config.chunk_weight, config.cross_uncovered,
-                                 inside)
+                                 inside, config.chunk_scope)
     facts = {"cross_tokenizer": {"mode": config.cross_tokenizer, "unmapped": config.unmapped,
                                  "positions": config.cross_positions, "uncovered": config.cross_uncovered,
+                                 "chunk_scope": config.chunk_scope,
                                  "teacher_tokenizer_hash": teacher_bytes.tokenizer_hash,
                                  "vocab_map_sha256": digest, "teacher_ids_mapped": int((mapping >= 0).sum()),
                                  "teacher_vocab": len(mapping)}}

@@ -18,7 +18,8 @@ positions:
   of positions) and summed per chunk, then compared with the teacher's chunk log-prob (its stored
   ``target_logprob`` re-tempered to T, summed over its targets in the chunk) by :func:`chunk_kd`,
   in the base signal's direction (``--direction``);
-- ``both``: the sum, the chunk term weighted by ``chunk_weight``.
+- ``both``: the sum, the chunk term weighted by ``chunk_weight``; ``chunk_scope='1to1'`` keeps the
+  chunk term to the chunks of one student and one teacher token (a diagnostic: where it helps or costs).
 
 Where the next-token term does not compare at a chunk start (``--cross-uncovered``):
 
@@ -55,6 +56,7 @@ from pipeline.train.cross_losses import (bucketed_sampled_kd, bucketed_sparse_kd
 from pipeline.train.teacher_signal import StoredSampled, StoredTopK
 
 MODES = ("exact", "chunk", "both")
+CHUNK_SCOPES = ("all", "1to1")  # the chunks the chunk term compares: every kept chunk, or 1:1 ones only
 UNCOVERED = ("teacher", "ce", "none")  # the teacher's term where the next-token term does not compare a start
 
 
@@ -129,14 +131,17 @@ class CrossTokenizer:
     −1 for none)."""
 
     def __init__(self, base: StoredTopK | StoredSampled, vocab_map: np.ndarray, mode: str,
-                 chunk_weight: float = 1.0, uncovered: str = "none", inside: InsideTargets | None = None):
+                 chunk_weight: float = 1.0, uncovered: str = "none", inside: InsideTargets | None = None,
+                 chunk_scope: str = "all"):
         if mode not in MODES:
             raise DistillError(f"--cross-tokenizer must be one of {', '.join(MODES)}, got {mode!r}")
         if uncovered not in UNCOVERED:
             raise DistillError(f"--cross-uncovered must be one of {', '.join(UNCOVERED)}, got {uncovered!r}")
         if uncovered == "teacher" and mode != "chunk" and inside is None:
             raise ValueError("uncovered='teacher' needs the InsideTargets of the two tokenizers")
-        self.uncovered = uncovered
+        if chunk_scope not in CHUNK_SCOPES:
+            raise DistillError(f"--chunk-scope must be one of {', '.join(CHUNK_SCOPES)}, got {chunk_scope!r}")
+        self.uncovered, self.chunk_scope = uncovered, chunk_scope
         self.inside = inside if uncovered == "teacher" and mode != "chunk" else None  # chunk mode: as 'ce'
         if isinstance(base, StoredTopK) and base.tail != "tail":
             raise DistillError(f"--cross-tokenizer compares a top-k teacher with one bucket for the mass it cannot map; "
@@ -264,6 +269,13 @@ class CrossTokenizer:
         owner = torch.full_like(s_global, -1)
         owner[s_in] = owner_of_chunk[s_global[s_in]]
         is_owner = (owner >= 0) & (owner == kept_index)
+        if self.chunk_scope == "1to1":  # a chunk of one student target and one teacher target
+            ones = torch.ones_like(s_global[s_in])
+            student_n = torch.zeros(b * m, dtype=torch.int64, device=device).index_add(0, s_global[s_in], ones)
+            teacher_n = torch.zeros(b * m, dtype=torch.int64, device=device).index_add(
+                0, t_global[t_in], torch.ones_like(t_global[t_in]))
+            single = (student_n == 1) & (teacher_n == 1)
+            is_owner &= single[s_global.clamp(min=0)]
         teacher_at_owner = torch.zeros(s_global.shape, dtype=torch.float32, device=device)
         teacher_at_owner[is_owner] = teacher_chunk_lp[s_global[is_owner]]
         return [owner, teacher_at_owner, is_owner]

@@ -126,9 +126,9 @@ def test_bad_inputs_are_one_line(root, tmp_path):
     assert "made with another tokenizer" in line and "--cross-tokenizer" in line
     assert "exact, chunk or both" in one_line_error(run_cli(*args[:-4], "--cross-tokenizer", "bytes"))
     line = one_line_error(run_cli(*args, "--unmapped", "longest", "--cross-positions", "all",
-                                  "--cross-uncovered", "all"))
+                                  "--cross-uncovered", "all", "--chunk-scope", "multi"))
     assert "unmapped must be first, bucket or prefix" in line and "cross_positions must be starts or 1to1" in line
-    assert "cross_uncovered must be teacher, ce or none" in line
+    assert "cross_uncovered must be teacher, ce or none" in line and "chunk_scope must be all or 1to1" in line
     at = args.index("--train-store") + 1
     renorm = args[:at] + [str(root / "agreement")] + args[at + 1:] + ["--tail", "renorm"]
     assert "use --tail tail" in one_line_error(run_cli(*renorm))

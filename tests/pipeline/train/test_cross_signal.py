@@ -169,6 +169,9 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     # --direction reverse: the chunk term is KL(student ‖ teacher) on {chunk, not chunk}
     signal = CrossTokenizer(stored_teacher("topk", store.params, t, "tail", "reverse"), mapping, "chunk")
     got["chunk-reverse"] = step_loss(model, 4096, signal, batch, 40)[1]
+    # --chunk-scope 1to1: the chunk term over the chunks of one student and one teacher token only
+    signal = CrossTokenizer(stored_teacher("topk", store.params, t), mapping, "chunk", chunk_scope="1to1")
+    got["chunk-1to1"] = step_loss(model, 4096, signal, batch, 40)[1]
 
     with torch.no_grad():
         logq = F.log_softmax(model(input_ids=batch["input_ids"]).logits.double() / t, -1).numpy()
@@ -179,7 +182,7 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     def at_t(logprob, r, j):  # a stored log-prob re-tempered from the cache temperature to t
         return (cache / t) * (logprob + lse[r, j, grid.index(cache)]) - lse[r, j, grid.index(t)]
 
-    exact = chunk = chunk_reverse = uncovered = every = 0.0
+    exact = chunk = chunk_reverse = chunk_1to1 = uncovered = every = 0.0
     ids = arrays["input_ids"]
     for r in range(ROWS):
         for i in range(ids.shape[1] - 1):
@@ -199,17 +202,21 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
             q = {s: math.exp(logq[r, i, s]) for s in p}
             q_rest = 1 - sum(q.values())
             exact += sum(p[s] * math.log(p[s] / q[s]) for s in p) + (rest * math.log(rest / q_rest) if rest else 0.0)
-        student_chunks, teacher_chunks = {}, {}
+        student_chunks, teacher_chunks, tokens = {}, {}, {}
         for i, c in enumerate(arrays["cross_student_chunk"][r]):
             if c >= 0:
                 student_chunks[c] = student_chunks.get(c, 0.0) + logq[r, i, ids[r, i + 1]]
+                tokens[c] = tokens.get(c, 0) + 1
         for j, c in enumerate(arrays["cross_teacher_chunk"][r]):
             if c >= 0:
                 teacher_chunks[c] = teacher_chunks.get(c, 0.0) + at_t(float(arrays["target_logprob"][r, j]), r, j)
+                tokens[c] = tokens.get(c, 0) + 1
         assert student_chunks.keys() == teacher_chunks.keys()
         for c in student_chunks:
             a, b = math.exp(teacher_chunks[c]), math.exp(student_chunks[c])
             chunk += a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
+            if tokens[c] == 2:  # one token on each side
+                chunk_1to1 += a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
             a = min(a, 1 - 1e-6)  # reverse: a teacher certain of a chunk is capped as the student is
             chunk_reverse += b * math.log(b / a) + (1 - b) * math.log((1 - b) / (1 - a))
     targets, one_to_one, starts = (arrays["cross_counts"][:, c].sum() for c in (0, 1, 5))
@@ -217,6 +224,7 @@ def test_both_terms_equal_loops_over_the_alignment_with_a_second_tokenizer(root,
     assert (arrays["cross_exact"] >= 0).sum() == (starts if positions == "starts" else one_to_one)
     assert got["exact"] == pytest.approx(exact, rel=1e-5)
     assert got["chunk"] == pytest.approx(chunk, rel=1e-5)
+    assert got["chunk-1to1"] == pytest.approx(chunk_1to1, rel=1e-5) and 0 < chunk_1to1 < chunk
     assert uncovered > 0.1 * every and got["exact-ce"] == pytest.approx(exact + uncovered, rel=1e-5)
     assert got["chunk-ce"] == pytest.approx(chunk + every, rel=1e-5)
     assert got["chunk-reverse"] == pytest.approx(chunk_reverse, rel=1e-5) and chunk_reverse != pytest.approx(chunk)
