@@ -445,14 +445,15 @@ demo-eval-%: demo-train-% demo-topk-heldout
 #   prepare ~0.3 min, report and process start-ups ~0.5 min, the first make real-teacher ~0.5 min
 # = about 22 min with 3 seeds (11.5 of them stage two); each seed more adds ~4.6 min. 60 steps of 8
 # rows read each of the 256 rows about twice, as make demo's students read its 512.
-# Across tokenizers (issue #23): per seed of REAL_CROSS_SEEDS (default REAL_SEEDS; empty turns them off) a
+# Across tokenizers (issue #23): per seed of REAL_CROSS_SEEDS (default REAL_SEEDS and REAL_CROSS_EXTRA_SEEDS, 3 4:
+# their gain over CE is about the size of three seeds' sd + sd, the report's test; empty turns them off) a
 # student with the project's own tokenizer (REAL_CROSS_TOKENIZER, 8192 ids; REAL_CROSS_STUDENT: the same shape
 # at that vocabulary, 1.8M parameters) distilled from the same SmolLM2 store with --cross-tokenizer
 # REAL_CROSS_MODE (both: best of the modes in bench/results/cross_tokenizer_cpu.json), and its CE twin (alpha = 1,
 # the store's rows retokenized the same way), both evaluated like the others: held-out bits per byte is
 # what compares them with the SmolLM2-tokenizer students. Their 8192-wide head makes them cheap: 60 steps of
 # the distilled one took 47-51 s of CPU (user + sys, OMP_NUM_THREADS=1, load ~6), its twin 44-47 s, each
-# evaluation 15-17 s: about 2.1 min per seed, so ~6 min more with 3 seeds (~28 min in all by the estimate above).
+# evaluation 15-17 s: about 2.1 min per seed, so ~10.5 min more with 5 seeds (~33 min in all by the estimate above).
 REAL_RUN    ?= runs/demo-real
 REAL_ROWS   ?= 256
 REAL_STEPS  ?= 60
@@ -461,7 +462,8 @@ REAL_SEEDS  ?= 0 1 2
 REAL_LIMIT  ?= 50
 REAL_AGREEMENT_ROWS ?= 32
 REAL_STUDENT ?= data/models/student-smollm2.json
-REAL_CROSS_SEEDS ?= $(REAL_SEEDS)
+REAL_CROSS_EXTRA_SEEDS ?= 3 4
+REAL_CROSS_SEEDS ?= $(sort $(REAL_SEEDS) $(REAL_CROSS_EXTRA_SEEDS))
 REAL_CROSS_TOKENIZER ?= data/tokenizer
 REAL_CROSS_STUDENT ?= data/models/student.json
 REAL_CROSS_MODE ?= both

@@ -70,7 +70,12 @@ def test_seeds_are_a_variable_and_t2_is_opt_in():
     commands, students, _, _ = students_and_report(("demo", "DEMO_T2_SEEDS=0"))
     assert option(students["runs/demo/student-kd-t2-s0"], "--train-store") == "runs/demo/store-t2"
     assert any(c[0] == "teacher" and option(c, "--out") == "runs/demo/store-t2" for c in commands)
-    _, students, _, _ = students_and_report(("demo-real", "REAL_SEEDS=7"))  # the cross seeds follow by default
+    # the cross seeds follow by default, with two more (REAL_CROSS_EXTRA_SEEDS), each once
+    _, students, _, _ = students_and_report(("demo-real", "REAL_SEEDS=7 3"))
+    assert sorted(students) == ["runs/demo-real/student-ce-s3", "runs/demo-real/student-ce-s7"] + \
+        [f"runs/demo-real/student-cross-{kind}-s{seed}" for kind in ("ce", "kd") for seed in (3, 4, 7)] + \
+        ["runs/demo-real/student-kd-s3", "runs/demo-real/student-kd-s7"]
+    _, students, _, _ = students_and_report(("demo-real", "REAL_SEEDS=7", "REAL_CROSS_EXTRA_SEEDS="))
     assert sorted(students) == ["runs/demo-real/student-ce-s7", "runs/demo-real/student-cross-ce-s7",
                                 "runs/demo-real/student-cross-kd-s7", "runs/demo-real/student-kd-s7"]
 
@@ -81,7 +86,7 @@ def test_demo_real_cross_tokenizer_students_learn_from_the_smollm2_store_and_rea
     [stage_one] = [c for c in commands if c[0] == "teacher" and option(c, "--kind") == "sampled"]
     [prepared] = [c for c in commands if c[0] == "prepare" and option(c, "--out") == option(stage_one, "--tokens-store")]
     assert option(stage_one, "--teacher") == smollm2 and option(prepared, "--tokenizer") == smollm2
-    cross = {f"{run}/student-cross-{kind}-s{seed}": (kind, seed) for kind in ("kd", "ce") for seed in (0, 1, 2)}
+    cross = {f"{run}/student-cross-{kind}-s{seed}": (kind, seed) for kind in ("kd", "ce") for seed in (0, 1, 2, 3, 4)}
     assert set(cross) < set(students)
     for out, words in students.items():
         assert option(words, "--train-store") == option(stage_one, "--out")  # every student, the same SmolLM2 rows
@@ -112,7 +117,8 @@ def test_demo_real_cross_tokenizer_students_learn_from_the_smollm2_store_and_rea
                                      if "--cross-tokenizer" in words else {})}})
     groups = {g.name: g for g in group_runs(runs)}
     assert {name: g.seeds for name, g in groups.items()} == \
-        {name: [0, 1, 2] for name in ("student-kd", "student-ce", "student-cross-kd", "student-cross-ce")}
+        {"student-kd": [0, 1, 2], "student-ce": [0, 1, 2], "student-cross-kd": [0, 1, 2, 3, 4],
+         "student-cross-ce": [0, 1, 2, 3, 4]}
     assert ce_baseline(groups["student-cross-kd"], list(groups.values()), None) is groups["student-cross-ce"]
     assert ce_baseline(groups["student-kd"], list(groups.values()), None) is groups["student-ce"]
 
