@@ -270,12 +270,10 @@ class CrossTokenizer:
         owner[s_in] = owner_of_chunk[s_global[s_in]]
         is_owner = (owner >= 0) & (owner == kept_index)
         if self.chunk_scope == "1to1":  # a chunk of one student target and one teacher target
-            ones = torch.ones_like(s_global[s_in])
-            student_n = torch.zeros(b * m, dtype=torch.int64, device=device).index_add(0, s_global[s_in], ones)
-            teacher_n = torch.zeros(b * m, dtype=torch.int64, device=device).index_add(
-                0, t_global[t_in], torch.ones_like(t_global[t_in]))
-            single = (student_n == 1) & (teacher_n == 1)
-            is_owner &= single[s_global.clamp(min=0)]
+            def count(ids: torch.Tensor) -> torch.Tensor:  # targets per chunk id
+                return torch.zeros(b * m, dtype=torch.int64, device=device).index_add(0, ids, torch.ones_like(ids))
+            single = (count(s_global[s_in]) == 1) & (count(t_global[t_in]) == 1)
+            is_owner &= single[s_global.clamp(min=0)]  # owners are chunk members: the clamp only fills non-members
         teacher_at_owner = torch.zeros(s_global.shape, dtype=torch.float32, device=device)
         teacher_at_owner[is_owner] = teacher_chunk_lp[s_global[is_owner]]
         return [owner, teacher_at_owner, is_owner]
