@@ -59,7 +59,8 @@ MODES = ("same-ce", "same-kd", "cross-ce", "cross-exact", "cross-chunk", "cross-
 VARIANTS = {"-bucket": ["--unmapped", "bucket", "--cross-positions", "1to1", "--cross-uncovered", "none"],
             "-prefix": ["--unmapped", "prefix", "--cross-positions", "1to1", "--cross-uncovered", "none"],
             "-none": ["--cross-uncovered", "none"], "-fill": ["--cross-uncovered", "ce"],
-            "-cw0.25": ["--chunk-weight", "0.25"], "-c1to1": ["--chunk-scope", "1to1"]}
+            "-cw0.25": ["--chunk-weight", "0.25"], "-c1to1": ["--chunk-scope", "1to1"],
+            "-lbucket": ["--cross-longer", "bucket"]}
 CROSS = tuple(f"cross-{term}{variant}" for term in ("exact", "chunk", "both") for variant in ("", *VARIANTS))
 CE_TWINS = ("same-ce", "cross-ce")
 

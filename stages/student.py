@@ -76,10 +76,11 @@ from pipeline.train.tracking import (PEAK_TFLOPS_HELP, REPORT_TO_HELP, StepCost,
 # The global batch is fixed too (checked in _resume); micro-batch, accumulation and processes may change.
 RESUME_FIXED = ("train_store", "model", "seed", "alpha", "temperature",
                 "tail", "direction", "importance", "teacher", "shuffle_chunks", "cross_tokenizer", "chunk_weight",
-                "chunk_scope", "unmapped", "cross_positions", "cross_uncovered", "objective", "ratio", "ratio_epsilon")
+                "chunk_scope", "unmapped", "cross_longer", "cross_positions", "cross_uncovered", "objective", "ratio",
+                "ratio_epsilon")
 # resume-fixed options that older checkpoints do not record
 ADDED_SINCE = {"importance": "unbiased", "cross_tokenizer": "", "chunk_weight": 1.0, "chunk_scope": "all",
-               "unmapped": "bucket",
+               "unmapped": "bucket", "cross_longer": "bucket",
                "cross_positions": "1to1", "cross_uncovered": "none",
                "objective": "", "ratio": "clip", "ratio_epsilon": 0.2}
 OBJECTIVES = ("forward-kl", "reverse-kl", "policy-gradient")
@@ -129,6 +130,11 @@ class TrainConfig:
     unmapped: str = option("first", "Cross-tokenizer exact term, teacher ids no student id spells: 'first' (to the "
                            "student's own first token of their bytes), 'bucket' (one bucket each side) or 'prefix' "
                            "(to the student's longest token beginning their bytes).")
+    cross_longer: str = option("group", "Cross-tokenizer exact term, student ids no teacher id maps to (mostly "
+                               "tokens longer than the teacher's: ' destroys' against ' destroy' + 's'): 'group' (each "
+                               "joins the student id of the teacher's first token of its bytes, against that token's "
+                               "probability) or 'bucket' (in the unmapped bucket, against the teacher's tail, as "
+                               "before).")
     cross_positions: str = option("starts", "Cross-tokenizer exact term, where it compares the two next-token "
                                   "distributions: 'starts' (the first token of every chunk, 1:1 or not) or '1to1' "
                                   "(1:1 chunks only, as before).")
@@ -211,6 +217,8 @@ class TrainConfig:
             problems.append(f"unmapped must be first, bucket or prefix, got {self.unmapped!r}")
         if self.attention not in ("", *ATTENTIONS):
             problems.append(f"attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.cross_longer not in ("group", "bucket"):
+            problems.append(f"cross_longer must be group or bucket, got {self.cross_longer!r}")
         if self.cross_positions not in ("starts", "1to1"):
             problems.append(f"cross_positions must be starts or 1to1, got {self.cross_positions!r}")
         if self.cross_uncovered not in ("teacher", "ce", "none"):
@@ -695,7 +703,7 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
                      teacher: TeacherSignal | None, positions: int):
     """(the loader's transform, the teacher signal, facts to record) for a store of another tokenizer:
     its rows are retokenized for the student and aligned by bytes (pipeline/text/align.py)."""
-    from pipeline.text.align import RowAligner, check_byte_level, first_tokens, token_bytes, vocab_map
+    from pipeline.text.align import RowAligner, check_byte_level, first_tokens, student_groups, token_bytes, vocab_map
     from pipeline.train.cross_signal import CrossTokenizer, InsideTargets
 
     if teacher_source == "online":
@@ -719,18 +727,24 @@ def _cross_tokenizer(config: TrainConfig, train_store: Store, teacher_source: st
 
     aligner = RowAligner(teacher_bytes, student_bytes, encode, positions, tokenizer.eos_token_id,
                          positions=config.cross_positions)
+    # --cross-longer group: the student's ids outside the image, folded into their heads' events
+    # (identical tokenizers: today's loss, nothing folded; chunk mode has no next-token term)
+    groups = student_groups(mapping, student_bytes, store_tokenizer) if config.cross_longer == "group" \
+        and config.cross_tokenizer != "chunk" and teacher_bytes.tokenizer_hash != student_bytes.tokenizer_hash \
+        else None
     if teacher is not None:
         # the inside-token tables (seconds for a large vocabulary) only where the next-token term runs
         inside = InsideTargets(teacher_bytes.pieces, lambda pieces: first_tokens(tokenizer, pieces)) \
             if config.cross_uncovered == "teacher" and config.cross_tokenizer != "chunk" else None
         teacher = CrossTokenizer(teacher, mapping, config.cross_tokenizer, config.chunk_weight, config.cross_uncovered,
-                                 inside, config.chunk_scope)
+                                 inside, config.chunk_scope, groups)
     facts = {"cross_tokenizer": {"mode": config.cross_tokenizer, "unmapped": config.unmapped,
                                  "positions": config.cross_positions, "uncovered": config.cross_uncovered,
-                                 "chunk_scope": config.chunk_scope,
+                                 "chunk_scope": config.chunk_scope, "longer": config.cross_longer,
                                  "teacher_tokenizer_hash": teacher_bytes.tokenizer_hash,
                                  "vocab_map_sha256": digest, "teacher_ids_mapped": int((mapping >= 0).sum()),
-                                 "teacher_vocab": len(mapping)}}
+                                 "teacher_vocab": len(mapping),
+                                 "student_ids_grouped": int((groups >= 0).sum()) if groups is not None else 0}}
     return aligner, teacher, facts
 
 

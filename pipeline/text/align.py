@@ -208,7 +208,8 @@ def first_tokens(student_tokenizer, pieces: list[bytes]) -> list[int]:
             continue
         if byte_level:
             tokens = backend.model.tokenize("".join(char[b] for b in pieces[k]))
-            out[k] = vocab[tokens[0].value]
+            if tokens:  # a byte no valid UTF-8 holds (0xC0, 0xF5…) may be missing from the vocabulary
+                out[k] = vocab[tokens[0].value]
             continue
         if student is None:  # the ids it emits first (not a byte fallback), then the lowest
             student, spelt = token_bytes(student_tokenizer), {}
@@ -307,6 +308,30 @@ def vocab_map(teacher: TokenBytes, student: TokenBytes, rule: str = "bucket",
         except OSError:
             pass  # a read-only cache costs a rebuild next time, nothing else
     return mapping, hashlib.sha256(mapping.tobytes()).hexdigest()
+
+
+def student_groups(mapping: np.ndarray, student: TokenBytes, teacher_tokenizer) -> np.ndarray:
+    """``[V_student]`` int32: for each student id outside the map's image, the image id whose event
+    holds it (its *head*); −1 for the image's own ids and for those with no head.
+
+    A student token that no teacher id maps to is mostly a longer token than the teacher has
+    (" destroys" where the teacher writes " destroy" + "s"): the teacher's next-token event for
+    those bytes is its own first token of them (" destroy", the teacher's tokenizer run on the
+    bytes alone, as :func:`first_tokens` runs the student's), and that event's student id is
+    ``mapping`` of it. The student's probability of " destroys" then belongs with its " destroy"
+    against the teacher's p(" destroy"), which holds " destroy" + "s" too (``--cross-longer group``,
+    :func:`pipeline.train.cross_losses.fold_groups`); in the bucket it would be pushed towards the
+    teacher's tail. Specials and ids spelling nothing have no head."""
+    image = np.zeros(len(student.pieces), dtype=bool)
+    image[mapping[(mapping >= 0) & (mapping < len(student.pieces))]] = True
+    heads = np.full(len(student.pieces), -1, dtype=np.int32)
+    todo = [s for s, piece in enumerate(student.pieces) if not image[s] and piece]
+    if todo:
+        firsts = np.asarray(first_tokens(teacher_tokenizer, [student.pieces[s] for s in todo]), dtype=np.int64)
+        ok = (firsts >= 0) & (firsts < len(mapping))
+        head = np.where(ok, mapping[np.clip(firsts, 0, len(mapping) - 1)], -1)
+        heads[np.asarray(todo)] = np.where(np.asarray(todo) == head, -1, head)
+    return heads
 
 
 # ---------------------------------------------------------------------- one row

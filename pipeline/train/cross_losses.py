@@ -125,6 +125,35 @@ def unmapped_student_ids(vocab_map: torch.Tensor, student_vocab: int) -> torch.T
     return (~image).nonzero().squeeze(-1)
 
 
+def group_tensors(heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From ``heads [V_s]`` (:func:`pipeline.text.align.student_groups`: each student id's head, −1 for
+    none): (members ``[G]``, the distinct heads ``[H]``, each member's index into them ``[G]``), as
+    :func:`fold_groups` takes them."""
+    members = (heads >= 0).nonzero().squeeze(-1)
+    distinct, slot = torch.unique(heads[members], return_inverse=True)
+    return members, distinct, slot
+
+
+def fold_groups(student_logprobs: torch.Tensor, members: torch.Tensor, heads: torch.Tensor,
+                slot: torch.Tensor) -> torch.Tensor:
+    """``[P, V_s]`` the student's log-probs with each member's probability added to its head's and
+    the member itself emptied (``_EMPTY``): the student's events when its longer tokens join the
+    teacher's first token of their bytes (``--cross-longer group``). Members and heads as
+    :func:`group_tensors` gives them. A fixed partition of the student's ids, so the bucketed
+    losses on the folded log-probs are the same divergences over coarser student events (their
+    expected gradients included); no members: ``student_logprobs`` itself."""
+    if members.numel() == 0:
+        return student_logprobs
+    top = student_logprobs.detach().amax(-1, keepdim=True)  # log Σ exp(x − m) + m: exact for any m
+    moved = torch.zeros(student_logprobs.shape[0], len(heads), dtype=student_logprobs.dtype,
+                        device=student_logprobs.device)
+    moved = moved.index_add(-1, slot, (student_logprobs.index_select(-1, members) - top).exp())
+    # a group whose members all underflow adds nothing (the clamp keeps log and gradient finite)
+    moved = moved.clamp_min(torch.finfo(moved.dtype).tiny).log() + top
+    folded = torch.logaddexp(student_logprobs.index_select(-1, heads), moved)
+    return student_logprobs.index_copy(-1, heads, folded).index_fill(-1, members, _EMPTY)
+
+
 def merge_duplicates(student_ids: torch.Tensor, logprobs: torch.Tensor | None = None,
                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher slots that a many-to-one map (``--unmapped first`` or ``prefix``) sends to one student id, added up.

@@ -51,8 +51,8 @@ import torch
 
 from pipeline.errors import DistillError
 from pipeline.teacher.topk import retemper
-from pipeline.train.cross_losses import (bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, merge_duplicates,
-                                         unmapped_student_ids)
+from pipeline.train.cross_losses import (bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, fold_groups,
+                                         group_tensors, merge_duplicates, unmapped_student_ids)
 from pipeline.train.teacher_signal import StoredSampled, StoredTopK
 
 MODES = ("exact", "chunk", "both")
@@ -132,7 +132,7 @@ class CrossTokenizer:
 
     def __init__(self, base: StoredTopK | StoredSampled, vocab_map: np.ndarray, mode: str,
                  chunk_weight: float = 1.0, uncovered: str = "none", inside: InsideTargets | None = None,
-                 chunk_scope: str = "all"):
+                 chunk_scope: str = "all", groups: np.ndarray | None = None):
         if mode not in MODES:
             raise DistillError(f"--cross-tokenizer must be one of {', '.join(MODES)}, got {mode!r}")
         if uncovered not in UNCOVERED:
@@ -152,7 +152,7 @@ class CrossTokenizer:
         self.map = torch.from_numpy(np.asarray(vocab_map, dtype=np.int64))
         mapped = self.map[self.map >= 0]
         # --unmapped first|prefix, or targets inside teacher tokens: slots of one student id to add up
-        self.many_to_one = len(torch.unique(mapped)) < len(mapped) or self.inside is not None
+        self.many_to_one = len(torch.unique(mapped)) < len(mapped) or self.inside is not None or groups is not None
         self.exact = mode in ("exact", "both")
         self.sequence_term = mode in ("chunk", "both")  # DistillStep gathers the student's target log-probs
         fields = base.fields if self.exact else ()
@@ -162,6 +162,9 @@ class CrossTokenizer:
         self._parts = 1 + ((3 if isinstance(base, StoredTopK) else 2) + (2 if self.inside else 0) if self.exact else 0)
         self._counts = torch.zeros(7, dtype=torch.float64)  # the aligner's six, then inside positions with a target
         self._bucket: dict[tuple[int, torch.device], torch.Tensor] = {}  # the unmapped student ids, per (V_s, device)
+        # --cross-longer group: student ids outside the image, each folded into its head's event
+        self.groups = None if groups is None else torch.from_numpy(np.asarray(groups, dtype=np.int64))
+        self._groups: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
 
     # -- what the training loop logs ------------------------------------------------------------
     def take_stats(self) -> dict[str, float]:
@@ -205,6 +208,11 @@ class CrossTokenizer:
             rest = [part[flat] for part in base_parts[1:]]
             if self.inside is not None:
                 inside, share = self._inside(batch, ids, student_ids, rest, compared)
+            if self.groups is not None:  # a candidate's student token outside the image: its group's event
+                heads = self.groups.to(student_ids.device)
+                head = heads[student_ids.clamp(0, len(heads) - 1)]
+                student_ids = torch.where((student_ids >= 0) & (student_ids < len(heads)) & (head >= 0), head,
+                                          student_ids)
             if self.many_to_one:  # top-k: (log-probs, tail); draws: (weights,)
                 if isinstance(self.base, StoredTopK):
                     student_ids, rest[0] = merge_duplicates(student_ids, logprobs=rest[0])
@@ -291,22 +299,40 @@ class CrossTokenizer:
         one_to_one, student_ids, *rest = parts[:self._parts]
         if self.inside is not None:
             rest, (inside, share) = rest[:-2], rest[-2:]
+        events = student_logprobs if self.groups is None else \
+            fold_groups(student_logprobs, *self._group_ids(student_logprobs))
         if isinstance(self.base, StoredTopK):
             topk_logprobs, tail_logmass = rest
-            loss = bucketed_sparse_kd(student_logprobs, student_ids, topk_logprobs, tail_logmass, self.base.direction)
+            loss = bucketed_sparse_kd(events, student_ids, topk_logprobs, tail_logmass, self.base.direction)
         else:
             (weights,) = rest
-            loss = bucketed_sampled_kd(student_logprobs, student_ids, weights, self._bucket_ids(student_logprobs))
+            loss = bucketed_sampled_kd(events, student_ids, weights, self._bucket_ids(student_logprobs))
         if self.inside is not None:  # where s = 0 the candidates are empty: their term is not used
             elsewhere = torch.where(inside & (share > 0), share * loss + (1 - share) * elsewhere, elsewhere)
         return torch.where(one_to_one, loss, elsewhere)
 
     def _bucket_ids(self, student_logprobs: torch.Tensor) -> torch.Tensor:
-        """The student ids no teacher id maps to, over the width of ``student_logprobs`` (built once)."""
+        """The student ids no teacher id maps to, over the width of ``student_logprobs`` (built once);
+        under ``groups``, less those folded into a head (their mass is the head's)."""
         key = (student_logprobs.shape[-1], student_logprobs.device)
         if key not in self._bucket:
-            self._bucket[key] = unmapped_student_ids(self.map, key[0]).to(key[1])
+            unmapped = unmapped_student_ids(self.map, key[0])
+            if self.groups is not None:
+                unmapped = unmapped[~torch.isin(unmapped, self._group_ids(student_logprobs)[0].cpu())]
+            self._bucket[key] = unmapped.to(key[1])
         return self._bucket[key]
+
+    def _group_ids(self, student_logprobs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(members, heads, slots) of :func:`group_tensors` over the width of ``student_logprobs``
+        (the model's rows may outnumber the tokenizer's ids: those have no head), built once."""
+        key = (student_logprobs.shape[-1], student_logprobs.device)
+        if key not in self._groups:
+            heads = torch.full((key[0],), -1, dtype=torch.int64)
+            width = min(key[0], len(self.groups))
+            heads[:width] = self.groups[:width]
+            heads = torch.where(heads < key[0], heads, -1)
+            self._groups[key] = tuple(t.to(key[1]) for t in group_tensors(heads))
+        return self._groups[key]
 
     def sequence_divergence(self, student_target_logprobs: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
         """The chunk term, summed (nats, weighted): ``student_target_logprobs [P]`` are the student's

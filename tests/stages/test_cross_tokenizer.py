@@ -61,6 +61,8 @@ def test_a_student_of_another_tokenizer_trains_and_logs_each_terms_share(root, t
     cross = facts["cross_tokenizer"]
     assert cross["mode"] == "both" and len(cross["vocab_map_sha256"]) == 64 and cross["teacher_vocab"] == 8192
     assert cross["unmapped"] == "first" and cross["positions"] == "starts" and cross["teacher_ids_mapped"] > 8000
+    # --cross-longer group: every 4096-id student token is some 8192-id teacher token's first, so nothing folds
+    assert cross["longer"] == "group" and cross["student_ids_grouped"] == 0
     assert [p.name.split("-")[-1] for p in (tmp_path / "cache").glob("vocab-map-*.npy")] == ["first.npy"]
     final = json.loads((out / "metrics.json").read_text())
     assert final["teacher_signal"] == "CrossTokenizer" and final["heldout_loss"] > 0
@@ -126,9 +128,10 @@ def test_bad_inputs_are_one_line(root, tmp_path):
     assert "made with another tokenizer" in line and "--cross-tokenizer" in line
     assert "exact, chunk or both" in one_line_error(run_cli(*args[:-4], "--cross-tokenizer", "bytes"))
     line = one_line_error(run_cli(*args, "--unmapped", "longest", "--cross-positions", "all",
-                                  "--cross-uncovered", "all", "--chunk-scope", "multi"))
+                                  "--cross-uncovered", "all", "--chunk-scope", "multi", "--cross-longer", "split"))
     assert "unmapped must be first, bucket or prefix" in line and "cross_positions must be starts or 1to1" in line
     assert "cross_uncovered must be teacher, ce or none" in line and "chunk_scope must be all or 1to1" in line
+    assert "cross_longer must be group or bucket" in line
     at = args.index("--train-store") + 1
     renorm = args[:at] + [str(root / "agreement")] + args[at + 1:] + ["--tail", "renorm"]
     assert "use --tail tail" in one_line_error(run_cli(*renorm))

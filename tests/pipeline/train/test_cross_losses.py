@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from pipeline.train.cross_losses import bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, unmapped_student_ids
+from pipeline.train.cross_losses import (bucketed_sampled_kd, bucketed_sparse_kd, chunk_kd, fold_groups, group_tensors,
+                                         unmapped_student_ids)
 from pipeline.train.losses import sampled_kd, sparse_kd
 
 P, VT, VS = 6, 23, 17
@@ -101,6 +102,102 @@ def test_identity_map_is_todays_tail_loss(k, direction):
     (g1,) = torch.autograd.grad(got.sum(), student)
     (g2,) = torch.autograd.grad(want.sum(), student)
     torch.testing.assert_close(g1, g2, rtol=0, atol=1e-6)
+
+
+def grouped_case(seed):
+    """A partial map (14 of 23 teacher ids on distinct student ids of 17) and student groups: of the 3
+    student ids outside the image, two join image ids (one head each, or both one head) and one stays
+    in the bucket."""
+    g = torch.Generator().manual_seed(seed)
+    mapping = partial_map(g)
+    image = mapping[mapping >= 0]
+    outside = [i for i in range(VS) if i not in set(image.tolist())]
+    heads = torch.full((VS,), -1, dtype=torch.long)
+    heads[outside[0]] = image[0]
+    heads[outside[1]] = image[seed % 2]
+    return g, mapping, heads
+
+
+def fold_dense(q, heads):
+    """float64 probabilities ``[P, V_s]`` with each member's mass moved onto its head."""
+    out = q.clone()
+    for member in (heads >= 0).nonzero().squeeze(-1).tolist():
+        out[:, heads[member]] = out[:, heads[member]] + q[:, member]
+        out[:, member] = 0
+    return out
+
+
+@pytest.mark.parametrize("k,t,direction", [(5, 1.0, "forward"), (5, 2.0, "reverse"), (VT, 1.0, "forward"),
+                                           (VT, 1.0, "reverse"), (1, 1.0, "forward")])
+def test_folded_student_groups_are_the_divergence_over_the_groups_top_k(k, t, direction):
+    """--cross-longer group, top-k + tail: the student's ids outside the image added to their heads
+    (fold_groups) and compared by bucketed_sparse_kd equal the dense divergence over the groups — each
+    head with its members, the non-members outside the image in the bucket — in value and gradient."""
+    g, mapping, heads = grouped_case(k + (direction == "reverse"))  # odd: two heads; even: one
+    teacher_logits = torch.randn(P, VT, generator=g, dtype=torch.float64) * 3
+    student = (torch.randn(P, VS, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    ids = torch.topk(teacher_logits, k, -1).indices
+    kept = torch.zeros(P, VT, dtype=torch.bool).scatter(-1, ids, True)
+    lp = torch.log_softmax(teacher_logits / t, -1)
+    tail = torch.logsumexp(lp.masked_fill(kept, float("-inf")), -1)
+    folded = fold_groups(torch.log_softmax(student.float() / t, -1), *group_tensors(heads))
+    got = bucketed_sparse_kd(folded, mapping[ids], lp.gather(-1, ids).float(), tail.float(), direction)
+    q = fold_dense(torch.softmax(student / t, -1), heads)
+    rows, p_rest, q_rest = bucket(torch.softmax(teacher_logits / t, -1), q, kept & (mapping >= 0), mapping)
+    want = []
+    for r, (pk, qk) in enumerate(rows):
+        pb, qb = torch.cat([pk, p_rest[r:r + 1]]), torch.cat([qk, q_rest[r:r + 1]])
+        if direction == "reverse":
+            qb = qb * (pb > 0) / (qb * (pb > 0)).sum()
+        want.append(kl(qb, pb) if direction == "reverse" else kl(pb, qb))
+    want = torch.stack(want)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad_got,) = torch.autograd.grad(got.sum(), student)
+    (grad_want,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_folded_student_groups_are_the_divergence_over_the_groups_drawn(seed):
+    """--cross-longer group, drawn targets: with the teacher's exact probabilities as the weights (the
+    draws' expectation: the loss is linear in them) and the bucket the non-members outside the image,
+    bucketed_sampled_kd on the folded log-probs is KL(p̄ ‖ q̄) over (heads with their members, the rest
+    of the image, U) — value and gradient; members in the bucket instead would count twice."""
+    g, mapping, heads = grouped_case(seed)
+    p = torch.softmax(torch.randn(P, VT, generator=g, dtype=torch.float64) * 2, -1)
+    student = (torch.randn(P, VS, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    members, distinct, slot = group_tensors(heads)
+    bucket_ids = unmapped_student_ids(mapping, VS)
+    bucket_ids = bucket_ids[~torch.isin(bucket_ids, members)]
+    assert bucket_ids.numel() == 1
+    teacher_ids = torch.arange(VT).expand(P, -1)
+    folded = fold_groups(torch.log_softmax(student.float(), -1), members, distinct, slot)
+    got = bucketed_sampled_kd(folded, mapping[teacher_ids], p.float(), bucket_ids)
+    q = fold_dense(torch.softmax(student, -1), heads)
+    image = mapping >= 0
+    want = kl(torch.cat([p[:, image], p[:, ~image].sum(-1, keepdim=True)], -1),
+              torch.cat([q[:, mapping[image]], q[:, bucket_ids].sum(-1, keepdim=True)], -1))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (grad_got,) = torch.autograd.grad(got.sum(), student)
+    (grad_want,) = torch.autograd.grad(want.sum(), student)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-4, atol=1e-6)
+
+
+def test_folding_nothing_changes_nothing_and_underflow_stays_finite():
+    """No members: the log-probs themselves. A group whose members' probabilities underflow next to
+    the row's largest adds nothing, with finite values and gradients."""
+    logq = torch.log_softmax(torch.randn(3, VS), -1)
+    members, distinct, slot = group_tensors(torch.full((VS,), -1, dtype=torch.long))
+    assert fold_groups(logq, members, distinct, slot) is logq
+    logits = torch.zeros(1, 4)
+    logits[0, 2:] = -500.0  # ids 2, 3 underflow in float32 next to ids 0, 1
+    logits.requires_grad_()
+    heads = torch.tensor([-1, -1, 1, 0])
+    folded = fold_groups(torch.log_softmax(logits, -1), *group_tensors(heads))
+    assert torch.isfinite(folded).all()
+    torch.testing.assert_close(folded[0, :2].exp(), torch.tensor([0.5, 0.5]))
+    (grad,) = torch.autograd.grad(folded[0, :2].sum(), logits)
+    assert torch.isfinite(grad).all()
 
 
 def drawn(generator, probs, draws):

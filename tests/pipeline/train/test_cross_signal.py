@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from pipeline.models import OutputHead, load_model
 from pipeline.store.contract import open_store
-from pipeline.text.align import RowAligner, TokenBytes, first_tokens, token_bytes, vocab_map
+from pipeline.text.align import RowAligner, TokenBytes, first_tokens, student_groups, token_bytes, vocab_map
 from pipeline.train.cross_signal import CrossTokenizer, InsideTargets
 from pipeline.train.loader import _as_torch
 from pipeline.train.teacher_signal import stored_teacher
@@ -367,3 +367,132 @@ def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, 
     assert got["teacher"] - got["none"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     if teacher != "certain":  # the other direction's loop gives another number: the check can tell them apart
         assert got["teacher"] - got["none"] != pytest.approx(other, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def small_teacher_root(tmp_path_factory, heldout_docs):
+    """A teacher of the 4096-id tokenizer: the student of 8192 ids then has longer tokens than the
+    teacher's (every one of its ids outside the first map's image, 4096 of them, has a head)."""
+    root = tmp_path_factory.mktemp("cross-small-teacher")
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in heldout_docs[:12]))
+    result = run_cli("prepare", "--input", root / "corpus.jsonl", "--out", root / "tokens", "--tokenizer", SECOND,
+                     "--seq-len", "32", "--rows-per-shard", "64", "--chunk-rows", "8")
+    assert result.exit_code == 0, result.output
+    make_teacher(root / "teacher", vocab=4096, scale=8.0)
+    for name, flags in (("topk", ["--kind", "topk", "--top-k", "8"]), ("sampled", ["--kind", "sampled", "--samples", "50"])):
+        result = run_cli("teacher", "--tokens-store", root / "tokens", "--teacher", root / "teacher", "--out",
+                         root / name, "--rows-per-shard", "16", "--chunk-rows", "8", "--max-rows", "16", *flags)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+@pytest.mark.parametrize("pair", ["longer", "every seventh"])
+def test_grouped_longer_student_tokens_equal_a_loop(request, tmp_path, monkeypatch, kind, pair):
+    """--cross-longer group (student_groups) with a 4096-id teacher and the 8192-id student, exact mode,
+    --cross-uncovered teacher: the loss equals a float64 loop in which each student id outside the map's
+    image adds its probability to its head's (the student id of the teacher's first token of its bytes)
+    and has none of its own; at chunk starts the teacher's ids go through the first-token map; inside a
+    teacher token its candidates going on give the student's first token of the rest, *then* its head
+    where it has one. Without groups the loss differs (the longer tokens sit in the bucket). The 4096
+    vocabulary's merges are a subset of the 8192's, so that pair has no student target inside a teacher
+    token; the second case (``every seventh``: the 8192-id teacher's store and the 4096-id student, whose
+    every id the map reaches, each seventh student id made a member of the next) is a partition of the
+    student's ids the folding does not check, and has them (29% of the targets)."""
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    longer = pair == "longer"
+    store = open_store(request.getfixturevalue("small_teacher_root" if longer else "root") / kind)
+    rows = store.read_rows(0, ROWS)
+    ids_field = "topk_ids" if kind == "topk" else "sample_ids"
+    rows[ids_field][:, :-1, 0] = rows["input_ids"][:, 1:]  # the row's own token a candidate: inside targets exist
+    teacher_tok, student_tok = (AutoTokenizer.from_pretrained(str(path)) for path in
+                                ((SECOND, TOKENIZER) if longer else (TOKENIZER, SECOND)))
+    teacher_side, student_side = token_bytes(teacher_tok), token_bytes(student_tok)
+    vocab = len(student_side.pieces)
+    mapping, _ = vocab_map(teacher_side, student_side, "first", student_tok)
+    groups = student_groups(mapping, student_side, teacher_tok)
+    if longer:
+        assert (groups >= 0).sum() > 1000 and (groups[mapping[mapping >= 0]] == -1).all()
+    else:
+        assert (groups == -1).all()  # every student id is some teacher id's first token
+        groups[np.arange(0, vocab - 1, 7)] = np.arange(1, vocab, 7)
+    aligner = RowAligner(teacher_side, student_side, encoder(student_tok), 10_000, student_tok.eos_token_id,
+                         positions="starts")
+    arrays = aligner(rows)
+    batch = tensors(arrays)
+    model = tiny_model(tmp_path / "student.json", vocab)
+    inside = InsideTargets(teacher_side.pieces, lambda pieces: first_tokens(student_tok, pieces))
+    got = {}
+    for name, grouping in (("group", groups), ("bucket", None)):
+        signal = CrossTokenizer(stored_teacher(kind, store.params, 1.0), mapping, "exact", uncovered="teacher",
+                                inside=inside, groups=grouping)
+        _, got[name], _, grads = step_loss(model, vocab, signal, batch, 40)
+        assert all(torch.isfinite(g).all() for g in grads.values()), name
+
+    with torch.no_grad():
+        q = F.softmax(model(input_ids=batch["input_ids"]).logits.double(), -1).numpy()
+    members = np.nonzero(groups >= 0)[0]
+    folded = q.copy()
+    np.add.at(folded, (slice(None), slice(None), groups[members]), q[:, :, members])
+    folded[:, :, members] = 0.0
+    event = np.where(groups >= 0, groups, np.arange(len(groups)))  # a student id's event: its head or itself
+    base = stored_teacher(kind, store.params, 1.0).positions(batch["teacher_input_ids"], batch)
+    length = arrays["teacher_input_ids"].shape[1]
+    ids = arrays["input_ids"]
+
+    def divergence(r, i, p, rest):  # p: {student event: teacher mass}; rest: the teacher's mass elsewhere
+        qb = {s: folded[r, i, s] for s in p}
+        if kind == "topk":
+            q_rest = 1 - sum(qb.values())
+        else:  # drawn: the student's bucket is its ids outside the image that are no member (here, none)
+            rest = 0.0
+        out = sum(w * math.log(w / qb[s]) for s, w in p.items())
+        return out + (rest * math.log(rest / q_rest) if rest > 0 else 0.0)
+
+    expected, starts_seen, conditioned = 0.0, 0, 0
+    for r in range(ROWS):
+        for i in range(ids.shape[1] - 1):
+            if not arrays["loss_mask"][r, i]:
+                continue
+            ce = -math.log(q[r, i, ids[r, i + 1]])
+            j = arrays["cross_exact"][r, i]
+            jj = j if j >= 0 else arrays["cross_inside"][r, i]
+            if jj < 0:
+                expected += ce
+                continue
+            flat = r * (length - 1) + jj
+            candidates = base[0][flat].tolist()
+            probs = (base[1][flat].double().exp() if kind == "topk" else base[1][flat].double()).tolist()
+            if j >= 0:  # a chunk start: the first-token map, then the student's events
+                starts_seen += 1
+                p, rest = {}, (math.exp(float(base[2][flat])) if kind == "topk" else 0.0)
+                for d, w in zip(candidates, probs):
+                    if w <= 0:
+                        continue
+                    if mapping[d] >= 0:
+                        p[int(event[mapping[d]])] = p.get(int(event[mapping[d]]), 0.0) + w
+                    else:
+                        rest += w
+                expected += divergence(r, i, p, rest)
+                continue
+            k = int(arrays["cross_inside_offset"][r, i])
+            prefix = teacher_side.pieces[arrays["teacher_input_ids"][r, jj + 1]][:k]
+            spelt, going = 0.0, {}
+            for d, w in zip(candidates, probs):
+                piece = teacher_side.pieces[d]
+                if w <= 0 or piece is None or len(piece) < k or piece[:k] != prefix:
+                    continue
+                spelt += w
+                if len(piece) > k:
+                    sid = int(event[first_tokens(student_tok, [piece[k:]])[0]])
+                    going[sid] = going.get(sid, 0.0) + w
+            total = sum(going.values())
+            if total == 0:
+                expected += ce
+                continue
+            conditioned += 1
+            s = total / spelt
+            expected += s * divergence(r, i, {sid: w / total for sid, w in going.items()}, 0.0) + (1 - s) * ce
+    assert starts_seen > 50 and (longer or conditioned > 5)
+    assert got["group"] == pytest.approx(expected, rel=1e-5)
+    assert got["bucket"] != pytest.approx(got["group"], rel=1e-3)
