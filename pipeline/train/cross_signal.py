@@ -12,7 +12,8 @@ positions:
   the start of every kept chunk, or of 1:1 chunks only, by ``RowAligner(positions=...)``), the
   teacher's stored signal there, its ids mapped to student ids (−1 where none; several teacher ids
   of one student id added up), compared by :func:`bucketed_sparse_kd` (top-k + tail) or
-  :func:`bucketed_sampled_kd` (drawn targets);
+  :func:`bucketed_sampled_kd` (drawn targets); with ``groups`` (``--cross-longer group``) the
+  student ids no teacher id maps to are first folded into their heads' events (:func:`fold_groups`);
 - ``chunk``: ALM's term, which needs whole chunks: the student's own target log-probs at T are
   gathered over all positions (``sequence_term``; ``DistillStep`` collects them across its chunks
   of positions) and summed per chunk, then compared with the teacher's chunk log-prob (its stored
