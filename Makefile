@@ -330,6 +330,12 @@ bench-cross-real: real-teacher
 #     CROSS_REAL_OUT=bench/results/cross_tokenizer_real320_cpu.json CROSS_REAL_ARGS="--keep-store runs/cross-real-store-320"
 #   make bench-cross-trunc CROSS_REAL_STEPS=320 CROSS_REAL_OUT=bench/results/cross_tokenizer_real320_cpu.json \
 #     CROSS_TRUNC_OUT=bench/results/cross_tokenizer_real320_trunc8k_cpu.json CROSS_REAL_ARGS="--store runs/cross-real-store-320"
+# --cross-longer group (the default) against bucket, on one store (bench/results/cross_tokenizer_real320_group_cpu.json):
+#   make bench-cross-real CROSS_REAL_STEPS=320 CROSS_REAL_OUT=bench/results/cross_tokenizer_real320_group_cpu.json \
+#     CROSS_REAL_MODES=same-ce,same-kd,cross-ce,cross-both,cross-exact,cross-both-lbucket,cross-exact-lbucket \
+#     CROSS_REAL_ARGS="--store runs/cross-real-store-320"
+# and where on the text each student gains (bits per byte by kind of chunk; needs the students' model
+# directories, e.g. from distill student --out): python bench/cross_regions.py --help
 CROSS_TRUNC ?= runs/trunc8k
 CROSS_TRUNC_OUT ?= bench/results/cross_tokenizer_real_trunc8k_cpu.json
 CROSS_TRUNC_MODES ?= cross-ce,cross-both,cross-exact
