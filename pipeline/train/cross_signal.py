@@ -166,6 +166,7 @@ class CrossTokenizer:
         # --cross-longer group: student ids outside the image, each folded into its head's event
         self.groups = None if groups is None else torch.from_numpy(np.asarray(groups, dtype=np.int64))
         self._groups: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
+        self._heads: dict[torch.device, torch.Tensor] = {}  # self.groups on each device, copied once
 
     # -- what the training loop logs ------------------------------------------------------------
     def take_stats(self) -> dict[str, float]:
@@ -210,7 +211,7 @@ class CrossTokenizer:
             if self.inside is not None:
                 inside, share = self._inside(batch, ids, student_ids, rest, compared)
             if self.groups is not None:  # a candidate's student token outside the image: its group's event
-                heads = self.groups.to(student_ids.device)
+                heads = self._heads_on(student_ids.device)
                 head = heads[student_ids.clamp(0, len(heads) - 1)]
                 student_ids = torch.where((student_ids >= 0) & (student_ids < len(heads)) & (head >= 0), head,
                                           student_ids)
@@ -322,6 +323,11 @@ class CrossTokenizer:
                 unmapped = unmapped[~torch.isin(unmapped, self._group_ids(student_logprobs)[0].cpu())]
             self._bucket[key] = unmapped.to(key[1])
         return self._bucket[key]
+
+    def _heads_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._heads:
+            self._heads[device] = self.groups.to(device)
+        return self._heads[device]
 
     def _group_ids(self, student_logprobs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(members, heads, slots) of :func:`group_tensors` over the width of ``student_logprobs``

@@ -60,6 +60,24 @@ def tensors(arrays):
     return {k: torch.from_numpy(_as_torch(v)) for k, v in arrays.items()}
 
 
+def conditioned_loop(teacher_side, student_tok, candidates, probs, prefix: bytes, event=None):
+    """The float64 reference of InsideTargets: (mass of the candidates spelling ``prefix``, {student
+    id: mass} of those going on, by the student's first token of the rest — then ``event`` of it,
+    where given)."""
+    k = len(prefix)
+    spelt, going = 0.0, {}
+    for d, w in zip(candidates, probs):
+        piece = teacher_side.pieces[d]
+        if w <= 0 or piece is None or len(piece) < k or piece[:k] != prefix:
+            continue
+        spelt += w
+        if len(piece) > k:
+            sid = first_tokens(student_tok, [piece[k:]])[0]
+            sid = int(event[sid]) if event is not None else sid
+            going[sid] = going.get(sid, 0.0) + w
+    return spelt, going
+
+
 def step_loss(model, vocab, signal, batch, loss_chunk):
     """(CE sum, KD sum, targets, gradients) of one DistillStep with α = 0.5."""
     probe = batch["input_ids"][:1]
@@ -342,15 +360,7 @@ def test_inside_term_equals_a_loop_over_the_teachers_candidates(root, tmp_path, 
             flat = r * (length - 1) + j
             candidates = base[0][flat].tolist()
             probs = (base[1][flat].double().exp() if kind == "topk" else base[1][flat].double()).tolist()
-            spelt, going = 0.0, {}
-            for d, w in zip(candidates, probs):
-                piece = teacher_side.pieces[d]
-                if w <= 0 or piece is None or len(piece) < k or piece[:k] != prefix:
-                    continue
-                spelt += w
-                if len(piece) > k:
-                    sid = first_tokens(student_tok, [piece[k:]])[0]
-                    going[sid] = going.get(sid, 0.0) + w
+            spelt, going = conditioned_loop(teacher_side, student_tok, candidates, probs, prefix)
             total = sum(going.values())
             if total == 0:
                 expected += ce
@@ -477,15 +487,7 @@ def test_grouped_longer_student_tokens_equal_a_loop(request, tmp_path, monkeypat
                 continue
             k = int(arrays["cross_inside_offset"][r, i])
             prefix = teacher_side.pieces[arrays["teacher_input_ids"][r, jj + 1]][:k]
-            spelt, going = 0.0, {}
-            for d, w in zip(candidates, probs):
-                piece = teacher_side.pieces[d]
-                if w <= 0 or piece is None or len(piece) < k or piece[:k] != prefix:
-                    continue
-                spelt += w
-                if len(piece) > k:
-                    sid = int(event[first_tokens(student_tok, [piece[k:]])[0]])
-                    going[sid] = going.get(sid, 0.0) + w
+            spelt, going = conditioned_loop(teacher_side, student_tok, candidates, probs, prefix, event)
             total = sum(going.values())
             if total == 0:
                 expected += ce
