@@ -315,11 +315,12 @@ CROSS_REAL_MODES ?= same-ce,same-kd,cross-ce,cross-both,cross-exact,cross-chunk,
 # e.g. CROSS_REAL_ARGS="--keep-store runs/cross-real-store", then "--store runs/cross-real-store --previous FILE"
 # to add modes or seeds without stage one again
 CROSS_REAL_ARGS ?=
+CROSS_REAL_SEEDS ?= 0,1,2
 bench-cross-real: real-teacher
 	$(BIN)/python bench/cross_tokenizer.py --teacher $(REAL_TEACHER) --teacher-tokenizer $(REAL_TEACHER) \
 		--student $(REAL_STUDENT) --student-tokenizer $(REAL_CROSS_TOKENIZER) --cross-student $(REAL_CROSS_STUDENT) \
 		--corpus data/pydoc/train.jsonl.gz --heldout data/pydoc/heldout.jsonl.gz --steps $(CROSS_REAL_STEPS) \
-		--seeds 0,1,2 --modes $(CROSS_REAL_MODES) --out $(CROSS_REAL_OUT) $(CROSS_REAL_ARGS)
+		--seeds $(CROSS_REAL_SEEDS) --modes $(CROSS_REAL_MODES) --out $(CROSS_REAL_OUT) $(CROSS_REAL_ARGS)
 
 # The control of the harder pair (issue #30): the teacher's own BPE cut to the cross student's 8192 ids
 # (scripts/truncate_bpe.py), distilled across tokenizers from the same kept store: what the vocabulary's
@@ -345,7 +346,7 @@ bench-cross-trunc: real-teacher
 	$(BIN)/python bench/cross_tokenizer.py --teacher $(REAL_TEACHER) --teacher-tokenizer $(REAL_TEACHER) \
 		--student $(REAL_STUDENT) --student-tokenizer $(CROSS_TRUNC)/tokenizer --cross-student $(CROSS_TRUNC)/student.json \
 		--corpus data/pydoc/train.jsonl.gz --heldout data/pydoc/heldout.jsonl.gz --steps $(CROSS_REAL_STEPS) \
-		--seeds 0,1,2 --modes $(CROSS_TRUNC_MODES) --out $(CROSS_TRUNC_OUT) $(CROSS_REAL_ARGS)
+		--seeds $(CROSS_REAL_SEEDS) --modes $(CROSS_TRUNC_MODES) --out $(CROSS_TRUNC_OUT) $(CROSS_REAL_ARGS)
 	$(BIN)/python bench/cross_control.py --result $(CROSS_TRUNC_OUT) --same $(CROSS_REAL_OUT)
 
 bench-quality: setup

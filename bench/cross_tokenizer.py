@@ -25,7 +25,10 @@ Held-out **bits per byte** (``distill eval --tasks heldout``) compares the two t
 summary gives each mode's mean and seed spread (max − min) and, per cross mode, the share of the
 same-tokenizer KD gain over CE that its own gain over ``cross-ce`` recovers:
 ``(cross-ce − mode) / (same-ce − same-kd)`` on seed means, and the same ratio seed by seed (each
-seed's runs share their initialisation and batch order), whose range is the share's seed spread.
+seed's runs share their initialisation and batch order), whose range is the share's seed spread, and
+the gain paired by seed with its standard error (``paired_gain_mean``, ``paired_gain_se``).
+Stage one's draws add variance that one store's seeds do not show: ``--pool A.json,B.json`` summarises
+result files over different stores (``distill teacher --seed``) with each (store, seed) one replicate.
 
 The harder pair (issue #30; ``make bench-cross-real``): a real teacher (``--teacher
 data/models/smollm2-135m``, 49,152 ids, its own tokenizer ``--teacher-tokenizer``), the project's
@@ -120,7 +123,37 @@ def summarise(runs: dict) -> dict:
                 if shares:
                     modes[name] |= {"recovered_share_per_seed": per_seed, "recovered_share_min": min(shares),
                                     "recovered_share_max": max(shares)}
+                # paired by seed: the gain over the CE twin run for run, and its standard error
+                gains = [runs["cross-ce"][s]["bits_per_byte"] - runs[name][s]["bits_per_byte"]
+                         for s in sorted(set(runs[name]) & set(runs["cross-ce"]))]
+                if len(gains) > 1:
+                    modes[name] |= {"paired_gain_mean": statistics.fmean(gains),
+                                    "paired_gain_se": statistics.stdev(gains) / len(gains) ** 0.5}
     return modes
+
+
+def pool(files: list[Path], out: Path) -> None:
+    """Result files of the same settings over *different* stores (other stage-one draws), pooled: each
+    (file, seed) is one replicate, named ``<file's stem>/<seed>``, so the summary's means, spreads and
+    per-seed shares run over every store's seeds. The CE twins read no teacher predictions, so a file
+    without them takes them from another file with the same seed."""
+    parts = [json.loads(f.read_text()) for f in files]
+    twins = {mode: {seed: run for part in parts for seed, run in part["runs"].get(mode, {}).items()}
+             for mode in CE_TWINS}
+    runs: dict = {}
+    for f, part in zip(files, parts):
+        seeds = {seed for by_seed in part["runs"].values() for seed in by_seed}
+        for mode in {*part["runs"], *CE_TWINS}:
+            by_seed = part["runs"].get(mode, {})
+            for seed in sorted(seeds):
+                run = by_seed.get(seed) or (twins[mode].get(seed) if mode in CE_TWINS else None)
+                if run is not None:
+                    runs.setdefault(mode, {})[f"{f.stem}/{seed}"] = run
+    result = {k: parts[0][k] for k in ("teacher", "student", "cross_student", "teacher_tokenizer", "student_tokenizer",
+                                       "corpus", "heldout", "steps", "alpha", "samples") if k in parts[0]}
+    result |= {"pooled_from": [str(f) for f in files], "stores": [part.get("store") for part in parts],
+               "runs": runs, "summary": summarise(runs)}
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
 def merge(files: list[Path], out: Path) -> None:
@@ -167,12 +200,17 @@ def main() -> None:
     parser.add_argument("--store", default="", help="a stage-one store kept (--keep-store) by a run of the same "
                         "settings: stage one is skipped (with --previous, its stage_one_s is kept)")
     parser.add_argument("--keep-store", default="", help="copy the stage-one store here, for --store")
+    parser.add_argument("--pool", default="", help="comma-separated result files of the same settings over "
+                        "different stores: each (file, seed) is one replicate; summarised to --out, nothing is trained")
     parser.add_argument("--merge", default="", help="comma-separated result files of the same settings and store "
                         "(e.g. one per seed, run side by side with --store): their runs, summarised, go to --out; "
                         "nothing is trained")
     args = parser.parse_args()
     if args.merge:
         merge([Path(f) for f in args.merge.split(",")], ROOT / args.out)
+        return
+    if args.pool:
+        pool([Path(f) for f in args.pool.split(",")], ROOT / args.out)
         return
     global STUDENT_TOKENIZER
     STUDENT_TOKENIZER = ROOT / args.student_tokenizer
@@ -244,7 +282,7 @@ def main() -> None:
                           "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
                           "samples": args.samples, "alpha": args.alpha, "student_args": args.student_args,
                           "store_rows": rows, "heldout_docs": args.heldout_docs,
-                          "seeds": seeds, "stage_one_s": stage_one_s,
+                          "seeds": seeds, "stage_one_s": stage_one_s, "store": args.store or args.keep_store or None,
                           "wall_s": previous["wall_s"] + time.time() - started,
                           "runs": runs, "summary": summarise(runs)}
                 out.parent.mkdir(parents=True, exist_ok=True)
