@@ -101,34 +101,45 @@ def summarise(runs: dict) -> dict:
                           for k in ("cross_exact_share", "cross_start_share", "cross_chunk_share", "cross_inside_share")
                           if all(k in r for r in by_seed.values())}}
     if {"same-ce", "same-kd", "cross-ce"} <= modes.keys():
-        same_gain = modes["same-ce"]["bits_per_byte_mean"] - modes["same-kd"]["bits_per_byte_mean"]
+        def mean(mode: str, seeds: list[str]) -> float:
+            return statistics.fmean(runs[mode][s]["bits_per_byte"] for s in seeds)
+
+        def spread(mode: str, seeds: list[str]) -> float:
+            return max(runs[mode][s]["bits_per_byte"] for s in seeds) - min(runs[mode][s]["bits_per_byte"] for s in seeds)
+
+        # every gain and share over the seeds both of its modes ran (merged files may hold more of one)
+        same = sorted(set(runs["same-ce"]) & set(runs["same-kd"]))
+        same_gain = mean("same-ce", same) - mean("same-kd", same)
         modes["same-kd"]["gain_over_ce"] = same_gain
         if "same-both" in modes:
-            modes["same-both"]["gain_over_ce"] = modes["same-ce"]["bits_per_byte_mean"] - \
-                modes["same-both"]["bits_per_byte_mean"]
+            both = sorted(set(runs["same-ce"]) & set(runs["same-both"]))
+            modes["same-both"]["gain_over_ce"] = mean("same-ce", both) - mean("same-both", both)
         for name in CROSS:
-            if name in modes:
-                gain = modes["cross-ce"]["bits_per_byte_mean"] - modes[name]["bits_per_byte_mean"]
-                spread = max(modes["cross-ce"]["bits_per_byte_spread"], modes[name]["bits_per_byte_spread"])
-                modes[name] |= {"gain_over_ce": gain, "recovered_share": gain / same_gain if same_gain > 0 else None,
-                                "gain_beyond_spread": gain > spread}
-                # seed by seed: (cross-ce_s - mode_s) / (same-ce_s - same-kd_s) over the seeds every run has
-                seeds = sorted(set(runs[name]) & set(runs["cross-ce"]) & set(runs["same-ce"]) & set(runs["same-kd"]))
-                per_seed = {}
-                for s in seeds:
-                    same_s = runs["same-ce"][s]["bits_per_byte"] - runs["same-kd"][s]["bits_per_byte"]
-                    gain_s = runs["cross-ce"][s]["bits_per_byte"] - runs[name][s]["bits_per_byte"]
-                    per_seed[s] = gain_s / same_s if same_s > 0 else None
-                shares = [v for v in per_seed.values() if v is not None]
-                if shares:
-                    modes[name] |= {"recovered_share_per_seed": per_seed, "recovered_share_min": min(shares),
-                                    "recovered_share_max": max(shares)}
-                # paired by seed: the gain over the CE twin run for run, and its standard error
-                gains = [runs["cross-ce"][s]["bits_per_byte"] - runs[name][s]["bits_per_byte"]
-                         for s in sorted(set(runs[name]) & set(runs["cross-ce"]))]
-                if len(gains) > 1:
-                    modes[name] |= {"paired_gain_mean": statistics.fmean(gains),
-                                    "paired_gain_se": statistics.stdev(gains) / len(gains) ** 0.5}
+            if name not in modes:
+                continue
+            seeds = sorted(set(runs[name]) & set(runs["cross-ce"]) & set(same))
+            if not seeds:
+                continue
+            gain = mean("cross-ce", seeds) - mean(name, seeds)
+            same_gain_here = mean("same-ce", seeds) - mean("same-kd", seeds)
+            modes[name] |= {"share_seeds": len(seeds), "gain_over_ce": gain,
+                            "recovered_share": gain / same_gain_here if same_gain_here > 0 else None,
+                            "gain_beyond_spread": gain > max(spread("cross-ce", seeds), spread(name, seeds))}
+            # seed by seed: (cross-ce_s - mode_s) / (same-ce_s - same-kd_s)
+            per_seed = {}
+            for s in seeds:
+                same_s = runs["same-ce"][s]["bits_per_byte"] - runs["same-kd"][s]["bits_per_byte"]
+                gain_s = runs["cross-ce"][s]["bits_per_byte"] - runs[name][s]["bits_per_byte"]
+                per_seed[s] = gain_s / same_s if same_s > 0 else None
+            shares = [v for v in per_seed.values() if v is not None]
+            if shares:
+                modes[name] |= {"recovered_share_per_seed": per_seed, "recovered_share_min": min(shares),
+                                "recovered_share_max": max(shares)}
+            # paired by seed: the gain over the CE twin run for run, and its standard error
+            gains = [runs["cross-ce"][s]["bits_per_byte"] - runs[name][s]["bits_per_byte"] for s in seeds]
+            if len(gains) > 1:
+                modes[name] |= {"paired_gain_mean": statistics.fmean(gains),
+                                "paired_gain_se": statistics.stdev(gains) / len(gains) ** 0.5}
     return modes
 
 

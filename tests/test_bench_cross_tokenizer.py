@@ -53,3 +53,17 @@ def test_pool_makes_each_store_and_seed_a_replicate(tmp_path):
     assert m["recovered_share_per_seed"]["b/0"] == pytest.approx(0.1 / 0.2)
     assert m["recovered_share_per_seed"]["b/1"] == pytest.approx(0.02 / 0.1)
     assert m["bits_per_byte_spread"] == pytest.approx(2.58 - 2.4)
+
+
+def test_summary_compares_over_the_seeds_both_modes_ran():
+    # merged files: the twins and same-tokenizer students over seeds 0-2, the mode over 0 and 1 only
+    runs = runs_of({"same-ce": [2.0, 2.2, 2.4], "same-kd": [1.9, 2.0, 2.0], "cross-ce": [2.5, 2.6, 2.3],
+                    "cross-both": [2.45, 2.5]}, seeds=("0", "1", "2"))
+    runs["cross-both"] = {s: runs["cross-both"][s] for s in ("0", "1")}
+    summary = bench.summarise(runs)
+    m = summary["cross-both"]
+    assert m["share_seeds"] == 2
+    assert m["gain_over_ce"] == pytest.approx(m["paired_gain_mean"]) == pytest.approx(0.075)
+    assert m["recovered_share"] == pytest.approx(0.075 / 0.15)  # seeds 0 and 1's same-tokenizer gain
+    assert summary["same-kd"]["gain_over_ce"] == pytest.approx((0.1 + 0.2 + 0.4) / 3)
+    assert m["gain_beyond_spread"] is False  # cross-ce's range over seeds 0 and 1: 0.1
