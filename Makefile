@@ -335,6 +335,11 @@ bench-cross-real: real-teacher
 #   make bench-cross-real CROSS_REAL_STEPS=320 CROSS_REAL_OUT=bench/results/cross_tokenizer_real320_group_cpu.json \
 #     CROSS_REAL_MODES=same-ce,same-kd,cross-ce,cross-both,cross-exact,cross-both-lbucket,cross-exact-lbucket \
 #     CROSS_REAL_ARGS="--store runs/cross-real-store-320"
+# Seeds 3 and 4 on that store and on a second one (distill teacher --seed 1 draws), then every (store, seed) pooled
+# as one replicate (bench/results/cross_tokenizer_real320_pooled_cpu.json):
+#   make bench-cross-real CROSS_REAL_STEPS=320 CROSS_REAL_SEEDS=3,4 CROSS_REAL_MODES=same-ce,same-kd,cross-ce,cross-both \
+#     CROSS_REAL_OUT=A34.json CROSS_REAL_ARGS="--store runs/cross-real-store-320"   (and B34.json on the other store)
+#   python bench/cross_tokenizer.py --merge A.json,A34.json --out A.json; then --pool A.json,B.json --out POOLED.json
 # and where on the text each student gains (bits per byte by kind of chunk; needs the students' model
 # directories, e.g. from distill student --out): python bench/cross_regions.py --help
 CROSS_TRUNC ?= runs/trunc8k
