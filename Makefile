@@ -340,6 +340,10 @@ bench-cross-real: real-teacher
 #   make bench-cross-real CROSS_REAL_STEPS=320 CROSS_REAL_SEEDS=3,4 CROSS_REAL_MODES=same-ce,same-kd,cross-ce,cross-both \
 #     CROSS_REAL_OUT=A34.json CROSS_REAL_ARGS="--store runs/cross-real-store-320"   (and B34.json on the other store)
 #   python bench/cross_tokenizer.py --merge A.json,A34.json --out A.json; then --pool A.json,B.json --out POOLED.json
+# The same kind of student tokenizer at the same-tokenizer student's 49,152 ids (bench/results/cross_tokenizer_real320_v49k_cpu.json):
+#   distill tokenizer --input data/corpus/train.jsonl.gz --vocab-size 49152 --out runs/tok49k, a student config of
+#   data/models/student.json's body at vocab_size 49152 (runs/tok49k/student.json), then bench/cross_tokenizer.py with
+#   the flags above, --student-tokenizer runs/tok49k --cross-student runs/tok49k/student.json --modes cross-ce,cross-both
 # and where on the text each student gains (bits per byte by kind of chunk; needs the students' model
 # directories, e.g. from distill student --out): python bench/cross_regions.py --help
 CROSS_TRUNC ?= runs/trunc8k
