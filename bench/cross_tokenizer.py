@@ -143,12 +143,29 @@ def summarise(runs: dict) -> dict:
     return modes
 
 
+# what must agree between result files pooled (the store and seeds may differ)
+SETTINGS = ("teacher", "student", "cross_student", "teacher_tokenizer", "student_tokenizer", "corpus", "heldout",
+            "steps", "micro_batch_size", "seq_len", "lr", "samples", "alpha", "student_args", "store_rows")
+
+
 def pool(files: list[Path], out: Path) -> None:
     """Result files of the same settings over *different* stores (other stage-one draws), pooled: each
     (file, seed) is one replicate, named ``<file's stem>/<seed>``, so the summary's means, spreads and
     per-seed shares run over every store's seeds. The CE twins read no teacher predictions, so a file
-    without them takes them from another file with the same seed."""
+    without them takes them from another file with the same seed. Files of other settings, or two of
+    one store, are refused in one line."""
     parts = [json.loads(f.read_text()) for f in files]
+    for key in SETTINGS:
+        values = {json.dumps(part.get(key)) for part in parts}
+        if len(values) > 1:
+            raise SystemExit(f"--pool: the files differ in {key} ({', '.join(sorted(values))}); pool runs of the same "
+                             f"settings only")
+    stores = [part.get("store") for part in parts]
+    named = [s for s in stores if s]
+    if len(set(named)) < len(named):
+        raise SystemExit(f"--pool: two files name the same store {stores}; runs of one store go together with --merge")
+    if len({f.stem for f in files}) < len(files):
+        raise SystemExit("--pool: two files have the same name; their runs would be labelled alike, rename one")
     twins = {mode: {seed: run for part in parts for seed, run in part["runs"].get(mode, {}).items()}
              for mode in CE_TWINS}
     runs: dict = {}
@@ -160,9 +177,8 @@ def pool(files: list[Path], out: Path) -> None:
                 run = by_seed.get(seed) or (twins[mode].get(seed) if mode in CE_TWINS else None)
                 if run is not None:
                     runs.setdefault(mode, {})[f"{f.stem}/{seed}"] = run
-    result = {k: parts[0][k] for k in ("teacher", "student", "cross_student", "teacher_tokenizer", "student_tokenizer",
-                                       "corpus", "heldout", "steps", "alpha", "samples") if k in parts[0]}
-    result |= {"pooled_from": [str(f) for f in files], "stores": [part.get("store") for part in parts],
+    result = {k: parts[0][k] for k in SETTINGS if k in parts[0]}
+    result |= {"pooled_from": [str(f) for f in files], "stores": stores,
                "runs": runs, "summary": summarise(runs)}
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 

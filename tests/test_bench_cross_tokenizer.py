@@ -67,3 +67,16 @@ def test_summary_compares_over_the_seeds_both_modes_ran():
     assert m["recovered_share"] == pytest.approx(0.075 / 0.15)  # seeds 0 and 1's same-tokenizer gain
     assert summary["same-kd"]["gain_over_ce"] == pytest.approx((0.1 + 0.2 + 0.4) / 3)
     assert m["gain_beyond_spread"] is False  # cross-ce's range over seeds 0 and 1: 0.1
+
+
+def test_pool_refuses_other_settings_and_one_store_twice(tmp_path):
+    runs = runs_of({"same-ce": [2.0], "same-kd": [1.9], "cross-ce": [2.5], "cross-both": [2.45]}, seeds=("0",))
+    files = []
+    for name, store, steps in (("a", "runs/a", 320), ("b", "runs/b", 80), ("c", "runs/a", 320)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps({"store": store, "steps": steps, "runs": runs}))
+    with pytest.raises(SystemExit, match="differ in steps"):
+        bench.pool(files[:2], tmp_path / "out.json")
+    with pytest.raises(SystemExit, match="same store"):
+        bench.pool([files[0], files[2]], tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
